@@ -1,0 +1,106 @@
+"""Capture a HF causal LM as an ATen FX graph with torch.export (non-strict).
+
+The graph's inputs are (input_ids, attention_mask) with dynamic batch and sequence length and
+its output is the logits. Parameters, buffers and lifted constants become placeholders whose
+`node.meta["fxtp.state"]` names the model state they hold (e.g. "model.layers.0.mlp.up_proj.weight").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+from torch.export.graph_signature import InputKind
+
+STATE = "fxtp.state"
+USER_INPUTS = ("input_ids", "attention_mask")
+
+
+class CaptureError(RuntimeError):
+    pass
+
+
+class _Logits(torch.nn.Module):
+    """The model as a function of (input_ids, attention_mask) -> logits, without a KV cache."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+@dataclass
+class Captured:
+    graph_module: fx.GraphModule  # placeholders: state (meta[STATE]) then input_ids, attention_mask
+    state: dict[str, torch.Tensor]  # FQN -> tensor (meta tensors when the model is on meta)
+    device: torch.device
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def check_causal_lm(model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fxtp.compile expects a torch.nn.Module (a HF causal LM), got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise TypeError(
+            f"fxtp.compile supports HF causal LMs (AutoModelForCausalLM); {type(model).__name__} has no "
+            "language-model head. Load the model with AutoModelForCausalLM.from_config/from_pretrained.")
+    if getattr(config, "is_encoder_decoder", False):
+        raise TypeError(f"{type(model).__name__} is an encoder-decoder model; fxtp shards decoder-only causal LMs.")
+
+
+def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 16) -> Captured:
+    """Export `model` (real or meta weights) to a flat ATen graph of (input_ids, attention_mask)."""
+    check_causal_lm(model)
+    device = _model_device(model)
+    vocab = model.config.vocab_size
+    ids = torch.randint(1, max(2, vocab), (example_batch, example_seq), device=device) if device.type != "meta" \
+        else torch.ones(example_batch, example_seq, dtype=torch.long, device=device)
+    mask = torch.ones(example_batch, example_seq, dtype=torch.long, device=device)
+    max_seq = getattr(model.config, "max_position_embeddings", None) or 4096
+    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=max(max_seq, example_seq))
+    was_training = model.training
+    model.eval()
+    try:
+        ep = torch.export.export(_Logits(model), (ids, mask), strict=False,
+                                 dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+    except Exception as e:  # export errors are long; keep them whole inside ours
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__} ({model.config.model_type}): "
+            f"{type(e).__name__}: {e}\nfxtp needs a model that torch.export (non-strict) can trace with "
+            "use_cache=False; check that the model runs forward(input_ids, attention_mask).") from e
+    finally:
+        model.train(was_training)
+    return _flatten(ep, device)
+
+
+def _flatten(ep, device) -> Captured:
+    gm = ep.graph_module
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    state: dict[str, torch.Tensor] = {}
+    sd = ep.state_dict
+    for node, spec in zip(placeholders, ep.graph_signature.input_specs):
+        if spec.kind == InputKind.USER_INPUT:
+            continue
+        value = sd[spec.target] if spec.target in sd else ep.constants[spec.target]
+        name = spec.target.removeprefix("model.")  # the _Logits wrapper's attribute
+        node.meta[STATE] = name
+        state[name] = value
+    user = [n for n in placeholders if STATE not in n.meta]
+    if [n.name for n in user] != list(USER_INPUTS):
+        raise CaptureError(f"unexpected graph inputs {[n.name for n in user]}")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    if len(out.args[0]) != 1:
+        raise CaptureError(f"expected one output (logits), got {len(out.args[0])}")
+    out.args = (out.args[0][0],)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return Captured(gm, state, device)

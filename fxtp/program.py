@@ -1,0 +1,105 @@
+"""`fxtp.compile` and the program it returns: the annotated graph, its plan and the per-rank modules."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from fxtp import collectives
+from fxtp.capture import Captured, capture
+from fxtp.passes.plan import Plan, plan as auto_plan
+from fxtp.passes.rewrite import rank_graph
+from fxtp.simulate import simulate as run_lockstep
+
+__all__ = ["compile", "TPProgram"]
+
+
+def _attention_heads(config) -> Optional[int]:
+    for key in ("num_attention_heads", "n_head", "num_heads", "n_heads"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def compile(model: torch.nn.Module, world_size: int, *, plan: str = "auto") -> "TPProgram":
+    """Capture `model`, plan its sharding over `world_size` ranks and return the program."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if plan != "auto":
+        raise ValueError(f"plan={plan!r}: only plan='auto' is supported")
+    heads = _attention_heads(getattr(model, "config", None))
+    if heads is not None and world_size > heads:
+        raise ValueError(f"world_size={world_size} is larger than the model's {heads} attention heads; fxtp never "
+                         f"splits inside a head, so use world_size <= {heads}")
+    captured = capture(model)
+    return TPProgram(captured, world_size, auto_plan(captured.graph_module, world_size), model.config)
+
+
+class TPProgram:
+    """A model sharded over `world_size` ranks. `graph` is the global graph annotated with layouts."""
+
+    def __init__(self, captured: Captured, world_size: int, plan: Plan, config):
+        self.captured = captured
+        self.graph: fx.GraphModule = captured.graph_module
+        self.world_size = world_size
+        self.plan = plan
+        self.config = config
+        self._simulated: dict[str, list[fx.GraphModule]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.captured.device
+
+    def rank_graph(self, rank: int, group_name: str = collectives.SIMULATED_GROUP,
+                   device: Optional[torch.device] = None) -> fx.GraphModule:
+        """The rank's GraphModule without checks on the process group (for inspection and simulate)."""
+        self._check_rank(rank)
+        device = torch.device(device) if device is not None else self.device
+        if device.type == "meta":
+            raise ValueError("the model is on the meta device, so it has no weights to shard: pass device= and "
+                             "load real weights (build the model on CPU or GPU)")
+        return rank_graph(self.graph, self.captured.state, rank, self.world_size, group_name, device)
+
+    def module(self, rank: int, device=None, process_group: Optional[dist.ProcessGroup] = None) -> fx.GraphModule:
+        """This rank's GraphModule (only its shards) calling collectives on `process_group`
+        (default: the default group, which must have `world_size` ranks)."""
+        self._check_rank(rank)
+        device = torch.device(device) if device is not None else self.device
+        if self.world_size == 1:
+            return self.rank_graph(rank, device=device)
+        if process_group is None:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(
+                    f"tp.module({rank}) runs collectives, but torch.distributed is not initialized: launch "
+                    f"{self.world_size} processes (torchrun --nproc_per_node {self.world_size} ...) and call "
+                    "dist.init_process_group() first, pass process_group=..., or use tp.simulate(...) in one process")
+            process_group = dist.group.WORLD
+        size, own = dist.get_world_size(process_group), dist.get_rank(process_group)
+        if size != self.world_size:
+            raise RuntimeError(f"the process group has {size} ranks but the program was compiled for "
+                               f"world_size={self.world_size}: compile with fxtp.compile(model, {size})")
+        if own != rank:
+            raise RuntimeError(f"tp.module({rank}) called on the process of rank {own}: use tp.module(dist.get_rank())")
+        if dist.get_backend(process_group) == "nccl" and device.type != "cuda":
+            raise RuntimeError(f"the process group uses NCCL, which needs CUDA tensors, but device={device}: "
+                               f"pass device=f'cuda:{{local_rank}}'")
+        return self.rank_graph(rank, process_group.group_name, device)
+
+    def simulate_ranks(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> list:
+        """Every rank's output, all ranks run in this process with exact collectives."""
+        key = str(input_ids.device)
+        if key not in self._simulated:
+            self._simulated[key] = [self.rank_graph(r, device=input_ids.device) for r in range(self.world_size)]
+        with torch.no_grad():
+            return run_lockstep(self._simulated[key], (input_ids, attention_mask), {})
+
+    def simulate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The sharded program's logits, computed in one process; equals the unsharded model's."""
+        return self.simulate_ranks(input_ids, attention_mask)[0]
+
+    def _check_rank(self, rank: int) -> None:
+        if not isinstance(rank, int) or not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must be an int in [0, {self.world_size}), got {rank!r}")

@@ -1,0 +1,1 @@
+"""Graph passes: plan, propagate, rewrite (installed as fxtp.passes)."""

@@ -1,0 +1,72 @@
+"""Sharding propagation: an analysis that gives every node a layout.
+
+Reads:  node.meta["val"] (fake tensors from torch.export), node.meta["fxtp.state"] on
+        placeholders that hold model state, and `seeds` (state name -> Layout).
+Writes: node.meta["fxtp.layout"]  Layout, tuple of Layouts, or None for non-tensors
+        node.meta["fxtp.wants"]   {input node: Layout} for inputs that must be redistributed
+                                  before this node runs (only those that differ)
+        node.meta["fxtp.note"]    why this node forced its inputs to Replicate ("" if it did not)
+Ensures: every want is reachable (see fxtp.redistribute); in strict mode no want needs an
+        all_gather, so sharded regions close with all_reduce only (the Megatron pattern).
+Replicated state whose users all want the same Shard becomes that Shard: the planner seeds
+column-parallel weights, and row-parallel weights (and column biases) follow from the rules.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxtp.capture import STATE
+from fxtp.layouts import Layout, Replicate, Shard
+from fxtp.op_rules import Decision, rule_for
+from fxtp.redistribute import needs_gather, same_layout
+
+LAYOUT, WANTS, NOTE = "fxtp.layout", "fxtp.wants", "fxtp.note"
+
+
+class PropagationError(RuntimeError):
+    def __init__(self, node: fx.Node, reason: str):
+        super().__init__(f"{reason} for node={node.format_node()}")
+        self.node, self.reason = node, reason
+
+
+def propagate(gm: fx.GraphModule, seeds: dict[str, Layout], strict: bool = False) -> fx.GraphModule:
+    def layout_of(n: fx.Node):
+        return n.meta[LAYOUT]
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            node.meta[LAYOUT] = seeds.get(node.meta.get(STATE), Replicate()) \
+                if isinstance(node.meta.get("val"), torch.Tensor) else None
+            node.meta[WANTS], node.meta[NOTE] = {}, ""
+            continue
+        if node.op == "output":
+            decision = Decision(None, {n: Replicate() for n in node.all_input_nodes})
+        else:
+            try:
+                decision = rule_for(node).propagate(node, layout_of)
+            except Exception as e:
+                raise PropagationError(node, f"propagation rule for {node.target} failed: {e!r}") from e
+        wants = {n: w for n, w in decision.wants.items() if not same_layout(layout_of(n), w)}
+        if strict:
+            for n, w in wants.items():
+                if needs_gather(layout_of(n), w):
+                    why = decision.note or ("a sharded value reaches the graph output" if node.op == "output"
+                                            else f"{node.target} needs {n.name} as {w}")
+                    raise PropagationError(node, f"{n.name} is {layout_of(n)} but {why}")
+        node.meta[LAYOUT], node.meta[WANTS], node.meta[NOTE] = decision.out, wants, decision.note
+    _settle_state(gm)
+    return gm
+
+
+def _settle_state(gm: fx.GraphModule) -> None:
+    """Store replicated state pre-sliced when every user wants the same Shard of it."""
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or STATE not in node.meta or not isinstance(node.meta[LAYOUT], Replicate):
+            continue
+        wanted = [u.meta[WANTS].get(node) for u in node.users]
+        first = wanted[0] if wanted else None
+        if isinstance(first, Shard) and all(w is not None and same_layout(w, first) for w in wanted):
+            node.meta[LAYOUT] = first
+            for u in node.users:
+                del u.meta[WANTS][node]

@@ -1,0 +1,136 @@
+"""Rewrite the annotated global graph into the graph of one rank.
+
+Reads:  node.meta["fxtp.layout"], ["fxtp.wants"] (from passes/propagate.py), ["fxtp.state"].
+Writes: a new GraphModule whose state attributes hold only this rank's slices (named by their
+        HF names), whose shape constants are local (op_rules' localize), whose torch.device
+        constants name the target device, and with a redistribution before every node that
+        wanted one. Each new node carries meta["fxtp.layout"] and, for collectives,
+        meta["fxtp.collective"] naming the value it moves.
+
+    before (global)                     after (rank r of 2)
+    q = linear(x, Wq)   [b,s,64]        q = linear(x, Wq_r)              [b,s,32]
+    v = view(q, [b,s,-1,16])            v = view(q, [b,s,-1,16])
+    e = expand(k, [b,2,2,s,16])         e = expand(k, [b,1,2,s,16])
+    o = linear(a, Wo)   (Partial)       o = linear(a, Wo_r); o = wait(all_reduce(o))
+    h = add(res, o)                     h = add(res, o)
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxtp import collectives, inputs
+from fxtp.capture import STATE, USER_INPUTS
+from fxtp.layouts import Layout, Shard
+from fxtp.op_rules import RULES
+from fxtp.passes.propagate import LAYOUT, WANTS
+from fxtp.redistribute import steps
+
+aten = torch.ops.aten
+COLLECTIVE = "fxtp.collective"
+_KEPT_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+def shard_args(s: Shard) -> tuple:
+    return (s.dim, s.counts, s.inner, s.outer)
+
+
+def slice_state(value: torch.Tensor, layout: Layout, rank: int) -> torch.Tensor:
+    if isinstance(layout, Shard):
+        return collectives.local_part(value, *shard_args(layout), rank)
+    return value
+
+
+def _set_state(root: torch.nn.Module, name: str, value: torch.Tensor, is_parameter: bool) -> None:
+    *path, leaf = name.split(".")
+    module = root
+    for part in path:
+        if not hasattr(module, part):
+            module.add_module(part, torch.nn.Module())
+        module = getattr(module, part)
+    if is_parameter:
+        module.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+    else:
+        module.register_buffer(leaf, value)
+
+
+def _on_device(x, device: torch.device):
+    return device if isinstance(x, torch.device) else x
+
+
+def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, world_size: int,
+               group_name: str, device: torch.device) -> fx.GraphModule:
+    graph = fx.Graph()
+    root = torch.nn.Module()
+    env: dict[fx.Node, fx.Node] = {}
+    moved: dict[tuple[fx.Node, str], fx.Node] = {}
+
+    def redistribute(src: fx.Node, want: Layout) -> fx.Node:
+        key = (src, str(want))
+        if key in moved:
+            return moved[key]
+        x = env[src]
+        for step, after in steps(src.meta[LAYOUT], want):
+            if step == "slice":
+                x = _emit_slice(graph, x, after, rank)
+            elif world_size > 1 and step == "all_reduce":
+                x = graph.call_function(collectives.WAIT, (graph.call_function(
+                    collectives.ALL_REDUCE, (x, "sum", group_name)),))
+                x.args[0].meta[COLLECTIVE] = x.meta[COLLECTIVE] = src.name
+            elif world_size > 1 and step == "all_gather":
+                x = graph.call_function(collectives.all_gather_shard, (x, *shard_args(src.meta[LAYOUT]), group_name))
+                x.meta[COLLECTIVE] = src.name
+            x.meta[LAYOUT] = after
+        moved[key] = x
+        return x
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and STATE in node.meta:
+            name = node.meta[STATE]
+            value = slice_state(state[name], node.meta[LAYOUT], rank).to(device).contiguous()
+            _set_state(root, name, value, isinstance(state[name], torch.nn.Parameter))
+            new = graph.get_attr(name)
+        elif node.op == "placeholder":
+            new = graph.placeholder(node.name, default_value=None) if node.name == USER_INPUTS[1] \
+                else graph.placeholder(node.name)
+            if node.name == USER_INPUTS[1]:
+                new = graph.call_function(inputs.checked_inputs, (env[_ids_placeholder(gm)], new, device))
+        elif node.op == "output":
+            new = graph.output(fx.map_arg(node.args[0], lambda n: _input(n, node, env, redistribute)))
+        elif node.target is aten._assert_tensor_metadata.default:
+            continue  # checks dtype/device of the capture-time tensors; inputs.checked_inputs covers users' ones
+        else:
+            args = fx.map_arg(node.args, lambda n: _input(n, node, env, redistribute))
+            kwargs = fx.map_arg(node.kwargs, lambda n: _input(n, node, env, redistribute))
+            rule = RULES.get(node.target)
+            if rule is not None and rule.localize is not None:
+                args, kwargs = rule.localize(node, args, kwargs, node.meta[LAYOUT], rank)
+            args = tuple(_on_device(a, device) for a in args)
+            kwargs = {k: _on_device(v, device) for k, v in kwargs.items()}
+            new = graph.call_function(node.target, args, kwargs)
+        for key in _KEPT_META:
+            if key in node.meta:
+                new.meta[key] = node.meta[key]
+        new.meta[LAYOUT] = node.meta.get(LAYOUT)
+        env[node] = new
+    graph.eliminate_dead_code()
+    graph.lint()
+    module = fx.GraphModule(root, graph, class_name=f"Rank{rank}Of{world_size}")
+    module.eval()
+    return module
+
+
+def _ids_placeholder(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == USER_INPUTS[0])
+
+
+def _input(n: fx.Node, user: fx.Node, env, redistribute) -> fx.Node:
+    want = user.meta.get(WANTS, {}).get(n)
+    return env[n] if want is None else redistribute(n, want)
+
+
+def _emit_slice(graph: fx.Graph, x: fx.Node, shard: Shard, rank: int) -> fx.Node:
+    if shard.outer == 1:  # one contiguous range on every rank, so all rank graphs keep one shape
+        lo, hi = shard.owned_ranges(rank)[0]
+        return graph.call_function(aten.slice.Tensor, (x, shard.dim, lo, hi))
+    return graph.call_function(collectives.local_part, (x, *shard_args(shard), rank))
