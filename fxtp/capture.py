@@ -79,10 +79,12 @@ def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 1
             "use_cache=False; check that the model runs forward(input_ids, attention_mask).") from e
     finally:
         model.train(was_training)
-    return _flatten(ep, device)
+    return flatten(ep, device)
 
 
-def _flatten(ep, device) -> Captured:
+def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model.") -> Captured:
+    """The exported program as one GraphModule: state placeholders get meta[STATE] (their FQN
+    without `prefix`), the user inputs must be `user_inputs`, and the single output is unwrapped."""
     gm = ep.graph_module
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     state: dict[str, torch.Tensor] = {}
@@ -91,11 +93,11 @@ def _flatten(ep, device) -> Captured:
         if spec.kind == InputKind.USER_INPUT:
             continue
         value = sd[spec.target] if spec.target in sd else ep.constants[spec.target]
-        name = spec.target.removeprefix("model.")  # the _Logits wrapper's attribute
+        name = spec.target.removeprefix(prefix)  # "model.": the _Logits wrapper's attribute
         node.meta[STATE] = name
         state[name] = value
     user = [n for n in placeholders if STATE not in n.meta]
-    if [n.name for n in user] != list(USER_INPUTS):
+    if [n.name for n in user] != list(user_inputs):
         raise CaptureError(f"unexpected graph inputs {[n.name for n in user]}")
     out = next(n for n in gm.graph.nodes if n.op == "output")
     if len(out.args[0]) != 1:

@@ -1,3 +1,105 @@
-"""Readable dump of a sharded program: the plan, every node's layout and shapes, collectives."""
-def dump(tp, rank=None) -> str:
-    return ""
+"""`fxtp.dump(tp)`: the plan, every state tensor's and node's layout with global and local
+shapes, the redistributions (collectives marked), and a summary a reviewer can check."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxtp.capture import STATE, USER_INPUTS
+from fxtp.layouts import Shard
+from fxtp.passes.propagate import LAYOUT, NOTE, REDUCE, WANTS
+from fxtp.redistribute import steps
+from fxtp.reshape import as_expr
+from fxtp.stats import collectives_by_layer, state_bytes
+
+
+def _symbol_names(gm: fx.GraphModule) -> dict:
+    ids = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == USER_INPUTS[0])
+    batch, seq = ids.meta["val"].shape
+    return {as_expr(batch): "batch", as_expr(seq): "seq"}
+
+
+def _fmt_shape(shape, names) -> str:
+    parts = []
+    for s in shape:
+        e = as_expr(s)
+        parts.append(names.get(e, str(e.subs({k: v for k, v in names.items()})) if not e.is_Integer else str(int(e))))
+    return "[" + ", ".join(parts) + "]"
+
+
+def local_shape(shape, layout, rank: int) -> list:
+    shape = list(shape)
+    if isinstance(layout, Shard):
+        shape[layout.dim] = layout.local_size(rank)
+    return shape
+
+
+def _fmt_local(shape, layout, world_size: int, names) -> str:
+    if not isinstance(layout, Shard):
+        return ""
+    locals_ = [_fmt_shape(local_shape(shape, layout, r), names) for r in range(world_size)]
+    if len(set(locals_)) == 1:
+        return f" -> {locals_[0]} per rank"
+    return " -> " + " ".join(f"r{r}:{s}" for r, s in enumerate(locals_))
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    if isinstance(target, torch._ops.OpOverload):
+        name = f"{target.namespace}.{target._schema.name.split('::')[-1]}"
+        if target._overloadname != "default":
+            name += f".{target._overloadname}"
+    return name
+
+
+def _move(have, want) -> str:
+    return " + ".join(step for step, _ in steps(have, want))
+
+
+def dump(tp, rank: int = 0) -> str:
+    gm, ws = tp.graph, tp.world_size
+    names = _symbol_names(gm)
+    lines = [f"fxtp plan: {tp.config.model_type}, world_size={ws}", "", "Projection groups"]
+    for group in tp.plan.groups:
+        lines.append(f"  {group.role:16s} {', '.join(group.weights)}")
+        if group.reason:
+            lines.append(f"  {'':16s}   {group.reason.splitlines()[0]}")
+
+    lines += ["", "State (global shape, layout, local shape)"]
+    states = [n for n in gm.graph.nodes if n.op == "placeholder" and STATE in n.meta]
+    for node in states:
+        layout = node.meta[LAYOUT]
+        shape = node.meta["val"].shape
+        lines.append(f"  {node.meta[STATE]:55s} {_fmt_shape(shape, names):14s} {layout}{_fmt_local(shape, layout, ws, names)}")
+
+    rank_module = tp.rank_graph(rank)
+    total = sum(v.numel() * v.element_size() for v in tp.captured.state.values())
+    local = state_bytes(rank_module)
+    lines += ["", "Summary",
+              f"  state tensors: {sum(isinstance(n.meta[LAYOUT], Shard) for n in states)} sharded, "
+              f"{sum(not isinstance(n.meta[LAYOUT], Shard) for n in states)} replicated",
+              f"  state bytes on rank {rank}: {local:,} of {total:,} ({local / max(total, 1):.3f}; 1/N = {1 / ws:.3f})"]
+    by_layer = collectives_by_layer(rank_module)
+    if not by_layer:
+        lines.append("  collectives: none")
+    for layer, counts in by_layer.items():
+        lines.append(f"  collectives in {layer}: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+
+    lines += ["", f"Graph (layout, global shape -> local shape; '<-' marks a redistribution of an input)"]
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and STATE in node.meta or node.op == "call_function" and node.meta.get(LAYOUT) is None:
+            continue  # state is listed above; nodes without a tensor output (size queries, asserts) are noise
+        for src, want in node.meta.get(WANTS, {}).items():
+            lines.append(f"    <- {_move(src.meta[LAYOUT], want)}({src.name}) to {want}")
+        layout = node.meta.get(LAYOUT)
+        value = node.meta.get("val")
+        shape = value.shape if isinstance(value, torch.Tensor) else None
+        shape_text = (_fmt_shape(shape, names) + _fmt_local(shape, layout, ws, names)) if shape is not None else ""
+        op = "output" if node.op == "output" else ("input" if node.op == "placeholder" else _op_name(node))
+        layout_text = "" if layout is None else (", ".join(map(str, layout)) if isinstance(layout, tuple) else str(layout))
+        note = f"   # {node.meta[NOTE]}" if node.meta.get(NOTE) else ""
+        if node.meta.get(REDUCE):
+            note = "   # Partial, all_reduce right here for all its users"
+        lines.append(f"  {node.name:28s} {op:34s} {layout_text:34s} {shape_text}{note}")
+    return "\n".join(lines)

@@ -138,7 +138,7 @@ def pointwise(linear: str = "none"):
             return Decision(R)
         if partials_pass(node, inputs, partials, linear):
             return Decision(P)
-        return Decision(R, {n: R for n in partials}, f"{node.target} is not linear in its Partial input")
+        return Decision(R, {n: R for n in partials}, f"{node.target} of a Partial and replicated values needs the sum")
 
     return rule
 

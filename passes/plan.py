@@ -41,8 +41,12 @@ _SAME_SHAPE = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_cop
 @dataclass
 class GroupDecision:
     weights: list[str]  # state names of the group's projection weights
-    sharded: bool
-    reason: str = ""    # why it stays replicated, or which members stay replicated and why
+    role: str           # "column-parallel", "row-parallel" or "replicated"
+    reason: str = ""    # why it is replicated, or which members stay replicated and why
+
+    @property
+    def sharded(self) -> bool:
+        return self.role == "column-parallel"
 
 
 @dataclass
@@ -116,18 +120,18 @@ def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     propagate(gm, {})
     for group, (names, seeds, note) in zip(projection_groups(gm), candidates):
         if any(not isinstance(n.args[0].meta[LAYOUT], Replicate) for n in group):
-            result.groups.append(GroupDecision(names, False, "input is sharded by an earlier region: row-parallel"))
+            result.groups.append(GroupDecision(names, "row-parallel", "its input is sharded by the region before it"))
             continue
         if not seeds:
-            result.groups.append(GroupDecision(names, False, note))
+            result.groups.append(GroupDecision(names, "replicated", note))
             continue
         try:
             propagate(gm, {**result.seeds, **seeds}, strict=True)
         except PropagationError as e:
-            result.groups.append(GroupDecision(names, False, str(e)))
+            result.groups.append(GroupDecision(names, "replicated", e.reason))
             propagate(gm, result.seeds)
             continue
         result.seeds.update(seeds)
-        result.groups.append(GroupDecision(names, True, note))
+        result.groups.append(GroupDecision(names, "column-parallel", note))
     propagate(gm, result.seeds)
     return result

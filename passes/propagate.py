@@ -6,6 +6,8 @@ Writes: node.meta["fxtp.layout"]  Layout, tuple of Layouts, or None for non-tens
         node.meta["fxtp.wants"]   {input node: Layout} for inputs that must be redistributed
                                   before this node runs (only those that differ)
         node.meta["fxtp.note"]    why this node forced its inputs to Replicate ("" if it did not)
+        node.meta["fxtp.reduce"]  True where a Partial output is all-reduced right after the node
+                                  (its layout is then Replicate)
 Ensures: every want is reachable (see fxtp.redistribute); in strict mode no want needs an
         all_gather, so sharded regions close with all_reduce only (the Megatron pattern).
 Replicated state whose users all want the same Shard becomes that Shard: the planner seeds
@@ -17,11 +19,11 @@ import torch
 import torch.fx as fx
 
 from fxtp.capture import STATE
-from fxtp.layouts import Layout, Replicate, Shard
+from fxtp.layouts import Layout, Partial, Replicate, Shard
 from fxtp.op_rules import Decision, rule_for
 from fxtp.redistribute import needs_gather, same_layout
 
-LAYOUT, WANTS, NOTE = "fxtp.layout", "fxtp.wants", "fxtp.note"
+LAYOUT, WANTS, NOTE, REDUCE = "fxtp.layout", "fxtp.wants", "fxtp.note", "fxtp.reduce"
 
 
 class PropagationError(RuntimeError):
@@ -31,6 +33,22 @@ class PropagationError(RuntimeError):
 
 
 def propagate(gm: fx.GraphModule, seeds: dict[str, Layout], strict: bool = False) -> fx.GraphModule:
+    """Annotate every node; a Partial that one user all-reduces is reduced once, at its producer,
+    for all users (otherwise a user that keeps the Partial would need a second all_reduce later:
+    Gemma2's post-norms read the o_proj output twice)."""
+    reduce_at: set[fx.Node] = set()
+    while True:
+        _propagate_once(gm, seeds, strict, reduce_at)
+        more = {n for n in gm.graph.nodes if n.meta.get(LAYOUT) == Partial()
+                and any(isinstance(u.meta[WANTS].get(n), Replicate) for u in n.users)}
+        if not more:
+            break
+        reduce_at |= more
+    _settle_state(gm)
+    return gm
+
+
+def _propagate_once(gm, seeds, strict, reduce_at) -> None:
     def layout_of(n: fx.Node):
         return n.meta[LAYOUT]
 
@@ -55,8 +73,9 @@ def propagate(gm: fx.GraphModule, seeds: dict[str, Layout], strict: bool = False
                                             else f"{node.target} needs {n.name} as {w}")
                     raise PropagationError(node, f"{n.name} is {layout_of(n)} but {why}")
         node.meta[LAYOUT], node.meta[WANTS], node.meta[NOTE] = decision.out, wants, decision.note
-    _settle_state(gm)
-    return gm
+        node.meta[REDUCE] = node in reduce_at and isinstance(decision.out, Partial)
+        if node.meta[REDUCE]:
+            node.meta[LAYOUT] = Replicate()
 
 
 def _settle_state(gm: fx.GraphModule) -> None:

@@ -16,14 +16,16 @@ Writes: a new GraphModule whose state attributes hold only this rank's slices (n
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.fx as fx
 
 from fxtp import collectives, inputs
 from fxtp.capture import STATE, USER_INPUTS
-from fxtp.layouts import Layout, Shard
+from fxtp.layouts import Layout, Partial, Replicate, Shard
 from fxtp.op_rules import RULES
-from fxtp.passes.propagate import LAYOUT, WANTS
+from fxtp.passes.propagate import LAYOUT, REDUCE, WANTS
 from fxtp.redistribute import steps
 
 aten = torch.ops.aten
@@ -65,22 +67,29 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
     env: dict[fx.Node, fx.Node] = {}
     moved: dict[tuple[fx.Node, str], fx.Node] = {}
 
-    def redistribute(src: fx.Node, want: Layout) -> fx.Node:
+    def redistribute(src: fx.Node, want: Layout, have: Optional[Layout] = None) -> fx.Node:
         key = (src, str(want))
         if key in moved:
             return moved[key]
         x = env[src]
-        for step, after in steps(src.meta[LAYOUT], want):
+        have = src.meta[LAYOUT] if have is None else have
+        for step, after in steps(have, want):
             if step == "slice":
-                x = _emit_slice(graph, x, after, rank)
-            elif world_size > 1 and step == "all_reduce":
-                x = graph.call_function(collectives.WAIT, (graph.call_function(
-                    collectives.ALL_REDUCE, (x, "sum", group_name)),))
-                x.args[0].meta[COLLECTIVE] = x.meta[COLLECTIVE] = src.name
-            elif world_size > 1 and step == "all_gather":
-                x = graph.call_function(collectives.all_gather_shard, (x, *shard_args(src.meta[LAYOUT]), group_name))
-                x.meta[COLLECTIVE] = src.name
-            x.meta[LAYOUT] = after
+                new_nodes = [_emit_slice(graph, x, after, rank)]
+            elif world_size == 1:
+                continue  # a collective over one rank is the identity
+            elif step == "all_reduce":
+                reduced = graph.call_function(collectives.ALL_REDUCE, (x, "sum", group_name))
+                new_nodes = [reduced, graph.call_function(collectives.WAIT, (reduced,))]
+            else:
+                new_nodes = [graph.call_function(collectives.all_gather_shard, (x, *shard_args(have), group_name))]
+            for new in new_nodes:
+                new.meta[LAYOUT] = after
+                new.meta[COLLECTIVE] = src.name
+                for meta_key in _KEPT_META:  # a collective belongs to the module that produced its input
+                    if meta_key in src.meta:
+                        new.meta[meta_key] = src.meta[meta_key]
+            x = new_nodes[-1]
         moved[key] = x
         return x
 
@@ -113,6 +122,8 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
                 new.meta[key] = node.meta[key]
         new.meta[LAYOUT] = node.meta.get(LAYOUT)
         env[node] = new
+        if node.meta.get(REDUCE):
+            env[node] = redistribute(node, Replicate(), have=Partial())
     graph.eliminate_dead_code()
     graph.lint()
     module = fx.GraphModule(root, graph, class_name=f"Rank{rank}Of{world_size}")

@@ -1,0 +1,55 @@
+"""Measure which architectures fxtp shards exactly and print the README's table (markdown).
+
+    python benchmarks/arch_table.py            # tiny configs of fxtp.configs, world sizes 1-4
+
+Per architecture: the world sizes whose simulated logits match the unsharded model (float32,
+max abs diff <= 1e-4, left-padded batch), the worst difference, all_reduce per decoder layer
+in rank 0's graph, and rank 0's share of the decoder layers' parameters at world size 2.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import fxtp
+from fxtp.configs import LLAMA_FAMILY, tiny_model
+from fxtp.stats import collectives_by_layer, state_bytes
+from fxtp.testing import assert_equivalent
+
+
+def measure(arch: str, world_sizes: list[int]) -> str:
+    model = tiny_model(arch)
+    ids = torch.randint(1, 256, (3, 17), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    passing, worst, per_layer, share = [], 0.0, "", ""
+    for ws in world_sizes:
+        try:
+            tp = fxtp.compile(model, ws)
+            worst = max(worst, assert_equivalent(model, ws, ids, mask, program=tp))
+        except Exception as e:  # the table reports failures instead of stopping
+            print(f"<!-- {arch} world_size={ws}: {type(e).__name__}: {str(e).splitlines()[0][:200]} -->")
+            continue
+        passing.append(ws)
+        if ws == 2:
+            rank0 = tp.rank_graph(0)
+            counts = {sum(c.values()) for layer, c in collectives_by_layer(rank0).items() if layer.startswith("model.layers.")}
+            per_layer = ",".join(map(str, sorted(counts)))
+            share = f"{state_bytes(rank0, 'model.layers.') / state_bytes(model, 'model.layers.'):.3f}"
+    return f"| {arch} | {', '.join(map(str, passing))} | {worst:.1e} | {per_layer} | {share} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", nargs="*", default=list(LLAMA_FAMILY))
+    parser.add_argument("--world-sizes", nargs="*", type=int, default=[1, 2, 3, 4])
+    args = parser.parse_args()
+    print("| architecture | world sizes exact | max abs diff | all_reduce / layer (N=2) | layer params on rank 0 (N=2) |")
+    print("|---|---|---|---|---|")
+    for arch in args.archs:
+        print(measure(arch, args.world_sizes), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The `fxtp` command line.
+
+    fxtp demo [--arch llama] [--world-size 2]       shard a tiny model, run it on real processes, check it
+    fxtp dump MODEL_OR_CONFIG --world-size N [--rank R]   print the plan and rank graphs (fxtp.dump)
+
+MODEL_OR_CONFIG is a tiny architecture from fxtp.configs (e.g. "llama") or a path to a HF
+config (a directory holding config.json, or the file itself); the model is built from it on
+CPU in float32 with seeded random weights. Exit codes: 0 success, 1 failure, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+import fxtp
+from fxtp.capture import STATE, CaptureError
+from fxtp.configs import LLAMA_FAMILY, tiny_config, tiny_model
+from fxtp.layouts import Shard
+from fxtp.passes.propagate import LAYOUT
+
+__all__ = ["main"]
+
+ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+DEMO_TOLERANCE = 1e-4
+DEMO_BATCH, DEMO_SEQ, DEMO_PADDING = 2, 12, 4  # the first sequence is left-padded by DEMO_PADDING
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed without a traceback, exit code 2."""
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the fxtp command line on `argv` (default: sys.argv[1:]) and return the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except UsageError as e:
+        print(f"fxtp {args.name}: error: {e}", file=sys.stderr)
+        return 2
+    except CaptureError as e:
+        print(f"fxtp {args.name}: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # output piped into `head` and the like, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush stays quiet
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxtp", description="Automatic tensor parallelism for HF causal LMs.")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="shard a tiny model, run every rank in its own process (gloo) "
+                                            "and compare with the unsharded model")
+    demo.add_argument("--arch", default="llama", help=f"tiny architecture (default llama; one of "
+                                                      f"{', '.join(LLAMA_FAMILY)})")
+    demo.add_argument("--world-size", type=int, default=2, help="number of ranks (default 2)")
+    demo.set_defaults(command=_demo, name="demo")
+
+    dump = commands.add_parser("dump", help="print the sharded program (plan, layouts, collectives)")
+    dump.add_argument("model", metavar="MODEL_OR_CONFIG",
+                      help="tiny architecture name (e.g. llama) or path to a HF config directory / config.json")
+    dump.add_argument("--world-size", type=int, required=True, help="number of ranks")
+    dump.add_argument("--rank", type=int, default=None, help="dump only this rank's graph")
+    dump.set_defaults(command=_dump, name="dump")
+    return parser
+
+
+# --- building models -------------------------------------------------------------------------
+
+def build_model(spec: str) -> torch.nn.Module:
+    """A CPU float32 eval-mode causal LM from a tiny arch name or a HF config path."""
+    if os.path.exists(spec):
+        return _model_from_config(spec)
+    if os.sep in spec or spec.endswith(".json"):
+        raise UsageError(f"{spec}: no such file or directory")
+    return _tiny(spec)
+
+
+def _tiny(arch: str) -> torch.nn.Module:
+    try:
+        tiny_config(arch)
+    except ValueError as e:
+        raise UsageError(f"{e}; or pass a path to a HF config directory or config.json") from None
+    return tiny_model(arch)
+
+
+def _model_from_config(path: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"could not read a HF config from {path}: {e}") from None
+    torch.manual_seed(0)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except ValueError as e:  # e.g. a config whose model type has no causal-LM class
+        raise UsageError(f"{path}: cannot build a causal LM from this config: {e}") from None
+    return model.float().eval()
+
+
+def _compile(model: torch.nn.Module, world_size: int) -> "fxtp.TPProgram":
+    try:
+        return fxtp.compile(model, world_size)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+
+
+# --- fxtp dump -------------------------------------------------------------------------------
+
+def _dump(args) -> int:
+    tp = _compile(build_model(args.model), args.world_size)
+    if args.rank is not None and not 0 <= args.rank < args.world_size:
+        raise UsageError(f"--rank must be in [0, {args.world_size}), got {args.rank}")
+    print(fxtp.dump(tp) if args.rank is None else fxtp.dump(tp, rank=args.rank))
+    return 0
+
+
+# --- fxtp demo -------------------------------------------------------------------------------
+
+def demo_batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed demo batch: seeded token ids and a mask whose first row is left-padded."""
+    ids = torch.randint(1, vocab_size, (DEMO_BATCH, DEMO_SEQ), generator=torch.Generator().manual_seed(1234))
+    mask = torch.ones(DEMO_BATCH, DEMO_SEQ, dtype=torch.long)
+    mask[0, :DEMO_PADDING] = 0
+    return ids, mask
+
+
+def demo_rank(rank: int, arch: str, world_size: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One rank of the demo, in its own process: build the same seeded model, compile, run its shard."""
+    tp = fxtp.compile(tiny_model(arch), world_size)
+    gm = tp.module(rank)
+    with torch.no_grad():
+        return gm(ids, mask)
+
+
+def _demo(args) -> int:
+    from fxtp.launch import run_ranks
+
+    start = time.perf_counter()
+    model = _tiny(args.arch)
+    tp = _compile(model, args.world_size)
+    config = model.config
+    print(f"fxtp demo: tiny {args.arch} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_attention_heads} heads, {getattr(config, 'num_key_value_heads', '?')} kv heads), "
+          f"world size {args.world_size}")
+    print(plan_summary(tp))
+    rank0 = tp.rank_graph(0)
+    reduces = sum(1 for n in rank0.graph.nodes if n.target is ALL_REDUCE)
+    print(f"rank 0 graph: {len(rank0.graph.nodes)} nodes, {reduces} all_reduce")
+
+    ids, mask = demo_batch(config.vocab_size)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    print(f"running {args.world_size} ranks in separate processes (gloo), batch {DEMO_BATCH} x seq {DEMO_SEQ}, "
+          f"first row left-padded by {DEMO_PADDING} ...")
+    outputs = run_ranks(demo_rank, args.world_size, args.arch, args.world_size, ids, mask)
+    diffs = []
+    for rank, logits in enumerate(outputs):
+        if logits.shape != expected.shape:
+            print(f"  rank {rank}: logits {list(logits.shape)}, expected {list(expected.shape)}")
+            diffs.append(float("inf"))
+            continue
+        diffs.append((logits - expected).abs().max().item())
+        print(f"  rank {rank}: logits {list(logits.shape)}, max |diff| vs unsharded = {diffs[-1]:.2e}")
+    worst = torch.tensor(diffs).max().item()  # torch's max keeps a NaN, Python's may not
+    passed = worst <= DEMO_TOLERANCE
+    print(f"{'PASS' if passed else 'FAIL'}: max |diff| {worst:.2e} {'<=' if passed else '>'} {DEMO_TOLERANCE:g} "
+          f"({time.perf_counter() - start:.1f} s)")
+    return 0 if passed else 1
+
+
+def plan_summary(tp: "fxtp.TPProgram") -> str:
+    """One line per projection group: column-parallel, row-parallel or replicated, with the planner's reason."""
+    layouts = {n.meta[STATE]: n.meta.get(LAYOUT) for n in tp.graph.graph.nodes if STATE in n.meta}
+    lines = [f"plan ({len(tp.plan.groups)} projection groups):"]
+    for group in tp.plan.groups:
+        kinds = {_parallel_kind(layouts.get(w)) for w in group.weights}
+        # a GQA group can shard q while k/v stay replicated; the reason names those
+        kind = "column-parallel" if "column-parallel" in kinds else kinds.pop() if len(kinds) == 1 else "mixed"
+        line = f"  {kind:<17}{_group_name(group.weights)}"
+        if group.reason and kind != "row-parallel":
+            line += f"  ({group.reason})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _parallel_kind(layout) -> str:
+    if isinstance(layout, Shard):
+        return "column-parallel" if layout.dim == 0 else "row-parallel"
+    return "replicated"
+
+
+def _group_name(weights: list[str]) -> str:
+    """model.layers.0.mlp.{gate_proj,up_proj} for weights sharing a module prefix."""
+    parts = [w.removesuffix(".weight").split(".") for w in weights]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    prefix = ".".join(parts[0][:common])
+    leaves = [".".join(p[common:]) for p in parts]
+    if len(leaves) == 1:
+        return ".".join(filter(None, (prefix, leaves[0])))
+    return f"{prefix}.{{{','.join(leaves)}}}" if prefix else ", ".join(leaves)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

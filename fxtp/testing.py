@@ -1,0 +1,63 @@
+"""Testing helpers for users and for fxtp's own suite: hypothesis strategies and equivalence checks."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from hypothesis import strategies as st
+
+import fxtp
+from fxtp.configs import LLAMA_FAMILY
+
+__all__ = ["architectures", "world_sizes", "token_batches", "assert_equivalent", "max_abs_diff"]
+
+
+def architectures() -> st.SearchStrategy[str]:
+    """Model types with a tiny config in fxtp.configs that fxtp supports."""
+    return st.sampled_from(LLAMA_FAMILY)
+
+
+def world_sizes(max_size: int = 4) -> st.SearchStrategy[int]:
+    """1..max_size; with 4 heads and 2 kv heads, 3 gives uneven shards and kv kept replicated."""
+    return st.integers(1, max_size)
+
+
+@st.composite
+def token_batches(draw, vocab: int = 256, max_batch: int = 4, max_seq: int = 64):
+    """(input_ids, attention_mask): random ids (0 avoided: a pad id in several configs) and a
+    left-padding mask that keeps at least one real token per row, or None."""
+    batch = draw(st.integers(1, max_batch))
+    seq = draw(st.integers(1, max_seq))
+    seed = draw(st.integers(0, 2**31 - 1))
+    ids = torch.randint(1, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    if not draw(st.booleans()):
+        return ids, None
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for row in range(batch):
+        mask[row, : draw(st.integers(0, seq - 1))] = 0
+    return ids, mask
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_equivalent(model: torch.nn.Module, world_size: int, input_ids: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor] = None, *, atol: float = 1e-4,
+                      program: Optional["fxtp.TPProgram"] = None) -> float:
+    """Check that every rank of the sharded model (simulated) returns the unsharded logits;
+    returns the max abs difference."""
+    tp = program if program is not None else fxtp.compile(model, world_size)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    outputs = tp.simulate_ranks(input_ids, attention_mask)
+    for rank, out in enumerate(outputs):
+        if out.shape != expected.shape:
+            raise AssertionError(f"rank {rank}: logits shape {tuple(out.shape)} != {tuple(expected.shape)}")
+        if not torch.equal(out, outputs[0]):
+            raise AssertionError(f"rank {rank} differs from rank 0 by {max_abs_diff(out, outputs[0]):.3e}")
+    diff = max_abs_diff(outputs[0], expected)
+    if not diff <= atol:
+        raise AssertionError(f"world_size={world_size}: max abs diff {diff:.3e} > {atol:.1e} "
+                             f"(input {tuple(input_ids.shape)}, mask={'yes' if attention_mask is not None else 'no'})")
+    return diff
