@@ -11,7 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 from torch.export import Dim
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.export.graph_signature import InputKind
+
+from fxtp.passes.inline_wrappers import inline_wrappers
 
 STATE = "fxtp.state"
 USER_INPUTS = ("input_ids", "attention_mask")
@@ -66,12 +69,18 @@ def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 1
         else torch.ones(example_batch, example_seq, dtype=torch.long, device=device)
     mask = torch.ones(example_batch, example_seq, dtype=torch.long, device=device)
     max_seq = getattr(model.config, "max_position_embeddings", None) or 4096
-    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=max(max_seq, example_seq))
+    # DYNAMIC hints, not named Dims: torch 2.11 cannot prove some stride guards such as
+    # min(16*seq, 32*seq) == 16*seq, which named Dims turn into hard errors.
+    batch, seq = Dim.DYNAMIC(min=1, max=4096), Dim.DYNAMIC(min=1, max=max(max_seq, example_seq))
     was_training = model.training
     model.eval()
     try:
-        ep = torch.export.export(_Logits(model), (ids, mask), strict=False,
-                                 dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+        # CUDA's fused attention kernels make export guard seq to a multiple of 8 (mask alignment);
+        # the math backend has no such guard, and the graph keeps the one SDPA op either way, so at
+        # run time the fastest kernel is still chosen.
+        with sdpa_kernel([SDPBackend.MATH]):
+            ep = torch.export.export(_Logits(model), (ids, mask), strict=False,
+                                     dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
     except Exception as e:  # export errors are long; keep them whole inside ours
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__} ({model.config.model_type}): "

@@ -1,6 +1,6 @@
 """The `fxtp` command line.
 
-    fxtp demo [--arch llama] [--world-size 2]       shard a tiny model, run it on real processes, check it
+    fxtp demo [--arch llama] [--world-size 2]             shard a tiny model, run it on real processes, check it
     fxtp dump MODEL_OR_CONFIG --world-size N [--rank R]   print the plan and rank graphs (fxtp.dump)
 
 MODEL_OR_CONFIG is a tiny architecture from fxtp.configs (e.g. "llama") or a path to a HF
@@ -16,12 +16,12 @@ import time
 from typing import Optional
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxtp
-from fxtp.capture import STATE, CaptureError
+from fxtp.capture import CaptureError
 from fxtp.configs import LLAMA_FAMILY, tiny_config, tiny_model
-from fxtp.layouts import Shard
-from fxtp.passes.propagate import LAYOUT
+from fxtp.launch import RankFailure, run_ranks
 
 __all__ = ["main"]
 
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 # --- building models -------------------------------------------------------------------------
 
 def build_model(spec: str) -> torch.nn.Module:
-    """A CPU float32 eval-mode causal LM from a tiny arch name or a HF config path."""
+    """A CPU float32 eval-mode causal LM from a HF config path or, if no such path exists, a tiny arch name."""
     if os.path.exists(spec):
         return _model_from_config(spec)
     if os.sep in spec or spec.endswith(".json"):
@@ -90,8 +90,6 @@ def _tiny(arch: str) -> torch.nn.Module:
 
 
 def _model_from_config(path: str) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
@@ -114,9 +112,9 @@ def _compile(model: torch.nn.Module, world_size: int) -> "fxtp.TPProgram":
 # --- fxtp dump -------------------------------------------------------------------------------
 
 def _dump(args) -> int:
-    tp = _compile(build_model(args.model), args.world_size)
-    if args.rank is not None and not 0 <= args.rank < args.world_size:
+    if args.rank is not None and args.world_size >= 1 and not 0 <= args.rank < args.world_size:
         raise UsageError(f"--rank must be in [0, {args.world_size}), got {args.rank}")
+    tp = _compile(build_model(args.model), args.world_size)
     print(fxtp.dump(tp) if args.rank is None else fxtp.dump(tp, rank=args.rank))
     return 0
 
@@ -140,8 +138,6 @@ def demo_rank(rank: int, arch: str, world_size: int, ids: torch.Tensor, mask: to
 
 
 def _demo(args) -> int:
-    from fxtp.launch import run_ranks
-
     start = time.perf_counter()
     model = _tiny(args.arch)
     tp = _compile(model, args.world_size)
@@ -159,7 +155,11 @@ def _demo(args) -> int:
         expected = model(input_ids=ids, attention_mask=mask).logits
     print(f"running {args.world_size} ranks in separate processes (gloo), batch {DEMO_BATCH} x seq {DEMO_SEQ}, "
           f"first row left-padded by {DEMO_PADDING} ...")
-    outputs = run_ranks(demo_rank, args.world_size, args.arch, args.world_size, ids, mask)
+    try:
+        outputs = run_ranks(demo_rank, args.world_size, args.arch, args.world_size, ids, mask)
+    except (RankFailure, TimeoutError) as e:
+        print(f"FAIL: {e}")
+        return 1
     diffs = []
     for rank, logits in enumerate(outputs):
         if logits.shape != expected.shape:
@@ -177,23 +177,13 @@ def _demo(args) -> int:
 
 def plan_summary(tp: "fxtp.TPProgram") -> str:
     """One line per projection group: column-parallel, row-parallel or replicated, with the planner's reason."""
-    layouts = {n.meta[STATE]: n.meta.get(LAYOUT) for n in tp.graph.graph.nodes if STATE in n.meta}
     lines = [f"plan ({len(tp.plan.groups)} projection groups):"]
     for group in tp.plan.groups:
-        kinds = {_parallel_kind(layouts.get(w)) for w in group.weights}
-        # a GQA group can shard q while k/v stay replicated; the reason names those
-        kind = "column-parallel" if "column-parallel" in kinds else kinds.pop() if len(kinds) == 1 else "mixed"
-        line = f"  {kind:<17}{_group_name(group.weights)}"
-        if group.reason and kind != "row-parallel":
+        line = f"  {group.role:<17}{_group_name(group.weights)}"
+        if group.reason and group.role != "row-parallel":
             line += f"  ({group.reason})"
         lines.append(line)
     return "\n".join(lines)
-
-
-def _parallel_kind(layout) -> str:
-    if isinstance(layout, Shard):
-        return "column-parallel" if layout.dim == 0 else "row-parallel"
-    return "replicated"
 
 
 def _group_name(weights: list[str]) -> str:

@@ -41,3 +41,26 @@ def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
     return model.float().eval()
+
+
+# Real model shapes (no weights): for memory and speed measurements on meta or random weights.
+REAL_SHAPES = {
+    "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                max_position_embeddings=8192, rope_theta=500000.0)),
+    "llama3-70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                 num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                                 max_position_embeddings=8192, rope_theta=500000.0)),
+    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)),
+}
+
+
+def real_config(name: str, layers: int | None = None):
+    """The config of a real model shape, optionally with fewer layers (to fit a test's time)."""
+    if name not in REAL_SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; known: {', '.join(sorted(REAL_SHAPES))}")
+    model_type, kwargs = REAL_SHAPES[name]
+    if layers is not None:
+        kwargs = {**kwargs, "num_hidden_layers": layers}
+    return AutoConfig.for_model(model_type, **kwargs)

@@ -14,9 +14,12 @@ from fxtp.stats import collectives_by_layer, state_bytes
 
 
 def _symbol_names(gm: fx.GraphModule) -> dict:
-    ids = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == USER_INPUTS[0])
-    batch, seq = ids.meta["val"].shape
-    return {as_expr(batch): "batch", as_expr(seq): "seq"}
+    names = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name in USER_INPUTS:
+            batch, seq = node.meta["val"].shape
+            names.update({as_expr(batch): "batch", as_expr(seq): "seq"})
+    return names
 
 
 def _fmt_shape(shape, names) -> str:

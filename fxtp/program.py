@@ -1,6 +1,8 @@
 """`fxtp.compile` and the program it returns: the annotated graph, its plan and the per-rank modules."""
 from __future__ import annotations
 
+import os
+import sys
 from typing import Optional
 
 import torch
@@ -35,7 +37,12 @@ def compile(model: torch.nn.Module, world_size: int, *, plan: str = "auto") -> "
         raise ValueError(f"world_size={world_size} is larger than the model's {heads} attention heads; fxtp never "
                          f"splits inside a head, so use world_size <= {heads}")
     captured = capture(model)
-    return TPProgram(captured, world_size, auto_plan(captured.graph_module, world_size), model.config)
+    program = TPProgram(captured, world_size, auto_plan(captured.graph_module, world_size), model.config)
+    if os.environ.get("FXTP_DEBUG", "0") != "0":
+        for group in program.plan.groups:
+            reason = f": {group.reason.splitlines()[0]}" if group.reason else ""
+            print(f"fxtp: {group.role:15s} {', '.join(group.weights)}{reason}", file=sys.stderr)
+    return program
 
 
 class TPProgram:
@@ -66,10 +73,9 @@ class TPProgram:
     def module(self, rank: int, device=None, process_group: Optional[dist.ProcessGroup] = None) -> fx.GraphModule:
         """This rank's GraphModule (only its shards) calling collectives on `process_group`
         (default: the default group, which must have `world_size` ranks)."""
-        self._check_rank(rank)
         device = torch.device(device) if device is not None else self.device
         if self.world_size == 1:
-            return self.rank_graph(rank, device=device)
+            return self.rank_graph(rank, device=device)  # checks the rank
         if process_group is None:
             if not (dist.is_available() and dist.is_initialized()):
                 raise RuntimeError(
@@ -80,7 +86,8 @@ class TPProgram:
         size, own = dist.get_world_size(process_group), dist.get_rank(process_group)
         if size != self.world_size:
             raise RuntimeError(f"the process group has {size} ranks but the program was compiled for "
-                               f"world_size={self.world_size}: compile with fxtp.compile(model, {size})")
+                               f"world_size={self.world_size}: compile with fxtp.compile(model, {size}), or pass "
+                               f"process_group= a group of {self.world_size} ranks")
         if own != rank:
             raise RuntimeError(f"tp.module({rank}) called on the process of rank {own}: use tp.module(dist.get_rank())")
         if dist.get_backend(process_group) == "nccl" and device.type != "cuda":

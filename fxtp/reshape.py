@@ -5,6 +5,7 @@ groups with `[s0, 4, 16]` without knowing s0.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from math import prod
 from typing import Optional, Sequence
 
@@ -21,13 +22,19 @@ def as_expr(size) -> sympy.Expr:
 
 
 def _divides(a: sympy.Expr, b: sympy.Expr) -> bool:
+    if a.is_Integer and b.is_Integer:
+        return int(b) % int(a) == 0
     return sympy.fraction(sympy.cancel(b / a))[1] == 1
 
 
-def dim_groups(in_shape: Sequence, out_shape: Sequence) -> Optional[list[tuple[list[int], list[int]]]]:
+def dim_groups(in_shape: Sequence, out_shape: Sequence) -> Optional[tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]]:
     """Pair runs of input dims with runs of output dims of equal product, or None if none exist."""
-    ins, outs = [as_expr(s) for s in in_shape], [as_expr(s) for s in out_shape]
-    groups: list[tuple[list[int], list[int]]] = []
+    return _dim_groups(tuple(as_expr(s) for s in in_shape), tuple(as_expr(s) for s in out_shape))
+
+
+@lru_cache(maxsize=4096)  # a model repeats the same few reshapes in every layer
+def _dim_groups(ins: tuple, outs: tuple) -> Optional[tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]]:
+    groups = []
     i = j = 0
     while i < len(ins) or j < len(outs):
         gi, gj = [], []
@@ -43,8 +50,8 @@ def dim_groups(in_shape: Sequence, out_shape: Sequence) -> Optional[list[tuple[l
                 gj.append(j); p_out *= outs[j]; j += 1
             else:
                 return None
-        groups.append((gi, gj))
-    return groups
+        groups.append((tuple(gi), tuple(gj)))
+    return tuple(groups)
 
 
 def reshape_shard(shard: Shard, in_shape: Sequence, out_shape: Sequence) -> Optional[Shard]:

@@ -83,7 +83,7 @@ def feature_unit(proj: fx.Node) -> int:
                 groups = dim_groups(val(node).shape, val(user).shape) or []
                 last = val(node).dim() - 1
                 for gi, gj in groups:
-                    if gi == [last] and len(gj) > 1 and int(prod(int(val(user).shape[d]) for d in gj)) == features:
+                    if gi == (last,) and len(gj) > 1 and int(prod(int(val(user).shape[d]) for d in gj)) == features:
                         return int(prod(int(val(user).shape[d]) for d in gj[1:]))
     return 1
 

@@ -40,7 +40,8 @@ def propagate(gm: fx.GraphModule, seeds: dict[str, Layout], strict: bool = False
     while True:
         _propagate_once(gm, seeds, strict, reduce_at)
         more = {n for n in gm.graph.nodes if n.meta.get(LAYOUT) == Partial()
-                and any(isinstance(u.meta[WANTS].get(n), Replicate) for u in n.users)}
+                and any(isinstance(u.meta[WANTS].get(n), Replicate) for u in n.users)
+                and any(n not in u.meta[WANTS] for u in n.users)}
         if not more:
             break
         reduce_at |= more

@@ -104,6 +104,9 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
                 else graph.placeholder(node.name)
             if node.name == USER_INPUTS[1]:
                 new = graph.call_function(inputs.checked_inputs, (env[_ids_placeholder(gm)], new, device))
+        elif node.op == "get_attr":  # a submodule or constant export kept as an attribute
+            setattr(root, node.target, getattr(gm, node.target))
+            new = graph.get_attr(node.target)
         elif node.op == "output":
             new = graph.output(fx.map_arg(node.args[0], lambda n: _input(n, node, env, redistribute)))
         elif node.target is aten._assert_tensor_metadata.default:

@@ -1,0 +1,50 @@
+"""Capture: dynamic shapes, the meta device, and the cleanups applied to exported graphs."""
+import torch
+
+import fxtp
+from fxtp.capture import STATE, capture
+from fxtp.configs import tiny_model
+from fxtp.passes.inline_wrappers import inline_wrappers
+
+
+class AutocastOff(torch.nn.Module):
+    """HF's rotary embedding pattern: no_grad around autocast(enabled=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        with torch.no_grad():
+            y = x.float() * 2
+            with torch.autocast("cpu", enabled=False):
+                z = y.cos()
+        return (x * self.weight + z).sin()
+
+
+def test_inline_wrappers_removes_autocast_bodies():
+    module = AutocastOff()
+    gm = torch.export.export(module, (torch.randn(3, 4),), strict=False).graph_module
+    assert any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in gm.graph.nodes)
+    gm = inline_wrappers(gm)
+    assert not any(n.op == "get_attr" for n in gm.graph.nodes)
+    assert {n.target for n in gm.graph.nodes if n.op == "call_function"} >= {torch.ops.aten.cos.default}
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(module.weight, x)[0], module(x))
+
+
+def test_capture_names_state_like_the_model_and_is_dynamic():
+    model = tiny_model("llama", layers=1)
+    captured = capture(model)
+    assert set(dict(model.named_parameters())) <= set(captured.state)
+    ids, mask = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder" and STATE not in n.meta]
+    assert all(isinstance(s, torch.SymInt) for s in ids.meta["val"].shape)
+
+
+def test_capture_on_meta_plans_like_real_weights():
+    real = fxtp.compile(tiny_model("llama", layers=1), 2)
+    with torch.device("meta"):
+        meta = fxtp.compile(tiny_model("llama", layers=1), 2)
+    assert [g.role for g in real.plan.groups] == [g.role for g in meta.plan.groups]
+    assert all(v.device.type == "meta" for v in meta.captured.state.values())
