@@ -15,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.export.graph_signature import InputKind
 
 from fxtp.passes.inline_wrappers import inline_wrappers
+from fxtp.passes.split_bias import split_bias
 
 STATE = "fxtp.state"
 USER_INPUTS = ("input_ids", "attention_mask")
@@ -93,8 +94,9 @@ def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 1
 
 def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model.") -> Captured:
     """The exported program as one GraphModule: state placeholders get meta[STATE] (their FQN
-    without `prefix`), the user inputs must be `user_inputs`, and the single output is unwrapped."""
-    gm = ep.graph_module
+    without `prefix`), the user inputs must be `user_inputs`, and the single output is unwrapped.
+    Context wrappers are inlined and biases split from their GEMMs (passes/)."""
+    gm = split_bias(inline_wrappers(ep.graph_module))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     state: dict[str, torch.Tensor] = {}
     sd = ep.state_dict

@@ -1,7 +1,8 @@
 """Tiny configs of HF causal-LM architectures, for tests, the demo and the architecture table.
 
 Each builds with hidden 64, 4 attention heads (2 kv heads where the arch has GQA), 2 layers,
-intermediate 128, vocab 256; `tiny_config(arch, **overrides)` changes any of them.
+intermediate 128, vocab 256; `tiny_config(arch, **overrides)` changes any of them. The keyword
+names differ a lot between model types; the builders below are the one place that knows them.
 """
 from __future__ import annotations
 
@@ -9,32 +10,82 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo", "helium", "stablelm")
+CAUSAL_LMS = LLAMA_FAMILY + (
+    "gpt2", "opt", "bloom", "gpt_neox", "falcon", "mixtral", "phi", "phi3", "gptj", "codegen",
+    "gpt_bigcode", "olmo2", "starcoder2", "mpt", "cohere", "persimmon", "qwen2_moe", "gpt_neo",
+    "xglm", "biogpt", "exaone4", "glm", "smollm3",
+)
 
 
-def _llama_style(hidden, layers, heads, kv_heads, intermediate, vocab, positions):
-    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab,
-                max_position_embeddings=positions)
+def _llama_style(h, layers, heads, kv, inter, vocab, pos):
+    return dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                intermediate_size=inter, vocab_size=vocab, max_position_embeddings=pos)
 
 
-# extra keywords per model type, beyond the llama-style ones
-_EXTRA = {
-    "llama": {}, "qwen2": {}, "granite": {},
-    "mistral": {"head_dim": None}, "qwen3": {"head_dim": None}, "gemma": {"head_dim": None},
-    "helium": {"head_dim": None},
-    "gemma2": {"head_dim": None, "query_pre_attn_scalar": None, "sliding_window": 8},
-    "olmo": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
-    "stablelm": {"bos_token_id": 1, "eos_token_id": 2},
+def _gpt2_style(h, layers, heads, kv, inter, vocab, pos):
+    return dict(n_embd=h, n_layer=layers, n_head=heads, n_inner=inter, vocab_size=vocab, n_positions=pos,
+                bos_token_id=1, eos_token_id=2)
+
+
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# model type -> (keyword builder, extra keywords); None in extras means "the head dim"
+_KEYWORDS = {
+    **{arch: (_llama_style, {}) for arch in ("llama", "qwen2", "granite", "phi")},
+    **{arch: (_llama_style, {"head_dim": None}) for arch in ("mistral", "qwen3", "gemma", "helium")},
+    "gemma2": (_llama_style, {"head_dim": None, "query_pre_attn_scalar": None, "sliding_window": 8}),
+    "olmo": (_llama_style, _IDS), "olmo2": (_llama_style, _IDS), "phi3": (_llama_style, _IDS),
+    "cohere": (_llama_style, _IDS), "smollm3": (_llama_style, _IDS),
+    "stablelm": (_llama_style, {"bos_token_id": 1, "eos_token_id": 2}),
+    "starcoder2": (_llama_style, {"bos_token_id": 1, "eos_token_id": 2}),
+    "mixtral": (_llama_style, {"head_dim": None, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": (_llama_style, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                 "shared_expert_intermediate_size": 128}),
+    "exaone4": (_llama_style, {"sliding_window": 8, "sliding_window_pattern": 2, "bos_token_id": 1, "eos_token_id": 2}),
+    "glm": (_llama_style, {"head_dim": None, "pad_token_id": 0, "eos_token_id": 2}),
+    "gpt2": (_gpt2_style, {}),
+    "gpt_bigcode": (_gpt2_style, {}),  # multi_query=True by default: one kv head (StarCoder-1)
+    "gptj": (_gpt2_style, {"rotary_dim": 8}),
+    "codegen": (_gpt2_style, {"rotary_dim": 8, "n_ctx": None}),
+    "opt": (lambda h, layers, heads, kv, inter, vocab, pos: dict(
+        hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=inter, word_embed_proj_dim=h,
+        vocab_size=vocab, max_position_embeddings=pos, pad_token_id=1, bos_token_id=2, eos_token_id=2), {}),
+    "bloom": (lambda h, layers, heads, kv, inter, vocab, pos: dict(  # MLP is fixed at 4 * hidden
+        hidden_size=h, n_layer=layers, n_head=heads, vocab_size=vocab), {}),
+    "gpt_neox": (lambda h, layers, heads, kv, inter, vocab, pos: dict(
+        hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=inter,
+        vocab_size=vocab, max_position_embeddings=pos), {}),
+    "persimmon": (lambda h, layers, heads, kv, inter, vocab, pos: dict(
+        hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=inter,
+        vocab_size=vocab, max_position_embeddings=pos), {}),
+    "biogpt": (lambda h, layers, heads, kv, inter, vocab, pos: dict(
+        hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=inter,
+        vocab_size=vocab, max_position_embeddings=pos), {}),
+    "falcon": (lambda h, layers, heads, kv, inter, vocab, pos: dict(  # falcon-40b style: real GQA
+        hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_kv_heads=kv,
+        new_decoder_architecture=True, multi_query=False, ffn_hidden_size=inter, vocab_size=vocab,
+        max_position_embeddings=pos, bos_token_id=1, eos_token_id=2), {}),
+    "mpt": (lambda h, layers, heads, kv, inter, vocab, pos: dict(
+        d_model=h, n_layers=layers, n_heads=heads, expansion_ratio=inter // h, max_seq_len=pos,
+        vocab_size=vocab), {}),
+    "gpt_neo": (lambda h, layers, heads, kv, inter, vocab, pos: dict(
+        hidden_size=h, num_layers=layers, num_heads=heads, intermediate_size=inter,
+        attention_types=[[["global", "local"], layers // 2 or 1]], window_size=8, vocab_size=vocab,
+        max_position_embeddings=pos, bos_token_id=1, eos_token_id=2), {}),
+    "xglm": (lambda h, layers, heads, kv, inter, vocab, pos: dict(
+        d_model=h, num_layers=layers, attention_heads=heads, ffn_dim=inter, vocab_size=vocab,
+        max_position_embeddings=pos), {}),
 }
 
 
 def tiny_config(arch: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                 intermediate: int = 128, vocab: int = 256, positions: int = 128):
-    if arch not in _EXTRA:
-        raise ValueError(f"no tiny config for {arch!r}; known: {', '.join(sorted(_EXTRA))}")
+    if arch not in _KEYWORDS:
+        raise ValueError(f"no tiny config for {arch!r}; known: {', '.join(sorted(_KEYWORDS))}")
+    build, extra = _KEYWORDS[arch]
     head_dim = hidden // heads
-    extra = {k: (head_dim if v is None else v) for k, v in _EXTRA[arch].items()}
-    return AutoConfig.for_model(arch, **_llama_style(hidden, layers, heads, kv_heads, intermediate, vocab, positions), **extra)
+    fill = {"head_dim": head_dim, "query_pre_attn_scalar": head_dim, "n_ctx": positions}
+    extra = {k: (fill[k] if v is None else v) for k, v in extra.items()}
+    return AutoConfig.for_model(arch, **build(hidden, layers, heads, kv_heads, intermediate, vocab, positions), **extra)
 
 
 def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:

@@ -62,16 +62,14 @@ def reshape_shard(shard: Shard, in_shape: Sequence, out_shape: Sequence) -> Opti
     for gi, gj in groups:
         if shard.dim not in gi:
             continue
-        if not gj:
-            return None
+        in_sizes, out_sizes = [as_expr(in_shape[d]) for d in gi], [as_expr(out_shape[d]) for d in gj]
+        if not gj or not all(e.is_Integer for e in in_sizes + out_sizes):
+            return None  # a shard merged with batch or sequence (Bloom's [b*heads, s, d]) stays whole
         pos = gi.index(shard.dim)
         before = prod(int(in_shape[d]) for d in gi[:pos]) if pos else 1
         after = prod(int(in_shape[d]) for d in gi[pos + 1:]) if pos + 1 < len(gi) else 1
         outer, inner = shard.outer * before, shard.inner * after
-        out_sizes = [as_expr(out_shape[d]) for d in gj]
         for k, d in enumerate(gj):
-            if not out_sizes[k].is_Integer:
-                continue
             pre = prod(int(s) for s in out_sizes[:k]) if k else 1
             post = prod(int(s) for s in out_sizes[k + 1:]) if k + 1 < len(gj) else 1
             if outer % pre == 0 and inner % post == 0 and int(out_sizes[k]) == (outer // pre) * shard.units * (inner // post):

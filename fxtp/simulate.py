@@ -13,10 +13,8 @@ from fxtp import collectives
 
 
 def _fetch(module: torch.nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    path, _, name = target.rpartition(".")
+    return getattr(module.get_submodule(path), name)
 
 
 def simulate(modules: list[fx.GraphModule], args: tuple, kwargs: dict) -> list:

@@ -1,6 +1,7 @@
 """Structural facts about rank graphs: collectives per decoder layer, state bytes per rank."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import torch
@@ -33,10 +34,16 @@ def collectives_by_layer(gm: fx.GraphModule) -> dict[str, Counter]:
     return found
 
 
-def state_bytes(module: torch.nn.Module, prefix: str = "") -> int:
-    """Bytes of parameters (and buffers) under `prefix` in a module."""
+def in_layer(name: str) -> bool:
+    """Whether a state name belongs to an item of a ModuleList (a decoder layer, an expert)."""
+    return re.search(r"\.\d+\.", name) is not None
+
+
+def state_bytes(module: torch.nn.Module, prefix: str = "", layers_only: bool = False) -> int:
+    """Bytes of parameters (and buffers) under `prefix` in a module, optionally of layers only."""
     tensors = list(module.named_parameters()) + list(module.named_buffers())
-    return sum(t.numel() * t.element_size() for name, t in tensors if name.startswith(prefix))
+    return sum(t.numel() * t.element_size() for name, t in tensors
+               if name.startswith(prefix) and (in_layer(name) or not layers_only))
 
 
 def planned_state_bytes(tp, rank: int, prefix: str = "") -> int:

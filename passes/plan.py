@@ -28,14 +28,12 @@ import torch.fx as fx
 
 from fxtp.capture import STATE
 from fxtp.layouts import Layout, Replicate, Shard, balanced_counts
-from fxtp.op_rules import val
+from fxtp.op_rules import permutation, val
 from fxtp.reshape import dim_groups
-from fxtp.passes.propagate import LAYOUT, PropagationError, propagate
+from fxtp.passes.propagate import _PERMUTES, LAYOUT, PropagationError, propagate
 
 aten = torch.ops.aten
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int}
-_SAME_SHAPE = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default,
-               aten.contiguous.default, aten.alias.default, aten.clone.default}
 
 
 @dataclass
@@ -55,35 +53,52 @@ class Plan:
     groups: list[GroupDecision] = field(default_factory=list)
 
 
+def projection_weight(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
+    """(weight state, its output-feature dim) when `node` multiplies an activation by a 2-D
+    state matrix: linear(x, W[out, in]), mm(x, W[in, out]) (GPT-2 Conv1D), or
+    matmul(x, W.T) (Falcon)."""
+    if node.op != "call_function" or node.target not in (aten.linear.default, aten.mm.default, aten.matmul.default):
+        return None
+    weight = node.args[1]
+    if not isinstance(weight, fx.Node) or val(weight).dim() != 2:
+        return None
+    out_dim = 0 if node.target is aten.linear.default else 1
+    while weight.op == "call_function" and weight.target in _PERMUTES:
+        out_dim = permutation(weight)[out_dim]
+        weight = weight.args[0]
+    if weight.op == "placeholder" and STATE in weight.meta and val(weight).dim() == 2:
+        return weight, out_dim
+    return None
+
+
 def projection_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
-    """Linear nodes whose weight is model state, grouped by their input, in graph order."""
+    """Projections (see projection_weight) grouped by the activation they read, in graph order."""
     groups: dict[fx.Node, list[fx.Node]] = defaultdict(list)
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is aten.linear.default:
-            w = node.args[1]
-            if isinstance(w, fx.Node) and STATE in w.meta and val(w).dim() == 2:
-                groups[node.args[0]].append(node)
+        if projection_weight(node) is not None:
+            groups[node.args[0]].append(node)
     return list(groups.values())
 
 
 def feature_unit(proj: fx.Node) -> int:
     """Elements per unit of a projection's output features: head_dim where a reshape splits
-    them into heads, 1 where nothing does (an MLP's intermediate)."""
-    frontier, seen = [proj], set()
-    features = val(proj).shape[-1]
+    them into heads, 1 where nothing does (an MLP's intermediate). Reshapes that keep the
+    features whole (GPT-2's [b*s, 3h] -> [b, s, 3h]) and ops that keep the shape (OPT scales q
+    before splitting heads) are followed."""
+    frontier, seen = [(proj, val(proj).dim() - 1)], set()
     while frontier:
-        node = frontier.pop(0)
+        node, dim = frontier.pop(0)
         for user in node.users:
             if user in seen or user.op != "call_function":
                 continue
             seen.add(user)
-            if user.target in _SAME_SHAPE:
-                frontier.append(user)
+            if isinstance(val(user), torch.Tensor) and val(user).shape == val(node).shape:
+                frontier.append((user, dim))  # elementwise: a bias, a scale, a cast
             elif user.target in _RESHAPES:
-                groups = dim_groups(val(node).shape, val(user).shape) or []
-                last = val(node).dim() - 1
-                for gi, gj in groups:
-                    if gi == (last,) and len(gj) > 1 and int(prod(int(val(user).shape[d]) for d in gj)) == features:
+                for gi, gj in dim_groups(val(node).shape, val(user).shape) or ():
+                    if gi == (dim,) and len(gj) == 1:
+                        frontier.append((user, gj[0]))
+                    elif gi == (dim,):
                         return int(prod(int(val(user).shape[d]) for d in gj[1:]))
     return 1
 
@@ -102,7 +117,7 @@ def choose_counts(units: dict[fx.Node, int], world_size: int) -> tuple[dict[fx.N
         if not larger:
             return {}, f"{fewest} units cannot be split over {world_size} ranks"
         dropped = [n for n, u in active.items() if u == fewest]
-        note = (f"{', '.join(n.args[1].meta[STATE] for n in dropped)} kept replicated: "
+        note = (f"{', '.join(projection_weight(n)[0].meta[STATE] for n in dropped)} kept replicated: "
                 f"{fewest} heads do not divide over {world_size} ranks")
         active = {n: u for n, u in active.items() if u != fewest}
     return {}, "no projections"
@@ -111,9 +126,12 @@ def choose_counts(units: dict[fx.Node, int], world_size: int) -> tuple[dict[fx.N
 def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     candidates: list[tuple[list[str], dict[str, Layout], str]] = []
     for group in projection_groups(gm):
-        names = [n.args[1].meta[STATE] for n in group]
+        names = [projection_weight(n)[0].meta[STATE] for n in group]
         counts, note = choose_counts({n: val(n).shape[-1] // feature_unit(n) for n in group}, world_size)
-        seeds = {n.args[1].meta[STATE]: Shard(0, c, feature_unit(n)) for n, c in counts.items()}
+        seeds = {}
+        for n, c in counts.items():
+            weight, out_dim = projection_weight(n)
+            seeds[weight.meta[STATE]] = Shard(out_dim, c, feature_unit(n))
         candidates.append((names, seeds, note))
 
     result = Plan()

@@ -20,9 +20,11 @@ import torch.fx as fx
 
 from fxtp.capture import STATE
 from fxtp.layouts import Layout, Partial, Replicate, Shard
-from fxtp.op_rules import Decision, rule_for
+from fxtp.op_rules import Decision, permutation, rule_for
 from fxtp.redistribute import needs_gather, same_layout
 
+_PERMUTES = {torch.ops.aten.t.default, torch.ops.aten.numpy_T.default, torch.ops.aten.transpose.int,
+             torch.ops.aten.permute.default}
 LAYOUT, WANTS, NOTE, REDUCE = "fxtp.layout", "fxtp.wants", "fxtp.note", "fxtp.reduce"
 
 
@@ -80,13 +82,33 @@ def _propagate_once(gm, seeds, strict, reduce_at) -> None:
 
 
 def _settle_state(gm: fx.GraphModule) -> None:
-    """Store replicated state pre-sliced when every user wants the same Shard of it."""
+    """Store replicated state pre-sliced when every user wants the same Shard of it. A want on
+    a transpose of state (Falcon's matmul(x, W.T)) moves to the state itself first."""
     for node in gm.graph.nodes:
-        if node.op != "placeholder" or STATE not in node.meta or not isinstance(node.meta[LAYOUT], Replicate):
-            continue
-        wanted = [u.meta[WANTS].get(node) for u in node.users]
-        first = wanted[0] if wanted else None
-        if isinstance(first, Shard) and all(w is not None and same_layout(w, first) for w in wanted):
-            node.meta[LAYOUT] = first
-            for u in node.users:
-                del u.meta[WANTS][node]
+        if node.target in _PERMUTES and _is_state(node.args[0]) and len(node.args[0].users) == 1:
+            wanted = _common_want(node)
+            if wanted is not None:
+                node.meta[LAYOUT] = wanted
+                node.meta[WANTS][node.args[0]] = wanted.with_dim(permutation(node)[wanted.dim])
+    for node in gm.graph.nodes:
+        if _is_state(node):
+            wanted = _common_want(node)
+            if wanted is not None:
+                node.meta[LAYOUT] = wanted
+
+
+def _is_state(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "placeholder" and STATE in node.meta
+
+
+def _common_want(node: fx.Node):
+    """The Shard every user of a replicated node wants (their wants are then dropped), or None."""
+    if not isinstance(node.meta[LAYOUT], Replicate):
+        return None
+    wanted = [u.meta[WANTS].get(node) for u in node.users]
+    first = wanted[0] if wanted else None
+    if not isinstance(first, Shard) or not all(w is not None and same_layout(w, first) for w in wanted):
+        return None
+    for u in node.users:
+        del u.meta[WANTS][node]
+    return first

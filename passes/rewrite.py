@@ -25,6 +25,7 @@ from fxtp import collectives, inputs
 from fxtp.capture import STATE, USER_INPUTS
 from fxtp.layouts import Layout, Partial, Replicate, Shard
 from fxtp.op_rules import RULES
+from fxtp.passes.fuse_bias import fuse_bias
 from fxtp.passes.propagate import LAYOUT, REDUCE, WANTS
 from fxtp.redistribute import steps
 
@@ -129,7 +130,7 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
             env[node] = redistribute(node, Replicate(), have=Partial())
     graph.eliminate_dead_code()
     graph.lint()
-    module = fx.GraphModule(root, graph, class_name=f"Rank{rank}Of{world_size}")
+    module = fuse_bias(fx.GraphModule(root, graph, class_name=f"Rank{rank}Of{world_size}"))
     module.eval()
     return module
 
