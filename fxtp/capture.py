@@ -6,7 +6,7 @@ its output is the logits. Parameters, buffers and lifted constants become placeh
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -14,7 +14,9 @@ from torch.export import Dim
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.export.graph_signature import InputKind
 
+from fxtp.checkpoint import aliases
 from fxtp.passes.inline_wrappers import inline_wrappers
+from fxtp.passes.remove_identities import remove_identities
 from fxtp.passes.split_bias import split_bias
 
 STATE = "fxtp.state"
@@ -41,6 +43,7 @@ class Captured:
     graph_module: fx.GraphModule  # placeholders: state (meta[STATE]) then input_ids, attention_mask
     state: dict[str, torch.Tensor]  # FQN -> tensor (meta tensors when the model is on meta)
     device: torch.device
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # tied weights' other names
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -89,14 +92,16 @@ def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 1
             "use_cache=False; check that the model runs forward(input_ids, attention_mask).") from e
     finally:
         model.train(was_training)
-    return flatten(ep, device)
+    captured = flatten(ep, device)
+    captured.aliases = aliases(model)
+    return captured
 
 
 def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model.") -> Captured:
     """The exported program as one GraphModule: state placeholders get meta[STATE] (their FQN
     without `prefix`), the user inputs must be `user_inputs`, and the single output is unwrapped.
-    Context wrappers are inlined and biases split from their GEMMs (passes/)."""
-    gm = split_bias(inline_wrappers(ep.graph_module))
+    Context wrappers are inlined, identities dropped and biases split from their GEMMs (passes/)."""
+    gm = split_bias(remove_identities(inline_wrappers(ep.graph_module)))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     state: dict[str, torch.Tensor] = {}
     sd = ep.state_dict

@@ -179,7 +179,7 @@ def plan_summary(tp: "fxtp.TPProgram") -> str:
     """One line per projection group: column-parallel, row-parallel or replicated, with the planner's reason."""
     lines = [f"plan ({len(tp.plan.groups)} projection groups):"]
     for group in tp.plan.groups:
-        line = f"  {group.role:<17}{_group_name(group.weights)}"
+        line = f"  {group.role:<16} {_group_name(group.weights)}"
         if group.reason and group.role != "row-parallel":
             line += f"  ({group.reason})"
         lines.append(line)

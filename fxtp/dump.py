@@ -70,14 +70,14 @@ def dump(tp, rank: int = 0) -> str:
             lines.append(f"  {'':16s}   {group.reason.splitlines()[0]}")
 
     lines += ["", "State (global shape, layout, local shape)"]
-    states = [n for n in gm.graph.nodes if n.op == "placeholder" and STATE in n.meta]
+    states = [n for n in gm.graph.nodes if n.op == "placeholder" and STATE in n.meta and n.users]  # a tied alias has none
     for node in states:
         layout = node.meta[LAYOUT]
         shape = node.meta["val"].shape
         lines.append(f"  {node.meta[STATE]:55s} {_fmt_shape(shape, names):14s} {layout}{_fmt_local(shape, layout, ws, names)}")
 
     rank_module = tp.rank_graph(rank)
-    total = sum(v.numel() * v.element_size() for v in tp.captured.state.values())
+    total = sum(tp.captured.state[n.meta[STATE]].numel() * tp.captured.state[n.meta[STATE]].element_size() for n in states)
     local = state_bytes(rank_module)
     lines += ["", "Summary",
               f"  state tensors: {sum(isinstance(n.meta[LAYOUT], Shard) for n in states)} sharded, "

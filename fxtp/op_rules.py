@@ -4,7 +4,9 @@ A rule sees a node and the layouts of its inputs and returns a `Decision`: the o
 and, for inputs whose layout must change first, the layout it needs (`wants`). The propagate
 pass turns a want into a redistribution: R->S is a free local slice, P->R an all_reduce,
 S->R an all_gather. A rule may also have a `localize` that rewrites the node's constant
-arguments for one rank (a head count in a view becomes the rank's local head count).
+arguments for one rank (a head count in a view becomes the rank's local head count), or a
+`lower` that computes the node with another function on each rank (a vocab-sharded embedding
+masks the ids its rows do not hold).
 
 Ops without a rule fall back to `replicate_all`: every input is made Replicate first, which
 is always correct, and the dump reports it.
@@ -20,6 +22,7 @@ import torch.fx as fx
 
 from fxtp.layouts import Layout, Partial, Replicate, Shard, same_placement
 from fxtp.reshape import reshape_shard
+from fxtp.vocab_parallel import local_padding_idx, vocab_parallel_embedding
 
 aten = torch.ops.aten
 R = Replicate()
@@ -33,6 +36,7 @@ class Decision:
     out: object  # a Layout, a tuple of them (multi-output ops), or None (no tensor output)
     wants: dict[fx.Node, Layout] = field(default_factory=dict)
     note: str = ""  # why inputs were replicated, for the dump
+    reduce_now: bool = False  # all_reduce a Partial output right after the node, for all its users
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class OpRule:
     propagate: Callable[[fx.Node, LayoutOf], Decision]
     # (node, args, kwargs, out_layout, rank) -> (args, kwargs) with per-rank constants
     localize: Optional[Callable] = None
+    # (node, args, kwargs, input_layout, rank) -> (target, args, kwargs) where a rank computes the
+    # node with another function (input_layout(n): the layout in which the node reads input n)
+    lower: Optional[Callable] = None
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -122,7 +129,8 @@ def _broadcast_target(node: fx.Node, lay: LayoutOf, inputs: list[fx.Node]) -> tu
 def pointwise(linear: str = "none"):
     """Elementwise ops with broadcasting. `linear` says which Partial inputs pass through:
     'unary' (neg: f(sum) = sum f), 'sum' (add/sub: every tensor input Partial, no scalar
-    added), 'scale' (mul/div: one Partial input times Replicate values)."""
+    added), 'scale' (mul/div: one Partial input times Replicate values), 'zero_fill'
+    (masked_fill(P, mask, 0): every summand is zeroed where the sum is)."""
 
     def rule(node: fx.Node, lay: LayoutOf) -> Decision:
         inputs = tensor_inputs(node)
@@ -131,8 +139,8 @@ def pointwise(linear: str = "none"):
             return Decision(R, wants, note)
         partials = [n for n in inputs if isinstance(lay(n), Partial)]
         if target is not None:
-            for n in partials:
-                wants[n] = target.with_dim(target.dim - (ndim(node) - ndim(n)))
+            for n in partials:  # sliced above if it has the sharded dim; broadcast along it, it needs the sum
+                wants.setdefault(n, R)
             return Decision(target, wants)
         if not partials:
             return Decision(R)
@@ -155,6 +163,8 @@ def partials_pass(node, inputs, partials, linear) -> bool:
         if len(partials) != 1:
             return False
         return node.target not in (aten.div.Tensor,) or node.args[0] is partials[0]
+    if linear == "zero_fill":
+        return partials == [node.args[0]] and node.args[2] == 0
     return False
 
 
@@ -229,20 +239,22 @@ def permute(node: fx.Node, lay: LayoutOf) -> Decision:
     return Decision(layout.with_dim(permutation(node).index(layout.dim)))
 
 
-def along_dim(dim_arg: int = 1, removes_dim: bool = False, tuple_out: bool = False, keeps_partial: bool = True):
+def along_dim(dim_arg: int = 1, removes_dim: bool = False, tuple_out: bool = False, keeps_partial: bool = True,
+              default_dim: Optional[int] = 0):
     """Ops acting along one dim (slice, select, split, softmax, cumsum, topk, index_select):
-    fine while that dim is not the sharded one."""
+    fine while that dim is not the sharded one. `default_dim` is the schema's default, which
+    export leaves out (split(x, 2) splits dim 0); None flattens (repeat_interleave without dim)."""
 
     def rule(node: fx.Node, lay: LayoutOf) -> Decision:
         src = node.args[0]
         layout = lay(src)
-        dim = node.args[dim_arg] if len(node.args) > dim_arg else node.kwargs.get("dim", -1)
-        dim = norm_dim(dim, ndim(src))
+        dim = node.args[dim_arg] if len(node.args) > dim_arg else node.kwargs.get("dim", default_dim)
+        dim = None if dim is None else norm_dim(dim, ndim(src))
         others = {n: R for n in tensor_inputs(node) if n is not src and not isinstance(lay(n), Replicate)}
         if isinstance(layout, Partial) and not keeps_partial:
             return _along_out(node, R, tuple_out, {src: R, **others}, f"{node.target} of a Partial")
         if isinstance(layout, Shard):
-            if layout.dim == dim:
+            if dim is None or layout.dim == dim:
                 return _along_out(node, R, tuple_out, {src: R, **others}, f"{node.target} along the sharded dim")
             if removes_dim and layout.dim > dim:
                 layout = layout.with_dim(layout.dim - 1)
@@ -256,6 +268,66 @@ def _along_out(node, layout, tuple_out, wants, note=""):
     return Decision(out, wants, note)
 
 
+# ops that cut a dim into pieces: (dim argument index, default dim)
+PIECES = {aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.chunk.default: 2, aten.slice.Tensor: 1}
+
+
+def piece_bounds(node: fx.Node, dim: Optional[int] = None) -> Optional[list[tuple[int, int]]]:
+    """[(start, end)] of the pieces `node` cuts along its dim (only if that is `dim`, when given)."""
+    src = node.args[0]
+    cut = norm_dim(node.args[PIECES[node.target]] if len(node.args) > PIECES[node.target] else 0, ndim(src))
+    size = val(src).shape[cut]
+    if (dim is not None and cut != dim) or not isinstance(size, int):
+        return None
+    if node.target is aten.slice.Tensor:
+        start, end = (list(node.args[2:4]) + [0, size][len(node.args[2:4]):])
+        start, end = (0 if start is None else start), (size if end is None else end)
+        step = node.args[4] if len(node.args) > 4 else 1
+        if step != 1 or not isinstance(start, int) or not isinstance(end, int):
+            return None
+        return [tuple(min(max(b + size if b < 0 else b, 0), size) for b in (start, end))]
+    if node.target is aten.split_with_sizes.default:
+        lengths = list(node.args[1])
+    else:
+        length = node.args[1] if node.target is aten.split.Tensor else -(-size // node.args[1])
+        lengths = [min(length, size - b) for b in range(0, size, length)]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    return [(b, b + n) for b, n in zip(starts, lengths)]
+
+
+def cut_blocks(node: fx.Node, lay: LayoutOf) -> Decision:
+    """split/chunk/slice: along a sharded dim each piece must be whole fused blocks (GPT-2's
+    c_attn split into q, k, v: every rank holds its heads of each); elsewhere as along_dim."""
+    layout = lay(node.args[0])
+    bounds = piece_bounds(node)
+    if not isinstance(layout, Shard) or bounds is None or layout.dim != norm_dim(
+            node.args[PIECES[node.target]] if len(node.args) > PIECES[node.target] else 0, ndim(node.args[0])):
+        return along_dim(PIECES[node.target], tuple_out=node.target is not aten.slice.Tensor)(node, lay)
+    block = layout.units * layout.inner
+    if any(b % block or e % block for b, e in bounds):
+        return replicate_all(node, lay, f"{node.target} cuts inside a block of the sharded dim")
+    pieces = tuple(Shard(layout.dim, layout.counts, layout.inner, (e - b) // block) for b, e in bounds)
+    return Decision(pieces[0] if node.target is aten.slice.Tensor else pieces)
+
+
+def localize_cut(node, args, kwargs, out, rank):
+    """Piece sizes and slice bounds in this rank's elements, when the cut is along the sharded
+    dim (then every bound is a whole number of blocks, a block being counts[rank] local units)."""
+    shard = out[0] if isinstance(out, tuple) else out
+    if not isinstance(shard, Shard) or piece_bounds(node, shard.dim) is None:
+        return args, kwargs
+    block, local = shard.units * shard.inner, shard.counts[rank] * shard.inner
+    to_local = lambda b: b // block * local  # noqa: E731
+    if node.target is aten.slice.Tensor:
+        (start, end), = piece_bounds(node)
+        return (args[0], args[1], to_local(start), to_local(end)) + tuple(args[4:]), kwargs
+    if node.target is aten.split.Tensor:
+        return (args[0], to_local(args[1])) + tuple(args[2:]), kwargs
+    if node.target is aten.split_with_sizes.default:
+        return (args[0], [to_local(n) for n in args[1]]) + tuple(args[2:]), kwargs
+    return args, kwargs  # chunk: equal local pieces already
+
+
 def cat(node: fx.Node, lay: LayoutOf) -> Decision:
     inputs = [n for n in node.args[0] if is_tensor_node(n)]
     dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim(node))
@@ -265,9 +337,8 @@ def cat(node: fx.Node, lay: LayoutOf) -> Decision:
     if all(isinstance(x, Partial) for x in layouts):
         return Decision(P)
     shards = [x for x in layouts if isinstance(x, Shard)]
-    target = shards[0]
-    if target.dim != dim and all(isinstance(x, Shard) and same_placement(x, target) for x in layouts):
-        return Decision(target)
+    if shards and shards[0].dim != dim and all(isinstance(x, Shard) and same_placement(x, shards[0]) for x in layouts):
+        return Decision(shards[0])
     return Decision(R, {n: R for n, x in zip(inputs, layouts) if not isinstance(x, Replicate)},
                     "cat of differently laid out inputs")
 
@@ -394,6 +465,39 @@ def matmul(node: fx.Node, lay: LayoutOf) -> Decision:
     return Decision(target, wants)
 
 
+# Per-expert GEMMs of MoE layers. transformers registers its fallback op only when imported, so
+# it is named here (fxtp does not import transformers); see rule_for and calls.
+GROUPED_MM = (aten._grouped_mm.default, "transformers::grouped_mm_fallback")
+
+
+def grouped_mm(node: fx.Node, lay: LayoutOf) -> Decision:
+    """x[S, in] @ W[E, in, out] (+ b[E, out]), the rows of expert e being offs[e-1]:offs[e]
+    (offs is routing: Replicate). Per expert this is a linear, so:
+    column: x R, W S(2)                          -> S(1), b sliced like W
+    row:    x S(1), W R or S(1) same placement   -> P (W sliced), no bias
+    Partial x and W replicated, no bias          -> P (linear in x)."""
+    x, w = node.args[0], node.args[1]
+    offs = node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")
+    b = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    if ndim(x) != 2 or ndim(w) != 3:
+        return replicate_all(node, lay, "grouped mm other than x[S, in] @ W[E, in, out]")
+    xl, wl, sx = lay(x), lay(w), shard_of(x, lay)
+    wants = {n: R for n in (offs, b) if isinstance(n, fx.Node) and not isinstance(lay(n), Replicate)}
+    if isinstance(wl, Shard) and wl.dim == 2 and isinstance(xl, Replicate):
+        return Decision(wl.with_dim(1), {**wants, b: wl.with_dim(1)} if isinstance(b, fx.Node) else wants)
+    if b is None and sx is not None and sx.dim == 1:
+        need = sx.with_dim(1)
+        if isinstance(wl, Replicate):
+            return Decision(P, {**wants, w: need})
+        if isinstance(wl, Shard) and same_placement(wl, need):
+            return Decision(P, wants)
+    if b is None and isinstance(xl, Partial) and isinstance(wl, Replicate):
+        return Decision(P, wants)
+    if isinstance(xl, Replicate) and isinstance(wl, Replicate):
+        return Decision(R, wants)
+    return replicate_all(node, lay, "grouped mm with incompatible input and weight layouts")
+
+
 def sdpa(node: fx.Node, lay: LayoutOf) -> Decision:
     """scaled_dot_product_attention(q, k, v, mask): heads (dim 1) or batch (dim 0) may be
     sharded; k, v and a per-head mask are sliced to match q. With enable_gqa, k/v hold
@@ -438,7 +542,9 @@ def sdpa(node: fx.Node, lay: LayoutOf) -> Decision:
 
 
 def embedding(node: fx.Node, lay: LayoutOf) -> Decision:
-    """embedding(W[vocab, hidden], ids): hidden-sharded W or sharded ids pass through."""
+    """embedding(W[vocab, hidden], ids): hidden-sharded W or sharded ids pass through. A
+    vocab-sharded W (contiguous rows per rank) with replicated ids gives a Partial that is
+    all-reduced at once: each id is non-zero on one rank only, so the sum is exact."""
     w, ids = node.args[0], node.args[1]
     wl, il = lay(w), lay(ids)
     if isinstance(wl, Replicate) and isinstance(il, Replicate):
@@ -447,7 +553,41 @@ def embedding(node: fx.Node, lay: LayoutOf) -> Decision:
         return Decision(wl.with_dim(ndim(node) - 1))
     if isinstance(wl, Replicate) and isinstance(il, Shard):
         return Decision(il)
-    return replicate_all(node, lay, "embedding with a vocab-sharded table")
+    if isinstance(wl, Shard) and wl.dim == 0 and wl.inner == wl.outer == 1 and isinstance(il, Replicate):
+        return Decision(P, reduce_now=True)
+    return replicate_all(node, lay, "embedding with both table and ids sharded, or vocab rows not contiguous")
+
+
+def vocab_parallel(node, args, kwargs, input_layout, rank):
+    """Lowering of an embedding whose table is vocab-sharded: the rank's masked lookup
+    (fxtp.vocab_parallel) from its first vocab row, with the padding row made local."""
+    table = input_layout(node.args[0])
+    if not (isinstance(table, Shard) and table.dim == 0):
+        return node.target, args, kwargs
+    start, rows = table.unit_start(rank), table.counts[rank]
+    weight, ids, *rest = args
+    if rest:
+        rest[0] = local_padding_idx(rest[0], start, rows)
+    elif "padding_idx" in kwargs:
+        kwargs = {**kwargs, "padding_idx": local_padding_idx(kwargs["padding_idx"], start, rows)}
+    return vocab_parallel_embedding, (weight, ids, start, *rest), kwargs
+
+
+def index(node: fx.Node, lay: LayoutOf) -> Decision:
+    """x[i0, i1, ...] (aten.index.Tensor) with replicated integer indices: a gather, so a Partial
+    stays Partial (rows of a sum are the sums of rows) and a shard of a dim that is not indexed
+    moves to where that dim lands (indexed dims adjacent; numpy moves scattered ones first)."""
+    src, indices = node.args[0], node.args[1]
+    wants = {i: R for i in indices if isinstance(i, fx.Node) and not isinstance(lay(i), Replicate)}
+    layout = lay(src)
+    if not isinstance(layout, Shard):
+        return Decision(layout, wants)
+    given = [k for k, i in enumerate(indices) if i is not None]
+    if layout.dim in given or given != list(range(given[0], given[-1] + 1)) or \
+            any(val(indices[k]).dtype in (torch.bool, torch.uint8) for k in given):
+        return Decision(R, {src: R, **wants}, "index along or around the sharded dim")
+    shift = 0 if layout.dim < given[0] else ndim(node) - ndim(src)
+    return Decision(layout.with_dim(layout.dim + shift), wants)
 
 
 def like(node: fx.Node, lay: LayoutOf) -> Decision:
@@ -503,8 +643,9 @@ RULES: dict[object, OpRule] = {
         aten.le.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.gt.Scalar, aten.eq.Scalar, aten.ne.Scalar,
         aten.max.other, aten.min.other, aten.maximum.default, aten.minimum.default,
         aten.floor_divide.default, aten.remainder.Scalar, aten.where.self, aten.where.ScalarOther,
-        aten.where.ScalarSelf, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
+        aten.where.ScalarSelf, aten.masked_fill.Tensor,
     )},
+    aten.masked_fill.Scalar: OpRule(pointwise("zero_fill")),  # MoE zeroes unrouted rows of a Partial
     # casts
     aten.to.dtype: OpRule(cast),
     aten.to.device: OpRule(cast),
@@ -526,14 +667,14 @@ RULES: dict[object, OpRule] = {
     aten.permute.default: OpRule(permute),
     aten.t.default: OpRule(permute),
     aten.numpy_T.default: OpRule(permute),
-    aten.slice.Tensor: OpRule(along_dim(1)),
+    aten.slice.Tensor: OpRule(cut_blocks, localize_cut),
     aten.select.int: OpRule(along_dim(1, removes_dim=True)),
-    aten.split.Tensor: OpRule(along_dim(2, tuple_out=True)),
-    aten.split_with_sizes.default: OpRule(along_dim(2, tuple_out=True)),
-    aten.chunk.default: OpRule(along_dim(2, tuple_out=True)),
+    aten.split.Tensor: OpRule(cut_blocks, localize_cut),
+    aten.split_with_sizes.default: OpRule(cut_blocks, localize_cut),
+    aten.chunk.default: OpRule(cut_blocks, localize_cut),
     aten.unbind.int: OpRule(along_dim(1, removes_dim=True, tuple_out=True)),
     aten.index_select.default: OpRule(along_dim(1)),
-    aten.repeat_interleave.self_int: OpRule(along_dim(2)),
+    aten.repeat_interleave.self_int: OpRule(along_dim(2, default_dim=None)),
     aten.cat.default: OpRule(cat),
     aten.stack.default: OpRule(stack),
     # reductions and normalizations along one dim
@@ -541,8 +682,8 @@ RULES: dict[object, OpRule] = {
     aten._softmax.default: OpRule(along_dim(1, keeps_partial=False)),
     aten.log_softmax.int: OpRule(along_dim(1, keeps_partial=False)),
     aten.cumsum.default: OpRule(along_dim(1)),
-    aten.topk.default: OpRule(along_dim(2, tuple_out=True, keeps_partial=False)),
-    aten.sort.default: OpRule(along_dim(1, tuple_out=True, keeps_partial=False)),
+    aten.topk.default: OpRule(along_dim(2, tuple_out=True, keeps_partial=False, default_dim=-1)),
+    aten.sort.default: OpRule(along_dim(1, tuple_out=True, keeps_partial=False, default_dim=-1)),
     aten.sum.dim_IntList: OpRule(reduction("sum")),
     aten.mean.dim: OpRule(reduction("mean")),
     aten.amax.default: OpRule(reduction("amax")),
@@ -553,8 +694,10 @@ RULES: dict[object, OpRule] = {
     aten.matmul.default: OpRule(matmul),
     aten.mm.default: OpRule(matmul),
     aten.bmm.default: OpRule(matmul),
+    **{op: OpRule(grouped_mm) for op in GROUPED_MM},  # MoE experts: column/row-parallel per expert
     aten.scaled_dot_product_attention.default: OpRule(sdpa),
-    aten.embedding.default: OpRule(embedding),
+    aten.embedding.default: OpRule(embedding, lower=vocab_parallel),
+    aten.index.Tensor: OpRule(index),  # MoE token gathers: a Partial passes through
     # factories and metadata
     **{op: OpRule(fresh) for op in (
         aten.arange.default, aten.arange.start, aten.arange.start_step, aten.zeros.default,
@@ -570,8 +713,18 @@ RULES: dict[object, OpRule] = {
 }
 
 
+def op_name(target) -> Optional[str]:
+    """'namespace::name' of an op overload (how RULES names ops fxtp does not import), else None."""
+    return target.name() if isinstance(target, torch._ops.OpOverload) else None
+
+
+def calls(node: fx.Node, ops) -> bool:
+    """Whether `node` calls one of `ops`, given as overloads or by op_name."""
+    return node.op == "call_function" and (node.target in ops or op_name(node.target) in ops)
+
+
 def rule_for(node: fx.Node) -> OpRule:
-    rule = RULES.get(node.target)
+    rule = RULES.get(node.target) or RULES.get(op_name(node.target))
     if rule is not None:
         return rule
     if not any(isinstance(val(n), torch.Tensor) for n in node.all_input_nodes) and not isinstance(val(node), torch.Tensor):

@@ -11,6 +11,8 @@ import torch.fx as fx
 
 from fxtp import collectives
 from fxtp.capture import Captured, capture
+from fxtp.checkpoint import RankLoader
+from fxtp.passes.manual_plan import from_hf_tp_plan, from_injection_policy, manual_plan
 from fxtp.passes.plan import Plan, plan as auto_plan
 from fxtp.passes.rewrite import rank_graph
 from fxtp.simulate import simulate as run_lockstep
@@ -26,18 +28,29 @@ def _attention_heads(config) -> Optional[int]:
     return None
 
 
-def compile(model: torch.nn.Module, world_size: int, *, plan: str = "auto") -> "TPProgram":
-    """Capture `model`, plan its sharding over `world_size` ranks and return the program."""
+def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=None,
+            injection_policy: Optional[dict] = None) -> "TPProgram":
+    """Capture `model`, plan its sharding over `world_size` ranks and return the program.
+    `plan` is "auto" or {module pattern: "colwise" | "rowwise" | "replicate"}; an HF `tp_plan`
+    (dict or "auto") or a DeepSpeed `injection_policy` may be given instead (passes/manual_plan.py)."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if plan != "auto":
-        raise ValueError(f"plan={plan!r}: only plan='auto' is supported")
+    if sum(x is not None for x in (tp_plan, injection_policy)) + (plan != "auto") > 1:
+        raise ValueError("give one of plan=..., tp_plan=... or injection_policy=...")
+    if not (plan == "auto" or isinstance(plan, dict)):
+        raise ValueError(f"plan must be 'auto' or a dict of module patterns to colwise/rowwise/replicate, got {plan!r}")
     heads = _attention_heads(getattr(model, "config", None))
     if heads is not None and world_size > heads:
         raise ValueError(f"world_size={world_size} is larger than the model's {heads} attention heads; fxtp never "
                          f"splits inside a head, so use world_size <= {heads}")
     captured = capture(model)
-    program = TPProgram(captured, world_size, auto_plan(captured.graph_module, world_size), model.config)
+    if tp_plan is not None:
+        plan = from_hf_tp_plan(tp_plan, model)
+    elif injection_policy is not None:
+        plan = from_injection_policy(injection_policy, model)
+    chosen = auto_plan(captured.graph_module, world_size) if plan == "auto" \
+        else manual_plan(captured.graph_module, world_size, plan)
+    program = TPProgram(captured, world_size, chosen, model)
     if os.environ.get("FXTP_DEBUG", "0") != "0":
         for group in program.plan.groups:
             reason = f": {group.reason.splitlines()[0]}" if group.reason else ""
@@ -48,12 +61,13 @@ def compile(model: torch.nn.Module, world_size: int, *, plan: str = "auto") -> "
 class TPProgram:
     """A model sharded over `world_size` ranks. `graph` is the global graph annotated with layouts."""
 
-    def __init__(self, captured: Captured, world_size: int, plan: Plan, config):
+    def __init__(self, captured: Captured, world_size: int, plan: Plan, model: torch.nn.Module):
         self.captured = captured
         self.graph: fx.GraphModule = captured.graph_module
         self.world_size = world_size
         self.plan = plan
-        self.config = config
+        self.model = model  # on meta when loading from a checkpoint: it holds no weights then
+        self.config = model.config
         self._simulated: dict[str, list[fx.GraphModule]] = {}
 
     @property
@@ -61,21 +75,30 @@ class TPProgram:
         return self.captured.device
 
     def rank_graph(self, rank: int, group_name: str = collectives.SIMULATED_GROUP,
-                   device: Optional[torch.device] = None) -> fx.GraphModule:
-        """The rank's GraphModule without checks on the process group (for inspection and simulate)."""
+                   device: Optional[torch.device] = None, checkpoint: Optional[str] = None) -> fx.GraphModule:
+        """The rank's GraphModule without checks on the process group (for inspection and simulate).
+        With `checkpoint` (a HF safetensors directory or file) only this rank's slices are read from it."""
         self._check_rank(rank)
         device = torch.device(device) if device is not None else self.device
+        if checkpoint is None and self.device.type == "meta":
+            raise ValueError("the model is on the meta device, so it has no weights to shard: pass "
+                             "checkpoint=<HF safetensors directory> (and device=...) to load this rank's slices")
         if device.type == "meta":
-            raise ValueError("the model is on the meta device, so it has no weights to shard: pass device= and "
-                             "load real weights (build the model on CPU or GPU)")
-        return rank_graph(self.graph, self.captured.state, rank, self.world_size, group_name, device)
+            raise ValueError("device='meta' holds no data: pass device='cpu' or f'cuda:{local_rank}'")
+        if checkpoint is None:
+            return rank_graph(self.graph, self.captured.state, rank, self.world_size, group_name, device)
+        load = RankLoader(checkpoint, rank, self.captured.state, self.captured.aliases, self.model)
+        return rank_graph(self.graph, self.captured.state, rank, self.world_size, group_name, device, load)
 
-    def module(self, rank: int, device=None, process_group: Optional[dist.ProcessGroup] = None) -> fx.GraphModule:
+    def module(self, rank: int, device=None, process_group: Optional[dist.ProcessGroup] = None,
+               checkpoint: Optional[str] = None) -> fx.GraphModule:
         """This rank's GraphModule (only its shards) calling collectives on `process_group`
-        (default: the default group, which must have `world_size` ranks)."""
-        device = torch.device(device) if device is not None else self.device
+        (default: the default group, which must have `world_size` ranks). With `checkpoint`, its
+        slices are read from that HF safetensors checkpoint (the model may be on meta)."""
+        device = torch.device(device) if device is not None else (
+            torch.device("cpu") if self.device.type == "meta" else self.device)
         if self.world_size == 1:
-            return self.rank_graph(rank, device=device)  # checks the rank
+            return self.rank_graph(rank, device=device, checkpoint=checkpoint)  # checks the rank
         if process_group is None:
             if not (dist.is_available() and dist.is_initialized()):
                 raise RuntimeError(
@@ -93,7 +116,7 @@ class TPProgram:
         if dist.get_backend(process_group) == "nccl" and device.type != "cuda":
             raise RuntimeError(f"the process group uses NCCL, which needs CUDA tensors, but device={device}: "
                                f"pass device=f'cuda:{{local_rank}}'")
-        return self.rank_graph(rank, process_group.group_name, device)
+        return self.rank_graph(rank, process_group.group_name, device, checkpoint)
 
     def simulate_ranks(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> list:
         """Every rank's output, all ranks run in this process with exact collectives."""

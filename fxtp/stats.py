@@ -47,14 +47,15 @@ def state_bytes(module: torch.nn.Module, prefix: str = "", layers_only: bool = F
 
 
 def planned_state_bytes(tp, rank: int, prefix: str = "") -> int:
-    """Bytes of state that `rank` will hold, from the plan alone (works for models on meta)."""
+    """Bytes of state that `rank` will hold, from the plan alone (works for models on meta); state
+    no node reads (a tied table's other name) is not held."""
     from fxtp.capture import STATE
     from fxtp.layouts import Shard
     from fxtp.passes.propagate import LAYOUT
 
     total = 0
     for node in tp.graph.graph.nodes:
-        if node.op == "placeholder" and STATE in node.meta and node.meta[STATE].startswith(prefix):
+        if node.op == "placeholder" and STATE in node.meta and node.meta[STATE].startswith(prefix) and node.users:
             value, layout = tp.captured.state[node.meta[STATE]], node.meta[LAYOUT]
             numel = value.numel()
             if isinstance(layout, Shard):

@@ -9,7 +9,8 @@ Writes: node.meta["fxtp.layout"]  Layout, tuple of Layouts, or None for non-tens
         node.meta["fxtp.reduce"]  True where a Partial output is all-reduced right after the node
                                   (its layout is then Replicate)
 Ensures: every want is reachable (see fxtp.redistribute); in strict mode no want needs an
-        all_gather, so sharded regions close with all_reduce only (the Megatron pattern).
+        all_gather, so sharded regions close with all_reduce only (the Megatron pattern),
+        except at the graph output when `gather_at_output` is set.
 Replicated state whose users all want the same Shard becomes that Shard: the planner seeds
 column-parallel weights, and row-parallel weights (and column biases) follow from the rules.
 """
@@ -34,13 +35,15 @@ class PropagationError(RuntimeError):
         self.node, self.reason = node, reason
 
 
-def propagate(gm: fx.GraphModule, seeds: dict[str, Layout], strict: bool = False) -> fx.GraphModule:
+def propagate(gm: fx.GraphModule, seeds: dict[str, Layout], strict: bool = False,
+              gather_at_output: bool = False) -> fx.GraphModule:
     """Annotate every node; a Partial that one user all-reduces is reduced once, at its producer,
     for all users (otherwise a user that keeps the Partial would need a second all_reduce later:
-    Gemma2's post-norms read the o_proj output twice)."""
+    Gemma2's post-norms read the o_proj output twice). With `gather_at_output`, strict mode
+    still lets the graph output all_gather a shard (a column-parallel lm_head's logits)."""
     reduce_at: set[fx.Node] = set()
     while True:
-        _propagate_once(gm, seeds, strict, reduce_at)
+        _propagate_once(gm, seeds, strict, reduce_at, gather_at_output)
         more = {n for n in gm.graph.nodes if n.meta.get(LAYOUT) == Partial()
                 and any(isinstance(u.meta[WANTS].get(n), Replicate) for u in n.users)
                 and any(n not in u.meta[WANTS] for u in n.users)}
@@ -51,7 +54,7 @@ def propagate(gm: fx.GraphModule, seeds: dict[str, Layout], strict: bool = False
     return gm
 
 
-def _propagate_once(gm, seeds, strict, reduce_at) -> None:
+def _propagate_once(gm, seeds, strict, reduce_at, gather_at_output) -> None:
     def layout_of(n: fx.Node):
         return n.meta[LAYOUT]
 
@@ -69,14 +72,14 @@ def _propagate_once(gm, seeds, strict, reduce_at) -> None:
             except Exception as e:
                 raise PropagationError(node, f"propagation rule for {node.target} failed: {e!r}") from e
         wants = {n: w for n, w in decision.wants.items() if not same_layout(layout_of(n), w)}
-        if strict:
+        if strict and not (gather_at_output and node.op == "output"):
             for n, w in wants.items():
                 if needs_gather(layout_of(n), w):
                     why = decision.note or ("a sharded value reaches the graph output" if node.op == "output"
                                             else f"{node.target} needs {n.name} as {w}")
                     raise PropagationError(node, f"{n.name} is {layout_of(n)} but {why}")
         node.meta[LAYOUT], node.meta[WANTS], node.meta[NOTE] = decision.out, wants, decision.note
-        node.meta[REDUCE] = node in reduce_at and isinstance(decision.out, Partial)
+        node.meta[REDUCE] = (node in reduce_at or decision.reduce_now) and isinstance(decision.out, Partial)
         if node.meta[REDUCE]:
             node.meta[LAYOUT] = Replicate()
 

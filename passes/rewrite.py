@@ -2,8 +2,9 @@
 
 Reads:  node.meta["fxtp.layout"], ["fxtp.wants"] (from passes/propagate.py), ["fxtp.state"].
 Writes: a new GraphModule whose state attributes hold only this rank's slices (named by their
-        HF names), whose shape constants are local (op_rules' localize), whose torch.device
-        constants name the target device, and with a redistribution before every node that
+        HF names; state no node reads is left out), whose shape constants are local (op_rules'
+        localize), whose ops are a rank's own where a rule lowers them (op_rules' lower), whose
+        torch.device constants name the target device, and with a redistribution before every node that
         wanted one. Each new node carries meta["fxtp.layout"] and, for collectives,
         meta["fxtp.collective"] naming the value it moves.
 
@@ -16,7 +17,7 @@ Writes: a new GraphModule whose state attributes hold only this rank's slices (n
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -62,7 +63,10 @@ def _on_device(x, device: torch.device):
 
 
 def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, world_size: int,
-               group_name: str, device: torch.device) -> fx.GraphModule:
+               group_name: str, device: torch.device,
+               load: Optional[Callable[[str, Layout], torch.Tensor]] = None) -> fx.GraphModule:
+    """`state` holds the full tensors (real or meta); `load(name, layout)`, when given, returns this
+    rank's part of a state tensor from elsewhere (a checkpoint) instead of slicing `state`."""
     graph = fx.Graph()
     root = torch.nn.Module()
     env: dict[fx.Node, fx.Node] = {}
@@ -95,9 +99,12 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
         return x
 
     for node in gm.graph.nodes:
+        if node.op == "placeholder" and STATE in node.meta and not node.users:
+            continue  # state the graph never reads, e.g. a tied table's other name: not stored
         if node.op == "placeholder" and STATE in node.meta:
             name = node.meta[STATE]
-            value = slice_state(state[name], node.meta[LAYOUT], rank).to(device).contiguous()
+            value = load(name, node.meta[LAYOUT]) if load is not None else slice_state(state[name], node.meta[LAYOUT], rank)
+            value = value.to(device).contiguous()
             _set_state(root, name, value, isinstance(state[name], torch.nn.Parameter))
             new = graph.get_attr(name)
         elif node.op == "placeholder":
@@ -115,12 +122,14 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
         else:
             args = fx.map_arg(node.args, lambda n: _input(n, node, env, redistribute))
             kwargs = fx.map_arg(node.kwargs, lambda n: _input(n, node, env, redistribute))
-            rule = RULES.get(node.target)
+            rule, target = RULES.get(node.target), node.target
             if rule is not None and rule.localize is not None:
                 args, kwargs = rule.localize(node, args, kwargs, node.meta[LAYOUT], rank)
+            if rule is not None and rule.lower is not None:
+                target, args, kwargs = rule.lower(node, args, kwargs, lambda n: _read_layout(n, node), rank)
             args = tuple(_on_device(a, device) for a in args)
             kwargs = {k: _on_device(v, device) for k, v in kwargs.items()}
-            new = graph.call_function(node.target, args, kwargs)
+            new = graph.call_function(target, args, kwargs)
         for key in _KEPT_META:
             if key in node.meta:
                 new.meta[key] = node.meta[key]
@@ -137,6 +146,11 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
 
 def _ids_placeholder(gm: fx.GraphModule) -> fx.Node:
     return next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == USER_INPUTS[0])
+
+
+def _read_layout(n: fx.Node, user: fx.Node) -> Layout:
+    """The layout in which `user` reads `n`: its want, if any, else n's own layout."""
+    return user.meta.get(WANTS, {}).get(n, n.meta[LAYOUT])
 
 
 def _input(n: fx.Node, user: fx.Node, env, redistribute) -> fx.Node:

@@ -24,4 +24,7 @@ def test_dump_marks_collectives_and_reasons():
     text = fxtp.dump(fxtp.compile(tiny_model("llama", layers=1), 2))
     assert text.count("<- all_reduce(") == 2
     assert "collectives in model.layers.0: all_reduce x2" in text
-    assert "replicated       lm_head.weight" in text and "reaches the graph output" in text
+    assert "collectives in (outside layers): all_gather x1, all_reduce x1" in text
+    assert "vocab-parallel   model.embed_tokens.weight" in text and "Partial, all_reduce right here" in text
+    assert "column-parallel (gathered) lm_head.weight" in text and text.count("<- all_gather(") == 1
+    assert "row-parallel" in text and "its input is sharded by the region before it" in text

@@ -6,6 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxtp
 from fxtp.configs import LLAMA_FAMILY, tiny_model
+from fxtp.passes.plan import COLUMN_GATHERED, VOCAB_PARALLEL
 from fxtp.stats import collectives_by_layer, planned_state_bytes, state_bytes, OUTSIDE_LAYERS
 from fxtp.testing import architectures, assert_equivalent, token_batches, world_sizes
 
@@ -31,7 +32,8 @@ def test_every_arch_and_world_size(arch, world_size):
     mask[1, :1] = 0
     assert_equivalent(model, world_size, ids, mask, program=tp)
     assert_equivalent(model, world_size, ids, None, program=tp)
-    assert sum(g.sharded for g in tp.plan.groups) == 4, "attention and MLP of both layers are column-parallel"
+    assert sorted(g.role for g in tp.plan.groups if g.sharded) == sorted(["column-parallel"] * 4 + [
+        COLUMN_GATHERED, VOCAB_PARALLEL]), "attention and MLP of both layers are column-parallel, embedding and lm_head vocab-sharded"
 
 
 @settings(max_examples=60, deadline=None)
@@ -46,8 +48,8 @@ def test_equivalence_property(arch, world_size, batch):
 def test_two_all_reduce_per_decoder_layer(arch, world_size):
     _, tp = program(arch, world_size)
     by_layer = collectives_by_layer(tp.rank_graph(0))
-    assert by_layer == {f"model.layers.{i}": {"all_reduce": 2} for i in range(2)}
-    assert OUTSIDE_LAYERS not in by_layer
+    assert by_layer == {**{f"model.layers.{i}": {"all_reduce": 2} for i in range(2)},
+                        OUTSIDE_LAYERS: {"all_reduce": 1, "all_gather": 1}}  # the embedding's sum, the logits
 
 
 def test_rank_module_holds_only_its_shards():
@@ -83,4 +85,5 @@ def test_uneven_heads_are_head_aligned():
     q = tp.rank_graph(0).get_parameter("model.layers.0.self_attn.q_proj.weight")
     assert [tp.rank_graph(r).get_parameter("model.layers.0.self_attn.q_proj.weight").shape[0] for r in range(3)] == [32, 16, 16]
     assert q.shape[0] % 16 == 0
-    assert "kept replicated" in tp.plan.groups[0].reason
+    attention = next(g for g in tp.plan.groups if "model.layers.0.self_attn.q_proj.weight" in g.weights)
+    assert "kept replicated" in attention.reason

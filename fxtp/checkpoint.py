@@ -1,0 +1,108 @@
+"""Per-rank loading from HF safetensors checkpoints: each rank reads only its own slices.
+
+A checkpoint is a directory with `model.safetensors`, or with `model.safetensors.index.json`
+and the shards it names, or a single `.safetensors` file. Tensors are read through
+`safe_open(...).get_slice(name)`, so a rank never holds more of a tensor than its part, and
+the full model is never materialized. Non-persistent buffers (rotary `inv_freq`) are not in
+checkpoints: they are recomputed on the CPU from their module, as transformers does.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+
+from fxtp.layouts import Layout, Shard
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def tensor_files(path: str) -> dict[str, str]:
+    """{tensor name: safetensors file} of a checkpoint directory or file."""
+    if os.path.isfile(path):
+        files = [path]
+    elif os.path.isfile(os.path.join(path, INDEX)):
+        with open(os.path.join(path, INDEX)) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    elif os.path.isfile(os.path.join(path, SINGLE)):
+        files = [os.path.join(path, SINGLE)]
+    else:
+        raise CheckpointError(f"{path}: no {SINGLE}, {INDEX} or .safetensors file there; save the model with "
+                              "model.save_pretrained(path) (safetensors is its default format)")
+    names = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names.update({name: file for name in f.keys()})
+    return names
+
+
+class RankLoader:
+    """`loader(name, layout)`: this rank's part of a state tensor, read from the checkpoint and
+    cast to the model's dtype."""
+
+    def __init__(self, path: str, rank: int, state: dict[str, torch.Tensor], aliases: dict[str, list[str]],
+                 model: Optional[torch.nn.Module]):
+        self.path, self.rank, self.state, self.aliases, self.model = path, rank, state, aliases, model
+        self.files = tensor_files(path)
+
+    def __call__(self, name: str, layout: Layout) -> torch.Tensor:
+        expected = self.state[name]
+        stored = next((n for n in [name, *self.aliases.get(name, [])] if n in self.files), None)
+        if stored is None:
+            if not isinstance(expected, torch.nn.Parameter) and self.model is not None:
+                return _slice(recompute_buffer(self.model, name), layout, self.rank).to(expected.dtype)
+            near = [n for n in self.files if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:3]
+            raise CheckpointError(f"checkpoint {self.path} has no tensor {name!r}"
+                                  f"{' (or ' + ', '.join(self.aliases[name]) + ')' if self.aliases.get(name) else ''}; "
+                                  f"it has e.g. {near}: is it a checkpoint of this model?")
+        # one opening per tensor: the file's pages mapped for it are released as soon as the
+        # tensor is copied out, so a rank's peak memory stays near its own share
+        with safe_open(self.files[stored], framework="pt") as handle:
+            view = handle.get_slice(stored)
+            shape = tuple(view.get_shape())
+            if shape != tuple(expected.shape):
+                raise CheckpointError(f"checkpoint tensor {stored!r} has shape {list(shape)} but the model's "
+                                      f"{name!r} is {list(expected.shape)}: the config does not match the checkpoint")
+            # copied out, so nothing keeps the file mapped: pages read for a column slice (which
+            # touches every row of the tensor) are released with it instead of staying resident
+            value = _slice(view, layout, self.rank) if isinstance(layout, Shard) else handle.get_tensor(stored)
+            return value.clone().to(expected.dtype)
+
+
+def _slice(view, layout: Layout, rank: int) -> torch.Tensor:
+    """Read only the rank's ranges of a safetensors slice (or a tensor)."""
+    if not isinstance(layout, Shard):
+        return view
+    lead = (slice(None),) * layout.dim
+    pieces = [view[lead + (slice(lo, hi),)] for lo, hi in layout.owned_ranges(rank)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, layout.dim)
+
+
+def recompute_buffer(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """A buffer that checkpoints don't store, rebuilt on the CPU by the model's own initializer."""
+    path, _, leaf = name.rpartition(".")
+    owner = copy.deepcopy(model.get_submodule(path)).to_empty(device="cpu")
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        raise CheckpointError(f"buffer {name!r} is not in the checkpoint and {type(model).__name__} has no "
+                              "_init_weights to recompute it")
+    init(owner)
+    return getattr(owner, leaf)
+
+
+def aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+    """{name: other names of the same tensor} for tied weights (lm_head.weight = embed_tokens.weight)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        by_tensor.setdefault(id(tensor), []).append(name)
+    return {name: [n for n in names if n != name] for names in by_tensor.values() if len(names) > 1 for name in names}

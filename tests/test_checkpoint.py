@@ -1,0 +1,96 @@
+"""Per-rank loading from safetensors: compile on meta, read only this rank's slices, same logits."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import fxtp
+from fxtp.checkpoint import CheckpointError
+from fxtp.configs import tiny_config, tiny_model
+from fxtp.launch import run_ranks
+from fxtp.simulate import simulate
+
+
+def meta_model(arch: str, **overrides):
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """{arch: (model, checkpoint dir)}: llama saved in 5 shards with an index, gpt2 (tied) and gemma
+    (a recomputed rotary buffer) as single files."""
+    out = {}
+    for arch, shard in (("llama", "100KB"), ("gpt2", "5GB"), ("gemma", "5GB")):
+        model = tiny_model(arch)
+        path = tmp_path_factory.mktemp(arch)
+        model.save_pretrained(path, max_shard_size=shard)
+        out[arch] = (model, str(path))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_round_trip_on_meta(saved, arch, world_size):
+    model, path = saved[arch]
+    tp = fxtp.compile(meta_model(arch), world_size)
+    ranks = [tp.rank_graph(r, device="cpu", checkpoint=path) for r in range(world_size)]
+    ids = torch.randint(1, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        outputs = simulate(ranks, (ids, mask), {})
+    assert all((out - expected).abs().max().item() <= 1e-4 for out in outputs)
+
+
+def test_sharded_index_is_used(saved):
+    _, path = saved["llama"]
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    tp = fxtp.compile(meta_model("llama"), 2)
+    gm = tp.rank_graph(1, device="cpu", checkpoint=path)
+    model, _ = saved["llama"]
+    torch.testing.assert_close(gm.get_parameter("model.layers.1.mlp.up_proj.weight"),
+                               model.model.layers[1].mlp.up_proj.weight[64:], rtol=0, atol=0)
+
+
+def test_checkpoint_of_another_shape_names_the_tensor(saved):
+    _, path = saved["llama"]
+    tp = fxtp.compile(meta_model("llama", intermediate=96), 2)
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.gate_proj.weight'.*\[128, 64\].*\[96, 64\]"):
+        tp.rank_graph(0, device="cpu", checkpoint=path)
+
+
+def test_missing_tensor_and_missing_checkpoint(saved, tmp_path):
+    _, path = saved["llama"]
+    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+    del index["weight_map"]["model.norm.weight"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in set(index["weight_map"].values()):
+        os.symlink(os.path.join(path, name), broken / name)
+    json.dump(index, open(broken / "model.safetensors.index.json", "w"))
+    tp = fxtp.compile(meta_model("llama"), 2)
+    with pytest.raises(CheckpointError, match="has no tensor 'model.norm.weight'"):
+        tp.rank_graph(0, device="cpu", checkpoint=str(broken))
+    with pytest.raises(CheckpointError, match="save_pretrained"):
+        tp.rank_graph(0, device="cpu", checkpoint=str(tmp_path / "nothing"))
+
+
+def _load_rank(rank: int, path: str, ids: torch.Tensor) -> torch.Tensor:
+    tp = fxtp.compile(meta_model("llama"), 2)
+    gm = tp.module(rank, checkpoint=path)
+    with torch.no_grad():
+        return gm(ids)
+
+
+def test_two_processes_load_their_slices(saved):
+    model, path = saved["llama"]
+    ids = torch.randint(1, 256, (2, 7), generator=torch.Generator().manual_seed(5))
+    outputs = run_ranks(_load_rank, 2, path, ids)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    for out in outputs:
+        assert (out - expected).abs().max().item() <= 1e-4

@@ -1,0 +1,67 @@
+"""Manual plans in fxtp's form, as an HF tp_plan and as a DeepSpeed injection_policy."""
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+import fxtp
+from fxtp.configs import tiny_model
+from fxtp.layouts import Shard
+from fxtp.passes.manual_plan import PlanError
+from fxtp.stats import collectives_by_layer
+from fxtp.testing import assert_equivalent
+
+ATTENTION_ONLY = {"*.q_proj": "colwise", "*.k_proj": "colwise", "*.v_proj": "colwise", "*.o_proj": "rowwise"}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def batch():
+    ids = torch.randint(1, 256, (2, 10), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    return ids, mask
+
+
+def layer_layouts(tp):
+    return {n.meta["fxtp.state"]: n.meta["fxtp.layout"] for n in tp.graph.graph.nodes
+            if "fxtp.state" in n.meta and ".layers.0." in n.meta["fxtp.state"] and n.meta["fxtp.state"].endswith("weight")}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fxtp_form_shards_only_what_it_names(llama, world_size):
+    tp = fxtp.compile(llama, world_size, plan=ATTENTION_ONLY)
+    assert_equivalent(llama, world_size, *batch(), program=tp)
+    layouts = layer_layouts(tp)
+    assert isinstance(layouts["model.layers.0.self_attn.q_proj.weight"], Shard)
+    assert isinstance(layouts["model.layers.0.self_attn.o_proj.weight"], Shard)
+    assert not isinstance(layouts["model.layers.0.mlp.up_proj.weight"], Shard)
+    counts = collectives_by_layer(tp.rank_graph(0))
+    assert counts["model.layers.0"]["all_reduce"] == 1
+
+
+@pytest.mark.parametrize("spelling", ["tp_plan", "injection_policy"])
+def test_hf_and_deepspeed_forms_match_the_automatic_plan(llama, spelling):
+    kwargs = {"tp_plan": "auto"} if spelling == "tp_plan" else \
+        {"injection_policy": {LlamaDecoderLayer: ("self_attn.o_proj", "mlp.down_proj")}}
+    manual = fxtp.compile(llama, 2, **kwargs)
+    automatic = fxtp.compile(llama, 2)
+    assert layer_layouts(manual) == layer_layouts(automatic)
+    assert_equivalent(llama, 2, *batch(), program=manual)
+    assert "column-parallel" in fxtp.dump(manual)
+
+
+def test_rowwise_without_a_sharded_input_names_the_node(llama):
+    with pytest.raises(PlanError, match=r"o_proj is rowwise, but its input .* node=.*mark the projections that feed it colwise"):
+        fxtp.compile(llama, 2, plan={"*.o_proj": "rowwise"})
+
+
+def test_bad_manual_plans(llama):
+    with pytest.raises(PlanError, match="unknown styles"):
+        fxtp.compile(llama, 2, plan={"*.q_proj": "diagonal"})
+    with pytest.raises(PlanError, match="no such module"):
+        fxtp.compile(llama, 2, injection_policy={"T5Block": ("SelfAttention.o",)})
+    with pytest.raises(ValueError, match="give one of"):
+        fxtp.compile(llama, 2, plan=ATTENTION_ONLY, tp_plan="auto")
