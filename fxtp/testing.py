@@ -1,15 +1,28 @@
 """Testing helpers for users and for fxtp's own suite: hypothesis strategies and equivalence checks."""
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
 from hypothesis import strategies as st
 
 import fxtp
-from fxtp.configs import LLAMA_FAMILY
+from fxtp.configs import LLAMA_FAMILY, tiny_model
 
-__all__ = ["architectures", "world_sizes", "token_batches", "assert_equivalent", "max_abs_diff"]
+__all__ = ["architectures", "world_sizes", "token_batches", "assert_equivalent", "max_abs_diff", "tiny_program"]
+
+
+@lru_cache(maxsize=None)
+def _tiny(arch: str) -> torch.nn.Module:
+    return tiny_model(arch)
+
+
+@lru_cache(maxsize=None)
+def tiny_program(arch: str, world_size: int) -> tuple[torch.nn.Module, "fxtp.TPProgram"]:
+    """(tiny model, its program over `world_size` ranks), built once per process: property tests
+    draw many inputs for the same few programs."""
+    return _tiny(arch), fxtp.compile(_tiny(arch), world_size)
 
 
 def architectures() -> st.SearchStrategy[str]:

@@ -5,21 +5,12 @@ from hypothesis import given, settings, strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxtp
-from fxtp.configs import LLAMA_FAMILY, tiny_model
+from fxtp.configs import LLAMA_FAMILY
 from fxtp.passes.plan import COLUMN_GATHERED, VOCAB_PARALLEL
 from fxtp.stats import collectives_by_layer, planned_state_bytes, state_bytes, OUTSIDE_LAYERS
-from fxtp.testing import architectures, assert_equivalent, token_batches, world_sizes
+from fxtp.testing import architectures, assert_equivalent, token_batches, world_sizes, tiny_program
 
-_models: dict = {}
-_programs: dict = {}
-
-
-def program(arch: str, world_size: int):
-    if arch not in _models:
-        _models[arch] = tiny_model(arch)
-    if (arch, world_size) not in _programs:
-        _programs[arch, world_size] = fxtp.compile(_models[arch], world_size)
-    return _models[arch], _programs[arch, world_size]
+program = tiny_program
 
 
 @pytest.mark.parametrize("arch", LLAMA_FAMILY)

@@ -15,20 +15,11 @@ from fxtp.collectives import local_part
 from fxtp.layouts import Shard, balanced_counts
 from fxtp.configs import tiny_model
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, planned_state_bytes
-from fxtp.testing import assert_equivalent
+from fxtp.testing import assert_equivalent, tiny_program
 from op_harness import P, R, Arg, arg, aten, run_op
 
 ARCHS = ("mixtral", "qwen2_moe")
-_models: dict = {}
-_programs: dict = {}
-
-
-def program(arch: str, world_size: int):
-    if arch not in _models:
-        _models[arch] = tiny_model(arch)
-    if (arch, world_size) not in _programs:
-        _programs[arch, world_size] = fxtp.compile(_models[arch], world_size)
-    return _models[arch], _programs[arch, world_size]
+program = tiny_program
 
 
 def left_padded_batch():

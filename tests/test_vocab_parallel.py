@@ -18,23 +18,14 @@ from fxtp.layouts import balanced_counts
 from fxtp.passes.plan import COLUMN_GATHERED, VOCAB_PARALLEL
 from fxtp.passes.rewrite import COLLECTIVE
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, layer_of, planned_state_bytes, state_bytes
-from fxtp.testing import assert_equivalent, max_abs_diff
+from fxtp.testing import assert_equivalent, max_abs_diff, tiny_program
 from fxtp.vocab_parallel import local_padding_idx, vocab_parallel_embedding
 
 ARCHS = ["llama", "gemma", "gpt2", "opt", "qwen2"]
 TIED = {"gemma", "gpt2", "opt"}  # one state placeholder serves the embedding and the lm_head
 VOCAB, HIDDEN = 256, 64
 
-_models: dict = {}
-_programs: dict = {}
-
-
-def program(arch: str, world_size: int):
-    if arch not in _models:
-        _models[arch] = tiny_model(arch)
-    if (arch, world_size) not in _programs:
-        _programs[arch, world_size] = fxtp.compile(_models[arch], world_size)
-    return _models[arch], _programs[arch, world_size]
+program = tiny_program
 
 
 def role_weights(tp, role: str) -> list[str]:
