@@ -14,6 +14,7 @@ is always correct, and the dump reports it.
 from __future__ import annotations
 
 import operator
+from math import prod
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -372,13 +373,29 @@ def reduction(kind: str):
         if not isinstance(layout, Shard):
             return Decision(R)
         if layout.dim in dims:
-            if kind == "sum":
-                return Decision(P)
+            if kind in ("sum", "mean") and all(isinstance(val(src).shape[d], int) for d in dims):
+                return Decision(P)  # a mean is lowered to local sum / global count (mean_as_partial)
             return Decision(R, {src: R}, f"{kind} over the sharded dim")
         shift = 0 if keepdim else sum(1 for d in dims if d < layout.dim)
         return Decision(layout.with_dim(layout.dim - shift))
 
     return rule
+
+
+def partial_mean(x: torch.Tensor, dims: list, keepdim: bool, count: int) -> torch.Tensor:
+    """This rank's summand of a mean over a sharded dim (OLMo-2's q/k norms span all heads)."""
+    return torch.sum(x, dims, keepdim) / count
+
+
+def mean_as_partial(node, args, kwargs, layout_of, rank):
+    """mean.dim over the sharded dim: every rank divides its local sum by the global count."""
+    layout = layout_of(node.args[0])
+    dims = [norm_dim(d, ndim(node.args[0])) for d in node.args[1]]
+    if not isinstance(layout, Shard) or layout.dim not in dims:
+        return node.target, args, kwargs
+    count = prod(int(val(node.args[0]).shape[d]) for d in dims)
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    return partial_mean, (args[0], args[1], keepdim, count), {}
 
 
 def norm(node: fx.Node, lay: LayoutOf) -> Decision:
@@ -685,7 +702,7 @@ RULES: dict[object, OpRule] = {
     aten.topk.default: OpRule(along_dim(2, tuple_out=True, keeps_partial=False, default_dim=-1)),
     aten.sort.default: OpRule(along_dim(1, tuple_out=True, keeps_partial=False, default_dim=-1)),
     aten.sum.dim_IntList: OpRule(reduction("sum")),
-    aten.mean.dim: OpRule(reduction("mean")),
+    aten.mean.dim: OpRule(reduction("mean"), lower=mean_as_partial),
     aten.amax.default: OpRule(reduction("amax")),
     aten.layer_norm.default: OpRule(norm),
     aten.rms_norm.default: OpRule(norm),
