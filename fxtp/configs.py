@@ -69,7 +69,8 @@ _KEYWORDS = {
         vocab_size=vocab), {}),
     "gpt_neo": (lambda h, layers, heads, kv, inter, vocab, pos: dict(
         hidden_size=h, num_layers=layers, num_heads=heads, intermediate_size=inter,
-        attention_types=[[["global", "local"], layers // 2 or 1]], window_size=8, vocab_size=vocab,
+        attention_types=[[["global", "local"], layers // 2]] if layers % 2 == 0 else [[["global"], layers]],
+        window_size=8, vocab_size=vocab,
         max_position_embeddings=pos, bos_token_id=1, eos_token_id=2), {}),
     "xglm": (lambda h, layers, heads, kv, inter, vocab, pos: dict(
         d_model=h, num_layers=layers, attention_heads=heads, ffn_dim=inter, vocab_size=vocab,

@@ -8,9 +8,10 @@ import torch
 from hypothesis import strategies as st
 
 import fxtp
-from fxtp.configs import LLAMA_FAMILY, tiny_model
+from fxtp.configs import CAUSAL_LMS, tiny_model
 
-__all__ = ["architectures", "world_sizes", "token_batches", "assert_equivalent", "max_abs_diff", "tiny_program"]
+__all__ = ["architectures", "tiny_configs", "world_sizes", "token_batches", "assert_equivalent", "max_abs_diff",
+           "tiny_program"]
 
 
 @lru_cache(maxsize=None)
@@ -25,9 +26,21 @@ def tiny_program(arch: str, world_size: int) -> tuple[torch.nn.Module, "fxtp.TPP
     return _tiny(arch), fxtp.compile(_tiny(arch), world_size)
 
 
-def architectures() -> st.SearchStrategy[str]:
-    """Model types with a tiny config in fxtp.configs that fxtp supports."""
-    return st.sampled_from(LLAMA_FAMILY)
+def architectures(family: tuple = CAUSAL_LMS) -> st.SearchStrategy[str]:
+    """Model types with a tiny config in fxtp.configs (default: all causal LMs)."""
+    return st.sampled_from(family)
+
+
+@st.composite
+def tiny_configs(draw, family: tuple = CAUSAL_LMS):
+    """(arch, config keywords for fxtp.configs.tiny_config): heads 2-6, kv heads dividing them,
+    head_dim 8 or 16, 1-2 layers; builds a different tiny model per draw."""
+    arch = draw(architectures(family))
+    heads = draw(st.integers(2, 6))
+    kv_heads = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
+    head_dim = draw(st.sampled_from([8, 16]))
+    return arch, dict(hidden=heads * head_dim, heads=heads, kv_heads=kv_heads, layers=draw(st.integers(1, 2)),
+                      intermediate=draw(st.sampled_from([32, 96, 128])))
 
 
 def world_sizes(max_size: int = 4) -> st.SearchStrategy[int]:

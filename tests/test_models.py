@@ -28,7 +28,7 @@ def test_every_arch_and_world_size(arch, world_size):
 
 
 @settings(max_examples=60, deadline=None)
-@given(arch=architectures(), world_size=world_sizes(), batch=token_batches(max_batch=4, max_seq=64))
+@given(arch=architectures(LLAMA_FAMILY), world_size=world_sizes(), batch=token_batches(max_batch=4, max_seq=64))
 def test_equivalence_property(arch, world_size, batch):
     model, tp = program(arch, world_size)
     assert_equivalent(model, world_size, *batch, program=tp)

@@ -1,0 +1,42 @@
+"""Every causal-LM architecture with a tiny config: exact at world sizes 2-4, random tiny configs."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fxtp
+from fxtp.configs import CAUSAL_LMS, tiny_model
+from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer
+from fxtp.testing import assert_equivalent, tiny_configs, tiny_program
+
+PARALLEL_RESIDUAL = {"gpt_neox", "gptj", "codegen", "phi", "cohere", "falcon"}  # attention and MLP read one input
+
+
+def batch(seed: int = 0, vocab: int = 256):
+    ids = torch.randint(1, vocab, (2, 11), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", CAUSAL_LMS)
+def test_exact_at_two_and_three_ranks(arch):
+    for world_size in (2, 3):
+        model, tp = tiny_program(arch, world_size)
+        assert_equivalent(model, world_size, *batch(), program=tp)
+
+
+@pytest.mark.parametrize("arch", sorted(PARALLEL_RESIDUAL))
+def test_parallel_residual_blocks_need_one_all_reduce(arch):
+    _, tp = tiny_program(arch, 2)
+    per_layer = {layer: dict(c) for layer, c in collectives_by_layer(tp.rank_graph(0)).items() if layer != OUTSIDE_LAYERS}
+    assert per_layer and all(c == {"all_reduce": 1} for c in per_layer.values()), per_layer
+
+
+@settings(max_examples=12, deadline=None)
+@given(drawn=tiny_configs(), data=st.data())
+def test_random_tiny_configs(drawn, data):
+    arch, keywords = drawn
+    model = tiny_model(arch, **keywords)
+    world_size = data.draw(st.integers(1, keywords["heads"]), label="world_size")
+    assert_equivalent(model, world_size, *batch(data.draw(st.integers(0, 99)), model.config.vocab_size),
+                      program=fxtp.compile(model, world_size))
