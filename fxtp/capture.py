@@ -100,7 +100,8 @@ def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 1
 def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model.") -> Captured:
     """The exported program as one GraphModule: state placeholders get meta[STATE] (their FQN
     without `prefix`), the user inputs must be `user_inputs`, and the single output is unwrapped.
-    Context wrappers are inlined, identities dropped and biases split from their GEMMs (passes/)."""
+    Context wrappers are inlined, identities dropped, biases split from their GEMMs and projections
+    cut into unequal pieces unfused into one per piece over derived state (passes/)."""
     gm = split_bias(remove_identities(inline_wrappers(ep.graph_module)))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     state: dict[str, torch.Tensor] = {}
@@ -119,6 +120,9 @@ def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model."
     if len(out.args[0]) != 1:
         raise CaptureError(f"expected one output (logits), got {len(out.args[0])}")
     out.args = (out.args[0][0],)
+    # imported here: the pass reuses the planner's recognizers, and the planner imports this module
+    from fxtp.passes.unfuse_projections import unfuse_projections
+    unfuse_projections(gm, state)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return Captured(gm, state, device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from typing import Optional
 
 import torch
@@ -24,6 +25,24 @@ SINGLE = "model.safetensors"
 
 class CheckpointError(ValueError):
     pass
+
+
+_DERIVED = re.compile(r"^(?P<source>.+)\[(?P<lead>(?::, )*)(?P<start>\d+):(?P<end>\d+)\]$")
+
+
+def derived_name(source: str, dim: int, start: int, end: int) -> str:
+    """The state name of the block start:end of `source` along `dim`, in numpy indexing:
+    "w[0:64]" on dim 0, "w[:, 0:64]" on dim 1 (HF names never end in "]").
+    passes/unfuse_projections.py names the weight pieces it cuts out this way."""
+    return f"{source}[{':, ' * dim}{start}:{end}]"
+
+
+def parse_derived(name: str) -> Optional[tuple[str, int, int, int]]:
+    """(source, dim, start, end) of a `derived_name`, None for a plain state name."""
+    match = _DERIVED.match(name)
+    if match is None:
+        return None
+    return match["source"], match["lead"].count(":"), int(match["start"]), int(match["end"])
 
 
 def tensor_files(path: str) -> dict[str, str]:
@@ -56,27 +75,44 @@ class RankLoader:
         self.files = tensor_files(path)
 
     def __call__(self, name: str, layout: Layout) -> torch.Tensor:
+        derived = parse_derived(name)  # a block of a stored tensor: only the block's part is read
+        source, block = (derived[0], derived[1:]) if derived is not None else (name, None)
         expected = self.state[name]
-        stored = next((n for n in [name, *self.aliases.get(name, [])] if n in self.files), None)
+        stored = next((n for n in [source, *self.aliases.get(source, [])] if n in self.files), None)
         if stored is None:
             if not isinstance(expected, torch.nn.Parameter) and self.model is not None:
-                return _slice(recompute_buffer(self.model, name), layout, self.rank).to(expected.dtype)
-            near = [n for n in self.files if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:3]
-            raise CheckpointError(f"checkpoint {self.path} has no tensor {name!r}"
-                                  f"{' (or ' + ', '.join(self.aliases[name]) + ')' if self.aliases.get(name) else ''}; "
+                return _read(recompute_buffer(self.model, source), block, layout, self.rank).to(expected.dtype)
+            near = [n for n in self.files if n.rsplit(".", 1)[-1] == source.rsplit(".", 1)[-1]][:3]
+            raise CheckpointError(f"checkpoint {self.path} has no tensor {source!r}"
+                                  f"{' (or ' + ', '.join(self.aliases[source]) + ')' if self.aliases.get(source) else ''}; "
                                   f"it has e.g. {near}: is it a checkpoint of this model?")
         # one opening per tensor: the file's pages mapped for it are released as soon as the
         # tensor is copied out, so a rank's peak memory stays near its own share
         with safe_open(self.files[stored], framework="pt") as handle:
             view = handle.get_slice(stored)
             shape = tuple(view.get_shape())
-            if shape != tuple(expected.shape):
+            if shape != tuple(self.state[source].shape):
                 raise CheckpointError(f"checkpoint tensor {stored!r} has shape {list(shape)} but the model's "
-                                      f"{name!r} is {list(expected.shape)}: the config does not match the checkpoint")
+                                      f"{source!r} is {list(self.state[source].shape)}: the config does not match "
+                                      "the checkpoint")
             # copied out, so nothing keeps the file mapped: pages read for a column slice (which
             # touches every row of the tensor) are released with it instead of staying resident
-            value = _slice(view, layout, self.rank) if isinstance(layout, Shard) else handle.get_tensor(stored)
+            value = _read(view, block, layout, self.rank) if isinstance(layout, Shard) or block is not None \
+                else handle.get_tensor(stored)
             return value.clone().to(expected.dtype)
+
+
+def _read(view, block: Optional[tuple[int, int, int]], layout: Layout, rank: int) -> torch.Tensor:
+    """The rank's part of a safetensors slice (or a tensor), within `block` = (dim, start, end)
+    for a derived state: a Shard on the block's dim is read at its ranges offset by `start`."""
+    if block is None:
+        return _slice(view, layout, rank)
+    dim, start, end = block
+    lead = (slice(None),) * dim
+    if isinstance(layout, Shard) and layout.dim == dim:
+        pieces = [view[lead + (slice(start + lo, start + hi),)] for lo, hi in layout.owned_ranges(rank)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+    return _slice(view[lead + (slice(start, end),)], layout, rank)
 
 
 def _slice(view, layout: Layout, rank: int) -> torch.Tensor:

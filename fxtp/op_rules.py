@@ -535,6 +535,8 @@ def sdpa(node: fx.Node, lay: LayoutOf) -> Decision:
     for n in (k, v):
         need = sq
         size = val(n).shape[sq.dim]
+        if size == 1 and sq.dim == 1 and isinstance(lay(n), Replicate):
+            continue  # one kv head broadcast over q's heads (multi-query attention): every rank reads it
         if size != val(q).shape[sq.dim]:
             rep = val(q).shape[sq.dim] // size
             if any(c % rep for c in sq.counts) or sq.outer != 1:

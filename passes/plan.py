@@ -153,6 +153,27 @@ def _fused(node: fx.Node, dim: int, pieces: list[fx.Node]) -> tuple[int, int]:
     return len(bounds) * outer, unit
 
 
+def counts_by_unit(structure: dict[fx.Node, tuple[int, int]], world_size: int) -> tuple[dict, str]:
+    """choose_counts for each set of a group's projections with the same unit size: only
+    projections cut into the same units meet later (q and GQA k/v in attention, gate and up);
+    Falcon's parallel attention puts q (heads) and the MLP (elements) in one group, and the MLP
+    must not force q's head counts. A set whose counts are no multiples is split further."""
+    by_unit: dict[int, list[fx.Node]] = defaultdict(list)
+    for n, (outer, unit) in structure.items():
+        by_unit[unit].append(n)
+    counts, notes = {}, []
+    for members in by_unit.values():
+        units = {n: val(n).shape[-1] // (structure[n][0] * structure[n][1]) for n in members}
+        chosen, note = choose_counts(units, world_size)
+        if not chosen and len(members) > 1:
+            for n in members:
+                chosen_one, note = choose_counts({n: units[n]}, world_size)
+                chosen.update(chosen_one)
+        counts.update(chosen)
+        notes += [note] if note else []
+    return counts, "; ".join(notes)
+
+
 def choose_counts(units: dict[fx.Node, int], world_size: int) -> tuple[dict[fx.Node, tuple[int, ...]], str]:
     """Per-rank unit counts for each projection of a group, or ({}, reason)."""
     active, note = dict(units), ""
@@ -230,8 +251,7 @@ def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     for group in projection_groups(gm):
         names = [projection_weight(n)[0].meta[STATE] for n in group]
         structure = {n: feature_structure(n) for n in group}
-        units = {n: val(n).shape[-1] // (outer * unit) for n, (outer, unit) in structure.items()}
-        counts, note = choose_counts(units, world_size)
+        counts, note = counts_by_unit(structure, world_size)
         seeds = {}
         for n, c in counts.items():
             weight, out_dim = projection_weight(n)
