@@ -40,3 +40,19 @@ def test_random_tiny_configs(drawn, data):
     world_size = data.draw(st.integers(1, keywords["heads"]), label="world_size")
     assert_equivalent(model, world_size, *batch(data.draw(st.integers(0, 99)), model.config.vocab_size),
                       program=fxtp.compile(model, world_size))
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_gpt2_xl_state_per_rank_on_meta(world_size):
+    """GPT-2-XL shape (25 heads, fused c_attn, Conv1D, tied vocab 50257) planned on meta: every
+    rank holds at most 1/N of all state + 2% of it (25 heads on 8 ranks: rank 0 has 4)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from fxtp.stats import planned_state_bytes
+
+    config = AutoConfig.for_model("gpt2", n_embd=1600, n_layer=2, n_head=25, vocab_size=50257, n_positions=1024)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tp = fxtp.compile(model, world_size)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied table counted once
+    per_rank = [planned_state_bytes(tp, r) for r in range(world_size)]
+    assert max(per_rank) <= total * (1 / world_size + 0.02), (per_rank, total)
