@@ -25,8 +25,7 @@ import torch.fx as fx
 
 from fxtp.capture import STATE
 from fxtp.layouts import Shard
-from fxtp.op_rules import val
-from fxtp.passes.plan import GroupDecision, Plan, choose_counts, feature_structure, projection_groups, projection_weight
+from fxtp.passes.plan import GroupDecision, Plan, column_seeds, projection_groups, projection_weight
 from fxtp.passes.propagate import LAYOUT, propagate
 
 STYLES = ("colwise", "rowwise", "replicate")
@@ -90,14 +89,10 @@ def manual_plan(gm: fx.GraphModule, world_size: int, patterns: dict[str, str]) -
             role = "row-parallel" if any(styles[n] == "rowwise" for n in group) else "replicated"
             result.groups.append(GroupDecision(names, role, "manual plan"))
             continue
-        structure = {n: feature_structure(n) for n in columns}
-        counts, note = choose_counts({n: val(n).shape[-1] // (o * u) for n, (o, u) in structure.items()}, world_size)
-        if not counts:
+        seeds, note = column_seeds(columns, world_size)
+        if not seeds:
             raise PlanError(f"manual plan: {', '.join(names)} cannot be column-parallel over {world_size} ranks: {note}")
-        for n, c in counts.items():
-            weight, out_dim = projection_weight(n)
-            outer, unit = structure[n]
-            result.seeds[weight.meta[STATE]] = Shard(out_dim, c, unit, outer)
+        result.seeds.update(seeds)
         result.groups.append(GroupDecision(names, "column-parallel", f"manual plan{'; ' + note if note else ''}"))
     propagate(gm, result.seeds)
     for node in rowwise:

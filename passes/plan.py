@@ -246,18 +246,24 @@ def column_role(group: list[fx.Node]) -> str:
     return "column-parallel"
 
 
+def column_seeds(projections: list[fx.Node], world_size: int) -> tuple[dict[str, Layout], str]:
+    """{weight state: Shard on its output features} making `projections` column-parallel with
+    head-aligned counts (empty when they cannot be split), and the planner's note."""
+    structure = {n: feature_structure(n) for n in projections}
+    counts, note = counts_by_unit(structure, world_size)
+    seeds = {}
+    for n, c in counts.items():
+        weight, out_dim = projection_weight(n)
+        outer, unit = structure[n]
+        seeds[weight.meta[STATE]] = Shard(out_dim, c, unit, outer)
+    return seeds, note
+
+
 def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     candidates: list[tuple[list[str], dict[str, Layout], str]] = []
     for group in projection_groups(gm):
         names = [projection_weight(n)[0].meta[STATE] for n in group]
-        structure = {n: feature_structure(n) for n in group}
-        counts, note = counts_by_unit(structure, world_size)
-        seeds = {}
-        for n, c in counts.items():
-            weight, out_dim = projection_weight(n)
-            outer, unit = structure[n]
-            seeds[weight.meta[STATE]] = Shard(out_dim, c, unit, outer)
-        candidates.append((names, seeds, note))
+        candidates.append((names, *column_seeds(group, world_size)))
 
     result = Plan()
     propagate(gm, {})
