@@ -260,15 +260,14 @@ def column_seeds(projections: list[fx.Node], world_size: int) -> tuple[dict[str,
 
 
 def plan(gm: fx.GraphModule, world_size: int) -> Plan:
-    candidates: list[tuple[list[str], dict[str, Layout], str]] = []
-    for group in projection_groups(gm):
-        names = [projection_weight(n)[0].meta[STATE] for n in group]
-        candidates.append((names, *column_seeds(group, world_size)))
+    groups = projection_groups(gm)
+    candidates = [([projection_weight(n)[0].meta[STATE] for n in group], *column_seeds(group, world_size))
+                  for group in groups]
 
     result = Plan()
     propagate(gm, {})
     plan_vocab_parallel(gm, world_size, result)
-    for group, (names, seeds, note) in zip(projection_groups(gm), candidates):
+    for group, (names, seeds, note) in zip(groups, candidates):
         if any(not isinstance(n.args[0].meta[LAYOUT], Replicate) for n in group):
             result.groups.append(GroupDecision(names, "row-parallel", "its input is sharded by the region before it"))
             continue

@@ -25,7 +25,7 @@ import torch.fx as fx
 from fxtp import collectives, inputs
 from fxtp.capture import STATE, USER_INPUTS
 from fxtp.layouts import Layout, Partial, Replicate, Shard
-from fxtp.op_rules import RULES
+from fxtp.op_rules import rule_for
 from fxtp.passes.fuse_bias import fuse_bias
 from fxtp.passes.propagate import LAYOUT, REDUCE, WANTS
 from fxtp.redistribute import steps
@@ -122,10 +122,10 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
         else:
             args = fx.map_arg(node.args, lambda n: _input(n, node, env, redistribute))
             kwargs = fx.map_arg(node.kwargs, lambda n: _input(n, node, env, redistribute))
-            rule, target = RULES.get(node.target), node.target
-            if rule is not None and rule.localize is not None:
+            rule, target = rule_for(node), node.target  # the rule propagation used, name-keyed ones too
+            if rule.localize is not None:
                 args, kwargs = rule.localize(node, args, kwargs, node.meta[LAYOUT], rank)
-            if rule is not None and rule.lower is not None:
+            if rule.lower is not None:
                 target, args, kwargs = rule.lower(node, args, kwargs, lambda n: _read_layout(n, node), rank)
             args = tuple(_on_device(a, device) for a in args)
             kwargs = {k: _on_device(v, device) for k, v in kwargs.items()}
