@@ -46,7 +46,7 @@ class Captured:
     aliases: dict[str, list[str]] = field(default_factory=dict)  # tied weights' other names
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -67,7 +67,7 @@ def check_causal_lm(model) -> None:
 def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 16) -> Captured:
     """Export `model` (real or meta weights) to a flat ATen graph of (input_ids, attention_mask)."""
     check_causal_lm(model)
-    device = _model_device(model)
+    device = model_device(model)
     vocab = model.config.vocab_size
     ids = torch.randint(1, max(2, vocab), (example_batch, example_seq), device=device) if device.type != "meta" \
         else torch.ones(example_batch, example_seq, dtype=torch.long, device=device)

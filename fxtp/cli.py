@@ -1,7 +1,9 @@
 """The `fxtp` command line.
 
     fxtp demo [--arch llama] [--world-size 2]             shard a tiny model, run it on real processes, check it
-    fxtp dump MODEL_OR_CONFIG --world-size N [--rank R]   print the plan and rank graphs (fxtp.dump)
+    fxtp dump MODEL_OR_CONFIG --world-size N [--rank R] [--decode [--batch B --max-length L]]
+                                                          print the plan and rank graphs (fxtp.dump); with
+                                                          --decode, of the static-KV-cache generation step
 
 MODEL_OR_CONFIG is a tiny architecture from fxtp.configs (e.g. "llama") or a path to a HF
 config (a directory holding config.json, or the file itself); the model is built from it on
@@ -66,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="tiny architecture name (e.g. llama) or path to a HF config directory / config.json")
     dump.add_argument("--world-size", type=int, required=True, help="number of ranks")
     dump.add_argument("--rank", type=int, default=None, help="dump only this rank's graph")
+    dump.add_argument("--decode", action="store_true",
+                      help="dump the generation step with a static KV cache (prefill and decode) instead")
+    dump.add_argument("--batch", type=int, default=1, help="batch size of the --decode cache (default 1)")
+    dump.add_argument("--max-length", type=int, default=256, help="tokens the --decode cache holds (default 256)")
     dump.set_defaults(command=_dump, name="dump")
     return parser
 
@@ -114,7 +120,11 @@ def _compile(model: torch.nn.Module, world_size: int) -> "fxtp.TPProgram":
 def _dump(args) -> int:
     if args.rank is not None and args.world_size >= 1 and not 0 <= args.rank < args.world_size:
         raise UsageError(f"--rank must be in [0, {args.world_size}), got {args.rank}")
+    if args.batch < 1 or args.max_length < 1:
+        raise UsageError(f"--batch and --max-length must be positive, got {args.batch} and {args.max_length}")
     tp = _compile(build_model(args.model), args.world_size)
+    if args.decode:
+        tp = tp.with_cache(args.batch, args.max_length)
     print(fxtp.dump(tp) if args.rank is None else fxtp.dump(tp, rank=args.rank))
     return 0
 

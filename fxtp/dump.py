@@ -18,7 +18,8 @@ def _symbol_names(gm: fx.GraphModule) -> dict:
     for node in gm.graph.nodes:
         if node.op == "placeholder" and node.name in USER_INPUTS:
             batch, seq = node.meta["val"].shape
-            names.update({as_expr(batch): "batch", as_expr(seq): "seq"})
+            names.update({as_expr(size): name for size, name in ((batch, "batch"), (seq, "seq"))
+                          if not as_expr(size).is_Integer})  # a static-cache graph has a fixed batch
     return names
 
 

@@ -609,6 +609,19 @@ def index(node: fx.Node, lay: LayoutOf) -> Decision:
     return Decision(layout.with_dim(layout.dim + shift), wants)
 
 
+def index_copy(node: fx.Node, lay: LayoutOf) -> Decision:
+    """index_copy(self, dim, index, source): `source` is written into `self` along `dim` (a KV
+    cache update), so `self` takes the layout of `source` on the other dims. In place, that want
+    is met only by storing `self` in that layout (state settles to it; rewrite checks)."""
+    target, dim, positions, source = node.args[:4]
+    wants = {positions: R} if not isinstance(lay(positions), Replicate) else {}
+    s = shard_of(source, lay)
+    if s is None or s.dim == norm_dim(dim, ndim(target)):
+        return Decision(R, {**wants, **{n: R for n in (target, source) if not isinstance(lay(n), Replicate)}},
+                        "" if s is None else "index_copy along the sharded dim")
+    return Decision(s, {**wants, target: s})
+
+
 def like(node: fx.Node, lay: LayoutOf) -> Decision:
     """zeros_like/empty_like/ones_like/full_like: same shape as the input; never a Partial."""
     layout = lay(node.args[0])
@@ -717,6 +730,8 @@ RULES: dict[object, OpRule] = {
     aten.scaled_dot_product_attention.default: OpRule(sdpa),
     aten.embedding.default: OpRule(embedding, lower=vocab_parallel),
     aten.index.Tensor: OpRule(index),  # MoE token gathers: a Partial passes through
+    aten.index_copy.default: OpRule(index_copy),
+    aten.index_copy_.default: OpRule(index_copy),  # static KV cache updates
     # factories and metadata
     **{op: OpRule(fresh) for op in (
         aten.arange.default, aten.arange.start, aten.arange.start_step, aten.zeros.default,

@@ -11,7 +11,7 @@ import fxtp
 from fxtp.configs import CAUSAL_LMS, tiny_model
 
 __all__ = ["architectures", "tiny_configs", "world_sizes", "token_batches", "assert_equivalent", "max_abs_diff",
-           "tiny_program"]
+           "tiny_program", "assert_generates_like_hf"]
 
 
 @lru_cache(maxsize=None)
@@ -87,3 +87,21 @@ def assert_equivalent(model: torch.nn.Module, world_size: int, input_ids: torch.
         raise AssertionError(f"world_size={world_size}: max abs diff {diff:.3e} > {atol:.1e} "
                              f"(input {tuple(input_ids.shape)}, mask={'yes' if attention_mask is not None else 'no'})")
     return diff
+
+
+def assert_generates_like_hf(model: torch.nn.Module, world_size: int, input_ids: torch.Tensor,
+                             attention_mask: Optional[torch.Tensor] = None, *, max_new_tokens: int = 10,
+                             program: Optional["fxtp.TPProgram"] = None) -> torch.Tensor:
+    """Check that greedy generation by the sharded model (every rank simulated, KV cache sharded)
+    gives the tokens of the unsharded model's `generate`; returns them."""
+    tp = program if program is not None else fxtp.compile(model, world_size)
+    expected = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                              do_sample=False)
+    got = tp.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens)
+    if not torch.equal(got, expected):
+        first = (got != expected).any(dim=0).nonzero()[0].item() if got.shape == expected.shape else None
+        raise AssertionError(f"world_size={world_size}: generated tokens differ from model.generate"
+                             + (f" from position {first}" if first is not None else f": shapes {tuple(got.shape)} "
+                                                                                     f"!= {tuple(expected.shape)}")
+                             + f"\nfxtp: {got.tolist()}\nHF:   {expected.tolist()}")
+    return got

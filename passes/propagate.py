@@ -88,19 +88,19 @@ def _settle_state(gm: fx.GraphModule) -> None:
     """Store replicated state pre-sliced when every user wants the same Shard of it. A want on
     a transpose of state (Falcon's matmul(x, W.T)) moves to the state itself first."""
     for node in gm.graph.nodes:
-        if node.target in _PERMUTES and _is_state(node.args[0]) and len(node.args[0].users) == 1:
+        if node.target in _PERMUTES and is_state(node.args[0]) and len(node.args[0].users) == 1:
             wanted = _common_want(node)
             if wanted is not None:
                 node.meta[LAYOUT] = wanted
                 node.meta[WANTS][node.args[0]] = wanted.with_dim(permutation(node)[wanted.dim])
     for node in gm.graph.nodes:
-        if _is_state(node):
+        if is_state(node):
             wanted = _common_want(node)
             if wanted is not None:
                 node.meta[LAYOUT] = wanted
 
 
-def _is_state(node) -> bool:
+def is_state(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "placeholder" and STATE in node.meta
 
 

@@ -27,12 +27,16 @@ from fxtp.capture import STATE, USER_INPUTS
 from fxtp.layouts import Layout, Partial, Replicate, Shard
 from fxtp.op_rules import rule_for
 from fxtp.passes.fuse_bias import fuse_bias
-from fxtp.passes.propagate import LAYOUT, REDUCE, WANTS
+from fxtp.passes.propagate import LAYOUT, REDUCE, WANTS, is_state
 from fxtp.redistribute import steps
 
 aten = torch.ops.aten
 COLLECTIVE = "fxtp.collective"
 _KEPT_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+class RewriteError(RuntimeError):
+    pass
 
 
 def shard_args(s: Shard) -> tuple:
@@ -67,6 +71,9 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
                load: Optional[Callable[[str, Layout], torch.Tensor]] = None) -> fx.GraphModule:
     """`state` holds the full tensors (real or meta); `load(name, layout)`, when given, returns this
     rank's part of a state tensor from elsewhere (a checkpoint) instead of slicing `state`."""
+    _check_in_place_updates(gm)
+    # graphs of (input_ids, attention_mask), not the static-cache graph, check what users pass
+    checks_inputs = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder" and STATE not in n.meta) == USER_INPUTS
     graph = fx.Graph()
     root = torch.nn.Module()
     env: dict[fx.Node, fx.Node] = {}
@@ -107,11 +114,11 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
             value = value.to(device).contiguous()
             _set_state(root, name, value, isinstance(state[name], torch.nn.Parameter))
             new = graph.get_attr(name)
+        elif node.op == "placeholder" and checks_inputs and node.name == USER_INPUTS[1]:
+            new = graph.placeholder(node.name, default_value=None)
+            new = graph.call_function(inputs.checked_inputs, (env[_ids_placeholder(gm)], new, device))
         elif node.op == "placeholder":
-            new = graph.placeholder(node.name, default_value=None) if node.name == USER_INPUTS[1] \
-                else graph.placeholder(node.name)
-            if node.name == USER_INPUTS[1]:
-                new = graph.call_function(inputs.checked_inputs, (env[_ids_placeholder(gm)], new, device))
+            new = graph.placeholder(node.name)
         elif node.op == "get_attr":  # a submodule or constant export kept as an attribute
             setattr(root, node.target, getattr(gm, node.target))
             new = graph.get_attr(node.target)
@@ -142,6 +149,23 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
     module = fuse_bias(fx.GraphModule(root, graph, class_name=f"Rank{rank}Of{world_size}"))
     module.eval()
     return module
+
+
+def _check_in_place_updates(gm: fx.GraphModule) -> None:
+    """An in-place op on state (a KV cache update) must write into the state as stored: a
+    redistribution before it would make it write into a temporary copy. (Other in-place ops, on
+    values the graph computed, are read through their result and may redistribute first.)"""
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.arguments or not is_state(node.args[0]):
+            continue
+        written = schema.arguments[0].alias_info
+        if written is not None and written.is_write and node.args[0] in node.meta.get(WANTS, {}):
+            raise RewriteError(
+                f"{node.name} ({node.target}) updates {node.args[0].name} in place, but {node.args[0].name} is "
+                f"{node.args[0].meta[LAYOUT]} and the update needs it as {node.meta[WANTS][node.args[0]]}: "
+                "store it in that layout (a manual plan that shards its producer differently can cause this)")
+
 
 
 def _ids_placeholder(gm: fx.GraphModule) -> fx.Node:

@@ -1,0 +1,483 @@
+"""Greedy-decoding latency of fxtp against HF eager, HF + torch.compile, HF tp_plan and DeepSpeed
+AutoTP, in one process group, on the same seeded random-weight model and the same prompts.
+
+    # N = 2 (the world size is N for fxtp, hf-tp and deepspeed; hf and hf-compile use one GPU)
+    torchrun --nproc_per_node 2 benchmarks/inference_test.py --shape llama3-8b --dtype bfloat16 \\
+        --batch 1,32 --prompt-len 128 --gen-len 128 --impl fxtp,fxtp-compile,hf-tp,deepspeed --out n2.json
+    # N = 1, with the one-GPU baselines
+    python benchmarks/inference_test.py --shape llama3-8b --batch 1,32 \\
+        --impl hf,hf-compile,fxtp,fxtp-compile --out n1.json
+    # CPU (gloo), a tiny model
+    torchrun --nproc_per_node 2 benchmarks/inference_test.py --device cpu --shape tiny:llama \\
+        --dtype float32 --batch 1,3 --prompt-len 16 --gen-len 32 --impl fxtp,hf-tp,deepspeed
+
+The model is built once on rank 0 (`torch.manual_seed(--seed)`, HF's random init) and saved as a
+safetensors checkpoint (reused by later runs); every impl loads it: fxtp reads only its rank's
+slices (`tp.generator(rank, checkpoint=...)`), hf-tp loads it with its tp_plan. One-GPU impls
+(hf, hf-compile) run on rank 0 while the other ranks wait, and only with --single-too when N > 1.
+
+Timing: a streamer (`put`/`end`, as HF's generate calls it) syncs the device and stamps the time at
+each put: once for the prompt, then once per generated token. The first interval is the prefill
+(with the first token), the others are decode steps; p50..p999 pool the decode steps of all trials
+(p999 needs >= 1000 of them to mean anything). tok/s = batch * gen_len / wall time of generate.
+
+Derived numbers (per rank; "N" is the impl's number of devices):
+- bytes a decode step reads: weights / N + KV cache, where weights excludes an untied input
+  embedding (a step reads one row per sequence of it) and the KV cache is
+  2 * layers * kv_heads_local * head_dim * (prompt_len + gen_len / 2) * batch (its mean length);
+  kv_heads_local = kv_heads / N if N divides it, else all of them (replicated). MoE counts every
+  expert. This is the ideal split, the same for every impl at a given N.
+- HBM floor = those bytes / peak HBM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s, --hbm-bandwidth);
+  floor fraction = floor / decode p50. GB/s = those bytes / decode p50.
+- TFLOPs = 2 * weights * batch / decode p50 (all ranks together; attention FLOPs left out).
+- AR ms (N > 1): NCCL time of one decode step's all_reduces of [batch, hidden] (2 per layer, 1 for
+  the embedding), measured back to back with torch.distributed: the floor of the communication.
+
+Correctness: the first --check-tokens greedy tokens of every impl against a reference: the first
+impl in --impl at N = 1, HF eager on rank 0's GPU at N > 1 (--no-reference skips it). The check is
+token-exact; "match" is the number of leading tokens equal in every row. bf16 sums are rounded in
+another order by each impl, so near-tied logits of random weights may pick other tokens after a
+few steps (benchmarks/nccl_check.py saw 5 of 32 at N=2); --dtype float32 checks exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from importlib import metadata
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+import fxtp
+from fxtp.configs import REAL_SHAPES, real_config, tiny_config
+from peers import PEERS, Context, Runner  # benchmarks/peers.py, beside this script
+
+PERCENTILES = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99, "p999": 0.999}
+HBM_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H200", 4.8e12))  # B/s
+MAX_BATCH_LIMIT = 4096
+
+
+def fxtp_runner(ctx: Context, compile: bool) -> Runner:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(ctx.config, dtype=ctx.dtype).eval()
+    tp = fxtp.compile(model, ctx.world_size)
+    gen = tp.generator(ctx.rank, device=ctx.device, checkpoint=ctx.checkpoint, compile=compile)
+
+    def generate(input_ids, attention_mask, new_tokens, streamer=None):
+        return gen.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
+                            eos_token_id=[], streamer=streamer)  # [] never stops; None is the model's eos
+    return Runner(generate, gen.memory)
+
+
+# name -> (setup, runs on one device only)
+IMPLS = {
+    **PEERS,
+    "fxtp": (lambda ctx: fxtp_runner(ctx, compile=False), False),
+    "fxtp-compile": (lambda ctx: fxtp_runner(ctx, compile=True), False),
+}
+
+
+class StepTimer:
+    """An HF-style streamer that stamps the time of every `put`, after syncing the device."""
+
+    def __init__(self, device: torch.device):
+        self.sync = synchronizer(device)
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.sync()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    @property
+    def prefill(self) -> float:
+        return self.times[1] - self.times[0]
+
+    @property
+    def decode(self) -> list[float]:
+        return [b - a for a, b in zip(self.times[1:], self.times[2:])]
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    weights: int  # parameters a decode step reads: all but an untied input embedding
+    layers: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+
+    @classmethod
+    def of(cls, config) -> "ModelStats":
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        embedding = model.get_input_embeddings().weight
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is embedding
+        text = config.get_text_config(decoder=True)
+        heads = text.num_attention_heads
+        return cls(weights=sum(p.numel() for p in model.parameters()) - (0 if tied else embedding.numel()),
+                   layers=text.num_hidden_layers, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, hidden=text.hidden_size)
+
+    def decode_bytes(self, batch: int, context: float, ranks: int, dtype_bytes: int) -> float:
+        """Bytes one decode step reads on each of `ranks` ranks, ideally split."""
+        kv_local = self.kv_heads // ranks if self.kv_heads % ranks == 0 else self.kv_heads
+        kv = 2 * self.layers * kv_local * self.head_dim * context * batch
+        return (self.weights / ranks + kv) * dtype_bytes
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="llama3-8b", help=f"one of {', '.join(REAL_SHAPES)}, or tiny:ARCH")
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the shape's")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch", default="1", help="comma list of batch sizes")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed generate calls per impl and batch")
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--impl", default="hf,hf-compile,fxtp,fxtp-compile,hf-tp,deepspeed",
+                        help=f"comma list of {', '.join(IMPLS)}")
+    parser.add_argument("--single-too", action="store_true", help="run hf and hf-compile (rank 0) when N > 1")
+    parser.add_argument("--no-reference", action="store_true", help="at N > 1, skip the HF eager reference")
+    parser.add_argument("--check-tokens", type=int, default=32)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--hbm-bandwidth", type=float, default=None, help="peak HBM bytes/s (default: by GPU name)")
+    parser.add_argument("--checkpoint-dir", default=None, help="where the random-weight checkpoint is kept")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--find-max-batch", metavar="IMPL", default=None,
+                        help=f"instead of timing: double the batch from the largest --batch until IMPL runs out of "
+                             f"memory (at most {MAX_BATCH_LIMIT})")
+    parser.add_argument("--out", default="results.json")
+    args = parser.parse_args()
+    args.batch = [int(b) for b in args.batch.split(",")]
+    args.impl = args.impl.split(",")
+    unknown = [name for name in args.impl + [args.find_max_batch] if name and name not in IMPLS]
+    if unknown:
+        parser.error(f"unknown impl {', '.join(unknown)}; known: {', '.join(IMPLS)}")
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device_type: str) -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:  # plain `python`: a group of one, so every impl takes the same path
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # an hour: the other ranks wait while rank 0 compiles and times a one-GPU impl
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier(device: torch.device) -> None:
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
+
+
+def synchronizer(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def model_config(shape: str, layers: int | None):
+    if shape.startswith("tiny:"):
+        return tiny_config(shape[5:], **({"layers": layers} if layers else {}))
+    return real_config(shape, layers)
+
+
+def ensure_checkpoint(args, config, dtype: torch.dtype, device: torch.device) -> str:
+    """The seeded random-weight model as a HF checkpoint, written once by rank 0 and kept for later runs."""
+    name = f"{args.shape.replace(':', '-')}-L{config.num_hidden_layers}-{args.dtype}-seed{args.seed}"
+    path = args.checkpoint_dir or os.path.join(tempfile.gettempdir(), "fxtp_bench", name)
+    complete = os.path.join(path, "COMPLETE")
+    if dist.get_rank() == 0 and not os.path.exists(complete):
+        torch.manual_seed(args.seed)
+        with device:  # HF's random init is much faster on a GPU; every impl then loads the same file
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.save_pretrained(path)
+        open(complete, "w").close()
+        del model
+        free_memory(device)
+    barrier(device)
+    return path
+
+
+def make_prompt(batch: int, length: int, vocab: int, seed: int, device: torch.device):
+    generator = torch.Generator().manual_seed(seed * 100003 + batch)
+    ids = torch.randint(3, vocab, (batch, length), generator=generator)  # 0-2: pad/bos/eos in tiny configs
+    return ids.to(device), torch.ones_like(ids).to(device)
+
+
+def hbm_bandwidth(device: torch.device, override: float | None) -> float | None:
+    if override or device.type != "cuda":
+        return override
+    name = torch.cuda.get_device_name(device)
+    return next((bandwidth for key, bandwidth in HBM_BANDWIDTH if key in name), None)
+
+
+def allreduce_ms(batch: int, stats: ModelStats, dtype: torch.dtype, device: torch.device, reps: int = 20) -> float:
+    """Time of one decode step's all_reduces ([batch, hidden], 2 per layer + the embedding's), back to back."""
+    x = torch.zeros(batch, stats.hidden, dtype=dtype, device=device)
+    calls = 2 * stats.layers + 1
+    for _ in range(calls):
+        dist.all_reduce(x)
+    sync = synchronizer(device)
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps * calls):
+        dist.all_reduce(x)
+    sync()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def measure(runner: Runner, ids, mask, args, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """Warm up, then time `trials` greedy generations of `gen_len` tokens."""
+    for _ in range(args.warmup):
+        runner.generate(ids, mask, args.gen_len, StepTimer(device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill, decode, wall = [], [], []
+    for _ in range(args.trials):
+        timer = StepTimer(device)
+        start = time.perf_counter()
+        tokens = runner.generate(ids, mask, args.gen_len, timer)
+        timer.sync()
+        wall.append(time.perf_counter() - start)
+        prefill.append(timer.prefill)
+        decode.extend(timer.decode)
+    decode_s = torch.tensor(decode, dtype=torch.float64)
+    return tokens.cpu(), {
+        "prefill_ms": sorted(prefill)[len(prefill) // 2] * 1e3,
+        "decode_ms": {key: decode_s.quantile(q).item() * 1e3 for key, q in PERCENTILES.items()},
+        "decode_steps": len(decode),
+        "tokens_per_s": ids.shape[0] * args.gen_len / (sum(wall) / len(wall)),
+        "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+
+
+def derived(row: dict, stats: ModelStats, args, dtype: torch.dtype, bandwidth: float | None) -> dict:
+    latency = row["decode_ms"]["p50"] / 1e3
+    read = stats.decode_bytes(row["batch"], args.prompt_len + args.gen_len / 2, row["world_size"],
+                              torch.finfo(dtype).bits // 8)
+    floor_ms = read / bandwidth * 1e3 if bandwidth else None
+    return {"decode_bytes_per_rank": read, "gb_per_s": read / latency / 1e9,
+            "tflops": 2 * stats.weights * row["batch"] / latency / 1e12,
+            "hbm_floor_ms": floor_ms, "floor_fraction": floor_ms / (latency * 1e3) if floor_ms else None}
+
+
+def run_impl(name: str, ctx: Context, args, prompts: dict, stats: ModelStats, extra: dict) -> tuple[list, dict]:
+    """Rows and tokens ({batch: [B, P + G]}) of one impl over every batch size."""
+    setup, single = IMPLS[name]
+    runner = setup(ctx)
+    ranks = 1 if single else ctx.world_size
+    gather = (lambda value: [value]) if single else _all_gather
+    rows, tokens = [], {}
+    for batch, (ids, mask) in prompts.items():
+        tokens[batch], numbers = measure(runner, ids, mask, args, ctx.device)
+        memory = runner.memory()
+        row = {"impl": name, "world_size": ranks, "batch": batch, **numbers,
+               "param_bytes": gather(memory["parameters"]), "cache_bytes": gather(memory["cache"]),
+               "peak_bytes": gather(numbers["peak_bytes"]),
+               "ranks_identical": all(torch.equal(t, tokens[batch]) for t in gather(tokens[batch])),
+               "ar_ms": extra["ar_ms"].get(batch) if not single else None}
+        rows.append({**row, **derived(row, stats, args, ctx.dtype, extra["bandwidth"])})
+    return rows, tokens
+
+
+def _all_gather(value) -> list:
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    torch._dynamo.reset()  # drops compiled graphs and their CUDA graph pools
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reference_tokens(ctx: Context, args, prompts: dict) -> dict:
+    """HF eager greedy tokens on rank 0's device (other ranks get {})."""
+    reference = {}
+    if ctx.rank == 0:
+        runner = IMPLS["hf"][0](ctx)
+        reference = {b: runner.generate(ids, mask, args.check_tokens).cpu() for b, (ids, mask) in prompts.items()}
+        del runner
+    free_memory(ctx.device)
+    barrier(ctx.device)
+    return reference
+
+
+def matched(tokens: torch.Tensor, reference: torch.Tensor, start: int, count: int) -> int:
+    """Leading generated tokens equal in every row."""
+    same = (tokens[:, start:start + count] == reference[:, start:start + count]).all(0).tolist()
+    return same.index(False) if False in same else len(same)
+
+
+def fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(rows: list) -> str:
+    gb = 1e9
+    lines = ["| impl | N | batch | prefill ms | p50 | p90 | p95 | p99 | p999 | tok/s | param GB/rank | peak GB/rank "
+             "| TFLOPs | GB/s | floor | AR ms | tokens vs ref |", "|" + "---|" * 17]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['world_size']} | | error: {r['error']} |" + " |" * 13)
+            continue
+        d, peaks = r["decode_ms"], [p for p in r["peak_bytes"] if p is not None]
+        match = f"{r['match']}/{r['checked']}" if r.get("match") is not None else "-"
+        lines.append(" | ".join([
+            f"| {r['impl']}", str(r["world_size"]), str(r["batch"]), fmt(r["prefill_ms"]),
+            *(fmt(d[k], 3) for k in PERCENTILES), fmt(r["tokens_per_s"], 1), fmt(max(r["param_bytes"]) / gb),
+            fmt(max(peaks) / gb if peaks else None), fmt(r["tflops"]), fmt(r["gb_per_s"], 0),
+            fmt(r["floor_fraction"]), fmt(r["ar_ms"], 3), match + ("" if r["ranks_identical"] else " (ranks differ)"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def versions() -> dict:
+    found = {}
+    for package in ("torch", "transformers", "accelerate", "deepspeed"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def find_max_batch(name: str, ctx: Context, args) -> int | None:
+    """Largest batch (doubling from the largest --batch) that generates without running out of memory.
+    All ranks of a TP impl hold the same shapes, so they run out together; one that failed alone would
+    leave the others waiting in a collective."""
+    setup, single = IMPLS[name]
+    if single and ctx.rank != 0:
+        return None
+    runner, best, batch = setup(ctx), None, max(args.batch)
+    while batch <= MAX_BATCH_LIMIT:
+        ids, mask = make_prompt(batch, args.prompt_len, ctx.config.vocab_size, args.seed, ctx.device)
+        try:
+            runner.generate(ids, mask, args.gen_len)
+            fits = 1
+        except torch.cuda.OutOfMemoryError:
+            fits = 0
+        del ids, mask
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not single:
+            flag = torch.tensor(fits, device=ctx.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            fits = int(flag)
+        if not fits:
+            break
+        best, batch = batch, batch * 2
+    return best
+
+
+def error_row(name: str, world_size: int, error: Exception) -> dict:
+    first_line = (str(error).splitlines() or [""])[0][:300]
+    return {"impl": name, "world_size": 1 if IMPLS[name][1] else world_size,
+            "error": f"{type(error).__name__}: {first_line}"}
+
+
+def add_matches(rows: list, tokens: dict, reference: dict, args) -> None:
+    checked = min(args.check_tokens, args.gen_len)
+    for row in rows:
+        if "error" not in row:
+            row.update(match=matched(tokens[row["batch"]], reference[row["batch"]], args.prompt_len, checked),
+                       checked=checked)
+
+
+def write_json(path: str, result: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def time_impls(ctx: Context, args, meta: dict) -> list:
+    """Every impl of --impl over every batch size; rank 0 returns the rows (and writes them after each impl,
+    so that a run cut short keeps what it measured)."""
+    stats = ModelStats.of(ctx.config)
+    prompts = {b: make_prompt(b, args.prompt_len, ctx.config.vocab_size, args.seed, ctx.device) for b in args.batch}
+    multi = ctx.world_size > 1
+    extra = {"bandwidth": hbm_bandwidth(ctx.device, args.hbm_bandwidth),
+             "ar_ms": {b: allreduce_ms(b, stats, ctx.dtype, ctx.device) for b in args.batch} if multi else {}}
+    impls = [name for name in args.impl if not (multi and IMPLS[name][1]) or args.single_too]
+    reference = reference_tokens(ctx, args, prompts) if multi and not args.no_reference else {}
+    meta.update(hbm_bandwidth=extra["bandwidth"], skipped=[name for name in args.impl if name not in impls],
+                reference="hf eager, 1 device (rank 0)" if reference else None,
+                check=f"token-exact greedy, first {min(args.check_tokens, args.gen_len)} generated tokens")
+    rows = []
+    for name in impls:
+        if ctx.rank == 0:
+            print(f"[inference_test] {name} ...", file=sys.stderr, flush=True)
+        try:
+            impl_rows, tokens = run_impl(name, ctx, args, prompts, stats, extra) \
+                if not IMPLS[name][1] or ctx.rank == 0 else ([], {})
+        except Exception as error:  # reported in the table; the other impls still run
+            impl_rows, tokens = [error_row(name, ctx.world_size, error)], {}
+        free_memory(ctx.device)
+        barrier(ctx.device)
+        if ctx.rank != 0:
+            continue
+        if not reference and tokens and not multi:
+            reference, meta["reference"] = tokens, name
+        if reference:
+            add_matches(impl_rows, tokens, reference, args)
+        rows += impl_rows
+        write_json(args.out, {"meta": meta, "results": rows})
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    rank, world, device = init_distributed(args.device)
+    dtype = getattr(torch, args.dtype)
+    config = model_config(args.shape, args.layers)
+    ctx = Context(ensure_checkpoint(args, config, dtype, device), config, dtype, device, rank, world)
+    meta = {"shape": args.shape, "layers": config.num_hidden_layers, "dtype": args.dtype, "world_size": world,
+            "prompt_len": args.prompt_len, "gen_len": args.gen_len, "warmup": args.warmup, "trials": args.trials,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "versions": versions(), "checkpoint": ctx.checkpoint}
+    if args.find_max_batch:
+        best = find_max_batch(args.find_max_batch, ctx, args)
+        if rank == 0:
+            result = {"meta": meta, "impl": args.find_max_batch, "max_batch": best}
+            print(json.dumps(result))
+            write_json(args.out, result)
+    else:
+        rows = time_impls(ctx, args, meta)
+        if rank == 0:
+            print(table(rows))
+            if meta["skipped"]:
+                print(f"\nskipped at N={world} (one-GPU impls; --single-too runs them on rank 0): "
+                      f"{', '.join(meta['skipped'])}")
+            print(f"\nreference: {meta['reference']}; {meta['check']}; JSON: {args.out}")
+    barrier(device)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Token generation with a sharded static KV cache: prefill, then one-token decode steps.
+
+Each step runs the program of fxtp/static_cache.py on every rank; the logits come out gathered
+and identical on all ranks, so greedy choices, and sampling seeded the same on every rank, pick
+the same tokens everywhere without another collective. Inputs are built the way HF `generate`
+builds them for left-padded batches (position ids from the mask's cumulative sum).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+
+from fxtp.inputs import checked_inputs
+from fxtp.simulate import simulate as run_lockstep
+from fxtp.static_cache import is_cache_state
+
+CACHE_GRANULE = 256  # cache lengths are rounded up to this, so nearby requests reuse one program
+
+
+class Generator:
+    """Generates on the ranks `ranks` of `program`, all in this process (one rank under torchrun).
+    The weights are placed on `device` once; a static-cache program is built per batch size and
+    cache length, and only the latest one's cache is kept."""
+
+    def __init__(self, program, ranks: list[int], group_name: str, device: torch.device,
+                 checkpoint: Optional[str] = None, compile: bool = False):
+        self.program, self.ranks, self.group_name, self.device = program, ranks, group_name, device
+        self.checkpoint, self.compile = checkpoint, compile
+        self._weights: list[dict] = [{} for _ in ranks]  # per rank: reused by every cache program
+        self._key: Optional[tuple[int, int]] = None
+        self._modules: list[fx.GraphModule] = []
+        self._decode = None
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+                 seed: int = 0, streamer=None, max_length: Optional[int] = None) -> torch.Tensor:
+        """[batch, prompt + new] token ids, like HF `model.generate`: left-padded prompts with their
+        attention_mask, greedy or sampled (temperature, then top_k, then top_p, from a generator
+        seeded with `seed`), stopping a row at `eos_token_id` (then padding it with `pad_token_id`);
+        both default to the model's generation_config as in HF, and eos_token_id=[] never stops.
+        `streamer` gets put(prompt) and put(tokens) per step on the CPU, then end(), as in HF.
+        The cache holds `max_length` tokens (default: prompt + max_new_tokens rounded up)."""
+        input_ids, mask = _checked(input_ids, attention_mask, self.device)
+        batch, prompt = input_ids.shape
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        needed = prompt + max_new_tokens
+        length = max_length or -(-needed // CACHE_GRANULE) * CACHE_GRANULE
+        if needed > length:
+            raise ValueError(f"prompt ({prompt}) + max_new_tokens ({max_new_tokens}) exceed max_length={length}")
+        self._prepare(batch, length)
+        defaults = getattr(self.program.model, "generation_config", None)
+        eos = _token_list(eos_token_id if eos_token_id is not None else getattr(defaults, "eos_token_id", None))
+        pad = next((p for p in (pad_token_id, getattr(defaults, "pad_token_id", None)) if p is not None), (eos or [0])[0])
+        rng = torch.Generator(self.device).manual_seed(seed) if do_sample else None
+
+        full_mask = torch.ones(batch, length, dtype=torch.long, device=self.device)
+        full_mask[:, :prompt] = mask
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        cache_positions = torch.arange(length, device=self.device)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
+        eos_ids = torch.tensor(eos, device=self.device) if eos else None
+        out = [input_ids]
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        step_ids, step_positions, step_cache = input_ids, positions, cache_positions[:prompt]
+        with torch.no_grad():
+            for step in range(max_new_tokens):
+                logits = self._step((step_ids, full_mask, step_positions, step_cache), decode=step > 0)
+                tokens = next_tokens(logits.float(), do_sample, temperature, top_k, top_p, rng)
+                if eos_ids is not None:
+                    tokens = torch.where(unfinished, tokens, pad)
+                    unfinished &= ~torch.isin(tokens, eos_ids)
+                out.append(tokens[:, None])
+                if streamer is not None:
+                    streamer.put(tokens.cpu())
+                if eos_ids is not None and not bool(unfinished.any()):
+                    break
+                step_ids, step_positions = tokens[:, None], step_positions[:, -1:] + 1
+                step_cache = cache_positions[prompt + step:prompt + step + 1]
+        if streamer is not None:
+            streamer.end()
+        return torch.cat(out, dim=1)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this process holds for the first of its ranks: weights and KV cache."""
+        if not self._modules:
+            raise RuntimeError("nothing is allocated before the first generate() call")
+        module = self._modules[0]
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        cache = sum(t.nbytes for name, t in tensors.items() if is_cache_state(name))
+        return {"parameters": sum(t.nbytes for t in tensors.values()) - cache, "cache": cache}
+
+    def _prepare(self, batch: int, length: int) -> None:
+        if self._key == (batch, length):
+            return
+        self._modules, self._decode = [], None  # free the previous cache first
+        cached = self.program.with_cache(batch, length)
+        self._modules = [cached.rank_graph(rank, self.group_name, self.device, self.checkpoint, shared=weights)
+                         for rank, weights in zip(self.ranks, self._weights)]
+        if self.compile:
+            for name, tensor in self._modules[0].named_buffers():
+                if is_cache_state(name):  # updated in place: CUDA graphs need their addresses fixed
+                    torch._dynamo.mark_static_address(tensor)
+            self._decode = torch.compile(self._modules[0], mode="reduce-overhead", fullgraph=True, dynamic=False)
+        self._key = (batch, length)
+
+    def _step(self, args: tuple, decode: bool) -> torch.Tensor:
+        if len(self._modules) > 1:
+            outputs = run_lockstep(self._modules, args, {})
+            if not all(torch.equal(out, outputs[0]) for out in outputs):
+                raise RuntimeError("ranks computed different logits; please report this as an fxtp bug")
+            return outputs[0]
+        if decode and self._decode is not None:
+            return self._decode(*args).clone()  # CUDA-graph outputs are overwritten by the next replay
+        return self._modules[0](*args)
+
+
+def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Optional[int],
+                top_p: Optional[float], rng: Optional[torch.Generator]) -> torch.Tensor:
+    """The next token per row from float logits [batch, vocab]."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - ordered.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=rng).squeeze(-1)
+
+
+def _token_list(eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return ids
+
+
+def _checked(input_ids, attention_mask, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and their mask on `device`, checked as a rank graph checks them."""
+    input_ids, attention_mask = (x.to(device) if isinstance(x, torch.Tensor) else x for x in (input_ids, attention_mask))
+    return input_ids, checked_inputs(input_ids, attention_mask, device)

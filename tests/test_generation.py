@@ -1,0 +1,141 @@
+"""Generation with a sharded static KV cache (fxtp/static_cache.py, fxtp/generation.py)."""
+import pytest
+import torch
+
+import fxtp
+from fxtp.configs import CAUSAL_LMS, tiny_model
+from fxtp.dump import dump
+from fxtp.layouts import Shard
+from fxtp.launch import run_ranks
+from fxtp.passes.propagate import LAYOUT
+from fxtp.static_cache import CACHE_PREFIX
+from fxtp.stats import collectives_by_layer
+from fxtp.testing import assert_generates_like_hf, tiny_program
+
+# the issue's list: the Llama family, Mistral, Qwen2/3, Gemma/2, Phi-3, Mixtral
+REQUIRED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral")
+# transformers' StaticCache does not work with these models' attention code
+NO_STATIC_CACHE = ("gpt_neo", "mpt")
+
+
+def left_padded(vocab: int, batch: int = 2, seq: int = 7, padding: int = 3):
+    ids = torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[-1, :padding] = 0
+    return ids, mask
+
+
+def cache_layouts(program) -> dict:
+    return {n.meta["fxtp.state"]: n.meta[LAYOUT] for n in program.graph.graph.nodes
+            if n.op == "placeholder" and n.meta.get("fxtp.state", "").startswith(CACHE_PREFIX)}
+
+
+@pytest.mark.parametrize("arch, world_size", [(arch, 2) for arch in REQUIRED] + [("llama", 1), ("llama", 4)])
+def test_greedy_tokens_equal_hf_generate(arch, world_size):
+    model, tp = tiny_program(arch, world_size)
+    assert_generates_like_hf(model, world_size, *left_padded(model.config.vocab_size), max_new_tokens=8, program=tp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(set(CAUSAL_LMS) - set(NO_STATIC_CACHE)))
+def test_greedy_tokens_equal_hf_generate_every_architecture(arch):
+    for world_size in (1, 2, 4):
+        model, tp = tiny_program(arch, world_size)
+        assert_generates_like_hf(model, world_size, *left_padded(model.config.vocab_size), program=tp)
+
+
+def test_kv_cache_is_sharded_on_kv_heads():
+    model, tp = tiny_program("llama", 2)  # 4 heads, 2 kv heads
+    cached = tp.with_cache(batch_size=2, max_length=256)
+    layouts = cache_layouts(cached)
+    assert len(layouts) == 2 * model.config.num_hidden_layers
+    assert all(isinstance(l, Shard) and l.dim == 1 and l.counts == (1, 1) for l in layouts.values()), layouts
+    per_layer = collectives_by_layer(cached.rank_graph(0))
+    assert all(dict(c) == {"all_reduce": 2} for layer, c in per_layer.items() if layer.startswith("model.layers"))
+    generator = tp.generator(device="cpu")
+    generator.generate(*left_padded(model.config.vocab_size), max_new_tokens=2)
+    memory = generator.memory()
+    full_cache = 2 * model.config.num_hidden_layers * 2 * 2 * 256 * 16 * 4  # k+v, layers, batch, kv heads, len, dim
+    assert memory["cache"] == full_cache // 2
+
+
+def test_kv_heads_fewer_than_ranks_keep_the_cache_whole_and_tokens_exact():
+    model, tp = tiny_program("llama", 4)  # 2 kv heads on 4 ranks: k/v replicated, sliced after repeat_kv
+    layouts = cache_layouts(tp.with_cache(batch_size=2, max_length=256))
+    assert layouts and not any(isinstance(l, Shard) for l in layouts.values())
+
+
+def test_eos_stops_rows_and_pads_them():
+    model, tp = tiny_program("llama", 2)
+    ids, mask = left_padded(model.config.vocab_size)
+    greedy = tp.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    eos = greedy[0, ids.shape[1] + 2].item()  # row 0's third new token
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0)
+    got = tp.generate(ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, expected)
+    assert (got[0, ids.shape[1] + 3:] == 0).all()
+
+
+def test_sampling_is_seeded():
+    model, tp = tiny_program("llama", 2)
+    ids, mask = left_padded(model.config.vocab_size)
+    kwargs = dict(max_new_tokens=12, do_sample=True, temperature=1.5, eos_token_id=[])
+    first, again = tp.generate(ids, mask, seed=7, **kwargs), tp.generate(ids, mask, seed=7, **kwargs)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, tp.generate(ids, mask, seed=8, **kwargs))
+    greedy = tp.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(tp.generate(ids, mask, seed=3, top_k=1, **kwargs), greedy)
+    assert torch.equal(tp.generate(ids, mask, seed=3, top_p=1e-6, **kwargs), greedy)
+
+
+def test_decode_graph_in_the_dump():
+    model, tp = tiny_program("llama", 2)
+    text = dump(tp.with_cache(batch_size=1, max_length=256))
+    assert "kv_cache.key_0" in text and "index_copy_" in text
+    line = next(l for l in text.splitlines() if l.strip().startswith("kv_cache.value_1"))
+    assert "S(dim=1" in line and "[1, 1, 256, 16] per rank" in line
+
+
+def test_generation_errors_say_what_to_do():
+    model, tp = tiny_program("llama", 2)
+    ids, mask = left_padded(model.config.vocab_size)
+    with pytest.raises(ValueError, match="exceed max_length=16"):
+        tp.generate(ids, mask, max_new_tokens=10, max_length=16)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        tp.generate(ids, mask, max_new_tokens=0)
+    with pytest.raises(ValueError, match="attention_mask must have the shape of input_ids"):
+        tp.generate(ids, mask[:, 1:])
+    with pytest.raises(ValueError, match="eos_token_id must be an int"):
+        tp.generate(ids, mask, eos_token_id="</s>")
+    with pytest.raises(ValueError, match="one rank per process"):
+        tp.generator(compile=True)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        tp.generator(0)
+
+
+@pytest.mark.parametrize("arch", NO_STATIC_CACHE[:1])
+def test_model_without_static_cache_support_gets_a_clear_error(arch):
+    model, tp = tiny_program(arch, 2)
+    with pytest.raises(fxtp.CaptureError, match="StaticCache"):
+        tp.generate(*left_padded(model.config.vocab_size), max_new_tokens=2)
+
+
+def generate_on_rank(rank, ids, mask):
+    """Rank body: greedy and seeded sampling with this rank's generator over gloo."""
+    tp = fxtp.compile(tiny_model("llama"), 2)
+    generator = tp.generator(rank)
+    greedy = generator.generate(ids, mask, max_new_tokens=8)
+    sampled = generator.generate(ids, mask, max_new_tokens=8, do_sample=True, top_k=20, seed=5, eos_token_id=[])
+    return greedy, sampled, generator.memory()
+
+
+def test_generation_on_real_processes():
+    model = tiny_model("llama")
+    ids, mask = left_padded(model.config.vocab_size)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    (greedy0, sampled0, memory0), (greedy1, sampled1, memory1) = run_ranks(generate_on_rank, 2, ids, mask)
+    assert torch.equal(greedy0, expected) and torch.equal(greedy1, expected)
+    assert torch.equal(sampled0, sampled1)
+    assert memory0 == memory1 and memory0["cache"] > 0
+    assert memory0["parameters"] < sum(p.nbytes for p in model.parameters()) * 0.6
