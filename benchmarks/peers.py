@@ -4,11 +4,11 @@ returns greedy tokens [B, P + new_tokens] (eos disabled) and `runner.memory()` t
 parameters and KV cache (None where unknown).
 
 - hf:          HF eager on one device.
-- hf-compile:  HF's documented recipe (docs/source/en/llm_optims.md, "Static kv-cache and
-               torch.compile"): `generation_config.cache_implementation = "static"` and
-               `model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`.
-               On CUDA, transformers 5.x's generate also compiles the decode call of a static cache by
-               itself (its CompileConfig, mode "reduce-overhead"); this recipe is what a user writes.
+- hf-compile:  `generation_config.cache_implementation = "static"`: on CUDA, transformers 5.x's
+               generate then compiles its decode call itself (CompileConfig: torch.compile with
+               fullgraph and mode "reduce-overhead", i.e. CUDA graphs). Wrapping model.forward in
+               torch.compile as well (the older docs' recipe) nests two CUDA-graph trees and fails on
+               5.17 ("accessing tensor output of CUDAGraphs that has been overwritten").
 - hf-tp:       HF tensor parallelism, `from_pretrained(..., distributed_config=DistributedConfig(
                tp_plan="auto", tp_size=N))` (the `tp_plan=` keyword is deprecated in 5.17 and 5.24);
                needs accelerate. Parameters are DTensors: memory counts their local shards.
@@ -72,7 +72,6 @@ def hf_eager(ctx: Context) -> Runner:
 def hf_compile(ctx: Context) -> Runner:
     model = _load(ctx, device_map=ctx.device)
     model.generation_config.cache_implementation = "static"
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     return Runner(hf_generate(model), hf_memory(model))
 
 
