@@ -5,20 +5,21 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxtp.capture import STATE, USER_INPUTS
+from fxtp.capture import STATE
 from fxtp.layouts import Shard
 from fxtp.passes.propagate import LAYOUT, NOTE, REDUCE, WANTS
 from fxtp.redistribute import steps
 from fxtp.reshape import as_expr
+from fxtp.signatures import TOKEN_IDS
 from fxtp.stats import collectives_by_layer, state_bytes
 
 
 def _symbol_names(gm: fx.GraphModule) -> dict:
     names = {}
     for node in gm.graph.nodes:
-        if node.op == "placeholder" and node.name in USER_INPUTS:
+        if node.op == "placeholder" and node.name in TOKEN_IDS:  # decoder_input_ids: decoder_seq
             batch, seq = node.meta["val"].shape
-            names.update({as_expr(batch): "batch", as_expr(seq): "seq"})
+            names.update({as_expr(batch): "batch", as_expr(seq): node.name.replace("input_ids", "seq")})
     return names
 
 

@@ -6,7 +6,8 @@ Writes: a new GraphModule whose state attributes hold only this rank's slices (n
         localize), whose ops are a rank's own where a rule lowers them (op_rules' lower), whose
         torch.device constants name the target device, and with a redistribution before every node that
         wanted one. Each new node carries meta["fxtp.layout"] and, for collectives,
-        meta["fxtp.collective"] naming the value it moves.
+        meta["fxtp.collective"] naming the value it moves. User inputs that may be None (masks,
+        token types: fxtp/signatures.INPUTS) default to None and are checked and filled first.
 
     before (global)                     after (rank r of 2)
     q = linear(x, Wq)   [b,s,64]        q = linear(x, Wq_r)              [b,s,32]
@@ -23,12 +24,13 @@ import torch
 import torch.fx as fx
 
 from fxtp import collectives, inputs
-from fxtp.capture import STATE, USER_INPUTS
+from fxtp.capture import STATE
 from fxtp.layouts import Layout, Partial, Replicate, Shard
 from fxtp.op_rules import rule_for
 from fxtp.passes.fuse_bias import fuse_bias
 from fxtp.passes.propagate import LAYOUT, REDUCE, WANTS
 from fxtp.redistribute import steps
+from fxtp.signatures import INPUTS
 
 aten = torch.ops.aten
 COLLECTIVE = "fxtp.collective"
@@ -71,6 +73,7 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
     root = torch.nn.Module()
     env: dict[fx.Node, fx.Node] = {}
     moved: dict[tuple[fx.Node, str], fx.Node] = {}
+    optional = False  # inputs from the first one with a default on get default None
 
     def redistribute(src: fx.Node, want: Layout, have: Optional[Layout] = None) -> fx.Node:
         key = (src, str(want))
@@ -108,10 +111,12 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
             _set_state(root, name, value, isinstance(state[name], torch.nn.Parameter))
             new = graph.get_attr(name)
         elif node.op == "placeholder":
-            new = graph.placeholder(node.name, default_value=None) if node.name == USER_INPUTS[1] \
-                else graph.placeholder(node.name)
-            if node.name == USER_INPUTS[1]:
-                new = graph.call_function(inputs.checked_inputs, (env[_ids_placeholder(gm)], new, device))
+            spec = INPUTS.get(node.name)
+            optional = optional or (spec is not None and spec.fill is not None)  # later ones too: Python's order
+            new = graph.placeholder(node.name, default_value=None) if optional else graph.placeholder(node.name)
+            if spec is not None and spec.fill is not None:
+                ids = env[_placeholder(gm, spec.tokens)]
+                new = graph.call_function(inputs.checked_inputs, (ids, new, device, (spec.tokens, node.name), spec.fill))
         elif node.op == "get_attr":  # a submodule or constant export kept as an attribute
             setattr(root, node.target, getattr(gm, node.target))
             new = graph.get_attr(node.target)
@@ -144,8 +149,8 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
     return module
 
 
-def _ids_placeholder(gm: fx.GraphModule) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == USER_INPUTS[0])
+def _placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
 
 
 def _read_layout(n: fx.Node, user: fx.Node) -> Layout:
