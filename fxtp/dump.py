@@ -10,16 +10,16 @@ from fxtp.layouts import Shard
 from fxtp.passes.propagate import LAYOUT, NOTE, REDUCE, WANTS
 from fxtp.redistribute import steps
 from fxtp.reshape import as_expr
-from fxtp.signatures import TOKEN_IDS
+from fxtp.signatures import INPUTS
 from fxtp.stats import collectives_by_layer, state_bytes
 
 
 def _symbol_names(gm: fx.GraphModule) -> dict:
     names = {}
     for node in gm.graph.nodes:
-        if node.op == "placeholder" and node.name in TOKEN_IDS:  # decoder_input_ids: decoder_seq
+        if node.op == "placeholder" and node.name in INPUTS:  # the decoder's inputs: [batch, decoder_seq]
             batch, seq = node.meta["val"].shape
-            names.update({as_expr(batch): "batch", as_expr(seq): node.name.replace("input_ids", "seq")})
+            names.update({as_expr(batch): "batch", as_expr(seq): INPUTS[node.name].tokens.replace("input_ids", "seq")})
     return names
 
 

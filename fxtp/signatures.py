@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 from torch.export import Dim
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 __all__ = ["CAUSAL_LM", "SEQ2SEQ", "ENCODER", "InputSpec", "INPUTS", "TOKEN_IDS", "Signature", "signature_of",
            "Forward"]
@@ -92,8 +93,6 @@ class Forward(torch.nn.Module):
 
 
 def _is_encoder(model: torch.nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
     config = model.config
     return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False) \
         and not getattr(config, "is_encoder_decoder", False)
