@@ -12,9 +12,12 @@ produces is consumed by shard-preserving ops and ends in row-parallel projection
 outputs are all-reduced; any need for an all_gather rejects it, with the reason. Nothing is
 read from module names. The one gather allowed is at the graph output: a group whose shard
 flows through shard-preserving ops to the output (the lm_head: vocab-sharded logits) is
-column-parallel (gathered). Before the groups, the token embedding table is tried as
-vocab-parallel (Shard(0), the lookup all-reduced at once); a tied table is the lm_head's
-weight as well, so one vocab shard serves both.
+column-parallel (gathered). A rejected group is tried once more after all others are
+decided: it may meet projections that come later (cross-attention k/v, grouped because all
+read the encoder output, meet each decoder layer's q). Before the groups, each token embedding
+table is tried as vocab-parallel (Shard(0), the lookup all-reduced at once); a tied table is the
+lm_head's weight as well, so one vocab shard serves both (and a seq2seq model's encoder and
+decoder lookups).
 
 Shard sizes follow the graph's own view of each projection output: the first reshape that
 splits its features (e.g. 64 -> [4 heads, 16]) gives the unit (16) so ranks never split inside

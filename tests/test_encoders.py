@@ -71,3 +71,18 @@ def test_deepspeed_t5_injection_policy_matches_the_automatic_plan():
     dump = fxtp.dump(manual)
     assert "row-parallel     decoder.block.1.layer.1.EncDecAttention.o.weight" in dump
     assert "collectives in decoder.block.1: all_reduce x3" in dump
+
+
+@pytest.mark.parametrize("arch", ["t5", "bert"])
+def test_rank_module_takes_the_inputs_by_name(arch):
+    """A rank's GraphModule is called like the model: optional inputs default to None (filled)."""
+    model, tp = tiny_program(arch, 1)
+    batch = padded_batch(model, seq=11)
+    gm = tp.module(0)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**batch), model(**batch)[0], rtol=0, atol=1e-5)
+        del batch["attention_mask"]
+        torch.testing.assert_close(gm(**batch), model(**batch)[0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="must be an integer tensor"):
+        gm(batch["input_ids"], decoder_input_ids=batch["input_ids"].float()) if arch == "t5" \
+            else gm(batch["input_ids"].float())
