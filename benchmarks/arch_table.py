@@ -2,32 +2,29 @@
 
     python benchmarks/arch_table.py            # tiny configs of fxtp.configs, world sizes 1-4
 
-Per architecture: the world sizes whose simulated logits match the unsharded model (float32,
-max abs diff <= 1e-4, left-padded batch), the worst difference, all_reduce per decoder layer
-in rank 0's graph, and rank 0's share of the decoder layers' parameters at world size 2.
+Per architecture: the world sizes whose simulated output (logits) matches the unsharded model
+(float32, max abs diff <= 1e-4, left-padded batch; seq2seq decoder inputs padded too), the worst
+difference, all_reduce per layer in rank 0's graph (encoder and decoder layers of seq2seq
+models: "2,3"), and rank 0's share of the layers' parameters at world size 2.
 """
 from __future__ import annotations
 
 import argparse
 
-import torch
-
 import fxtp
 from fxtp.configs import LLAMA_FAMILY, tiny_model
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, state_bytes
-from fxtp.testing import assert_equivalent
+from fxtp.testing import assert_equivalent, padded_batch
 
 
 def measure(arch: str, world_sizes: list[int]) -> str:
     model = tiny_model(arch)
-    ids = torch.randint(1, 256, (3, 17), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, :6] = 0
+    batch = padded_batch(model)
     passing, worst, per_layer, share = [], 0.0, "", ""
     for ws in world_sizes:
         try:
             tp = fxtp.compile(model, ws)
-            worst = max(worst, assert_equivalent(model, ws, ids, mask, program=tp))
+            worst = max(worst, assert_equivalent(model, ws, **batch, program=tp))
         except Exception as e:  # the table reports failures instead of stopping
             print(f"<!-- {arch} world_size={ws}: {type(e).__name__}: {str(e).splitlines()[0][:200]} -->")
             continue

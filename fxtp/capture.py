@@ -1,8 +1,9 @@
-"""Capture a HF causal LM as an ATen FX graph with torch.export (non-strict).
+"""Capture a HF model as an ATen FX graph with torch.export (non-strict).
 
-The graph's inputs are (input_ids, attention_mask) with dynamic batch and sequence length and
-its output is the logits. Parameters, buffers and lifted constants become placeholders whose
-`node.meta["fxtp.state"]` names the model state they hold (e.g. "model.layers.0.mlp.up_proj.weight").
+The graph's inputs are those of the model's kind (fxtp/signatures.py; (input_ids,
+attention_mask) for a causal LM) with dynamic batch and sequence lengths, and its output is the
+logits (or an encoder's hidden states). Parameters, buffers and lifted constants become
+placeholders whose `node.meta["fxtp.state"]` names the model state they hold (e.g. "model.layers.0.mlp.up_proj.weight").
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch.export import Dim
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.export.graph_signature import InputKind
 
@@ -18,6 +18,7 @@ from fxtp.checkpoint import aliases
 from fxtp.passes.inline_wrappers import inline_wrappers
 from fxtp.passes.remove_identities import remove_identities
 from fxtp.passes.split_bias import split_bias
+from fxtp.signatures import Forward, signature_of
 
 STATE = "fxtp.state"
 USER_INPUTS = ("input_ids", "attention_mask")
@@ -27,20 +28,9 @@ class CaptureError(RuntimeError):
     pass
 
 
-class _Logits(torch.nn.Module):
-    """The model as a function of (input_ids, attention_mask) -> logits, without a KV cache."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-
 @dataclass
 class Captured:
-    graph_module: fx.GraphModule  # placeholders: state (meta[STATE]) then input_ids, attention_mask
+    graph_module: fx.GraphModule  # placeholders: state (meta[STATE]) then the user inputs
     state: dict[str, torch.Tensor]  # FQN -> tensor (meta tensors when the model is on meta)
     device: torch.device
     aliases: dict[str, list[str]] = field(default_factory=dict)  # tied weights' other names
@@ -52,30 +42,13 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def check_causal_lm(model) -> None:
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"fxtp.compile expects a torch.nn.Module (a HF causal LM), got {type(model).__name__}")
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
-        raise TypeError(
-            f"fxtp.compile supports HF causal LMs (AutoModelForCausalLM); {type(model).__name__} has no "
-            "language-model head. Load the model with AutoModelForCausalLM.from_config/from_pretrained.")
-    if getattr(config, "is_encoder_decoder", False):
-        raise TypeError(f"{type(model).__name__} is an encoder-decoder model; fxtp shards decoder-only causal LMs.")
-
-
 def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 16) -> Captured:
-    """Export `model` (real or meta weights) to a flat ATen graph of (input_ids, attention_mask)."""
-    check_causal_lm(model)
+    """Export `model` (real or meta weights) to a flat ATen graph of the inputs of its kind
+    (fxtp/signatures.py: (input_ids, attention_mask) for a causal LM)."""
+    signature = signature_of(model)
     device = model_device(model)
-    vocab = model.config.vocab_size
-    ids = torch.randint(1, max(2, vocab), (example_batch, example_seq), device=device) if device.type != "meta" \
-        else torch.ones(example_batch, example_seq, dtype=torch.long, device=device)
-    mask = torch.ones(example_batch, example_seq, dtype=torch.long, device=device)
+    example = signature.example_inputs(model, example_batch, example_seq, device)
     max_seq = getattr(model.config, "max_position_embeddings", None) or 4096
-    # DYNAMIC hints, not named Dims: torch 2.11 cannot prove some stride guards such as
-    # min(16*seq, 32*seq) == 16*seq, which named Dims turn into hard errors.
-    batch, seq = Dim.DYNAMIC(min=1, max=4096), Dim.DYNAMIC(min=1, max=max(max_seq, example_seq))
     was_training = model.training
     model.eval()
     try:
@@ -83,16 +56,17 @@ def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 1
         # the math backend has no such guard, and the graph keeps the one SDPA op either way, so at
         # run time the fastest kernel is still chosen.
         with sdpa_kernel([SDPBackend.MATH]):
-            ep = torch.export.export(_Logits(model), (ids, mask), strict=False,
-                                     dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+            ep = torch.export.export(Forward(model, signature), (), example, strict=False,
+                                     dynamic_shapes=signature.dynamic_shapes(4096, max(max_seq, example_seq)))
     except Exception as e:  # export errors are long; keep them whole inside ours
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__} ({model.config.model_type}): "
             f"{type(e).__name__}: {e}\nfxtp needs a model that torch.export (non-strict) can trace with "
-            "use_cache=False; check that the model runs forward(input_ids, attention_mask).") from e
+            "use_cache=False; check that the model runs forward("
+            f"{', '.join(signature.inputs)}).") from e
     finally:
         model.train(was_training)
-    captured = flatten(ep, device)
+    captured = flatten(ep, device, signature.inputs)
     captured.aliases = aliases(model)
     return captured
 
@@ -110,7 +84,7 @@ def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model."
         if spec.kind == InputKind.USER_INPUT:
             continue
         value = sd[spec.target] if spec.target in sd else ep.constants[spec.target]
-        name = spec.target.removeprefix(prefix)  # "model.": the _Logits wrapper's attribute
+        name = spec.target.removeprefix(prefix)  # "model.": the Forward wrapper's attribute
         node.meta[STATE] = name
         state[name] = value
     user = [n for n in placeholders if STATE not in n.meta]
@@ -118,7 +92,7 @@ def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model."
         raise CaptureError(f"unexpected graph inputs {[n.name for n in user]}")
     out = next(n for n in gm.graph.nodes if n.op == "output")
     if len(out.args[0]) != 1:
-        raise CaptureError(f"expected one output (logits), got {len(out.args[0])}")
+        raise CaptureError(f"expected one output (logits or hidden states), got {len(out.args[0])}")
     out.args = (out.args[0][0],)
     # imported here: the pass reuses the planner's recognizers, and the planner imports this module
     from fxtp.passes.unfuse_projections import unfuse_projections

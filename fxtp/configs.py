@@ -1,4 +1,5 @@
-"""Tiny configs of HF causal-LM architectures, for tests, the demo and the architecture table.
+"""Tiny configs of HF architectures (causal LMs, seq2seq LMs, encoders), for tests, the demo and
+the architecture table.
 
 Each builds with hidden 64, 4 attention heads (2 kv heads where the arch has GQA), 2 layers,
 intermediate 128, vocab 256; `tiny_config(arch, **overrides)` changes any of them. The keyword
@@ -7,7 +8,7 @@ names differ a lot between model types; the builders below are the one place tha
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo", "helium", "stablelm")
 CAUSAL_LMS = LLAMA_FAMILY + (
@@ -15,11 +16,31 @@ CAUSAL_LMS = LLAMA_FAMILY + (
     "gpt_bigcode", "olmo2", "starcoder2", "mpt", "cohere", "persimmon", "qwen2_moe", "gpt_neo",
     "xglm", "biogpt", "exaone4", "glm", "smollm3",
 )
+SEQ2SEQ_LMS = ("t5", "mt5", "bart", "marian")
+ENCODERS = ("bert", "roberta", "deberta-v2", "electra")
 
 
 def _llama_style(h, layers, heads, kv, inter, vocab, pos):
     return dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                 intermediate_size=inter, vocab_size=vocab, max_position_embeddings=pos)
+
+
+def _t5_style(h, layers, heads, kv, inter, vocab, pos):
+    return dict(d_model=h, d_kv=h // heads, d_ff=inter, num_layers=layers, num_decoder_layers=layers,
+                num_heads=heads, vocab_size=vocab, relative_attention_num_buckets=8,
+                relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def _bart_style(h, layers, heads, kv, inter, vocab, pos):
+    return dict(d_model=h, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
+                decoder_attention_heads=heads, encoder_ffn_dim=inter, decoder_ffn_dim=inter, vocab_size=vocab,
+                max_position_embeddings=pos, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                decoder_start_token_id=2)
+
+
+def _bert_style(h, layers, heads, kv, inter, vocab, pos):
+    return dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=inter,
+                vocab_size=vocab, max_position_embeddings=pos)
 
 
 def _gpt2_style(h, layers, heads, kv, inter, vocab, pos):
@@ -42,6 +63,9 @@ _KEYWORDS = {
                                  "shared_expert_intermediate_size": 128}),
     "exaone4": (_llama_style, {"sliding_window": 8, "sliding_window_pattern": 2, "bos_token_id": 1, "eos_token_id": 2}),
     "glm": (_llama_style, {"head_dim": None, "pad_token_id": 0, "eos_token_id": 2}),
+    **{arch: (_t5_style, {}) for arch in ("t5", "mt5")},
+    **{arch: (_bart_style, {}) for arch in ("bart", "marian")},
+    **{arch: (_bert_style, {}) for arch in ENCODERS},
     "gpt2": (_gpt2_style, {}),
     "gpt_bigcode": (_gpt2_style, {}),  # multi_query=True by default: one kv head (StarCoder-1)
     "gptj": (_gpt2_style, {"rotary_dim": 8}),
@@ -89,9 +113,14 @@ def tiny_config(arch: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv
     return AutoConfig.for_model(arch, **build(hidden, layers, heads, kv_heads, intermediate, vocab, positions), **extra)
 
 
-def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+def tiny_model(arch: str, seed: int = 0, auto_class=None, **overrides) -> torch.nn.Module:
+    """A tiny model with random weights; `auto_class` defaults to AutoModelForCausalLM, and to
+    AutoModelForSeq2SeqLM / AutoModelForMaskedLM for seq2seq LMs / encoders."""
+    if auto_class is None:
+        auto_class = AutoModelForSeq2SeqLM if arch in SEQ2SEQ_LMS else \
+            AutoModelForMaskedLM if arch in ENCODERS else AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
+    model = auto_class.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
     return model.float().eval()
 
 

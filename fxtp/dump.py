@@ -5,21 +5,22 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxtp.capture import STATE, USER_INPUTS
+from fxtp.capture import STATE
 from fxtp.layouts import Shard
 from fxtp.passes.propagate import LAYOUT, NOTE, REDUCE, WANTS
 from fxtp.redistribute import steps
 from fxtp.reshape import as_expr
+from fxtp.signatures import INPUTS
 from fxtp.stats import collectives_by_layer, state_bytes
 
 
 def _symbol_names(gm: fx.GraphModule) -> dict:
     names = {}
     for node in gm.graph.nodes:
-        if node.op == "placeholder" and node.name in USER_INPUTS:
+        if node.op == "placeholder" and node.name in INPUTS:  # the decoder's inputs: [batch, decoder_seq]
             batch, seq = node.meta["val"].shape
-            names.update({as_expr(size): name for size, name in ((batch, "batch"), (seq, "seq"))
-                          if not as_expr(size).is_Integer})  # a static-cache graph has a fixed batch
+            names.update({as_expr(size): name for size, name in ((batch, "batch"),
+                          (seq, INPUTS[node.name].tokens.replace("input_ids", "seq"))) if not as_expr(size).is_Integer})
     return names
 
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from fxtp import collectives
-from fxtp.capture import Captured, capture
+from fxtp.capture import STATE, Captured, capture
 from fxtp.checkpoint import RankLoader
 from fxtp.passes.manual_plan import from_hf_tp_plan, from_injection_policy, manual_plan
 from fxtp.passes.plan import Plan, plan as auto_plan
@@ -171,17 +171,25 @@ class TPProgram:
                                f"pass device=f'cuda:{{local_rank}}'")
         return process_group.group_name
 
-    def simulate_ranks(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> list:
-        """Every rank's output, all ranks run in this process with exact collectives."""
+    def simulate_ranks(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                       **inputs: Optional[torch.Tensor]) -> list:
+        """Every rank's output, all ranks run in this process with exact collectives. `inputs` are
+        the graph's other inputs by name (decoder_input_ids=..., token_type_ids=...)."""
+        names = [n.name for n in self.graph.graph.nodes if n.op == "placeholder" and STATE not in n.meta]
+        unknown = sorted(set(inputs) - set(names[2:]))
+        if unknown:
+            raise TypeError(f"unexpected inputs {unknown}: this {self.config.model_type} program takes {names}")
         key = str(input_ids.device)
         if key not in self._simulated:
             self._simulated[key] = [self.rank_graph(r, device=input_ids.device) for r in range(self.world_size)]
         with torch.no_grad():
-            return run_lockstep(self._simulated[key], (input_ids, attention_mask), {})
+            return run_lockstep(self._simulated[key], (input_ids, attention_mask), inputs)
 
-    def simulate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The sharded program's logits, computed in one process; equals the unsharded model's."""
-        return self.simulate_ranks(input_ids, attention_mask)[0]
+    def simulate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 **inputs: Optional[torch.Tensor]) -> torch.Tensor:
+        """The sharded program's output (logits, or an encoder's hidden states), computed in one
+        process; equals the unsharded model's."""
+        return self.simulate_ranks(input_ids, attention_mask, **inputs)[0]
 
     def _check_rank(self, rank: int) -> None:
         if not isinstance(rank, int) or not 0 <= rank < self.world_size:

@@ -17,7 +17,8 @@ from torch.export.graph_signature import OutputKind
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, StaticLayer
 
-from fxtp.capture import Captured, CaptureError, aliases, check_causal_lm, flatten, model_device
+from fxtp.capture import Captured, CaptureError, aliases, flatten, model_device
+from fxtp.signatures import CAUSAL_LM, signature_of
 
 CACHE_PREFIX = "kv_cache."  # the wrapper's submodule holding the cache buffers
 CACHE_INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position")
@@ -71,7 +72,8 @@ class _CachedLogits(torch.nn.Module):
 
 def capture_cached(model: torch.nn.Module, batch_size: int, max_length: int) -> Captured:
     """Export `model` with a static cache of `batch_size` x `max_length` tokens."""
-    check_causal_lm(model)
+    if signature_of(model).kind != CAUSAL_LM:
+        raise TypeError(f"{type(model).__name__} is not a causal LM: fxtp generates with decoder-only models")
     device = model_device(model)
     wrapper = _CachedLogits(model, batch_size, max_length, device)
     seq = min(2, max_length)

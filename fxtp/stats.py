@@ -1,4 +1,4 @@
-"""Structural facts about rank graphs: collectives per decoder layer, state bytes per rank."""
+"""Structural facts about rank graphs: collectives per layer, state bytes per rank."""
 from __future__ import annotations
 
 import re
@@ -17,8 +17,9 @@ OUTSIDE_LAYERS = "(outside layers)"
 
 
 def layer_of(node: fx.Node) -> str:
-    """The innermost module on the node's stack that is an item of a ModuleList ('model.layers.3')."""
-    for path, _ in reversed(list(node.meta.get("nn_module_stack", {}).values())):
+    """The outermost module on the node's stack that is an item of a ModuleList ('model.layers.3',
+    'encoder.block.1'; not a T5 block's own sub-layer 'encoder.block.1.layer.0')."""
+    for path, _ in node.meta.get("nn_module_stack", {}).values():
         if path.rsplit(".", 1)[-1].isdigit():
             return path.removeprefix("model.")  # capture wraps the model as `model`
     return OUTSIDE_LAYERS

@@ -1,6 +1,7 @@
 """Testing helpers for users and for fxtp's own suite: hypothesis strategies and equivalence checks."""
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 from typing import Optional
 
@@ -8,10 +9,13 @@ import torch
 from hypothesis import strategies as st
 
 import fxtp
+from fxtp.capture import Captured, capture
 from fxtp.configs import CAUSAL_LMS, tiny_model
+from fxtp.program import TPProgram
+from fxtp.signatures import Forward, signature_of
 
 __all__ = ["architectures", "tiny_configs", "world_sizes", "token_batches", "assert_equivalent", "max_abs_diff",
-           "tiny_program", "assert_generates_like_hf"]
+           "tiny_program", "padded_batch", "assert_generates_like_hf"]
 
 
 @lru_cache(maxsize=None)
@@ -20,10 +24,19 @@ def _tiny(arch: str) -> torch.nn.Module:
 
 
 @lru_cache(maxsize=None)
+def _captured(arch: str) -> Captured:
+    return capture(_tiny(arch))
+
+
+@lru_cache(maxsize=None)
 def tiny_program(arch: str, world_size: int) -> tuple[torch.nn.Module, "fxtp.TPProgram"]:
-    """(tiny model, its program over `world_size` ranks), built once per process: property tests
-    draw many inputs for the same few programs."""
-    return _tiny(arch), fxtp.compile(_tiny(arch), world_size)
+    """(tiny model, its automatic program over `world_size` ranks), built once per process:
+    property tests draw many inputs for the same few programs. The model is captured once for
+    all world sizes (export is most of fxtp.compile's time); each plans its own copy of the
+    graph, since planning annotates it."""
+    captured = copy.copy(_captured(arch))
+    captured.graph_module = copy.deepcopy(captured.graph_module)
+    return _tiny(arch), TPProgram(captured, world_size, "auto", _tiny(arch))
 
 
 def architectures(family: tuple = CAUSAL_LMS) -> st.SearchStrategy[str]:
@@ -64,22 +77,42 @@ def token_batches(draw, vocab: int = 256, max_batch: int = 4, max_seq: int = 64)
     return ids, mask
 
 
+def padded_batch(model: torch.nn.Module, batch: int = 3, seq: int = 17, seed: int = 0) -> dict:
+    """One input of each name the model's kind takes (fxtp.signatures): random ids (0 avoided),
+    the first row left-padded by a third, token types 0 then 1, and for seq2seq a shorter
+    decoder sequence whose second row is padded."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    names = signature_of(model).inputs
+    values = dict(input_ids=torch.randint(1, vocab, (batch, seq), generator=g))
+    values["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+    values["attention_mask"][0, :(seq + 1) // 3] = 0
+    if "token_type_ids" in names:
+        values["token_type_ids"] = (torch.arange(seq) >= seq // 2).long().expand(batch, seq)
+    if "decoder_input_ids" in names:
+        values["decoder_input_ids"] = torch.randint(1, vocab, (batch, max(2, seq - 4)), generator=g)
+        values["decoder_attention_mask"] = torch.ones_like(values["decoder_input_ids"])
+        values["decoder_attention_mask"][min(1, batch - 1), :2] = 0
+    return values
+
+
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
 def assert_equivalent(model: torch.nn.Module, world_size: int, input_ids: torch.Tensor,
                       attention_mask: Optional[torch.Tensor] = None, *, atol: float = 1e-4,
-                      program: Optional["fxtp.TPProgram"] = None) -> float:
-    """Check that every rank of the sharded model (simulated) returns the unsharded logits;
-    returns the max abs difference."""
+                      program: Optional["fxtp.TPProgram"] = None, **inputs: Optional[torch.Tensor]) -> float:
+    """Check that every rank of the sharded model (simulated) returns the unsharded model's output
+    (logits, or an encoder's hidden states); returns the max abs difference. `inputs` are the
+    model's other inputs by name (decoder_input_ids=..., token_type_ids=...)."""
     tp = program if program is not None else fxtp.compile(model, world_size)
     with torch.no_grad():
-        expected = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    outputs = tp.simulate_ranks(input_ids, attention_mask)
+        expected = Forward(model, signature_of(model))(input_ids, attention_mask, **inputs)
+    outputs = tp.simulate_ranks(input_ids, attention_mask, **inputs)
     for rank, out in enumerate(outputs):
         if out.shape != expected.shape:
-            raise AssertionError(f"rank {rank}: logits shape {tuple(out.shape)} != {tuple(expected.shape)}")
+            raise AssertionError(f"rank {rank}: output shape {tuple(out.shape)} != {tuple(expected.shape)}")
         if not torch.equal(out, outputs[0]):
             raise AssertionError(f"rank {rank} differs from rank 0 by {max_abs_diff(out, outputs[0]):.3e}")
     diff = max_abs_diff(outputs[0], expected)

@@ -7,7 +7,8 @@ Three spellings, all turned into {module name pattern: "colwise" | "rowwise" | "
   `base_model_tp_plan` under the base model's prefix). HF styles map by what they do to the
   weight: *colwise* -> colwise, *rowwise* -> rowwise, anything else stays replicated;
 - a DeepSpeed `injection_policy` {block class: (row-parallel linear names, ...)}: in every block
-  of that class the named projections are rowwise and its other projections colwise.
+  of that class the named projections (module names within the block, or their dotted suffixes,
+  as DeepSpeed matches them) are rowwise and its other projections colwise.
 
 Reads:  node.meta["val"], ["fxtp.state"]; the automatic planner's projection groups, units and
         head-aligned counts (passes/plan.py).
@@ -60,8 +61,8 @@ def from_injection_policy(policy: dict, model: torch.nn.Module) -> dict[str, str
         if not blocks:
             raise PlanError(f"injection_policy names {getattr(block_class, '__name__', block_class)}, but the model has "
                             "no such module")
-        for block in blocks:
-            patterns.update({f"{block}.{name}": "rowwise" for name in rowwise})
+        for block in blocks:  # a name may sit deeper in the block: T5's "SelfAttention.o" is "layer.0.SelfAttention.o"
+            patterns.update({f"{block}.{prefix}{name}": "rowwise" for name in rowwise for prefix in ("", "*.")})
             patterns[f"{block}.*"] = "colwise"
     return patterns
 

@@ -12,9 +12,12 @@ produces is consumed by shard-preserving ops and ends in row-parallel projection
 outputs are all-reduced; any need for an all_gather rejects it, with the reason. Nothing is
 read from module names. The one gather allowed is at the graph output: a group whose shard
 flows through shard-preserving ops to the output (the lm_head: vocab-sharded logits) is
-column-parallel (gathered). Before the groups, the token embedding table is tried as
-vocab-parallel (Shard(0), the lookup all-reduced at once); a tied table is the lm_head's
-weight as well, so one vocab shard serves both.
+column-parallel (gathered). A rejected group is tried once more after all others are
+decided: it may meet projections that come later (cross-attention k/v, grouped because all
+read the encoder output, meet each decoder layer's q). Before the groups, each token embedding
+table is tried as vocab-parallel (Shard(0), the lookup all-reduced at once); a tied table is the
+lm_head's weight as well, so one vocab shard serves both (and a seq2seq model's encoder and
+decoder lookups).
 
 Shard sizes follow the graph's own view of each projection output: the first reshape that
 splits its features (e.g. 64 -> [4 heads, 16]) gives the unit (16) so ranks never split inside
@@ -32,10 +35,11 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxtp.capture import STATE, USER_INPUTS
+from fxtp.capture import STATE
 from fxtp.layouts import Layout, Replicate, Shard, balanced_counts
 from fxtp.op_rules import GROUPED_MM, PIECES, calls, permutation, piece_bounds, val
 from fxtp.reshape import dim_groups
+from fxtp.signatures import TOKEN_IDS
 from fxtp.passes.reassociate import reassociate_partials
 from fxtp.passes.propagate import _PERMUTES, LAYOUT, PropagationError, propagate
 
@@ -195,8 +199,9 @@ def choose_counts(units: dict[fx.Node, int], world_size: int) -> tuple[dict[fx.N
 
 
 def token_embeddings(gm: fx.GraphModule) -> list[fx.Node]:
-    """Embeddings that look up the input ids (through reshapes) in a state table; position
-    tables, indexed by an arange or the mask, are not among them."""
+    """Embeddings that look up token ids (input_ids, decoder_input_ids; through reshapes) in a
+    state table; position and token-type tables, indexed by an arange, the mask or
+    token_type_ids, are not among them."""
     found = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not aten.embedding.default:
@@ -205,7 +210,7 @@ def token_embeddings(gm: fx.GraphModule) -> list[fx.Node]:
         while isinstance(ids, fx.Node) and ids.op == "call_function" and ids.target in _RESHAPES:
             ids = ids.args[0]
         if table.op == "placeholder" and STATE in table.meta and isinstance(ids, fx.Node) \
-                and ids.op == "placeholder" and ids.name == USER_INPUTS[0]:
+                and ids.op == "placeholder" and ids.name in TOKEN_IDS:
             found.append(node)
     return found
 
@@ -218,6 +223,8 @@ def plan_vocab_parallel(gm: fx.GraphModule, world_size: int, result: Plan) -> No
     for node in token_embeddings(gm):
         table = node.args[0]
         name = table.meta[STATE]
+        if name in result.seeds:
+            continue  # a table shared by the encoder and the decoder (seq2seq), decided once
         seeds = {name: Shard(0, balanced_counts(val(table).shape[0], world_size))}
         try:
             propagate(gm, {**result.seeds, **seeds}, strict=True, gather_at_output=True)
@@ -259,6 +266,22 @@ def column_seeds(projections: list[fx.Node], world_size: int) -> tuple[dict[str,
     return seeds, note
 
 
+def _try_column(gm: fx.GraphModule, group: list[fx.Node], names: list[str], seeds: dict[str, Layout], note: str,
+                result: Plan) -> GroupDecision:
+    """The decision on one group given the seeds accepted so far (added to when it is accepted)."""
+    if any(not isinstance(n.args[0].meta[LAYOUT], Replicate) for n in group):
+        return GroupDecision(names, "row-parallel", "its input is sharded by the region before it")
+    if not seeds:
+        return GroupDecision(names, "replicated", note)
+    try:
+        propagate(gm, {**result.seeds, **seeds}, strict=True, gather_at_output=True)
+    except PropagationError as e:
+        propagate(gm, result.seeds)
+        return GroupDecision(names, "replicated", e.reason)
+    result.seeds.update(seeds)
+    return GroupDecision(names, column_role(group), note)
+
+
 def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     groups = projection_groups(gm)
     candidates = [([projection_weight(n)[0].meta[STATE] for n in group], *column_seeds(group, world_size))
@@ -267,21 +290,14 @@ def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     result = Plan()
     propagate(gm, {})
     plan_vocab_parallel(gm, world_size, result)
-    for group, (names, seeds, note) in zip(groups, candidates):
-        if any(not isinstance(n.args[0].meta[LAYOUT], Replicate) for n in group):
-            result.groups.append(GroupDecision(names, "row-parallel", "its input is sharded by the region before it"))
-            continue
-        if not seeds:
-            result.groups.append(GroupDecision(names, "replicated", note))
-            continue
-        try:
-            propagate(gm, {**result.seeds, **seeds}, strict=True, gather_at_output=True)
-        except PropagationError as e:
-            result.groups.append(GroupDecision(names, "replicated", e.reason))
-            propagate(gm, result.seeds)
-            continue
-        result.seeds.update(seeds)
-        result.groups.append(GroupDecision(names, column_role(group), note))
+    decisions = [_try_column(gm, group, *candidate, result) for group, candidate in zip(groups, candidates)]
+    # A group can meet projections decided after it: the k/v of every cross-attention read the
+    # encoder output, which comes before any decoder layer's q. Rejected groups are tried once
+    # more with every other decision in place.
+    for i, (group, candidate) in enumerate(zip(groups, candidates)):
+        if decisions[i].role == "replicated" and candidate[1]:
+            decisions[i] = _try_column(gm, group, *candidate, result)
+    result.groups += decisions
     propagate(gm, result.seeds)
     if reassociate_partials(gm):
         propagate(gm, result.seeds)

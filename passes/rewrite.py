@@ -6,7 +6,8 @@ Writes: a new GraphModule whose state attributes hold only this rank's slices (n
         localize), whose ops are a rank's own where a rule lowers them (op_rules' lower), whose
         torch.device constants name the target device, and with a redistribution before every node that
         wanted one. Each new node carries meta["fxtp.layout"] and, for collectives,
-        meta["fxtp.collective"] naming the value it moves.
+        meta["fxtp.collective"] naming the value it moves. User inputs that may be None (masks,
+        token types: fxtp/signatures.INPUTS) default to None and are checked and filled first.
 
     before (global)                     after (rank r of 2)
     q = linear(x, Wq)   [b,s,64]        q = linear(x, Wq_r)              [b,s,32]
@@ -23,12 +24,13 @@ import torch
 import torch.fx as fx
 
 from fxtp import collectives, inputs
-from fxtp.capture import STATE, USER_INPUTS
+from fxtp.capture import STATE
 from fxtp.layouts import Layout, Partial, Replicate, Shard
 from fxtp.op_rules import rule_for
 from fxtp.passes.fuse_bias import fuse_bias
 from fxtp.passes.propagate import LAYOUT, REDUCE, WANTS, is_state
 from fxtp.redistribute import steps
+from fxtp.signatures import INPUTS
 
 aten = torch.ops.aten
 COLLECTIVE = "fxtp.collective"
@@ -72,12 +74,13 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
     """`state` holds the full tensors (real or meta); `load(name, layout)`, when given, returns this
     rank's part of a state tensor from elsewhere (a checkpoint) instead of slicing `state`."""
     _check_in_place_updates(gm)
-    # graphs of (input_ids, attention_mask), not the static-cache graph, check what users pass
-    checks_inputs = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder" and STATE not in n.meta) == USER_INPUTS
+    # graphs of user-facing inputs check them; fxtp.generation feeds the static-cache step graph itself
+    checks_inputs = all(n.name in INPUTS for n in gm.graph.nodes if n.op == "placeholder" and STATE not in n.meta)
     graph = fx.Graph()
     root = torch.nn.Module()
     env: dict[fx.Node, fx.Node] = {}
     moved: dict[tuple[fx.Node, str], fx.Node] = {}
+    optional = False  # inputs from the first one with a default on get default None
 
     def redistribute(src: fx.Node, want: Layout, have: Optional[Layout] = None) -> fx.Node:
         key = (src, str(want))
@@ -114,11 +117,13 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
             value = value.to(device).contiguous()
             _set_state(root, name, value, isinstance(state[name], torch.nn.Parameter))
             new = graph.get_attr(name)
-        elif node.op == "placeholder" and checks_inputs and node.name == USER_INPUTS[1]:
-            new = graph.placeholder(node.name, default_value=None)
-            new = graph.call_function(inputs.checked_inputs, (env[_ids_placeholder(gm)], new, device))
         elif node.op == "placeholder":
-            new = graph.placeholder(node.name)
+            spec = INPUTS.get(node.name) if checks_inputs else None
+            optional = optional or (spec is not None and spec.fill is not None)  # later ones too: Python's order
+            new = graph.placeholder(node.name, default_value=None) if optional else graph.placeholder(node.name)
+            if spec is not None and spec.fill is not None:
+                ids = env[_placeholder(gm, spec.tokens)]
+                new = graph.call_function(inputs.checked_inputs, (ids, new, device, (spec.tokens, node.name), spec.fill))
         elif node.op == "get_attr":  # a submodule or constant export kept as an attribute
             setattr(root, node.target, getattr(gm, node.target))
             new = graph.get_attr(node.target)
@@ -166,10 +171,8 @@ def _check_in_place_updates(gm: fx.GraphModule) -> None:
                 f"{node.args[0].meta[LAYOUT]} and the update needs it as {node.meta[WANTS][node.args[0]]}: "
                 "store it in that layout (a manual plan that shards its producer differently can cause this)")
 
-
-
-def _ids_placeholder(gm: fx.GraphModule) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == USER_INPUTS[0])
+def _placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
 
 
 def _read_layout(n: fx.Node, user: fx.Node) -> Layout:
