@@ -4,10 +4,12 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import fxtp
-from fxtp.checkpoint import CheckpointError
+from fxtp.checkpoint import CheckpointError, tensor_files
 from fxtp.configs import tiny_config, tiny_model
 from fxtp.launch import run_ranks
 from fxtp.simulate import simulate
@@ -16,6 +18,16 @@ from fxtp.simulate import simulate
 def meta_model(arch: str, **overrides):
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
+
+
+def max_logit_diff(model, ranks) -> float:
+    """The largest difference between the simulated ranks' logits and the model's, on a left-padded batch."""
+    ids = torch.randint(1, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        return max((out - expected).abs().max().item() for out in simulate(ranks, (ids, mask), {}))
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +49,7 @@ def test_round_trip_on_meta(saved, arch, world_size):
     model, path = saved[arch]
     tp = fxtp.compile(meta_model(arch), world_size)
     ranks = [tp.rank_graph(r, device="cpu", checkpoint=path) for r in range(world_size)]
-    ids = torch.randint(1, 256, (2, 9), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask).logits
-        outputs = simulate(ranks, (ids, mask), {})
-    assert all((out - expected).abs().max().item() <= 1e-4 for out in outputs)
+    assert max_logit_diff(model, ranks) <= 1e-4
 
 
 def test_sharded_index_is_used(saved):
@@ -77,6 +83,51 @@ def test_missing_tensor_and_missing_checkpoint(saved, tmp_path):
         tp.rank_graph(0, device="cpu", checkpoint=str(broken))
     with pytest.raises(CheckpointError, match="save_pretrained"):
         tp.rank_graph(0, device="cpu", checkpoint=str(tmp_path / "nothing"))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """{arch: (model, checkpoint dir, program compiled on meta)} for MoE models that transformers
+    stores in another form than it holds: per-expert `experts.<e>.w1/w3/w2.weight` (Mixtral: under `block_sparse_moe`) for
+    the fused `mlp.experts.gate_up_proj` / `down_proj` (and `mlp.gate.weight`)."""
+    out = {}
+    for arch in ("mixtral", "qwen2_moe"):
+        model = tiny_model(arch, layers=1)
+        path = tmp_path_factory.mktemp(arch)
+        model.save_pretrained(path)
+        out[arch] = (model, str(path), fxtp.compile(meta_model(arch, layers=1), 2))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_conversion_mapping_round_trip(converted, arch):
+    """Compiled on meta, each rank's expert slices are built with transformers' conversion mapping
+    from the per-expert checkpoint tensors: the same as slicing the model's fused tensors."""
+    model, path, on_meta = converted[arch]
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in tensor_files(path)  # stored per expert
+    on_cpu = fxtp.compile(model, 2)
+    for rank in range(2):
+        loaded = dict(on_meta.rank_graph(rank, device="cpu", checkpoint=path).named_parameters())
+        sliced = dict(on_cpu.rank_graph(rank).named_parameters())
+        assert loaded.keys() == sliced.keys()
+        for name in loaded:
+            torch.testing.assert_close(loaded[name], sliced[name], rtol=0, atol=0, msg=name)
+    # logits: a program traced on meta bakes in transformers' non-CPU histc(int) for the expert
+    # counts, which the CPU cannot run; so the CPU program is run, with its weights read from disk
+    ranks = [on_cpu.rank_graph(r, device="cpu", checkpoint=path) for r in range(2)]
+    assert max_logit_diff(model, ranks) <= 1e-5
+
+
+def test_missing_expert_names_the_conversion(converted):
+    """An expert's gate missing: the error names the fused tensor and the tensors it is built from."""
+    _, path, tp = converted["mixtral"]
+    with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+        kept = {n: f.get_tensor(n) for n in f.keys() if n != "model.layers.0.block_sparse_moe.experts.3.w1.weight"}
+    broken = os.path.join(path, "broken.safetensors")
+    save_file(kept, broken)
+    with pytest.raises(CheckpointError, match=r"could not build 'model.layers.0.mlp.experts.gate_up_proj' from "
+                                              r"checkpoint tensors \['model.layers.0.block_sparse_moe.experts.0.w1"):
+        tp.rank_graph(0, device="cpu", checkpoint=broken)
 
 
 def _load_rank(rank: int, path: str, ids: torch.Tensor) -> torch.Tensor:
