@@ -73,8 +73,9 @@ def unfuse_projections(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> fx
         if found is not None:
             orphans += _unfuse(gm, state, proj, *found)
     gm.graph.eliminate_dead_code()
+    alive = set(gm.graph.nodes)  # dead code elimination may have erased the pure copies already
     for node in dict.fromkeys(orphans):  # in order, once: a constant's copies before the constant
-        if not node.users:
+        if node in alive and not node.users:
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
