@@ -4,14 +4,17 @@ The graph's inputs are those of the model's kind (fxtp/signatures.py; (input_ids
 attention_mask) for a causal LM) with dynamic batch and sequence lengths, and its output is the
 logits (or an encoder's hidden states). Parameters, buffers and lifted constants become
 placeholders whose `node.meta["fxtp.state"]` names the model state they hold (e.g. "model.layers.0.mlp.up_proj.weight").
+Lifted constants keep their values on the meta device too (list indices, _ListIndicesOnCPU).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 from torch.export.graph_signature import InputKind
 
 from fxtp.checkpoint import aliases
@@ -26,6 +29,30 @@ USER_INPUTS = ("input_ids", "attention_mask")
 
 class CaptureError(RuntimeError):
     pass
+
+
+class _ListIndicesOnCPU(TorchFunctionMode):
+    """Index with an int64 CPU tensor where the code indexes with a list of ints
+    (`x[..., [-2], :]`, same result). On the meta device the list would become a meta tensor
+    without values, and the unfuse pass reads these values to find the pieces a fused q|k|v
+    is cut into (Falcon-7B's multi-query k = h[:, :, [-2]]); a CPU tensor keeps them."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__:
+            x, index = args
+            args = (x, tuple(map(_int_list_as_tensor, index)) if isinstance(index, tuple) else _int_list_as_tensor(index))
+        return func(*args, **(kwargs or {}))
+
+
+def list_indices_on_cpu(device: torch.device):
+    """The context to export a model on `device` in (see _ListIndicesOnCPU)."""
+    return _ListIndicesOnCPU() if device.type == "meta" else nullcontext()
+
+
+def _int_list_as_tensor(index):
+    if isinstance(index, list) and index and all(type(i) is int for i in index):
+        return torch.tensor(index, dtype=torch.long)
+    return index
 
 
 @dataclass
@@ -55,7 +82,7 @@ def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 1
         # CUDA's fused attention kernels make export guard seq to a multiple of 8 (mask alignment);
         # the math backend has no such guard, and the graph keeps the one SDPA op either way, so at
         # run time the fastest kernel is still chosen.
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel([SDPBackend.MATH]), list_indices_on_cpu(device):
             ep = torch.export.export(Forward(model, signature), (), example, strict=False,
                                      dynamic_shapes=signature.dynamic_shapes(4096, max(max_seq, example_seq)))
     except Exception as e:  # export errors are long; keep them whole inside ours

@@ -19,7 +19,12 @@ SIMULATED_GROUP = "fxtp-simulated"
 
 
 def local_part(x: torch.Tensor, dim: int, counts: tuple, inner: int, outer: int, rank: int) -> torch.Tensor:
-    """The elements of `x` that `rank` owns under Shard(dim, counts, inner, outer)."""
+    """The elements of `x` that `rank` owns under Shard(dim, counts, inner, outer); an outer or
+    inner of -1 is read from x's size (a symbolic one: Bloom's ALiBi [batch*heads, 1, s])."""
+    if inner == -1 or outer == -1:
+        start = sum(counts[:rank])
+        blocks = x.unflatten(dim, (outer, sum(counts), inner))
+        return blocks.narrow(dim + 1, start, counts[rank]).flatten(dim, dim + 2)
     pieces = [x.narrow(dim, lo, hi - lo) for lo, hi in Shard(dim, tuple(counts), inner, outer).owned_ranges(rank)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 

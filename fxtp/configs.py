@@ -148,3 +148,55 @@ def real_config(name: str, layers: int | None = None):
     if layers is not None:
         kwargs = {**kwargs, "num_hidden_layers": layers}
     return AutoConfig.for_model(model_type, **kwargs)
+
+
+# Generic shrinking for model types without a builder above (benchmarks/sweep_model_types.py):
+# config attribute names that mean the same size across model types, and the tiny value each gets.
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "attention_heads")
+_KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_n_heads", "multi_query_group_num")
+_TINY_SIZES = {
+    64: ("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "model_dim", "word_embed_proj_dim"),
+    2: _LAYER_KEYS + _KV_HEAD_KEYS + ("num_experts_per_tok", "moe_top_k", "moe_topk", "num_experts_per_token"),
+    4: _HEAD_KEYS + ("num_experts",
+        "num_local_experts", "n_routed_experts", "moe_num_experts"),
+    16: ("head_dim", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
+    32: ("kv_lora_rank", "q_lora_rank"),
+    128: ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff"),
+    48: ("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size"),
+    1: ("n_group", "topk_group", "n_shared_experts", "num_shared_experts"),
+    256: ("vocab_size",),
+}
+_TINY_OF = {name: size for size, names in _TINY_SIZES.items() for name in names}
+_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1}
+MULTIMODAL_KEYS = ("text_config", "vision_config", "audio_config", "vq_config", "speech_config")
+
+
+def generic_tiny_config(model_type: str):
+    """A tiny config of any model type, from its defaults: every size attribute named in
+    _TINY_SIZES (also inside sub-config dicts) shrunk, token ids kept inside the 256-word vocab
+    and per-layer lists cut to the first 2 layers; kv heads as many as the heads where the
+    default has as many (multi-head and MLA attention stay so). Raises what the config class
+    raises if the shrunk sizes are inconsistent for it."""
+    default = AutoConfig.for_model(model_type).to_dict()
+    layers = next((default[k] for k in _LAYER_KEYS if isinstance(default.get(k), int)), None)
+    heads = next((default[k] for k in _HEAD_KEYS if isinstance(default.get(k), int)), None)
+    return AutoConfig.for_model(model_type, **_shrunk(default, layers, heads))
+
+
+def _shrunk(values: dict, layers, heads) -> dict:
+    changed = {}
+    for key, value in values.items():
+        if key in _KV_HEAD_KEYS and value == heads:
+            changed[key] = _TINY_OF["num_attention_heads"]
+        elif key in _TINY_OF and isinstance(value, int) and not isinstance(value, bool):
+            changed[key] = _TINY_OF[key]
+        elif key in _TOKEN_IDS and isinstance(value, int) and value >= _TINY_OF["vocab_size"]:
+            changed[key] = _TOKEN_IDS[key]
+        elif isinstance(value, list) and layers and len(value) == layers > 2:
+            changed[key] = value[:2]
+        elif isinstance(value, dict) and key not in MULTIMODAL_KEYS:
+            inner = _shrunk(value, layers, heads)
+            if inner:
+                changed[key] = {**value, **inner}
+    return changed

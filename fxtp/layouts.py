@@ -5,11 +5,18 @@ units (a head, or one element of an MLP intermediate), ``counts[r]`` of them bel
 and rank r owns its contiguous part of the n axis for every outer index. Fused projections
 (GPT-2 c_attn: outer=3 blocks of q|k|v) and per-head interleaving (Bloom: inner=3*head_dim) are
 both this one shape, so no layout needs to know what a "head" is.
+
+`outer` (or `inner`) may be a sympy expression of the batch or sequence size: Bloom's and
+XGLM's attention reshape [batch, heads, s, d] to [batch*heads, s, d], whose head shard is
+``Shard(0, counts, outer=batch)``. Such a shard is never a stored tensor (state has static
+shapes); rank graphs slice it by its structure (fxtp.collectives.local_part).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Union
+
+import sympy
 
 __all__ = ["Replicate", "Shard", "Partial", "Layout", "balanced_counts", "same_placement"]
 
@@ -32,8 +39,8 @@ class Partial:
 class Shard:
     dim: int
     counts: tuple[int, ...]
-    inner: int = 1
-    outer: int = 1
+    inner: Union[int, sympy.Expr] = 1
+    outer: Union[int, sympy.Expr] = 1
 
     @property
     def world_size(self) -> int:
@@ -49,6 +56,11 @@ class Shard:
 
     def local_size(self, rank: int) -> int:
         return self.outer * self.counts[rank] * self.inner
+
+    @property
+    def symbolic(self) -> bool:
+        """Whether `outer` or `inner` depends on batch or sequence (see the module docstring)."""
+        return not (isinstance(self.inner, int) and isinstance(self.outer, int))
 
     def unit_start(self, rank: int) -> int:
         return sum(self.counts[:rank])
@@ -89,7 +101,16 @@ def balanced_counts(units: int, world_size: int) -> tuple[int, ...]:
 
 
 def same_placement(a: Shard, b: Shard) -> bool:
-    """True when both shards put the same global elements on every rank (on the same dim)."""
-    if a.dim != b.dim or a.world_size != b.world_size or a.global_size != b.global_size:
+    """True when both shards put the same global elements on every rank (on the same dim). A
+    symbolic `outer` must be the same expression, the blocks inside it placed the same."""
+    if a == b:
+        return True
+    if a.dim != b.dim or a.world_size != b.world_size:
+        return False
+    if a.symbolic or b.symbolic:
+        if not (isinstance(a.inner, int) and isinstance(b.inner, int)) or sympy.cancel(a.outer - b.outer) != 0:
+            return False
+        a, b = Shard(a.dim, a.counts, a.inner), Shard(b.dim, b.counts, b.inner)
+    if a.global_size != b.global_size:
         return False
     return all(a.owned_ranges(r) == b.owned_ranges(r) for r in range(a.world_size))

@@ -195,7 +195,9 @@ def reshape(node: fx.Node, lay: LayoutOf) -> Decision:
 
 
 def localize_shape_list(arg_index: int, first_dim: Callable = lambda node: 0):
-    """Replace the size of the sharded output dim in a size-list argument with the local size."""
+    """Replace the size of the sharded output dim in a size-list argument with the local size.
+    A symbolic size (Bloom's batch*heads, a node of the rank graph) becomes
+    size // units * counts[rank], computed in the rank graph."""
 
     def localize(node, args, kwargs, out, rank):
         if not isinstance(out, Shard):
@@ -204,6 +206,10 @@ def localize_shape_list(arg_index: int, first_dim: Callable = lambda node: 0):
         k = out.dim - first_dim(node)
         if 0 <= k < len(sizes) and isinstance(sizes[k], int) and sizes[k] != -1:
             sizes[k] = out.local_size(rank)
+        elif 0 <= k < len(sizes) and isinstance(sizes[k], fx.Node):
+            graph = sizes[k].graph
+            per_unit = graph.call_function(operator.floordiv, (sizes[k], out.units))
+            sizes[k] = graph.call_function(operator.mul, (per_unit, out.counts[rank]))
         return args[:arg_index] + (sizes,) + args[arg_index + 1:], kwargs
 
     return localize
@@ -441,7 +447,29 @@ def linear(node: fx.Node, lay: LayoutOf) -> Decision:
 def matmul(node: fx.Node, lay: LayoutOf) -> Decision:
     """a[..., n, k] @ b[..., k, m] (matmul/mm/bmm): shards of batch dims, n, m pass through;
     the contraction dim sharded on both sides gives a Partial."""
-    a, b = node.args[0], node.args[1]
+    return _product(node, lay, node.args[0], node.args[1])
+
+
+def baddbmm(node: fx.Node, lay: LayoutOf) -> Decision:
+    """beta * input + alpha * (a @ b) (Bloom's ALiBi scores): the product as for bmm; a
+    replicated input is sliced like a sharded product (ALiBi by head), otherwise all whole."""
+    src, a, b = node.args[:3]
+    product = _product(node, lay, a, b)
+    target, have = product.out, lay(src)
+    if not isinstance(target, Shard):
+        if isinstance(target, Replicate):
+            return Decision(R, {**product.wants, **({} if isinstance(have, Replicate) else {src: R})}, product.note)
+        return replicate_all(node, lay, "baddbmm of a Partial product")
+    d = target.dim - (ndim(node) - ndim(src))
+    if isinstance(have, Replicate):
+        broadcast = d < 0 or val(src).shape[d] == 1
+        return Decision(target, {**product.wants, **({} if broadcast else {src: target.with_dim(d)})})
+    if isinstance(have, Shard) and same_placement(have, target.with_dim(d)):
+        return Decision(target, product.wants)
+    return replicate_all(node, lay, "baddbmm input sharded unlike the product")
+
+
+def _product(node: fx.Node, lay: LayoutOf, a: fx.Node, b: fx.Node) -> Decision:
     al, bl = lay(a), lay(b)
     na, nb, no = ndim(a), ndim(b), ndim(node)
     if na < 2 or nb < 2:
@@ -668,7 +696,13 @@ RULES: dict[object, OpRule] = {
         aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default,
         aten.sigmoid.default, aten.rsqrt.default, aten.sqrt.default, aten.reciprocal.default,
         aten.exp.default, aten.log.default, aten.cos.default, aten.sin.default,
-        aten.square.default, aten.abs.default, aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor,
+        aten.square.default, aten.abs.default, aten.expm1.default, aten.log1p.default, aten.erf.default,
+        aten.softplus.default, aten.elu.default, aten.celu.default, aten.selu.default, aten.leaky_relu.default,
+        aten.hardtanh.default, aten.relu6.default, aten.hardsigmoid.default, aten.hardswish.default,
+        aten.mish.default, aten.sign.default, aten.sgn.default, aten.floor.default, aten.ceil.default,
+        aten.round.default, aten.trunc.default, aten.clamp_min.default, aten.clamp_max.default,
+        aten.atan.default, aten.log2.default, aten.exp2.default, aten.sinh.default, aten.cosh.default,
+        aten.isnan.default, aten.isinf.default, aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor,
         aten.pow.Scalar, aten.clamp.default, aten.mul.Scalar, aten.add.Scalar,
         aten.__and__.Tensor, aten.__or__.Tensor, aten.bitwise_not.default, aten.logical_not.default,
         aten.le.Tensor, aten.lt.Tensor, aten.ge.Tensor, aten.gt.Tensor, aten.eq.Tensor, aten.ne.Tensor,
@@ -726,6 +760,7 @@ RULES: dict[object, OpRule] = {
     aten.matmul.default: OpRule(matmul),
     aten.mm.default: OpRule(matmul),
     aten.bmm.default: OpRule(matmul),
+    aten.baddbmm.default: OpRule(baddbmm),
     **{op: OpRule(grouped_mm) for op in GROUPED_MM},  # MoE experts: column/row-parallel per expert
     aten.scaled_dot_product_attention.default: OpRule(sdpa),
     aten.embedding.default: OpRule(embedding, lower=vocab_parallel),

@@ -6,7 +6,6 @@ groups with `[s0, 4, 16]` without knowing s0.
 from __future__ import annotations
 
 from functools import lru_cache
-from math import prod
 from typing import Optional, Sequence
 
 import sympy
@@ -18,6 +17,8 @@ from fxtp.layouts import Shard
 def as_expr(size) -> sympy.Expr:
     if isinstance(size, torch.SymInt):
         return sympy.sympify(size.node.expr)
+    if isinstance(size, sympy.Expr):
+        return size
     return sympy.Integer(int(size))
 
 
@@ -55,24 +56,37 @@ def _dim_groups(ins: tuple, outs: tuple) -> Optional[tuple[tuple[tuple[int, ...]
 
 
 def reshape_shard(shard: Shard, in_shape: Sequence, out_shape: Sequence) -> Optional[Shard]:
-    """The Shard of a reshape's output, or None when the owned elements are not one output dim."""
-    groups = dim_groups(in_shape, out_shape)
+    """The Shard of a reshape's output, or None when the owned elements are not one output dim.
+    A shard merged with batch or sequence gets a symbolic outer/inner: [b, 4 heads, s, d] ->
+    [b*4, s, d] is Shard(0, outer=b), and the split back [b*4, s, s] -> [b, 4, s, s] recovers
+    the heads."""
+    return _reshape_shard(shard, tuple(as_expr(s) for s in in_shape), tuple(as_expr(s) for s in out_shape))
+
+
+@lru_cache(maxsize=4096)
+def _reshape_shard(shard: Shard, ins: tuple, outs: tuple) -> Optional[Shard]:
+    groups = _dim_groups(ins, outs)
     if groups is None:
         return None
     for gi, gj in groups:
         if shard.dim not in gi:
             continue
-        in_sizes, out_sizes = [as_expr(in_shape[d]) for d in gi], [as_expr(out_shape[d]) for d in gj]
-        if not gj or not all(e.is_Integer for e in in_sizes + out_sizes):
-            return None  # a shard merged with batch or sequence (Bloom's [b*heads, s, d]) stays whole
+        if not gj:
+            return None
+        in_sizes, out_sizes = [ins[d] for d in gi], [outs[d] for d in gj]
         pos = gi.index(shard.dim)
-        before = prod(int(in_shape[d]) for d in gi[:pos]) if pos else 1
-        after = prod(int(in_shape[d]) for d in gi[pos + 1:]) if pos + 1 < len(gi) else 1
-        outer, inner = shard.outer * before, shard.inner * after
+        outer = as_expr(shard.outer) * sympy.Mul(*in_sizes[:pos])
+        inner = as_expr(shard.inner) * sympy.Mul(*in_sizes[pos + 1:])
         for k, d in enumerate(gj):
-            pre = prod(int(s) for s in out_sizes[:k]) if k else 1
-            post = prod(int(s) for s in out_sizes[k + 1:]) if k + 1 < len(gj) else 1
-            if outer % pre == 0 and inner % post == 0 and int(out_sizes[k]) == (outer // pre) * shard.units * (inner // post):
-                return Shard(d, shard.counts, inner // post, outer // pre)
+            pre, post = sympy.Mul(*out_sizes[:k]), sympy.Mul(*out_sizes[k + 1:])
+            if _divides(pre, outer) and _divides(post, inner) and \
+                    sympy.cancel(out_sizes[k] - outer / pre * shard.units * inner / post) == 0:
+                return Shard(d, shard.counts, _plain(inner / post), _plain(outer / pre))
         return None
     return None
+
+
+def _plain(e: sympy.Expr):
+    """An int where the expression is a number (every static Shard holds ints)."""
+    e = sympy.cancel(e)
+    return int(e) if e.is_Integer else e

@@ -8,7 +8,8 @@ Writes: node.meta["fxtp.layout"]  Layout, tuple of Layouts, or None for non-tens
         node.meta["fxtp.note"]    why this node forced its inputs to Replicate ("" if it did not)
         node.meta["fxtp.reduce"]  True where a Partial output is all-reduced right after the node
                                   (its layout is then Replicate)
-Ensures: every want is reachable (see fxtp.redistribute); in strict mode no want needs an
+Ensures: every want is reachable (see fxtp.redistribute), a symbolic Shard (merged with batch,
+        fxtp.layouts) is never all-gathered; in strict mode no want needs an
         all_gather, so sharded regions close with all_reduce only (the Megatron pattern),
         except at the graph output when `gather_at_output` is set.
 Replicated state whose users all want the same Shard becomes that Shard: the planner seeds
@@ -72,6 +73,11 @@ def _propagate_once(gm, seeds, strict, reduce_at, gather_at_output) -> None:
             except Exception as e:
                 raise PropagationError(node, f"propagation rule for {node.target} failed: {e!r}") from e
         wants = {n: w for n, w in decision.wants.items() if not same_layout(layout_of(n), w)}
+        for n, w in wants.items():
+            have = layout_of(n)
+            if isinstance(have, Shard) and have.symbolic and needs_gather(have, w):
+                raise PropagationError(node, f"{n.name} is {have}, merged with batch or sequence, and cannot "
+                                             f"be all-gathered: {decision.note or 'a rule needs it whole'}")
         if strict and not (gather_at_output and node.op == "output"):
             for n, w in wants.items():
                 if needs_gather(layout_of(n), w):

@@ -42,7 +42,8 @@ class RewriteError(RuntimeError):
 
 
 def shard_args(s: Shard) -> tuple:
-    return (s.dim, s.counts, s.inner, s.outer)
+    """Shard as arguments of a rank graph's call; a symbolic inner/outer is -1 (read from the size)."""
+    return (s.dim, s.counts, s.inner if isinstance(s.inner, int) else -1, s.outer if isinstance(s.outer, int) else -1)
 
 
 def slice_state(value: torch.Tensor, layout: Layout, rank: int) -> torch.Tensor:

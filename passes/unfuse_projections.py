@@ -46,6 +46,7 @@ from fxtp.reshape import dim_groups
 
 aten = torch.ops.aten
 _KEPT_META = ("nn_module_stack", "stack_trace")
+_CONSTANT_COPIES = (aten.lift_fresh_copy.default, aten.detach_.default, aten.detach.default)
 
 
 @dataclass
@@ -66,14 +67,15 @@ class _Piece:
 
 
 def unfuse_projections(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> fx.GraphModule:
-    orphans: set[fx.Node] = set()
+    orphans: list[fx.Node] = []
     for proj in [n for n in gm.graph.nodes if projection_weight(n) is not None]:
         found = _cuts(proj, state)
         if found is not None:
-            orphans |= _unfuse(gm, state, proj, *found)
+            orphans += _unfuse(gm, state, proj, *found)
     gm.graph.eliminate_dead_code()
-    for node in orphans:
-        if not node.users:
+    alive = set(gm.graph.nodes)  # dead code elimination may have erased the pure copies already
+    for node in dict.fromkeys(orphans):  # in order, once: a constant's copies before the constant
+        if node in alive and not node.users:
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
@@ -177,15 +179,24 @@ def _pieces(cut: fx.Node, dim: int, state: dict) -> Optional[list[_Piece]]:
 
 def _lifted_constant(node) -> Optional[fx.Node]:
     """The state placeholder of an index tensor export lifted as a constant (Falcon's [-2]),
-    read directly or through lift_fresh_copy."""
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.lift_fresh_copy.default:
+    read directly or through lift_fresh_copy and detach_ (a tensor made while tracing)."""
+    last = _constant_chain(node)[-1]
+    return last if isinstance(last, fx.Node) and last.op == "placeholder" and STATE in last.meta else None
+
+
+def _constant_chain(node) -> list:
+    """`node` and the copies it reads back to their source (the placeholder of a constant)."""
+    chain = [node]
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CONSTANT_COPIES:
         node = node.args[0]
-    return node if isinstance(node, fx.Node) and node.op == "placeholder" and STATE in node.meta else None
+        chain.append(node)
+    return chain
 
 
-def _unfuse(gm: fx.GraphModule, state: dict, proj: fx.Node, steps: list[_Step], pieces: list[_Piece]) -> set[fx.Node]:
+def _unfuse(gm: fx.GraphModule, state: dict, proj: fx.Node, steps: list[_Step], pieces: list[_Piece]) -> list[fx.Node]:
     """Replay `steps` once per piece on the piece's block of the weight (and bias); returns the
-    state placeholders the fused nodes read, to drop once nothing uses them."""
+    state placeholders the fused nodes read (and the copies of index constants, users first),
+    to drop once nothing uses them."""
     graph = gm.graph
     weight, out_dim = projection_weight(proj)
     permutes = []  # the transposes between the weight and the projection (Falcon's W.T)
@@ -226,8 +237,8 @@ def _unfuse(gm: fx.GraphModule, state: dict, proj: fx.Node, steps: list[_Step], 
                     x = _as_heads(graph, step.node, x, piece.head)
         piece.output.replace_all_uses_with(x)
         x.meta["val"] = val(piece.output)
-    constants = {_lifted_constant(p.output.args[1][-1]) for p in pieces if p.output.target is aten.index.Tensor}
-    return {weight} | ({bias} if bias is not None else set()) | constants
+    constants = [n for p in pieces if p.output.target is aten.index.Tensor for n in _constant_chain(p.output.args[1][-1])]
+    return [weight] + ([bias] if bias is not None else []) + constants
 
 
 def _block_placeholder(graph: fx.Graph, state: dict, source: fx.Node, dim: int, lo: int, hi: int) -> fx.Node:

@@ -5,6 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 import fxtp
 from fxtp.configs import CAUSAL_LMS, tiny_model
+from fxtp.layouts import balanced_counts
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer
 from fxtp.testing import assert_equivalent, tiny_configs, tiny_program
 
@@ -30,6 +31,27 @@ def test_parallel_residual_blocks_need_one_all_reduce(arch):
     _, tp = tiny_program(arch, 2)
     per_layer = {layer: dict(c) for layer, c in collectives_by_layer(tp.rank_graph(0)).items() if layer != OUTSIDE_LAYERS}
     assert per_layer and all(c == {"all_reduce": 1} for c in per_layer.values()), per_layer
+
+
+# attention that merges batch and heads ([b*heads, s, d]): arch -> (layer prefix, a q weight, rows per head)
+BATCH_MERGED_HEADS = {"bloom": ("transformer.h", "self_attention.query_key_value.weight", 48),
+                      "xglm": ("model.layers", "self_attn.q_proj.weight", 16)}
+
+
+@pytest.mark.parametrize("arch", sorted(BATCH_MERGED_HEADS))
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_heads_merged_with_batch_are_sharded(arch, world_size):
+    """Bloom (with ALiBi, sliced by head) and XGLM: attention sharded by heads through the
+    [b*heads, s, d] reshapes, exact, two all_reduces per (sequential) layer."""
+    model, tp = tiny_program(arch, world_size)
+    assert_equivalent(model, world_size, *batch(), program=tp)
+    prefix, weight, rows = BATCH_MERGED_HEADS[arch]
+    for rank in range(world_size):
+        gm = tp.rank_graph(rank)
+        heads = balanced_counts(4, world_size)[rank]
+        assert dict(gm.named_parameters())[f"{prefix}.0.{weight}"].shape[0] == heads * rows
+    per_layer = {layer: dict(c) for layer, c in collectives_by_layer(tp.rank_graph(0)).items() if layer != OUTSIDE_LAYERS}
+    assert per_layer == {f"{prefix}.{i}": {"all_reduce": 2} for i in range(2)}
 
 
 @settings(max_examples=12, deadline=None)

@@ -11,8 +11,6 @@ from fxtp.layouts import Replicate, Shard
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, in_layer
 from fxtp.testing import assert_equivalent, padded_batch, tiny_program
 
-MERGED_HEADS = {"deberta-v2"}  # attention reshapes [b, heads, s, d] -> [b*heads, s, d]: kept replicated
-
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 @pytest.mark.parametrize("arch", SEQ2SEQ_LMS + ENCODERS)
@@ -29,8 +27,7 @@ def test_all_reduce_per_layer(arch):
     found = {layer: dict(c) for layer, c in collectives_by_layer(tp.rank_graph(0)).items()}
     lookups = 2 if arch in SEQ2SEQ_LMS else 1
     assert found.pop(OUTSIDE_LAYERS) == {"all_reduce": lookups, "all_gather": 1}
-    per_block = 1 if arch in MERGED_HEADS else 2  # MERGED_HEADS: the FFN only
-    expected = {layer: {"all_reduce": per_block + (".decoder." in f".{layer}")} for layer in found}
+    expected = {layer: {"all_reduce": 2 + (".decoder." in f".{layer}")} for layer in found}
     assert len(found) == (4 if arch in SEQ2SEQ_LMS else 2) and found == expected, found
 
 

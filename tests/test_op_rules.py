@@ -13,6 +13,7 @@ import os
 from math import prod
 
 import pytest
+import sympy
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from fxtp.collectives import local_part
 from fxtp.layouts import Partial, Replicate, Shard, same_placement
 from fxtp.redistribute import same_layout
+from fxtp.reshape import reshape_shard
 from op_harness import P, R, arg, aten, counts_st, divisors, layout_st, run_op, seeds, shard_st, world_sizes
 
 # FXTP_OP_RULES_SCALE=20 runs 20x the examples of every property (a longer hunt for bugs)
@@ -219,6 +221,22 @@ def view_oracle(shard: Shard, in_shape, out_shape):
                        for r in range(shard.world_size)):
                     return cand
     return None
+
+
+def test_head_shard_merged_with_batch():
+    """[b, heads, s, d] -> [b*heads, s, d] (Bloom, XGLM) is Shard(0, outer=b); the split back
+    recovers the heads; a rank's slice of the merged tensor (outer read from the size) holds
+    its heads of every batch row."""
+    b, s = sympy.symbols("b s", positive=True, integer=True)
+    heads = Shard(1, (2, 1, 1))
+    merged = reshape_shard(heads, [b, 4, s, 16], [4 * b, s, 16])
+    assert merged == Shard(0, (2, 1, 1), 1, b) and merged.symbolic
+    assert reshape_shard(merged, [4 * b, s, s], [b, 4, s, s]) == heads
+    assert same_placement(merged, Shard(0, (2, 1, 1), 1, 2 * b / 2)) and not same_placement(merged, Shard(0, (1, 2, 1), 1, b))
+    x = torch.randn(3, 4, 5, 16)
+    for r in range(3):
+        assert torch.equal(local_part(x.reshape(12, 5, 16), 0, merged.counts, 1, -1, r),
+                           local_part(x, 1, heads.counts, 1, 1, r).reshape(-1, 5, 16))
 
 
 @examples(60)
