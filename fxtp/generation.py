@@ -1,9 +1,11 @@
 """Token generation with a sharded static KV cache: prefill, then one-token decode steps.
 
-Each step runs the program of fxtp/static_cache.py on every rank; the logits come out gathered
-and identical on all ranks, so greedy choices, and sampling seeded the same on every rank, pick
-the same tokens everywhere without another collective. Inputs are built the way HF `generate`
-builds them for left-padded batches (position ids from the mask's cumulative sum).
+Each step runs the program of fxtp/static_cache.py on every rank (for an encoder-decoder model:
+the encoder once per request, then decoder steps from its start token, fxtp/seq2seq_cache.py);
+the logits come out gathered and identical on all ranks, so greedy choices, and sampling seeded
+the same on every rank, pick the same tokens everywhere without another collective. Inputs are
+built the way HF `generate` builds them for left-padded batches (position ids from the mask's
+cumulative sum).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from fxtp.inputs import checked_inputs
+from fxtp.seq2seq_cache import decoder_start_token_id
 from fxtp.simulate import simulate as run_lockstep
 from fxtp.static_cache import is_cache_state
 
@@ -32,6 +35,7 @@ class Generator:
         self._key: Optional[tuple[int, int]] = None
         self._modules: list[fx.GraphModule] = []
         self._decode = None
+        self._encoders: list[fx.GraphModule] = []  # an encoder-decoder's encoder, run once per request
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
@@ -43,45 +47,75 @@ class Generator:
         seeded with `seed`), stopping a row at `eos_token_id` (then padding it with `pad_token_id`);
         both default to the model's generation_config as in HF, and eos_token_id=[] never stops.
         `streamer` gets put(prompt) and put(tokens) per step on the CPU, then end(), as in HF.
-        The cache holds `max_length` tokens (default: prompt + max_new_tokens rounded up)."""
+        The cache holds `max_length` tokens (default: prompt + max_new_tokens rounded up).
+        An encoder-decoder model encodes the (right- or left-padded) batch once and returns, as HF
+        does, the decoder's tokens: its start token, then the new ones."""
         input_ids, mask = _checked(input_ids, attention_mask, self.device)
         batch, prompt = input_ids.shape
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        needed = prompt + max_new_tokens
+        seq2seq = self.program.is_seq2seq
+        cached = 1 if seq2seq else prompt  # tokens in the cache before the new ones: the decoder's start token
+        needed = cached + max_new_tokens
         length = max_length or -(-needed // CACHE_GRANULE) * CACHE_GRANULE
         if needed > length:
-            raise ValueError(f"prompt ({prompt}) + max_new_tokens ({max_new_tokens}) exceed max_length={length}")
+            raise ValueError(f"prompt ({cached}) + max_new_tokens ({max_new_tokens}) exceed max_length={length}")
         self._prepare(batch, length)
+        cache_positions = torch.arange(length, device=self.device)
+        with torch.no_grad():
+            if seq2seq:  # the encoder runs once; every decoder step attends to its output
+                encoded = self._run(self._encoders, (input_ids, mask))
+                first = torch.full((batch, 1), decoder_start_token_id(self.program.model), device=self.device)
+
+                def step(ids: torch.Tensor, i: int) -> torch.Tensor:
+                    return self._step((ids, encoded, mask, cache_positions[i:i + 1]), decode=True)
+            else:  # prefill the prompt, then one token per step
+                first, full_mask = input_ids, torch.ones(batch, length, dtype=torch.long, device=self.device)
+                full_mask[:, :prompt] = mask
+                positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+                def step(ids: torch.Tensor, i: int) -> torch.Tensor:
+                    if i == 0:
+                        return self._step((ids, full_mask, positions, cache_positions[:prompt]), decode=False)
+                    return self._step((ids, full_mask, positions[:, -1:] + i, cache_positions[prompt + i - 1:][:1]),
+                                      decode=True)
+            return self._loop(first, step, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                              pad_token_id, seed, streamer)
+
+    def _loop(self, first: torch.Tensor, step, max_new_tokens: int, do_sample: bool, temperature: float,
+              top_k: Optional[int], top_p: Optional[float], eos_token_id, pad_token_id: Optional[int], seed: int,
+              streamer) -> torch.Tensor:
+        """`first` followed by up to max_new_tokens tokens, the i-th picked from step(previous tokens, i)'s
+        logits; eos, pad and forced tokens as HF reads them from the generation config."""
         defaults = getattr(self.program.model, "generation_config", None)
         eos = _token_list(eos_token_id if eos_token_id is not None else getattr(defaults, "eos_token_id", None))
         pad = next((p for p in (pad_token_id, getattr(defaults, "pad_token_id", None)) if p is not None), (eos or [0])[0])
+        # HF's ForcedBOS/ForcedEOS logits processors: the first token after a one-token start, the last one
+        forced_bos = _token_list(getattr(defaults, "forced_bos_token_id", None)) if first.shape[1] == 1 else []
+        forced_eos = _token_list(getattr(defaults, "forced_eos_token_id", None))
         rng = torch.Generator(self.device).manual_seed(seed) if do_sample else None
-
-        full_mask = torch.ones(batch, length, dtype=torch.long, device=self.device)
-        full_mask[:, :prompt] = mask
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        cache_positions = torch.arange(length, device=self.device)
-        unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
+        unfinished = torch.ones(first.shape[0], dtype=torch.bool, device=self.device)
         eos_ids = torch.tensor(eos, device=self.device) if eos else None
-        out = [input_ids]
+        out = [first]
         if streamer is not None:
-            streamer.put(input_ids.cpu())
-        step_ids, step_positions, step_cache = input_ids, positions, cache_positions[:prompt]
-        with torch.no_grad():
-            for step in range(max_new_tokens):
-                logits = self._step((step_ids, full_mask, step_positions, step_cache), decode=step > 0)
-                tokens = next_tokens(logits.float(), do_sample, temperature, top_k, top_p, rng)
-                if eos_ids is not None:
-                    tokens = torch.where(unfinished, tokens, pad)
-                    unfinished &= ~torch.isin(tokens, eos_ids)
-                out.append(tokens[:, None])
-                if streamer is not None:
-                    streamer.put(tokens.cpu())
-                if eos_ids is not None and not bool(unfinished.any()):
-                    break
-                step_ids, step_positions = tokens[:, None], step_positions[:, -1:] + 1
-                step_cache = cache_positions[prompt + step:prompt + step + 1]
+            streamer.put(first.cpu())
+        tokens = first
+        for i in range(max_new_tokens):
+            logits = step(tokens, i).float()
+            forced = forced_bos if i == 0 else forced_eos if i == max_new_tokens - 1 else []
+            if forced:  # every other token's score is -inf
+                allowed = torch.tensor(forced, device=logits.device)
+                logits = torch.full_like(logits, float("-inf")).index_fill_(-1, allowed, 0)
+            tokens = next_tokens(logits, do_sample, temperature, top_k, top_p, rng)
+            if eos_ids is not None:
+                tokens = torch.where(unfinished, tokens, pad)
+                unfinished &= ~torch.isin(tokens, eos_ids)
+            out.append(tokens[:, None])
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+            if eos_ids is not None and not bool(unfinished.any()):
+                break
+            tokens = tokens[:, None]
         if streamer is not None:
             streamer.end()
         return torch.cat(out, dim=1)
@@ -99,6 +133,10 @@ class Generator:
         if self._key == (batch, length):
             return
         self._modules, self._decode = [], None  # free the previous cache first
+        if self.program.is_seq2seq and not self._encoders:
+            encoder = self.program.encoder()
+            self._encoders = [encoder.rank_graph(rank, self.group_name, self.device, self.checkpoint, shared=weights)
+                              for rank, weights in zip(self.ranks, self._weights)]
         cached = self.program.with_cache(batch, length)
         self._modules = [cached.rank_graph(rank, self.group_name, self.device, self.checkpoint, shared=weights)
                          for rank, weights in zip(self.ranks, self._weights)]
@@ -110,14 +148,18 @@ class Generator:
         self._key = (batch, length)
 
     def _step(self, args: tuple, decode: bool) -> torch.Tensor:
-        if len(self._modules) > 1:
-            outputs = run_lockstep(self._modules, args, {})
-            if not all(torch.equal(out, outputs[0]) for out in outputs):
-                raise RuntimeError("ranks computed different logits; please report this as an fxtp bug")
-            return outputs[0]
         if decode and self._decode is not None:
             return self._decode(*args).clone()  # CUDA-graph outputs are overwritten by the next replay
-        return self._modules[0](*args)
+        return self._run(self._modules, args)
+
+    @staticmethod
+    def _run(modules: list[fx.GraphModule], args: tuple) -> torch.Tensor:
+        if len(modules) > 1:
+            outputs = run_lockstep(modules, args, {})
+            if not all(torch.equal(out, outputs[0]) for out in outputs):
+                raise RuntimeError("ranks computed different outputs; please report this as an fxtp bug")
+            return outputs[0]
+        return modules[0](*args)
 
 
 def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Optional[int],

@@ -17,6 +17,8 @@ from fxtp.passes.plan import Plan, plan as auto_plan
 from fxtp.passes.rewrite import rank_graph, slice_state
 from fxtp.simulate import simulate as run_lockstep
 from fxtp.generation import Generator
+from fxtp.seq2seq_cache import capture_decoder, capture_encoder
+from fxtp.signatures import SEQ2SEQ, signature_of
 from fxtp.static_cache import capture_cached, is_cache_state
 
 __all__ = ["compile", "TPProgram"]
@@ -73,6 +75,7 @@ class TPProgram:
         self._simulated: dict[str, list[fx.GraphModule]] = {}
         self._with_cache: dict[tuple[int, int], TPProgram] = {}
         self._generators: dict[str, Generator] = {}
+        self._encoder: Optional[TPProgram] = None
 
     @property
     def device(self) -> torch.device:
@@ -80,12 +83,25 @@ class TPProgram:
 
     def with_cache(self, batch_size: int, max_length: int) -> "TPProgram":
         """The program of one generation step with a static KV cache of `batch_size` sequences of
-        up to `max_length` tokens (fxtp/static_cache.py), planned the same way as this one."""
+        up to `max_length` tokens (fxtp/static_cache.py; an encoder-decoder's decoder step,
+        fxtp/seq2seq_cache.py), planned the same way as this one."""
         key = (batch_size, max_length)
         if key not in self._with_cache:
-            self._with_cache[key] = TPProgram(capture_cached(self.model, batch_size, max_length), self.world_size,
+            capture_step = capture_decoder if self.is_seq2seq else capture_cached
+            self._with_cache[key] = TPProgram(capture_step(self.model, batch_size, max_length), self.world_size,
                                               self.spec, self.model)
         return self._with_cache[key]
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return signature_of(self.model).kind == SEQ2SEQ
+
+    def encoder(self) -> "TPProgram":
+        """An encoder-decoder model's encoder, (input_ids, attention_mask) -> last_hidden_state,
+        planned the same way as this program: generation runs it once per request."""
+        if self._encoder is None:
+            self._encoder = TPProgram(capture_encoder(self.model), self.world_size, self.spec, self.model)
+        return self._encoder
 
     def generator(self, rank: Optional[int] = None, device=None, process_group: Optional[dist.ProcessGroup] = None,
                   checkpoint: Optional[str] = None, compile: bool = False) -> "Generator":

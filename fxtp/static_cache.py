@@ -36,6 +36,32 @@ def cache_shape(config, batch_size: int, max_length: int) -> tuple[int, int, int
     return batch_size, kv_heads, max_length, head_dim
 
 
+def cache_buffers(shapes: list, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A module whose buffers "key_<i>", "value_<i>" (shape shapes[i], the model's dtype) hold the cache."""
+    buffers = torch.nn.Module()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for i, shape in enumerate(shapes):
+        # untouched zero pages: export only reads their shape, and each rank allocates its own part
+        buffers.register_buffer(f"key_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        buffers.register_buffer(f"value_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    return buffers
+
+
+def bind_cache(cache: Cache, buffers: torch.nn.Module, cache_position: torch.Tensor) -> None:
+    """Point the static layers of `cache` at `buffers`, writing from cache_position[0] on."""
+    for i, layer in enumerate(cache.layers):
+        # bound at every call: under export these attributes are the traced buffers
+        layer.keys, layer.values = getattr(buffers, f"key_{i}"), getattr(buffers, f"value_{i}")
+        layer.device, layer.is_initialized = layer.keys.device, True
+        # the layer derives write positions from this counter and adds to it in place
+        layer.cumulative_length = cache_position[0].clone()
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The forward keyword taking the cache: "cache" (transformers >= 5.2x) or "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class _CachedLogits(torch.nn.Module):
     """The model with a static cache whose tensors are this module's buffers, so that export
     lifts them as state and records their in-place updates."""
@@ -45,25 +71,13 @@ class _CachedLogits(torch.nn.Module):
         self.model = model
         layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self.cache = Cache(layers=[StaticLayer(max_length) for _ in range(layers)])
-        self.kv_cache = torch.nn.Module()  # its buffers are state "kv_cache.key_<i>", "kv_cache.value_<i>"
-        shape = cache_shape(model.config, batch_size, max_length)
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        for i in range(layers):
-            # untouched zero pages: export only reads their shape, and each rank allocates its own part
-            self.kv_cache.register_buffer(f"key_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-            self.kv_cache.register_buffer(f"value_{i}", torch.zeros(shape, dtype=dtype, device=device),
-                                          persistent=False)
+        self.kv_cache = cache_buffers([cache_shape(model.config, batch_size, max_length)] * layers, model, device)
         parameters = inspect.signature(model.forward).parameters
-        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self.cache_argument = cache_argument(model)
         self.takes_position_ids = "position_ids" in parameters
 
     def forward(self, input_ids, attention_mask, position_ids, cache_position):
-        for i, layer in enumerate(self.cache.layers):
-            # bound at every call: under export these attributes are the traced buffers
-            layer.keys, layer.values = getattr(self.kv_cache, f"key_{i}"), getattr(self.kv_cache, f"value_{i}")
-            layer.device, layer.is_initialized = layer.keys.device, True
-            # the layer derives write positions from this counter and adds to it in place
-            layer.cumulative_length = cache_position[0].clone()
+        bind_cache(self.cache, self.kv_cache, cache_position)
         kwargs = {"position_ids": position_ids} if self.takes_position_ids else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
                          **{self.cache_argument: self.cache}, **kwargs)
@@ -95,10 +109,16 @@ def capture_cached(model: torch.nn.Module, batch_size: int, max_length: int) -> 
         ) from e
     finally:
         model.train(was_training)
+    return with_cache_state(ep, model, device, CACHE_INPUTS)
+
+
+def with_cache_state(ep, model: torch.nn.Module, device: torch.device, inputs: tuple) -> Captured:
+    """The exported cache program flattened (capture.flatten), its cache state on meta: each rank
+    allocates its own part."""
     if any(spec.kind != OutputKind.USER_OUTPUT for spec in ep.graph_signature.output_specs):
         raise CaptureError("the exported cache graph returns mutated buffers instead of updating them in place; "
                            "fxtp needs torch.export's training IR (torch >= 2.11)")
-    captured = flatten(ep, device, CACHE_INPUTS, prefix="model.")
+    captured = flatten(ep, device, inputs, prefix="model.")
     for name in [n for n in captured.state if is_cache_state(n)]:
         captured.state[name] = captured.state[name].to("meta")
     captured.aliases = aliases(model)
