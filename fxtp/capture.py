@@ -69,13 +69,11 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 16) -> Captured:
-    """Export `model` (real or meta weights) to a flat ATen graph of the inputs of its kind
-    (fxtp/signatures.py: (input_ids, attention_mask) for a causal LM)."""
-    signature = signature_of(model)
+def export_model(model: torch.nn.Module, wrapper: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes,
+                 what: str, hint: str = ""):
+    """torch.export (non-strict) of `wrapper`, a module calling `model`, with the model in eval mode;
+    a failure is a CaptureError naming the model, `what` was captured of it, and `hint`."""
     device = model_device(model)
-    example = signature.example_inputs(model, example_batch, example_seq, device)
-    max_seq = getattr(model.config, "max_position_embeddings", None) or 4096
     was_training = model.training
     model.eval()
     try:
@@ -83,16 +81,25 @@ def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 1
         # the math backend has no such guard, and the graph keeps the one SDPA op either way, so at
         # run time the fastest kernel is still chosen.
         with sdpa_kernel([SDPBackend.MATH]), list_indices_on_cpu(device):
-            ep = torch.export.export(Forward(model, signature), (), example, strict=False,
-                                     dynamic_shapes=signature.dynamic_shapes(4096, max(max_seq, example_seq)))
+            return torch.export.export(wrapper, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as e:  # export errors are long; keep them whole inside ours
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__} ({model.config.model_type}): "
-            f"{type(e).__name__}: {e}\nfxtp needs a model that torch.export (non-strict) can trace with "
-            "use_cache=False; check that the model runs forward("
-            f"{', '.join(signature.inputs)}).") from e
+        raise CaptureError(f"torch.export could not capture {type(model).__name__} ({model.config.model_type}){what}: "
+                           f"{type(e).__name__}: {e}" + (f"\n{hint}" if hint else "")) from e
     finally:
         model.train(was_training)
+
+
+def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 16) -> Captured:
+    """Export `model` (real or meta weights) to a flat ATen graph of the inputs of its kind
+    (fxtp/signatures.py: (input_ids, attention_mask) for a causal LM)."""
+    signature = signature_of(model)
+    device = model_device(model)
+    example = signature.example_inputs(model, example_batch, example_seq, device)
+    max_seq = getattr(model.config, "max_position_embeddings", None) or 4096
+    ep = export_model(model, Forward(model, signature), (), example,
+                      signature.dynamic_shapes(4096, max(max_seq, example_seq)), "",
+                      "fxtp needs a model that torch.export (non-strict) can trace with use_cache=False; check "
+                      f"that the model runs forward({', '.join(signature.inputs)}).")
     captured = flatten(ep, device, signature.inputs)
     captured.aliases = aliases(model)
     return captured

@@ -108,12 +108,11 @@ class TPProgram:
         """Generation on `rank` in this process (under torchrun; see `module` for the arguments), or
         on every rank in this process when `rank` is None. `compile` runs decode steps under
         torch.compile with CUDA graphs (one rank per process)."""
+        device = torch.device(device) if device is not None else self._default_device()
         if rank is None:
             if compile:
                 raise ValueError("compile=True needs one rank per process: pass rank=dist.get_rank() under torchrun")
-            device = torch.device(device) if device is not None else self._default_device()
             return Generator(self, list(range(self.world_size)), collectives.SIMULATED_GROUP, device, checkpoint)
-        device = torch.device(device) if device is not None else self._default_device()
         return Generator(self, [rank], self._group_name(rank, device, process_group), device, checkpoint, compile)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import torch
 from torch.export import Dim
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticLayer
 
-from fxtp.capture import Captured, CaptureError, aliases, flatten, model_device
-from fxtp.signatures import SEQ2SEQ, signature_of
+from fxtp.capture import Captured, aliases, export_model, flatten, model_device
+from fxtp.signatures import ENCODER, SEQ2SEQ, Signature, signature_of
 from fxtp.static_cache import bind_cache, cache_argument, cache_buffers, with_cache_state
 
 ENCODER_INPUTS = ("input_ids", "attention_mask")
@@ -77,19 +76,6 @@ def self_attention_shapes(model: torch.nn.Module, batch_size: int, max_length: i
             for layer in probe.self_attention_cache.layers]
 
 
-def _export(model, wrapper, args, dynamic_shapes, what: str):
-    was_training = model.training
-    model.eval()
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):  # see capture.capture
-            return torch.export.export(wrapper, args, strict=False, dynamic_shapes=dynamic_shapes)
-    except Exception as e:
-        raise CaptureError(f"torch.export could not capture the {what} of {type(model).__name__} "
-                           f"({model.config.model_type}) for generation: {type(e).__name__}: {e}") from e
-    finally:
-        model.train(was_training)
-
-
 def _checked_seq2seq(model: torch.nn.Module) -> torch.device:
     if signature_of(model).kind != SEQ2SEQ:
         raise TypeError(f"{type(model).__name__} is not an encoder-decoder LM")
@@ -101,8 +87,9 @@ def capture_encoder(model: torch.nn.Module) -> Captured:
     device = _checked_seq2seq(model)
     ids = torch.ones(2, 16, dtype=torch.long, device=device)
     max_seq = getattr(model.config, "max_position_embeddings", None) or 4096
-    dims = {0: Dim.DYNAMIC(min=1, max=4096), 1: Dim.DYNAMIC(min=1, max=max(max_seq, 16))}
-    ep = _export(model, _Encoded(model), (ids, torch.ones_like(ids)), (dims, dims), "encoder")
+    dims = Signature(ENCODER, ENCODER_INPUTS).dynamic_shapes(4096, max(max_seq, ids.shape[1]))
+    ep = export_model(model, _Encoded(model), (ids, torch.ones_like(ids)), None, dims,
+                      ", its encoder for generation")
     captured = flatten(ep, device, ENCODER_INPUTS, prefix="model.")
     captured.aliases = aliases(model)
     return captured
@@ -120,5 +107,6 @@ def capture_decoder(model: torch.nn.Module, batch_size: int, max_length: int) ->
             torch.zeros(1, dtype=torch.long, device=device))
     max_seq = getattr(model.config, "max_position_embeddings", None) or 4096
     encoded = Dim.DYNAMIC(min=1, max=max(max_seq, source))
-    ep = _export(model, wrapper, args, (None, {1: encoded}, {1: encoded}, None), "decoder with a static cache")
+    ep = export_model(model, wrapper, args, None, (None, {1: encoded}, {1: encoded}, None),
+                      ", its decoder with a static cache for generation")
     return with_cache_state(ep, model, device, DECODER_INPUTS)

@@ -14,10 +14,9 @@ import inspect
 import torch
 from torch.export import Dim
 from torch.export.graph_signature import OutputKind
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, StaticLayer
 
-from fxtp.capture import Captured, CaptureError, aliases, flatten, model_device
+from fxtp.capture import Captured, CaptureError, aliases, export_model, flatten, model_device
 from fxtp.signatures import CAUSAL_LM, signature_of
 
 CACHE_PREFIX = "kv_cache."  # the wrapper's submodule holding the cache buffers
@@ -96,19 +95,9 @@ def capture_cached(model: torch.nn.Module, batch_size: int, max_length: int) -> 
     positions = torch.arange(seq, device=device).expand(batch_size, seq)
     cache_position = torch.arange(seq, device=device)
     tokens = Dim.DYNAMIC(min=1, max=max_length)
-    was_training = model.training
-    model.eval()
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):  # see capture.capture
-            ep = torch.export.export(wrapper, (ids, mask, positions, cache_position), strict=False,
-                                     dynamic_shapes=({1: tokens}, None, {1: tokens}, {0: tokens}))
-    except Exception as e:
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__} ({model.config.model_type}) with a static KV "
-            f"cache: {type(e).__name__}: {e}\nGeneration needs a model that supports transformers' StaticCache."
-        ) from e
-    finally:
-        model.train(was_training)
+    ep = export_model(model, wrapper, (ids, mask, positions, cache_position), None,
+                      ({1: tokens}, None, {1: tokens}, {0: tokens}), " with a static KV cache",
+                      "Generation needs a model that supports transformers' StaticCache.")
     return with_cache_state(ep, model, device, CACHE_INPUTS)
 
 
