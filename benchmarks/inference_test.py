@@ -28,10 +28,13 @@ Derived numbers (per rank; "N" is the impl's number of devices):
   kv_heads_local = kv_heads / N if N divides it, else all of them (replicated). MoE counts every
   expert. This is the ideal split, the same for every impl at a given N.
 - HBM floor = those bytes / peak HBM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s, --hbm-bandwidth);
-  floor fraction = floor / decode p50. GB/s = those bytes / decode p50.
+  HBM frac = HBM floor / decode p50. GB/s = those bytes / decode p50.
 - TFLOPs = 2 * weights * batch / decode p50 (all ranks together; attention FLOPs left out).
-- AR ms (N > 1): NCCL time of one decode step's all_reduces of [batch, hidden] (2 per layer, 1 for
-  the embedding), measured back to back with torch.distributed: the floor of the communication.
+- AR ms (N > 1): one decode step's all_reduces of [batch, hidden] (2 per layer, 1 for the
+  embedding) back to back in one CUDA graph, the faster of NCCL and symmetric memory's
+  one_shot_all_reduce (both in the JSON): the floor of the communication. On the CPU: gloo, eager.
+- x floor = decode p50 / (HBM floor + AR ms): 1.0 would be a step that only reads its bytes at
+  peak bandwidth and all-reduces.
 
 Correctness: the first --check-tokens greedy tokens of every impl against a reference: the first
 impl in --impl at N = 1, HF eager on rank 0's GPU at N > 1 (--no-reference skips it). The check is
@@ -59,6 +62,7 @@ from transformers import AutoModelForCausalLM
 
 import fxtp
 from fxtp.configs import REAL_SHAPES, real_config, tiny_config
+from fxtp.decode_graph import symmetric_memory_works
 from peers import PEERS, Context, Runner  # benchmarks/peers.py, beside this script
 
 PERCENTILES = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99, "p999": 0.999}
@@ -66,11 +70,13 @@ HBM_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12),
 MAX_BATCH_LIMIT = 4096
 
 
-def fxtp_runner(ctx: Context, compile: bool) -> Runner:
+def fxtp_runner(ctx: Context, compile) -> Runner:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(ctx.config, dtype=ctx.dtype).eval()
     tp = fxtp.compile(model, ctx.world_size)
     gen = tp.generator(ctx.rank, device=ctx.device, checkpoint=ctx.checkpoint, compile=compile)
+    if compile is not False and ctx.rank == 0:
+        print(f"[inference_test] fxtp-compile options: {gen.compile_options}", file=sys.stderr, flush=True)
 
     def generate(input_ids, attention_mask, new_tokens, streamer=None):
         return gen.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
@@ -82,7 +88,7 @@ def fxtp_runner(ctx: Context, compile: bool) -> Runner:
 IMPLS = {
     **PEERS,
     "fxtp": (lambda ctx: fxtp_runner(ctx, compile=False), False),
-    "fxtp-compile": (lambda ctx: fxtp_runner(ctx, compile=True), False),
+    "fxtp-compile": (lambda ctx: fxtp_runner(ctx, compile=ctx.compile_options or True), False),
 }
 
 
@@ -159,6 +165,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--find-max-batch", metavar="IMPL", default=None,
                         help=f"instead of timing: double the batch from the largest --batch until IMPL runs out of "
                              f"memory (at most {MAX_BATCH_LIMIT})")
+    parser.add_argument("--compile-options", type=json.loads, default=None, metavar="JSON",
+                        help='fxtp-compile\'s inductor options over its defaults, e.g. \'{"_collective.auto_select": false}\'')
     parser.add_argument("--out", default="results.json")
     args = parser.parse_args()
     args.batch = [int(b) for b in args.batch.split(",")]
@@ -235,17 +243,40 @@ def hbm_bandwidth(device: torch.device, override: float | None) -> float | None:
     return next((bandwidth for key, bandwidth in HBM_BANDWIDTH if key in name), None)
 
 
-def allreduce_ms(batch: int, stats: ModelStats, dtype: torch.dtype, device: torch.device, reps: int = 20) -> float:
-    """Time of one decode step's all_reduces ([batch, hidden], 2 per layer + the embedding's), back to back."""
+def allreduce_ms(batch: int, stats: ModelStats, dtype: torch.dtype, device: torch.device, reps: int = 20) -> dict:
+    """Time of one decode step's all_reduces ([batch, hidden], 2 per layer + the embedding's), back to
+    back, by implementation: {"nccl": ms, "one_shot": ms} on CUDA (replays of a CUDA graph holding
+    them; one_shot where symmetric memory works), {"gloo": ms} on the CPU."""
+    calls, group_name = 2 * stats.layers + 1, dist.group.WORLD.group_name
     x = torch.zeros(batch, stats.hidden, dtype=dtype, device=device)
-    calls = 2 * stats.layers + 1
-    for _ in range(calls):
-        dist.all_reduce(x)
-    sync = synchronizer(device)
+    if device.type != "cuda":
+        return {"gloo": _time_ms(lambda: [dist.all_reduce(x) for _ in range(calls)], reps, lambda: None)}
+    steps = {"nccl": lambda: [dist.all_reduce(x) for _ in range(calls)]}
+    if symmetric_memory_works(group_name, device):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        buffer = symm_mem.empty(batch, stats.hidden, dtype=dtype, device=device)
+        symm_mem.rendezvous(buffer, group_name)
+        steps["one_shot"] = lambda: [torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", group_name)
+                                     for _ in range(calls)]
+    return {name: _time_ms(_as_cuda_graph(step), reps, torch.cuda.synchronize) for name, step in steps.items()}
+
+
+def _as_cuda_graph(step):
+    step()  # NCCL communicators and symmetric-memory handles exist before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        step()
+    return graph.replay
+
+
+def _time_ms(step, reps: int, sync) -> float:
+    step()
     sync()
     start = time.perf_counter()
-    for _ in range(reps * calls):
-        dist.all_reduce(x)
+    for _ in range(reps):
+        step()
     sync()
     return (time.perf_counter() - start) / reps * 1e3
 
@@ -276,13 +307,15 @@ def measure(runner: Runner, ids, mask, args, device: torch.device) -> tuple[torc
 
 
 def derived(row: dict, stats: ModelStats, args, dtype: torch.dtype, bandwidth: float | None) -> dict:
-    latency = row["decode_ms"]["p50"] / 1e3
+    latency_ms = row["decode_ms"]["p50"]
     read = stats.decode_bytes(row["batch"], args.prompt_len + args.gen_len / 2, row["world_size"],
                               torch.finfo(dtype).bits // 8)
-    floor_ms = read / bandwidth * 1e3 if bandwidth else None
-    return {"decode_bytes_per_rank": read, "gb_per_s": read / latency / 1e9,
-            "tflops": 2 * stats.weights * row["batch"] / latency / 1e12,
-            "hbm_floor_ms": floor_ms, "floor_fraction": floor_ms / (latency * 1e3) if floor_ms else None}
+    hbm_ms = read / bandwidth * 1e3 if bandwidth else None
+    floor_ms = hbm_ms + (row["ar_ms"] or 0) if hbm_ms else None
+    return {"decode_bytes_per_rank": read, "gb_per_s": read / latency_ms / 1e6,
+            "tflops": 2 * stats.weights * row["batch"] / latency_ms / 1e9,
+            "hbm_floor_ms": hbm_ms, "hbm_fraction": hbm_ms / latency_ms if hbm_ms else None,
+            "floor_ms": floor_ms, "x_floor": latency_ms / floor_ms if floor_ms else None}
 
 
 def run_impl(name: str, ctx: Context, args, prompts: dict, stats: ModelStats, extra: dict) -> tuple[list, dict]:
@@ -299,7 +332,8 @@ def run_impl(name: str, ctx: Context, args, prompts: dict, stats: ModelStats, ex
                "param_bytes": gather(memory["parameters"]), "cache_bytes": gather(memory["cache"]),
                "peak_bytes": gather(numbers["peak_bytes"]),
                "ranks_identical": all(torch.equal(t, tokens[batch]) for t in gather(tokens[batch])),
-               "ar_ms": extra["ar_ms"].get(batch) if not single else None}
+               "ar_ms_by_impl": extra["ar_ms"].get(batch) if not single else None}
+        row["ar_ms"] = min(row["ar_ms_by_impl"].values()) if row["ar_ms_by_impl"] else None
         rows.append({**row, **derived(row, stats, args, ctx.dtype, extra["bandwidth"])})
     return rows, tokens
 
@@ -342,10 +376,10 @@ def fmt(value, digits: int = 2) -> str:
 def table(rows: list) -> str:
     gb = 1e9
     lines = ["| impl | N | batch | prefill ms | p50 | p90 | p95 | p99 | p999 | tok/s | param GB/rank | peak GB/rank "
-             "| TFLOPs | GB/s | floor | AR ms | tokens vs ref |", "|" + "---|" * 17]
+             "| TFLOPs | GB/s | HBM frac | AR ms | x floor | tokens vs ref |", "|" + "---|" * 18]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['impl']} | {r['world_size']} | | error: {r['error']} |" + " |" * 13)
+            lines.append(f"| {r['impl']} | {r['world_size']} | | error: {r['error']} |" + " |" * 14)
             continue
         d, peaks = r["decode_ms"], [p for p in r["peak_bytes"] if p is not None]
         match = f"{r['match']}/{r['checked']}" if r.get("match") is not None else "-"
@@ -353,7 +387,7 @@ def table(rows: list) -> str:
             f"| {r['impl']}", str(r["world_size"]), str(r["batch"]), fmt(r["prefill_ms"]),
             *(fmt(d[k], 3) for k in PERCENTILES), fmt(r["tokens_per_s"], 1), fmt(max(r["param_bytes"]) / gb),
             fmt(max(peaks) / gb if peaks else None), fmt(r["tflops"]), fmt(r["gb_per_s"], 0),
-            fmt(r["floor_fraction"]), fmt(r["ar_ms"], 3), match + ("" if r["ranks_identical"] else " (ranks differ)"),
+            fmt(r["hbm_fraction"]), fmt(r["ar_ms"], 3), fmt(r["x_floor"]), match + ("" if r["ranks_identical"] else " (ranks differ)"),
         ]) + " |")
     return "\n".join(lines)
 
@@ -456,11 +490,11 @@ def main() -> None:
     rank, world, device = init_distributed(args.device)
     dtype = getattr(torch, args.dtype)
     config = model_config(args.shape, args.layers)
-    ctx = Context(ensure_checkpoint(args, config, dtype, device), config, dtype, device, rank, world)
+    ctx = Context(ensure_checkpoint(args, config, dtype, device), config, dtype, device, rank, world, args.compile_options)
     meta = {"shape": args.shape, "layers": config.num_hidden_layers, "dtype": args.dtype, "world_size": world,
             "prompt_len": args.prompt_len, "gen_len": args.gen_len, "warmup": args.warmup, "trials": args.trials,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "versions": versions(), "checkpoint": ctx.checkpoint}
+            "versions": versions(), "checkpoint": ctx.checkpoint, "compile_options": args.compile_options}
     if args.find_max_batch:
         best = find_max_batch(args.find_max_batch, ctx, args)
         if rank == 0:

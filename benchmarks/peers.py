@@ -35,6 +35,7 @@ class Context:
     device: torch.device   # this rank's device
     rank: int
     world_size: int
+    compile_options: dict | None = None  # fxtp-compile's inductor options over its defaults
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.fx as fx
 
+from fxtp.decode_graph import DecodeGraph, inductor_options
 from fxtp.inputs import checked_inputs
 from fxtp.seq2seq_cache import decoder_start_token_id
 from fxtp.simulate import simulate as run_lockstep
@@ -25,12 +26,16 @@ CACHE_GRANULE = 256  # cache lengths are rounded up to this, so nearby requests 
 class Generator:
     """Generates on the ranks `ranks` of `program`, all in this process (one rank under torchrun).
     The weights are placed on `device` once; a static-cache program is built per batch size and
-    cache length, and only the latest one's cache is kept."""
+    cache length, and only the latest one's cache is kept. `compile` (True, or a dict of inductor
+    options) runs decode steps as a compiled CUDA graph (fxtp/decode_graph.py); it is a collective
+    when there are several ranks, so every rank creates its Generator at the same point, and
+    `compile_options` then holds the inductor options chosen (None without compile)."""
 
     def __init__(self, program, ranks: list[int], group_name: str, device: torch.device,
-                 checkpoint: Optional[str] = None, compile: bool = False):
+                 checkpoint: Optional[str] = None, compile: Union[bool, dict] = False):
         self.program, self.ranks, self.group_name, self.device = program, ranks, group_name, device
-        self.checkpoint, self.compile = checkpoint, compile
+        self.checkpoint = checkpoint
+        self.compile_options = inductor_options(compile, group_name, program.world_size, device) if compile is not False else None
         self._weights: list[dict] = [{} for _ in ranks]  # per rank: reused by every cache program
         self._key: Optional[tuple[int, int]] = None
         self._modules: list[fx.GraphModule] = []
@@ -140,16 +145,13 @@ class Generator:
         cached = self.program.with_cache(batch, length)
         self._modules = [cached.rank_graph(rank, self.group_name, self.device, self.checkpoint, shared=weights)
                          for rank, weights in zip(self.ranks, self._weights)]
-        if self.compile:
-            for name, tensor in self._modules[0].named_buffers():
-                if is_cache_state(name):  # updated in place: CUDA graphs need their addresses fixed
-                    torch._dynamo.mark_static_address(tensor)
-            self._decode = torch.compile(self._modules[0], mode="reduce-overhead", fullgraph=True, dynamic=False)
+        if self.compile_options is not None:
+            self._decode = DecodeGraph(self._modules[0], self.compile_options)
         self._key = (batch, length)
 
     def _step(self, args: tuple, decode: bool) -> torch.Tensor:
         if decode and self._decode is not None:
-            return self._decode(*args).clone()  # CUDA-graph outputs are overwritten by the next replay
+            return self._decode(*args).clone()  # the graph's output is overwritten by the next replay
         return self._run(self._modules, args)
 
     @staticmethod

@@ -1,4 +1,5 @@
-"""Run a function on N real CPU processes joined by a gloo process group (tests, the demo).
+"""Run a function on N real processes joined by a process group (tests, the demo): gloo on the CPU,
+or NCCL with rank r on GPU r.
 
     def work(rank, x):            # module-level, so spawned processes can import it
         return x * dist.get_world_size()
@@ -44,13 +45,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, timeout: float, results, fn: Callable, args: tuple) -> None:
+def _rank_main(rank: int, world_size: int, port: int, timeout: float, backend: str, results, fn: Callable,
+               args: tuple) -> None:
     """Body of one spawned process: join the group, run fn, report (rank, ok, payload)."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
         # plain pickle: the default multiprocessing pickler would pass tensors as shared memory,
         # which breaks when this process exits before the parent has read them
         report = (rank, True, pickle.dumps(fn(rank, *args)))
@@ -63,9 +67,9 @@ def _rank_main(rank: int, world_size: int, port: int, timeout: float, results, f
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 120.0) -> list:
-    """Run `fn(rank, *args)` on `world_size` new processes joined by a gloo default group and
-    return the results in rank order.
+def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 120.0, backend: str = "gloo") -> list:
+    """Run `fn(rank, *args)` on `world_size` new processes joined by a default group of `backend`
+    ("gloo", or "nccl" with rank r on GPU r) and return the results in rank order.
 
     `fn`, `args` and the results must be picklable, and `fn` importable by module name (a
     module-level function). Raises `RankFailure` when a rank raises or dies, and
@@ -74,10 +78,15 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 1
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise RuntimeError(f"NCCL with {world_size} ranks needs {world_size} GPUs, this machine has "
+                           f"{torch.cuda.device_count()}: use backend='gloo' on the CPU")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, timeout, results, fn, args),
+    procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, timeout, backend, results, fn, args),
                          name=f"fxtp-rank{rank}", daemon=True) for rank in range(world_size)]
     outputs: dict[int, Any] = {}
     deadline = time.monotonic() + timeout

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -104,13 +104,14 @@ class TPProgram:
         return self._encoder
 
     def generator(self, rank: Optional[int] = None, device=None, process_group: Optional[dist.ProcessGroup] = None,
-                  checkpoint: Optional[str] = None, compile: bool = False) -> "Generator":
+                  checkpoint: Optional[str] = None, compile: Union[bool, dict] = False) -> "Generator":
         """Generation on `rank` in this process (under torchrun; see `module` for the arguments), or
-        on every rank in this process when `rank` is None. `compile` runs decode steps under
-        torch.compile with CUDA graphs (one rank per process)."""
+        on every rank in this process when `rank` is None. `compile` (True, or a dict of inductor
+        options) runs decode steps compiled and captured as a CUDA graph (one rank per process, on CUDA;
+        fxtp/decode_graph.py)."""
         device = torch.device(device) if device is not None else self._default_device()
         if rank is None:
-            if compile:
+            if compile is not False:
                 raise ValueError("compile=True needs one rank per process: pass rank=dist.get_rank() under torchrun")
             return Generator(self, list(range(self.world_size)), collectives.SIMULATED_GROUP, device, checkpoint)
         return Generator(self, [rank], self._group_name(rank, device, process_group), device, checkpoint, compile)

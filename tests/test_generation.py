@@ -110,6 +110,11 @@ def test_generation_errors_say_what_to_do():
         tp.generate(ids, mask, eos_token_id="</s>")
     with pytest.raises(ValueError, match="one rank per process"):
         tp.generator(compile=True)
+    _, single = tiny_program("llama", 1)
+    with pytest.raises(ValueError, match="pass a CUDA device, or compile=False"):
+        single.generator(0, device="cpu", compile=True)
+    with pytest.raises(TypeError, match="dict of inductor options"):
+        single.generator(0, device="cpu", compile="max-autotune")
     with pytest.raises(RuntimeError, match="torchrun"):
         tp.generator(0)
 

@@ -71,6 +71,14 @@ def test_process_group_of_the_wrong_size():
     assert "Traceback" in str(info.value)  # the rank's own traceback reaches the parent
 
 
+def test_run_ranks_checks_its_backend():
+    with pytest.raises(ValueError, match="'gloo' or 'nccl'"):
+        run_ranks(module_or_raise, 2, 2, backend="mpi")
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(RuntimeError, match="needs 2 GPUs"):
+            run_ranks(module_or_raise, 2, 2, backend="nccl")
+
+
 def test_demo_passes_on_real_processes():
     done = subprocess.run([sys.executable, "-m", "fxtp.cli", "demo"], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr

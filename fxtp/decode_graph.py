@@ -1,0 +1,114 @@
+"""A rank's decode step compiled by inductor and replayed as one CUDA graph (`compile=True`).
+
+Inductor options (a `compile={...}` dict overrides them):
+- `coordinate_descent_tuning`: at batch 1 inductor rewrites every matmul as a Triton reduction and
+  tunes it, as gpt-fast does; with it and the graph below, Llama-3-8B on one H200 went from 6.11
+  to 4.84 ms a token (README, GPU results).
+- `_collective.auto_select`, on by default with more than one rank when symmetric memory works on
+  this machine: all_reduces up to `_collective.one_shot_all_reduce_threshold_bytes` are lowered to
+  `symm_mem.one_shot_all_reduce`, one kernel that reads the peers' buffers over NVLink, in place of
+  NCCL's; larger ones stay NCCL.
+
+The step is captured with `torch.cuda.graph`, not `mode="reduce-overhead"`: its inputs are copied
+into static tensors and a replay runs the whole step with no Python in between, so no guards or
+CUDA-graph-tree bookkeeping run per token, and nothing depends on whether the installed torch's
+CUDA-graph trees accept symmetric memory's peer-to-peer buffers (pytorch#175120 changed that in 2026).
+Each captured graph keeps its own memory pool; inductor's symmetric-memory buffers (at most
+128 KB per all_reduce) stay allocated for the life of the process.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+import warnings
+from typing import Union
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+WARMUP_STEPS = 2  # compiles, then runs once more so NCCL and symmetric-memory buffers exist before capture
+AUTO_SELECT = "_collective.auto_select"
+_CAPTURES = itertools.count()
+
+
+def inductor_options(compile: Union[bool, dict], group_name: str, world_size: int, device: torch.device) -> dict:
+    """The options the decode step is compiled with: the defaults above, then the user's dict."""
+    if compile is not True and not isinstance(compile, dict):
+        raise TypeError(f"compile must be True, False or a dict of inductor options, got {compile!r}")
+    if device.type != "cuda":
+        raise ValueError(f"compile=True captures the decode step as a CUDA graph, but the device is {device}: "
+                         "pass a CUDA device, or compile=False on the CPU")
+    user = compile if isinstance(compile, dict) else {}
+    options = {"coordinate_descent_tuning": True, **user}
+    if AUTO_SELECT not in user:
+        options[AUTO_SELECT] = world_size > 1 and symmetric_memory_works(group_name, device)
+    elif user[AUTO_SELECT] and world_size > 1 and not symmetric_memory_works(group_name, device):
+        raise RuntimeError(f"{AUTO_SELECT}=True needs symmetric memory, which does not work on this machine "
+                           f"(see the warning above); leave {AUTO_SELECT} out to use NCCL")
+    return options
+
+
+def symmetric_memory_works(group_name: str, device: torch.device) -> bool:
+    """Whether every rank of the group can map its peers' memory (CUDA P2P over NVLink); a collective,
+    so all ranks get the same answer. Enables symmetric memory on the group for inductor."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    try:
+        probe = symm_mem.empty(64, dtype=torch.uint8, device=device)
+        symm_mem.rendezvous(probe, group_name)
+        works = 1
+    except Exception as error:  # e.g. no P2P between the GPUs, or a container without the IPC it needs
+        warnings.warn(f"symmetric memory does not work here, all_reduce stays NCCL: {error}")
+        works = 0
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    flag = torch.tensor([works], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    if not flag.item():
+        return False
+    with warnings.catch_warnings():  # deprecated in newer torch, where inductor still checks it
+        warnings.simplefilter("ignore", FutureWarning)
+        symm_mem.enable_symm_mem_for_group(group_name)
+    return True
+
+
+class DecodeGraph:
+    """`module`'s step for inputs shaped like `example`, compiled and captured on first use; a call
+    copies its inputs into the captured ones and replays. The output is overwritten by the next call."""
+
+    def __init__(self, module: fx.GraphModule, options: dict):
+        self.compiled = torch.compile(module, fullgraph=True, dynamic=False, options=options)
+        self.graphs: dict[tuple, tuple] = {}  # input shapes -> (graph, static inputs, static output)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        key = tuple((a.shape, a.dtype) for a in args)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(args)
+        graph, inputs, output = self.graphs[key]
+        for static, value in zip(inputs, args):
+            static.copy_(value)
+        graph.replay()
+        return output
+
+    def _capture(self, args: tuple) -> tuple:
+        inputs = [a.clone() for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        user_random = random.getstate()
+        # inductor names each symmetric-memory buffer by a random.randint drawn while it compiles, and
+        # torch.compile restores Python's random state afterwards: without a new seed the next
+        # compilation (another batch size) draws the same ids for buffers of other sizes, which fails.
+        # The seed is the same on every rank, which captures its graphs in the same order.
+        random.seed(f"fxtp-decode-graph-{next(_CAPTURES)}")
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    self.compiled(*inputs)
+        finally:
+            random.setstate(user_random)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: NCCL's watchdog thread queries events while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            output = self.compiled(*inputs)
+        return graph, inputs, output
