@@ -45,6 +45,7 @@ few steps (benchmarks/nccl_check.py saw 5 of 32 at N=2); --dtype float32 checks 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -165,12 +166,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--find-max-batch", metavar="IMPL", default=None,
                         help=f"instead of timing: double the batch from the largest --batch until IMPL runs out of "
                              f"memory (at most {MAX_BATCH_LIMIT})")
-    parser.add_argument("--compile-options", type=json.loads, default=None, metavar="JSON",
-                        help='fxtp-compile\'s inductor options over its defaults, e.g. \'{"_collective.auto_select": false}\'')
+    parser.add_argument("--compile-options", type=json.loads, default=[], metavar="JSON",
+                        help="fxtp-compile's inductor options over its defaults, e.g. "
+                             "'{\"_collective.auto_select\": false}'; a list of them runs fxtp-compile once "
+                             "per entry, side by side (an A/B on one machine): '[{}, {\"triton.enable_pdl\": true}]'")
     parser.add_argument("--out", default="results.json")
     args = parser.parse_args()
     args.batch = [int(b) for b in args.batch.split(",")]
     args.impl = args.impl.split(",")
+    variants = args.compile_options if isinstance(args.compile_options, list) else [args.compile_options]
+    if not all(isinstance(v, dict) for v in variants):
+        parser.error("--compile-options takes a JSON object of inductor options, or a list of them")
+    args.compile_options = variants
     unknown = [name for name in args.impl + [args.find_max_batch] if name and name not in IMPLS]
     if unknown:
         parser.error(f"unknown impl {', '.join(unknown)}; known: {', '.join(IMPLS)}")
@@ -318,8 +325,9 @@ def derived(row: dict, stats: ModelStats, args, dtype: torch.dtype, bandwidth: f
             "floor_ms": floor_ms, "x_floor": latency_ms / floor_ms if floor_ms else None}
 
 
-def run_impl(name: str, ctx: Context, args, prompts: dict, stats: ModelStats, extra: dict) -> tuple[list, dict]:
-    """Rows and tokens ({batch: [B, P + G]}) of one impl over every batch size."""
+def run_impl(name: str, label: str, ctx: Context, args, prompts: dict, stats: ModelStats,
+             extra: dict) -> tuple[list, dict]:
+    """Rows (named `label`) and tokens ({batch: [B, P + G]}) of one impl over every batch size."""
     setup, single = IMPLS[name]
     runner = setup(ctx)
     ranks = 1 if single else ctx.world_size
@@ -328,7 +336,7 @@ def run_impl(name: str, ctx: Context, args, prompts: dict, stats: ModelStats, ex
     for batch, (ids, mask) in prompts.items():
         tokens[batch], numbers = measure(runner, ids, mask, args, ctx.device)
         memory = runner.memory()
-        row = {"impl": name, "world_size": ranks, "batch": batch, **numbers,
+        row = {"impl": label, "world_size": ranks, "batch": batch, **numbers,
                "param_bytes": gather(memory["parameters"]), "cache_bytes": gather(memory["cache"]),
                "peak_bytes": gather(numbers["peak_bytes"]),
                "ranks_identical": all(torch.equal(t, tokens[batch]) for t in gather(tokens[batch])),
@@ -431,9 +439,9 @@ def find_max_batch(name: str, ctx: Context, args) -> int | None:
     return best
 
 
-def error_row(name: str, world_size: int, error: Exception) -> dict:
+def error_row(name: str, label: str, world_size: int, error: Exception) -> dict:
     first_line = (str(error).splitlines() or [""])[0][:300]
-    return {"impl": name, "world_size": 1 if IMPLS[name][1] else world_size,
+    return {"impl": label, "world_size": 1 if IMPLS[name][1] else world_size,
             "error": f"{type(error).__name__}: {first_line}"}
 
 
@@ -450,6 +458,16 @@ def write_json(path: str, result: dict) -> None:
         json.dump(result, f, indent=1)
 
 
+def impl_runs(impls: list, ctx: Context, variants: list) -> list[tuple[str, str, Context]]:
+    """(row label, impl, context) of every run: fxtp-compile once per --compile-options variant."""
+    runs = []
+    for name in impls:
+        for options in (variants if name == "fxtp-compile" and variants else [None]):
+            label = f"{name} {json.dumps(options, separators=(',', ':'))}" if options else name
+            runs.append((label, name, dataclasses.replace(ctx, compile_options=options)))
+    return runs
+
+
 def time_impls(ctx: Context, args, meta: dict) -> list:
     """Every impl of --impl over every batch size; rank 0 returns the rows (and writes them after each impl,
     so that a run cut short keeps what it measured)."""
@@ -464,20 +482,20 @@ def time_impls(ctx: Context, args, meta: dict) -> list:
                 reference="hf eager, 1 device (rank 0)" if reference else None,
                 check=f"token-exact greedy, first {min(args.check_tokens, args.gen_len)} generated tokens")
     rows = []
-    for name in impls:
+    for label, name, run_ctx in impl_runs(impls, ctx, args.compile_options):
         if ctx.rank == 0:
-            print(f"[inference_test] {name} ...", file=sys.stderr, flush=True)
+            print(f"[inference_test] {label} ...", file=sys.stderr, flush=True)
         try:
-            impl_rows, tokens = run_impl(name, ctx, args, prompts, stats, extra) \
+            impl_rows, tokens = run_impl(name, label, run_ctx, args, prompts, stats, extra) \
                 if not IMPLS[name][1] or ctx.rank == 0 else ([], {})
         except Exception as error:  # reported in the table; the other impls still run
-            impl_rows, tokens = [error_row(name, ctx.world_size, error)], {}
+            impl_rows, tokens = [error_row(name, label, ctx.world_size, error)], {}
         free_memory(ctx.device)
         barrier(ctx.device)
         if ctx.rank != 0:
             continue
         if not reference and tokens and not multi:
-            reference, meta["reference"] = tokens, name
+            reference, meta["reference"] = tokens, label
         if reference:
             add_matches(impl_rows, tokens, reference, args)
         rows += impl_rows
@@ -490,7 +508,7 @@ def main() -> None:
     rank, world, device = init_distributed(args.device)
     dtype = getattr(torch, args.dtype)
     config = model_config(args.shape, args.layers)
-    ctx = Context(ensure_checkpoint(args, config, dtype, device), config, dtype, device, rank, world, args.compile_options)
+    ctx = Context(ensure_checkpoint(args, config, dtype, device), config, dtype, device, rank, world)
     meta = {"shape": args.shape, "layers": config.num_hidden_layers, "dtype": args.dtype, "world_size": world,
             "prompt_len": args.prompt_len, "gen_len": args.gen_len, "warmup": args.warmup, "trials": args.trials,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
