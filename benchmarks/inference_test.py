@@ -169,7 +169,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile-options", type=json.loads, default=[], metavar="JSON",
                         help="fxtp-compile's inductor options over its defaults, e.g. "
                              "'{\"_collective.auto_select\": false}'; a list of them runs fxtp-compile once "
-                             "per entry, side by side (an A/B on one machine): '[{}, {\"triton.enable_pdl\": true}]'")
+                             "per entry, side by side (an A/B on one machine): '[{}, {\"coordinate_descent_tuning\": false}]'")
     parser.add_argument("--out", default="results.json")
     args = parser.parse_args()
     args.batch = [int(b) for b in args.batch.split(",")]
