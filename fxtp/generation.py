@@ -35,7 +35,8 @@ class Generator:
                  checkpoint: Optional[str] = None, compile: Union[bool, dict] = False):
         self.program, self.ranks, self.group_name, self.device = program, ranks, group_name, device
         self.checkpoint = checkpoint
-        self.compile_options = inductor_options(compile, group_name, program.world_size, device) if compile is not False else None
+        self.compile_options = None if compile is False else \
+            inductor_options(compile, group_name, program.world_size, device)
         self._weights: list[dict] = [{} for _ in ranks]  # per rank: reused by every cache program
         self._key: Optional[tuple[int, int]] = None
         self._modules: list[fx.GraphModule] = []
