@@ -4,7 +4,8 @@ Reads:  node.meta["fxtp.layout"], ["fxtp.wants"] (from passes/propagate.py), ["f
 Writes: a new GraphModule whose state attributes hold only this rank's slices (named by their
         HF names; state no node reads is left out), whose shape constants are local (op_rules'
         localize), whose ops are a rank's own where a rule lowers them (op_rules' lower), whose
-        torch.device constants name the target device, and with a redistribution before every node that
+        torch.device constants name the target device, with ops the device lacks replaced
+        (fxtp/device_ops.py), and with a redistribution before every node that
         wanted one. Each new node carries meta["fxtp.layout"] and, for collectives,
         meta["fxtp.collective"] naming the value it moves. User inputs that may be None (masks,
         token types: fxtp/signatures.INPUTS) default to None and are checked and filled first.
@@ -23,7 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from fxtp import collectives, inputs
+from fxtp import collectives, device_ops, inputs
 from fxtp.capture import STATE
 from fxtp.layouts import Layout, Partial, Replicate, Shard
 from fxtp.op_rules import rule_for
@@ -142,7 +143,7 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
                 target, args, kwargs = rule.lower(node, args, kwargs, lambda n: _read_layout(n, node), rank)
             args = tuple(_on_device(a, device) for a in args)
             kwargs = {k: _on_device(v, device) for k, v in kwargs.items()}
-            new = graph.call_function(target, args, kwargs)
+            new = graph.call_function(device_ops.stand_in(target, device), args, kwargs)
         for key in _KEPT_META:
             if key in node.meta:
                 new.meta[key] = node.meta[key]

@@ -112,10 +112,11 @@ def test_conversion_mapping_round_trip(converted, arch):
         assert loaded.keys() == sliced.keys()
         for name in loaded:
             torch.testing.assert_close(loaded[name], sliced[name], rtol=0, atol=0, msg=name)
-    # logits: a program traced on meta bakes in transformers' non-CPU histc(int) for the expert
-    # counts, which the CPU cannot run; so the CPU program is run, with its weights read from disk
-    ranks = [on_cpu.rank_graph(r, device="cpu", checkpoint=path) for r in range(2)]
-    assert max_logit_diff(model, ranks) <= 1e-5
+    # logits of the program traced on meta, whose expert counts are transformers' off-CPU
+    # histc on ints (fxtp/device_ops.py runs it on the CPU), and of the one traced on the CPU
+    for program in (on_meta, on_cpu):
+        ranks = [program.rank_graph(r, device="cpu", checkpoint=path) for r in range(2)]
+        assert max_logit_diff(model, ranks) <= 1e-5
 
 
 def test_missing_expert_names_the_conversion(converted):
