@@ -73,8 +73,9 @@ def symmetric_memory_works(group_name: str, device: torch.device) -> bool:
 
 
 class DecodeGraph:
-    """`module`'s step for inputs shaped like `example`, compiled and captured on first use; a call
-    copies its inputs into the captured ones and replays. The output is overwritten by the next call."""
+    """`module`'s step, compiled once and captured as a CUDA graph for each new set of input shapes;
+    a call copies its inputs into that graph's static ones and replays it. The output tensor is the
+    graph's, overwritten by the next call."""
 
     def __init__(self, module: fx.GraphModule, options: dict):
         self.compiled = torch.compile(module, fullgraph=True, dynamic=False, options=options)
