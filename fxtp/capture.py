@@ -89,18 +89,28 @@ def export_model(model: torch.nn.Module, wrapper: torch.nn.Module, args: tuple, 
         model.train(was_training)
 
 
+def max_positions(model: torch.nn.Module) -> int:
+    """The longest sequence the model's config allows (4096 where it does not say)."""
+    return getattr(model.config, "max_position_embeddings", None) or 4096
+
+
 def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 16) -> Captured:
     """Export `model` (real or meta weights) to a flat ATen graph of the inputs of its kind
     (fxtp/signatures.py: (input_ids, attention_mask) for a causal LM)."""
     signature = signature_of(model)
     device = model_device(model)
     example = signature.example_inputs(model, example_batch, example_seq, device)
-    max_seq = getattr(model.config, "max_position_embeddings", None) or 4096
     ep = export_model(model, Forward(model, signature), (), example,
-                      signature.dynamic_shapes(4096, max(max_seq, example_seq)), "",
+                      signature.dynamic_shapes(4096, max(max_positions(model), example_seq)), "",
                       "fxtp needs a model that torch.export (non-strict) can trace with use_cache=False; check "
                       f"that the model runs forward({', '.join(signature.inputs)}).")
-    captured = flatten(ep, device, signature.inputs)
+    return flatten_model(ep, model, signature.inputs)
+
+
+def flatten_model(ep, model: torch.nn.Module, user_inputs: tuple) -> Captured:
+    """`flatten` of an export of `model` (wrapped as the attribute "model"): on the model's device,
+    with its tied weights' other names."""
+    captured = flatten(ep, model_device(model), user_inputs)
     captured.aliases = aliases(model)
     return captured
 

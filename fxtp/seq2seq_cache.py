@@ -18,7 +18,7 @@ import torch
 from torch.export import Dim
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticLayer
 
-from fxtp.capture import Captured, aliases, export_model, flatten, model_device
+from fxtp.capture import Captured, export_model, flatten_model, max_positions, model_device
 from fxtp.signatures import ENCODER, SEQ2SEQ, Signature, signature_of
 from fxtp.static_cache import bind_cache, cache_argument, cache_buffers, with_cache_state
 
@@ -86,13 +86,10 @@ def capture_encoder(model: torch.nn.Module) -> Captured:
     """Export the encoder of `model` with dynamic batch and sequence length."""
     device = _checked_seq2seq(model)
     ids = torch.ones(2, 16, dtype=torch.long, device=device)
-    max_seq = getattr(model.config, "max_position_embeddings", None) or 4096
-    dims = Signature(ENCODER, ENCODER_INPUTS).dynamic_shapes(4096, max(max_seq, ids.shape[1]))
+    dims = Signature(ENCODER, ENCODER_INPUTS).dynamic_shapes(4096, max(max_positions(model), ids.shape[1]))
     ep = export_model(model, _Encoded(model), (ids, torch.ones_like(ids)), None, dims,
                       ", its encoder for generation")
-    captured = flatten(ep, device, ENCODER_INPUTS, prefix="model.")
-    captured.aliases = aliases(model)
-    return captured
+    return flatten_model(ep, model, ENCODER_INPUTS)
 
 
 def capture_decoder(model: torch.nn.Module, batch_size: int, max_length: int) -> Captured:
@@ -105,8 +102,7 @@ def capture_decoder(model: torch.nn.Module, batch_size: int, max_length: int) ->
             torch.zeros(batch_size, source, hidden, device=device, dtype=wrapper.kv_cache.key_0.dtype),
             torch.ones(batch_size, source, dtype=torch.long, device=device),
             torch.zeros(1, dtype=torch.long, device=device))
-    max_seq = getattr(model.config, "max_position_embeddings", None) or 4096
-    encoded = Dim.DYNAMIC(min=1, max=max(max_seq, source))
+    encoded = Dim.DYNAMIC(min=1, max=max(max_positions(model), source))
     ep = export_model(model, wrapper, args, None, (None, {1: encoded}, {1: encoded}, None),
                       ", its decoder with a static cache for generation")
-    return with_cache_state(ep, model, device, DECODER_INPUTS)
+    return with_cache_state(ep, model, DECODER_INPUTS)

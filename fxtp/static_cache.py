@@ -16,7 +16,7 @@ from torch.export import Dim
 from torch.export.graph_signature import OutputKind
 from transformers.cache_utils import Cache, StaticLayer
 
-from fxtp.capture import Captured, CaptureError, aliases, export_model, flatten, model_device
+from fxtp.capture import Captured, CaptureError, export_model, flatten_model, model_device
 from fxtp.signatures import CAUSAL_LM, signature_of
 
 CACHE_PREFIX = "kv_cache."  # the wrapper's submodule holding the cache buffers
@@ -98,17 +98,16 @@ def capture_cached(model: torch.nn.Module, batch_size: int, max_length: int) -> 
     ep = export_model(model, wrapper, (ids, mask, positions, cache_position), None,
                       ({1: tokens}, None, {1: tokens}, {0: tokens}), " with a static KV cache",
                       "Generation needs a model that supports transformers' StaticCache.")
-    return with_cache_state(ep, model, device, CACHE_INPUTS)
+    return with_cache_state(ep, model, CACHE_INPUTS)
 
 
-def with_cache_state(ep, model: torch.nn.Module, device: torch.device, inputs: tuple) -> Captured:
-    """The exported cache program flattened (capture.flatten), its cache state on meta: each rank
-    allocates its own part."""
+def with_cache_state(ep, model: torch.nn.Module, inputs: tuple) -> Captured:
+    """The exported cache program flattened (capture.flatten_model), its cache state on meta: each
+    rank allocates its own part."""
     if any(spec.kind != OutputKind.USER_OUTPUT for spec in ep.graph_signature.output_specs):
         raise CaptureError("the exported cache graph returns mutated buffers instead of updating them in place; "
                            "fxtp needs torch.export's training IR (torch >= 2.11)")
-    captured = flatten(ep, device, inputs, prefix="model.")
+    captured = flatten_model(ep, model, inputs)
     for name in [n for n in captured.state if is_cache_state(n)]:
         captured.state[name] = captured.state[name].to("meta")
-    captured.aliases = aliases(model)
     return captured
