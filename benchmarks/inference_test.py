@@ -49,7 +49,6 @@ import dataclasses
 import gc
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -64,6 +63,7 @@ from transformers import AutoModelForCausalLM
 import fxtp
 from fxtp.configs import REAL_SHAPES, real_config, tiny_config
 from fxtp.decode_graph import symmetric_memory_works
+from fxtp.launch import free_port
 from peers import PEERS, Context, Runner  # benchmarks/peers.py, beside this script
 
 PERCENTILES = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99, "p999": 0.999}
@@ -184,16 +184,10 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device_type: str) -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:  # plain `python`: a group of one, so every impl takes the same path
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -256,9 +250,10 @@ def allreduce_ms(batch: int, stats: ModelStats, dtype: torch.dtype, device: torc
     them; one_shot where symmetric memory works), {"gloo": ms} on the CPU."""
     calls, group_name = 2 * stats.layers + 1, dist.group.WORLD.group_name
     x = torch.zeros(batch, stats.hidden, dtype=dtype, device=device)
+    back_to_back = lambda: [dist.all_reduce(x) for _ in range(calls)]  # noqa: E731
     if device.type != "cuda":
-        return {"gloo": _time_ms(lambda: [dist.all_reduce(x) for _ in range(calls)], reps, lambda: None)}
-    steps = {"nccl": lambda: [dist.all_reduce(x) for _ in range(calls)]}
+        return {"gloo": _time_ms(back_to_back, reps, synchronizer(device))}
+    steps = {"nccl": back_to_back}
     if symmetric_memory_works(group_name, device):
         import torch.distributed._symmetric_memory as symm_mem
 
@@ -266,7 +261,7 @@ def allreduce_ms(batch: int, stats: ModelStats, dtype: torch.dtype, device: torc
         symm_mem.rendezvous(buffer, group_name)
         steps["one_shot"] = lambda: [torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", group_name)
                                      for _ in range(calls)]
-    return {name: _time_ms(_as_cuda_graph(step), reps, torch.cuda.synchronize) for name, step in steps.items()}
+    return {name: _time_ms(_as_cuda_graph(step), reps, synchronizer(device)) for name, step in steps.items()}
 
 
 def _as_cuda_graph(step):
