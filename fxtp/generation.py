@@ -151,8 +151,10 @@ class Generator:
         self._key = (batch, length)
 
     def _step(self, args: tuple, decode: bool) -> torch.Tensor:
+        """The step's logits. From the CUDA graph they are its output tensor, which the next replay
+        overwrites: _loop picks its tokens from them before it takes the next step."""
         if decode and self._decode is not None:
-            return self._decode(*args).clone()  # the graph's output is overwritten by the next replay
+            return self._decode(*args)
         return self._run(self._modules, args)
 
     @staticmethod
