@@ -36,6 +36,12 @@ Derived numbers (per rank; "N" is the impl's number of devices):
 - x floor = decode p50 / (HBM floor + AR ms): 1.0 would be a step that only reads its bytes at
   peak bandwidth and all-reduces.
 
+--profile (CUDA) counts the kernels (and memcpy/memset) of one decode step on rank 0 with
+torch.profiler, kernels in CUDA graph replays included: one more generate, profiled from its first
+generated token to the end, over its gen_len - 1 decode steps. "busy" is their summed time: p50 -
+busy is time the GPU spent between kernels (launch gaps, the host's part of a step), which a faster
+kernel does not remove.
+
 Correctness: the first --check-tokens greedy tokens of every impl against a reference: the first
 impl in --impl at N = 1, HF eager on rank 0's GPU at N > 1 (--no-reference skips it). The check is
 token-exact; "match" is the number of leading tokens equal in every row. bf16 sums are rounded in
@@ -170,8 +176,12 @@ def parse_args() -> argparse.Namespace:
                         help="fxtp-compile's inductor options over its defaults, e.g. "
                              "'{\"_collective.auto_select\": false}'; a list of them runs fxtp-compile once "
                              "per entry, side by side (an A/B on one machine): '[{}, {\"coordinate_descent_tuning\": false}]'")
+    parser.add_argument("--profile", action="store_true",
+                        help="also count and time the kernels of one decode step (torch.profiler, CUDA only)")
     parser.add_argument("--out", default="results.json")
     args = parser.parse_args()
+    if args.profile and args.device != "cuda":
+        parser.error("--profile counts CUDA kernels: use it with --device cuda")
     args.batch = [int(b) for b in args.batch.split(",")]
     args.impl = args.impl.split(",")
     variants = args.compile_options if isinstance(args.compile_options, list) else [args.compile_options]
@@ -308,6 +318,50 @@ def measure(runner: Runner, ids, mask, args, device: torch.device) -> tuple[torc
     }
 
 
+def decode_kernels(runner: Runner, ids, mask, gen_len: int, top: int = 15) -> dict:
+    """This rank's kernels of one decode step (--profile), from a generate profiled from its first
+    token on: {"count": kernels per step, "busy_ms": their summed time per step, "top": [[name, count
+    per step, ms per step], ...] the `top` longest in total}."""
+    profiled = DecodeProfile()
+    runner.generate(ids, mask, gen_len, profiled)
+    steps = gen_len - 1
+    ranked = sorted(profiled.totals.items(), key=lambda item: -item[1][1])
+    return {"count": sum(count for count, _ in profiled.totals.values()) / steps,
+            "busy_ms": sum(us for _, us in profiled.totals.values()) / steps / 1e3,
+            "top": [[name, round(count / steps, 3), round(us / steps / 1e3, 5)] for name, (count, us) in ranked[:top]]}
+
+
+class DecodeProfile:
+    """A streamer that profiles the decode steps only: from the first generated token (the second
+    `put`; the first is the prompt) to `end`. `totals` is then {kernel name: (launches, microseconds)}."""
+
+    def __init__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.profiler = profile(activities=[ProfilerActivity.CUDA])
+        self.puts = 0
+        self.totals: dict[str, tuple[int, float]] = {}
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            torch.cuda.synchronize()
+            self.profiler.start()
+
+    def end(self) -> None:
+        torch.cuda.synchronize()
+        self.profiler.stop()
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "trace.json")
+            self.profiler.export_chrome_trace(path)
+            with open(path) as f:
+                events = json.load(f)["traceEvents"]
+        for event in events:
+            if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+                count, us = self.totals.get(event["name"], (0, 0.0))
+                self.totals[event["name"]] = (count + 1, us + event["dur"])
+
+
 def derived(row: dict, stats: ModelStats, args, dtype: torch.dtype, bandwidth: float | None) -> dict:
     latency_ms = row["decode_ms"]["p50"]
     read = stats.decode_bytes(row["batch"], args.prompt_len + args.gen_len / 2, row["world_size"],
@@ -337,6 +391,8 @@ def run_impl(name: str, label: str, ctx: Context, args, prompts: dict, stats: Mo
                "ranks_identical": all(torch.equal(t, tokens[batch]) for t in gather(tokens[batch])),
                "ar_ms_by_impl": extra["ar_ms"].get(batch) if not single else None}
         row["ar_ms"] = min(row["ar_ms_by_impl"].values()) if row["ar_ms_by_impl"] else None
+        if args.profile:
+            row["kernels"] = decode_kernels(runner, ids, mask, args.gen_len)
         rows.append({**row, **derived(row, stats, args, ctx.dtype, extra["bandwidth"])})
     return rows, tokens
 
@@ -392,6 +448,19 @@ def table(rows: list) -> str:
             fmt(max(peaks) / gb if peaks else None), fmt(r["tflops"]), fmt(r["gb_per_s"], 0),
             fmt(r["hbm_fraction"]), fmt(r["ar_ms"], 3), fmt(r["x_floor"]), match + ("" if r["ranks_identical"] else " (ranks differ)"),
         ]) + " |")
+    return "\n".join(lines)
+
+
+def kernel_table(rows: list) -> str:
+    """--profile's numbers: kernels per decode step, their busy time against p50, the longest ones."""
+    lines = []
+    for r in rows:
+        if "kernels" not in r:
+            continue
+        k, p50 = r["kernels"], r["decode_ms"]["p50"]
+        lines.append(f"{r['impl']} N={r['world_size']} batch {r['batch']}: {k['count']:.1f} kernels a decode step, "
+                     f"busy {k['busy_ms']:.3f} of {p50:.3f} ms (between kernels {p50 - k['busy_ms']:.3f} ms)")
+        lines += [f"    {ms * 1e3:8.1f} us  {count:6.2f}x  {name[:110]}" for name, count, ms in k["top"]]
     return "\n".join(lines)
 
 
@@ -518,6 +587,8 @@ def main() -> None:
         rows = time_impls(ctx, args, meta)
         if rank == 0:
             print(table(rows))
+            if args.profile:
+                print("\n" + kernel_table(rows))
             if meta["skipped"]:
                 print(f"\nskipped at N={world} (one-GPU impls; --single-too runs them on rank 0): "
                       f"{', '.join(meta['skipped'])}")
