@@ -78,8 +78,9 @@ MAX_BATCH_LIMIT = 4096
 
 
 def fxtp_runner(ctx: Context, compile) -> Runner:
+    attention = {"attn_implementation": ctx.attn_implementation} if ctx.attn_implementation else {}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(ctx.config, dtype=ctx.dtype).eval()
+        model = AutoModelForCausalLM.from_config(ctx.config, dtype=ctx.dtype, **attention).eval()
     tp = fxtp.compile(model, ctx.world_size)
     gen = tp.generator(ctx.rank, device=ctx.device, checkpoint=ctx.checkpoint, compile=compile)
     if compile is not False and ctx.rank == 0:
@@ -176,6 +177,8 @@ def parse_args() -> argparse.Namespace:
                         help="fxtp-compile's inductor options over its defaults, e.g. "
                              "'{\"_collective.auto_select\": false}'; a list of them runs fxtp-compile once "
                              "per entry, side by side (an A/B on one machine): '[{}, {\"coordinate_descent_tuning\": false}]'")
+    parser.add_argument("--attn-implementation", default=None, metavar="NAME",
+                        help="HF's attn_implementation for every impl, e.g. eager (default: the model's, sdpa)")
     parser.add_argument("--profile", action="store_true",
                         help="also count and time the kernels of one decode step (torch.profiler, CUDA only)")
     parser.add_argument("--out", default="results.json")
@@ -572,11 +575,13 @@ def main() -> None:
     rank, world, device = init_distributed(args.device)
     dtype = getattr(torch, args.dtype)
     config = model_config(args.shape, args.layers)
-    ctx = Context(ensure_checkpoint(args, config, dtype, device), config, dtype, device, rank, world)
+    ctx = Context(ensure_checkpoint(args, config, dtype, device), config, dtype, device, rank, world,
+                  attn_implementation=args.attn_implementation)
     meta = {"shape": args.shape, "layers": config.num_hidden_layers, "dtype": args.dtype, "world_size": world,
             "prompt_len": args.prompt_len, "gen_len": args.gen_len, "warmup": args.warmup, "trials": args.trials,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "versions": versions(), "checkpoint": ctx.checkpoint, "compile_options": args.compile_options}
+            "versions": versions(), "checkpoint": ctx.checkpoint, "compile_options": args.compile_options,
+            "attn_implementation": args.attn_implementation}
     if args.find_max_batch:
         best = find_max_batch(args.find_max_batch, ctx, args)
         if rank == 0:

@@ -36,6 +36,7 @@ class Context:
     rank: int
     world_size: int
     compile_options: dict | None = None  # fxtp-compile's inductor options over its defaults
+    attn_implementation: str | None = None  # HF's attn_implementation for every impl (None: the model's default)
 
 
 @dataclass
@@ -62,6 +63,8 @@ def hf_generate(model, generate=None) -> Callable:
 
 
 def _load(ctx: Context, **kwargs):
+    if ctx.attn_implementation:
+        kwargs["attn_implementation"] = ctx.attn_implementation
     return AutoModelForCausalLM.from_pretrained(ctx.checkpoint, dtype=ctx.dtype, **kwargs).eval()
 
 
