@@ -35,6 +35,8 @@ Derived numbers (per rank; "N" is the impl's number of devices):
   one_shot_all_reduce (both in the JSON): the floor of the communication. On the CPU: gloo, eager.
 - x floor = decode p50 / (HBM floor + AR ms): 1.0 would be a step that only reads its bytes at
   peak bandwidth and all-reduces.
+- setup / 1st generate s: building the impl (loading, for fxtp also capture and planning), and the
+  first warmup generate of each batch size, which includes what the impl compiles and captures.
 
 --profile (CUDA) counts the kernels (and memcpy/memset) of one decode step on rank 0 with
 torch.profiler, kernels in CUDA graph replays included: one more generate, profiled from its first
@@ -297,9 +299,13 @@ def _time_ms(step, reps: int, sync) -> float:
 
 
 def measure(runner: Runner, ids, mask, args, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """Warm up, then time `trials` greedy generations of `gen_len` tokens."""
-    for _ in range(args.warmup):
+    """Warm up, then time `trials` greedy generations of `gen_len` tokens. first_generate_s is the first
+    warmup's wall time: it includes whatever an impl compiles and captures for this batch size."""
+    first_generate = None
+    for i in range(args.warmup):
+        start = time.perf_counter()
         runner.generate(ids, mask, args.gen_len, StepTimer(device))
+        first_generate = time.perf_counter() - start if i == 0 else first_generate
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prefill, decode, wall = [], [], []
@@ -318,6 +324,7 @@ def measure(runner: Runner, ids, mask, args, device: torch.device) -> tuple[torc
         "decode_steps": len(decode),
         "tokens_per_s": ids.shape[0] * args.gen_len / (sum(wall) / len(wall)),
         "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "first_generate_s": first_generate,
     }
 
 
@@ -381,14 +388,16 @@ def run_impl(name: str, label: str, ctx: Context, args, prompts: dict, stats: Mo
              extra: dict) -> tuple[list, dict]:
     """Rows (named `label`) and tokens ({batch: [B, P + G]}) of one impl over every batch size."""
     setup, single = IMPLS[name]
+    start = time.perf_counter()
     runner = setup(ctx)
+    setup_s = time.perf_counter() - start
     ranks = 1 if single else ctx.world_size
     gather = (lambda value: [value]) if single else _all_gather
     rows, tokens = [], {}
     for batch, (ids, mask) in prompts.items():
         tokens[batch], numbers = measure(runner, ids, mask, args, ctx.device)
         memory = runner.memory()
-        row = {"impl": label, "world_size": ranks, "batch": batch, **numbers,
+        row = {"impl": label, "world_size": ranks, "batch": batch, **numbers, "setup_s": setup_s,
                "param_bytes": gather(memory["parameters"]), "cache_bytes": gather(memory["cache"]),
                "peak_bytes": gather(numbers["peak_bytes"]),
                "ranks_identical": all(torch.equal(t, tokens[batch]) for t in gather(tokens[batch])),
@@ -438,10 +447,10 @@ def fmt(value, digits: int = 2) -> str:
 def table(rows: list) -> str:
     gb = 1e9
     lines = ["| impl | N | batch | prefill ms | p50 | p90 | p95 | p99 | p999 | tok/s | param GB/rank | peak GB/rank "
-             "| TFLOPs | GB/s | HBM frac | AR ms | x floor | tokens vs ref |", "|" + "---|" * 18]
+             "| TFLOPs | GB/s | HBM frac | AR ms | x floor | setup / 1st generate s | tokens vs ref |", "|" + "---|" * 19]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['impl']} | {r['world_size']} | | error: {r['error']} |" + " |" * 14)
+            lines.append(f"| {r['impl']} | {r['world_size']} | | error: {r['error']} |" + " |" * 15)
             continue
         d, peaks = r["decode_ms"], [p for p in r["peak_bytes"] if p is not None]
         match = f"{r['match']}/{r['checked']}" if r.get("match") is not None else "-"
@@ -449,7 +458,8 @@ def table(rows: list) -> str:
             f"| {r['impl']}", str(r["world_size"]), str(r["batch"]), fmt(r["prefill_ms"]),
             *(fmt(d[k], 3) for k in PERCENTILES), fmt(r["tokens_per_s"], 1), fmt(max(r["param_bytes"]) / gb),
             fmt(max(peaks) / gb if peaks else None), fmt(r["tflops"]), fmt(r["gb_per_s"], 0),
-            fmt(r["hbm_fraction"]), fmt(r["ar_ms"], 3), fmt(r["x_floor"]), match + ("" if r["ranks_identical"] else " (ranks differ)"),
+            fmt(r["hbm_fraction"]), fmt(r["ar_ms"], 3), fmt(r["x_floor"]),
+            f"{fmt(r['setup_s'], 1)} / {fmt(r['first_generate_s'], 1)}", match + ("" if r["ranks_identical"] else " (ranks differ)"),
         ]) + " |")
     return "\n".join(lines)
 
