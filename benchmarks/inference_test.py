@@ -72,6 +72,7 @@ import fxtp
 from fxtp.configs import REAL_SHAPES, real_config, tiny_config
 from fxtp.decode_graph import symmetric_memory_works
 from fxtp.launch import free_port
+from fxtp.static_cache import cache_shape
 from peers import PEERS, Context, Runner  # benchmarks/peers.py, beside this script
 
 PERCENTILES = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99, "p999": 0.999}
@@ -141,10 +142,9 @@ class ModelStats:
         head = model.get_output_embeddings()
         tied = head is not None and head.weight is embedding
         text = config.get_text_config(decoder=True)
-        heads = text.num_attention_heads
+        _, kv_heads, _, head_dim = cache_shape(config, 1, 1)  # as fxtp's static cache holds them
         return cls(weights=sum(p.numel() for p in model.parameters()) - (0 if tied else embedding.numel()),
-                   layers=text.num_hidden_layers, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, hidden=text.hidden_size)
+                   layers=text.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim, hidden=text.hidden_size)
 
     def decode_bytes(self, batch: int, context: float, ranks: int, dtype_bytes: int) -> float:
         """Bytes one decode step reads on each of `ranks` ranks, ideally split."""
@@ -305,7 +305,8 @@ def measure(runner: Runner, ids, mask, args, device: torch.device) -> tuple[torc
     for i in range(args.warmup):
         start = time.perf_counter()
         runner.generate(ids, mask, args.gen_len, StepTimer(device))
-        first_generate = time.perf_counter() - start if i == 0 else first_generate
+        if i == 0:
+            first_generate = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prefill, decode, wall = [], [], []
