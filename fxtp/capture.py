@@ -4,7 +4,8 @@ The graph's inputs are those of the model's kind (fxtp/signatures.py; (input_ids
 attention_mask) for a causal LM) with dynamic batch and sequence lengths, and its output is the
 logits (or an encoder's hidden states). Parameters, buffers and lifted constants become
 placeholders whose `node.meta["fxtp.state"]` names the model state they hold (e.g. "model.layers.0.mlp.up_proj.weight").
-Lifted constants keep their values on the meta device too (list indices, _ListIndicesOnCPU).
+Lifted constants keep their values on the meta device too (list indices and scalars, _ConstantsOnCPU),
+and `Captured.constants` names them: their values come from the capture, never from a checkpoint.
 """
 from __future__ import annotations
 
@@ -31,22 +32,30 @@ class CaptureError(RuntimeError):
     pass
 
 
-class _ListIndicesOnCPU(TorchFunctionMode):
-    """Index with an int64 CPU tensor where the code indexes with a list of ints
-    (`x[..., [-2], :]`, same result). On the meta device the list would become a meta tensor
-    without values, and the unfuse pass reads these values to find the pieces a fused q|k|v
-    is cut into (Falcon-7B's multi-query k = h[:, :, [-2]]); a CPU tensor keeps them."""
+class _ConstantsOnCPU(TorchFunctionMode):
+    """Keep the values of the constants a forward makes, which on the meta device would become
+    meta tensors without values:
+    - index with an int64 CPU tensor where the code indexes with a list of ints (`x[..., [-2], :]`,
+      same result): the unfuse pass reads these values to find the pieces a fused q|k|v is cut into
+      (Falcon-7B's multi-query k = h[:, :, [-2]]);
+    - make `torch.tensor(<number>, device=<meta>)` on the CPU: a 0-dim CPU tensor mixes with
+      tensors of any device, and the rank programs need its value (transformers 5.17's eager
+      attention mask is `torch.where(mask, torch.tensor(0.0, device=mask.device), min)`)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func is torch.Tensor.__getitem__:
             x, index = args
             args = (x, tuple(map(_int_list_as_tensor, index)) if isinstance(index, tuple) else _int_list_as_tensor(index))
-        return func(*args, **(kwargs or {}))
+        elif func is torch.tensor and isinstance(args[0], (bool, int, float)) and \
+                torch.device(kwargs.get("device") or "cpu").type == "meta":
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
 
 
-def list_indices_on_cpu(device: torch.device):
-    """The context to export a model on `device` in (see _ListIndicesOnCPU)."""
-    return _ListIndicesOnCPU() if device.type == "meta" else nullcontext()
+def constants_on_cpu(device: torch.device):
+    """The context to export a model on `device` in (see _ConstantsOnCPU)."""
+    return _ConstantsOnCPU() if device.type == "meta" else nullcontext()
 
 
 def _int_list_as_tensor(index):
@@ -61,6 +70,7 @@ class Captured:
     state: dict[str, torch.Tensor]  # FQN -> tensor (meta tensors when the model is on meta)
     device: torch.device
     aliases: dict[str, list[str]] = field(default_factory=dict)  # tied weights' other names
+    constants: frozenset = frozenset()  # state names of the constants export lifted (no checkpoint holds them)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -80,7 +90,7 @@ def export_model(model: torch.nn.Module, wrapper: torch.nn.Module, args: tuple, 
         # CUDA's fused attention kernels make export guard seq to a multiple of 8 (mask alignment);
         # the math backend has no such guard, and the graph keeps the one SDPA op either way, so at
         # run time the fastest kernel is still chosen.
-        with sdpa_kernel([SDPBackend.MATH]), list_indices_on_cpu(device):
+        with sdpa_kernel([SDPBackend.MATH]), constants_on_cpu(device):
             return torch.export.export(wrapper, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as e:  # export errors are long; keep them whole inside ours
         raise CaptureError(f"torch.export could not capture {type(model).__name__} ({model.config.model_type}){what}: "
@@ -123,6 +133,7 @@ def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model."
     gm = split_bias(remove_identities(inline_wrappers(ep.graph_module)))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     state: dict[str, torch.Tensor] = {}
+    constants = set()
     sd = ep.state_dict
     for node, spec in zip(placeholders, ep.graph_signature.input_specs):
         if spec.kind == InputKind.USER_INPUT:
@@ -131,6 +142,8 @@ def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model."
         name = spec.target.removeprefix(prefix)  # "model.": the Forward wrapper's attribute
         node.meta[STATE] = name
         state[name] = value
+        if spec.kind == InputKind.CONSTANT_TENSOR:
+            constants.add(name)
     user = [n for n in placeholders if STATE not in n.meta]
     if [n.name for n in user] != list(user_inputs):
         raise CaptureError(f"unexpected graph inputs {[n.name for n in user]}")
@@ -143,4 +156,4 @@ def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model."
     unfuse_projections(gm, state)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return Captured(gm, state, device)
+    return Captured(gm, state, device, constants=frozenset(constants))

@@ -138,8 +138,13 @@ class TPProgram:
         if device.type == "meta":
             raise ValueError("device='meta' holds no data: pass device='cpu' or f'cuda:{local_rank}'")
         state = self.captured.state
-        read = RankLoader(checkpoint, rank, state, self.captured.aliases, self.model) if checkpoint is not None \
-            else lambda name, layout: slice_state(state[name], layout, rank)
+        loader = RankLoader(checkpoint, rank, state, self.captured.aliases, self.model) if checkpoint is not None \
+            else None
+
+        def read(name, layout):  # export's lifted constants hold their values; no checkpoint has them
+            if loader is None or name in self.captured.constants:
+                return slice_state(state[name], layout, rank)
+            return loader(name, layout)
         shared = {} if shared is None else shared
 
         def load(name, layout):

@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import LlamaMLP
 
 import fxtp
 from fxtp.checkpoint import CheckpointError, tensor_files
@@ -50,6 +51,27 @@ def test_round_trip_on_meta(saved, arch, world_size):
     tp = fxtp.compile(meta_model(arch), world_size)
     ranks = [tp.rank_graph(r, device="cpu", checkpoint=path) for r in range(world_size)]
     assert max_logit_diff(model, ranks) <= 1e-4
+
+
+def test_eager_attention_on_meta(saved):
+    _, path = saved["llama"]
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="eager")
+    tp = fxtp.compile(meta, 2)
+    assert max_logit_diff(model, [tp.rank_graph(r, device="cpu", checkpoint=path) for r in range(2)]) <= 1e-4
+
+
+def test_constants_the_forward_makes_come_from_the_capture(tmp_path, monkeypatch):
+    """A scalar the forward makes as torch.tensor(x, device=<meta>) (as transformers 5.17's eager
+    mask does) keeps its value when captured on meta, and is not looked up in the checkpoint."""
+    forward = LlamaMLP.forward
+    monkeypatch.setattr(LlamaMLP, "forward", lambda self, x: forward(self, x) * torch.tensor(0.5, device=x.device))
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    tp = fxtp.compile(meta_model("llama"), 2)
+    assert [tp.captured.state[name].item() for name in sorted(tp.captured.constants)] == [0.5, 0.5]  # one a layer
+    assert max_logit_diff(model, [tp.rank_graph(r, device="cpu", checkpoint=str(tmp_path)) for r in range(2)]) <= 1e-4
 
 
 def test_sharded_index_is_used(saved):
