@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from fxtp.decode_graph import DecodeGraph, inductor_options
 from fxtp.inputs import checked_inputs
+from fxtp.prefill_graph import PrefillGraph
 from fxtp.seq2seq_cache import decoder_start_token_id
 from fxtp.simulate import simulate as run_lockstep
 from fxtp.static_cache import is_cache_state
@@ -27,7 +28,8 @@ class Generator:
     """Generates on the ranks `ranks` of `program`, all in this process (one rank under torchrun).
     The weights are placed on `device` once; a static-cache program is built per batch size and
     cache length, and only the latest one's cache is kept. `compile` (True, or a dict of inductor
-    options) runs decode steps as a compiled CUDA graph (fxtp/decode_graph.py); it is a collective
+    options) runs decode steps as a compiled CUDA graph (fxtp/decode_graph.py) and prefills with the
+    step compiled for any prompt length (fxtp/prefill_graph.py); it is a collective
     when there are several ranks, so every rank creates its Generator at the same point, and
     `compile_options` then holds the inductor options chosen (None without compile)."""
 
@@ -40,7 +42,7 @@ class Generator:
         self._weights: list[dict] = [{} for _ in ranks]  # per rank: reused by every cache program
         self._key: Optional[tuple[int, int]] = None
         self._modules: list[fx.GraphModule] = []
-        self._decode = None
+        self._decode = self._prefill = None
         self._encoders: list[fx.GraphModule] = []  # an encoder-decoder's encoder, run once per request
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
@@ -138,7 +140,7 @@ class Generator:
     def _prepare(self, batch: int, length: int) -> None:
         if self._key == (batch, length):
             return
-        self._modules, self._decode = [], None  # free the previous cache first
+        self._modules, self._decode, self._prefill = [], None, None  # free the previous cache first
         if self.program.is_seq2seq and not self._encoders:
             encoder = self.program.encoder()
             self._encoders = [encoder.rank_graph(rank, self.group_name, self.device, self.checkpoint, shared=weights)
@@ -148,13 +150,15 @@ class Generator:
                          for rank, weights in zip(self.ranks, self._weights)]
         if self.compile_options is not None:
             self._decode = DecodeGraph(self._modules[0], self.compile_options)
+            self._prefill = PrefillGraph(self._modules[0], self.compile_options)
         self._key = (batch, length)
 
     def _step(self, args: tuple, decode: bool) -> torch.Tensor:
         """The step's logits. From the CUDA graph they are its output tensor, which the next replay
         overwrites: _loop picks its tokens from them before it takes the next step."""
-        if decode and self._decode is not None:
-            return self._decode(*args)
+        compiled = self._decode if decode else self._prefill
+        if compiled is not None:
+            return compiled(*args)
         return self._run(self._modules, args)
 
     @staticmethod

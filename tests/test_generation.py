@@ -8,7 +8,8 @@ from fxtp.dump import dump
 from fxtp.layouts import Shard
 from fxtp.launch import run_ranks
 from fxtp.passes.propagate import LAYOUT
-from fxtp.static_cache import CACHE_PREFIX
+from fxtp.prefill_graph import PrefillGraph
+from fxtp.static_cache import CACHE_PREFIX, is_cache_state
 from fxtp.stats import collectives_by_layer
 from fxtp.testing import assert_generates_like_hf, tiny_program
 
@@ -95,6 +96,42 @@ def test_decode_graph_in_the_dump():
     assert "kv_cache.key_0" in text and "index_copy_" in text
     line = next(l for l in text.splitlines() if l.strip().startswith("kv_cache.value_1"))
     assert "S(dim=1" in line and "[1, 1, 256, 16] per rank" in line
+
+
+def prefill_graph_against_eager_on_rank(rank: int, batch: int, length: int) -> list:
+    """Rank body: for prompts of three lengths, the compiled prefill's and the eager step's logits and
+    the KV cache each leaves in the buffers it shares with the decode step; and the graphs compiled."""
+    import torch.distributed as dist
+
+    model, tp = tiny_program("llama", 2)
+    step = tp.with_cache(batch, length).rank_graph(rank, dist.group.WORLD.group_name, torch.device("cpu"))
+    cache = [buffer for name, buffer in step.named_buffers() if is_cache_state(name)]
+    prefill = PrefillGraph(step, {"coordinate_descent_tuning": True})
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    results = []
+    for prompt in (7, 13, 29):
+        ids = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(prompt))
+        inputs = (ids, torch.ones(batch, length, dtype=torch.long), torch.arange(prompt).expand(batch, prompt),
+                  torch.arange(prompt))
+        for run in (prefill, step):
+            for buffer in cache:
+                buffer.zero_()
+            with torch.no_grad():
+                results.append((run(*inputs), [buffer.clone() for buffer in cache]))
+    return results, torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+
+
+def test_prefill_graph_serves_every_prompt_length_with_one_compilation():
+    """fxtp/prefill_graph.py on 2 gloo processes: prompts of three lengths through one compilation give
+    the eager step's logits (all_reduce and all_gather inside) and write the same KV cache into the
+    buffers the decode step shares."""
+    for results, graphs in run_ranks(prefill_graph_against_eager_on_rank, 2, 2, 64, timeout=600):
+        assert graphs == 1
+        for (compiled, compiled_cache), (eager, eager_cache) in zip(results[::2], results[1::2]):
+            torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+            assert all(filled.abs().sum() > 0 for filled in compiled_cache)
+            for filled, expected in zip(compiled_cache, eager_cache):
+                torch.testing.assert_close(filled, expected, atol=1e-5, rtol=0)
 
 
 def test_generation_errors_say_what_to_do():
