@@ -47,7 +47,7 @@ class _ConstantsOnCPU(TorchFunctionMode):
         if func is torch.Tensor.__getitem__:
             x, index = args
             args = (x, tuple(map(_int_list_as_tensor, index)) if isinstance(index, tuple) else _int_list_as_tensor(index))
-        elif func is torch.tensor and isinstance(args[0], (bool, int, float)) and \
+        elif func is torch.tensor and args and isinstance(args[0], (bool, int, float)) and \
                 torch.device(kwargs.get("device") or "cpu").type == "meta":
             kwargs = {**kwargs, "device": "cpu"}
         return func(*args, **kwargs)
