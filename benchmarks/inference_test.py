@@ -31,8 +31,9 @@ Derived numbers (per rank; "N" is the impl's number of devices):
   HBM frac = HBM floor / decode p50. GB/s = those bytes / decode p50.
 - TFLOPs = 2 * weights * batch / decode p50 (all ranks together; attention FLOPs left out).
 - AR ms (N > 1): one decode step's all_reduces of [batch, hidden] (2 per layer, 1 for the
-  embedding) back to back in one CUDA graph, the faster of NCCL and symmetric memory's
-  one_shot_all_reduce (both in the JSON): the floor of the communication. On the CPU: gloo, eager.
+  embedding) back to back in one CUDA graph, the fastest of NCCL, symmetric memory's
+  one_shot_all_reduce and fxtp's push_all_reduce (all in the JSON): the floor of the communication.
+  On the CPU: gloo, eager.
 - x floor = decode p50 / (HBM floor + AR ms): 1.0 would be a step that only reads its bytes at
   peak bandwidth and all-reduces.
 - setup / 1st generate s: building the impl (loading, for fxtp also capture and planning), and the
@@ -261,8 +262,8 @@ def hbm_bandwidth(device: torch.device, override: float | None) -> float | None:
 
 def allreduce_ms(batch: int, stats: ModelStats, dtype: torch.dtype, device: torch.device, reps: int = 20) -> dict:
     """Time of one decode step's all_reduces ([batch, hidden], 2 per layer + the embedding's), back to
-    back, by implementation: {"nccl": ms, "one_shot": ms} on CUDA (replays of a CUDA graph holding
-    them; one_shot where symmetric memory works), {"gloo": ms} on the CPU."""
+    back, by implementation: {"nccl": ms, "one_shot": ms, "push": ms} on CUDA (replays of a CUDA graph
+    holding them; one_shot and fxtp's push where symmetric memory works), {"gloo": ms} on the CPU."""
     calls, group_name = 2 * stats.layers + 1, dist.group.WORLD.group_name
     x = torch.zeros(batch, stats.hidden, dtype=dtype, device=device)
     back_to_back = lambda: [dist.all_reduce(x) for _ in range(calls)]  # noqa: E731
@@ -276,6 +277,7 @@ def allreduce_ms(batch: int, stats: ModelStats, dtype: torch.dtype, device: torc
         symm_mem.rendezvous(buffer, group_name)
         steps["one_shot"] = lambda: [torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", group_name)
                                      for _ in range(calls)]
+        steps["push"] = lambda: [torch.ops.fxtp.push_all_reduce(x, group_name) for _ in range(calls)]
     return {name: _time_ms(_as_cuda_graph(step), reps, synchronizer(device)) for name, step in steps.items()}
 
 

@@ -8,6 +8,10 @@ Inductor options (a `compile={...}` dict overrides them):
   this machine: all_reduces up to `_collective.one_shot_all_reduce_threshold_bytes` are lowered to
   `symm_mem.one_shot_all_reduce`, one kernel that reads the peers' buffers over NVLink, in place of
   NCCL's; larger ones stay NCCL.
+- `fxtp.push_all_reduce` (fxtp's own option, not inductor's), on by default wherever
+  `_collective.auto_select` is: the step's all_reduces become `fxtp::push_all_reduce`
+  (fxtp/push_all_reduce.py), one kernel with no barrier between the ranks; parts above its
+  MAX_BYTES go to NCCL.
 
 The step is captured with `torch.cuda.graph`, not `mode="reduce-overhead"`: its inputs are copied
 into static tensors and a replay runs the whole step with no Python in between, so no guards or
@@ -27,8 +31,11 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from fxtp.push_all_reduce import with_push_all_reduce
+
 WARMUP_STEPS = 2  # compiles, then runs once more so NCCL and symmetric-memory buffers exist before capture
 AUTO_SELECT = "_collective.auto_select"
+PUSH = "fxtp.push_all_reduce"
 _CAPTURES = itertools.count()
 
 
@@ -40,12 +47,13 @@ def inductor_options(compile: Union[bool, dict], group_name: str, world_size: in
         raise ValueError(f"compile=True captures the decode step as a CUDA graph, but the device is {device}: "
                          "pass a CUDA device, or compile=False on the CPU")
     user = compile if isinstance(compile, dict) else {}
-    options = {"coordinate_descent_tuning": True, **user}
-    if AUTO_SELECT not in user:
-        options[AUTO_SELECT] = world_size > 1 and symmetric_memory_works(group_name, device)
-    elif user[AUTO_SELECT] and world_size > 1 and not symmetric_memory_works(group_name, device):
-        raise RuntimeError(f"{AUTO_SELECT}=True needs symmetric memory, which does not work on this machine "
-                           f"(see the warning above); leave {AUTO_SELECT} out to use NCCL")
+    symmetric = world_size > 1 and symmetric_memory_works(group_name, device)
+    options = {"coordinate_descent_tuning": True, AUTO_SELECT: symmetric, **user}
+    options.setdefault(PUSH, options[AUTO_SELECT])
+    for key in (AUTO_SELECT, PUSH):
+        if options[key] and world_size > 1 and not symmetric:
+            raise RuntimeError(f"{key}=True needs symmetric memory, which does not work on this machine "
+                               f"(see the warning above); leave {key} out to use NCCL")
     return options
 
 
@@ -78,7 +86,9 @@ class DecodeGraph:
     graph's, overwritten by the next call."""
 
     def __init__(self, module: fx.GraphModule, options: dict):
-        self.compiled = torch.compile(module, fullgraph=True, dynamic=False, options=options)
+        inductor = {key: value for key, value in options.items() if key != PUSH}
+        step = with_push_all_reduce(module) if options.get(PUSH) else module
+        self.compiled = torch.compile(step, fullgraph=True, dynamic=False, options=inductor)
         self.graphs: dict[tuple, tuple] = {}  # input shapes -> (graph, static inputs, static output)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:

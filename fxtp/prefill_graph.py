@@ -14,18 +14,18 @@ import copy
 import torch
 import torch.fx as fx
 
-from fxtp.decode_graph import AUTO_SELECT
+from fxtp.decode_graph import AUTO_SELECT, PUSH
 
 
 class PrefillGraph:
     """`module` compiled with a dynamic prompt length and the decode step's inductor options, less
-    symmetric-memory all_reduce (a prefill's all_reduces are over the whole prompt, above its
-    threshold, and their sizes are symbolic): they stay NCCL."""
+    symmetric-memory and push all_reduce (a prefill's all_reduces are over the whole prompt, above
+    their thresholds, and their sizes are symbolic): they stay NCCL."""
 
     def __init__(self, module: fx.GraphModule, options: dict):
         twin = fx.GraphModule(module, copy.deepcopy(module.graph), class_name=f"{type(module).__name__}Prefill")
         twin.eval()
-        inductor = {key: value for key, value in options.items() if key != AUTO_SELECT}
+        inductor = {key: value for key, value in options.items() if key not in (AUTO_SELECT, PUSH)}
         self.compiled = torch.compile(twin, fullgraph=True, dynamic=True, options=inductor)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""Compiled decode on real GPUs (fxtp/decode_graph.py): the CUDA-graph replay of a step with NCCL or
-symmetric-memory all_reduce gives HF's greedy tokens. Skipped on machines with fewer than 2 GPUs;
-run on a GPU machine with `python -m pytest -q tests/test_cuda.py`."""
+"""Compiled decode on real GPUs (fxtp/decode_graph.py): the CUDA-graph replay of a step with push,
+symmetric-memory or NCCL all_reduce gives HF's greedy tokens, and fxtp::push_all_reduce sums exactly,
+eagerly and in CUDA-graph replays. Skipped on machines with fewer than 2 GPUs; run on a GPU machine
+with `python -m pytest -q tests/test_cuda.py`."""
 import pytest
 import torch
+import torch.distributed as dist
 
 import fxtp
 from fxtp.configs import tiny_model
@@ -31,7 +33,8 @@ def compiled_generate_on_rank(rank, batches, compile):
     return tokens, generator.compile_options
 
 
-@pytest.mark.parametrize("compile", [True, {"_collective.auto_select": False}], ids=["default", "nccl"])
+@pytest.mark.parametrize("compile", [True, {"fxtp.push_all_reduce": False}, {"_collective.auto_select": False}],
+                         ids=["push", "one_shot", "nccl"])
 def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
     model = tiny_model("llama")
     batches = [prompts(model.config.vocab_size, batch) for batch in (1, 3)]  # batch 1: matmuls become reductions
@@ -40,8 +43,48 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
     results = run_ranks(compiled_generate_on_rank, 2, batches, compile, timeout=900, backend="nccl")
     for tokens, options in results:
         assert options["coordinate_descent_tuning"] is True
-        if compile is not True:
-            assert options["_collective.auto_select"] is False
+        user = compile if isinstance(compile, dict) else {}
+        assert options["_collective.auto_select"] is user.get("_collective.auto_select", True)
+        assert options["fxtp.push_all_reduce"] is user.get("fxtp.push_all_reduce", options["_collective.auto_select"])
         for (first, second), reference in zip(tokens, expected):
             assert torch.equal(first, reference) and torch.equal(second, reference)
     assert results[0][0][0][0].shape == (1, 9 + NEW_TOKENS)
+
+
+def push_rounds_on_rank(rank, cases, rounds):
+    """Rank body: per (numel, dtype), this rank's parts and the sums push_all_reduce gave for them,
+    first eagerly, then from replays of a CUDA graph of three calls."""
+    device = torch.device("cuda", rank)
+    group = dist.group.WORLD.group_name
+    generator = torch.Generator(device).manual_seed(rank)
+    results = []
+    for numel, dtype in cases:
+        parts = [torch.randn(numel, device=device, generator=generator).to(dtype) for _ in range(rounds)]
+        parts[1][:5] = -0.0
+        sums = [torch.ops.fxtp.push_all_reduce(part, group) for part in parts]
+        static = [part.clone() for part in parts[:3]]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = [torch.ops.fxtp.push_all_reduce(x, group) for x in static]
+        for start in range(0, rounds, 3):
+            for x, part in zip(static, parts[start:start + 3]):
+                x.copy_(part)
+            graph.replay()
+            sums += [out.clone() for out in outputs]
+        torch.cuda.synchronize(device)
+        results.append(([p.cpu() for p in parts], [s.cpu() for s in sums]))
+    return results
+
+
+def test_push_all_reduce_sums_exactly_eagerly_and_in_graph_replays():
+    rounds = 6  # a multiple of the graph's three calls
+    cases = [(4096, torch.bfloat16), (3 * 4096, torch.bfloat16), (1000, torch.float16), (4096, torch.float32),
+             (256 * 4096, torch.bfloat16),  # MAX_BYTES: still pushed
+             (257 * 4096, torch.bfloat16)]  # over it: NCCL
+    ranks = run_ranks(push_rounds_on_rank, 2, cases, rounds, timeout=600, backend="nccl")
+    for case, (parts0, sums0), (parts1, sums1) in zip(cases, *ranks):
+        expected = [(a.float() + b.float()).to(a.dtype) for a, b in zip(parts0, parts1)]
+        assert len(sums0) == 2 * rounds
+        for got, want in zip(sums0, expected + expected):  # eagerly, then replayed
+            assert torch.equal(got, want), case
+        assert all(torch.equal(a, b) for a, b in zip(sums0, sums1)), case

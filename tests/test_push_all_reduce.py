@@ -1,0 +1,78 @@
+"""fxtp::push_all_reduce (fxtp/push_all_reduce.py).
+
+Its Triton kernel runs in Triton's interpreter on real processes, with shared CPU memory standing in
+for symmetric memory: every part arrives, a part holding -0.0 is not taken for an empty slot, the
+three buffers are emptied for their next use, and rounds advance. On GPUs, tests/test_cuda.py runs
+it with symmetric memory and NCCL. The graph rewrite is checked on a tiny Llama's rank graphs.
+"""
+import os
+
+import pytest
+import torch
+
+import fxtp
+from fxtp import push_all_reduce as pushed
+from fxtp.collectives import ALL_REDUCE, WAIT
+from fxtp.configs import tiny_model
+from fxtp.launch import run_ranks
+
+ROUNDS = 7  # the three buffers each serve two rounds or more
+
+
+def kernel_rounds_on_rank(rank: int, buffers: list, states: list, parts: list) -> list:
+    """Rank body: the interpreted kernel over every round's part of this rank."""
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is decorated, on the first _kernel()
+    addresses = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)  # this process's mappings
+    return [pushed.launch(part[rank], addresses, states[rank], rank, len(buffers)) for part in parts]
+
+
+@pytest.mark.parametrize("world, dtype, numel", [(2, torch.bfloat16, 2500), (3, torch.float32, 1000)])
+def test_kernel_sums_every_round_on_every_rank(world, dtype, numel):
+    pytest.importorskip("triton")
+    buffers = [torch.full((3 * world * numel,), pushed.EMPTY_BITS[dtype], dtype=pushed.BITS_DTYPE[dtype.itemsize])
+               .share_memory_() for _ in range(world)]
+    states = [torch.zeros(2, dtype=torch.int32).share_memory_() for _ in range(world)]
+    generator = torch.Generator().manual_seed(world)
+    # quarters in [-8, 8]: their sums are exact in bfloat16 too (the interpreter truncates, GPUs round)
+    parts = [(torch.randint(-32, 33, (world, numel), generator=generator) / 4).to(dtype) for _ in range(ROUNDS)]
+    parts[1][0, :7] = -0.0  # one rank's -0.0 must not read as "not arrived yet"
+    parts[2][:, :7] = -0.0  # nor everyone's
+    sums = run_ranks(kernel_rounds_on_rank, world, buffers, states, parts, timeout=120)
+    for round, part in enumerate(parts):
+        expected = part.float().sum(0).to(dtype)
+        for rank in range(world):
+            assert torch.equal(sums[rank][round], expected), (round, rank)
+    for rank in range(world):
+        assert states[rank].tolist() == [ROUNDS % 3, 0]  # the round moved on once per call
+        slots = buffers[rank].view(3, world, numel)
+        # the last round's buffer holds the parts; the one before it was emptied by the last round
+        assert (slots[(ROUNDS - 2) % 3] == pushed.EMPTY_BITS[dtype]).all()
+        peers = [r for r in range(world) if r != rank]
+        assert not (slots[(ROUNDS - 1) % 3, peers] == pushed.EMPTY_BITS[dtype]).all()
+
+
+def test_rewrite_replaces_every_all_reduce_and_shares_the_weights():
+    tp = fxtp.compile(tiny_model("llama"), 2)
+    module = tp.rank_graph(0)
+    twin = pushed.with_push_all_reduce(module)
+    before = [n.target for n in module.graph.nodes]
+    after = [n.target for n in twin.graph.nodes]
+    layers = tp.model.config.num_hidden_layers
+    assert before.count(ALL_REDUCE) == before.count(WAIT) == 2 * layers + 1  # and the module is left as it was
+    assert ALL_REDUCE not in after and WAIT not in after
+    assert after.count(torch.ops.fxtp.push_all_reduce.default) == 2 * layers + 1
+    assert dict(twin.named_parameters()).keys() == dict(module.named_parameters()).keys()
+    assert all(a is b for a, b in zip(twin.parameters(), module.parameters()))
+
+
+def logits_with_and_without_push_on_rank(rank: int, ids: torch.Tensor) -> tuple:
+    tp = fxtp.compile(tiny_model("llama"), 2)
+    module = tp.module(rank)
+    with torch.no_grad():
+        return module(ids), pushed.with_push_all_reduce(module)(ids)
+
+
+def test_rewritten_graph_computes_the_same_logits_on_gloo():
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    for plain, pushed_logits in run_ranks(logits_with_and_without_push_on_rank, 2, ids, timeout=300):
+        assert torch.equal(plain, pushed_logits)
