@@ -16,8 +16,10 @@ safetensors checkpoint (reused by later runs); every impl loads it: fxtp reads o
 slices (`tp.generator(rank, checkpoint=...)`), hf-tp loads it with its tp_plan. One-GPU impls
 (hf, hf-compile) run on rank 0 while the other ranks wait, and only with --single-too when N > 1.
 
-Timing: a streamer (`put`/`end`, as HF's generate calls it) syncs the device and stamps the time at
-each put: once for the prompt, then once per generated token. The first interval is the prefill
+Timing: a streamer (`put`/`end`, as HF's generate calls it) stamps the time at each put, when the
+tokens are on the host (HF's generate copies them with `.cpu()`, fxtp's generator waits for a
+non-blocking copy after it has queued the next step): once for the prompt, then once per generated
+token. The first interval is the prefill
 (with the first token), the others are decode steps; p50..p999 pool the decode steps of all trials
 (p999 needs >= 1000 of them to mean anything). tok/s = batch * gen_len / wall time of generate.
 
@@ -105,14 +107,15 @@ IMPLS = {
 
 
 class StepTimer:
-    """An HF-style streamer that stamps the time of every `put`, after syncing the device."""
+    """An HF-style streamer that stamps the time of every `put`: when the tokens reach the host.
+    It does not sync the device, which would also wait for a step the generator has already queued."""
 
-    def __init__(self, device: torch.device):
-        self.sync = synchronizer(device)
+    def __init__(self):
         self.times: list[float] = []
 
-    def put(self, value) -> None:
-        self.sync()
+    def put(self, value: torch.Tensor) -> None:
+        if value.device.type != "cpu":
+            raise RuntimeError(f"the streamer got tokens on {value.device}; a stamp means they reached the host")
         self.times.append(time.perf_counter())
 
     def end(self) -> None:
@@ -306,17 +309,17 @@ def measure(runner: Runner, ids, mask, args, device: torch.device) -> tuple[torc
     first_generate = None
     for i in range(args.warmup):
         start = time.perf_counter()
-        runner.generate(ids, mask, args.gen_len, StepTimer(device))
+        runner.generate(ids, mask, args.gen_len, StepTimer())
         if i == 0:
             first_generate = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prefill, decode, wall = [], [], []
     for _ in range(args.trials):
-        timer = StepTimer(device)
+        timer = StepTimer()
         start = time.perf_counter()
         tokens = runner.generate(ids, mask, args.gen_len, timer)
-        timer.sync()
+        synchronizer(device)()
         wall.append(time.perf_counter() - start)
         prefill.append(timer.prefill)
         decode.extend(timer.decode)

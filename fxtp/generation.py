@@ -107,6 +107,8 @@ class Generator:
         out = [first]
         if streamer is not None:
             streamer.put(first.cpu())
+        handoff = _Handoff(first.shape[0], self.device) if streamer is not None or eos_ids is not None else None
+        previous = None  # the handoff slot of the last token not yet given to the host
         tokens = first
         for i in range(max_new_tokens):
             logits = step(tokens, i).float()
@@ -119,11 +121,17 @@ class Generator:
                 tokens = torch.where(unfinished, tokens, pad)
                 unfinished &= ~torch.isin(tokens, eos_ids)
             out.append(tokens[:, None])
-            if streamer is not None:
-                streamer.put(tokens.cpu())
-            if eos_ids is not None and not bool(unfinished.any()):
-                break
+            if handoff is not None:
+                # this step is queued before Python waits for the previous token, so the GPU runs on
+                current = handoff.push(tokens, unfinished)
+                if previous is not None and not handoff.give(previous, streamer):
+                    out.pop()  # every row had finished before this step: HF stops there
+                    previous = None
+                    break
+                previous = current
             tokens = tokens[:, None]
+        if previous is not None:
+            handoff.give(previous, streamer)
         if streamer is not None:
             streamer.end()
         return torch.cat(out, dim=1)
@@ -169,6 +177,36 @@ class Generator:
                 raise RuntimeError("ranks computed different outputs; please report this as an fxtp bug")
             return outputs[0]
         return modules[0](*args)
+
+
+class _Handoff:
+    """Each step's tokens, and whether any row is unfinished, copied to the host without waiting,
+    into two pinned buffers used in turn: the loop queues the next step before it waits for them."""
+
+    def __init__(self, batch: int, device: torch.device):
+        pinned = device.type == "cuda"
+        self.tokens = [torch.empty(batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.unfinished = [torch.empty((), dtype=torch.bool, pin_memory=pinned) for _ in range(2)]
+        self.copied = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        self.pushed = 0
+
+    def push(self, tokens: torch.Tensor, unfinished: torch.Tensor) -> int:
+        """Queue the copies; returns the slot to give()."""
+        slot = self.pushed % 2
+        self.pushed += 1
+        self.tokens[slot].copy_(tokens, non_blocking=True)
+        self.unfinished[slot].copy_(unfinished.any(), non_blocking=True)
+        if self.copied[slot] is not None:
+            self.copied[slot].record()
+        return slot
+
+    def give(self, slot: int, streamer) -> bool:
+        """Wait for the slot's copies, put its tokens to the streamer; whether any row goes on."""
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()
+        if streamer is not None:
+            streamer.put(self.tokens[slot].clone())
+        return bool(self.unfinished[slot])
 
 
 def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Optional[int],

@@ -78,6 +78,32 @@ def test_eos_stops_rows_and_pads_them():
     assert (got[0, ids.shape[1] + 3:] == 0).all()
 
 
+class RecordingStreamer:
+    def __init__(self):
+        self.puts, self.ends = [], 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.clone())
+
+    def end(self) -> None:
+        self.ends += 1
+
+
+def test_generation_stops_where_hf_stops_and_streams_the_same_tokens():
+    # the loop queues a step before it learns the previous token ended every row; that step is dropped
+    model, tp = tiny_program("llama", 2)
+    ids, mask = (t[:1] for t in left_padded(model.config.vocab_size))
+    eos = tp.generate(ids, mask, max_new_tokens=8, eos_token_id=[])[0, ids.shape[1] + 2].item()
+    streamers = {"hf": RecordingStreamer(), "fxtp": RecordingStreamer()}
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0, streamer=streamers["hf"])
+    got = tp.generate(ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0, streamer=streamers["fxtp"])
+    assert torch.equal(got, expected) and got.shape[1] <= ids.shape[1] + 3
+    assert len(streamers["fxtp"].puts) == len(streamers["hf"].puts) == got.shape[1] - ids.shape[1] + 1
+    assert all(torch.equal(a, b) for a, b in zip(streamers["fxtp"].puts, streamers["hf"].puts))
+    assert streamers["fxtp"].ends == streamers["hf"].ends == 1
+
+
 def test_sampling_is_seeded():
     model, tp = tiny_program("llama", 2)
     ids, mask = left_padded(model.config.vocab_size)
