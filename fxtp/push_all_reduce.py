@@ -28,7 +28,9 @@ import torch.fx as fx
 
 from fxtp.collectives import ALL_REDUCE, WAIT
 
-MAX_BYTES = 2 * 1024 * 1024  # larger parts go to NCCL (2 H200s: push 10.7 us at 2 MB, one_shot 18.7, NCCL 37.8)
+# Larger parts go to NCCL. Up to here push was the fastest on 2 and 4 GPUs (README, all_reduce_latency.py),
+# and its 256 programs are all resident at once: a program spins until its peers' programs have run.
+MAX_BYTES = 512 * 1024
 BLOCK = 1024  # elements a kernel program pushes and sums
 EMPTY_BITS = {torch.bfloat16: -2 ** 15, torch.float16: -2 ** 15, torch.float32: -2 ** 31}  # -0.0
 BITS_DTYPE = {2: torch.int16, 4: torch.int32}

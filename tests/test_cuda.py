@@ -79,8 +79,8 @@ def push_rounds_on_rank(rank, cases, rounds):
 def test_push_all_reduce_sums_exactly_eagerly_and_in_graph_replays():
     rounds = 6  # a multiple of the graph's three calls
     cases = [(4096, torch.bfloat16), (3 * 4096, torch.bfloat16), (1000, torch.float16), (4096, torch.float32),
-             (256 * 4096, torch.bfloat16),  # MAX_BYTES: still pushed
-             (257 * 4096, torch.bfloat16)]  # over it: NCCL
+             (64 * 4096, torch.bfloat16),  # MAX_BYTES: still pushed
+             (65 * 4096, torch.bfloat16)]  # over it: NCCL
     ranks = run_ranks(push_rounds_on_rank, 2, cases, rounds, timeout=600, backend="nccl")
     for case, (parts0, sums0), (parts1, sums1) in zip(cases, *ranks):
         expected = [(a.float() + b.float()).to(a.dtype) for a, b in zip(parts0, parts1)]
