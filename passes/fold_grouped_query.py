@@ -59,14 +59,14 @@ def fold_grouped_query(gm: fx.GraphModule) -> fx.GraphModule:
         if None in sources or args.get("dropout_p", 0.0) != 0.0 or args.get("is_causal", False) \
                 or args.get("enable_gqa", False):
             continue
-        repeats = [args[name] for name in ("key", "value")]
+        repeated = [args[name] for name in ("key", "value")]
         with gm.graph.inserting_before(attention):
             folded = gm.graph.call_function(grouped_query_attention, (args["query"], *sources, args.get("attn_mask")),
                                             {"scale": args.get("scale")})
         folded.meta.update(attention.meta)
         attention.replace_all_uses_with(folded)
         gm.graph.erase_node(attention)
-        for reshape in repeats:
+        for reshape in repeated:
             if not reshape.users:
                 expand = reshape.args[0]
                 gm.graph.erase_node(reshape)
