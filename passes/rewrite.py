@@ -28,6 +28,7 @@ from fxtp import collectives, device_ops, inputs
 from fxtp.capture import STATE
 from fxtp.layouts import Layout, Partial, Replicate, Shard
 from fxtp.op_rules import rule_for
+from fxtp.passes.fold_grouped_query import fold_grouped_query
 from fxtp.passes.fuse_bias import fuse_bias
 from fxtp.passes.propagate import LAYOUT, REDUCE, WANTS, is_state
 from fxtp.redistribute import steps
@@ -153,7 +154,7 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
             env[node] = redistribute(node, Replicate(), have=Partial())
     graph.eliminate_dead_code()
     graph.lint()
-    module = fuse_bias(fx.GraphModule(root, graph, class_name=f"Rank{rank}Of{world_size}"))
+    module = fold_grouped_query(fuse_bias(fx.GraphModule(root, graph, class_name=f"Rank{rank}Of{world_size}")))
     module.eval()
     return module
 
