@@ -180,8 +180,8 @@ def parse_args() -> argparse.Namespace:
                         help=f"instead of timing: double the batch from the largest --batch until IMPL runs out of "
                              f"memory (at most {MAX_BATCH_LIMIT})")
     parser.add_argument("--compile-options", type=json.loads, default=[], metavar="JSON",
-                        help="fxtp-compile's inductor options over its defaults, e.g. "
-                             "'{\"_collective.auto_select\": false}'; a list of them runs fxtp-compile once "
+                        help="fxtp-compile's options over its defaults (inductor's, and fxtp.push_all_reduce), e.g. "
+                             "'{\"fxtp.push_all_reduce\": false}'; a list of them runs fxtp-compile once "
                              "per entry, side by side (an A/B on one machine): '[{}, {\"coordinate_descent_tuning\": false}]'")
     parser.add_argument("--attn-implementation", default=None, metavar="NAME",
                         help="HF's attn_implementation for every impl, e.g. eager (default: the model's, sdpa)")
