@@ -26,6 +26,8 @@ def main() -> None:
                         help="push parts up to this size (default fxtp's MAX_BYTES; larger ones are NCCL's)")
     parser.add_argument("--out", default=None, help="JSON file (rank 0)")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("it times CUDA all_reduces: run it with torchrun on a machine with GPUs")
     if args.push_max_bytes:
         push_all_reduce.MAX_BYTES = args.push_max_bytes
     rank, world, device = init_distributed("cuda")
@@ -41,11 +43,12 @@ def main() -> None:
         print(f"{world} x {torch.cuda.get_device_name(device)}, {calls} calls a step, us per call")
         print("| batch | KB | " + " | ".join(names) + " |")
         for row in rows:
-            print(f"| {row['batch']} | {row['kb']:.0f} | " + " | ".join(f"{row['us_per_call'][n]:.1f}" for n in names) + " |")
+            cells = [f"{row['us_per_call'][name]:.1f}" for name in names]
+            print(f"| {row['batch']} | {row['kb']:.0f} | " + " | ".join(cells) + " |")
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({"world_size": world, "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                           "rows": rows}, f, indent=1)
+                json.dump({"world_size": world, "device": torch.cuda.get_device_name(device),
+                           "torch": torch.__version__, "rows": rows}, f, indent=1)
     dist.destroy_process_group()
 
 

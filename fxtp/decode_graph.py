@@ -42,7 +42,8 @@ _CAPTURES = itertools.count()
 def inductor_options(compile: Union[bool, dict], group_name: str, world_size: int, device: torch.device) -> dict:
     """The options the decode step is compiled with: the defaults above, then the user's dict."""
     if compile is not True and not isinstance(compile, dict):
-        raise TypeError(f"compile must be True, False or a dict of inductor options (and fxtp.push_all_reduce), got {compile!r}")
+        raise TypeError("compile must be True, False or a dict of inductor options (and fxtp.push_all_reduce), "
+                        f"got {compile!r}")
     if device.type != "cuda":
         raise ValueError(f"compile=True captures the decode step as a CUDA graph, but the device is {device}: "
                          "pass a CUDA device, or compile=False on the CPU")
