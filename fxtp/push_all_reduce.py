@@ -20,13 +20,13 @@ order, so every rank gets the same bits.
 """
 from __future__ import annotations
 
-import copy
 import functools
 
 import torch
 import torch.fx as fx
 
 from fxtp.collectives import ALL_REDUCE, WAIT
+from fxtp.twin import twin
 
 # Larger parts go to NCCL. Up to here push was the fastest on 2 and 4 GPUs (README, all_reduce_latency.py),
 # and its 256 programs are all resident at once: a program spins until its peers' programs have run.
@@ -90,9 +90,10 @@ def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
 
 
 def with_push_all_reduce(module: fx.GraphModule) -> fx.GraphModule:
-    """A twin of `module` (the same parameters and buffers under a copy of its graph) whose sum
-    all_reduces (`all_reduce` + `wait_tensor`) are `fxtp::push_all_reduce` calls."""
-    graph = copy.deepcopy(module.graph)
+    """A twin of `module` (fxtp/twin.py) whose sum all_reduces (`all_reduce` + `wait_tensor`) are
+    `fxtp::push_all_reduce` calls."""
+    pushed_twin = twin(module, "Pushed")
+    graph = pushed_twin.graph
     for node in list(graph.nodes):
         if node.target is not ALL_REDUCE or node.args[1] != "sum":
             continue
@@ -103,9 +104,8 @@ def with_push_all_reduce(module: fx.GraphModule) -> fx.GraphModule:
         wait.replace_all_uses_with(pushed)
         graph.erase_node(wait)
         graph.erase_node(node)
-    twin = fx.GraphModule(module, graph, class_name=f"{type(module).__name__}Pushed")
-    twin.eval()
-    return twin
+    pushed_twin.recompile()
+    return pushed_twin
 
 
 @functools.cache
