@@ -43,9 +43,10 @@ Derived numbers (per rank; "N" is the impl's number of devices):
 
 --profile (CUDA) counts the kernels (and memcpy/memset) of one decode step on rank 0 with
 torch.profiler, kernels in CUDA graph replays included: one more generate, profiled from its first
-generated token to the end, over its gen_len - 1 decode steps. "busy" is their summed time: p50 -
-busy is time the GPU spent between kernels (launch gaps, the host's part of a step), which a faster
-kernel does not remove.
+generated token to the end, over its gen_len - 1 decode steps. "busy" is the time at least one of
+them runs (kernels that overlap, as under programmatic dependent launch, count once): p50 - busy is
+time the GPU spent with no kernel (launch gaps, the host's part of a step), which a faster kernel
+does not remove.
 
 Correctness: the first --check-tokens greedy tokens of every impl against a reference: the first
 impl in --impl at N = 1, HF eager on rank 0's GPU at N > 1 (--no-reference skips it). The check is
@@ -336,20 +337,21 @@ def measure(runner: Runner, ids, mask, args, device: torch.device) -> tuple[torc
 
 def decode_kernels(runner: Runner, ids, mask, gen_len: int, top: int = 15) -> dict:
     """This rank's kernels of one decode step (--profile), from a generate profiled from its first
-    token on: {"count": kernels per step, "busy_ms": their summed time per step, "top": [[name, count
-    per step, ms per step], ...] the `top` longest in total}."""
+    token on: {"count": kernels per step, "busy_ms": time per step with one of them running, "top":
+    [[name, count per step, ms per step], ...] the `top` longest in total}."""
     profiled = DecodeProfile()
     runner.generate(ids, mask, gen_len, profiled)
     steps = gen_len - 1
     ranked = sorted(profiled.totals.items(), key=lambda item: -item[1][1])
     return {"count": sum(count for count, _ in profiled.totals.values()) / steps,
-            "busy_ms": sum(us for _, us in profiled.totals.values()) / steps / 1e3,
+            "busy_ms": profiled.busy_us / steps / 1e3,
             "top": [[name, round(count / steps, 3), round(us / steps / 1e3, 5)] for name, (count, us) in ranked[:top]]}
 
 
 class DecodeProfile:
     """A streamer that profiles the decode steps only: from the first generated token (the second
-    `put`; the first is the prompt) to `end`. `totals` is then {kernel name: (launches, microseconds)}."""
+    `put`; the first is the prompt) to `end`. `totals` is then {kernel name: (launches, microseconds)},
+    `busy_us` the microseconds in which at least one kernel ran."""
 
     def __init__(self):
         from torch.profiler import ProfilerActivity, profile
@@ -357,6 +359,7 @@ class DecodeProfile:
         self.profiler = profile(activities=[ProfilerActivity.CUDA])
         self.puts = 0
         self.totals: dict[str, tuple[int, float]] = {}
+        self.busy_us = 0.0
 
     def put(self, value) -> None:
         self.puts += 1
@@ -372,10 +375,20 @@ class DecodeProfile:
             self.profiler.export_chrome_trace(path)
             with open(path) as f:
                 events = json.load(f)["traceEvents"]
-        for event in events:
-            if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
-                count, us = self.totals.get(event["name"], (0, 0.0))
-                self.totals[event["name"]] = (count + 1, us + event["dur"])
+        kernels = [event for event in events if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+        for event in kernels:
+            count, us = self.totals.get(event["name"], (0, 0.0))
+            self.totals[event["name"]] = (count + 1, us + event["dur"])
+        self.busy_us = union_length([(event["ts"], event["ts"] + event["dur"]) for event in kernels])
+
+
+def union_length(intervals: list) -> float:
+    """The length of the union of [start, end) intervals."""
+    total, reached = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        total += max(0.0, end - max(start, reached))
+        reached = max(reached, end)
+    return total
 
 
 def derived(row: dict, stats: ModelStats, args, dtype: torch.dtype, bandwidth: float | None) -> dict:

@@ -11,17 +11,18 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxtp.decode_graph import AUTO_SELECT, PUSH
+from fxtp.decode_graph import DECODE_ONLY
 from fxtp.twin import twin
 
 
 class PrefillGraph:
     """`module` compiled with a dynamic prompt length and the decode step's inductor options, less
     symmetric-memory and push all_reduce (a prefill's all_reduces are over the whole prompt, above
-    their thresholds, and their sizes are symbolic): they stay NCCL."""
+    their thresholds, and their sizes are symbolic: they stay NCCL) and programmatic dependent
+    launch (measured on decode steps only)."""
 
     def __init__(self, module: fx.GraphModule, options: dict):
-        inductor = {key: value for key, value in options.items() if key not in (AUTO_SELECT, PUSH)}
+        inductor = {key: value for key, value in options.items() if key not in DECODE_ONLY}
         self.compiled = torch.compile(twin(module, "Prefill"), fullgraph=True, dynamic=True, options=inductor)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:

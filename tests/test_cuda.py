@@ -33,8 +33,9 @@ def compiled_generate_on_rank(rank, batches, compile):
     return tokens, generator.compile_options
 
 
-@pytest.mark.parametrize("compile", [True, {"fxtp.push_all_reduce": False}, {"_collective.auto_select": False}],
-                         ids=["push", "one_shot", "nccl"])
+@pytest.mark.parametrize("compile", [True, {"triton.enable_pdl": False}, {"fxtp.push_all_reduce": False},
+                                     {"_collective.auto_select": False}],
+                         ids=["push", "push_without_pdl", "one_shot", "nccl"])
 def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
     model = tiny_model("llama")
     batches = [prompts(model.config.vocab_size, batch) for batch in (1, 3)]  # batch 1: matmuls become reductions
@@ -44,6 +45,7 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
     for tokens, options in results:
         assert options["coordinate_descent_tuning"] is True
         user = compile if isinstance(compile, dict) else {}
+        assert options["triton.enable_pdl"] is user.get("triton.enable_pdl", True)
         assert options["_collective.auto_select"] is user.get("_collective.auto_select", True)
         assert options["fxtp.push_all_reduce"] is user.get("fxtp.push_all_reduce", options["_collective.auto_select"])
         for (first, second), reference in zip(tokens, expected):

@@ -4,6 +4,7 @@ import torch
 
 import fxtp
 from fxtp.configs import CAUSAL_LMS, tiny_model
+from fxtp.decode_graph import AUTO_SELECT, PDL, PUSH, inductor_options
 from fxtp.dump import dump
 from fxtp.layouts import Shard
 from fxtp.launch import run_ranks
@@ -158,6 +159,21 @@ def test_prefill_graph_serves_every_prompt_length_with_one_compilation():
             assert all(filled.abs().sum() > 0 for filled in compiled_cache)
             for filled, expected in zip(compiled_cache, eager_cache):
                 torch.testing.assert_close(filled, expected, atol=1e-5, rtol=0)
+
+
+def test_decode_options_default_and_overrides_and_the_prefill_drops_decode_only_ones(monkeypatch):
+    """fxtp/decode_graph.py's options on one rank (no collectives, so nothing touches a GPU): tuned
+    reductions and programmatic dependent launch by default, the user's dict on top of them; the
+    prefill is compiled with the rest."""
+    cuda = torch.device("cuda", 0)
+    defaults = inductor_options(True, "", 1, cuda)
+    assert defaults == {"coordinate_descent_tuning": True, PDL: True, AUTO_SELECT: False, PUSH: False}
+    assert inductor_options({PDL: False, "max_autotune": True}, "", 1, cuda) == {**defaults, PDL: False,
+                                                                                  "max_autotune": True}
+    compiled_with = {}
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled_with.update(kwargs["options"]))
+    PrefillGraph(fxtp.compile(tiny_model("llama"), 1).rank_graph(0), {**defaults, AUTO_SELECT: True, PUSH: True})
+    assert compiled_with == {"coordinate_descent_tuning": True}
 
 
 def test_generation_errors_say_what_to_do():
