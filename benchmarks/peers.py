@@ -69,12 +69,12 @@ def _load(ctx: Context, **kwargs):
 
 
 def hf_eager(ctx: Context) -> Runner:
-    model = _load(ctx, device_map=ctx.device)
+    model = _load(ctx).to(ctx.device)  # not device_map=, which needs accelerate
     return Runner(hf_generate(model), hf_memory(model))
 
 
 def hf_compile(ctx: Context) -> Runner:
-    model = _load(ctx, device_map=ctx.device)
+    model = _load(ctx).to(ctx.device)
     model.generation_config.cache_implementation = "static"
     return Runner(hf_generate(model), hf_memory(model))
 
