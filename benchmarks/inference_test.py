@@ -43,7 +43,8 @@ Derived numbers (per rank; "N" is the impl's number of devices):
 
 --profile (CUDA) counts the kernels (and memcpy/memset) of one decode step on rank 0 with
 torch.profiler, kernels in CUDA graph replays included: one more generate, profiled from its first
-generated token to the end, over its gen_len - 1 decode steps. "busy" is the time at least one of
+generated token to the end, over the decode steps it launched after that: gen_len - 1, less the
+one fxtp's generate has already queued when it streams a token. "busy" is the time at least one of
 them runs (kernels that overlap, as under programmatic dependent launch, count once): p50 - busy is
 time the GPU spent with no kernel (launch gaps, the host's part of a step), which a faster kernel
 does not remove.
@@ -96,7 +97,7 @@ def fxtp_runner(ctx: Context, compile) -> Runner:
     def generate(input_ids, attention_mask, new_tokens, streamer=None):
         return gen.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
                             eos_token_id=[], streamer=streamer)  # [] never stops; None is the model's eos
-    return Runner(generate, gen.memory)
+    return Runner(generate, gen.memory, steps_ahead=1)  # fxtp/generation.py queues a step, then streams
 
 
 # name -> (setup, runs on one device only)
@@ -341,7 +342,7 @@ def decode_kernels(runner: Runner, ids, mask, gen_len: int, top: int = 15) -> di
     [[name, count per step, ms per step], ...] the `top` longest in total}."""
     profiled = DecodeProfile()
     runner.generate(ids, mask, gen_len, profiled)
-    steps = gen_len - 1
+    steps = gen_len - 1 - runner.steps_ahead  # the steps queued when profiling starts ran before it
     ranked = sorted(profiled.totals.items(), key=lambda item: -item[1][1])
     return {"count": sum(count for count, _ in profiled.totals.values()) / steps,
             "busy_ms": profiled.busy_us / steps / 1e3,
@@ -350,7 +351,7 @@ def decode_kernels(runner: Runner, ids, mask, gen_len: int, top: int = 15) -> di
 
 class DecodeProfile:
     """A streamer that profiles the decode steps only: from the first generated token (the second
-    `put`; the first is the prompt) to `end`. `totals` is then {kernel name: (launches, microseconds)},
+    `put`; the first is the prompt), once the device has finished what was queued by then, to `end`. `totals` is then {kernel name: (launches, microseconds)},
     `busy_us` the microseconds in which at least one kernel ran."""
 
     def __init__(self):

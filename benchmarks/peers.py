@@ -43,6 +43,7 @@ class Context:
 class Runner:
     generate: Callable  # (input_ids, attention_mask, new_tokens, streamer) -> LongTensor [B, P + new_tokens]
     memory: Callable[[], dict]  # after a generate: {"parameters": bytes, "cache": bytes or None} of this rank
+    steps_ahead: int = 0  # decode steps generate has queued on the device when it streams a token
 
 
 def hf_memory(model: torch.nn.Module) -> Callable[[], dict]:
