@@ -184,7 +184,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile-options", type=json.loads, default=[], metavar="JSON",
                         help="fxtp-compile's options over its defaults (inductor's, and fxtp.push_all_reduce), e.g. "
                              "'{\"fxtp.push_all_reduce\": false}'; a list of them runs fxtp-compile once "
-                             "per entry, side by side (an A/B on one machine): '[{}, {\"coordinate_descent_tuning\": false}]'")
+                             "per entry, side by side (an A/B on one machine): "
+                             "'[{}, {\"coordinate_descent_tuning\": false}]'")
     parser.add_argument("--attn-implementation", default=None, metavar="NAME",
                         help="HF's attn_implementation for every impl, e.g. eager (default: the model's, sdpa)")
     parser.add_argument("--profile", action="store_true",
@@ -351,8 +352,9 @@ def decode_kernels(runner: Runner, ids, mask, gen_len: int, top: int = 15) -> di
 
 class DecodeProfile:
     """A streamer that profiles the decode steps only: from the first generated token (the second
-    `put`; the first is the prompt), once the device has finished what was queued by then, to `end`. `totals` is then {kernel name: (launches, microseconds)},
-    `busy_us` the microseconds in which at least one kernel ran."""
+    `put`; the first is the prompt), once the device has finished what was queued by then, to `end`.
+    `totals` is then {kernel name: (launches, microseconds)}, `busy_us` the microseconds in which at
+    least one kernel ran."""
 
     def __init__(self):
         from torch.profiler import ProfilerActivity, profile
