@@ -12,6 +12,10 @@ Inductor options (a `compile={...}` dict overrides them):
   `_collective.auto_select` is: the step's all_reduces become `fxtp::push_all_reduce`
   (fxtp/push_all_reduce.py), one kernel with no barrier between the ranks; parts above its
   MAX_BYTES go to NCCL.
+- `fxtp.decode_attention` (fxtp's own, off by default): the step's `grouped_query_attention` calls
+  (passes/fold_grouped_query.py) become `fxtp::decode_attention` (fxtp/decode_attention.py), one
+  Triton kernel for attention with few query rows in place of cuDNN's SDPA. Exact against SDPA
+  in Triton's interpreter; not yet measured on GPUs.
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
   and waits for it in `gdc_wait`, so its launch no longer sits between the two; push's and cuDNN's
@@ -37,21 +41,24 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from fxtp.decode_attention import with_decode_attention
 from fxtp.push_all_reduce import with_push_all_reduce
 
 WARMUP_STEPS = 2  # compiles, then runs once more so NCCL and symmetric-memory buffers exist before capture
 AUTO_SELECT = "_collective.auto_select"
 PUSH = "fxtp.push_all_reduce"
 PDL = "triton.enable_pdl"
-DECODE_ONLY = (AUTO_SELECT, PUSH, PDL)
+ATTENTION = "fxtp.decode_attention"
+FXTP_OWN = (PUSH, ATTENTION)  # rewrites of the step, not inductor options
+DECODE_ONLY = (AUTO_SELECT, PUSH, PDL, ATTENTION)
 _CAPTURES = itertools.count()
 
 
 def inductor_options(compile: Union[bool, dict], group_name: str, world_size: int, device: torch.device) -> dict:
     """The options the decode step is compiled with: the defaults above, then the user's dict."""
     if compile is not True and not isinstance(compile, dict):
-        raise TypeError("compile must be True, False or a dict of inductor options (and fxtp.push_all_reduce), "
-                        f"got {compile!r}")
+        raise TypeError(f"compile must be True, False or a dict of inductor options (and fxtp's own "
+                        f"{', '.join(FXTP_OWN)}), got {compile!r}")
     if device.type != "cuda":
         raise ValueError(f"compile=True captures the decode step as a CUDA graph, but the device is {device}: "
                          "pass a CUDA device, or compile=False on the CPU")
@@ -59,6 +66,7 @@ def inductor_options(compile: Union[bool, dict], group_name: str, world_size: in
     symmetric = world_size > 1 and symmetric_memory_works(group_name, device)
     options = {"coordinate_descent_tuning": True, PDL: True, AUTO_SELECT: symmetric, **user}
     options.setdefault(PUSH, options[AUTO_SELECT])
+    options.setdefault(ATTENTION, False)
     for key in (AUTO_SELECT, PUSH):
         if options[key] and world_size > 1 and not symmetric:
             raise RuntimeError(f"{key}=True needs symmetric memory, which does not work on this machine "
@@ -95,8 +103,9 @@ class DecodeGraph:
     graph's, overwritten by the next call."""
 
     def __init__(self, module: fx.GraphModule, options: dict):
-        inductor = {key: value for key, value in options.items() if key != PUSH}
+        inductor = {key: value for key, value in options.items() if key not in FXTP_OWN}
         step = with_push_all_reduce(module) if options.get(PUSH) else module
+        step = with_decode_attention(step) if options.get(ATTENTION) else step
         self.compiled = torch.compile(step, fullgraph=True, dynamic=False, options=inductor)
         self.graphs: dict[tuple, tuple] = {}  # input shapes -> (graph, static inputs, static output)
 

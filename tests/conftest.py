@@ -1,10 +1,19 @@
-"""Slow tests (marked `slow`) run only with FXTP_SLOW=1, keeping the default suite fast on 2 cores."""
+"""Slow tests (marked `slow`) run only with FXTP_SLOW=1, keeping the default suite fast on 2 cores.
+
+Without a GPU, fxtp's Triton kernels run on CPU tensors in Triton's interpreter. It has to be on
+before triton.language is imported (which decorates Triton's own functions, tl.max among them, for
+the interpreter or for the GPU), and test modules import it through torch._dynamo, so it is
+turned on here, before they are collected.
+"""
 import os
+import sys
 
 import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if not torch.cuda.is_available() and "triton.language" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):

@@ -1,0 +1,278 @@
+"""fxtp::decode_attention (fxtp/decode_attention.py).
+
+Its Triton kernel runs on the GPU, or without one on CPU tensors in Triton's interpreter (which
+tests/conftest.py turns on), against SDPA over repeated k and v: one split of the keys and several,
+no mask, left padding as a bool mask, per-head additive masks, rows with every key masked, bf16,
+and arrival counters reused from call to call. Outside the interpreter, and for shapes the kernel
+does not cover, the op is grouped_query_attention. The graph rewrite is checked on tiny Llama rank
+graphs. With a GPU the op is also run from CUDA-graph replays.
+"""
+import itertools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxtp
+from fxtp import decode_attention as attention
+from fxtp.configs import tiny_model
+from fxtp.decode_graph import ATTENTION, PUSH, DecodeGraph
+from fxtp.passes.fold_grouped_query import grouped_query_attention
+from fxtp.simulate import simulate
+from fxtp.static_cache import is_cache_state
+from fxtp.testing import tiny_program
+
+op = torch.ops.fxtp.decode_attention
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the kernel runs: the GPU, else the CPU in Triton's interpreter."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU, and Triton's interpreter is off (tests/conftest.py turns it on before triton is imported)")
+    return torch.device("cpu")
+
+
+@pytest.fixture
+def launches(monkeypatch) -> list:
+    """Records every kernel launch of the op."""
+    calls = []
+    launch = attention.launch
+
+    def recorded(*args):
+        calls.append(args[0].shape)
+        return launch(*args)
+    monkeypatch.setattr(attention, "launch", recorded)
+    return calls
+
+
+def inputs(batch, heads, groups, rows, length, dim, mask, dtype=torch.float32, seed=0) -> tuple:
+    """(query, key, value, attn_mask) on the CPU. mask "bool": [b, 1, s, L], each query row's leading
+    keys False (left padding); "additive": [b, hq, s, L] normal scores, leading keys at the dtype's min."""
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, heads, rows, dim, generator=generator)
+    key, value = (torch.randn(batch, groups, 1, length, dim, generator=generator) for _ in range(2))
+    padded = torch.arange(length) < torch.randint(0, length, (batch, rows, 1), generator=generator)  # [b, s, L]
+    attn_mask = {"none": None, "bool": ~padded[:, None],
+                 "additive": torch.randn(batch, heads, rows, length, generator=generator)
+                 .masked_fill(padded[:, None], torch.finfo(dtype).min).to(dtype)}[mask]
+    return query.to(dtype), key.to(dtype), value.to(dtype), attn_mask
+
+
+def on(device: torch.device, *tensors) -> list:
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+def sdpa_over_repeated_heads(query, key, value, attn_mask, scale=None) -> torch.Tensor:
+    repeats = query.size(1) // key.size(1)
+    key, value = (t.expand(-1, -1, repeats, -1, -1).flatten(1, 2) for t in (key, value))
+    return F.scaled_dot_product_attention(query, key, value, attn_mask, scale=scale)
+
+
+def assert_within_rounding(got, query, key, value, attn_mask):
+    """16-bit `got` against float32 attention rounded to its dtype. The kernel rounds p to the input
+    dtype before p @ v (relative error at most eps: truncated in the interpreter, rounded on GPUs),
+    which moves an output by at most eps * (attention of |v|); its output rounding and the
+    reference's add at most eps * |exact| each. Everything else is float32."""
+    eps = torch.finfo(got.dtype).eps
+    query, key, value = (t.float() for t in (query, key, value))
+    attn_mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
+    exact = sdpa_over_repeated_heads(query, key, value, attn_mask)
+    spread = sdpa_over_repeated_heads(query, key, value.abs(), attn_mask)
+    error = (got.float() - exact.to(got.dtype).float()).abs()
+    assert (error <= eps * (spread + 2 * exact.abs()) + 1e-6).all(), error.max()
+
+
+SHAPES = [(batch, heads, groups, rows, length, dim)
+          for batch, (heads, groups), rows, length, dim in itertools.product(
+              (1, 3), ((4, 1), (8, 2), (4, 4)), (1, 2), (1, 17, 64, 300, 1100), (64, 128))
+          if not (length == 1100 and dim == 128)]  # the interpreter's slowest; covered by 1100 at 64 and 300 at 128
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "additive"])
+@pytest.mark.parametrize("batch, heads, groups, rows, length, dim", SHAPES)
+def test_kernel_equals_sdpa_over_repeated_heads(device, launches, batch, heads, groups, rows, length, dim, mask):
+    args = inputs(batch, heads, groups, rows, length, dim, mask, seed=length + dim)
+    got = op(*on(device, *args))
+    assert launches == [args[0].shape]
+    torch.testing.assert_close(got.cpu(), sdpa_over_repeated_heads(*args), atol=1e-5, rtol=0)
+
+
+def test_split_rule():
+    assert attention.split_keys(256) == (256, 1)
+    assert attention.split_keys(300) == (192, 2)
+    assert attention.split_keys(1100) == (256, 5)
+    assert attention.split_keys(64 * 1024) == (4096, 16)
+    for length in range(1, 5000, 7):
+        chunk, splits = attention.split_keys(length)
+        assert chunk % attention.BLOCK_KEYS == 0 and splits <= attention.MAX_SPLITS
+        assert (splits - 1) * chunk < length <= splits * chunk  # no split is empty
+
+
+def test_scale_and_a_mask_row_broadcast_to_every_query_row_and_head(device, launches):
+    """A decode step's mask: one row per sequence, expanded (stride 0) over heads and query rows."""
+    query, key, value, _ = inputs(2, 8, 2, 2, 300, 64, "none")
+    attn_mask = (torch.arange(300) >= torch.tensor([[5], [280]]))[:, None, None].expand(2, 1, 2, 300)
+    got = op(*on(device, query, key, value, attn_mask), scale=0.3)
+    assert len(launches) == 1
+    torch.testing.assert_close(got.cpu(), sdpa_over_repeated_heads(query, key, value, attn_mask, scale=0.3),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mask", ["bool", "additive"])
+@pytest.mark.parametrize("length", [17, 600])
+def test_a_row_with_every_key_masked_gives_zero_as_sdpa_does_on_the_cpu(device, launches, length, mask):
+    query, key, value, _ = inputs(2, 4, 2, 2, length, 64, "none")
+    attends = torch.rand(2, 4, 2, length, generator=torch.Generator().manual_seed(1)) > 0.5
+    attends[0, 1, 1] = False  # a row that attends nothing
+    attends[1, :, 0, :min(length, 400)] = False  # rows with nothing in the first split(s)
+    attn_mask = attends if mask == "bool" else torch.zeros(attends.shape).masked_fill(~attends, float("-inf"))
+    got = op(*on(device, query, key, value, attn_mask)).cpu()
+    assert len(launches) == 1
+    assert not got.isnan().any() and (got[0, 1, 1] == 0).all()
+    torch.testing.assert_close(got, sdpa_over_repeated_heads(query, key, value, attn_mask), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("length", [64, 300])
+def test_bfloat16_within_its_rounding(device, launches, length):
+    args = inputs(3, 8, 2, 2, length, 128, "bool", dtype=torch.bfloat16)
+    got = op(*on(device, *args)).cpu()
+    assert got.dtype == torch.bfloat16 and len(launches) == 1
+    assert_within_rounding(got, *args)
+
+
+def test_calls_reuse_the_arrival_counters(device, launches):
+    """The last program of a group sets its counter back to 0: otherwise the next call's last
+    program would not see itself last, and its output would stay unwritten."""
+    results = []
+    for seed, length in itertools.product(range(3), (600, 1100)):  # 3 and 5 splits on the same counters
+        args = inputs(1, 8, 2, 2, length, 64, "bool", seed=seed)
+        placed = on(device, *args)
+        results.append((op(*placed).cpu(), sdpa_over_repeated_heads(*args)))
+        counters = attention._ARRIVALS[(placed[0].device, 2)]
+        assert counters.tolist() == [0, 0]
+        if seed == 0 and length == 600:
+            first_counters = counters
+    assert counters is first_counters and len(launches) == 6
+    for got, expected in results:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_opcheck_on_the_kernel_and_the_fallback(device):
+    """Schema, fake tensor (what torch.compile traces with) and the real op agree."""
+    for args in (inputs(2, 4, 2, 2, 300, 64, "bool"), inputs(2, 4, 2, 9, 40, 64, "additive")):
+        torch.library.opcheck(op.default, on(device, *args), {"scale": 0.5})
+
+
+def test_outside_the_interpreter_cpu_tensors_get_grouped_query_attention(monkeypatch, launches):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = inputs(3, 8, 2, 2, 300, 64, "bool")
+    assert torch.equal(op(*args), grouped_query_attention(*args))
+    assert launches == []
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 9, 40, 64), (1, 4, 2, 1, 40, 512)], ids=["18_rows", "head_dim_512"])
+def test_shapes_the_kernel_does_not_cover_get_grouped_query_attention(device, launches, shape):
+    args = on(device, *inputs(*shape, "bool"))
+    assert torch.equal(op(*args), grouped_query_attention(*args))
+    assert launches == []
+
+
+def test_rewrite_replaces_every_grouped_query_attention_and_shares_the_weights():
+    tp = fxtp.compile(tiny_model("llama"), 2)  # 4 heads over 2 kv heads: 2 over 1 on a rank
+    module = tp.rank_graph(0)
+    rewritten = attention.with_decode_attention(module)
+    before = [n.target for n in module.graph.nodes]
+    after = [n.target for n in rewritten.graph.nodes]
+    layers = tp.model.config.num_hidden_layers
+    assert before.count(grouped_query_attention) == layers  # and the module is left as it was
+    assert grouped_query_attention not in after and after.count(op.default) == layers
+    assert len(before) == len(after)
+    assert all(a is b for a, b in zip(rewritten.parameters(), module.parameters()))
+
+
+@pytest.mark.parametrize("push", [False, True])
+def test_decode_graph_option_rewrites_the_step_and_stays_out_of_inductor(monkeypatch, push):
+    """fxtp/decode_graph.py with `fxtp.decode_attention` (with and without push all_reduce): the step
+    it compiles calls the op, and the options inductor gets hold neither fxtp option."""
+    compiled = {}
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(module=module, **kwargs))
+    module = fxtp.compile(tiny_model("llama"), 2).rank_graph(0)
+    DecodeGraph(module, {"coordinate_descent_tuning": True, PUSH: push, ATTENTION: True})
+    targets = [n.target for n in compiled["module"].graph.nodes]
+    assert targets.count(op.default) == 2 and grouped_query_attention not in targets
+    assert (torch.ops.fxtp.push_all_reduce.default in targets) == push
+    assert compiled["options"] == {"coordinate_descent_tuning": True}
+
+
+def prefill_and_decode(modules: list, batch: int, length: int, device: torch.device) -> list:
+    """Logits of a left-padded 5-token prefill and 2 decode steps through `modules` (every rank, in
+    lockstep), from an empty cache."""
+    for module in modules:
+        for name, buffer in module.named_buffers():
+            if is_cache_state(name):
+                buffer.zero_()
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, :2] = 0
+    positions = (mask[:, :5].cumsum(-1) - 1).masked_fill(mask[:, :5] == 0, 1)
+    steps = [(torch.randint(3, 200, (batch, 5), generator=generator), mask, positions, torch.arange(5))]
+    steps += [(torch.randint(3, 200, (batch, 1), generator=generator), mask, positions[:, -1:] + i,
+               torch.tensor([4 + i])) for i in (1, 2)]
+    with torch.no_grad():
+        return [simulate(modules, tuple(on(device, *step)), {})[0].cpu() for step in steps]
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["fallback", "kernel"])
+def test_rewritten_steps_compute_the_same_logits(request, monkeypatch, launches, kernel):
+    """Tiny Llama at 2 ranks with a 300-token cache (two splits), every rank in this process: the
+    rewritten prefill and decode steps give the original's logits, bit for bit where the op falls
+    back to grouped_query_attention (CPU tensors outside the interpreter), within 1e-5 from the kernel."""
+    if kernel:
+        device = request.getfixturevalue("device")
+    else:
+        device = torch.device("cpu")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _, tp = tiny_program("llama", 2)
+    program = tp.with_cache(2, 300)
+    modules = [program.rank_graph(rank, device=device) for rank in range(2)]
+    rewritten = [attention.with_decode_attention(module) for module in modules]
+    got, expected = prefill_and_decode(rewritten, 2, 300, device), prefill_and_decode(modules, 2, 300, device)
+    for step_got, step_expected in zip(got, expected):
+        if kernel:
+            torch.testing.assert_close(step_got, step_expected, atol=1e-5, rtol=0)
+        else:
+            assert torch.equal(step_got, step_expected)
+    layers, ranks, steps = tp.model.config.num_hidden_layers, 2, 3
+    assert len(launches) == (layers * ranks * steps if kernel else 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [256, 1100])
+def test_on_cuda_eagerly_and_in_cuda_graph_replays(launches, dtype, length):
+    """Against SDPA: eagerly, then from a CUDA graph replayed with new inputs, twice (the counters
+    set back to 0 inside the graph serve the next replay)."""
+    cases = [inputs(2, 8, 2, 2, length, 128, "bool", dtype=dtype, seed=seed) for seed in range(3)]
+
+    def check(got, *args):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, sdpa_over_repeated_heads(*args), atol=1e-5, rtol=0)
+        else:
+            assert_within_rounding(got, *args)
+
+    static = on(torch.device("cuda"), *cases[0])
+    check(op(*static).cpu(), *cases[0])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(*static)
+    for case in cases[1:]:
+        for buffer, value in zip(static, case):
+            buffer.copy_(value)
+        graph.replay()
+        check(out.cpu(), *case)
+    assert len(launches) == 2
