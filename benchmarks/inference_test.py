@@ -275,7 +275,7 @@ def allreduce_ms(batch: int, stats: ModelStats, dtype: torch.dtype, device: torc
     x = torch.zeros(batch, stats.hidden, dtype=dtype, device=device)
     back_to_back = lambda: [dist.all_reduce(x) for _ in range(calls)]  # noqa: E731
     if device.type != "cuda":
-        return {"gloo": _time_ms(back_to_back, reps, synchronizer(device))}
+        return {"gloo": time_ms(back_to_back, reps, synchronizer(device))}
     steps = {"nccl": back_to_back}
     if symmetric_memory_works(group_name, device):
         import torch.distributed._symmetric_memory as symm_mem
@@ -285,10 +285,10 @@ def allreduce_ms(batch: int, stats: ModelStats, dtype: torch.dtype, device: torc
         steps["one_shot"] = lambda: [torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", group_name)
                                      for _ in range(calls)]
         steps["push"] = lambda: [torch.ops.fxtp.push_all_reduce(x, group_name) for _ in range(calls)]
-    return {name: _time_ms(_as_cuda_graph(step), reps, synchronizer(device)) for name, step in steps.items()}
+    return {name: time_ms(as_cuda_graph(step), reps, synchronizer(device)) for name, step in steps.items()}
 
 
-def _as_cuda_graph(step):
+def as_cuda_graph(step):
     step()  # NCCL communicators and symmetric-memory handles exist before capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -297,7 +297,7 @@ def _as_cuda_graph(step):
     return graph.replay
 
 
-def _time_ms(step, reps: int, sync) -> float:
+def time_ms(step, reps: int, sync) -> float:
     step()
     sync()
     start = time.perf_counter()

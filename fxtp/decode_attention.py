@@ -74,10 +74,10 @@ def _kernel_applies(query, key, value, attn_mask) -> bool:
             and (attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.is_floating_point()))
 
 
-def split_keys(length: int) -> tuple[int, int]:
-    """(keys per split, a multiple of BLOCK_KEYS; splits): one split per KEYS_PER_SPLIT keys, at most
+def split_keys(length: int, keys_per_split: int = KEYS_PER_SPLIT) -> tuple[int, int]:
+    """(keys per split, a multiple of BLOCK_KEYS; splits): one split per `keys_per_split` keys, at most
     MAX_SPLITS, none empty."""
-    wanted = min(-(-length // KEYS_PER_SPLIT), MAX_SPLITS)
+    wanted = min(-(-length // keys_per_split), MAX_SPLITS)
     chunk = -(-(-(-length // wanted)) // BLOCK_KEYS) * BLOCK_KEYS
     return chunk, -(-length // chunk)
 
@@ -90,12 +90,13 @@ def _arrivals(device: torch.device, count: int) -> torch.Tensor:
     return _ARRIVALS[key]
 
 
-def launch(query, key, value, attn_mask, scale) -> torch.Tensor:
-    """Run the kernel on shapes `_kernel_applies` accepts."""
+def launch(query, key, value, attn_mask, scale, keys_per_split: int = KEYS_PER_SPLIT) -> torch.Tensor:
+    """Run the kernel on shapes `_kernel_applies` accepts (benchmarks/attention_latency.py times it at
+    other `keys_per_split`)."""
     batch, heads, rows, dim = query.shape
     groups, length = key.size(1), key.size(3)
     block_dim = max(16, 1 << (dim - 1).bit_length())  # a power of two, and tl.dot's smallest K
-    chunk, splits = split_keys(length)
+    chunk, splits = split_keys(length, keys_per_split)
     out = query.new_empty(query.shape)
     if attn_mask is None:
         mask, mask_kind, mask_strides = query, "none", (0, 0, 0, 0)  # query only stands in for the pointer

@@ -1,6 +1,7 @@
 """benchmarks/inference_test.py on the CPU: fxtp on two gloo processes under torchrun, a tiny Llama;
 its rows (token check against HF eager, parameters per rank) and the interval arithmetic behind
---profile's busy time. The GPU numbers of the README come from the same script. (Its HF tp_plan
+--profile's busy time; benchmarks/attention_latency.py in Triton's interpreter. The GPU numbers of
+the README come from the same scripts. (Its HF tp_plan
 and DeepSpeed peers need accelerate and deepspeed, which the test install leaves out.)"""
 import importlib
 import json
@@ -49,3 +50,30 @@ def test_inference_test_on_two_cpu_processes(tmp_path, inference_test):
     for row in rows:  # each rank holds about half (norms and the like are replicated)
         assert row["param_bytes"][0] == row["param_bytes"][1]
         assert 0.5 * whole_bytes <= row["param_bytes"][0] < 0.6 * whole_bytes
+
+
+def test_attention_latency_rows_in_the_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "attention.json"
+    command = [sys.executable, os.path.join(BENCHMARKS, "attention_latency.py"), "--device", "cpu",
+               "--dtype", "float32", "--batch", "1,3", "--cache", "64,300", "--ranks", "1,2", "--heads", "4",
+               "--kv-heads", "2", "--head-dim", "16", "--layers", "2", "--reps", "1", "--keys-per-split", "64,256",
+               "--out", str(out)]
+    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["ranks"], row["batch"], row["cache"], row["heads"], row["kv_heads"]) for row in rows] == [
+        (n, batch, cache, 4 // n, 2 // n) for n in (1, 2) for batch in (1, 3) for cache in (64, 300)]
+    for row in rows:
+        assert list(row["us_per_call"]) == ["sdpa", "fxtp/64", "fxtp/256"]
+        assert row["splits"] == {"fxtp/64": -(-row["cache"] // 64), "fxtp/256": -(-row["cache"] // 256)}
+        assert row["max_diff"]["sdpa"] == 0 and max(row["max_diff"].values()) < 1e-5
+        assert all(us > 0 for us in row["us_per_call"].values())
+
+
+def test_attention_latency_refuses_the_cpu_without_the_interpreter(tmp_path):
+    command = [sys.executable, os.path.join(BENCHMARKS, "attention_latency.py"), "--device", "cpu"]
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=environment)
+    assert finished.returncode == 2 and "TRITON_INTERPRET=1" in finished.stderr

@@ -1,0 +1,144 @@
+"""Microseconds per decode-step attention call: cuDNN's (SDPA on the query rows folded per kv head,
+what the compiled decode step runs) against fxtp::decode_attention at several key-split sizes, by
+batch, cache length and GPUs sharing the heads; a step's worth of calls (one a layer) back to back
+in one CUDA graph. It says where `compile={"fxtp.decode_attention": True}` should be the default.
+
+    python benchmarks/attention_latency.py --batch 1,8,32,64 --cache 256,1024,4096 --ranks 1,2 --out attn.json
+
+Every row also gives each kernel's max abs difference to SDPA. On the CPU (TRITON_INTERPRET=1,
+tests only) the calls run eagerly in Triton's interpreter and the times mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fxtp import decode_attention
+from inference_test import as_cuda_graph, synchronizer, time_ms  # benchmarks/, beside this script
+
+
+def attention_inputs(batch: int, heads: int, groups: int, cache: int, dim: int, dtype: torch.dtype,
+                     device: torch.device) -> tuple:
+    """A decode step's (query [b, hq, 1, d], key and value [b, hkv, 1, L, d], bool mask [b, 1, 1, L])
+    halfway through its static cache: the later half of the keys is masked, as the unwritten part of
+    the cache is (the kernels read it all the same)."""
+    generator = torch.Generator().manual_seed(batch * cache + heads)
+    query = torch.randn(batch, heads, 1, dim, generator=generator)
+    key, value = (torch.randn(batch, groups, 1, cache, dim, generator=generator) for _ in range(2))
+    mask = (torch.arange(cache) <= cache // 2).expand(batch, 1, 1, cache)
+    return tuple(t.to(device, dtype) for t in (query, key, value)) + (mask.to(device),)
+
+
+def calls_by_kernel(query, key, value, mask, keys_per_split: list[int]) -> dict:
+    """{name: one call}: "sdpa" on inputs folded beforehand (as inductor feeds it), on CUDA also
+    "cudnn" (SDPA held to cuDNN's kernel, which the decode step's profiles show), then fxtp's kernel
+    at each of `keys_per_split`."""
+    groups = key.size(1)
+    folded = query.unflatten(1, (groups, -1)).flatten(2, 3)  # [b, hkv, n, d]
+    folded_mask = mask.expand(-1, groups, folded.size(2), -1)
+    keys, values = key.squeeze(2), value.squeeze(2)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(folded, keys, values, folded_mask).unflatten(2, (-1, 1)).flatten(1, 2)
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return sdpa()
+    calls = {"sdpa": sdpa, **({"cudnn": cudnn} if query.is_cuda else {})}
+    for keys_in_split in keys_per_split:
+        calls[f"fxtp/{keys_in_split}"] = (lambda k: lambda: decode_attention.launch(
+            query, key, value, mask, None, keys_per_split=k))(keys_in_split)
+    return calls
+
+
+def measure(batch: int, heads: int, groups: int, cache: int, dim: int, layers: int, keys_per_split: list[int],
+            dtype: torch.dtype, device: torch.device, reps: int) -> dict:
+    query, key, value, mask = attention_inputs(batch, heads, groups, cache, dim, dtype, device)
+    calls = calls_by_kernel(query, key, value, mask, keys_per_split)
+    reference = calls["sdpa"]().float()
+    row = {"batch": batch, "heads": heads, "kv_heads": groups, "cache": cache, "us_per_call": {}, "max_diff": {},
+           "splits": {name: decode_attention.split_keys(cache, int(name.split("/")[1]))[1]
+                      for name in calls if name.startswith("fxtp/")}}
+    flush_l2 = _l2_flush(device)
+    flush_ms = _step_ms(lambda: None, flush_l2, layers, device, reps)
+    for name, call in calls.items():
+        try:
+            row["max_diff"][name] = (call().float() - reference).abs().max().item()
+        except RuntimeError as error:  # cuDNN declining these shapes: the row says so
+            row["max_diff"][name], row["us_per_call"][name] = None, None
+            row.setdefault("errors", {})[name] = str(error).splitlines()[0]
+            continue
+        row["us_per_call"][name] = (_step_ms(call, flush_l2, layers, device, reps) - flush_ms) * 1e3 / layers
+    return row
+
+
+def _l2_flush(device: torch.device):
+    """A write over more than the GPU's L2, run before each call: in a decode step the GEMVs between
+    two layers' attention stream far more than L2 holds, so the cache arrives from HBM."""
+    if device.type != "cuda":
+        return lambda: None
+    scratch = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.uint8, device=device)
+    return scratch.zero_
+
+
+def _step_ms(call, flush_l2, layers: int, device: torch.device, reps: int) -> float:
+    """ms for `layers` rounds of (flush, call), replayed as one CUDA graph on the GPU."""
+    def step():
+        for _ in range(layers):
+            flush_l2()
+            call()
+    return time_ms(as_cuda_graph(step) if device.type == "cuda" else step, reps, synchronizer(device))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", default="1,8,32,64")
+    parser.add_argument("--cache", default="256,1024,4096", help="static cache lengths (fxtp rounds up to 256)")
+    parser.add_argument("--ranks", default="1,2", help="GPUs sharing the heads: each holds 1/N of them")
+    parser.add_argument("--heads", type=int, default=32, help="query heads of the whole model (Llama-3-8B: 32)")
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=32, help="calls a step, one a layer")
+    parser.add_argument("--keys-per-split", default=f"32,64,128,{decode_attention.KEYS_PER_SPLIT}",
+                        help=f"fxtp kernel variants (fxtp's is {decode_attention.KEYS_PER_SPLIT})")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--out", default=None, help="JSON file")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no GPU here: it times CUDA kernels (--device cpu runs Triton's interpreter, for tests)")
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--device cpu needs TRITON_INTERPRET=1 in the environment (Triton's interpreter)")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    ranks, batches, caches, split_sizes = ([int(v) for v in values.split(",")] for values in
+                                           (args.ranks, args.batch, args.cache, args.keys_per_split))
+    for n in ranks:
+        if args.heads % n or args.kv_heads % n:
+            parser.error(f"--ranks {n} does not divide {args.heads} heads and {args.kv_heads} kv heads")
+    rows = [{"ranks": n, **measure(batch, args.heads // n, args.kv_heads // n, cache, args.head_dim, args.layers,
+                                   split_sizes, dtype, device, args.reps)}
+            for n, batch, cache in itertools.product(ranks, batches, caches)]
+    names = list(rows[0]["us_per_call"])
+    print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (interpreter)'}, {args.dtype}, "
+          f"us per call (max abs diff to sdpa); fxtp/K: K keys a split")
+    print("| N | batch | cache | " + " | ".join(names) + " |")
+    print("|---" * (3 + len(names)) + "|")
+    for row in rows:
+        cells = [f"{row['us_per_call'][name]:.2f} ({row['max_diff'][name]:.0e})"
+                 if row["us_per_call"][name] is not None else "declined" for name in names]
+        print(f"| {row['ranks']} | {row['batch']} | {row['cache']} | " + " | ".join(cells) + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+                       "dtype": args.dtype, "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
