@@ -12,6 +12,10 @@ Inductor options (a `compile={...}` dict overrides them):
   `_collective.auto_select` is: the step's all_reduces become `fxtp::push_all_reduce`
   (fxtp/push_all_reduce.py), one kernel with no barrier between the ranks; parts above its
   MAX_BYTES go to NCCL.
+- `fxtp.push_norm` (fxtp's own, off by default; needs `fxtp.push_all_reduce`): each push all_reduce
+  followed by the residual add and an RMSNorm also adds and normalizes in its kernel
+  (passes/fuse_add_rms_norm.py), so the norm is no kernel of its own. Exact in tests; not yet
+  measured on GPUs.
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
   and waits for it in `gdc_wait`, so its launch no longer sits between the two; push's and cuDNN's
@@ -37,20 +41,23 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from fxtp.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from fxtp.push_all_reduce import with_push_all_reduce
 
 WARMUP_STEPS = 2  # compiles, then runs once more so NCCL and symmetric-memory buffers exist before capture
 AUTO_SELECT = "_collective.auto_select"
 PUSH = "fxtp.push_all_reduce"
+PUSH_NORM = "fxtp.push_norm"
 PDL = "triton.enable_pdl"
-DECODE_ONLY = (AUTO_SELECT, PUSH, PDL)
+DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL)
+FXTP_OPTIONS = (PUSH, PUSH_NORM)  # read by DecodeGraph, not passed to inductor
 _CAPTURES = itertools.count()
 
 
 def inductor_options(compile: Union[bool, dict], group_name: str, world_size: int, device: torch.device) -> dict:
     """The options the decode step is compiled with: the defaults above, then the user's dict."""
     if compile is not True and not isinstance(compile, dict):
-        raise TypeError("compile must be True, False or a dict of inductor options (and fxtp.push_all_reduce), "
+        raise TypeError(f"compile must be True, False or a dict of inductor options (and {', '.join(FXTP_OPTIONS)}), "
                         f"got {compile!r}")
     if device.type != "cuda":
         raise ValueError(f"compile=True captures the decode step as a CUDA graph, but the device is {device}: "
@@ -59,6 +66,10 @@ def inductor_options(compile: Union[bool, dict], group_name: str, world_size: in
     symmetric = world_size > 1 and symmetric_memory_works(group_name, device)
     options = {"coordinate_descent_tuning": True, PDL: True, AUTO_SELECT: symmetric, **user}
     options.setdefault(PUSH, options[AUTO_SELECT])
+    options.setdefault(PUSH_NORM, False)
+    if options[PUSH_NORM] and not options[PUSH]:
+        raise ValueError(f"{PUSH_NORM}=True fuses the norm into push all_reduce, which is off here ({PUSH}=False); "
+                         f"turn {PUSH} on or leave {PUSH_NORM} out")
     for key in (AUTO_SELECT, PUSH):
         if options[key] and world_size > 1 and not symmetric:
             raise RuntimeError(f"{key}=True needs symmetric memory, which does not work on this machine "
@@ -95,8 +106,12 @@ class DecodeGraph:
     graph's, overwritten by the next call."""
 
     def __init__(self, module: fx.GraphModule, options: dict):
-        inductor = {key: value for key, value in options.items() if key != PUSH}
-        step = with_push_all_reduce(module) if options.get(PUSH) else module
+        inductor = {key: value for key, value in options.items() if key not in FXTP_OPTIONS}
+        step = module
+        if options.get(PUSH):
+            step = with_push_all_reduce(module)
+            if options.get(PUSH_NORM):
+                step = fuse_add_rms_norm(step)
         self.compiled = torch.compile(step, fullgraph=True, dynamic=False, options=inductor)
         self.graphs: dict[tuple, tuple] = {}  # input shapes -> (graph, static inputs, static output)
 

@@ -28,8 +28,8 @@ class Generator:
     """Generates on the ranks `ranks` of `program`, all in this process (one rank under torchrun).
     The weights are placed on `device` once; a static-cache program is built per batch size and
     cache length, and only the latest one's cache is kept. `compile` (True, or a dict of inductor
-    options and fxtp's `fxtp.push_all_reduce`) runs decode steps as a compiled CUDA graph
-    (fxtp/decode_graph.py) and prefills with the step compiled for any prompt length
+    options and fxtp's `fxtp.push_all_reduce` and `fxtp.push_norm`) runs decode steps as a compiled
+    CUDA graph (fxtp/decode_graph.py) and prefills with the step compiled for any prompt length
     (fxtp/prefill_graph.py); it is a collective when there are several ranks, so every rank
     creates its Generator at the same point, and `compile_options` then holds the options chosen
     (None without compile)."""
