@@ -1,8 +1,8 @@
 """Compiled decode on real GPUs (fxtp/decode_graph.py): the CUDA-graph replay of a step with push,
 symmetric-memory or NCCL all_reduce (push with the fused residual add and RMSNorm too) gives HF's
 greedy tokens, fxtp::push_all_reduce sums exactly and fxtp::push_all_reduce_add_rms_norm adds and
-normalizes as torch does, eagerly and in CUDA-graph replays. Skipped on machines with fewer than 2 GPUs; run on a GPU machine
-with `python -m pytest -q tests/test_cuda.py`."""
+normalizes as torch does, eagerly and in CUDA-graph replays. Skipped on machines with fewer than 2
+GPUs; run on a GPU machine with `python -m pytest -q tests/test_cuda.py`."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -147,7 +147,7 @@ def test_push_all_reduce_add_rms_norm_adds_and_normalizes_eagerly_and_in_graph_r
         expected = [add_rms_norm((a.float() + b.float()).to(dtype), residual, weight, EPS, dtype)
                     for a, b, residual in zip(parts0, parts1, residuals)]
         assert len(outputs0) == 2 * rounds
-        for (hidden, normed), (want_hidden, want_normed) in zip(outputs0, expected + expected):  # eagerly, then replayed
+        for (hidden, normed), (want_hidden, want_normed) in zip(outputs0, expected + expected):  # eager, replayed
             assert torch.equal(hidden, want_hidden), case
             torch.testing.assert_close(normed, want_normed, **tolerance[dtype])
         assert all(torch.equal(a, b) for pair0, pair1 in zip(outputs0, outputs1) for a, b in zip(pair0, pair1)), case

@@ -6,9 +6,12 @@ decode step. The rewrite is checked on tiny rank graphs: what it fuses, what it 
 that the fused graph computes the unfused graph's logits on gloo (the op's torch fallback). On
 GPUs, tests/test_cuda.py runs the op with symmetric memory and generates with `fxtp.push_norm`.
 """
+import functools
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxtp
 from fxtp import push_all_reduce as pushed
@@ -24,9 +27,10 @@ EPS = 1 / 16  # large enough against mean(h^2) ~ 4 that a wrong eps shows in flo
 # (dtype, rows, hidden size) per world size: batch 1 and 3, sizes that are and are not powers of two
 KERNEL_CASES = {2: [(torch.bfloat16, 1, 64), (torch.float32, 3, 96)],
                 3: [(torch.float32, 1, 128), (torch.bfloat16, 3, 100)]}
-# normed: the interpreter truncates the normalized row and the product to bfloat16 where torch
-# rounds (and its hidden may sit one truncation below torch's): within 3 bfloat16 ulps (2^-7
-# relative each); in float32 only the order of the mean's sum and rsqrt's last bit differ
+# normed against torch's (add_rms_norm): the interpreter truncates the normalized row and the product
+# to bfloat16 where torch rounds, and its hidden may sit one truncation below torch's, so within 3
+# bfloat16 ulps (2^-7 relative each). Against the same rounded as the interpreter rounds
+# (interpreted_norm) only the order of the mean's sum and rsqrt's last float32 bit differ: 1e-6.
 NORMED_TOLERANCE = {torch.bfloat16: dict(rtol=3 * 2 ** -7, atol=1e-6), torch.float32: dict(rtol=1e-6, atol=1e-6)}
 
 
@@ -50,6 +54,13 @@ def interpreter_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
+def interpreted_norm(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The epilogue's normed from its hidden, rounded where it rounds as the interpreter rounds."""
+    upcast = hidden.float()
+    normalized = interpreter_cast(upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + EPS), hidden.dtype)
+    return interpreter_cast(weight.float() * normalized.float(), hidden.dtype)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_kernel_adds_the_residual_and_normalizes_every_row_every_round(world):
     pytest.importorskip("triton")
@@ -63,7 +74,8 @@ def test_kernel_adds_the_residual_and_normalizes_every_row_every_round(world):
         cases.append((*shared_workspaces(world, dtype, rows * size), parts, residuals,
                       torch.randn(size, generator=generator).to(dtype)))
     ranks = run_ranks(fused_rounds_on_rank, world, cases, timeout=300)
-    for index, ((dtype, _, _), (buffers, states, parts, residuals, weight)) in enumerate(zip(KERNEL_CASES[world], cases)):
+    for index, (buffers, states, parts, residuals, weight) in enumerate(cases):
+        dtype = parts[0].dtype
         for round, (part, residual) in enumerate(zip(parts, residuals)):
             total = interpreter_cast(sum(p.float() for p in part), dtype)  # in rank order, as the kernel sums
             results = [rank_results[index][round] for rank_results in ranks]
@@ -75,6 +87,7 @@ def test_kernel_adds_the_residual_and_normalizes_every_row_every_round(world):
             for got_hidden, got_normed in results:
                 assert torch.equal(got_hidden, hidden), (dtype, round)
                 torch.testing.assert_close(got_normed, normed, **NORMED_TOLERANCE[dtype])
+                torch.testing.assert_close(got_normed, interpreted_norm(hidden, weight), rtol=1e-6, atol=1e-6)
                 assert torch.equal(got_normed, results[0][1])  # every rank gets the same bits
         assert_rotated(buffers, states, ROUNDS, dtype)
 
@@ -88,7 +101,7 @@ def test_kernel_adds_the_residual_and_normalizes_every_row_every_round(world):
     (torch.bfloat16, torch.bfloat16, 4096, 65, False),  # over MAX_BYTES
 ])
 def test_the_epilogue_runs_only_where_it_computes_what_the_graph_does(normalized_dtype, x_dtype, size, rows, fits):
-    x, weight = torch.empty(rows, 1, size, dtype=x_dtype, device="meta"), torch.empty(size, dtype=x_dtype, device="meta")
+    x, weight = (torch.empty(shape, dtype=x_dtype, device="meta") for shape in ((rows, 1, size), (size,)))
     assert pushed._fits_epilogue(x, x, weight, normalized_dtype) is fits
     assert not pushed._fits_epilogue(x, x, weight[:-1], normalized_dtype)
     assert not pushed._fits_epilogue(x, x[:, :, :-1], weight, normalized_dtype)
@@ -124,6 +137,37 @@ def test_rewrite_fuses_every_all_reduce_before_a_norm(dtype, cached):
     assert all(n.args[3] == 1e-6 and n.args[4] == (None if dtype == torch.float32 else dtype) for n in fused)
     assert fused[1].args[1] is next(u for u in fused[0].users if u.args[1] == 0)  # the residual stream is hidden
     assert len(fused[-1].users) == 1  # the final norm's hidden is read by nothing
+
+
+def add_and_norm(x, residual, weight, push_first=False, upcast=True, scale_upcast=True, cast_back=True, dim=-1,
+                 one_plus=False, return_scale=False):
+    """The residual add and an RMSNorm after a push all_reduce, HF Llama's by default; the flags
+    make the variants the rewrite must tell apart."""
+    total = torch.ops.fxtp.push_all_reduce(x, "group")
+    hidden = total + residual if push_first else residual + total
+    statistics = hidden.to(torch.float32) if upcast else hidden
+    scale = torch.rsqrt(statistics.pow(2).mean(dim, keepdim=True) + 1e-6)
+    normalized = (statistics if scale_upcast else hidden) * scale
+    normalized = normalized.to(hidden.dtype) if cast_back else normalized
+    normed = normalized * (1 + weight) if one_plus else weight * normalized
+    return (hidden, normed, scale) if return_scale else (hidden, normed)
+
+
+@pytest.mark.parametrize("variant, dtype, rounding", [  # rounding: the dtype argument of each fused op
+    ({}, torch.bfloat16, [torch.bfloat16]),  # make_fx's casts are _to_copy, the weight a placeholder
+    ({}, torch.float32, [None]),  # .to(float32) is no cast in float32
+    ({"push_first": True}, torch.bfloat16, [torch.bfloat16]),
+    ({"upcast": False}, torch.bfloat16, [None]),  # statistics in bfloat16: the op leaves them to torch
+    ({"scale_upcast": False}, torch.bfloat16, []),  # T5: scales hidden itself
+    ({"cast_back": False}, torch.bfloat16, []),  # a float32 normalized row
+    ({"dim": 0}, torch.bfloat16, []),
+    ({"one_plus": True}, torch.bfloat16, []),  # Gemma
+    ({"return_scale": True}, torch.float32, []),  # the chain read elsewhere
+])
+def test_rewrite_matches_the_norm_node_by_node(variant, dtype, rounding):
+    x, residual, weight = (torch.randn(shape, dtype=dtype) for shape in ((3, 1, 64), (3, 1, 64), (64,)))
+    gm = make_fx(functools.partial(add_and_norm, **variant), tracing_mode="fake")(x, residual, weight)
+    assert [n.args[4] for n in fuse_add_rms_norm(gm).graph.nodes if n.target is FUSED] == rounding
 
 
 @pytest.mark.parametrize("arch", ["gemma", "cohere", "gpt2"])
