@@ -41,7 +41,8 @@ Derived numbers (per rank; "N" is the impl's number of devices):
 - setup / 1st generate s: building the impl (loading, for fxtp also capture and planning), and the
   first warmup generate of each batch size, which includes what the impl compiles and captures.
 
---profile (CUDA) counts the kernels (and memcpy/memset) of one decode step on rank 0 with
+--profile (CUDA) counts the kernels (and memcpy/memset) of one decode step on every rank (a list
+by rank in the JSON: a rank that waits in its all_reduces for a slower one shows it there) with
 torch.profiler, kernels in CUDA graph replays included: one more generate, profiled from its first
 generated token to the end, over the decode steps it launched after that: gen_len - 1, less the
 one fxtp's generate has already queued when it streams a token. "busy" is the time at least one of
@@ -427,7 +428,7 @@ def run_impl(name: str, label: str, ctx: Context, args, prompts: dict, stats: Mo
                "ar_ms_by_impl": extra["ar_ms"].get(batch) if not single else None}
         row["ar_ms"] = min(row["ar_ms_by_impl"].values()) if row["ar_ms_by_impl"] else None
         if args.profile:
-            row["kernels"] = decode_kernels(runner, ids, mask, args.gen_len)
+            row["kernels"] = gather(decode_kernels(runner, ids, mask, args.gen_len))
         rows.append({**row, **derived(row, stats, args, ctx.dtype, extra["bandwidth"])})
     return rows, tokens
 
@@ -488,15 +489,16 @@ def table(rows: list) -> str:
 
 
 def kernel_table(rows: list) -> str:
-    """--profile's numbers: kernels per decode step, their busy time against p50, the longest ones."""
+    """--profile's numbers, rank by rank: kernels per decode step, their busy time against p50, the
+    longest ones."""
     lines = []
     for r in rows:
-        if "kernels" not in r:
-            continue
-        k, p50 = r["kernels"], r["decode_ms"]["p50"]
-        lines.append(f"{r['impl']} N={r['world_size']} batch {r['batch']}: {k['count']:.1f} kernels a decode step, "
-                     f"busy {k['busy_ms']:.3f} of {p50:.3f} ms (between kernels {p50 - k['busy_ms']:.3f} ms)")
-        lines += [f"    {ms * 1e3:8.1f} us  {count:6.2f}x  {name[:110]}" for name, count, ms in k["top"]]
+        p50 = r["decode_ms"]["p50"]
+        for rank, k in enumerate(r.get("kernels", [])):
+            lines.append(f"{r['impl']} N={r['world_size']} batch {r['batch']} rank {rank}: {k['count']:.1f} kernels "
+                         f"a decode step, busy {k['busy_ms']:.3f} of {p50:.3f} ms "
+                         f"(between kernels {p50 - k['busy_ms']:.3f} ms)")
+            lines += [f"    {ms * 1e3:8.1f} us  {count:6.2f}x  {name[:110]}" for name, count, ms in k["top"]]
     return "\n".join(lines)
 
 

@@ -29,6 +29,22 @@ def test_busy_time_counts_overlapping_kernels_once(inference_test):
     assert union_length([(0, 10), (2, 3)]) == 10
 
 
+def test_kernel_table_gives_every_rank_its_own_lines(inference_test):
+    """--profile keeps every rank's kernels: at N=2 the rank that waits in its all_reduces for the
+    other shows a longer push kernel and less time between kernels."""
+    ranks = [{"count": 448.0, "busy_ms": busy, "top": [["push_all_reduce_kernel", 65.0, push]]}
+             for busy, push in ((3.80, 0.44), (3.50, 0.20))]
+    row = {"impl": "fxtp-compile", "world_size": 2, "batch": 1, "decode_ms": {"p50": 3.75}, "kernels": ranks}
+    lines = inference_test.kernel_table([row, {**row, "impl": "hf", "kernels": []}]).splitlines()
+    assert lines == [
+        "fxtp-compile N=2 batch 1 rank 0: 448.0 kernels a decode step, busy 3.800 of 3.750 ms "
+        "(between kernels -0.050 ms)",
+        "       440.0 us   65.00x  push_all_reduce_kernel",
+        "fxtp-compile N=2 batch 1 rank 1: 448.0 kernels a decode step, busy 3.500 of 3.750 ms "
+        "(between kernels 0.250 ms)",
+        "       200.0 us   65.00x  push_all_reduce_kernel"]
+
+
 def test_inference_test_on_two_cpu_processes(tmp_path, inference_test):
     out = tmp_path / "result.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
