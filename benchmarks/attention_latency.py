@@ -11,6 +11,7 @@ tests only) the calls run eagerly in Triton's interpreter and the times mean not
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -38,7 +39,7 @@ def attention_inputs(batch: int, heads: int, groups: int, cache: int, dim: int, 
 def calls_by_kernel(query, key, value, mask, keys_per_split: list[int]) -> dict:
     """{name: one call}: "sdpa" on inputs folded beforehand (as inductor feeds it), on CUDA also
     "cudnn" (SDPA held to cuDNN's kernel, which the decode step's profiles show), then fxtp's kernel
-    at each of `keys_per_split`."""
+    at each of `keys_per_split` ("fxtp/K")."""
     groups = key.size(1)
     folded = query.unflatten(1, (groups, -1)).flatten(2, 3)  # [b, hkv, n, d]
     folded_mask = mask.expand(-1, groups, folded.size(2), -1)
@@ -51,22 +52,40 @@ def calls_by_kernel(query, key, value, mask, keys_per_split: list[int]) -> dict:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return sdpa()
     calls = {"sdpa": sdpa, **({"cudnn": cudnn} if query.is_cuda else {})}
-    for keys_in_split in keys_per_split:
-        calls[f"fxtp/{keys_in_split}"] = (lambda k: lambda: decode_attention.launch(
-            query, key, value, mask, None, keys_per_split=k))(keys_in_split)
+    for k in keys_per_split:
+        calls[f"fxtp/{k}"] = functools.partial(decode_attention.launch, query, key, value, mask, None,
+                                               keys_per_split=k)
     return calls
 
 
-def measure(batch: int, heads: int, groups: int, cache: int, dim: int, layers: int, keys_per_split: list[int],
-            dtype: torch.dtype, device: torch.device, reps: int) -> dict:
+def per_call_timer(device: torch.device, layers: int, reps: int):
+    """`call` -> microseconds a call: `layers` rounds of (flush L2, call), replayed as one CUDA graph on
+    the GPU, less the flushes alone. The flush writes over twice the GPU's L2: in a decode step the
+    GEMVs between two layers' attention stream far more than L2 holds, so the cache comes from HBM."""
+    if device.type == "cuda":
+        flush_l2 = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.uint8,
+                               device=device).zero_
+    else:
+        flush_l2 = lambda: None  # noqa: E731
+
+    def step_ms(call) -> float:
+        def step():
+            for _ in range(layers):
+                flush_l2()
+                call()
+        return time_ms(as_cuda_graph(step) if device.type == "cuda" else step, reps, synchronizer(device))
+
+    flush_ms = step_ms(lambda: None)
+    return lambda call: (step_ms(call) - flush_ms) * 1e3 / layers
+
+
+def measure(batch: int, heads: int, groups: int, cache: int, dim: int, keys_per_split: list[int],
+            dtype: torch.dtype, device: torch.device, us_per_call) -> dict:
     query, key, value, mask = attention_inputs(batch, heads, groups, cache, dim, dtype, device)
     calls = calls_by_kernel(query, key, value, mask, keys_per_split)
     reference = calls["sdpa"]().float()
     row = {"batch": batch, "heads": heads, "kv_heads": groups, "cache": cache, "us_per_call": {}, "max_diff": {},
-           "splits": {name: decode_attention.split_keys(cache, int(name.split("/")[1]))[1]
-                      for name in calls if name.startswith("fxtp/")}}
-    flush_l2 = _l2_flush(device)
-    flush_ms = _step_ms(lambda: None, flush_l2, layers, device, reps)
+           "splits": {f"fxtp/{k}": decode_attention.split_keys(cache, k)[1] for k in keys_per_split}}
     for name, call in calls.items():
         try:
             row["max_diff"][name] = (call().float() - reference).abs().max().item()
@@ -74,26 +93,8 @@ def measure(batch: int, heads: int, groups: int, cache: int, dim: int, layers: i
             row["max_diff"][name], row["us_per_call"][name] = None, None
             row.setdefault("errors", {})[name] = str(error).splitlines()[0]
             continue
-        row["us_per_call"][name] = (_step_ms(call, flush_l2, layers, device, reps) - flush_ms) * 1e3 / layers
+        row["us_per_call"][name] = us_per_call(call)
     return row
-
-
-def _l2_flush(device: torch.device):
-    """A write over more than the GPU's L2, run before each call: in a decode step the GEMVs between
-    two layers' attention stream far more than L2 holds, so the cache arrives from HBM."""
-    if device.type != "cuda":
-        return lambda: None
-    scratch = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.uint8, device=device)
-    return scratch.zero_
-
-
-def _step_ms(call, flush_l2, layers: int, device: torch.device, reps: int) -> float:
-    """ms for `layers` rounds of (flush, call), replayed as one CUDA graph on the GPU."""
-    def step():
-        for _ in range(layers):
-            flush_l2()
-            call()
-    return time_ms(as_cuda_graph(step) if device.type == "cuda" else step, reps, synchronizer(device))
 
 
 def main() -> None:
@@ -122,12 +123,13 @@ def main() -> None:
     for n in ranks:
         if args.heads % n or args.kv_heads % n:
             parser.error(f"--ranks {n} does not divide {args.heads} heads and {args.kv_heads} kv heads")
-    rows = [{"ranks": n, **measure(batch, args.heads // n, args.kv_heads // n, cache, args.head_dim, args.layers,
-                                   split_sizes, dtype, device, args.reps)}
+    us_per_call = per_call_timer(device, args.layers, args.reps)
+    rows = [{"ranks": n, **measure(batch, args.heads // n, args.kv_heads // n, cache, args.head_dim, split_sizes,
+                                   dtype, device, us_per_call)}
             for n, batch, cache in itertools.product(ranks, batches, caches)]
     names = list(rows[0]["us_per_call"])
-    print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (interpreter)'}, {args.dtype}, "
-          f"us per call (max abs diff to sdpa); fxtp/K: K keys a split")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
+    print(f"{device_name}, {args.dtype}, us per call (max abs diff to sdpa); fxtp/K: K keys a split")
     print("| N | batch | cache | " + " | ".join(names) + " |")
     print("|---" * (3 + len(names)) + "|")
     for row in rows:
@@ -136,8 +138,8 @@ def main() -> None:
         print(f"| {row['ranks']} | {row['batch']} | {row['cache']} | " + " | ".join(cells) + " |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-                       "dtype": args.dtype, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"device": device_name, "dtype": args.dtype, "torch": torch.__version__, "rows": rows}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":
