@@ -1,9 +1,10 @@
 """Microseconds per decode-step attention call: cuDNN's (SDPA on the query rows folded per kv head,
-what the compiled decode step runs) against fxtp::decode_attention at several key-split sizes, by
-batch, cache length and GPUs sharing the heads; a step's worth of calls (one a layer) back to back
-in one CUDA graph. It says where `compile={"fxtp.decode_attention": True}` should be the default.
+what the compiled decode step runs with `compile={"fxtp.decode_attention": False}`) against
+fxtp::decode_attention, over its own choice of key splits and over fixed split counts, by batch,
+cache length and GPUs sharing the heads; a step's worth of calls (one a layer) back to back in one
+CUDA graph. It is what chose the kernel's split rule and its place as the default.
 
-    python benchmarks/attention_latency.py --batch 1,8,32,64 --cache 256,1024,4096 --ranks 1,2 --out attn.json
+    python benchmarks/attention_latency.py --batch 1,8,32,64 --cache 256,1024,4096,8192 --ranks 1,2 --out attn.json
 
 Every row also gives each kernel's max abs difference to SDPA. On the CPU (TRITON_INTERPRET=1,
 tests only) the calls run eagerly in Triton's interpreter and the times mean nothing.
@@ -36,10 +37,11 @@ def attention_inputs(batch: int, heads: int, groups: int, cache: int, dim: int, 
     return tuple(t.to(device, dtype) for t in (query, key, value)) + (mask.to(device),)
 
 
-def calls_by_kernel(query, key, value, mask, keys_per_split: list[int]) -> dict:
+def calls_by_kernel(query, key, value, mask, split_counts: list[int]) -> dict:
     """{name: one call}: "sdpa" on inputs folded beforehand (as inductor feeds it), on CUDA also
     "cudnn" (SDPA held to cuDNN's kernel, which the decode step's profiles show), then fxtp's kernel
-    at each of `keys_per_split` ("fxtp/K")."""
+    over the splits it chooses ("fxtp") and over at most S splits for each S of `split_counts`
+    ("fxtp/S")."""
     groups = key.size(1)
     folded = query.unflatten(1, (groups, -1)).flatten(2, 3)  # [b, hkv, n, d]
     folded_mask = mask.expand(-1, groups, folded.size(2), -1)
@@ -52,9 +54,10 @@ def calls_by_kernel(query, key, value, mask, keys_per_split: list[int]) -> dict:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return sdpa()
     calls = {"sdpa": sdpa, **({"cudnn": cudnn} if query.is_cuda else {})}
-    for k in keys_per_split:
-        calls[f"fxtp/{k}"] = functools.partial(decode_attention.launch, query, key, value, mask, None,
-                                               keys_per_split=k)
+    calls["fxtp"] = functools.partial(decode_attention.launch, query, key, value, mask, None)
+    for count in split_counts:
+        calls[f"fxtp/{count}"] = functools.partial(decode_attention.launch, query, key, value, mask, None,
+                                                   splits=count)
     return calls
 
 
@@ -79,13 +82,14 @@ def per_call_timer(device: torch.device, layers: int, reps: int):
     return lambda call: (step_ms(call) - flush_ms) * 1e3 / layers
 
 
-def measure(batch: int, heads: int, groups: int, cache: int, dim: int, keys_per_split: list[int],
+def measure(batch: int, heads: int, groups: int, cache: int, dim: int, split_counts: list[int],
             dtype: torch.dtype, device: torch.device, us_per_call) -> dict:
     query, key, value, mask = attention_inputs(batch, heads, groups, cache, dim, dtype, device)
-    calls = calls_by_kernel(query, key, value, mask, keys_per_split)
+    calls = calls_by_kernel(query, key, value, mask, split_counts)
     reference = calls["sdpa"]().float()
     row = {"batch": batch, "heads": heads, "kv_heads": groups, "cache": cache, "us_per_call": {}, "max_diff": {},
-           "splits": {f"fxtp/{k}": decode_attention.split_keys(cache, k)[1] for k in keys_per_split}}
+           "splits": {"fxtp": decode_attention.split_keys(cache, batch * groups)[1],
+                      **{f"fxtp/{c}": decode_attention.chunk_keys(cache, c)[1] for c in split_counts}}}
     for name, call in calls.items():
         try:
             row["max_diff"][name] = (call().float() - reference).abs().max().item()
@@ -106,8 +110,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=32, help="calls a step, one a layer")
-    parser.add_argument("--keys-per-split", default=f"32,64,128,{decode_attention.KEYS_PER_SPLIT}",
-                        help=f"fxtp kernel variants (fxtp's is {decode_attention.KEYS_PER_SPLIT})")
+    parser.add_argument("--splits", default="1,4,16,64",
+                        help="fxtp kernel variants over at most this many splits of the keys, beside its own choice")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -118,24 +122,26 @@ def main() -> None:
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("--device cpu needs TRITON_INTERPRET=1 in the environment (Triton's interpreter)")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    ranks, batches, caches, split_sizes = ([int(v) for v in values.split(",")] for values in
-                                           (args.ranks, args.batch, args.cache, args.keys_per_split))
+    ranks, batches, caches, split_counts = ([int(v) for v in values.split(",")] for values in
+                                            (args.ranks, args.batch, args.cache, args.splits))
     for n in ranks:
         if args.heads % n or args.kv_heads % n:
             parser.error(f"--ranks {n} does not divide {args.heads} heads and {args.kv_heads} kv heads")
     us_per_call = per_call_timer(device, args.layers, args.reps)
-    rows = [{"ranks": n, **measure(batch, args.heads // n, args.kv_heads // n, cache, args.head_dim, split_sizes,
+    rows = [{"ranks": n, **measure(batch, args.heads // n, args.kv_heads // n, cache, args.head_dim, split_counts,
                                    dtype, device, us_per_call)}
             for n, batch, cache in itertools.product(ranks, batches, caches)]
     names = list(rows[0]["us_per_call"])
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
-    print(f"{device_name}, {args.dtype}, us per call (max abs diff to sdpa); fxtp/K: K keys a split")
-    print("| N | batch | cache | " + " | ".join(names) + " |")
-    print("|---" * (3 + len(names)) + "|")
+    print(f"{device_name}, {args.dtype}, us per call (max abs diff to sdpa); fxtp: over the splits it "
+          f"chooses (how many: 'its splits'), fxtp/S: over at most S")
+    print("| N | batch | cache | its splits | " + " | ".join(names) + " |")
+    print("|---" * (4 + len(names)) + "|")
     for row in rows:
         cells = [f"{row['us_per_call'][name]:.2f} ({row['max_diff'][name]:.0e})"
                  if row["us_per_call"][name] is not None else "declined" for name in names]
-        print(f"| {row['ranks']} | {row['batch']} | {row['cache']} | " + " | ".join(cells) + " |")
+        print(f"| {row['ranks']} | {row['batch']} | {row['cache']} | {row['splits']['fxtp']} | "
+              + " | ".join(cells) + " |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device_name, "dtype": args.dtype, "torch": torch.__version__, "rows": rows}, f,

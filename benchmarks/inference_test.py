@@ -188,6 +188,10 @@ def parse_args() -> argparse.Namespace:
                              "'{\"fxtp.push_all_reduce\": false}'; a list of them runs fxtp-compile once "
                              "per entry, side by side (an A/B on one machine): "
                              "'[{}, {\"coordinate_descent_tuning\": false}]'")
+    parser.add_argument("--interleave", action="store_true",
+                        help="with a list of --compile-options: set up every variant first, then time them in "
+                             "turns, trial by trial, so that the machine's drift falls on all of them alike "
+                             "(their weights are all in memory at once; peak memory is not reported)")
     parser.add_argument("--attn-implementation", default=None, metavar="NAME",
                         help="HF's attn_implementation for every impl, e.g. eager (default: the model's, sdpa)")
     parser.add_argument("--profile", action="store_true",
@@ -308,35 +312,44 @@ def time_ms(step, reps: int, sync) -> float:
     return (time.perf_counter() - start) / reps * 1e3
 
 
-def measure(runner: Runner, ids, mask, args, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """Warm up, then time `trials` greedy generations of `gen_len` tokens. first_generate_s is the first
-    warmup's wall time: it includes whatever an impl compiles and captures for this batch size."""
-    first_generate = None
-    for i in range(args.warmup):
-        start = time.perf_counter()
-        runner.generate(ids, mask, args.gen_len, StepTimer())
-        if i == 0:
-            first_generate = time.perf_counter() - start
+def measure(runners: list[Runner], ids, mask, args, device: torch.device) -> list[tuple[torch.Tensor, dict]]:
+    """Warm up each runner, then time `trials` greedy generations of `gen_len` tokens each, the runners
+    taking turns trial by trial (--interleave), so that the machine's drift falls on all of them.
+    first_generate_s is the first warmup's wall time: it includes whatever an impl compiles and
+    captures for this batch size. Peak memory is given for a runner timed alone only."""
+    first_generate = []
+    for runner in runners:
+        for i in range(args.warmup):
+            start = time.perf_counter()
+            runner.generate(ids, mask, args.gen_len, StepTimer())
+            if i == 0:
+                first_generate.append(time.perf_counter() - start)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    prefill, decode, wall = [], [], []
+    timed = [{"prefill": [], "decode": [], "wall": []} for _ in runners]
+    tokens = [None] * len(runners)
     for _ in range(args.trials):
-        timer = StepTimer()
-        start = time.perf_counter()
-        tokens = runner.generate(ids, mask, args.gen_len, timer)
-        synchronizer(device)()
-        wall.append(time.perf_counter() - start)
-        prefill.append(timer.prefill)
-        decode.extend(timer.decode)
-    decode_s = torch.tensor(decode, dtype=torch.float64)
-    return tokens.cpu(), {
-        "prefill_ms": sorted(prefill)[len(prefill) // 2] * 1e3,
-        "decode_ms": {key: decode_s.quantile(q).item() * 1e3 for key, q in PERCENTILES.items()},
-        "decode_steps": len(decode),
-        "tokens_per_s": ids.shape[0] * args.gen_len / (sum(wall) / len(wall)),
-        "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "first_generate_s": first_generate,
-    }
+        for i, runner in enumerate(runners):
+            timer = StepTimer()
+            start = time.perf_counter()
+            tokens[i] = runner.generate(ids, mask, args.gen_len, timer)
+            synchronizer(device)()
+            timed[i]["wall"].append(time.perf_counter() - start)
+            timed[i]["prefill"].append(timer.prefill)
+            timed[i]["decode"].extend(timer.decode)
+    alone = device.type == "cuda" and len(runners) == 1
+    results = []
+    for i, times in enumerate(timed):
+        decode_s = torch.tensor(times["decode"], dtype=torch.float64)
+        results.append((tokens[i].cpu(), {
+            "prefill_ms": sorted(times["prefill"])[len(times["prefill"]) // 2] * 1e3,
+            "decode_ms": {key: decode_s.quantile(q).item() * 1e3 for key, q in PERCENTILES.items()},
+            "decode_steps": len(times["decode"]),
+            "tokens_per_s": ids.shape[0] * args.gen_len / (sum(times["wall"]) / len(times["wall"])),
+            "peak_bytes": torch.cuda.max_memory_allocated(device) if alone else None,
+            "first_generate_s": first_generate[i] if first_generate else None,
+        }))
+    return results
 
 
 def decode_kernels(runner: Runner, ids, mask, gen_len: int, top: int = 15) -> dict:
@@ -408,28 +421,34 @@ def derived(row: dict, stats: ModelStats, args, dtype: torch.dtype, bandwidth: f
             "floor_ms": floor_ms, "x_floor": latency_ms / floor_ms if floor_ms else None}
 
 
-def run_impl(name: str, label: str, ctx: Context, args, prompts: dict, stats: ModelStats,
+def run_impl(name: str, runs: list[tuple[str, Context]], args, prompts: dict, stats: ModelStats,
              extra: dict) -> tuple[list, dict]:
-    """Rows (named `label`) and tokens ({batch: [B, P + G]}) of one impl over every batch size."""
+    """Rows and tokens ({label: {batch: [B, P + G]}}) of one impl over every batch size, once per
+    (row label, context) of `runs`: its runners are set up together and timed in turns."""
     setup, single = IMPLS[name]
-    start = time.perf_counter()
-    runner = setup(ctx)
-    setup_s = time.perf_counter() - start
+    runners, setup_s = [], []
+    for _, ctx in runs:
+        start = time.perf_counter()
+        runners.append(setup(ctx))
+        setup_s.append(time.perf_counter() - start)
+    ctx = runs[0][1]
     ranks = 1 if single else ctx.world_size
     gather = (lambda value: [value]) if single else _all_gather
-    rows, tokens = [], {}
+    rows, tokens = [], {label: {} for label, _ in runs}
     for batch, (ids, mask) in prompts.items():
-        tokens[batch], numbers = measure(runner, ids, mask, args, ctx.device)
-        memory = runner.memory()
-        row = {"impl": label, "world_size": ranks, "batch": batch, **numbers, "setup_s": setup_s,
-               "param_bytes": gather(memory["parameters"]), "cache_bytes": gather(memory["cache"]),
-               "peak_bytes": gather(numbers["peak_bytes"]),
-               "ranks_identical": all(torch.equal(t, tokens[batch]) for t in gather(tokens[batch])),
-               "ar_ms_by_impl": extra["ar_ms"].get(batch) if not single else None}
-        row["ar_ms"] = min(row["ar_ms_by_impl"].values()) if row["ar_ms_by_impl"] else None
-        if args.profile:
-            row["kernels"] = gather(decode_kernels(runner, ids, mask, args.gen_len))
-        rows.append({**row, **derived(row, stats, args, ctx.dtype, extra["bandwidth"])})
+        measured = measure(runners, ids, mask, args, ctx.device)
+        for (label, _), runner, seconds, (generated, numbers) in zip(runs, runners, setup_s, measured):
+            tokens[label][batch] = generated
+            memory = runner.memory()
+            row = {"impl": label, "world_size": ranks, "batch": batch, **numbers, "setup_s": seconds,
+                   "param_bytes": gather(memory["parameters"]), "cache_bytes": gather(memory["cache"]),
+                   "peak_bytes": gather(numbers["peak_bytes"]),
+                   "ranks_identical": all(torch.equal(t, generated) for t in gather(generated)),
+                   "ar_ms_by_impl": extra["ar_ms"].get(batch) if not single else None}
+            row["ar_ms"] = min(row["ar_ms_by_impl"].values()) if row["ar_ms_by_impl"] else None
+            if args.profile:
+                row["kernels"] = gather(decode_kernels(runner, ids, mask, args.gen_len))
+            rows.append({**row, **derived(row, stats, args, ctx.dtype, extra["bandwidth"])})
     return rows, tokens
 
 
@@ -541,18 +560,18 @@ def find_max_batch(name: str, ctx: Context, args) -> int | None:
     return best
 
 
-def error_row(name: str, label: str, world_size: int, error: Exception) -> dict:
+def error_rows(name: str, labels: list[str], world_size: int, error: Exception) -> list[dict]:
     first_line = (str(error).splitlines() or [""])[0][:300]
-    return {"impl": label, "world_size": 1 if IMPLS[name][1] else world_size,
-            "error": f"{type(error).__name__}: {first_line}"}
+    return [{"impl": label, "world_size": 1 if IMPLS[name][1] else world_size,
+             "error": f"{type(error).__name__}: {first_line}"} for label in labels]
 
 
 def add_matches(rows: list, tokens: dict, reference: dict, args) -> None:
     checked = min(args.check_tokens, args.gen_len)
     for row in rows:
         if "error" not in row:
-            row.update(match=matched(tokens[row["batch"]], reference[row["batch"]], args.prompt_len, checked),
-                       checked=checked)
+            row.update(match=matched(tokens[row["impl"]][row["batch"]], reference[row["batch"]], args.prompt_len,
+                                     checked), checked=checked)
 
 
 def write_json(path: str, result: dict) -> None:
@@ -560,14 +579,20 @@ def write_json(path: str, result: dict) -> None:
         json.dump(result, f, indent=1)
 
 
-def impl_runs(impls: list, ctx: Context, variants: list) -> list[tuple[str, str, Context]]:
-    """(row label, impl, context) of every run: fxtp-compile once per --compile-options variant."""
+def impl_runs(impls: list, ctx: Context, variants: list, interleave: bool) -> list[tuple[str, list]]:
+    """(impl, [(row label, context), ...]) of every run: fxtp-compile once per --compile-options
+    variant, one after another, or all in one run with --interleave."""
     runs = []
     for name in impls:
         for options in (variants if name == "fxtp-compile" and variants else [None]):
             label = f"{name} {json.dumps(options, separators=(',', ':'))}" if options else name
-            runs.append((label, name, dataclasses.replace(ctx, compile_options=options)))
-    return runs
+            runs.append((name, [(label, dataclasses.replace(ctx, compile_options=options))]))
+    if not interleave:
+        return runs
+    grouped = {}
+    for name, labelled in runs:
+        grouped.setdefault(name, []).extend(labelled)
+    return list(grouped.items())
 
 
 def time_impls(ctx: Context, args, meta: dict) -> list:
@@ -584,20 +609,21 @@ def time_impls(ctx: Context, args, meta: dict) -> list:
                 reference="hf eager, 1 device (rank 0)" if reference else None,
                 check=f"token-exact greedy, first {min(args.check_tokens, args.gen_len)} generated tokens")
     rows = []
-    for label, name, run_ctx in impl_runs(impls, ctx, args.compile_options):
+    for name, runs in impl_runs(impls, ctx, args.compile_options, args.interleave):
+        labels = [label for label, _ in runs]
         if ctx.rank == 0:
-            print(f"[inference_test] {label} ...", file=sys.stderr, flush=True)
+            print(f"[inference_test] {' / '.join(labels)} ...", file=sys.stderr, flush=True)
         try:
-            impl_rows, tokens = run_impl(name, label, run_ctx, args, prompts, stats, extra) \
+            impl_rows, tokens = run_impl(name, runs, args, prompts, stats, extra) \
                 if not IMPLS[name][1] or ctx.rank == 0 else ([], {})
         except Exception as error:  # reported in the table; the other impls still run
-            impl_rows, tokens = [error_row(name, label, ctx.world_size, error)], {}
+            impl_rows, tokens = error_rows(name, labels, ctx.world_size, error), {}
         free_memory(ctx.device)
         barrier(ctx.device)
         if ctx.rank != 0:
             continue
         if not reference and tokens and not multi:
-            reference, meta["reference"] = tokens, label
+            reference, meta["reference"] = tokens[labels[0]], labels[0]
         if reference:
             add_matches(impl_rows, tokens, reference, args)
         rows += impl_rows

@@ -1,21 +1,23 @@
-"""Attention for a decode step's few query rows in one Triton kernel (fxtp/decode_graph.py's
-`fxtp.decode_attention` turns it on). Off by default: on H100 it took 6.7 us a layer where cuDNN
-took 8.4 (README, run Q), but that was measured only at batch 1 over a 256-token cache.
+"""Attention for a decode step's few query rows in one Triton kernel, on by default in compiled
+decode steps (fxtp/decode_graph.py's `fxtp.decode_attention`). cuDNN's SDPA, which the compiled step
+runs otherwise, does not split a sequence's keys between SMs: on H100 its time grew with the cache
+almost regardless of batch, 16 us a call over 256 keys and 180 over 8192 at batch 1, where this
+kernel took 6.5 and 24 (benchmarks/attention_latency.py, README run R).
 
 A decode step attends a handful of query rows to the KV cache: Llama-3-8B on 2 GPUs folds
 (passes/fold_grouped_query.py) each layer's query to 4 rows per kv head over a [1, 4, 256, 128]
-cache. cuDNN's SDPA takes ~8.5 us for that on H100 however many GPUs share the heads.
-`fxtp::decode_attention` computes `grouped_query_attention` with one kernel:
+cache. `fxtp::decode_attention` computes `grouped_query_attention` with one kernel:
 
 - grid (batch * kv heads, splits of the keys). A program loads the n * s query rows of its kv
   head's group (head h reads kv head h // n), padded to 16 rows for tl.dot, and walks its share of
   the keys BLOCK_KEYS at a time with an online softmax in float32: scores, mask, p @ v.
-- A cache of up to KEYS_PER_SPLIT keys is one split, one pass. Longer ones are split (at most
-  MAX_SPLITS ways) so more SMs read the cache; each program writes its partial (row max, row sum,
-  p @ v) to a float32 scratch and counts itself in its group's arrival counter; the last to arrive
-  merges the partials and writes the output, and sets the counter back to 0. The counters are
-  cached per (device, groups), so they stay the same tensors across calls and CUDA-graph replays,
-  as push_all_reduce's state does; calls sharing counters must run in stream order.
+- The keys are split (`split_keys`) so that enough programs read the cache: one split per
+  KEYS_PER_SPLIT keys, more while there are fewer than MIN_PROGRAMS programs, at most MAX_SPLITS.
+  With several, each program writes its partial (row max, row sum, p @ v) to a float32 scratch and
+  counts itself in its group's arrival counter; the last to arrive merges the partials and writes
+  the output, and sets the counter back to 0. The counters are cached per (device, groups), so they
+  stay the same tensors across calls and CUDA-graph replays, as push_all_reduce's state does; calls
+  sharing counters must run in stream order.
 
 Scores and sums are float32. With 16-bit inputs, p is rounded to the input dtype for p @ v (tensor
 cores), as FlashAttention and cuDNN do. A row whose keys are all masked gives 0, as
@@ -40,6 +42,7 @@ MAX_ROWS = 16  # query rows of one kv-head group; also tl.dot's smallest M
 MAX_HEAD_DIM = 256
 BLOCK_KEYS = 64
 KEYS_PER_SPLIT = 256
+MIN_PROGRAMS = 32  # fewer left H100 idle: splitting further was faster at batch 1 (README, run R)
 MAX_SPLITS = 16
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -74,11 +77,17 @@ def _kernel_applies(query, key, value, attn_mask) -> bool:
             and (attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.is_floating_point()))
 
 
-def split_keys(length: int, keys_per_split: int = KEYS_PER_SPLIT) -> tuple[int, int]:
-    """(keys per split, a multiple of BLOCK_KEYS; splits): one split per `keys_per_split` keys, at most
-    MAX_SPLITS, none empty."""
-    wanted = min(-(-length // keys_per_split), MAX_SPLITS)
-    chunk = -(-(-(-length // wanted)) // BLOCK_KEYS) * BLOCK_KEYS
+def split_keys(length: int, programs: int) -> tuple[int, int]:
+    """(keys per split, a multiple of BLOCK_KEYS; splits) for `programs` (batch * kv heads) over a cache
+    of `length` keys: a split per KEYS_PER_SPLIT keys, and more, down to BLOCK_KEYS keys a split, until
+    there are MIN_PROGRAMS programs in all; at most MAX_SPLITS, none empty."""
+    wanted = max(-(-length // KEYS_PER_SPLIT), -(-MIN_PROGRAMS // programs))
+    return chunk_keys(length, min(wanted, MAX_SPLITS))
+
+
+def chunk_keys(length: int, splits: int) -> tuple[int, int]:
+    """(keys per split, splits): `length` keys in at most `splits` chunks of whole BLOCK_KEYS blocks."""
+    chunk = -(-(-(-length // splits)) // BLOCK_KEYS) * BLOCK_KEYS
     return chunk, -(-length // chunk)
 
 
@@ -90,20 +99,20 @@ def _arrivals(device: torch.device, count: int) -> torch.Tensor:
     return _ARRIVALS[key]
 
 
-def launch(query, key, value, attn_mask, scale, keys_per_split: int = KEYS_PER_SPLIT) -> torch.Tensor:
-    """Run the kernel on shapes `_kernel_applies` accepts (benchmarks/attention_latency.py times it at
-    other `keys_per_split`)."""
+def launch(query, key, value, attn_mask, scale, splits: Optional[int] = None) -> torch.Tensor:
+    """Run the kernel on shapes `_kernel_applies` accepts, over `split_keys`'s splits, or at most
+    `splits` (benchmarks/attention_latency.py times other split counts)."""
     batch, heads, rows, dim = query.shape
     groups, length = key.size(1), key.size(3)
     block_dim = max(16, 1 << (dim - 1).bit_length())  # a power of two, and tl.dot's smallest K
-    chunk, splits = split_keys(length, keys_per_split)
+    programs = batch * groups
+    chunk, splits = split_keys(length, programs) if splits is None else chunk_keys(length, splits)
     out = query.new_empty(query.shape)
     if attn_mask is None:
         mask, mask_kind, mask_strides = query, "none", (0, 0, 0, 0)  # query only stands in for the pointer
     else:
         mask = attn_mask.expand(batch, heads, rows, length)
         mask_kind, mask_strides = ("bool" if mask.dtype == torch.bool else "additive"), mask.stride()
-    programs = batch * groups
     if splits > 1:
         partial_sums = torch.empty(programs, splits, MAX_ROWS, block_dim, dtype=torch.float32, device=query.device)
         partial_stats = torch.empty(programs, splits, 2, MAX_ROWS, dtype=torch.float32, device=query.device)

@@ -45,6 +45,38 @@ def test_kernel_table_gives_every_rank_its_own_lines(inference_test):
         "       200.0 us   65.00x  push_all_reduce_kernel"]
 
 
+def test_interleave_times_the_variants_in_turns(inference_test):
+    """--interleave: every --compile-options variant in one run, warmed up first, then timed trial by
+    trial in turns; each keeps its own rows."""
+    ctx = inference_test.Context("checkpoint", None, torch.float32, torch.device("cpu"), 0, 1)
+    variants = [{}, {"fxtp.decode_attention": False}]
+    separate = inference_test.impl_runs(["fxtp", "fxtp-compile"], ctx, variants, interleave=False)
+    together = inference_test.impl_runs(["fxtp", "fxtp-compile"], ctx, variants, interleave=True)
+    assert [(name, [label for label, _ in runs]) for name, runs in separate] == [
+        ("fxtp", ["fxtp"]), ("fxtp-compile", ["fxtp-compile"]),
+        ("fxtp-compile", ['fxtp-compile {"fxtp.decode_attention":false}'])]
+    assert [(name, [label for label, _ in runs]) for name, runs in together] == [
+        ("fxtp", ["fxtp"]), ("fxtp-compile", ["fxtp-compile", 'fxtp-compile {"fxtp.decode_attention":false}'])]
+    assert [run_ctx.compile_options for _, run_ctx in together[1][1]] == variants
+
+    calls = []
+
+    def runner(name, new_token):
+        def generate(ids, mask, new_tokens, streamer):
+            calls.append(name)
+            for _ in range(new_tokens + 1):  # the prompt's put, then one a token
+                streamer.put(ids)
+            return torch.cat([ids, torch.full((1, new_tokens), new_token)], dim=1)
+        return inference_test.Runner(generate, lambda: {"parameters": 0, "cache": None})
+
+    args = type("Args", (), {"warmup": 1, "trials": 3, "gen_len": 4})()
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    measured = inference_test.measure([runner("a", 1), runner("b", 2)], ids, None, args, torch.device("cpu"))
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert [tokens[0, 2:].tolist() for tokens, _ in measured] == [[1] * 4, [2] * 4]
+    assert [numbers["decode_steps"] for _, numbers in measured] == [9, 9]  # 3 trials of 3 intervals
+
+
 def test_inference_test_on_two_cpu_processes(tmp_path, inference_test):
     out = tmp_path / "result.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -73,7 +105,7 @@ def test_attention_latency_rows_in_the_interpreter(tmp_path):
     out = tmp_path / "attention.json"
     command = [sys.executable, os.path.join(BENCHMARKS, "attention_latency.py"), "--device", "cpu",
                "--dtype", "float32", "--batch", "1,3", "--cache", "64,300", "--ranks", "1,2", "--heads", "4",
-               "--kv-heads", "2", "--head-dim", "16", "--layers", "2", "--reps", "1", "--keys-per-split", "64,256",
+               "--kv-heads", "2", "--head-dim", "16", "--layers", "2", "--reps", "1", "--splits", "1,4",
                "--out", str(out)]
     finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "TRITON_INTERPRET": "1"})
@@ -82,9 +114,11 @@ def test_attention_latency_rows_in_the_interpreter(tmp_path):
     assert [(row["ranks"], row["batch"], row["cache"], row["heads"], row["kv_heads"]) for row in rows] == [
         (n, batch, cache, 4 // n, 2 // n) for n in (1, 2) for batch in (1, 3) for cache in (64, 300)]
     for row in rows:
-        assert list(row["us_per_call"]) == ["sdpa", "fxtp/64", "fxtp/256"]
-        assert row["splits"] == {"fxtp/64": -(-row["cache"] // 64), "fxtp/256": -(-row["cache"] // 256)}
-        assert row["max_diff"]["sdpa"] == 0 and max(row["max_diff"].values()) < 1e-5
+        assert list(row["us_per_call"]) == ["sdpa", "fxtp", "fxtp/1", "fxtp/4"]
+        # at most 2 to 6 programs: as many splits as 64-key blocks (300 keys: 5), and 4 at most 3 (128 each)
+        assert row["splits"] == ({"fxtp": 1, "fxtp/1": 1, "fxtp/4": 1} if row["cache"] == 64 else
+                                 {"fxtp": 5, "fxtp/1": 1, "fxtp/4": 3})
+        assert max(diff for name, diff in row["max_diff"].items() if name != "sdpa") < 1e-5
         assert all(us > 0 for us in row["us_per_call"].values())
 
 

@@ -163,12 +163,12 @@ def test_prefill_graph_serves_every_prompt_length_with_one_compilation():
 
 def test_decode_options_default_and_overrides_and_the_prefill_drops_decode_only_ones(monkeypatch):
     """fxtp/decode_graph.py's options on one rank (no collectives, so nothing touches a GPU): tuned
-    reductions and programmatic dependent launch by default, the user's dict on top of them; the
-    prefill is compiled with the rest."""
+    reductions, programmatic dependent launch and fxtp's attention kernel by default, the user's dict
+    on top of them; the prefill is compiled with the rest."""
     cuda = torch.device("cuda", 0)
     defaults = inductor_options(True, "", 1, cuda)
     assert defaults == {"coordinate_descent_tuning": True, PDL: True, AUTO_SELECT: False, PUSH: False,
-                        PUSH_NORM: False, ATTENTION: False}
+                        PUSH_NORM: False, ATTENTION: True}
     assert inductor_options({PDL: False, "max_autotune": True}, "", 1, cuda) == {**defaults, PDL: False,
                                                                                   "max_autotune": True}
     compiled_with = {}
