@@ -17,6 +17,10 @@ Inductor options (a `compile={...}` dict overrides them):
   Triton kernel for attention with few query rows in place of cuDNN's SDPA. Exact against SDPA in
   Triton's interpreter and on H100, and faster there at every batch (1 to 64) and cache (256 to
   8192 keys) measured, most at batch 1 over long caches (README, run R).
+- `fxtp.push_norm` (fxtp's own, off by default; needs `fxtp.push_all_reduce`): each push all_reduce
+  followed by the residual add and an RMSNorm also adds and normalizes in its kernel
+  (passes/fuse_add_rms_norm.py), so the norm is no kernel of its own. Exact in tests and on H100;
+  no gain beyond noise measured yet.
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
   and waits for it in `gdc_wait`, so its launch no longer sits between the two; push's and cuDNN's
@@ -43,15 +47,17 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from fxtp.decode_attention import with_decode_attention
+from fxtp.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from fxtp.push_all_reduce import with_push_all_reduce
 
 WARMUP_STEPS = 2  # compiles, then runs once more so NCCL and symmetric-memory buffers exist before capture
 AUTO_SELECT = "_collective.auto_select"
 PUSH = "fxtp.push_all_reduce"
+PUSH_NORM = "fxtp.push_norm"
 PDL = "triton.enable_pdl"
 ATTENTION = "fxtp.decode_attention"
-FXTP_OWN = (PUSH, ATTENTION)  # rewrites of the step, not inductor options
-DECODE_ONLY = (AUTO_SELECT, PUSH, PDL, ATTENTION)
+FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION)  # rewrites of the step, not inductor options
+DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL, ATTENTION)
 _CAPTURES = itertools.count()
 
 
@@ -68,6 +74,10 @@ def inductor_options(compile: Union[bool, dict], group_name: str, world_size: in
     options = {"coordinate_descent_tuning": True, PDL: True, AUTO_SELECT: symmetric, **user}
     options.setdefault(PUSH, options[AUTO_SELECT])
     options.setdefault(ATTENTION, True)
+    options.setdefault(PUSH_NORM, False)
+    if options[PUSH_NORM] and not options[PUSH]:
+        raise ValueError(f"{PUSH_NORM}=True fuses the norm into push all_reduce, which is off here ({PUSH}=False); "
+                         f"turn {PUSH} on or leave {PUSH_NORM} out")
     for key in (AUTO_SELECT, PUSH):
         if options[key] and world_size > 1 and not symmetric:
             raise RuntimeError(f"{key}=True needs symmetric memory, which does not work on this machine "
@@ -105,7 +115,11 @@ class DecodeGraph:
 
     def __init__(self, module: fx.GraphModule, options: dict):
         inductor = {key: value for key, value in options.items() if key not in FXTP_OWN}
-        step = with_push_all_reduce(module) if options.get(PUSH) else module
+        step = module
+        if options.get(PUSH):
+            step = with_push_all_reduce(module)
+            if options.get(PUSH_NORM):
+                step = fuse_add_rms_norm(step)
         step = with_decode_attention(step) if options.get(ATTENTION) else step
         self.compiled = torch.compile(step, fullgraph=True, dynamic=False, options=inductor)
         self.graphs: dict[tuple, tuple] = {}  # input shapes -> (graph, static inputs, static output)

@@ -17,10 +17,18 @@ The round lives on the GPU and the kernel's last block advances it, so replays o
 the right buffers. As with any collective, all ranks make the same calls in the same order; each
 (group, dtype, size) has its own buffers and round. The sum runs in float32 over ranks in rank
 order, so every rank gets the same bits.
+
+The kernel can also finish a Llama decoder layer's residual add and the next layer's RMSNorm
+(`fxtp::push_all_reduce_add_rms_norm`, fused into decode steps by passes/fuse_add_rms_norm.py, as
+TensorRT-LLM fuses them into its all_reduce): then each program owns whole rows of the hidden
+states, pushes and sums them as above, adds the residual and normalizes the row, so the norm is
+no kernel of its own. It rounds where the graph does (`add_rms_norm`). It shares the
+(group, dtype, size) buffers and round of plain calls: both are rounds of the same kernel.
 """
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -34,6 +42,11 @@ MAX_BYTES = 512 * 1024
 BLOCK = 1024  # elements a kernel program pushes and sums
 EMPTY_BITS = {torch.bfloat16: -2 ** 15, torch.float16: -2 ** 15, torch.float32: -2 ** 31}  # -0.0
 BITS_DTYPE = {2: torch.int16, 4: torch.int32}
+# A program of the norm epilogue holds a row, 8 elements a thread as a plain program's BLOCK over 4
+# warps: 8192 is 32 warps, the most a program has (Llama-3-70B's hidden size). Longer rows are summed
+# by plain push and normalized by torch.
+MAX_ROW = 8192
+MAX_ROWS = MAX_BYTES // (2 * BLOCK)  # as many programs as a plain call of MAX_BYTES, all resident at once
 
 
 class _Workspace:
@@ -77,16 +90,80 @@ def push_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
 def launch(x: torch.Tensor, addresses: torch.Tensor, state: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Run one round of the kernel: push contiguous `x` to the buffers at `addresses` (every rank's,
     in rank order), return the sum; `state` is this rank's [round, programs arrived]."""
-    kernel, integer_types = _kernel()
     out = torch.empty_like(x)
-    kernel[(-(-x.numel() // BLOCK),)](x, out, addresses, state, x.numel(), RANK=rank, WORLD=world,
-                                      BITS=integer_types[x.element_size()], EMPTY=EMPTY_BITS[x.dtype], BLOCK=BLOCK)
+    _run(x, out, addresses, state, rank, world, programs=-(-x.numel() // BLOCK), BLOCK=BLOCK)
     return out
+
+
+def launch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                        addresses: torch.Tensor, state: torch.Tensor, rank: int, world: int) -> tuple:
+    """`launch` with the norm epilogue, one program a row of contiguous `x`: returns
+    `add_rms_norm(sum, residual, weight, eps, x.dtype)`; `residual` is contiguous and of x's shape
+    and dtype, `weight` contiguous of x.shape[-1] elements."""
+    row = x.shape[-1]
+    block = 1 << (row - 1).bit_length()
+    hidden = torch.empty_like(x)
+    normed = torch.empty_like(x, dtype=torch.promote_types(weight.dtype, x.dtype))
+    _run(x, hidden, addresses, state, rank, world, programs=x.numel() // row, BLOCK=block,
+         residual_ptr=residual, weight_ptr=weight, normed_ptr=normed, ROW=row, EPS=eps,
+         num_warps=max(1, block // 256))  # 8 elements a thread (MAX_ROW)
+    return hidden, normed
+
+
+def _run(x: torch.Tensor, out: torch.Tensor, addresses: torch.Tensor, state: torch.Tensor, rank: int, world: int,
+         programs: int, **epilogue) -> None:
+    kernel, integer_types = _kernel()
+    kernel[(programs,)](x, out, addresses, state, x.numel(), RANK=rank, WORLD=world,
+                        BITS=integer_types[x.element_size()], EMPTY=EMPTY_BITS[x.dtype], **epilogue)
 
 
 @push_all_reduce.register_fake
 def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+def add_rms_norm(total: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 normalized_dtype: Optional[torch.dtype]) -> tuple:
+    """The residual add and RMSNorm after an all_reduce as a Llama decoder layer's graph computes
+    them, from the all_reduce's sum: (hidden, normed). With `normalized_dtype` the statistics are
+    taken in float32 and the normalized hidden states rounded to it before the weight multiply
+    (HF's bf16/fp16 graphs); with None all runs in hidden's dtype (float32 graphs, whose casts
+    were identities)."""
+    hidden = residual + total
+    upcast = hidden if normalized_dtype is None else hidden.to(torch.float32)
+    normalized = upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + eps)
+    return hidden, weight * (normalized if normalized_dtype is None else normalized.to(normalized_dtype))
+
+
+@torch.library.custom_op("fxtp::push_all_reduce_add_rms_norm", mutates_args=())
+def push_all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                                 normalized_dtype: Optional[torch.dtype], group_name: str
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_rms_norm(push_all_reduce(x), ...)`: on CUDA one launch of the push kernel with the norm
+    epilogue where it computes the same (statistics in float32, normalized values rounded to x's
+    dtype, x's shape for the residual, one weight a column, rows up to MAX_ROW); otherwise
+    push_all_reduce (NCCL's or gloo's where it falls back) and torch ops."""
+    if x.device.type == "cuda" and _fits_epilogue(x, residual, weight, normalized_dtype):
+        workspace = _workspace(group_name, x)
+        return launch_add_rms_norm(x.contiguous(), residual.contiguous(), weight.contiguous(), eps,
+                                   workspace.addresses, workspace.state, workspace.rank, workspace.world)
+    return add_rms_norm(push_all_reduce(x, group_name), residual, weight, eps, normalized_dtype)
+
+
+def _fits_epilogue(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                   normalized_dtype: Optional[torch.dtype]) -> bool:
+    row = x.shape[-1]
+    statistics_in_float32 = normalized_dtype is not None or x.dtype == torch.float32
+    return (statistics_in_float32 and normalized_dtype in (None, x.dtype) and x.dtype in EMPTY_BITS
+            and x.numel() * x.element_size() <= MAX_BYTES and row <= MAX_ROW and x.numel() // row <= MAX_ROWS
+            and residual.shape == x.shape and residual.dtype == x.dtype and weight.shape == (row,)
+            and torch.promote_types(weight.dtype, x.dtype) in EMPTY_BITS)
+
+
+@push_all_reduce_add_rms_norm.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+      normalized_dtype: Optional[torch.dtype], group_name: str) -> tuple:
+    return add_rms_norm(torch.empty_like(x), residual, weight, eps, normalized_dtype)
 
 
 def with_push_all_reduce(module: fx.GraphModule) -> fx.GraphModule:
@@ -115,9 +192,17 @@ def _kernel():
 
     @triton.jit
     def push_all_reduce_kernel(x_ptr, out_ptr, addresses, state, numel, RANK: tl.constexpr, WORLD: tl.constexpr,
-                               BITS: tl.constexpr, EMPTY: tl.constexpr, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < numel
+                               BITS: tl.constexpr, EMPTY: tl.constexpr, BLOCK: tl.constexpr,
+                               residual_ptr=None, weight_ptr=None, normed_ptr=None,
+                               ROW: tl.constexpr = 0, EPS: tl.constexpr = 0.0):
+        # ROW > 0: the norm epilogue, a program a row of ROW elements, out_ptr gets the residual added
+        if ROW:
+            columns = tl.arange(0, BLOCK)
+            offsets = tl.program_id(0) * ROW + columns
+            inside = columns < ROW
+        else:
+            offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            inside = offsets < numel
         turn = tl.load(state, volatile=True)
         part = tl.load(x_ptr + offsets, mask=inside, other=0).to(BITS, bitcast=True)
         part = tl.where(part == EMPTY, 0, part)
@@ -141,7 +226,18 @@ def _kernel():
             if peer != RANK:
                 tl.store(mine + (previous * WORLD + peer) * numel + offsets,
                          tl.full([BLOCK], EMPTY, BITS), mask=inside)
-        tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=inside)
+        if ROW:  # add_rms_norm's rounding: the sum, hidden and the normalized row in x's dtype
+            total = total.to(x_ptr.dtype.element_ty).to(tl.float32)
+            total += tl.load(residual_ptr + offsets, mask=inside, other=0).to(tl.float32)
+            hidden = total.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + offsets, hidden, mask=inside)
+            upcast = hidden.to(tl.float32)
+            normalized = upcast * tl.math.rsqrt(tl.sum(upcast * upcast, axis=0) / ROW + EPS)
+            normalized = normalized.to(out_ptr.dtype.element_ty).to(tl.float32)
+            weight = tl.load(weight_ptr + columns, mask=inside, other=0).to(tl.float32)
+            tl.store(normed_ptr + offsets, (weight * normalized).to(normed_ptr.dtype.element_ty), mask=inside)
+        else:
+            tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=inside)
         if tl.atomic_add(state + 1, 1) == tl.num_programs(0) - 1:  # the last program moves on a round
             tl.store(state + 1, 0)
             tl.store(state, (turn + 1) % 3)

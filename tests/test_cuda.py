@@ -1,7 +1,8 @@
 """Compiled decode on real GPUs (fxtp/decode_graph.py): the CUDA-graph replay of a step with push,
-symmetric-memory or NCCL all_reduce gives HF's greedy tokens, and fxtp::push_all_reduce sums exactly,
-eagerly and in CUDA-graph replays. Skipped on machines with fewer than 2 GPUs; run on a GPU machine
-with `python -m pytest -q tests/test_cuda.py`."""
+symmetric-memory or NCCL all_reduce (push with the fused residual add and RMSNorm too) gives HF's
+greedy tokens, fxtp::push_all_reduce sums exactly and fxtp::push_all_reduce_add_rms_norm adds and
+normalizes as torch does, eagerly and in CUDA-graph replays. Skipped on machines with fewer than 2
+GPUs; run on a GPU machine with `python -m pytest -q tests/test_cuda.py`."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,6 +10,7 @@ import torch.distributed as dist
 import fxtp
 from fxtp.configs import tiny_model
 from fxtp.launch import run_ranks
+from fxtp.push_all_reduce import add_rms_norm
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
@@ -33,9 +35,10 @@ def compiled_generate_on_rank(rank, batches, compile):
     return tokens, generator.compile_options
 
 
-@pytest.mark.parametrize("compile", [True, {"triton.enable_pdl": False}, {"fxtp.decode_attention": False},
+@pytest.mark.parametrize("compile", [True, {"triton.enable_pdl": False}, {"fxtp.push_norm": True},
+                                     {"fxtp.decode_attention": False},
                                      {"fxtp.push_all_reduce": False}, {"_collective.auto_select": False}],
-                         ids=["push", "push_without_pdl", "cudnn_attention", "one_shot", "nccl"])
+                         ids=["push", "push_without_pdl", "push_norm", "cudnn_attention", "one_shot", "nccl"])
 def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
     model = tiny_model("llama")
     batches = [prompts(model.config.vocab_size, batch) for batch in (1, 3)]  # batch 1: matmuls become reductions
@@ -48,6 +51,7 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
         assert options["triton.enable_pdl"] is user.get("triton.enable_pdl", True)
         assert options["_collective.auto_select"] is user.get("_collective.auto_select", True)
         assert options["fxtp.push_all_reduce"] is user.get("fxtp.push_all_reduce", options["_collective.auto_select"])
+        assert options["fxtp.push_norm"] is user.get("fxtp.push_norm", False)
         assert options["fxtp.decode_attention"] is user.get("fxtp.decode_attention", True)
         for (first, second), reference in zip(tokens, expected):
             assert torch.equal(first, reference) and torch.equal(second, reference)
@@ -91,3 +95,61 @@ def test_push_all_reduce_sums_exactly_eagerly_and_in_graph_replays():
         for got, want in zip(sums0, expected + expected):  # eagerly, then replayed
             assert torch.equal(got, want), case
         assert all(torch.equal(a, b) for a, b in zip(sums0, sums1)), case
+
+
+EPS = 1e-5
+
+
+def push_norm_rounds_on_rank(rank, cases, rounds):
+    """Rank body: per (rows, hidden size, dtype), this rank's parts, the residuals and weight every
+    rank shares, and the (hidden, normed) push_all_reduce_add_rms_norm gave for them, first eagerly,
+    then from replays of a CUDA graph of three calls."""
+    device = torch.device("cuda", rank)
+    group = dist.group.WORLD.group_name
+    generator, shared = torch.Generator(device).manual_seed(rank), torch.Generator(device).manual_seed(100)
+    results = []
+    for rows, size, dtype in cases:
+        parts = [torch.randn(rows, 1, size, device=device, generator=generator).to(dtype) for _ in range(rounds)]
+        parts[1][0, 0, :5] = -0.0
+        residuals = [torch.randn(rows, 1, size, device=device, generator=shared).to(dtype) for _ in range(rounds)]
+        weight = torch.randn(size, device=device, generator=shared).to(dtype)
+
+        def fused(x, residual):
+            return torch.ops.fxtp.push_all_reduce_add_rms_norm(x, residual, weight, EPS, dtype, group)
+
+        outputs = [fused(x, residual) for x, residual in zip(parts, residuals)]
+        static = [(x.clone(), residual.clone()) for x, residual in zip(parts[:3], residuals[:3])]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            captured = [fused(x, residual) for x, residual in static]
+        for start in range(0, rounds, 3):
+            for (x, residual), part, new_residual in zip(static, parts[start:start + 3], residuals[start:start + 3]):
+                x.copy_(part)
+                residual.copy_(new_residual)
+            graph.replay()
+            outputs += [(hidden.clone(), normed.clone()) for hidden, normed in captured]
+        torch.cuda.synchronize(device)
+        results.append(([p.cpu() for p in parts], [r.cpu() for r in residuals], weight.cpu(),
+                        [(hidden.cpu(), normed.cpu()) for hidden, normed in outputs]))
+    return results
+
+
+def test_push_all_reduce_add_rms_norm_adds_and_normalizes_eagerly_and_in_graph_replays():
+    """hidden exactly as torch's sum and add; normed within two ulps of torch's on the CPU (the
+    order of the mean's sum and the GPU's rsqrt differ), and the same bits on both ranks."""
+    rounds = 6  # a multiple of the graph's three calls
+    cases = [(1, 4096, torch.bfloat16), (3, 4096, torch.bfloat16), (5, 1000, torch.bfloat16), (1, 4096, torch.float32),
+             (2, 8192, torch.bfloat16),  # MAX_ROW: still one program a row
+             (1, 16384, torch.bfloat16),  # longer rows: plain push, then torch
+             (80, 4096, torch.bfloat16)]  # over MAX_BYTES: NCCL, then torch
+    tolerance = {torch.bfloat16: dict(rtol=2 * 2 ** -7, atol=1e-5), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+    ranks = run_ranks(push_norm_rounds_on_rank, 2, cases, rounds, timeout=600, backend="nccl")
+    for case, (parts0, residuals, weight, outputs0), (parts1, _, _, outputs1) in zip(cases, *ranks):
+        dtype = case[2]
+        expected = [add_rms_norm((a.float() + b.float()).to(dtype), residual, weight, EPS, dtype)
+                    for a, b, residual in zip(parts0, parts1, residuals)]
+        assert len(outputs0) == 2 * rounds
+        for (hidden, normed), (want_hidden, want_normed) in zip(outputs0, expected + expected):  # eager, replayed
+            assert torch.equal(hidden, want_hidden), case
+            torch.testing.assert_close(normed, want_normed, **tolerance[dtype])
+        assert all(torch.equal(a, b) for pair0, pair1 in zip(outputs0, outputs1) for a, b in zip(pair0, pair1)), case

@@ -5,8 +5,6 @@ for symmetric memory: every part arrives, a part holding -0.0 is not taken for a
 three buffers are emptied for their next use, and rounds advance. On GPUs, tests/test_cuda.py runs
 it with symmetric memory and NCCL. The graph rewrite is checked on a tiny Llama's rank graphs.
 """
-import os
-
 import pytest
 import torch
 
@@ -15,23 +13,21 @@ from fxtp import push_all_reduce as pushed
 from fxtp.collectives import ALL_REDUCE, WAIT
 from fxtp.configs import tiny_model
 from fxtp.launch import run_ranks
+from push_harness import assert_rotated, interpreted_addresses, shared_workspaces
 
 ROUNDS = 7  # the three buffers each serve two rounds or more
 
 
 def kernel_rounds_on_rank(rank: int, buffers: list, states: list, parts: list) -> list:
     """Rank body: the interpreted kernel over every round's part of this rank."""
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is decorated, on the first _kernel()
-    addresses = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)  # this process's mappings
+    addresses = interpreted_addresses(buffers)
     return [pushed.launch(part[rank], addresses, states[rank], rank, len(buffers)) for part in parts]
 
 
 @pytest.mark.parametrize("world, dtype, numel", [(2, torch.bfloat16, 2500), (3, torch.float32, 1000)])
 def test_kernel_sums_every_round_on_every_rank(world, dtype, numel):
     pytest.importorskip("triton")
-    buffers = [torch.full((3 * world * numel,), pushed.EMPTY_BITS[dtype], dtype=pushed.BITS_DTYPE[dtype.itemsize])
-               .share_memory_() for _ in range(world)]
-    states = [torch.zeros(2, dtype=torch.int32).share_memory_() for _ in range(world)]
+    buffers, states = shared_workspaces(world, dtype, numel)
     generator = torch.Generator().manual_seed(world)
     # quarters in [-8, 8]: their sums are exact in bfloat16 too (the interpreter truncates, GPUs round)
     parts = [(torch.randint(-32, 33, (world, numel), generator=generator) / 4).to(dtype) for _ in range(ROUNDS)]
@@ -42,13 +38,7 @@ def test_kernel_sums_every_round_on_every_rank(world, dtype, numel):
         expected = part.float().sum(0).to(dtype)
         for rank in range(world):
             assert torch.equal(sums[rank][round], expected), (round, rank)
-    for rank in range(world):
-        assert states[rank].tolist() == [ROUNDS % 3, 0]  # the round moved on once per call
-        slots = buffers[rank].view(3, world, numel)
-        # the last round's buffer holds the parts; the one before it was emptied by the last round
-        assert (slots[(ROUNDS - 2) % 3] == pushed.EMPTY_BITS[dtype]).all()
-        peers = [r for r in range(world) if r != rank]
-        assert not (slots[(ROUNDS - 1) % 3, peers] == pushed.EMPTY_BITS[dtype]).all()
+    assert_rotated(buffers, states, ROUNDS, dtype)
 
 
 def test_rewrite_replaces_every_all_reduce_and_shares_the_weights():
