@@ -642,7 +642,7 @@ def main() -> None:
             "prompt_len": args.prompt_len, "gen_len": args.gen_len, "warmup": args.warmup, "trials": args.trials,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "versions": versions(), "checkpoint": ctx.checkpoint, "compile_options": args.compile_options,
-            "attn_implementation": args.attn_implementation}
+            "interleave": args.interleave, "attn_implementation": args.attn_implementation}
     if args.find_max_batch:
         best = find_max_batch(args.find_max_batch, ctx, args)
         if rank == 0:

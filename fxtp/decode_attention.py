@@ -11,13 +11,13 @@ cache. `fxtp::decode_attention` computes `grouped_query_attention` with one kern
 - grid (batch * kv heads, splits of the keys). A program loads the n * s query rows of its kv
   head's group (head h reads kv head h // n), padded to 16 rows for tl.dot, and walks its share of
   the keys BLOCK_KEYS at a time with an online softmax in float32: scores, mask, p @ v.
-- The keys are split (`split_keys`) so that enough programs read the cache: one split per
-  KEYS_PER_SPLIT keys, more while there are fewer than MIN_PROGRAMS programs, at most MAX_SPLITS.
-  With several, each program writes its partial (row max, row sum, p @ v) to a float32 scratch and
-  counts itself in its group's arrival counter; the last to arrive merges the partials and writes
-  the output, and sets the counter back to 0. The counters are cached per (device, groups), so they
-  stay the same tensors across calls and CUDA-graph replays, as push_all_reduce's state does; calls
-  sharing counters must run in stream order.
+- The keys are split (`split_keys`) so that enough programs read the cache: batch 1 over 8192
+  keys runs 16 splits a kv head, batch 64 one. With several, each program writes its partial (row
+  max, row sum, p @ v) to a float32 scratch and counts itself in its group's arrival counter; the
+  last to arrive merges the partials and writes the output, and sets the counter back to 0. The
+  counters are cached per (device, groups), so they stay the same tensors across calls and
+  CUDA-graph replays, as push_all_reduce's state does; calls sharing counters must run in stream
+  order.
 
 Scores and sums are float32. With 16-bit inputs, p is rounded to the input dtype for p @ v (tensor
 cores), as FlashAttention and cuDNN do. A row whose keys are all masked gives 0, as
@@ -41,8 +41,11 @@ from fxtp.twin import twin
 MAX_ROWS = 16  # query rows of one kv-head group; also tl.dot's smallest M
 MAX_HEAD_DIM = 256
 BLOCK_KEYS = 64
-KEYS_PER_SPLIT = 256
-MIN_PROGRAMS = 32  # fewer left H100 idle: splitting further was faster at batch 1 (README, run R)
+# the split rule, fit to run R's table (README): on H100 it was within 16% of the fastest split count
+# measured in each of 29 (batch, cache, N) cases, and the fastest in every batch-1 case
+TARGET_PROGRAMS = 128
+SHORT_SPLITS = 4
+KEYS_PER_SPLIT = 128
 MAX_SPLITS = 16
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -79,10 +82,10 @@ def _kernel_applies(query, key, value, attn_mask) -> bool:
 
 def split_keys(length: int, programs: int) -> tuple[int, int]:
     """(keys per split, a multiple of BLOCK_KEYS; splits) for `programs` (batch * kv heads) over a cache
-    of `length` keys: a split per KEYS_PER_SPLIT keys, and more, down to BLOCK_KEYS keys a split, until
-    there are MIN_PROGRAMS programs in all; at most MAX_SPLITS, none empty."""
-    wanted = max(-(-length // KEYS_PER_SPLIT), -(-MIN_PROGRAMS // programs))
-    return chunk_keys(length, min(wanted, MAX_SPLITS))
+    of `length` keys: enough splits to bring the programs to TARGET_PROGRAMS, but beyond SHORT_SPLITS
+    none shorter than KEYS_PER_SPLIT, and at most MAX_SPLITS; none empty."""
+    wanted = min(-(-TARGET_PROGRAMS // programs), max(SHORT_SPLITS, length // KEYS_PER_SPLIT), MAX_SPLITS)
+    return chunk_keys(length, wanted)
 
 
 def chunk_keys(length: int, splits: int) -> tuple[int, int]:

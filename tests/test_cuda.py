@@ -35,10 +35,10 @@ def compiled_generate_on_rank(rank, batches, compile):
     return tokens, generator.compile_options
 
 
-@pytest.mark.parametrize("compile", [True, {"triton.enable_pdl": False}, {"fxtp.push_norm": True},
+@pytest.mark.parametrize("compile", [True, {"triton.enable_pdl": False}, {"fxtp.push_norm": False},
                                      {"fxtp.decode_attention": False},
                                      {"fxtp.push_all_reduce": False}, {"_collective.auto_select": False}],
-                         ids=["push", "push_without_pdl", "push_norm", "cudnn_attention", "one_shot", "nccl"])
+                         ids=["push", "push_without_pdl", "push_without_norm", "cudnn_attention", "one_shot", "nccl"])
 def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
     model = tiny_model("llama")
     batches = [prompts(model.config.vocab_size, batch) for batch in (1, 3)]  # batch 1: matmuls become reductions
@@ -51,7 +51,7 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
         assert options["triton.enable_pdl"] is user.get("triton.enable_pdl", True)
         assert options["_collective.auto_select"] is user.get("_collective.auto_select", True)
         assert options["fxtp.push_all_reduce"] is user.get("fxtp.push_all_reduce", options["_collective.auto_select"])
-        assert options["fxtp.push_norm"] is user.get("fxtp.push_norm", False)
+        assert options["fxtp.push_norm"] is user.get("fxtp.push_norm", options["fxtp.push_all_reduce"])
         assert options["fxtp.decode_attention"] is user.get("fxtp.decode_attention", True)
         for (first, second), reference in zip(tokens, expected):
             assert torch.equal(first, reference) and torch.equal(second, reference)

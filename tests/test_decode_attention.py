@@ -103,27 +103,27 @@ def test_kernel_equals_sdpa_over_repeated_heads(device, launches, batch, heads, 
 
 
 def test_split_rule():
-    """A split per 256 keys where there are enough programs; more splits, down to 64 keys, where batch
-    * kv heads alone would leave fewer than 32 programs; never more than 16, none empty."""
-    assert attention.split_keys(256, programs=32) == (256, 1)
-    assert attention.split_keys(300, programs=32) == (192, 2)
-    assert attention.split_keys(1100, programs=64) == (256, 5)
-    assert attention.split_keys(64 * 1024, programs=64) == (4096, 16)
+    """Splits until there are 128 programs, but beyond 4 splits none under 128 keys, and at most 16;
+    none empty."""
     assert attention.split_keys(256, programs=8) == (64, 4)  # Llama-3-8B, batch 1, one GPU
-    assert attention.split_keys(1024, programs=4) == (128, 8)  # the same on 2 GPUs
-    assert attention.split_keys(256, programs=4) == (64, 4)  # 8 wanted, but not under 64 keys a split
-    assert attention.split_keys(4096, programs=1) == (256, 16)
-    assert attention.split_keys(260, programs=8) == (128, 3)  # 4 wanted, but 5 blocks make 3 whole splits
-    for length, programs in itertools.product(range(1, 5000, 7), (1, 3, 8, 32, 100)):
+    assert attention.split_keys(1024, programs=4) == (128, 8)  # the same on 2 GPUs, a longer cache
+    assert attention.split_keys(8192, programs=8) == (512, 16)
+    assert attention.split_keys(4096, programs=32) == (1024, 4)  # batch 8 on 2 GPUs
+    assert attention.split_keys(8192, programs=256) == (8192, 1)  # batch 32 on one GPU
+    assert attention.split_keys(256, programs=64) == (128, 2)
+    assert attention.split_keys(300, programs=1) == (128, 3)  # 4 wanted, but 5 blocks make 3 whole splits
+    assert attention.split_keys(40, programs=1) == (64, 1)
+    for length, programs in itertools.product(range(1, 5000, 7), (1, 3, 8, 32, 100, 128)):
         chunk, splits = attention.split_keys(length, programs)
         assert chunk % attention.BLOCK_KEYS == 0 and splits <= attention.MAX_SPLITS
         assert (splits - 1) * chunk < length <= splits * chunk  # no split is empty
+        assert splits == 1 or programs * (splits - 1) < attention.TARGET_PROGRAMS
 
 
 def test_one_split_walks_several_blocks_of_keys(device, launches):
-    """32 programs already (batch 8 * 4 kv heads): one split, whose program walks 4 blocks."""
-    args = inputs(8, 8, 4, 1, 256, 64, "bool", seed=3)
-    assert attention.split_keys(256, programs=8 * 4) == (256, 1)
+    """128 programs already (batch 64 * 2 kv heads): one split, whose program walks 4 blocks."""
+    args = inputs(64, 2, 2, 1, 256, 16, "bool", seed=3)
+    assert attention.split_keys(256, programs=64 * 2) == (256, 1)
     torch.testing.assert_close(op(*on(device, *args)).cpu(), sdpa_over_repeated_heads(*args), atol=1e-5, rtol=0)
     assert len(launches) == 1
 
@@ -164,7 +164,7 @@ def test_calls_reuse_the_arrival_counters(device, launches):
     """The last program of a group sets its counter back to 0: otherwise the next call's last
     program would not see itself last, and its output would stay unwritten."""
     results = []
-    for seed, length in itertools.product(range(3), (600, 1100)):  # 10 and 9 splits on the same counters
+    for seed, length in itertools.product(range(3), (600, 1100)):  # 4 and 6 splits on the same counters
         args = inputs(1, 8, 2, 2, length, 64, "bool", seed=seed)
         placed = on(device, *args)
         results.append((op(*placed).cpu(), sdpa_over_repeated_heads(*args)))

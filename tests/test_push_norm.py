@@ -205,5 +205,8 @@ def test_push_norm_option_fuses_the_decode_step_and_stays_out_of_inductor(monkey
         assert [n.target for n in compiled["module"].graph.nodes].count(FUSED) == fused
     assert FUSED not in [n.target for n in module.graph.nodes]  # the module itself is left as it was
     assert PUSH_NORM in DECODE_ONLY
+    cuda = torch.device("cuda", 0)
+    assert inductor_options({PUSH: True}, "", 1, cuda)[PUSH_NORM] is True  # on by default with push
+    assert inductor_options({PUSH: True, PUSH_NORM: False}, "", 1, cuda)[PUSH_NORM] is False
     with pytest.raises(ValueError, match="fxtp.push_norm=True fuses the norm into push all_reduce, which is off"):
-        inductor_options({PUSH_NORM: True}, "", 1, torch.device("cuda", 0))
+        inductor_options({PUSH_NORM: True}, "", 1, cuda)
