@@ -1,8 +1,8 @@
 """Attention for a decode step's few query rows in one Triton kernel, on by default in compiled
-decode steps (fxtp/decode_graph.py's `fxtp.decode_attention`). cuDNN's SDPA, which the compiled step
-runs otherwise, does not split a sequence's keys between SMs: on H100 its time grew with the cache
-almost regardless of batch, 16 us a call over 256 keys and 180 over 8192 at batch 1, where this
-kernel took 6.5 and 24 (benchmarks/attention_latency.py, README run R).
+decode steps (fxtp/decode_graph.py's `fxtp.decode_attention`). On H100 the time of cuDNN's SDPA,
+which the compiled step runs otherwise, grew with the cache almost regardless of batch: 16 us a
+call over 256 keys and 180 over 8192 at batch 1, where this kernel, which splits the keys between
+programs, took 6.5 and 24 (benchmarks/attention_latency.py, README run R).
 
 A decode step attends a handful of query rows to the KV cache: Llama-3-8B on 2 GPUs folds
 (passes/fold_grouped_query.py) each layer's query to 4 rows per kv head over a [1, 4, 256, 128]
