@@ -19,9 +19,9 @@ Inductor options (a `compile={...}` dict overrides them):
   of 29 cases measured and level in the last, most at batch 1 over long caches (README, run R).
 - `fxtp.push_norm` (fxtp's own, on by default wherever `fxtp.push_all_reduce` is): each push
   all_reduce followed by the residual add and an RMSNorm also adds and normalizes in its kernel
-  (passes/fuse_add_rms_norm.py), so the norm is no kernel of its own. Exact in tests and on H100;
-  Llama-3-8B at N=2 went from 3.677 to 3.509 ms a token, timed in turns in one process (README,
-  run R).
+  (passes/fuse_add_rms_norm.py), so the norm is no kernel of its own. Exact in Triton's
+  interpreter and in the fp32 generate test on H100; Llama-3-8B at N=2 went from 3.677 to 3.509 ms
+  a token, timed in turns in one process (README, run R).
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
   and waits for it in `gdc_wait`, so its launch no longer sits between the two; push's and cuDNN's
