@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=32, help="calls a step, one a layer")
-    parser.add_argument("--splits", default="1,4,16,64",
+    parser.add_argument("--splits", default="1,2,4,8,16,32",
                         help="fxtp kernel variants over at most this many splits of the keys, beside its own choice")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--reps", type=int, default=20)
