@@ -22,9 +22,9 @@ cache. `fxtp::decode_attention` computes `grouped_query_attention` with one kern
 Scores and sums are float32. With 16-bit inputs, p is rounded to the input dtype for p @ v (tensor
 cores), as FlashAttention and cuDNN do. A row whose keys are all masked gives 0, as
 F.scaled_dot_product_attention does on the CPU.
-Elsewhere (more than MAX_ROWS folded rows, as in a prefill; head dims over MAX_HEAD_DIM; CPU tensors
-unless Triton's interpreter is on, TRITON_INTERPRET=1 from before triton is imported, as
-tests/conftest.py does) the op is grouped_query_attention.
+Elsewhere (more than MAX_ROWS folded rows, as in a prefill; head dims over MAX_HEAD_DIM; GPUs before
+Ampere; CPU tensors unless Triton's interpreter is on, TRITON_INTERPRET=1 from before triton is
+imported, as tests/conftest.py does) the op is grouped_query_attention.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ SHORT_SPLITS = 4
 KEYS_PER_SPLIT = 128
 MAX_SPLITS = 16
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MIN_CAPABILITY = (8, 0)
 
 _ARRIVALS: dict[tuple, torch.Tensor] = {}
 
@@ -68,8 +69,15 @@ def _(query, key, value, attn_mask=None, scale=None):
     return query.new_empty(query.shape)
 
 
+def _runs_the_kernel(device: torch.device) -> bool:
+    """GPUs from Ampere on (Triton's bfloat16 tl.dot needs sm80), and the CPU in Triton's interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _kernel_applies(query, key, value, attn_mask) -> bool:
-    if query.device.type != "cuda" and not (query.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+    if not _runs_the_kernel(query.device):
         return False
     if key.dim() != 5 or key.size(2) != 1 or value.shape != key.shape or query.dim() != 4:
         return False

@@ -3,8 +3,8 @@
 Its Triton kernel runs on the GPU, or without one on CPU tensors in Triton's interpreter (which
 tests/conftest.py turns on), against SDPA over repeated k and v: one split of the keys and several,
 no mask, left padding as a bool mask, per-head additive masks, rows with every key masked, bf16,
-and arrival counters reused from call to call. Outside the interpreter, and for shapes the kernel
-does not cover, the op is grouped_query_attention. The graph rewrite is checked on tiny Llama rank
+and arrival counters reused from call to call. Outside the interpreter, on GPUs before Ampere, and
+for shapes the kernel does not cover, the op is grouped_query_attention. The graph rewrite is checked on tiny Llama rank
 graphs. With a GPU the op is also run from CUDA-graph replays.
 """
 import itertools
@@ -188,6 +188,13 @@ def test_outside_the_interpreter_cpu_tensors_get_grouped_query_attention(monkeyp
     args = inputs(3, 8, 2, 2, 300, 64, "bool")
     assert torch.equal(op(*args), grouped_query_attention(*args))
     assert launches == []
+
+
+def test_gpus_before_ampere_get_grouped_query_attention(monkeypatch):
+    """Triton's bfloat16 dot needs sm80: older GPUs keep the graph's attention."""
+    for capability, runs in [((7, 5), False), ((8, 0), True), ((9, 0), True)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert attention._runs_the_kernel(torch.device("cuda", 0)) is runs
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 2, 9, 40, 64), (1, 4, 2, 1, 40, 512)], ids=["18_rows", "head_dim_512"])
