@@ -14,7 +14,10 @@ AutoTP, in one process group, on the same seeded random-weight model and the sam
 The model is built once on rank 0 (`torch.manual_seed(--seed)`, HF's random init) and saved as a
 safetensors checkpoint (reused by later runs); every impl loads it: fxtp reads only its rank's
 slices (`tp.generator(rank, checkpoint=...)`), hf-tp loads it with its tp_plan. One-GPU impls
-(hf, hf-compile) run on rank 0 while the other ranks wait, and only with --single-too when N > 1.
+(hf, hf-compile, and fxtp-n1 / fxtp-compile-n1: fxtp compiled for one device) run on rank 0 while
+the other ranks wait, and only with --single-too when N > 1. Then every row of N > 1 is also given
+as a fraction of the fastest one-device row at its batch size ("x best 1-GPU" under the table), all
+measured in one run on one machine.
 
 Timing: a streamer (`put`/`end`, as HF's generate calls it) stamps the time at each put, when the
 tokens are on the host (HF's generate copies them with `.cpu()`, fxtp's generator waits for a
@@ -101,11 +104,18 @@ def fxtp_runner(ctx: Context, compile) -> Runner:
     return Runner(generate, gen.memory, steps_ahead=1)  # fxtp/generation.py queues a step, then streams
 
 
+def on_one_device(ctx: Context) -> Context:
+    return dataclasses.replace(ctx, rank=0, world_size=1)
+
+
 # name -> (setup, runs on one device only)
 IMPLS = {
     **PEERS,
     "fxtp": (lambda ctx: fxtp_runner(ctx, compile=False), False),
     "fxtp-compile": (lambda ctx: fxtp_runner(ctx, compile=ctx.compile_options or True), False),
+    # fxtp compiled for one device, so that a run at N > 1 (--single-too) also times fxtp's own 1-GPU step
+    "fxtp-n1": (lambda ctx: fxtp_runner(on_one_device(ctx), compile=False), True),
+    "fxtp-compile-n1": (lambda ctx: fxtp_runner(on_one_device(ctx), compile=True), True),
 }
 
 
@@ -172,7 +182,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--impl", default="hf,hf-compile,fxtp,fxtp-compile,hf-tp,deepspeed",
                         help=f"comma list of {', '.join(IMPLS)}")
-    parser.add_argument("--single-too", action="store_true", help="run hf and hf-compile (rank 0) when N > 1")
+    parser.add_argument("--single-too", action="store_true",
+                        help="run the one-device impls (hf, hf-compile, fxtp-n1, fxtp-compile-n1) on rank 0 when N > 1")
     parser.add_argument("--no-reference", action="store_true", help="at N > 1, skip the HF eager reference")
     parser.add_argument("--check-tokens", type=int, default=32)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -627,8 +638,25 @@ def time_impls(ctx: Context, args, meta: dict) -> list:
         if reference:
             add_matches(impl_rows, tokens, reference, args)
         rows += impl_rows
+        add_one_device_ratios(rows)
         write_json(args.out, {"meta": meta, "results": rows})
     return rows
+
+
+def add_one_device_ratios(rows: list) -> None:
+    """Each row of N > 1 gets "x_best_1gpu", its p50 over the fastest one-device row's at its batch
+    size, and "best_1gpu", that row's impl; only where the run has one (--single-too)."""
+    timed = [row for row in rows if "error" not in row]
+    for row in timed:
+        singles = [other for other in timed if other["world_size"] == 1 and other["batch"] == row["batch"]]
+        if row["world_size"] > 1 and singles:
+            best = min(singles, key=lambda other: other["decode_ms"]["p50"])
+            row.update(x_best_1gpu=row["decode_ms"]["p50"] / best["decode_ms"]["p50"], best_1gpu=best["impl"])
+
+
+def one_device_ratio_lines(rows: list) -> list[str]:
+    return [f"{row['impl']} N={row['world_size']} batch {row['batch']}: {row['x_best_1gpu']:.3f}x of the fastest "
+            f"1-GPU row ({row['best_1gpu']}, same run)" for row in rows if "x_best_1gpu" in row]
 
 
 def main() -> None:
@@ -653,6 +681,8 @@ def main() -> None:
         rows = time_impls(ctx, args, meta)
         if rank == 0:
             print(table(rows))
+            if any("x_best_1gpu" in row for row in rows):
+                print("\n" + "\n".join(one_device_ratio_lines(rows)))
             if args.profile:
                 print("\n" + kernel_table(rows))
             if meta["skipped"]:

@@ -78,26 +78,38 @@ def test_interleave_times_the_variants_in_turns(inference_test):
 
 
 def test_inference_test_on_two_cpu_processes(tmp_path, inference_test):
+    """fxtp on both ranks, and fxtp compiled for one device on rank 0 (--single-too), in one run: the
+    2-rank rows are also given over the 1-device rows."""
     out = tmp_path / "result.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(BENCHMARKS, "inference_test.py"), "--device", "cpu", "--shape", "tiny:llama",
                "--dtype", "float32", "--batch", "1,2", "--prompt-len", "8", "--gen-len", "8", "--warmup", "1",
-               "--trials", "1", "--impl", "fxtp", "--checkpoint-dir", str(tmp_path / "checkpoint"), "--out", str(out)]
+               "--trials", "1", "--impl", "fxtp,fxtp-n1", "--single-too", "--checkpoint-dir",
+               str(tmp_path / "checkpoint"), "--out", str(out)]
     finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = result["results"]
-    assert [(row["impl"], row["batch"]) for row in rows] == [("fxtp", 1), ("fxtp", 2)]
+    assert [(row["impl"], row["world_size"], row["batch"]) for row in rows] == [
+        ("fxtp", 2, 1), ("fxtp", 2, 2), ("fxtp-n1", 1, 1), ("fxtp-n1", 1, 2)]
     for row in rows:
-        assert row["world_size"] == 2 and row["ranks_identical"]
+        assert row["ranks_identical"]
         assert row["match"] == row["checked"] == 8  # float32: token-exact against HF eager on one process
         assert row["decode_steps"] == 7 and 0 < row["decode_ms"]["p50"] <= row["decode_ms"]["p99"]
     with torch.device("meta"):
         whole = AutoModelForCausalLM.from_config(inference_test.model_config("tiny:llama", None))
     whole_bytes = sum(p.numel() for p in whole.parameters()) * 4
-    for row in rows:  # each rank holds about half (norms and the like are replicated)
+    sharded, single = rows[:2], rows[2:]
+    for row in sharded:  # each rank holds about half (norms and the like are replicated)
         assert row["param_bytes"][0] == row["param_bytes"][1]
         assert 0.5 * whole_bytes <= row["param_bytes"][0] < 0.6 * whole_bytes
+    for row, alone in zip(sharded, single):
+        assert whole_bytes <= alone["param_bytes"][0] < 1.001 * whole_bytes  # all of it (and RoPE's frequencies)
+        assert "x_best_1gpu" not in alone
+        assert row["best_1gpu"] == "fxtp-n1"
+        assert row["x_best_1gpu"] == row["decode_ms"]["p50"] / alone["decode_ms"]["p50"]
+    assert f"fxtp N=2 batch 1: {rows[0]['x_best_1gpu']:.3f}x of the fastest 1-GPU row (fxtp-n1, same run)" \
+        in finished.stdout
 
 
 def test_attention_latency_rows_in_the_interpreter(tmp_path):
