@@ -16,8 +16,8 @@ safetensors checkpoint (reused by later runs); every impl loads it: fxtp reads o
 slices (`tp.generator(rank, checkpoint=...)`), hf-tp loads it with its tp_plan. One-GPU impls
 (hf, hf-compile, and fxtp-n1 / fxtp-compile-n1: fxtp compiled for one device) run on rank 0 while
 the other ranks wait, and only with --single-too when N > 1. Then every row of N > 1 is also given
-as a fraction of the fastest one-device row at its batch size ("x best 1-GPU" under the table), all
-measured in one run on one machine.
+as a fraction of the fastest one-device row at its batch size (lines under the table, x_best_1gpu
+in the JSON), all measured in one run on one machine.
 
 Timing: a streamer (`put`/`end`, as HF's generate calls it) stamps the time at each put, when the
 tokens are on the host (HF's generate copies them with `.cpu()`, fxtp's generator waits for a
