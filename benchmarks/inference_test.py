@@ -62,6 +62,7 @@ few steps (benchmarks/nccl_check.py saw 5 of 32 at N=2); --dtype float32 checks 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import gc
 import json
@@ -183,7 +184,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--impl", default="hf,hf-compile,fxtp,fxtp-compile,hf-tp,deepspeed",
                         help=f"comma list of {', '.join(IMPLS)}")
     parser.add_argument("--single-too", action="store_true",
-                        help="run the one-device impls (hf, hf-compile, fxtp-n1, fxtp-compile-n1) on rank 0 when N > 1")
+                        help="run the one-device impls (hf, hf-compile, fxtp-n1, fxtp-compile-n1) on rank 0 "
+                             "when N > 1")
     parser.add_argument("--no-reference", action="store_true", help="at N > 1, skip the HF eager reference")
     parser.add_argument("--check-tokens", type=int, default=32)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -600,9 +602,11 @@ def impl_runs(impls: list, ctx: Context, variants: list, interleave: bool) -> li
             runs.append((name, [(label, dataclasses.replace(ctx, compile_options=options))]))
     if not interleave:
         return runs
-    grouped = {}
+    grouped, seen = {}, collections.Counter()
     for name, labelled in runs:
-        grouped.setdefault(name, []).extend(labelled)
+        for label, run_ctx in labelled:  # one run keys its rows' tokens by label: a repeated variant is "(2)"
+            seen[label] += 1
+            grouped.setdefault(name, []).append((f"{label} ({seen[label]})" if seen[label] > 1 else label, run_ctx))
     return list(grouped.items())
 
 
@@ -681,8 +685,9 @@ def main() -> None:
         rows = time_impls(ctx, args, meta)
         if rank == 0:
             print(table(rows))
-            if any("x_best_1gpu" in row for row in rows):
-                print("\n" + "\n".join(one_device_ratio_lines(rows)))
+            ratio_lines = one_device_ratio_lines(rows)
+            if ratio_lines:
+                print("\n" + "\n".join(ratio_lines))
             if args.profile:
                 print("\n" + kernel_table(rows))
             if meta["skipped"]:

@@ -58,6 +58,8 @@ def test_interleave_times_the_variants_in_turns(inference_test):
     assert [(name, [label for label, _ in runs]) for name, runs in together] == [
         ("fxtp", ["fxtp"]), ("fxtp-compile", ["fxtp-compile", 'fxtp-compile {"fxtp.decode_attention":false}'])]
     assert [run_ctx.compile_options for _, run_ctx in together[1][1]] == variants
+    repeated = inference_test.impl_runs(["fxtp-compile"], ctx, [{}, {}], interleave=True)
+    assert [label for label, _ in repeated[0][1]] == ["fxtp-compile", "fxtp-compile (2)"]  # rows keep their tokens
 
     calls = []
 

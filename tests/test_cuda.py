@@ -1,8 +1,9 @@
 """Compiled decode on real GPUs (fxtp/decode_graph.py): the CUDA-graph replay of a step with push
 (by default with the fused residual add and RMSNorm, and fxtp's decode attention), symmetric-memory
-or NCCL all_reduce gives HF's greedy tokens, fxtp::push_all_reduce sums exactly and fxtp::push_all_reduce_add_rms_norm adds and
-normalizes as torch does, eagerly and in CUDA-graph replays. Skipped on machines with fewer than 2
-GPUs; run on a GPU machine with `python -m pytest -q tests/test_cuda.py`."""
+or NCCL all_reduce gives HF's greedy tokens, fxtp::push_all_reduce sums exactly and
+fxtp::push_all_reduce_add_rms_norm adds and normalizes as torch does, eagerly and in CUDA-graph
+replays. Skipped on machines with fewer than 2 GPUs; run on a GPU machine with
+`python -m pytest -q tests/test_cuda.py`."""
 import pytest
 import torch
 import torch.distributed as dist

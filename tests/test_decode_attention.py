@@ -4,8 +4,8 @@ Its Triton kernel runs on the GPU, or without one on CPU tensors in Triton's int
 tests/conftest.py turns on), against SDPA over repeated k and v: one split of the keys and several,
 no mask, left padding as a bool mask, per-head additive masks, rows with every key masked, bf16,
 and arrival counters reused from call to call. Outside the interpreter, on GPUs before Ampere, and
-for shapes the kernel does not cover, the op is grouped_query_attention. The graph rewrite is checked on tiny Llama rank
-graphs. With a GPU the op is also run from CUDA-graph replays.
+for shapes the kernel does not cover, the op is grouped_query_attention. The graph rewrite is
+checked on tiny Llama rank graphs. With a GPU the op is also run from CUDA-graph replays.
 """
 import itertools
 import os
