@@ -22,6 +22,11 @@ Inductor options (a `compile={...}` dict overrides them):
   (passes/fuse_add_rms_norm.py), so the norm is no kernel of its own. Exact in Triton's
   interpreter and in the fp32 generate test on H100; Llama-3-8B at N=2 went from 3.677 to 3.509 ms
   a token, timed in turns in one process (README, run R).
+- `fxtp.merge_projections` (fxtp's own, off by default): projections that read the same input (a
+  layer's q, k and v; gate and up) become one, over their weights merged into one tensor
+  (passes/merge_projections.py); the weights of the rank's other programs become views of it.
+  Exact on the CPU. Not yet shown faster: Llama-3-8B's one-GPU step with it gained no more than
+  the machine it ran on did, and it has not run at N=2 (README, run S).
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
   and waits for it in `gdc_wait`, so its launch no longer sits between the two; push's and cuDNN's
@@ -49,7 +54,9 @@ import torch.fx as fx
 
 from fxtp.decode_attention import with_decode_attention
 from fxtp.passes.fuse_add_rms_norm import fuse_add_rms_norm
+from fxtp.passes.merge_projections import merge_projections
 from fxtp.push_all_reduce import with_push_all_reduce
+from fxtp.twin import twin
 
 WARMUP_STEPS = 2  # compiles, then runs once more so NCCL and symmetric-memory buffers exist before capture
 AUTO_SELECT = "_collective.auto_select"
@@ -57,8 +64,9 @@ PUSH = "fxtp.push_all_reduce"
 PUSH_NORM = "fxtp.push_norm"
 PDL = "triton.enable_pdl"
 ATTENTION = "fxtp.decode_attention"
-FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION)  # rewrites of the step, not inductor options
-DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL, ATTENTION)
+MERGE = "fxtp.merge_projections"
+FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION, MERGE)  # rewrites of the step, not inductor options
+DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL, ATTENTION, MERGE)
 _CAPTURES = itertools.count()
 
 
@@ -75,6 +83,7 @@ def inductor_options(compile: Union[bool, dict], group_name: str, world_size: in
     options = {"coordinate_descent_tuning": True, PDL: True, AUTO_SELECT: symmetric, **user}
     options.setdefault(PUSH, options[AUTO_SELECT])
     options.setdefault(ATTENTION, True)
+    options.setdefault(MERGE, False)
     options.setdefault(PUSH_NORM, options[PUSH])
     if options[PUSH_NORM] and not options[PUSH]:
         raise ValueError(f"{PUSH_NORM}=True fuses the norm into push all_reduce, which is off here ({PUSH}=False); "
@@ -116,9 +125,9 @@ class DecodeGraph:
 
     def __init__(self, module: fx.GraphModule, options: dict):
         inductor = {key: value for key, value in options.items() if key not in FXTP_OWN}
-        step = module
+        step = merge_projections(twin(module, "Merged")) if options.get(MERGE) else module
         if options.get(PUSH):
-            step = with_push_all_reduce(module)
+            step = with_push_all_reduce(step)
             if options.get(PUSH_NORM):
                 step = fuse_add_rms_norm(step)
         step = with_decode_attention(step) if options.get(ATTENTION) else step

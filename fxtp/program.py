@@ -14,7 +14,7 @@ from fxtp.capture import STATE, Captured, capture
 from fxtp.checkpoint import RankLoader
 from fxtp.passes.manual_plan import from_hf_tp_plan, from_injection_policy, manual_plan
 from fxtp.passes.plan import Plan, plan as auto_plan
-from fxtp.passes.rewrite import rank_graph, slice_state
+from fxtp.passes.rewrite import own_state, rank_graph, slice_state
 from fxtp.simulate import simulate as run_lockstep
 from fxtp.generation import Generator
 from fxtp.seq2seq_cache import capture_decoder, capture_encoder
@@ -107,7 +107,8 @@ class TPProgram:
                   checkpoint: Optional[str] = None, compile: Union[bool, dict] = False) -> "Generator":
         """Generation on `rank` in this process (under torchrun; see `module` for the arguments), or
         on every rank in this process when `rank` is None. `compile` (True, or a dict of inductor
-        options and fxtp's own `fxtp.push_all_reduce`, `fxtp.push_norm` and `fxtp.decode_attention`)
+        options and fxtp's own `fxtp.push_all_reduce`, `fxtp.push_norm`, `fxtp.decode_attention` and
+        `fxtp.merge_projections`)
         runs decode steps compiled and captured as a CUDA graph (one rank per process, on CUDA;
         fxtp/decode_graph.py)."""
         device = torch.device(device) if device is not None else self._default_device()
@@ -153,7 +154,9 @@ class TPProgram:
                 return torch.zeros(slice_state(state[name], layout, rank).shape, dtype=state[name].dtype, device=device)
             key = (name, str(layout))
             if key not in shared:
-                shared[key] = read(name, layout).to(device).contiguous()
+                # every graph of the rank holds this object, so a compiled step that merges projections
+                # (passes/merge_projections.py) re-points it for all of them
+                shared[key] = own_state(read(name, layout).to(device).contiguous(), state[name])
             return shared[key]
 
         return rank_graph(self.graph, state, rank, self.world_size, group_name, device, load)

@@ -54,15 +54,22 @@ def slice_state(value: torch.Tensor, layout: Layout, rank: int) -> torch.Tensor:
     return value
 
 
-def _set_state(root: torch.nn.Module, name: str, value: torch.Tensor, is_parameter: bool) -> None:
+def own_state(value: torch.Tensor, entry: torch.Tensor) -> torch.Tensor:
+    """`value`, a rank's part of the state tensor `entry`, as the rank holds it: a new Parameter object
+    (no grad, the same memory) where `entry` is a parameter, so that nothing the rank does to it
+    reaches the model's own object."""
+    return torch.nn.Parameter(value, requires_grad=False) if isinstance(entry, torch.nn.Parameter) else value
+
+
+def _set_state(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     *path, leaf = name.split(".")
     module = root
     for part in path:
         if not hasattr(module, part):
             module.add_module(part, torch.nn.Module())
         module = getattr(module, part)
-    if is_parameter:
-        module.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+    if isinstance(value, torch.nn.Parameter):
+        module.register_parameter(leaf, value)
     else:
         module.register_buffer(leaf, value)
 
@@ -75,7 +82,8 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
                group_name: str, device: torch.device,
                load: Optional[Callable[[str, Layout], torch.Tensor]] = None) -> fx.GraphModule:
     """`state` holds the full tensors (real or meta); `load(name, layout)`, when given, returns this
-    rank's part of a state tensor from elsewhere (a checkpoint) instead of slicing `state`."""
+    rank's part of a state tensor, on `device` and contiguous, instead of slicing `state`: a
+    Parameter it returns is held as it is, so the graphs of one rank can share their parameters."""
     _check_in_place_updates(gm)
     # graphs of user-facing inputs check them; fxtp.generation feeds the static-cache step graph itself
     checks_inputs = all(n.name in INPUTS for n in gm.graph.nodes if n.op == "placeholder" and STATE not in n.meta)
@@ -116,9 +124,11 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
             continue  # state the graph never reads, e.g. a tied table's other name: not stored
         if node.op == "placeholder" and STATE in node.meta:
             name = node.meta[STATE]
-            value = load(name, node.meta[LAYOUT]) if load is not None else slice_state(state[name], node.meta[LAYOUT], rank)
-            value = value.to(device).contiguous()
-            _set_state(root, name, value, isinstance(state[name], torch.nn.Parameter))
+            if load is not None:
+                value = load(name, node.meta[LAYOUT])
+            else:
+                value = own_state(slice_state(state[name], node.meta[LAYOUT], rank).to(device).contiguous(), state[name])
+            _set_state(root, name, value)
             new = graph.get_attr(name)
         elif node.op == "placeholder":
             spec = INPUTS.get(node.name) if checks_inputs else None
