@@ -17,13 +17,14 @@ Writes: per group, a weight `merged_<first weight>` (and bias `merged_<first bia
         replaces (the merged linear and the split get none). The projections, their get_attr
         nodes and `gm`'s attributes for them are removed.
 
-The group's weights (and biases) are then views of the merged tensor: their memory is its memory,
-so the other programs of the rank (the prefill, eager steps) read the same values and no weight is
-held twice. A second call on the same weights (another batch size) finds them adjacent in one
-tensor already and merges without a copy.
+The group's weight (and bias) tensor objects are re-pointed (`Tensor.set_`) to views of the
+merged tensor, so the other programs of the rank that hold them (the prefill, eager steps) read
+the same memory and no weight is held twice. A second call on the same weights (another batch
+size) finds them adjacent in one tensor already and merges without a copy.
 
-Why: at batch 1 a projection is a GEMV whose time on a GPU is mostly latency when it is small, as
-a rank's q, k and v are. One GEMV over their 3 x fewer launches and outputs reads the same bytes.
+Why: at batch 1 a projection is a GEMV, and a rank's q, k and v are small ones whose time is more
+latency than bytes. Inductor already reduces gate and up in one kernel (same output size), but
+not q with k|v; one GEMV over the three reads the same bytes in one launch.
 """
 from __future__ import annotations
 
