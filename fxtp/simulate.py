@@ -6,15 +6,12 @@ a collective node combines the values of all ranks (sum in rank order, or reasse
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
 from fxtp import collectives
-
-
-def _fetch(module: torch.nn.Module, target: str):
-    path, _, name = target.rpartition(".")
-    return getattr(module.get_submodule(path), name)
 
 
 def simulate(modules: list[fx.GraphModule], args: tuple, kwargs: dict) -> list:
@@ -33,7 +30,7 @@ def simulate(modules: list[fx.GraphModule], args: tuple, kwargs: dict) -> list:
                 env[node] = value
         elif head.op == "get_attr":
             for env, node, module in zip(envs, nodes, modules):
-                env[node] = _fetch(module, node.target)
+                env[node] = operator.attrgetter(node.target)(module)
         elif head.op == "output":
             outputs = [fx.map_arg(node.args[0], lambda n, env=env: env[n]) for env, node in zip(envs, nodes)]
         elif head.target is collectives.ALL_REDUCE:

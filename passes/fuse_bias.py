@@ -8,6 +8,8 @@ not the product, and stays as it is.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -21,7 +23,8 @@ def fuse_bias(gm: fx.GraphModule) -> fx.GraphModule:
         product, bias = add.args
         if not (isinstance(product, fx.Node) and product.target in (aten.linear.default, aten.mm.default)
                 and len(product.args) == 2 and len(product.users) == 1
-                and isinstance(bias, fx.Node) and bias.op == "get_attr" and _attribute(gm, bias.target).dim() == 1):
+                and isinstance(bias, fx.Node) and bias.op == "get_attr"
+                and operator.attrgetter(bias.target)(gm).dim() == 1):
             continue
         x, w = product.args
         with gm.graph.inserting_before(add):
@@ -34,8 +37,3 @@ def fuse_bias(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def _attribute(gm: fx.GraphModule, target: str):
-    path, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(path), name)

@@ -39,25 +39,20 @@ aten = torch.ops.aten
 
 def merge_projections(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
-    reads = Counter(id(_attr(gm, n)) for n in graph.nodes if n.op == "get_attr")
+    reads = Counter(id(operator.attrgetter(n.target)(gm)) for n in graph.nodes if n.op == "get_attr")
     groups = defaultdict(list)
     for node in graph.nodes:
         operands = _operands(gm, node, reads)
         if operands is not None:
             weight, bias = operands
-            groups[(node.args[0], weight.dtype, weight.device, bias is None or bias.dtype)].append(node)
+            groups[(node.args[0], weight.dtype, weight.device, bias is None or bias.dtype)].append((node, *operands))
     with torch.no_grad():
-        for projections in groups.values():
-            if len(projections) > 1:
-                _merge(gm, projections)
-    graph.eliminate_dead_code()
+        for members in groups.values():
+            if len(members) > 1:
+                _merge(gm, members)
     graph.lint()
     gm.recompile()
     return gm
-
-
-def _attr(gm: fx.GraphModule, node: fx.Node):
-    return operator.attrgetter(node.target)(gm)
 
 
 def _operands(gm: fx.GraphModule, node: fx.Node, reads: Counter):
@@ -71,7 +66,7 @@ def _operands(gm: fx.GraphModule, node: fx.Node, reads: Counter):
             continue
         if not (isinstance(arg, fx.Node) and arg.op == "get_attr" and len(arg.users) == 1):
             return None
-        tensor = _attr(gm, arg)
+        tensor = operator.attrgetter(arg.target)(gm)
         if not isinstance(tensor, torch.Tensor) or reads[id(tensor)] != 1:
             return None
         tensors.append(tensor)
@@ -79,24 +74,24 @@ def _operands(gm: fx.GraphModule, node: fx.Node, reads: Counter):
     return (weight, bias) if weight is not None and weight.dim() == 2 else None
 
 
-def _merge(gm: fx.GraphModule, projections: list[fx.Node]) -> None:
+def _merge(gm: fx.GraphModule, members: list[tuple]) -> None:
+    """`members`: (projection, weight, bias or None) of one group, in graph order."""
     graph = gm.graph
+    projections, weights, biases = zip(*members)
     first = projections[0]
-    names = [f"merged_{arg.target.replace('.', '_')}" for arg in first.args[1:] if arg is not None]
-    operands = [[_attr(gm, node.args[i]) for node in projections] for i in range(1, len(first.args))
-                if first.args[i] is not None]
+    operands = [weights] if biases[0] is None else [weights, biases]
+    names = [f"merged_{arg.target.replace('.', '_')}" for arg in first.args[1:1 + len(operands)]]
     for name, pieces in zip(names, operands):
         gm.register_buffer(name, _merged(pieces))
-    sizes = [w.shape[0] for w in operands[0]]
     with graph.inserting_before(first):
         merged = graph.call_function(aten.linear.default, (first.args[0], *map(graph.get_attr, names)))
-        parts = graph.call_function(aten.split_with_sizes.default, (merged, sizes, -1))
+        parts = graph.call_function(aten.split_with_sizes.default, (merged, [w.shape[0] for w in weights], -1))
         for i, projection in enumerate(projections):
             part = graph.call_function(operator.getitem, (parts, i))
             part.meta = dict(projection.meta)
             projection.replace_all_uses_with(part)
     for projection in projections:
-        attrs = [arg for arg in projection.args[1:] if arg is not None]
+        attrs = projection.args[1:1 + len(operands)]
         graph.erase_node(projection)
         for attr in attrs:
             graph.erase_node(attr)
