@@ -197,7 +197,8 @@ def parse_args() -> argparse.Namespace:
                              f"memory (at most {MAX_BATCH_LIMIT})")
     parser.add_argument("--compile-options", type=json.loads, default=[], metavar="JSON",
                         help="fxtp-compile's options over its defaults (inductor's, fxtp.push_all_reduce, "
-                             "fxtp.decode_attention, fxtp.push_norm and fxtp.merge_projections), e.g. "
+                             "fxtp.decode_attention, fxtp.push_norm, fxtp.merge_projections and "
+                             "fxtp.store_gemv_inputs), e.g. "
                              "'{\"fxtp.push_all_reduce\": false}'; a list of them runs fxtp-compile once "
                              "per entry, side by side (an A/B on one machine): "
                              "'[{}, {\"coordinate_descent_tuning\": false}]'")

@@ -22,11 +22,16 @@ Inductor options (a `compile={...}` dict overrides them):
   (passes/fuse_add_rms_norm.py), so the norm is no kernel of its own. Exact in Triton's
   interpreter and in the fp32 generate test on H100; Llama-3-8B at N=2 went from 3.677 to 3.509 ms
   a token, timed in turns in one process (README, run R).
-- `fxtp.merge_projections` (fxtp's own, off by default): projections that read the same input (a
+- `fxtp.merge_projections` (fxtp's own, on by default): projections that read the same input (a
   layer's q, k and v; gate and up) become one, over their weights merged into one tensor
   (passes/merge_projections.py); the weights of the rank's other programs become views of it.
-  Exact on the CPU. Not yet shown faster: Llama-3-8B's one-GPU step with it gained no more than
-  the machine it ran on did, and it has not run at N=2 (README, run S).
+  Exact on the CPU and in the fp32 generate test on H100; Llama-3-8B at N=2 went from 3.713 to
+  3.519 ms a token, timed in turns in one process (README, run T).
+- `fxtp.store_gemv_inputs` (fxtp's own, off by default): inductor's post-grad pass becomes
+  passes/store_gemv_inputs.py, which stores each GEMV's input before the GEMV instead of letting
+  every program of the GEMV recompute it (silu(gate) * up, in the down projection). Llama-3-8B at
+  N=2 went from 3.845 to 3.537 ms a token, timed in turns in one process (README, run T); off until
+  it has passed the fp32 generate test on a GPU. Takes the place of a `post_grad_custom_post_pass`.
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
   and waits for it in `gdc_wait`, so its launch no longer sits between the two; push's and cuDNN's
@@ -55,6 +60,7 @@ import torch.fx as fx
 from fxtp.decode_attention import with_decode_attention
 from fxtp.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from fxtp.passes.merge_projections import merge_projections
+from fxtp.passes.store_gemv_inputs import StoreGemvInputs
 from fxtp.push_all_reduce import with_push_all_reduce
 from fxtp.twin import twin
 
@@ -65,8 +71,10 @@ PUSH_NORM = "fxtp.push_norm"
 PDL = "triton.enable_pdl"
 ATTENTION = "fxtp.decode_attention"
 MERGE = "fxtp.merge_projections"
-FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION, MERGE)  # rewrites of the step, not inductor options
-DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL, ATTENTION, MERGE)
+STORE = "fxtp.store_gemv_inputs"
+POST_GRAD = "post_grad_custom_post_pass"
+FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION, MERGE, STORE)  # rewrites of the step, not inductor options
+DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL, ATTENTION, MERGE, STORE)
 _CAPTURES = itertools.count()
 
 
@@ -83,7 +91,11 @@ def inductor_options(compile: Union[bool, dict], group_name: str, world_size: in
     options = {"coordinate_descent_tuning": True, PDL: True, AUTO_SELECT: symmetric, **user}
     options.setdefault(PUSH, options[AUTO_SELECT])
     options.setdefault(ATTENTION, True)
-    options.setdefault(MERGE, False)
+    options.setdefault(MERGE, True)
+    options.setdefault(STORE, False)
+    if options[STORE] and options.get(POST_GRAD) is not None:
+        raise ValueError(f"{STORE}=True is inductor's {POST_GRAD}, which the options set already; "
+                         f"leave one of them out")
     options.setdefault(PUSH_NORM, options[PUSH])
     if options[PUSH_NORM] and not options[PUSH]:
         raise ValueError(f"{PUSH_NORM}=True fuses the norm into push all_reduce, which is off here ({PUSH}=False); "
@@ -125,6 +137,8 @@ class DecodeGraph:
 
     def __init__(self, module: fx.GraphModule, options: dict):
         inductor = {key: value for key, value in options.items() if key not in FXTP_OWN}
+        if options.get(STORE):
+            inductor[POST_GRAD] = StoreGemvInputs()
         step = merge_projections(twin(module, "Merged")) if options.get(MERGE) else module
         if options.get(PUSH):
             step = with_push_all_reduce(step)

@@ -1,6 +1,7 @@
 """benchmarks/inference_test.py on the CPU: fxtp on two gloo processes under torchrun, a tiny Llama;
 its rows (token check against HF eager, parameters per rank) and the interval arithmetic behind
---profile's busy time; benchmarks/attention_latency.py in Triton's interpreter. The GPU numbers of
+--profile's busy time; benchmarks/attention_latency.py in Triton's interpreter; benchmarks/mlp_latency.py
+refusing a machine without a GPU. The GPU numbers of
 the README come from the same scripts. (Its HF tp_plan
 and DeepSpeed peers need accelerate and deepspeed, which the test install leaves out.)"""
 import importlib
@@ -141,3 +142,10 @@ def test_attention_latency_refuses_the_cpu_without_the_interpreter(tmp_path):
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=environment)
     assert finished.returncode == 2 and "TRITON_INTERPRET=1" in finished.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_mlp_latency_says_it_needs_a_gpu(tmp_path):
+    command = [sys.executable, os.path.join(BENCHMARKS, "mlp_latency.py"), "--ranks", "1"]
+    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 2 and "no GPU here" in finished.stderr

@@ -116,4 +116,4 @@ def test_merge_option_rewrites_the_decode_step_and_stays_out_of_inductor(monkeyp
         assert (FUSED in targets, torch.ops.fxtp.decode_attention.default in targets) == (bool(others),) * 2
     assert linears(module) == 7 * 2 + 1  # the module itself is left as it was
     assert MERGE in DECODE_ONLY
-    assert inductor_options({}, "", 1, torch.device("cuda", 0))[MERGE] is False  # off by default
+    assert inductor_options({}, "", 1, torch.device("cuda", 0))[MERGE] is True  # on by default
