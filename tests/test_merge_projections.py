@@ -27,7 +27,7 @@ def linears(gm: fx.GraphModule) -> int:
 def test_every_causal_lm_computes_the_same_logits_merged(arch):
     """Merged projections are on by default in every compiled decode step, so every architecture's
     rank graphs at 2 ranks: the same logits, merged or not, whatever the pass finds to merge (from
-    nothing for GPT-2's Conv1D, Falcon's and GPT-NeoX's fused qkv, to q|k|v|gate|up in one for the
+    nothing for GPT-2, Falcon, Bloom or GPT-NeoX, to q|k|v|gate|up in one for the
     parallel blocks of Cohere and Phi)."""
     tp = fxtp.compile(tiny_model(arch), 2)
     graphs = [tp.rank_graph(rank) for rank in range(2)]
