@@ -23,22 +23,6 @@ def linears(gm: fx.GraphModule) -> int:
 # Phi-3's fused qkv_proj is unfused by the planner (GQA pieces), then merged again per rank; Mixtral's
 # router reads the norm's output as q, k, v do, but after attention; Qwen2-MoE's shared expert's gate|up
 # merge with its router and shared-expert gate, which read the same hidden states
-@pytest.mark.parametrize("arch", sorted(CAUSAL_LMS))
-def test_every_causal_lm_computes_the_same_logits_merged(arch):
-    """Merged projections are on by default in every compiled decode step, so every architecture's
-    rank graphs at 2 ranks: the same logits, merged or not, whatever the pass finds to merge (from
-    nothing for GPT-2, Falcon, Bloom or GPT-NeoX, to q|k|v|gate|up in one for the
-    parallel blocks of Cohere and Phi)."""
-    tp = fxtp.compile(tiny_model(arch), 2)
-    graphs = [tp.rank_graph(rank) for rank in range(2)]
-    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        plain = simulate(graphs, (ids, None), {})
-        merged = simulate([merge_projections(twin(gm, "Merged")) for gm in graphs], (ids, None), {})
-    for plain_logits, merged_logits in zip(plain, merged):
-        torch.testing.assert_close(merged_logits, plain_logits, rtol=0, atol=1e-5)
-
-
 @pytest.mark.parametrize("arch, before, after", [("llama", 7, 4), ("qwen2", 7, 4), ("phi3", 6, 4),
                                                  ("mixtral", 5, 3), ("qwen2_moe", 9, 5)])
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -57,6 +41,22 @@ def test_merged_rank_graphs_compute_the_same_logits(arch, before, after, world_s
     for plain_logits, merged_logits, again_logits in zip(plain, merged, again):
         torch.testing.assert_close(merged_logits, plain_logits, rtol=0, atol=1e-5)
         assert torch.equal(again_logits, plain_logits)
+
+
+@pytest.mark.parametrize("arch", sorted(CAUSAL_LMS))
+def test_every_causal_lm_computes_the_same_logits_merged(arch):
+    """Merged projections are on by default in every compiled decode step, so every architecture's
+    rank graphs at 2 ranks: the same logits, merged or not, whatever the pass finds to merge (from
+    nothing for GPT-2, Falcon, Bloom or GPT-NeoX, to q|k|v|gate|up in one for the
+    parallel blocks of Cohere and Phi)."""
+    tp = fxtp.compile(tiny_model(arch), 2)
+    graphs = [tp.rank_graph(rank) for rank in range(2)]
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = simulate(graphs, (ids, None), {})
+        merged = simulate([merge_projections(twin(gm, "Merged")) for gm in graphs], (ids, None), {})
+    for plain_logits, merged_logits in zip(plain, merged):
+        torch.testing.assert_close(merged_logits, plain_logits, rtol=0, atol=1e-5)
 
 
 def test_weights_become_views_of_the_merged_tensor_and_a_second_merge_copies_nothing():
