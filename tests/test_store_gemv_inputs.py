@@ -30,7 +30,7 @@ def post_grad_graph(rows: int):
 def test_a_one_row_matmuls_input_is_marked_and_nothing_else():
     """At one row inductor's decomposition makes the matmul a reduction whose input is silu(g) * u,
     cast to float32; that cast of the product is what gets stored. At two rows the matmul stays
-    `mm` (a Triton or cuBLAS GEMM that reads a stored input anyway) and nothing is marked."""
+    `mm`, a GEMM, and nothing is marked."""
     graph = post_grad_graph(rows=1)
     StoreGemvInputs()(graph)
     marked = [n for n in graph.nodes if n.meta.get(REALIZE)]
@@ -46,7 +46,8 @@ def test_a_one_row_matmuls_input_is_marked_and_nothing_else():
     assert not any(n.meta.get(REALIZE) for n in graph.nodes)
 
 
-def test_store_option_hands_the_pass_to_inductor_and_only_to_the_decode_step(monkeypatch):
+def test_store_option_hands_the_pass_to_inductor(monkeypatch):
+    """As the decode step's post-grad pass; the prefill drops the option (tests/test_generation.py)."""
     compiled = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(kwargs))
     module = fxtp.compile(tiny_model("llama"), 1).with_cache(1, 16).rank_graph(0)
