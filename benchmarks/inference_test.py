@@ -54,7 +54,8 @@ time the GPU spent with no kernel (launch gaps, the host's part of a step), whic
 does not remove.
 
 Correctness: the first --check-tokens greedy tokens of every impl against a reference: the first
-impl in --impl at N = 1, HF eager on rank 0's GPU at N > 1 (--no-reference skips it). The check is
+impl in --impl at N = 1, HF eager on rank 0's GPU at N > 1 (with --no-reference, the first impl
+there too: --compile-options variants and --single-too rows against the first row). The check is
 token-exact; "match" is the number of leading tokens equal in every row. bf16 sums are rounded in
 another order by each impl, so near-tied logits of random weights may pick other tokens after a
 few steps (benchmarks/nccl_check.py saw 5 of 32 at N=2); --dtype float32 checks exactly.
@@ -186,7 +187,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--single-too", action="store_true",
                         help="run the one-device impls (hf, hf-compile, fxtp-n1, fxtp-compile-n1) on rank 0 "
                              "when N > 1")
-    parser.add_argument("--no-reference", action="store_true", help="at N > 1, skip the HF eager reference")
+    parser.add_argument("--no-reference", action="store_true", help="at N > 1, skip the HF eager reference: the first impl's tokens "
+                        "are the reference instead, as at N = 1")
     parser.add_argument("--check-tokens", type=int, default=32)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--hbm-bandwidth", type=float, default=None, help="peak HBM bytes/s (default: by GPU name)")
@@ -638,7 +640,7 @@ def time_impls(ctx: Context, args, meta: dict) -> list:
         barrier(ctx.device)
         if ctx.rank != 0:
             continue
-        if not reference and tokens and not multi:
+        if not reference and tokens and (not multi or args.no_reference):
             reference, meta["reference"] = tokens[labels[0]], labels[0]
         if reference:
             add_matches(impl_rows, tokens, reference, args)

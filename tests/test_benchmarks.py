@@ -80,18 +80,34 @@ def test_interleave_times_the_variants_in_turns(inference_test):
     assert [numbers["decode_steps"] for _, numbers in measured] == [9, 9]  # 3 trials of 3 intervals
 
 
-def test_inference_test_on_two_cpu_processes(tmp_path, inference_test):
-    """fxtp on both ranks, and fxtp compiled for one device on rank 0 (--single-too), in one run: the
-    2-rank rows are also given over the 1-device rows."""
+def fxtp_on_two_cpu_processes(tmp_path, *options: str) -> tuple[dict, str]:
+    """inference_test.py under torchrun on 2 gloo processes, fxtp at N=2 and fxtp-n1 on rank 0, a tiny
+    Llama in float32: (its JSON, its stdout)."""
     out = tmp_path / "result.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(BENCHMARKS, "inference_test.py"), "--device", "cpu", "--shape", "tiny:llama",
-               "--dtype", "float32", "--batch", "1,2", "--prompt-len", "8", "--gen-len", "8", "--warmup", "1",
-               "--trials", "1", "--impl", "fxtp,fxtp-n1", "--single-too", "--checkpoint-dir",
-               str(tmp_path / "checkpoint"), "--out", str(out)]
+               "--dtype", "float32", "--prompt-len", "8", "--gen-len", "8", "--warmup", "1", "--trials", "1",
+               "--impl", "fxtp,fxtp-n1", "--single-too", "--checkpoint-dir", str(tmp_path / "checkpoint"),
+               "--out", str(out), *options]
     finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text()), finished.stdout
+
+
+def test_without_the_hf_reference_the_first_row_is_the_reference(tmp_path):
+    """--no-reference at N > 1: the rows are checked against the first impl's tokens, as at N = 1
+    (an A/B of --compile-options variants, or N = 2 against --single-too's one-device rows)."""
+    result, stdout = fxtp_on_two_cpu_processes(tmp_path, "--batch", "1", "--no-reference")
+    assert result["meta"]["reference"] == "fxtp"
+    assert [(row["impl"], row["match"], row["checked"]) for row in result["results"]] == [("fxtp", 8, 8),
+                                                                                          ("fxtp-n1", 8, 8)]
+    assert "reference: fxtp;" in stdout
+
+
+def test_inference_test_on_two_cpu_processes(tmp_path, inference_test):
+    """fxtp on both ranks, and fxtp compiled for one device on rank 0 (--single-too), in one run: the
+    2-rank rows are also given over the 1-device rows."""
+    result, stdout = fxtp_on_two_cpu_processes(tmp_path, "--batch", "1,2")
     rows = result["results"]
     assert [(row["impl"], row["world_size"], row["batch"]) for row in rows] == [
         ("fxtp", 2, 1), ("fxtp", 2, 2), ("fxtp-n1", 1, 1), ("fxtp-n1", 1, 2)]
@@ -112,7 +128,7 @@ def test_inference_test_on_two_cpu_processes(tmp_path, inference_test):
         assert row["best_1gpu"] == "fxtp-n1"
         assert row["x_best_1gpu"] == row["decode_ms"]["p50"] / alone["decode_ms"]["p50"]
     assert f"fxtp N=2 batch 1: {rows[0]['x_best_1gpu']:.3f}x of the fastest 1-GPU row (fxtp-n1, same run)" \
-        in finished.stdout
+        in stdout
 
 
 def test_attention_latency_rows_in_the_interpreter(tmp_path):
