@@ -81,7 +81,7 @@ from transformers import AutoModelForCausalLM
 
 import fxtp
 from fxtp.configs import REAL_SHAPES, real_config, tiny_config
-from fxtp.decode_graph import symmetric_memory_works
+from fxtp.decode_graph import FXTP_OWN, symmetric_memory_works
 from fxtp.launch import free_port
 from fxtp.static_cache import cache_shape
 from peers import PEERS, Context, Runner  # benchmarks/peers.py, beside this script
@@ -187,8 +187,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--single-too", action="store_true",
                         help="run the one-device impls (hf, hf-compile, fxtp-n1, fxtp-compile-n1) on rank 0 "
                              "when N > 1")
-    parser.add_argument("--no-reference", action="store_true", help="at N > 1, skip the HF eager reference: the first impl's tokens "
-                        "are the reference instead, as at N = 1")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="at N > 1, skip the HF eager reference: the first impl's tokens are the reference "
+                             "instead, as at N = 1")
     parser.add_argument("--check-tokens", type=int, default=32)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--hbm-bandwidth", type=float, default=None, help="peak HBM bytes/s (default: by GPU name)")
@@ -198,9 +199,7 @@ def parse_args() -> argparse.Namespace:
                         help=f"instead of timing: double the batch from the largest --batch until IMPL runs out of "
                              f"memory (at most {MAX_BATCH_LIMIT})")
     parser.add_argument("--compile-options", type=json.loads, default=[], metavar="JSON",
-                        help="fxtp-compile's options over its defaults (inductor's, fxtp.push_all_reduce, "
-                             "fxtp.decode_attention, fxtp.push_norm, fxtp.merge_projections and "
-                             "fxtp.store_gemv_inputs), e.g. "
+                        help=f"fxtp-compile's options over its defaults (inductor's and {', '.join(FXTP_OWN)}), e.g. "
                              "'{\"fxtp.push_all_reduce\": false}'; a list of them runs fxtp-compile once "
                              "per entry, side by side (an A/B on one machine): "
                              "'[{}, {\"coordinate_descent_tuning\": false}]'")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fxtp.passes.store_gemv_inputs import StoreGemvInputs
-from inference_test import as_cuda_graph, time_ms  # benchmarks/, beside this script
+from inference_test import as_cuda_graph, hbm_bandwidth, time_ms  # benchmarks/, beside this script
 
 VARIANTS = {"inlined": {}, "stored": {"post_grad_custom_post_pass": StoreGemvInputs()}}
 
@@ -46,7 +46,7 @@ def main() -> None:
     if any(args.inner % n for n in ranks):
         parser.error(f"--ranks {args.ranks} must each divide --inner {args.inner}")
     dtype, device = getattr(torch, args.dtype), torch.device("cuda")
-    bandwidth = 3.35e12 if "H100" in torch.cuda.get_device_name() else None
+    bandwidth = hbm_bandwidth(device, None)  # by GPU name; None for GPUs it does not know
     rows = []
     for n in ranks:
         inner = args.inner // n
@@ -72,7 +72,7 @@ def main() -> None:
                 row["us_per_layer"][name] = min(us, row["us_per_layer"].get(name, us))
         rows.append(row)
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, us per MLP layer (fastest of {args.rounds} rounds)"
-          + (", share of 3.35 TB/s" if bandwidth else ""))
+          + (f", share of {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
     print("| N | inner per rank | " + " | ".join(VARIANTS) + " | max diff |")
     print("|---" * (3 + len(VARIANTS)) + "|")
     for row in rows:

@@ -28,11 +28,11 @@ class Generator:
     """Generates on the ranks `ranks` of `program`, all in this process (one rank under torchrun).
     The weights are placed on `device` once; a static-cache program is built per batch size and
     cache length, and only the latest one's cache is kept. `compile` (True, or a dict of inductor
-    options and fxtp's own `fxtp.push_all_reduce`, `fxtp.push_norm` and `fxtp.decode_attention`)
-    runs decode steps as a compiled CUDA graph (fxtp/decode_graph.py) and prefills with the step
-    compiled for any prompt length (fxtp/prefill_graph.py); it is a collective when there are
-    several ranks, so every rank creates its Generator at the same point, and `compile_options`
-    then holds the options chosen (None without compile)."""
+    options and fxtp's own) runs decode steps as a compiled CUDA graph (fxtp/decode_graph.py, which
+    lists the options) and prefills with the step compiled for any prompt length
+    (fxtp/prefill_graph.py); it is a collective when there are several ranks, so every rank creates
+    its Generator at the same point, and `compile_options` then holds the options chosen (None
+    without compile)."""
 
     def __init__(self, program, ranks: list[int], group_name: str, device: torch.device,
                  checkpoint: Optional[str] = None, compile: Union[bool, dict] = False):

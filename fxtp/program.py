@@ -107,10 +107,8 @@ class TPProgram:
                   checkpoint: Optional[str] = None, compile: Union[bool, dict] = False) -> "Generator":
         """Generation on `rank` in this process (under torchrun; see `module` for the arguments), or
         on every rank in this process when `rank` is None. `compile` (True, or a dict of inductor
-        options and fxtp's own `fxtp.push_all_reduce`, `fxtp.push_norm`, `fxtp.decode_attention` and
-        `fxtp.merge_projections`)
-        runs decode steps compiled and captured as a CUDA graph (one rank per process, on CUDA;
-        fxtp/decode_graph.py)."""
+        options and fxtp's own, which fxtp/decode_graph.py lists) runs decode steps compiled and
+        captured as a CUDA graph (one rank per process, on CUDA)."""
         device = torch.device(device) if device is not None else self._default_device()
         if rank is None:
             if compile is not False:
