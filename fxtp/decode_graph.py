@@ -27,11 +27,13 @@ Inductor options (a `compile={...}` dict overrides them):
   (passes/merge_projections.py); the weights of the rank's other programs become views of it.
   Exact on the CPU and in the fp32 generate test on H100; Llama-3-8B at N=2 went from 3.713 to
   3.519 ms a token, timed in turns in one process (README, run T).
-- `fxtp.store_gemv_inputs` (fxtp's own, off by default): inductor's post-grad pass becomes
-  passes/store_gemv_inputs.py, which stores each GEMV's input before the GEMV instead of letting
-  every program of the GEMV recompute it (silu(gate) * up, in the down projection). Llama-3-8B at
-  N=2 went from 3.845 to 3.537 ms a token, timed in turns in one process (README, run T); off until
-  it has passed the fp32 generate test on a GPU. Takes the place of a `post_grad_custom_post_pass`.
+- `fxtp.store_gemv_inputs` (fxtp's own, on by default unless the options name a
+  `post_grad_custom_post_pass`, whose place it takes): inductor's post-grad pass becomes
+  passes/store_gemv_inputs.py, which stores each GEMV's computed input before the GEMV instead of
+  letting every program of the GEMV recompute it (silu(gate) * up, in the down projection). Exact
+  in the fp32 generate test on H100; Llama-3-8B at N=2 went from 3.845 to 3.537 ms a token, timed
+  in turns in one process (README, run T), and storing only computed inputs from 3.745 to 3.482
+  (run U).
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
   and waits for it in `gdc_wait`, so its launch no longer sits between the two; push's and cuDNN's
@@ -92,10 +94,10 @@ def inductor_options(compile: Union[bool, dict], group_name: str, world_size: in
     options.setdefault(PUSH, options[AUTO_SELECT])
     options.setdefault(ATTENTION, True)
     options.setdefault(MERGE, True)
-    options.setdefault(STORE, False)
+    options.setdefault(STORE, options.get(POST_GRAD) is None)  # the user's own post-grad pass takes its place
     if options[STORE] and options.get(POST_GRAD) is not None:
         raise ValueError(f"{STORE}=True is inductor's {POST_GRAD}, which the options set already; "
-                         f"leave one of them out")
+                         f"leave {STORE} out (it is then off) or drop {POST_GRAD}")
     options.setdefault(PUSH_NORM, options[PUSH])
     if options[PUSH_NORM] and not options[PUSH]:
         raise ValueError(f"{PUSH_NORM}=True fuses the norm into push all_reduce, which is off here ({PUSH}=False); "

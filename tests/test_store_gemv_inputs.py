@@ -10,7 +10,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import fxtp
 from fxtp.configs import tiny_model
 from fxtp.decode_graph import DECODE_ONLY, POST_GRAD, STORE, DecodeGraph, inductor_options
-from fxtp.passes.store_gemv_inputs import REALIZE, StoreGemvInputs
+from fxtp.passes.store_gemv_inputs import REALIZE, StoreGemvInputs, gemv_input
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -46,6 +46,30 @@ def test_a_one_row_matmuls_input_is_marked_and_nothing_else():
     assert not any(n.meta.get(REALIZE) for n in graph.nodes)
 
 
+def norm_and_attention_projections(hidden, norm_weight, q, k, v, weight):
+    """A projection of an RMSNorm's output and one of attention's output, at one row."""
+    x = hidden.float()
+    normed = norm_weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)).to(hidden.dtype)
+    attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 1, -1)
+    return F.linear(normed, weight), F.linear(attended, weight)
+
+
+def test_an_input_computed_before_the_gemv_is_marked_and_a_cast_of_attentions_output_is_not():
+    """The norm is arithmetic inductor would inline into the GEMV; attention's output is a buffer
+    already, which the GEMV reads in place (storing its float32 cast would only add a copy)."""
+    bf16 = dict(device="meta", dtype=torch.bfloat16)
+    heads = [torch.randn(1, 2, keys, 8, **bf16) for keys in (1, 20, 20)]
+    tensors = (torch.randn(1, 1, 16, **bf16), torch.randn(16, **bf16), *heads, torch.randn(16, 16, **bf16))
+    with config.patch(coordinate_descent_tuning=True):
+        graph = make_fx(norm_and_attention_projections, decomposition_table=select_decomp_table())(*tensors).graph
+    StoreGemvInputs()(graph)
+    inputs = [gemv_input(node) for node in graph.nodes if gemv_input(node) is not None]
+    assert len(inputs) == 2
+    normed, attended = inputs
+    assert normed.meta.get(REALIZE) and not attended.meta.get(REALIZE)
+    assert [n for n in graph.nodes if n.meta.get(REALIZE)] == [normed]
+
+
 def test_store_option_hands_the_pass_to_inductor(monkeypatch):
     """As the decode step's post-grad pass; the prefill drops the option (tests/test_generation.py)."""
     compiled = {}
@@ -58,6 +82,8 @@ def test_store_option_hands_the_pass_to_inductor(monkeypatch):
     assert compiled["options"] == {"coordinate_descent_tuning": True}
     assert STORE in DECODE_ONLY
     cuda = torch.device("cuda", 0)
-    assert inductor_options({}, "", 1, cuda)[STORE] is False  # off by default
+    assert inductor_options({}, "", 1, cuda)[STORE] is True  # on by default
+    users_pass = StoreGemvInputs()
+    assert inductor_options({POST_GRAD: users_pass}, "", 1, cuda)[STORE] is False  # the user's pass replaces it
     with pytest.raises(ValueError, match="post_grad_custom_post_pass"):
-        inductor_options({STORE: True, POST_GRAD: StoreGemvInputs()}, "", 1, cuda)
+        inductor_options({STORE: True, POST_GRAD: users_pass}, "", 1, cuda)
