@@ -117,8 +117,9 @@ IMPLS = {
     "fxtp-compile": (lambda ctx: fxtp_runner(ctx, compile=ctx.compile_options or True), False),
     # fxtp compiled for one device, so that a run at N > 1 (--single-too) also times fxtp's own 1-GPU step
     "fxtp-n1": (lambda ctx: fxtp_runner(on_one_device(ctx), compile=False), True),
-    "fxtp-compile-n1": (lambda ctx: fxtp_runner(on_one_device(ctx), compile=True), True),
+    "fxtp-compile-n1": (lambda ctx: fxtp_runner(on_one_device(ctx), compile=ctx.compile_options or True), True),
 }
+COMPILED = ("fxtp-compile", "fxtp-compile-n1")  # the impls that take --compile-options
 
 
 class StepTimer:
@@ -199,9 +200,9 @@ def parse_args() -> argparse.Namespace:
                         help=f"instead of timing: double the batch from the largest --batch until IMPL runs out of "
                              f"memory (at most {MAX_BATCH_LIMIT})")
     parser.add_argument("--compile-options", type=json.loads, default=[], metavar="JSON",
-                        help=f"fxtp-compile's options over its defaults (inductor's and {', '.join(FXTP_OWN)}), e.g. "
-                             "'{\"fxtp.push_all_reduce\": false}'; a list of them runs fxtp-compile once "
-                             "per entry, side by side (an A/B on one machine): "
+                        help=f"fxtp-compile's and fxtp-compile-n1's options over their defaults (inductor's and "
+                             f"{', '.join(FXTP_OWN)}), e.g. '{{\"fxtp.push_all_reduce\": false}}'; a list of them "
+                             "runs each of the two once per entry, side by side (an A/B on one machine): "
                              "'[{}, {\"coordinate_descent_tuning\": false}]'")
     parser.add_argument("--interleave", action="store_true",
                         help="with a list of --compile-options: set up every variant first, then time them in "
@@ -595,11 +596,11 @@ def write_json(path: str, result: dict) -> None:
 
 
 def impl_runs(impls: list, ctx: Context, variants: list, interleave: bool) -> list[tuple[str, list]]:
-    """(impl, [(row label, context), ...]) of every run: fxtp-compile once per --compile-options
-    variant, one after another, or all in one run with --interleave."""
+    """(impl, [(row label, context), ...]) of every run: fxtp-compile and fxtp-compile-n1 once per
+    --compile-options variant, one after another, or each impl's variants in one run with --interleave."""
     runs = []
     for name in impls:
-        for options in (variants if name == "fxtp-compile" and variants else [None]):
+        for options in (variants if name in COMPILED and variants else [None]):
             label = f"{name} {json.dumps(options, separators=(',', ':'))}" if options else name
             runs.append((name, [(label, dataclasses.replace(ctx, compile_options=options))]))
     if not interleave:

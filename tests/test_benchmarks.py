@@ -46,19 +46,28 @@ def test_kernel_table_gives_every_rank_its_own_lines(inference_test):
         "       200.0 us   65.00x  push_all_reduce_kernel"]
 
 
-def test_interleave_times_the_variants_in_turns(inference_test):
+def test_interleave_times_the_variants_in_turns(inference_test, monkeypatch):
     """--interleave: every --compile-options variant in one run, warmed up first, then timed trial by
     trial in turns; each keeps its own rows."""
     ctx = inference_test.Context("checkpoint", None, torch.float32, torch.device("cpu"), 0, 1)
     variants = [{}, {"fxtp.decode_attention": False}]
-    separate = inference_test.impl_runs(["fxtp", "fxtp-compile"], ctx, variants, interleave=False)
-    together = inference_test.impl_runs(["fxtp", "fxtp-compile"], ctx, variants, interleave=True)
+    impls = ["fxtp", "fxtp-compile", "fxtp-compile-n1"]
+    separate = inference_test.impl_runs(impls, ctx, variants, interleave=False)
+    together = inference_test.impl_runs(impls, ctx, variants, interleave=True)
     assert [(name, [label for label, _ in runs]) for name, runs in separate] == [
         ("fxtp", ["fxtp"]), ("fxtp-compile", ["fxtp-compile"]),
-        ("fxtp-compile", ['fxtp-compile {"fxtp.decode_attention":false}'])]
+        ("fxtp-compile", ['fxtp-compile {"fxtp.decode_attention":false}']),
+        ("fxtp-compile-n1", ["fxtp-compile-n1"]),
+        ("fxtp-compile-n1", ['fxtp-compile-n1 {"fxtp.decode_attention":false}'])]
     assert [(name, [label for label, _ in runs]) for name, runs in together] == [
-        ("fxtp", ["fxtp"]), ("fxtp-compile", ["fxtp-compile", 'fxtp-compile {"fxtp.decode_attention":false}'])]
+        ("fxtp", ["fxtp"]), ("fxtp-compile", ["fxtp-compile", 'fxtp-compile {"fxtp.decode_attention":false}']),
+        ("fxtp-compile-n1", ["fxtp-compile-n1", 'fxtp-compile-n1 {"fxtp.decode_attention":false}'])]
     assert [run_ctx.compile_options for _, run_ctx in together[1][1]] == variants
+    assert [run_ctx.compile_options for _, run_ctx in together[2][1]] == variants
+    monkeypatch.setattr(inference_test, "fxtp_runner", lambda run_ctx, compile: (run_ctx.world_size, compile))
+    for name, runs in together[1:]:
+        setup = inference_test.IMPLS[name][0]
+        assert [setup(run_ctx)[1] for _, run_ctx in runs] == [True, {"fxtp.decode_attention": False}]
     repeated = inference_test.impl_runs(["fxtp-compile"], ctx, [{}, {}], interleave=True)
     assert [label for label, _ in repeated[0][1]] == ["fxtp-compile", "fxtp-compile (2)"]  # rows keep their tokens
 
