@@ -16,10 +16,11 @@ import json
 import torch
 import torch.nn.functional as F
 
+from fxtp.decode_graph import FXTP_OWN, POST_GRAD, inductor_options
 from fxtp.passes.store_gemv_inputs import StoreGemvInputs
 from inference_test import as_cuda_graph, hbm_bandwidth, time_ms  # benchmarks/, beside this script
 
-VARIANTS = {"inlined": {}, "stored": {"post_grad_custom_post_pass": StoreGemvInputs()}}
+VARIANTS = {"inlined": {}, "stored": {POST_GRAD: StoreGemvInputs()}}
 
 
 def mlps(x: torch.Tensor, weights: list) -> torch.Tensor:
@@ -47,6 +48,8 @@ def main() -> None:
         parser.error(f"--ranks {args.ranks} must each divide --inner {args.inner}")
     dtype, device = getattr(torch, args.dtype), torch.device("cuda")
     bandwidth = hbm_bandwidth(device, None)  # by GPU name; None for GPUs it does not know
+    # the inductor options of a 1-GPU decode step (coordinate descent, PDL), without fxtp's own rewrites
+    step_options = {key: value for key, value in inductor_options(True, "", 1, device).items() if key not in FXTP_OWN}
     rows = []
     for n in ranks:
         inner = args.inner // n
@@ -63,7 +66,7 @@ def main() -> None:
         for name, options in VARIANTS.items():
             torch._dynamo.reset()
             compiled = torch.compile(mlps, fullgraph=True, dynamic=False,
-                                     options={"coordinate_descent_tuning": True, "triton.enable_pdl": True, **options})
+                                     options={**step_options, **options})
             row["max_diff"][name] = (compiled(x, weights).float() - reference).abs().max().item()
             replays[name] = as_cuda_graph(lambda: compiled(x, weights))
         for _ in range(args.rounds):

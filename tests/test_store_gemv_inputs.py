@@ -20,18 +20,22 @@ def down_projection(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return F.linear(F.silu(gate) * up, weight)
 
 
-def post_grad_graph(rows: int):
-    tensors = (torch.randn(rows, 16, device="meta", dtype=torch.bfloat16),
-               torch.randn(4, 8, device="meta", dtype=torch.bfloat16))
+def post_grad_graph(function, *tensors: torch.Tensor) -> torch.fx.Graph:
+    """`function`'s aten graph as inductor's decompositions make it for the decode step."""
     with config.patch(coordinate_descent_tuning=True):
-        return make_fx(down_projection, decomposition_table=select_decomp_table())(*tensors).graph
+        return make_fx(function, decomposition_table=select_decomp_table())(*tensors).graph
+
+
+def down_projection_graph(rows: int) -> torch.fx.Graph:
+    return post_grad_graph(down_projection, torch.randn(rows, 16, device="meta", dtype=torch.bfloat16),
+                           torch.randn(4, 8, device="meta", dtype=torch.bfloat16))
 
 
 def test_a_one_row_matmuls_input_is_marked_and_nothing_else():
     """At one row inductor's decomposition makes the matmul a reduction whose input is silu(g) * u,
     cast to float32; that cast of the product is what gets stored. At two rows the matmul stays
     `mm`, a GEMM, and nothing is marked."""
-    graph = post_grad_graph(rows=1)
+    graph = down_projection_graph(rows=1)
     StoreGemvInputs()(graph)
     marked = [n for n in graph.nodes if n.meta.get(REALIZE)]
     assert len(marked) == 1 and marked[0].target is prims.convert_element_type.default
@@ -40,7 +44,7 @@ def test_a_one_row_matmuls_input_is_marked_and_nothing_else():
     silu = product.args[0]  # silu decomposed: x / (1 + exp(-x)) in float32, cast back to bfloat16
     assert silu.target is prims.convert_element_type.default and silu.args[0].target is aten.div.Tensor
 
-    graph = post_grad_graph(rows=2)
+    graph = down_projection_graph(rows=2)
     assert aten.mm.default in [n.target for n in graph.nodes]
     StoreGemvInputs()(graph)
     assert not any(n.meta.get(REALIZE) for n in graph.nodes)
@@ -60,10 +64,9 @@ def test_an_input_computed_before_the_gemv_is_marked_and_a_cast_of_attentions_ou
     bf16 = dict(device="meta", dtype=torch.bfloat16)
     heads = [torch.randn(1, 2, keys, 8, **bf16) for keys in (1, 20, 20)]
     tensors = (torch.randn(1, 1, 16, **bf16), torch.randn(16, **bf16), *heads, torch.randn(16, 16, **bf16))
-    with config.patch(coordinate_descent_tuning=True):
-        graph = make_fx(norm_and_attention_projections, decomposition_table=select_decomp_table())(*tensors).graph
+    graph = post_grad_graph(norm_and_attention_projections, *tensors)
     StoreGemvInputs()(graph)
-    inputs = [gemv_input(node) for node in graph.nodes if gemv_input(node) is not None]
+    inputs = [x for x in map(gemv_input, graph.nodes) if x is not None]
     assert len(inputs) == 2
     normed, attended = inputs
     assert normed.meta.get(REALIZE) and not attended.meta.get(REALIZE)
