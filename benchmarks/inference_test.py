@@ -328,6 +328,25 @@ def time_ms(step, reps: int, sync) -> float:
     return (time.perf_counter() - start) / reps * 1e3
 
 
+def add_turn_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a kernel microbenchmark that replays CUDA graphs in turns (`fastest_in_turns`)."""
+    parser.add_argument("--reps", type=int, default=40, help="replays a round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", default=None, help="JSON file")
+
+
+def fastest_in_turns(replays: dict, reps: int, rounds: int, calls: int) -> dict:
+    """{name: us a call}: each replay (a CUDA graph of `calls` calls) timed `reps` times a round, the
+    replays taking turns for `rounds` rounds (drift falls on all alike); the fastest round of each."""
+    fastest = {}
+    for _ in range(rounds):
+        for name, replay in replays.items():
+            us = time_ms(replay, reps, torch.cuda.synchronize) * 1e3 / calls
+            fastest[name] = min(us, fastest.get(name, us))
+    return fastest
+
+
 def measure(runners: list[Runner], ids, mask, args, device: torch.device) -> list[tuple[torch.Tensor, dict]]:
     """Warm up each runner, then time `trials` greedy generations of `gen_len` tokens each, the runners
     taking turns trial by trial (--interleave), so that the machine's drift falls on all of them.

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fxtp.decode_graph import FXTP_OWN, POST_GRAD, inductor_options
 from fxtp.passes.store_gemv_inputs import StoreGemvInputs
-from inference_test import as_cuda_graph, hbm_bandwidth, time_ms  # benchmarks/, beside this script
+from inference_test import add_turn_arguments, as_cuda_graph, fastest_in_turns, hbm_bandwidth  # benchmarks/
 
 VARIANTS = {"inlined": {}, "stored": {POST_GRAD: StoreGemvInputs()}}
 
@@ -36,10 +36,7 @@ def main() -> None:
     parser.add_argument("--inner", type=int, default=14336, help="the whole model's intermediate size")
     parser.add_argument("--ranks", default="1,2", help="GPUs sharing the MLP: each holds 1/N of the inner rows")
     parser.add_argument("--layers", type=int, default=8, help="MLPs a replay, each with its own weights")
-    parser.add_argument("--reps", type=int, default=40, help="replays a round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--out", default=None, help="JSON file")
+    add_turn_arguments(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("no GPU here: inductor makes one-row matmuls reductions on GPUs only, which is what it times")
@@ -69,10 +66,7 @@ def main() -> None:
                                      options={**step_options, **options})
             row["max_diff"][name] = (compiled(x, weights).float() - reference).abs().max().item()
             replays[name] = as_cuda_graph(lambda: compiled(x, weights))
-        for _ in range(args.rounds):
-            for name, replay in replays.items():
-                us = time_ms(replay, args.reps, torch.cuda.synchronize) * 1e3 / args.layers
-                row["us_per_layer"][name] = min(us, row["us_per_layer"].get(name, us))
+        row["us_per_layer"] = fastest_in_turns(replays, args.reps, args.rounds, args.layers)
         rows.append(row)
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, us per MLP layer (fastest of {args.rounds} rounds)"
           + (f", share of {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))

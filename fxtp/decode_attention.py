@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 
 from fxtp.passes.fold_grouped_query import grouped_query_attention
+from fxtp.pdl import uses_pdl
 from fxtp.twin import twin
 
 MAX_ROWS = 16  # query rows of one kv-head group; also tl.dot's smallest M
@@ -131,12 +132,13 @@ def launch(query, key, value, attn_mask, scale, splits: Optional[int] = None) ->
     else:
         partial_sums = partial_stats = arrivals = out  # not read with one split
     kernel, dot_types = _kernel()
+    pdl = uses_pdl(query.device)
     kernel[(programs, splits)](
         query, key, value, mask, out, partial_sums, partial_stats, arrivals,
         *query.stride(), *_without_dim_2(key.stride()), *_without_dim_2(value.stride()), *mask_strides,
         groups, heads // groups, rows, length, dim, chunk, dim ** -0.5 if scale is None else scale,
         MASK=mask_kind, SPLITS=splits, ROWS=MAX_ROWS, BLOCK_KEYS=BLOCK_KEYS, BLOCK_DIM=block_dim,
-        DOT=dot_types[query.dtype], num_warps=4)
+        DOT=dot_types[query.dtype], PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
 
 
@@ -169,7 +171,10 @@ def _kernel():
             mask_batch, mask_head, mask_row, mask_key,
             groups, repeats, rows, length, dim, chunk, scale,
             MASK: tl.constexpr, SPLITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_KEYS: tl.constexpr,
-            BLOCK_DIM: tl.constexpr, DOT: tl.constexpr):
+            BLOCK_DIM: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # fxtp/pdl.py: the next kernel (the o projection's GEMV) may prefetch its weights meanwhile
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         program = tl.program_id(0)  # batch * groups + group
         split = tl.program_id(1)
         batch, group = program // groups, program % groups

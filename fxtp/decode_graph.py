@@ -34,12 +34,19 @@ Inductor options (a `compile={...}` dict overrides them):
   in the fp32 generate test on H100; Llama-3-8B at N=2 went from 3.845 to 3.537 ms a token, timed
   in turns in one process (README, run T), and storing only computed inputs from 3.745 to 3.482
   (run U).
+- `fxtp.gemv` (fxtp's own, off by default): the step's projections (`aten.linear`) become
+  `fxtp::gemv` (fxtp/gemv.py), a Triton GEMV at one row that, launched with PDL, prefetches the
+  start of its weights into L2 while the kernel before it still runs: True prefetches up to
+  fxtp/gemv.py's PREFETCH_BYTES of each weight, a number that many bytes (0: none). Its GPU tests
+  passed on H100; Llama-3-8B at N=2 went from 3.383 to 3.370 ms a token, timed in turns (README,
+  run V).
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
-  and waits for it in `gdc_wait`, so its launch no longer sits between the two; push's and cuDNN's
-  kernels are launched in stream order. Llama-3-8B on H100: 3.79 -> 3.64 ms a token at N=2 (p99
-  3.82 -> 4.05), 5.93 either way at N=1 (README, run N). Only the decode step: the prefill is
-  compiled without it.
+  and waits for it in `gdc_wait`, so its launch no longer sits between the two. fxtp's own kernels
+  (push all_reduce, decode attention, GEMV) do the same and release the kernel after them as soon
+  as their wait is over (fxtp/pdl.py); cuDNN's kernels are launched in stream order. Llama-3-8B on
+  H100: 3.79 -> 3.64 ms a token at N=2 (p99 3.82 -> 4.05), 5.93 either way at N=1 (README, run N,
+  before fxtp's kernels took part). Only the decode step: the prefill is compiled without it.
 
 The step is captured with `torch.cuda.graph`, not `mode="reduce-overhead"`: its inputs are copied
 into static tensors and a replay runs the whole step with no Python in between, so no guards or
@@ -60,9 +67,11 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from fxtp.decode_attention import with_decode_attention
+from fxtp.gemv import PREFETCH_BYTES, with_gemv
 from fxtp.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from fxtp.passes.merge_projections import merge_projections
 from fxtp.passes.store_gemv_inputs import StoreGemvInputs
+from fxtp.pdl import launching_with_pdl
 from fxtp.push_all_reduce import with_push_all_reduce
 from fxtp.twin import twin
 
@@ -74,9 +83,10 @@ PDL = "triton.enable_pdl"
 ATTENTION = "fxtp.decode_attention"
 MERGE = "fxtp.merge_projections"
 STORE = "fxtp.store_gemv_inputs"
+GEMV = "fxtp.gemv"
 POST_GRAD = "post_grad_custom_post_pass"
-FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION, MERGE, STORE)  # rewrites of the step, not inductor options
-DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL, ATTENTION, MERGE, STORE)
+FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION, MERGE, STORE, GEMV)  # rewrites of the step, not inductor options
+DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL, ATTENTION, MERGE, STORE, GEMV)
 _CAPTURES = itertools.count()
 
 
@@ -94,6 +104,10 @@ def inductor_options(compile: Union[bool, dict], group_name: str, world_size: in
     options.setdefault(PUSH, options[AUTO_SELECT])
     options.setdefault(ATTENTION, True)
     options.setdefault(MERGE, True)
+    options.setdefault(GEMV, False)
+    if not isinstance(options[GEMV], int) or options[GEMV] < 0:  # bools are ints
+        raise ValueError(f"{GEMV} is True, False or the bytes of each weight to prefetch (0 or more), "
+                         f"got {options[GEMV]!r}")
     options.setdefault(STORE, options.get(POST_GRAD) is None)  # the user's own post-grad pass takes its place
     if options[STORE] and options.get(POST_GRAD) is not None:
         raise ValueError(f"{STORE}=True is inductor's {POST_GRAD}, which the options set already; "
@@ -147,6 +161,10 @@ class DecodeGraph:
             if options.get(PUSH_NORM):
                 step = fuse_add_rms_norm(step)
         step = with_decode_attention(step) if options.get(ATTENTION) else step
+        gemv = options.get(GEMV, False)
+        if gemv is not False:
+            step = with_gemv(step, PREFETCH_BYTES if gemv is True else gemv)
+        self.pdl = bool(options.get(PDL))
         self.compiled = torch.compile(step, fullgraph=True, dynamic=False, options=inductor)
         self.graphs: dict[tuple, tuple] = {}  # input shapes -> (graph, static inputs, static output)
 
@@ -171,7 +189,7 @@ class DecodeGraph:
         # The seed is the same on every rank, which captures its graphs in the same order.
         random.seed(f"fxtp-decode-graph-{next(_CAPTURES)}")
         try:
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), launching_with_pdl(self.pdl):
                 for _ in range(WARMUP_STEPS):
                     self.compiled(*inputs)
         finally:
@@ -179,6 +197,6 @@ class DecodeGraph:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: NCCL's watchdog thread queries events while this thread captures
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), launching_with_pdl(self.pdl):
             output = self.compiled(*inputs)
         return graph, inputs, output

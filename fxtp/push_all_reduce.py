@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 
 from fxtp.collectives import ALL_REDUCE, WAIT
+from fxtp.pdl import uses_pdl
 from fxtp.twin import twin
 
 # Larger parts go to NCCL. Up to here push was the fastest on 2 and 4 GPUs (README, all_reduce_latency.py),
@@ -113,8 +114,10 @@ def launch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
 def _run(x: torch.Tensor, out: torch.Tensor, addresses: torch.Tensor, state: torch.Tensor, rank: int, world: int,
          programs: int, **epilogue) -> None:
     kernel, integer_types = _kernel()
+    pdl = uses_pdl(x.device)
     kernel[(programs,)](x, out, addresses, state, x.numel(), RANK=rank, WORLD=world,
-                        BITS=integer_types[x.element_size()], EMPTY=EMPTY_BITS[x.dtype], **epilogue)
+                        BITS=integer_types[x.element_size()], EMPTY=EMPTY_BITS[x.dtype], PDL=pdl, **epilogue,
+                        launch_pdl=pdl)
 
 
 @push_all_reduce.register_fake
@@ -192,9 +195,12 @@ def _kernel():
 
     @triton.jit
     def push_all_reduce_kernel(x_ptr, out_ptr, addresses, state, numel, RANK: tl.constexpr, WORLD: tl.constexpr,
-                               BITS: tl.constexpr, EMPTY: tl.constexpr, BLOCK: tl.constexpr,
+                               BITS: tl.constexpr, EMPTY: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
                                residual_ptr=None, weight_ptr=None, normed_ptr=None,
                                ROW: tl.constexpr = 0, EPS: tl.constexpr = 0.0):
+        if PDL:  # fxtp/pdl.py: the next kernel may start its own work while this one waits on its peers
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # ROW > 0: the norm epilogue, a program a row of ROW elements, out_ptr gets the residual added
         if ROW:
             columns = tl.arange(0, BLOCK)

@@ -1,9 +1,9 @@
 """benchmarks/inference_test.py on the CPU: fxtp on two gloo processes under torchrun, a tiny Llama;
 its rows (token check against HF eager, parameters per rank) and the interval arithmetic behind
 --profile's busy time; benchmarks/attention_latency.py in Triton's interpreter; benchmarks/mlp_latency.py
-refusing a machine without a GPU. The GPU numbers of
-the README come from the same scripts. (Its HF tp_plan
-and DeepSpeed peers need accelerate and deepspeed, which the test install leaves out.)"""
+and benchmarks/gemv_latency.py refusing a machine without a GPU, and the weight shapes gemv_latency.py
+times. The GPU numbers of the README come from the same scripts. (Its HF tp_plan and DeepSpeed peers
+need accelerate and deepspeed, which the test install leaves out.)"""
 import importlib
 import json
 import os
@@ -174,3 +174,28 @@ def test_mlp_latency_says_it_needs_a_gpu(tmp_path):
     command = [sys.executable, os.path.join(BENCHMARKS, "mlp_latency.py"), "--ranks", "1"]
     finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 2 and "no GPU here" in finished.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_gemv_latency_says_it_needs_a_gpu(tmp_path):
+    command = [sys.executable, os.path.join(BENCHMARKS, "gemv_latency.py"), "--ranks", "2"]
+    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 2 and "no GPU here" in finished.stderr
+
+
+def test_gemv_latency_times_a_ranks_weights_as_the_step_merges_them(inference_test):
+    """Llama-3-8B's weights on one of 2 ranks, as README run V gives them: q|k|v and gate|up merged."""
+    gemv_latency = importlib.import_module("gemv_latency")
+    config = inference_test.model_config("llama3-8b", None)
+    assert gemv_latency.projections(config, 2) == {"q|k|v": (3072, 4096), "o": (4096, 2048), "gate|up": (14336, 4096),
+                                                  "down": (4096, 7168), "lm_head": (64128, 4096)}
+
+
+def test_gemv_latency_chase_gap_makes_dependent_loads(inference_test):
+    """The gap kernel that stands in for push's polling: each load's address is the value before
+    (in Triton's interpreter here)."""
+    pytest.importorskip("triton")
+    gemv_latency = importlib.import_module("gemv_latency")
+    gap = gemv_latency.Gap("chase", 5, torch.device("cpu"))
+    gap()
+    assert gap.out.item() == 5 * 128 // 4  # 5 lines of 128 bytes on

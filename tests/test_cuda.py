@@ -11,6 +11,7 @@ import torch.distributed as dist
 import fxtp
 from fxtp.configs import tiny_model
 from fxtp.launch import run_ranks
+from fxtp.pdl import launching_with_pdl
 from fxtp.push_all_reduce import add_rms_norm
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
@@ -38,10 +39,10 @@ def compiled_generate_on_rank(rank, batches, compile):
 
 @pytest.mark.parametrize("compile", [True, {"triton.enable_pdl": False}, {"fxtp.push_norm": False},
                                      {"fxtp.decode_attention": False}, {"fxtp.merge_projections": False},
-                                     {"fxtp.store_gemv_inputs": False},
+                                     {"fxtp.store_gemv_inputs": False}, {"fxtp.gemv": True},
                                      {"fxtp.push_all_reduce": False}, {"_collective.auto_select": False}],
                          ids=["push", "push_without_pdl", "push_without_norm", "cudnn_attention", "unmerged", "unstored",
-                              "one_shot", "nccl"])
+                              "gemv", "one_shot", "nccl"])
 def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
     model = tiny_model("llama")
     batches = [prompts(model.config.vocab_size, batch) for batch in (1, 3)]  # batch 1: matmuls become reductions
@@ -58,14 +59,20 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
         assert options["fxtp.decode_attention"] is user.get("fxtp.decode_attention", True)
         assert options["fxtp.merge_projections"] is user.get("fxtp.merge_projections", True)
         assert options["fxtp.store_gemv_inputs"] is user.get("fxtp.store_gemv_inputs", True)
+        assert options["fxtp.gemv"] is user.get("fxtp.gemv", False)
         for (first, second), reference in zip(tokens, expected):
             assert torch.equal(first, reference) and torch.equal(second, reference)
     assert results[0][0][0][0].shape == (1, 9 + NEW_TOKENS)
 
 
-def push_rounds_on_rank(rank, cases, rounds):
+def push_rounds_on_rank(rank, cases, rounds, pdl):
     """Rank body: per (numel, dtype), this rank's parts and the sums push_all_reduce gave for them,
-    first eagerly, then from replays of a CUDA graph of three calls."""
+    first eagerly, then from replays of a CUDA graph of three calls; launched with PDL if `pdl`."""
+    with launching_with_pdl(pdl):
+        return push_rounds(rank, cases, rounds)
+
+
+def push_rounds(rank, cases, rounds):
     device = torch.device("cuda", rank)
     group = dist.group.WORLD.group_name
     generator = torch.Generator(device).manual_seed(rank)
@@ -88,12 +95,13 @@ def push_rounds_on_rank(rank, cases, rounds):
     return results
 
 
-def test_push_all_reduce_sums_exactly_eagerly_and_in_graph_replays():
+@pytest.mark.parametrize("pdl", [False, True])
+def test_push_all_reduce_sums_exactly_eagerly_and_in_graph_replays(pdl):
     rounds = 6  # a multiple of the graph's three calls
     cases = [(4096, torch.bfloat16), (3 * 4096, torch.bfloat16), (1000, torch.float16), (4096, torch.float32),
              (64 * 4096, torch.bfloat16),  # MAX_BYTES: still pushed
              (65 * 4096, torch.bfloat16)]  # over it: NCCL
-    ranks = run_ranks(push_rounds_on_rank, 2, cases, rounds, timeout=600, backend="nccl")
+    ranks = run_ranks(push_rounds_on_rank, 2, cases, rounds, pdl, timeout=600, backend="nccl")
     for case, (parts0, sums0), (parts1, sums1) in zip(cases, *ranks):
         expected = [(a.float() + b.float()).to(a.dtype) for a, b in zip(parts0, parts1)]
         assert len(sums0) == 2 * rounds

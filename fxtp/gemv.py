@@ -1,0 +1,157 @@
+"""A decode step's one-row projections (GEMVs) as one Triton kernel that prefetches its weights into
+L2 while the kernel before it still runs (fxtp/decode_graph.py's `fxtp.gemv`, off by default).
+
+At batch 1 a Llama-3-8B step on 2 GPUs is 4 GEMVs a layer between latency-bound kernels (push
+all_reduce waiting on NVLink, rotary, attention over a short cache), and inductor's GEMVs read at
+68-83% of HBM bandwidth in the step (README, run U): a GEMV starts streaming its weights only once
+the kernel before it has finished. Here, in a step launched with PDL (fxtp/pdl.py), the GEMV is
+scheduled as soon as the kernel before it has released its dependents; before waiting for that
+kernel, its first `prefetchers` programs ask L2 for the first PREFETCH_BYTES of the weight, each
+thread one `cp.async.bulk.prefetch.L2` of its share, which needs nothing from the kernel before.
+
+Measured on H100 (README, run V): after a kernel that spins 5 us, a GEMV at Llama-3-8B's N=2 shapes
+took 1.6-2.9 us less than inductor's, and back to back the kernel alone is level with inductor's or
+up to 1.1 us faster; but in the whole step at N=2 it gained 0.4% (3.383 -> 3.370 ms, timed in
+turns), so it stays off by default. In that step's profile push all_reduce took 8.4 us a call
+against 5.0 without it, attention 6.9 against 5.5: both now share the GPU with the prefetch (and,
+launched earlier, count more of their wait), and whether the prefetch slows their few loads is not
+yet known.
+
+The GEMV: program p computes rows [p * BLOCK_N, (p + 1) * BLOCK_N) of `x @ W.T` (+ bias), walking
+the columns BLOCK_K at a time with a [BLOCK_N, BLOCK_K] float32 accumulator, summed at the end and
+rounded to x's dtype once, bias added in float32 first. The sum order differs from cuBLAS's and
+inductor's, so results equal theirs to float32 rounding, not bit for bit.
+
+Elsewhere (more than one row, as in a prefill or a batch; weights that are not contiguous [out, in];
+mixed dtypes; GPUs before Ampere; CPU tensors unless Triton's interpreter is on, as tests/conftest.py
+does) the op is `F.linear`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fxtp.pdl import uses_pdl
+from fxtp.twin import twin
+
+aten = torch.ops.aten
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MIN_CAPABILITY = (8, 0)  # as fxtp's other kernels
+PROGRAM_BYTES = 128 * 1024  # of the weight a prefetching program asks L2 for
+PREFETCH_BYTES = 32 * 2 ** 20  # at most this much of a weight: two thirds of H100's L2
+
+
+@torch.library.custom_op("fxtp::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+         prefetch_bytes: int = PREFETCH_BYTES) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`; one Triton kernel where x holds one row, which launched with PDL
+    prefetches the first `prefetch_bytes` of the weight."""
+    if not _kernel_applies(x, weight, bias):
+        return F.linear(x, weight, bias)
+    return launch(x, weight, bias, prefetch_bytes=prefetch_bytes)
+
+
+@gemv.register_fake
+def _(x, weight, bias=None, prefetch_bytes=PREFETCH_BYTES):
+    return x.new_empty(x.shape[:-1] + weight.shape[:1])
+
+
+def _runs_the_kernel(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    return (x.dim() >= 1 and x.numel() == x.size(-1) > 0 and weight.dim() == 2 and weight.size(1) == x.size(-1)
+            and weight.is_contiguous() and x.dtype == weight.dtype and x.dtype in DTYPES
+            and x.device == weight.device and _runs_the_kernel(x.device)
+            and (bias is None or (bias.shape == weight.shape[:1] and bias.dtype == x.dtype and bias.is_contiguous())))
+
+
+def block_sizes(rows: int, columns: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for a weight of `rows` x `columns`: a row a program, 2048 columns at
+    a time over 4 warps was within 1% of the fastest block sizes timed at each of Llama-3-8B's weights
+    at N=2 on H100 (benchmarks/gemv_latency.py, README run V)."""
+    return 1, min(2048, 1 << (columns - 1).bit_length()), 4
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           blocks: Optional[tuple[int, int, int]] = None, prefetch_bytes: int = PREFETCH_BYTES) -> torch.Tensor:
+    """Run the kernel on operands `_kernel_applies` accepts, with `block_sizes`' blocks or `blocks`;
+    launched with PDL it prefetches the first `prefetch_bytes` of the weight (benchmarks/gemv_latency.py
+    times other choices)."""
+    rows, columns = weight.shape
+    block_n, block_k, warps = blocks or block_sizes(rows, columns)
+    programs = -(-rows // block_n)
+    pdl = uses_pdl(x.device)
+    requests = 32 * warps  # one a thread
+    request_elements = PROGRAM_BYTES // requests // weight.element_size()
+    aligned = weight.data_ptr() % 16 == 0  # the bulk prefetch's addresses must be
+    prefetched = min(prefetch_bytes, weight.nbytes) // weight.element_size() if pdl and aligned else 0
+    prefetchers = min(programs, -(-prefetched // (requests * request_elements)))
+    out = x.new_empty(x.shape[:-1] + (rows,))
+    _kernel()[(programs,)](x.contiguous(), weight, weight if bias is None else bias, out, rows, prefetched, prefetchers,
+                           COLUMNS=columns, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+                           PREFETCH=prefetchers > 0, REQUESTS=requests, REQUEST_ELEMENTS=request_elements,
+                           PDL=pdl, num_warps=warps, launch_pdl=pdl)
+    return out
+
+
+def with_gemv(module: fx.GraphModule, prefetch_bytes: int = PREFETCH_BYTES) -> fx.GraphModule:
+    """A twin of `module` (fxtp/twin.py) whose `aten.linear` calls are `fxtp::gemv` calls with the
+    same arguments and `prefetch_bytes`. `module` is left as it was."""
+    gemv_twin = twin(module, "Gemv")
+    for node in gemv_twin.graph.nodes:
+        if node.op == "call_function" and node.target is aten.linear.default:
+            node.target = torch.ops.fxtp.gemv.default
+            node.kwargs = {"prefetch_bytes": prefetch_bytes}
+    gemv_twin.graph.lint()
+    gemv_twin.recompile()
+    return gemv_twin
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, prefetched, prefetchers,
+                    COLUMNS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PREFETCH: tl.constexpr, REQUESTS: tl.constexpr, REQUEST_ELEMENTS: tl.constexpr,
+                    PDL: tl.constexpr):
+        program = tl.program_id(0)
+        if PREFETCH:
+            if program < prefetchers:  # before the wait: the weights need nothing from the kernel before
+                request = (program * REQUESTS + tl.arange(0, REQUESTS)).to(tl.int64)
+                wanted = ((request + 1) * REQUEST_ELEMENTS <= prefetched).to(tl.int32)
+                size = tl.full([REQUESTS], REQUEST_ELEMENTS * w_ptr.dtype.element_ty.primitive_bitwidth // 8, tl.int32)
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; "
+                    "mov.u32 $0, 0; }", "=r,l,r,r", [w_ptr + request * REQUEST_ELEMENTS, wanted, size],
+                    dtype=tl.int32, is_pure=False, pack=1)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        row = program * BLOCK_N + tl.arange(0, BLOCK_N)
+        real_row = row < rows
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for start in range(0, COLUMNS, BLOCK_K):
+            column = start + tl.arange(0, BLOCK_K)
+            inside = column < COLUMNS
+            x = tl.load(x_ptr + column, mask=inside, other=0).to(tl.float32)
+            w = tl.load(w_ptr + row[:, None].to(tl.int64) * COLUMNS + column[None, :],
+                        mask=real_row[:, None] & inside[None, :], other=0)
+            acc += w.to(tl.float32) * x[None, :]
+        total = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + row, mask=real_row, other=0).to(tl.float32)
+        tl.store(out_ptr + row, total.to(out_ptr.dtype.element_ty), mask=real_row)
+
+    return gemv_kernel

@@ -1,0 +1,134 @@
+"""fxtp::gemv (fxtp/gemv.py): the kernel against F.linear in Triton's interpreter (on the GPU where
+there is one, launched with and without PDL, eagerly and in CUDA-graph replays), its fallbacks, and
+the decode-step rewrite that uses it (fxtp.gemv)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxtp
+from fxtp import gemv
+from fxtp.configs import tiny_model
+from fxtp.decode_graph import DECODE_ONLY, GEMV, DecodeGraph, inductor_options
+from fxtp.pdl import launching_with_pdl, uses_pdl
+from fxtp.simulate import simulate
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+aten = torch.ops.aten
+
+
+def operands(rows: int, columns: int, dtype: torch.dtype, bias: bool, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, columns, generator=generator).to(dtype)
+    weight = (torch.randn(rows, columns, generator=generator) / columns ** 0.5).to(dtype)
+    b = torch.randn(rows, generator=generator).to(dtype) if bias else None
+    return [t if t is None else t.to(DEVICE) for t in (x, weight, b)]
+
+
+def reference(x, weight, bias):
+    return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+
+
+# rows not a multiple of BLOCK_N, columns not of BLOCK_K, and more than one block of each
+@pytest.mark.parametrize("rows,columns,bias", [(20, 48, False), (37, 1030, True), (64, 2048, False), (3, 5, True)])
+def test_gemv_float32_equals_linear_to_rounding(rows, columns, bias):
+    x, weight, b = operands(rows, columns, torch.float32, bias)
+    out = torch.ops.fxtp.gemv(x, weight, b)
+    assert out.shape == (1, 1, rows) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_16_bit_is_the_float32_sum_rounded_once(dtype):
+    x, weight, b = operands(40, 300, dtype, True)
+    out = torch.ops.fxtp.gemv(x, weight, b)
+    exact = reference(x, weight, b)
+    # one rounding of a float32 sum: within an ulp of the exact value (half a one on GPUs, which round
+    # to nearest; Triton 3.9's interpreter truncates), plus float32's own error
+    assert out.dtype == dtype
+    assert ((out.double() - exact).abs() <= exact.abs() * torch.finfo(dtype).eps + 1e-4).all()
+
+
+def test_gemv_falls_back_to_linear_where_the_kernel_does_not_apply():
+    x, weight, b = operands(16, 32, torch.float32, True)
+    rows = torch.cat([x, 2 * x], dim=1)  # two rows: a prefill or a batch
+    assert torch.equal(torch.ops.fxtp.gemv(rows, weight, b), F.linear(rows, weight, b))
+    transposed = weight.t().contiguous().t()  # not contiguous [out, in]
+    assert torch.equal(torch.ops.fxtp.gemv(x, transposed, b), F.linear(x, transposed, b))
+    assert torch.equal(torch.ops.fxtp.gemv(x.double(), weight.double()), F.linear(x.double(), weight.double()))
+
+
+def test_gemv_fake_gives_the_output_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        out = torch.ops.fxtp.gemv(torch.empty(2, 1, 32), torch.empty(24, 32))
+    assert out.shape == (2, 1, 24)
+
+
+def test_pdl_only_inside_the_context_and_only_on_gpus_that_have_it():
+    assert not uses_pdl(DEVICE)
+    with launching_with_pdl(True):
+        assert uses_pdl(torch.device("cpu")) is False
+        if DEVICE.type == "cuda":
+            assert uses_pdl(DEVICE) is (torch.cuda.get_device_capability(DEVICE) >= (9, 0))
+        with launching_with_pdl(False):
+            assert not uses_pdl(DEVICE)
+    assert not uses_pdl(DEVICE)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="PDL, the prefetch and CUDA graphs need a GPU")
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gemv_on_the_gpu_in_graph_replays(pdl):
+    """Back-to-back GEMVs (with PDL: each prefetching while the one before runs) captured and
+    replayed with new inputs give F.linear's values."""
+    shapes = [(3072, 4096), (4096, 2048), (50, 4096), (4096, 7168)]
+    cases = [operands(rows, columns, torch.float32, rows == 50, seed=i) for i, (rows, columns) in enumerate(shapes)]
+    with launching_with_pdl(pdl):
+        eager = [torch.ops.fxtp.gemv(*case) for case in cases]
+        static = [case[0].clone() for case in cases]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = [torch.ops.fxtp.gemv(x, weight, b) for x, (_, weight, b) in zip(static, cases)]
+    for x in static:
+        x.mul_(-0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    for (x, weight, b), first, second in zip(cases, eager, replayed):
+        torch.testing.assert_close(first.double(), reference(x, weight, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(second.double(), reference(-0.5 * x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: projections with biases
+def test_with_gemv_rewrites_every_projection_and_keeps_the_logits(arch):
+    tp = fxtp.compile(tiny_model(arch), 2)
+    graphs = [tp.rank_graph(rank) for rank in range(2)]
+    rewritten = [gemv.with_gemv(gm, prefetch_bytes=0) for gm in graphs]
+    linears = [node.target for node in graphs[0].graph.nodes].count(aten.linear.default)
+    targets = [node.target for node in rewritten[0].graph.nodes]
+    assert linears > 0 and targets.count(torch.ops.fxtp.gemv.default) == linears
+    assert aten.linear.default not in targets
+    assert [node.target for node in graphs[0].graph.nodes].count(aten.linear.default) == linears  # left as it was
+    for ids in (torch.tensor([[5]]), torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))):
+        with torch.no_grad():  # one token: the kernel; a batch of prompts: F.linear
+            for plain, logits in zip(simulate(graphs, (ids, None), {}), simulate(rewritten, (ids, None), {})):
+                torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_is_a_decode_option_off_by_default():
+    cuda = torch.device("cuda", 0)  # the options only: nothing touches a GPU
+    assert GEMV in DECODE_ONLY
+    assert inductor_options(True, "", 1, cuda)[GEMV] is False
+    assert inductor_options({GEMV: True}, "", 1, cuda)[GEMV] is True
+    assert inductor_options({GEMV: 8 << 20}, "", 1, cuda)[GEMV] == 8 << 20
+    for wrong in (-1, 1.5, "yes"):
+        with pytest.raises(ValueError, match="bytes of each weight to prefetch"):
+            inductor_options({GEMV: wrong}, "", 1, cuda)
+
+
+@pytest.mark.parametrize("option, prefetch_bytes", [(True, gemv.PREFETCH_BYTES), (0, 0), (8 << 20, 8 << 20)])
+def test_the_decode_step_takes_the_prefetch_from_the_option(option, prefetch_bytes, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module))
+    DecodeGraph(fxtp.compile(tiny_model("llama"), 1).rank_graph(0), {GEMV: option})
+    calls = [node for node in compiled[0].graph.nodes if node.target is torch.ops.fxtp.gemv.default]
+    assert calls and all(node.kwargs == {"prefetch_bytes": prefetch_bytes} for node in calls)
