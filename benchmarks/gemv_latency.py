@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from fxtp import gemv
-from fxtp.decode_graph import FXTP_OWN, inductor_options
 from fxtp.pdl import launching_with_pdl, uses_pdl
-from inference_test import add_turn_arguments, as_cuda_graph, fastest_in_turns, hbm_bandwidth, model_config  # benchmarks/
+from inference_test import (add_turn_arguments, as_cuda_graph, fastest_in_turns, hbm_bandwidth,  # benchmarks/
+                            model_config, step_inductor_options)
 
 BLOCKS = list(itertools.product((1, 2, 4), (1024, 2048), (4, 8)))
 
@@ -103,7 +103,7 @@ def main() -> None:
         parser.error("no GPU here: this times GPU kernels")
     dtype, device = getattr(torch, args.dtype), torch.device("cuda")
     bandwidth = hbm_bandwidth(device, None)
-    step_options = {key: value for key, value in inductor_options(True, "", 1, device).items() if key not in FXTP_OWN}
+    step_options = step_inductor_options(device)
     inductor_linear = torch.compile(F.linear, fullgraph=True, dynamic=False, options=step_options)
     config = model_config(args.shape, None)
     rows_out = []

@@ -81,7 +81,7 @@ from transformers import AutoModelForCausalLM
 
 import fxtp
 from fxtp.configs import REAL_SHAPES, real_config, tiny_config
-from fxtp.decode_graph import FXTP_OWN, symmetric_memory_works
+from fxtp.decode_graph import FXTP_OWN, inductor_options, symmetric_memory_works
 from fxtp.launch import free_port
 from fxtp.static_cache import cache_shape
 from peers import PEERS, Context, Runner  # benchmarks/peers.py, beside this script
@@ -334,6 +334,12 @@ def add_turn_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", default=None, help="JSON file")
+
+
+def step_inductor_options(device: torch.device) -> dict:
+    """The inductor options of a 1-GPU decode step (coordinate descent, PDL), without fxtp's own rewrites:
+    a kernel microbenchmark compiles with them as the step does."""
+    return {key: value for key, value in inductor_options(True, "", 1, device).items() if key not in FXTP_OWN}
 
 
 def fastest_in_turns(replays: dict, reps: int, rounds: int, calls: int) -> dict:

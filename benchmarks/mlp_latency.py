@@ -16,9 +16,10 @@ import json
 import torch
 import torch.nn.functional as F
 
-from fxtp.decode_graph import FXTP_OWN, POST_GRAD, inductor_options
+from fxtp.decode_graph import POST_GRAD
 from fxtp.passes.store_gemv_inputs import StoreGemvInputs
-from inference_test import add_turn_arguments, as_cuda_graph, fastest_in_turns, hbm_bandwidth  # benchmarks/
+from inference_test import (add_turn_arguments, as_cuda_graph, fastest_in_turns, hbm_bandwidth,  # benchmarks/
+                            step_inductor_options)
 
 VARIANTS = {"inlined": {}, "stored": {POST_GRAD: StoreGemvInputs()}}
 
@@ -45,8 +46,7 @@ def main() -> None:
         parser.error(f"--ranks {args.ranks} must each divide --inner {args.inner}")
     dtype, device = getattr(torch, args.dtype), torch.device("cuda")
     bandwidth = hbm_bandwidth(device, None)  # by GPU name; None for GPUs it does not know
-    # the inductor options of a 1-GPU decode step (coordinate descent, PDL), without fxtp's own rewrites
-    step_options = {key: value for key, value in inductor_options(True, "", 1, device).items() if key not in FXTP_OWN}
+    step_options = step_inductor_options(device)
     rows = []
     for n in ranks:
         inner = args.inner // n

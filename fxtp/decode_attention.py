@@ -29,7 +29,6 @@ imported, as tests/conftest.py does) the op is grouped_query_attention.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -37,7 +36,8 @@ import torch.fx as fx
 
 from fxtp.passes.fold_grouped_query import grouped_query_attention
 from fxtp.pdl import uses_pdl
-from fxtp.twin import twin
+from fxtp.triton_device import runs_triton_kernels
+from fxtp.twin import retargeted
 
 MAX_ROWS = 16  # query rows of one kv-head group; also tl.dot's smallest M
 MAX_HEAD_DIM = 256
@@ -49,7 +49,6 @@ SHORT_SPLITS = 4
 KEYS_PER_SPLIT = 128
 MAX_SPLITS = 16
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MIN_CAPABILITY = (8, 0)
 
 _ARRIVALS: dict[tuple, torch.Tensor] = {}
 
@@ -70,15 +69,8 @@ def _(query, key, value, attn_mask=None, scale=None):
     return query.new_empty(query.shape)
 
 
-def _runs_the_kernel(device: torch.device) -> bool:
-    """GPUs from Ampere on (Triton's bfloat16 tl.dot needs sm80), and the CPU in Triton's interpreter."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _kernel_applies(query, key, value, attn_mask) -> bool:
-    if not _runs_the_kernel(query.device):
+    if not runs_triton_kernels(query.device):
         return False
     if key.dim() != 5 or key.size(2) != 1 or value.shape != key.shape or query.dim() != 4:
         return False
@@ -150,13 +142,7 @@ def with_decode_attention(module: fx.GraphModule) -> fx.GraphModule:
     """A twin of `module` (fxtp/twin.py) whose `grouped_query_attention` calls (written by
     passes/fold_grouped_query.py) are `fxtp::decode_attention` calls with the same arguments.
     `module` is left as it was."""
-    attention_twin = twin(module, "DecodeAttention")
-    for node in attention_twin.graph.nodes:
-        if node.op == "call_function" and node.target is grouped_query_attention:
-            node.target = torch.ops.fxtp.decode_attention.default
-    attention_twin.graph.lint()
-    attention_twin.recompile()
-    return attention_twin
+    return retargeted(module, "DecodeAttention", grouped_query_attention, torch.ops.fxtp.decode_attention.default)
 
 
 @functools.cache

@@ -29,7 +29,6 @@ does) the op is `F.linear`.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -37,11 +36,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxtp.pdl import uses_pdl
-from fxtp.twin import twin
+from fxtp.triton_device import runs_triton_kernels
+from fxtp.twin import retargeted
 
 aten = torch.ops.aten
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MIN_CAPABILITY = (8, 0)  # as fxtp's other kernels
 PROGRAM_BYTES = 128 * 1024  # of the weight a prefetching program asks L2 for
 PREFETCH_BYTES = 32 * 2 ** 20  # at most this much of a weight: two thirds of H100's L2
 
@@ -61,16 +60,10 @@ def _(x, weight, bias=None, prefetch_bytes=PREFETCH_BYTES):
     return x.new_empty(x.shape[:-1] + weight.shape[:1])
 
 
-def _runs_the_kernel(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     return (x.dim() >= 1 and x.numel() == x.size(-1) > 0 and weight.dim() == 2 and weight.size(1) == x.size(-1)
             and weight.is_contiguous() and x.dtype == weight.dtype and x.dtype in DTYPES
-            and x.device == weight.device and _runs_the_kernel(x.device)
+            and x.device == weight.device and runs_triton_kernels(x.device)
             and (bias is None or (bias.shape == weight.shape[:1] and bias.dtype == x.dtype and bias.is_contiguous())))
 
 
@@ -106,14 +99,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 def with_gemv(module: fx.GraphModule, prefetch_bytes: int = PREFETCH_BYTES) -> fx.GraphModule:
     """A twin of `module` (fxtp/twin.py) whose `aten.linear` calls are `fxtp::gemv` calls with the
     same arguments and `prefetch_bytes`. `module` is left as it was."""
-    gemv_twin = twin(module, "Gemv")
-    for node in gemv_twin.graph.nodes:
-        if node.op == "call_function" and node.target is aten.linear.default:
-            node.target = torch.ops.fxtp.gemv.default
-            node.kwargs = {"prefetch_bytes": prefetch_bytes}
-    gemv_twin.graph.lint()
-    gemv_twin.recompile()
-    return gemv_twin
+    return retargeted(module, "Gemv", aten.linear.default, torch.ops.fxtp.gemv.default, prefetch_bytes=prefetch_bytes)
 
 
 @functools.cache

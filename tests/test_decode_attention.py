@@ -21,6 +21,7 @@ from fxtp.decode_graph import ATTENTION, PUSH, DecodeGraph
 from fxtp.passes.fold_grouped_query import grouped_query_attention
 from fxtp.simulate import simulate
 from fxtp.static_cache import is_cache_state
+from fxtp.triton_device import runs_triton_kernels
 from fxtp.testing import tiny_program
 
 op = torch.ops.fxtp.decode_attention
@@ -194,7 +195,7 @@ def test_gpus_before_ampere_get_grouped_query_attention(monkeypatch):
     """Triton's bfloat16 dot needs sm80: older GPUs keep the graph's attention."""
     for capability, runs in [((7, 5), False), ((8, 0), True), ((9, 0), True)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-        assert attention._runs_the_kernel(torch.device("cuda", 0)) is runs
+        assert runs_triton_kernels(torch.device("cuda", 0)) is runs
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 2, 9, 40, 64), (1, 4, 2, 1, 40, 512)], ids=["18_rows", "head_dim_512"])
