@@ -1,5 +1,6 @@
-"""A decode step's one-row projections (GEMVs) as one Triton kernel that prefetches its weights into
-L2 while the kernel before it still runs (fxtp/decode_graph.py's `fxtp.gemv`, off by default).
+"""A decode step's one-row projections (GEMVs) as one Triton kernel that can prefetch its weights into
+L2 while the kernel before it still runs (fxtp/decode_graph.py's `fxtp.gemv`, off by default), and
+in a gated form that also applies a gated MLP's activation (`fxtp.gated_gemv`, on by default).
 
 At batch 1 a Llama-3-8B step on 2 GPUs is 4 GEMVs a layer between latency-bound kernels (push
 all_reduce waiting on NVLink, rotary, attention over a short cache), and inductor's GEMVs read at
@@ -14,17 +15,24 @@ took 1.6-2.9 us less than inductor's, and back to back the kernel alone is level
 up to 1.1 us faster; but in the whole step at N=2 it gained 0.4% (3.383 -> 3.370 ms, timed in
 turns), so it stays off by default. In that step's profile push all_reduce took 8.4 us a call
 against 5.0 without it, attention 6.9 against 5.5: both now share the GPU with the prefetch (and,
-launched earlier, count more of their wait), and whether the prefetch slows their few loads is not
-yet known.
+launched earlier, count more of their wait). After a kernel of 16 dependent L2 loads, as push
+polls, the 32 MB prefetch made the pair slower at four of five weights (README, run W).
 
 The GEMV: program p computes rows [p * BLOCK_N, (p + 1) * BLOCK_N) of `x @ W.T` (+ bias), walking
 the columns BLOCK_K at a time with a [BLOCK_N, BLOCK_K] float32 accumulator, summed at the end and
 rounded to x's dtype once, bias added in float32 first. The sum order differs from cuBLAS's and
 inductor's, so results equal theirs to float32 rounding, not bit for bit.
 
+Gated (`activation` set; passes/fuse_gated_gemv.py): W's rows are a gate projection's on top of an
+up projection's, and the op is a gated MLP's `act(x @ gate.T) * (x @ up.T)`, as the unfused step
+computes it after the gate|up GEMV: program p also computes up's rows [p * BLOCK_N, ...), then
+rounds both sums to x's dtype, applies `act`, rounds, multiplies, rounds, as the separate ops do.
+The activation and product then need no kernel of their own, and the down projection reads a
+stored input: Llama-3-8B at N=2 on H100, 3.452 -> 3.330 ms a token, timed in turns (README, run W).
+
 Elsewhere (more than one row, as in a prefill or a batch; weights that are not contiguous [out, in];
 mixed dtypes; GPUs before Ampere; CPU tensors unless Triton's interpreter is on, as tests/conftest.py
-does) the op is `F.linear`.
+does) the op is `F.linear` (and the gated form the same unfused ops).
 """
 from __future__ import annotations
 
@@ -43,21 +51,54 @@ aten = torch.ops.aten
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PROGRAM_BYTES = 128 * 1024  # of the weight a prefetching program asks L2 for
 PREFETCH_BYTES = 32 * 2 ** 20  # at most this much of a weight: two thirds of H100's L2
+# a gated GEMV's activation: the kernel's code for it, and the same function in torch
+ACTIVATIONS = {"silu": (1, F.silu), "gelu": (2, F.gelu), "gelu_tanh": (3, lambda x: F.gelu(x, approximate="tanh"))}
 
 
 @torch.library.custom_op("fxtp::gemv", mutates_args=())
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-         prefetch_bytes: int = PREFETCH_BYTES) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`; one Triton kernel where x holds one row, which launched with PDL
-    prefetches the first `prefetch_bytes` of the weight."""
+         prefetch_bytes: int = PREFETCH_BYTES, activation: Optional[str] = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, or with `activation` (a key of ACTIVATIONS) `act(gate) * up` of its
+    two halves; one Triton kernel where x holds one row, which launched with PDL prefetches the first
+    `prefetch_bytes` of the weight."""
+    _check_activation(activation, weight)
     if not _kernel_applies(x, weight, bias):
-        return F.linear(x, weight, bias)
-    return launch(x, weight, bias, prefetch_bytes=prefetch_bytes)
+        return F.linear(x, weight, bias) if activation is None else unfused_gated(x, weight, bias, activation)
+    return launch(x, weight, bias, prefetch_bytes=prefetch_bytes, activation=activation)
 
 
 @gemv.register_fake
-def _(x, weight, bias=None, prefetch_bytes=PREFETCH_BYTES):
-    return x.new_empty(x.shape[:-1] + weight.shape[:1])
+def _(x, weight, bias=None, prefetch_bytes=PREFETCH_BYTES, activation=None):
+    _check_activation(activation, weight)
+    return x.new_empty(x.shape[:-1] + (weight.shape[0] // (2 if activation else 1),))
+
+
+def gated_projection(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     prefetch_bytes: int = PREFETCH_BYTES, activation: str = "silu") -> torch.Tensor:
+    """A gated MLP's `act(gate) * up` (passes/fuse_gated_gemv.py's node): the gated `fxtp::gemv` where
+    x holds one row, else the unfused ops. torch.compile traces this with static shapes, so a step of
+    several rows (a batch) keeps what inductor makes of the unfused ops (a GEMM, then one
+    fused kernel for the activation and product) instead of the op's eager fallback."""
+    if x.numel() == x.size(-1):
+        return torch.ops.fxtp.gemv(x, weight, bias, prefetch_bytes=prefetch_bytes, activation=activation)
+    _check_activation(activation, weight)
+    return unfused_gated(x, weight, bias, activation)
+
+
+def unfused_gated(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  activation: str) -> torch.Tensor:
+    gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+    return ACTIVATIONS[activation][1](gate) * up
+
+
+def _check_activation(activation: Optional[str], weight: torch.Tensor) -> None:
+    if activation is None:
+        return
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fxtp::gemv's activation is one of {', '.join(ACTIVATIONS)} or None, got {activation!r}")
+    if weight.shape[0] % 2:
+        raise ValueError(f"a gated fxtp::gemv's weight holds gate's rows on top of up's, an even number of rows; "
+                         f"got a weight of {tuple(weight.shape)}")
 
 
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -75,12 +116,15 @@ def block_sizes(rows: int, columns: int) -> tuple[int, int, int]:
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           blocks: Optional[tuple[int, int, int]] = None, prefetch_bytes: int = PREFETCH_BYTES) -> torch.Tensor:
+           blocks: Optional[tuple[int, int, int]] = None, prefetch_bytes: int = PREFETCH_BYTES,
+           activation: Optional[str] = None) -> torch.Tensor:
     """Run the kernel on operands `_kernel_applies` accepts, with `block_sizes`' blocks or `blocks`;
     launched with PDL it prefetches the first `prefetch_bytes` of the weight (benchmarks/gemv_latency.py
     times other choices)."""
     rows, columns = weight.shape
     block_n, block_k, warps = blocks or block_sizes(rows, columns)
+    if activation is not None:
+        rows //= 2  # of the output: program p also computes up's rows, `rows` further down the weight
     programs = -(-rows // block_n)
     pdl = uses_pdl(x.device)
     requests = 32 * warps  # one a thread
@@ -92,7 +136,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     _kernel()[(programs,)](x.contiguous(), weight, weight if bias is None else bias, out, rows, prefetched, prefetchers,
                            COLUMNS=columns, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
                            PREFETCH=prefetchers > 0, REQUESTS=requests, REQUEST_ELEMENTS=request_elements,
-                           PDL=pdl, num_warps=warps, launch_pdl=pdl)
+                           ACTIVATION=ACTIVATIONS[activation][0] if activation else 0, PDL=pdl, num_warps=warps,
+                           launch_pdl=pdl)
     return out
 
 
@@ -111,7 +156,7 @@ def _kernel():
     def gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, prefetched, prefetchers,
                     COLUMNS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     PREFETCH: tl.constexpr, REQUESTS: tl.constexpr, REQUEST_ELEMENTS: tl.constexpr,
-                    PDL: tl.constexpr):
+                    ACTIVATION: tl.constexpr, PDL: tl.constexpr):
         program = tl.program_id(0)
         if PREFETCH:
             if program < prefetchers:  # before the wait: the weights need nothing from the kernel before
@@ -127,7 +172,10 @@ def _kernel():
             tl.extra.cuda.gdc_launch_dependents()
         row = program * BLOCK_N + tl.arange(0, BLOCK_N)
         real_row = row < rows
+        dtype = out_ptr.dtype.element_ty
+        up_row = row + rows  # gated: up's rows follow gate's
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        up_acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for start in range(0, COLUMNS, BLOCK_K):
             column = start + tl.arange(0, BLOCK_K)
             inside = column < COLUMNS
@@ -135,9 +183,26 @@ def _kernel():
             w = tl.load(w_ptr + row[:, None].to(tl.int64) * COLUMNS + column[None, :],
                         mask=real_row[:, None] & inside[None, :], other=0)
             acc += w.to(tl.float32) * x[None, :]
+            if ACTIVATION:
+                w = tl.load(w_ptr + up_row[:, None].to(tl.int64) * COLUMNS + column[None, :],
+                            mask=real_row[:, None] & inside[None, :], other=0)
+                up_acc += w.to(tl.float32) * x[None, :]
         total = tl.sum(acc, axis=1)
         if HAS_BIAS:
             total += tl.load(bias_ptr + row, mask=real_row, other=0).to(tl.float32)
-        tl.store(out_ptr + row, total.to(out_ptr.dtype.element_ty), mask=real_row)
+        if ACTIVATION:
+            up = tl.sum(up_acc, axis=1)
+            if HAS_BIAS:
+                up += tl.load(bias_ptr + up_row, mask=real_row, other=0).to(tl.float32)
+            up = up.to(dtype).to(tl.float32)
+            gate = total.to(dtype).to(tl.float32)
+            if ACTIVATION == 1:  # silu
+                gate = gate * tl.sigmoid(gate)
+            elif ACTIVATION == 2:  # gelu
+                gate = 0.5 * gate * (1 + tl.erf(gate * 0.7071067811865476))
+            else:  # gelu, tanh approximation; tanh(y) = 2 sigmoid(2y) - 1
+                gate = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
+            total = gate.to(dtype).to(tl.float32) * up
+        tl.store(out_ptr + row, total.to(dtype), mask=real_row)
 
     return gemv_kernel

@@ -8,9 +8,12 @@ import torch.nn.functional as F
 import fxtp
 from fxtp import gemv
 from fxtp.configs import tiny_model
-from fxtp.decode_graph import DECODE_ONLY, GEMV, DecodeGraph, inductor_options
+from fxtp.decode_graph import DECODE_ONLY, GATED, GEMV, DecodeGraph, inductor_options
+from fxtp.passes.fuse_gated_gemv import fuse_gated_gemv
+from fxtp.passes.merge_projections import merge_projections
 from fxtp.pdl import launching_with_pdl, uses_pdl
 from fxtp.simulate import simulate
+from fxtp.twin import twin
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 aten = torch.ops.aten
@@ -26,6 +29,12 @@ def operands(rows: int, columns: int, dtype: torch.dtype, bias: bool, seed: int 
 
 def reference(x, weight, bias):
     return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+
+
+def gated_reference(x, weight, bias, activation):
+    """The unfused step's ops in x's dtype: the projection, its halves, the activation, the product."""
+    gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+    return {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation](gate) * up
 
 
 # rows not a multiple of BLOCK_N, columns not of BLOCK_K, and more than one block of each
@@ -98,6 +107,26 @@ def test_gemv_on_the_gpu_in_graph_replays(pdl):
         torch.testing.assert_close(second.double(), reference(-0.5 * x, weight, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="PDL and CUDA graphs need a GPU")
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gated_gemv_on_the_gpu_in_graph_replays(pdl):
+    """Gated GEMVs at Llama-3-8B's gate|up shape (N=2) and a ragged one, in a replayed CUDA graph."""
+    cases = [operands(rows, columns, torch.float32, bias, seed=i)
+             for i, (rows, columns, bias) in enumerate([(14336, 4096, False), (74, 1030, True)])]
+    with launching_with_pdl(pdl):
+        static = [case[0].clone() for case in cases]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = [torch.ops.fxtp.gemv(x, weight, b, prefetch_bytes=0, activation="silu")
+                        for x, (_, weight, b) in zip(static, cases)]
+    for x in static:
+        x.mul_(-0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    for (x, weight, b), out in zip(cases, replayed):
+        torch.testing.assert_close(out, gated_reference(-0.5 * x, weight, b, "silu"), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: projections with biases
 def test_with_gemv_rewrites_every_projection_and_keeps_the_logits(arch):
     tp = fxtp.compile(tiny_model(arch), 2)
@@ -132,3 +161,121 @@ def test_the_decode_step_takes_the_prefetch_from_the_option(option, prefetch_byt
     DecodeGraph(fxtp.compile(tiny_model("llama"), 1).rank_graph(0), {GEMV: option})
     calls = [node for node in compiled[0].graph.nodes if node.target is torch.ops.fxtp.gemv.default]
     assert calls and all(node.kwargs == {"prefetch_bytes": prefetch_bytes} for node in calls)
+
+
+@pytest.mark.parametrize("activation", sorted(gemv.ACTIVATIONS))
+@pytest.mark.parametrize("rows,columns,bias", [(40, 48, False), (74, 1030, True)])
+def test_gated_gemv_float32_equals_the_unfused_ops(activation, rows, columns, bias):
+    x, weight, b = operands(rows, columns, torch.float32, bias)
+    out = torch.ops.fxtp.gemv(x, weight, b, activation=activation)
+    assert out.shape == (1, 1, rows // 2)
+    torch.testing.assert_close(out, gated_reference(x, weight, b, activation), rtol=1e-5, atol=1e-5)
+
+
+def test_gated_gemv_16_bit_rounds_as_the_unfused_ops():
+    """The kernel rounds to bfloat16 where the unfused ops do (gate, up, the activation, the product):
+    four roundings each, of at most half an ulp (relative 2^-8) on GPUs, which round to nearest, and a
+    whole one where Triton's interpreter truncates. Another activation falls outside."""
+    x, weight, b = operands(64, 300, torch.bfloat16, True)
+    out = torch.ops.fxtp.gemv(x, weight, b, activation="silu")
+    unfused = gated_reference(x, weight, b, "silu").float()
+    rounding = 2 ** -8 if DEVICE.type == "cuda" else 2 ** -7
+    assert ((out.float() - unfused).abs() <= unfused.abs() * (4 * rounding + 4 * 2 ** -8) + 1e-3).all()
+    assert not torch.allclose(out.float(), gated_reference(x, weight, b, "gelu").float(), rtol=0.05, atol=1e-3)
+
+
+def test_gated_gemv_falls_back_to_the_unfused_ops_and_checks_its_arguments():
+    x, weight, b = operands(16, 32, torch.float32, True)
+    rows = torch.cat([x, 2 * x], dim=1)
+    assert torch.equal(torch.ops.fxtp.gemv(rows, weight, b, activation="gelu_tanh"),
+                       gated_reference(rows, weight, b, "gelu_tanh"))
+    with pytest.raises(ValueError, match="activation is one of silu, gelu, gelu_tanh"):
+        torch.ops.fxtp.gemv(x, weight, b, activation="relu")
+    with pytest.raises(ValueError, match="even number of rows"):
+        torch.ops.fxtp.gemv(x, weight[:15], b[:15], activation="silu")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert torch.ops.fxtp.gemv(torch.empty(2, 1, 32), torch.empty(24, 32), activation="silu").shape == (2, 1, 12)
+
+
+# llama: merged gate|up, silu; gemma: gelu (tanh); phi3: its own fused gate_up, chunked; qwen2: biases elsewhere
+@pytest.mark.parametrize("arch, activation", [("llama", "silu"), ("gemma", "gelu_tanh"), ("phi3", "silu"),
+                                              ("qwen2", "silu")])
+def test_fuse_gated_gemv_fuses_every_mlp_and_keeps_the_logits(arch, activation):
+    model = tiny_model(arch)
+    tp = fxtp.compile(model, 2)
+    graphs = [merge_projections(twin(tp.rank_graph(rank), "Merged")) for rank in range(2)]
+    fused = [fuse_gated_gemv(twin(gm, "Gated"), prefetch_bytes=0) for gm in graphs]
+    calls = [node for node in fused[0].graph.nodes if node.target is gemv.gated_projection]
+    assert len(calls) == model.config.num_hidden_layers
+    assert all(node.kwargs == {"prefetch_bytes": 0, "activation": activation} for node in calls)
+    activations = (aten.silu.default, aten.gelu.default)
+    assert not any(node.target in activations for node in fused[0].graph.nodes)
+    assert any(node.target in activations for node in graphs[0].graph.nodes)  # the merged twin is left as it was
+    for ids in (torch.tensor([[5]]), torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))):
+        with torch.no_grad():  # one token: the kernel; a batch of prompts: its fallback
+            for plain, logits in zip(simulate(graphs, (ids, None), {}), simulate(fused, (ids, None), {})):
+                torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_gated_gemv_leaves_what_is_not_a_gated_projection():
+    """Unmerged gate and up (two projections), an activation read twice, and unequal halves stay."""
+    model = tiny_model("llama")
+    layers = model.config.num_hidden_layers
+    tp = fxtp.compile(model, 1)
+    unmerged = fuse_gated_gemv(twin(tp.rank_graph(0), "Gated"), prefetch_bytes=0)
+    assert gemv.gated_projection not in [node.target for node in unmerged.graph.nodes]
+    merged = merge_projections(twin(tp.rank_graph(0), "Merged"))
+    first, second = [node for node in merged.graph.nodes if node.target is aten.silu.default][:2]
+    with merged.graph.inserting_after(first):
+        merged.graph.call_function(aten.neg.default, (first,))  # a second reader of layer 0's activation
+    split = first.args[0].args[0]
+    halves = second.args[0].args[0]
+    assert split.target is halves.target is aten.split_with_sizes.default
+    rows = sum(halves.args[1])
+    halves.args = (halves.args[0], [rows // 2 - 1, rows // 2 + 1], -1)  # layer 1's halves made unequal
+    fused = fuse_gated_gemv(merged, prefetch_bytes=0)
+    assert [node.target for node in fused.graph.nodes].count(gemv.gated_projection) == layers - 2
+    assert [node.target for node in fused.graph.nodes].count(aten.silu.default) == 2
+
+
+def test_the_decode_step_fuses_gated_mlps_by_default(monkeypatch):
+    cuda = torch.device("cuda", 0)  # the options only: nothing touches a GPU
+    assert GATED in DECODE_ONLY and inductor_options(True, "", 1, cuda)[GATED] is True
+    with pytest.raises(ValueError, match="fxtp.gated_gemv is True or False"):
+        inductor_options({GATED: 1}, "", 1, cuda)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module))
+    model = tiny_model("llama")
+    program = fxtp.compile(model, 1)
+    for options in ({GATED: True, "fxtp.merge_projections": True},
+                    {GATED: True, "fxtp.merge_projections": True, GEMV: 8 << 20},
+                    {GATED: False, "fxtp.merge_projections": True}):
+        DecodeGraph(program.rank_graph(0), options)
+        calls = [node.kwargs for node in compiled[-1].graph.nodes
+                 if node.target in (torch.ops.fxtp.gemv.default, gemv.gated_projection)]
+        gated = [kwargs for kwargs in calls if kwargs.get("activation") == "silu"]
+        assert len(gated) == (model.config.num_hidden_layers if options[GATED] else 0)
+        assert all(kwargs["prefetch_bytes"] == options.get(GEMV, 0) for kwargs in calls)
+        assert len(calls) > len(gated) if GEMV in options else len(calls) == len(gated)
+
+
+def test_gated_projection_compiles_to_the_kernel_for_one_row_and_to_plain_ops_for_more():
+    """torch.compile (static shapes, as the decode step) sees the gated op at one row and the unfused
+    ops, which inductor fuses as it did before the pass, at several."""
+    _, weight, b = operands(16, 32, torch.float32, True)
+    for rows, kernel in ((1, True), (3, False)):
+        graphs = []
+
+        def record(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        x = torch.randn(1, rows, 32, device=DEVICE)
+        out = torch.compile(gemv.gated_projection, backend=record, dynamic=False)(x, weight, b, 0, "silu")
+        torch.testing.assert_close(out, gated_reference(x, weight, b, "silu"), rtol=1e-5, atol=1e-5)
+        targets = [node.target for node in graphs[0].graph.nodes]
+        assert any(t in (torch.ops.fxtp.gemv, torch.ops.fxtp.gemv.default) for t in targets) is kernel
+        assert (F.linear in targets) is not kernel
