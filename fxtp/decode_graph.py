@@ -46,6 +46,11 @@ Inductor options (a `compile={...}` dict overrides them):
   MLPs need `fxtp.merge_projections` for it (their gate and up are then one projection). Exact in
   Triton's interpreter and in the fp32 generate test on H100; Llama-3-8B at N=2 went from 3.452 to
   3.330 ms a token, timed in turns in one process (README, run W).
+- `fxtp.rotary_gemv` (fxtp's own, off by default: not yet timed on a GPU): at one row a layer's
+  q|k|v projection, the rotary embedding of q and k and the KV-cache write of k and v are one
+  kernel (passes/fuse_rotary_gemv.py, fxtp/rotary_gemv.py: the rotary form of fxtp/gemv.py's GEMV,
+  its prefetch as `fxtp.gemv` sets it), in place of the GEMV and three small kernels. HF Llama-style
+  attention (`rotate_half` rotary, `index_copy_` cache writes) with `fxtp.merge_projections` on.
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
   and waits for it in `gdc_wait`, so its launch no longer sits between the two. fxtp's own kernels
@@ -76,6 +81,7 @@ from fxtp.decode_attention import with_decode_attention
 from fxtp.gemv import PREFETCH_BYTES, with_gemv
 from fxtp.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from fxtp.passes.fuse_gated_gemv import fuse_gated_gemv
+from fxtp.passes.fuse_rotary_gemv import fuse_rotary_gemv
 from fxtp.passes.merge_projections import merge_projections
 from fxtp.passes.store_gemv_inputs import StoreGemvInputs
 from fxtp.pdl import launching_with_pdl
@@ -92,9 +98,10 @@ MERGE = "fxtp.merge_projections"
 STORE = "fxtp.store_gemv_inputs"
 GEMV = "fxtp.gemv"
 GATED = "fxtp.gated_gemv"
+ROTARY = "fxtp.rotary_gemv"
 POST_GRAD = "post_grad_custom_post_pass"
-FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION, MERGE, STORE, GEMV, GATED)  # rewrites of the step, not inductor options
-DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL, ATTENTION, MERGE, STORE, GEMV, GATED)
+FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION, MERGE, STORE, GEMV, GATED, ROTARY)  # rewrites of the step, not inductor's
+DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL, ATTENTION, MERGE, STORE, GEMV, GATED, ROTARY)
 _CAPTURES = itertools.count()
 
 
@@ -117,8 +124,10 @@ def inductor_options(compile: Union[bool, dict], group_name: str, world_size: in
         raise ValueError(f"{GEMV} is True, False or the bytes of each weight to prefetch (0 or more), "
                          f"got {options[GEMV]!r}")
     options.setdefault(GATED, True)
-    if not isinstance(options[GATED], bool):
-        raise ValueError(f"{GATED} is True or False, got {options[GATED]!r}")
+    options.setdefault(ROTARY, False)
+    for key in (GATED, ROTARY):
+        if not isinstance(options[key], bool):
+            raise ValueError(f"{key} is True or False, got {options[key]!r}")
     options.setdefault(STORE, options.get(POST_GRAD) is None)  # the user's own post-grad pass takes its place
     if options[STORE] and options.get(POST_GRAD) is not None:
         raise ValueError(f"{STORE}=True is inductor's {POST_GRAD}, which the options set already; "
@@ -174,6 +183,8 @@ class DecodeGraph:
         step = with_decode_attention(step) if options.get(ATTENTION) else step
         gemv = options.get(GEMV, False)
         prefetch_bytes = PREFETCH_BYTES if gemv is True else int(gemv)
+        if options.get(ROTARY):
+            step = fuse_rotary_gemv(twin(step, "Rotary"), prefetch_bytes)
         if options.get(GATED):
             step = fuse_gated_gemv(twin(step, "Gated"), prefetch_bytes)
         if gemv is not False:

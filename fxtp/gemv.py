@@ -37,7 +37,7 @@ does) the op is `F.linear` (and the gated form the same unfused ops).
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -115,29 +115,54 @@ def block_sizes(rows: int, columns: int) -> tuple[int, int, int]:
     return 1, min(2048, 1 << (columns - 1).bit_length()), 4
 
 
+class Rotary(NamedTuple):
+    """What the rotary form of the GEMV (fxtp/rotary_gemv.py) needs beyond x, W and b: the rotation's
+    cos and sin ([1, 1, head_dim]), the cache position ([1]), the caches ([1, kv_heads, length, head_dim])
+    it writes k and v to, and the number of query heads in W's rows (q's, then k's, then v's)."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    position: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    heads: int
+
+
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            blocks: Optional[tuple[int, int, int]] = None, prefetch_bytes: int = PREFETCH_BYTES,
-           activation: Optional[str] = None) -> torch.Tensor:
+           activation: Optional[str] = None, rotary: Optional[Rotary] = None) -> torch.Tensor:
     """Run the kernel on operands `_kernel_applies` accepts, with `block_sizes`' blocks or `blocks`;
     launched with PDL it prefetches the first `prefetch_bytes` of the weight (benchmarks/gemv_latency.py
-    times other choices)."""
+    times other choices). Gated (`activation`) or rotary (`rotary`), output i pairs the weight's rows
+    first(i) = (i // group) * 2 * group + i % group and first(i) + group: gate's row i and up's, with a
+    group of half the rows; the two halves of a head's row of features, with a group of half a head."""
     rows, columns = weight.shape
     block_n, block_k, warps = blocks or block_sizes(rows, columns)
-    if activation is not None:
-        rows //= 2  # of the output: program p also computes up's rows, `rows` further down the weight
-    programs = -(-rows // block_n)
+    if rotary is not None:
+        group = rotary.key_cache.size(-1) // 2
+        outputs, epilogue, out = rows // 2, 2, x.new_empty(1, rotary.heads, 1, 2 * group)
+    elif activation is not None:
+        outputs = group = rows // 2
+        epilogue, out = 1, x.new_empty(x.shape[:-1] + (outputs,))
+    else:
+        outputs = group = rows
+        epilogue, out = 0, x.new_empty(x.shape[:-1] + (rows,))
+    cache = rotary or Rotary(weight, weight, weight, weight, weight, 0)  # read only by the rotary form
+    query_rows = cache.heads * group  # of the outputs (pairs), in the rotary form: q's, k's, v's
+    rotated_rows = query_rows + cache.key_cache.size(1) * group
+    programs = -(-outputs // block_n)
     pdl = uses_pdl(x.device)
     requests = 32 * warps  # one a thread
     request_elements = PROGRAM_BYTES // requests // weight.element_size()
     aligned = weight.data_ptr() % 16 == 0  # the bulk prefetch's addresses must be
     prefetched = min(prefetch_bytes, weight.nbytes) // weight.element_size() if pdl and aligned else 0
     prefetchers = min(programs, -(-prefetched // (requests * request_elements)))
-    out = x.new_empty(x.shape[:-1] + (rows,))
-    _kernel()[(programs,)](x.contiguous(), weight, weight if bias is None else bias, out, rows, prefetched, prefetchers,
+    _kernel()[(programs,)](x.contiguous(), weight, weight if bias is None else bias, out, outputs, group, prefetched,
+                           prefetchers, cache.cos, cache.sin, cache.position, cache.key_cache, cache.value_cache,
+                           query_rows, rotated_rows, cache.key_cache.stride(1),
                            COLUMNS=columns, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
                            PREFETCH=prefetchers > 0, REQUESTS=requests, REQUEST_ELEMENTS=request_elements,
-                           ACTIVATION=ACTIVATIONS[activation][0] if activation else 0, PDL=pdl, num_warps=warps,
-                           launch_pdl=pdl)
+                           EPILOGUE=epilogue, ACTIVATION=ACTIVATIONS[activation][0] if activation else 0, PDL=pdl,
+                           num_warps=warps, launch_pdl=pdl)
     return out
 
 
@@ -153,10 +178,13 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, prefetched, prefetchers,
+    def gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, group, prefetched, prefetchers,
+                    cos_ptr, sin_ptr, position_ptr, key_ptr, value_ptr, query_rows, rotated_rows, cache_stride,
                     COLUMNS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     PREFETCH: tl.constexpr, REQUESTS: tl.constexpr, REQUEST_ELEMENTS: tl.constexpr,
-                    ACTIVATION: tl.constexpr, PDL: tl.constexpr):
+                    EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, PDL: tl.constexpr):
+        # EPILOGUE 0: out[i] = row i's sum. 1 (gated): act(first's) * second's. 2 (rotary): rotate the
+        # pair (q's and k's heads), write q's to out and k's and v's to the caches at the position.
         program = tl.program_id(0)
         if PREFETCH:
             if program < prefetchers:  # before the wait: the weights need nothing from the kernel before
@@ -170,39 +198,64 @@ def _kernel():
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        row = program * BLOCK_N + tl.arange(0, BLOCK_N)
+        row = program * BLOCK_N + tl.arange(0, BLOCK_N)  # of the output, or of its pairs
         real_row = row < rows
         dtype = out_ptr.dtype.element_ty
-        up_row = row + rows  # gated: up's rows follow gate's
+        first = row if EPILOGUE == 0 else (row // group) * (2 * group) + row % group
+        second = first + group
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        up_acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        second_acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for start in range(0, COLUMNS, BLOCK_K):
             column = start + tl.arange(0, BLOCK_K)
             inside = column < COLUMNS
             x = tl.load(x_ptr + column, mask=inside, other=0).to(tl.float32)
-            w = tl.load(w_ptr + row[:, None].to(tl.int64) * COLUMNS + column[None, :],
+            w = tl.load(w_ptr + first[:, None].to(tl.int64) * COLUMNS + column[None, :],
                         mask=real_row[:, None] & inside[None, :], other=0)
             acc += w.to(tl.float32) * x[None, :]
-            if ACTIVATION:
-                w = tl.load(w_ptr + up_row[:, None].to(tl.int64) * COLUMNS + column[None, :],
+            if EPILOGUE:
+                w = tl.load(w_ptr + second[:, None].to(tl.int64) * COLUMNS + column[None, :],
                             mask=real_row[:, None] & inside[None, :], other=0)
-                up_acc += w.to(tl.float32) * x[None, :]
+                second_acc += w.to(tl.float32) * x[None, :]
         total = tl.sum(acc, axis=1)
         if HAS_BIAS:
-            total += tl.load(bias_ptr + row, mask=real_row, other=0).to(tl.float32)
-        if ACTIVATION:
-            up = tl.sum(up_acc, axis=1)
+            total += tl.load(bias_ptr + first, mask=real_row, other=0).to(tl.float32)
+        if EPILOGUE:  # both sums rounded to x's dtype first, as the projection's output is
+            other = tl.sum(second_acc, axis=1)
             if HAS_BIAS:
-                up += tl.load(bias_ptr + up_row, mask=real_row, other=0).to(tl.float32)
-            up = up.to(dtype).to(tl.float32)
-            gate = total.to(dtype).to(tl.float32)
+                other += tl.load(bias_ptr + second, mask=real_row, other=0).to(tl.float32)
+            other = other.to(dtype).to(tl.float32)
+            total = total.to(dtype).to(tl.float32)
+        if EPILOGUE == 1:  # total: gate, other: up; the unfused ops round the activation too
             if ACTIVATION == 1:  # silu
-                gate = gate * tl.sigmoid(gate)
+                total = total * tl.sigmoid(total)
             elif ACTIVATION == 2:  # gelu
-                gate = 0.5 * gate * (1 + tl.erf(gate * 0.7071067811865476))
+                total = 0.5 * total * (1 + tl.erf(total * 0.7071067811865476))
             else:  # gelu, tanh approximation; tanh(y) = 2 sigmoid(2y) - 1
-                gate = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
-            total = gate.to(dtype).to(tl.float32) * up
-        tl.store(out_ptr + row, total.to(dtype), mask=real_row)
+                total = total * tl.sigmoid(1.5957691216057308 * (total + 0.044715 * total * total * total))
+            total = total.to(dtype).to(tl.float32) * other
+        if EPILOGUE == 2:  # total, other: features j and j + head_dim / 2 of head `row // group`
+            head, j = row // group, row % group
+            rotated = real_row & (row < rotated_rows)
+            # v's pair is not rotated: cos 1, sin 0 (set after the load: with other=1, Triton's
+            # interpreter gave 0 for bfloat16)
+            cos_j = tl.where(rotated, tl.load(cos_ptr + j, mask=rotated, other=0).to(tl.float32), 1.0)
+            cos_k = tl.where(rotated, tl.load(cos_ptr + j + group, mask=rotated, other=0).to(tl.float32), 1.0)
+            sin_j = tl.load(sin_ptr + j, mask=rotated, other=0).to(tl.float32)
+            sin_k = tl.load(sin_ptr + j + group, mask=rotated, other=0).to(tl.float32)
+            total, other = total * cos_j - other * sin_j, other * cos_k + total * sin_k
+            position = tl.load(position_ptr)
+            is_query = real_row & (row < query_rows)
+            tl.store(out_ptr + head * 2 * group + j, total.to(dtype), mask=is_query)
+            tl.store(out_ptr + head * 2 * group + j + group, other.to(dtype), mask=is_query)
+            kv_head = tl.where(rotated, head - query_rows // group, head - rotated_rows // group)
+            cached = kv_head.to(tl.int64) * cache_stride + position * 2 * group + j
+            is_key = rotated & (row >= query_rows)
+            tl.store(key_ptr + cached, total.to(dtype), mask=is_key)
+            tl.store(key_ptr + cached + group, other.to(dtype), mask=is_key)
+            is_value = real_row & (row >= rotated_rows)
+            tl.store(value_ptr + cached, total.to(dtype), mask=is_value)
+            tl.store(value_ptr + cached + group, other.to(dtype), mask=is_value)
+        else:
+            tl.store(out_ptr + row, total.to(dtype), mask=real_row)
 
     return gemv_kernel

@@ -15,7 +15,7 @@ from fxtp.program import TPProgram
 from fxtp.signatures import Forward, signature_of
 
 __all__ = ["architectures", "tiny_configs", "world_sizes", "token_batches", "assert_equivalent", "max_abs_diff",
-           "tiny_program", "padded_batch", "assert_generates_like_hf"]
+           "tiny_program", "padded_batch", "assert_generates_like_hf", "traced_targets"]
 
 
 @lru_cache(maxsize=None)
@@ -138,3 +138,17 @@ def assert_generates_like_hf(model: torch.nn.Module, world_size: int, input_ids:
                                                                                      f"!= {tuple(expected.shape)}")
                              + f"\nfxtp: {got.tolist()}\nHF:   {expected.tolist()}")
     return got
+
+
+def traced_targets(fn, *args) -> tuple:
+    """(fn(*args) compiled, the targets of the graph torch.compile traced): what a decode step's
+    compilation (static shapes) sees of `fn` at these arguments."""
+    graphs = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=record, dynamic=False)(*args)
+    return out, [node.target for node in graphs[0].graph.nodes]

@@ -13,6 +13,7 @@ from fxtp.passes.fuse_gated_gemv import fuse_gated_gemv
 from fxtp.passes.merge_projections import merge_projections
 from fxtp.pdl import launching_with_pdl, uses_pdl
 from fxtp.simulate import simulate
+from fxtp.testing import traced_targets
 from fxtp.twin import twin
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -266,16 +267,8 @@ def test_gated_projection_compiles_to_the_kernel_for_one_row_and_to_plain_ops_fo
     ops, which inductor fuses as it did before the pass, at several."""
     _, weight, b = operands(16, 32, torch.float32, True)
     for rows, kernel in ((1, True), (3, False)):
-        graphs = []
-
-        def record(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-
-        torch._dynamo.reset()
         x = torch.randn(1, rows, 32, device=DEVICE)
-        out = torch.compile(gemv.gated_projection, backend=record, dynamic=False)(x, weight, b, 0, "silu")
+        out, targets = traced_targets(gemv.gated_projection, x, weight, b, 0, "silu")
         torch.testing.assert_close(out, gated_reference(x, weight, b, "silu"), rtol=1e-5, atol=1e-5)
-        targets = [node.target for node in graphs[0].graph.nodes]
         assert any(t in (torch.ops.fxtp.gemv, torch.ops.fxtp.gemv.default) for t in targets) is kernel
         assert (F.linear in targets) is not kernel

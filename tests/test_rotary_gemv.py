@@ -1,0 +1,197 @@
+"""fxtp::rotary_gemv (fxtp/rotary_gemv.py) against the unfused ops in Triton's interpreter (on the GPU
+where there is one, in CUDA-graph replays), its fallbacks, and the decode-step rewrite that uses it
+(passes/fuse_rotary_gemv.py, fxtp.rotary_gemv), down to greedy tokens equal to HF's."""
+import pytest
+import torch
+
+import fxtp
+from fxtp import rotary_gemv
+from fxtp.configs import tiny_model
+from fxtp.decode_graph import DECODE_ONLY, ROTARY, DecodeGraph, inductor_options
+from fxtp.gemv import launch
+from fxtp.passes.fuse_gated_gemv import fuse_gated_gemv
+from fxtp.passes.fuse_rotary_gemv import fuse_rotary_gemv
+from fxtp.passes.merge_projections import merge_projections
+from fxtp.pdl import launching_with_pdl
+from fxtp.rotary_gemv import rotary_projection, unfused_rotary
+from fxtp.testing import assert_generates_like_hf, traced_targets
+from fxtp.twin import twin
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+aten = torch.ops.aten
+
+
+def operands(heads: int, kv_heads: int, head_dim: int, hidden: int, dtype: torch.dtype, bias: bool,
+             rows: int = 1, length: int = 10, position: int = 3, seed: int = 0) -> list:
+    """x [1, rows, hidden], W, b, cos, sin, positions, key and value caches [1, kv_heads, length, head_dim]."""
+    generator = torch.Generator().manual_seed(seed)
+    out = (heads + 2 * kv_heads) * head_dim
+    angle = torch.randn(1, rows, head_dim // 2, generator=generator).repeat(1, 1, 2)
+    tensors = [torch.randn(1, rows, hidden, generator=generator), torch.randn(out, hidden, generator=generator) / hidden ** 0.5,
+               torch.randn(out, generator=generator) if bias else None, angle.cos(), angle.sin(),
+               torch.arange(position, position + rows), torch.randn(1, kv_heads, length, head_dim, generator=generator),
+               torch.randn(1, kv_heads, length, head_dim, generator=generator)]
+    return [t if t is None else (t if t.dtype == torch.long else t.to(dtype)).to(DEVICE) for t in tensors]
+
+
+def both(case: list, heads: int) -> tuple:
+    """(q, key cache, value cache) from the op and from the unfused ops, each on caches of its own."""
+    fused, unfused = [t.clone() if t is not None else None for t in case], [t.clone() if t is not None else None for t in case]
+    q = torch.ops.fxtp.rotary_gemv(*fused, heads)
+    expected = unfused_rotary(*unfused, heads)
+    return (q, *fused[6:]), (expected, *unfused[6:])
+
+
+# GQA, MHA, a bias, a position at the cache's end, K not a multiple of the GEMV's block
+@pytest.mark.parametrize("heads, kv_heads, head_dim, hidden, bias, position",
+                         [(4, 2, 16, 48, False, 3), (2, 2, 8, 1030, True, 9), (6, 1, 32, 64, True, 0)])
+def test_rotary_gemv_float32_equals_the_unfused_ops(heads, kv_heads, head_dim, hidden, bias, position):
+    case = operands(heads, kv_heads, head_dim, hidden, torch.float32, bias, position=position)
+    (q, keys, values), (expected, expected_keys, expected_values) = both(case, heads)
+    assert q.shape == (1, heads, 1, head_dim) and q.is_contiguous()
+    torch.testing.assert_close(q, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(keys, expected_keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values, expected_values, rtol=1e-5, atol=1e-5)
+    untouched = torch.arange(keys.shape[2]) != position  # the other positions keep their values exactly
+    assert torch.equal(keys[:, :, untouched], case[6][:, :, untouched])
+    assert torch.equal(values[:, :, untouched], case[7][:, :, untouched])
+
+
+def test_rotary_gemv_16_bit_is_within_a_few_ulps_of_the_unfused_ops():
+    """bfloat16: the kernel rounds the projection as the unfused ops do, then rotates in float32 and
+    rounds once where they round after each product and the sum (and Triton's interpreter truncates)."""
+    (q, keys, values), (expected, expected_keys, expected_values) = both(operands(4, 2, 16, 256, torch.bfloat16, True), 4)
+    for got, want in ((q, expected), (keys[:, :, 3], expected_keys[:, :, 3]), (values, expected_values)):
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 4 * 2 ** -7 + 2e-2).all()
+
+
+def test_rotary_gemv_falls_back_to_the_unfused_ops_and_gives_the_fake_shape():
+    case = operands(4, 2, 16, 48, torch.float32, True, rows=3)  # a prefill: three rows
+    (q, keys, values), (expected, expected_keys, expected_values) = both(case, 4)
+    assert torch.equal(q, expected.contiguous()) and torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = [torch.empty(t.shape, dtype=t.dtype) if t is not None else None for t in case]
+        assert torch.ops.fxtp.rotary_gemv(*fake, 4).shape == (1, 4, 3, 16)
+
+
+def test_rotary_projection_compiles_to_the_kernel_for_one_row_and_to_plain_ops_for_more():
+    for rows, kernel in ((1, True), (3, False)):
+        case = operands(4, 2, 16, 48, torch.float32, False, rows=rows)
+        expected = unfused_rotary(*[t.clone() if t is not None else None for t in case], 4)
+        q, targets = traced_targets(rotary_projection, *case, 4)
+        torch.testing.assert_close(q, expected, rtol=1e-5, atol=1e-5)
+        assert any(t in (torch.ops.fxtp.rotary_gemv, torch.ops.fxtp.rotary_gemv.default) for t in targets) is kernel
+
+
+def test_inductor_writes_the_caches_in_place():
+    """Compiled by inductor, the op mutates the step's caches where they are, with no copy of them."""
+    from torch._inductor.utils import run_and_get_code
+
+    def step(x, weight, cos, sin, position, key_cache, value_cache):
+        return rotary_projection(x, weight, None, cos, sin, position, key_cache, value_cache, 4) * 2
+
+    torch._dynamo.reset()
+    case = operands(4, 2, 16, 48, torch.float32, False, length=64)
+    args = [case[i] for i in (0, 1, 3, 4, 5, 6, 7)]
+    expected = unfused_rotary(*[t.clone() if t is not None else None for t in case], 4) * 2
+    expected_keys, expected_values = case[6].clone(), case[7].clone()
+    unfused_rotary(*case[:6], expected_keys, expected_values, 4)
+    q, code = run_and_get_code(torch.compile(step, dynamic=False), *args)
+    torch.testing.assert_close(q, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(case[6], expected_keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(case[7], expected_values, rtol=1e-5, atol=1e-5)
+    assert "rotary_gemv.default(" in code[0] and "copy_" not in code[0]
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="PDL and CUDA graphs need a GPU")
+@pytest.mark.parametrize("pdl", [False, True])
+def test_rotary_gemv_on_the_gpu_in_graph_replays(pdl):
+    """At Llama-3-8B's N=2 shape (16 heads, 4 kv heads of 128, hidden 4096) in a replayed CUDA graph
+    whose position and input change between replays."""
+    case = operands(16, 4, 128, 4096, torch.float32, False, length=64, position=5)
+    unfused = [t.clone() for t in case[:6]] + [t.clone() for t in case[6:]]
+    with launching_with_pdl(pdl):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            q = torch.ops.fxtp.rotary_gemv(*case, 16)
+    case[0].mul_(-0.5)
+    case[5].fill_(40)
+    graph.replay()
+    torch.cuda.synchronize()
+    unfused[0].mul_(-0.5)
+    unfused[5].fill_(40)
+    expected = unfused_rotary(*unfused, 16)
+    torch.testing.assert_close(q, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(case[6][:, :, 40], unfused[6][:, :, 40], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(case[7][:, :, 40], unfused[7][:, :, 40], rtol=1e-5, atol=1e-5)
+
+
+def fused_step(module):
+    """What DecodeGraph builds before inductor with fxtp.rotary_gemv and fxtp.gated_gemv on."""
+    return fuse_gated_gemv(fuse_rotary_gemv(merge_projections(twin(module, "Merged")), 0), 0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])  # qwen2: q|k|v biases; gemma: gelu, scaled embeddings
+def test_fused_steps_generate_hf_tokens(arch, monkeypatch):
+    """Every rank's step with the rotary and gated GEMVs, run eagerly on 2 simulated ranks: the
+    prefill (several rows: the unfused ops) and batch-1 decode steps (the kernels) give HF's tokens;
+    at batch 2, the fallbacks do."""
+    model = tiny_model(arch)
+    tp = fxtp.compile(model, 2)
+    generator = tp.generator()
+    prepare = generator._prepare
+
+    def prepare_fused(batch: int, length: int) -> None:
+        new = generator._key != (batch, length)
+        prepare(batch, length)
+        if new:
+            generator._modules = [fused_step(module) for module in generator._modules]
+            counts = [[node.target for node in m.graph.nodes].count(rotary_projection) for m in generator._modules]
+            assert counts == [model.config.num_hidden_layers] * 2
+
+    monkeypatch.setattr(generator, "_prepare", prepare_fused)
+    monkeypatch.setattr(tp, "generator", lambda *args, **kwargs: generator)
+    launches = []
+    monkeypatch.setattr(rotary_gemv, "launch", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
+    ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    assert_generates_like_hf(model, 2, ids[:1], mask[:1], max_new_tokens=6, program=tp)
+    assert len(launches) == 5 * 2 * model.config.num_hidden_layers  # the kernel: 5 decode steps, 2 ranks
+    assert_generates_like_hf(model, 2, ids, mask, max_new_tokens=6, program=tp)
+    assert len(launches) == 5 * 2 * model.config.num_hidden_layers  # batch 2: the unfused ops
+
+
+def test_fuse_rotary_gemv_leaves_what_it_does_not_know():
+    """Unmerged q, k and v; a rotated k read by more than its cache write; q/k norms (qwen3) stay."""
+    model = tiny_model("llama")
+    cached = fxtp.compile(model, 1).with_cache(batch_size=1, max_length=32)
+    unmerged = fuse_rotary_gemv(twin(cached.rank_graph(0), "Rotary"), prefetch_bytes=0)
+    assert rotary_projection not in [node.target for node in unmerged.graph.nodes]
+    merged = merge_projections(twin(cached.rank_graph(0), "Merged"))
+    write = next(node for node in merged.graph.nodes if node.target is aten.index_copy_.default)
+    with merged.graph.inserting_after(write):
+        merged.graph.call_function(aten.neg.default, (write.args[3],))  # a second reader of layer 0's rotated k
+    fused = fuse_rotary_gemv(merged, prefetch_bytes=0)
+    assert [node.target for node in fused.graph.nodes].count(rotary_projection) == model.config.num_hidden_layers - 1
+    qwen3 = fxtp.compile(tiny_model("qwen3"), 1).with_cache(batch_size=1, max_length=32)
+    normed = fuse_rotary_gemv(merge_projections(twin(qwen3.rank_graph(0), "Merged")), prefetch_bytes=0)
+    assert rotary_projection not in [node.target for node in normed.graph.nodes]
+
+
+def test_the_decode_step_fuses_rotary_only_when_asked(monkeypatch):
+    cuda = torch.device("cuda", 0)  # the options only: nothing touches a GPU
+    assert ROTARY in DECODE_ONLY and inductor_options(True, "", 1, cuda)[ROTARY] is False
+    with pytest.raises(ValueError, match="fxtp.rotary_gemv is True or False"):
+        inductor_options({ROTARY: "yes"}, "", 1, cuda)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module))
+    model = tiny_model("llama")
+    cached = fxtp.compile(model, 1).with_cache(batch_size=1, max_length=32)
+    for rotary in (True, False):
+        DecodeGraph(cached.rank_graph(0), {ROTARY: rotary, "fxtp.merge_projections": True, "fxtp.gemv": 8 << 20})
+        calls = [node.kwargs for node in compiled[-1].graph.nodes if node.target is rotary_projection]
+        assert len(calls) == (model.config.num_hidden_layers if rotary else 0)
+        assert all(kwargs == {"prefetch_bytes": 8 << 20} for kwargs in calls)
