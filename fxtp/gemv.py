@@ -244,15 +244,16 @@ def _kernel():
             sin_k = tl.load(sin_ptr + j + group, mask=rotated, other=0).to(tl.float32)
             total, other = total * cos_j - other * sin_j, other * cos_k + total * sin_k
             position = tl.load(position_ptr)
+            in_cache = row * 0 + position < cache_stride // (2 * group)  # no write past the caches' end
             is_query = real_row & (row < query_rows)
             tl.store(out_ptr + head * 2 * group + j, total.to(dtype), mask=is_query)
             tl.store(out_ptr + head * 2 * group + j + group, other.to(dtype), mask=is_query)
             kv_head = tl.where(rotated, head - query_rows // group, head - rotated_rows // group)
             cached = kv_head.to(tl.int64) * cache_stride + position * 2 * group + j
-            is_key = rotated & (row >= query_rows)
+            is_key = rotated & (row >= query_rows) & in_cache
             tl.store(key_ptr + cached, total.to(dtype), mask=is_key)
             tl.store(key_ptr + cached + group, other.to(dtype), mask=is_key)
-            is_value = real_row & (row >= rotated_rows)
+            is_value = real_row & (row >= rotated_rows) & in_cache
             tl.store(value_ptr + cached, total.to(dtype), mask=is_value)
             tl.store(value_ptr + cached + group, other.to(dtype), mask=is_value)
         else:

@@ -57,6 +57,17 @@ def test_rotary_gemv_float32_equals_the_unfused_ops(heads, kv_heads, head_dim, h
     assert torch.equal(values[:, :, untouched], case[7][:, :, untouched])
 
 
+def test_rotary_gemv_writes_nothing_past_the_caches_end():
+    """index_copy_ would raise; in a CUDA graph the kernel cannot, so it leaves memory alone (the
+    generator never asks for a position past max_length)."""
+    case = operands(4, 2, 16, 48, torch.float32, False, length=10, position=10)
+    keys, values = case[6].clone(), case[7].clone()
+    q = torch.ops.fxtp.rotary_gemv(*case, 4)
+    assert torch.equal(case[6], keys) and torch.equal(case[7], values)
+    case[5].fill_(9)
+    torch.testing.assert_close(q, torch.ops.fxtp.rotary_gemv(*case, 4), rtol=0, atol=0)  # q does not depend on it
+
+
 def test_rotary_gemv_16_bit_is_within_a_few_ulps_of_the_unfused_ops():
     """bfloat16: the kernel rounds the projection as the unfused ops do, then rotates in float32 and
     rounds once where they round after each product and the sum (and Triton's interpreter truncates)."""
@@ -85,6 +96,7 @@ def test_rotary_projection_compiles_to_the_kernel_for_one_row_and_to_plain_ops_f
         assert any(t in (torch.ops.fxtp.rotary_gemv, torch.ops.fxtp.rotary_gemv.default) for t in targets) is kernel
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside inductor
 def test_inductor_writes_the_caches_in_place():
     """Compiled by inductor, the op mutates the step's caches where they are, with no copy of them."""
     from torch._inductor.utils import run_and_get_code
