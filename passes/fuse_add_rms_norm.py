@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 import fxtp.push_all_reduce  # noqa: F401 - registers the fxtp ops
+from fxtp.passes.node_match import only_user
 from fxtp.passes.propagate import LAYOUT
 
 aten = torch.ops.aten
@@ -77,12 +78,12 @@ def _add_rms_norm(add: fx.Node, push: fx.Node) -> Optional[tuple]:
         power, normalized, eps = scaling
         dtype = None
         if upcast is not add:
-            cast = _only_user(normalized)
+            cast = only_user(normalized)
             dtype = None if cast is None else _cast_dtype(cast)
             if dtype is None or set(upcast.users) != {power, normalized}:
                 continue
             normalized = cast
-        y = _only_user(normalized)
+        y = only_user(normalized)
         if y is None or y.target is not aten.mul.Tensor or y.kwargs or len(y.args) != 2 or normalized not in y.args:
             continue
         weight = y.args[1] if y.args[0] is normalized else y.args[0]
@@ -97,25 +98,21 @@ def _rms_scaled(u: fx.Node) -> Optional[tuple]:
     for power in u.users:
         if power.target is not aten.pow.Tensor_Scalar or power.args != (u, 2) or power.kwargs:
             continue
-        mean = _only_user(power)
+        mean = only_user(power)
         if mean is None or mean.target is not aten.mean.dim or mean.args != (power, [-1], True) or mean.kwargs:
             continue
-        plus_eps = _only_user(mean)
+        plus_eps = only_user(mean)
         if (plus_eps is None or plus_eps.target is not aten.add.Tensor or plus_eps.kwargs or len(plus_eps.args) != 2
                 or plus_eps.args[0] is not mean or type(plus_eps.args[1]) is not float):
             continue
-        rsqrt = _only_user(plus_eps)
+        rsqrt = only_user(plus_eps)
         if rsqrt is None or rsqrt.target is not aten.rsqrt.default:
             continue
-        scaled = _only_user(rsqrt)
+        scaled = only_user(rsqrt)
         if (scaled is not None and scaled.target is aten.mul.Tensor and not scaled.kwargs
                 and len(scaled.args) == 2 and set(scaled.args) == {u, rsqrt}):
             return power, scaled, plus_eps.args[1]
     return None
-
-
-def _only_user(node: fx.Node) -> Optional[fx.Node]:
-    return next(iter(node.users)) if len(node.users) == 1 else None
 
 
 def _cast_dtype(node: fx.Node) -> Optional[torch.dtype]:

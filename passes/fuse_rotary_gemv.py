@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from fxtp.passes.node_match import only_user
 from fxtp.rotary_gemv import rotary_projection
 
 aten = torch.ops.aten
@@ -41,10 +42,6 @@ def fuse_rotary_gemv(gm: fx.GraphModule, prefetch_bytes: int) -> fx.GraphModule:
     return gm
 
 
-def _only_user(node: fx.Node) -> Optional[fx.Node]:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
 def _call(node, target, arity: Optional[int] = None) -> bool:
     return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
             and (arity is None or len(node.args) == arity))
@@ -52,10 +49,10 @@ def _call(node, target, arity: Optional[int] = None) -> bool:
 
 def _heads(piece: fx.Node, head_dim: Optional[int]) -> Optional[tuple[fx.Node, int]]:
     """(transpose, D) where `piece` is only read by `transpose(view(piece, [B, S, -1, D]), 1, 2)`."""
-    view = _only_user(piece)
+    view = only_user(piece)
     if not _call(view, aten.view.default) or len(view.args[1]) != 4 or view.args[1][2] != -1:
         return None
-    transpose = _only_user(view)
+    transpose = only_user(view)
     if not _call(transpose, aten.transpose.int) or tuple(transpose.args[1:]) != (1, 2):
         return None
     dim = view.args[1][3]
@@ -70,15 +67,15 @@ def _rotation(t: fx.Node, half: int) -> Optional[tuple]:
     upper, lower = slices.get((half, 2 ** 63 - 1)), slices.get((0, half))
     if len(users) != 3 or len(products) != 1 or upper is None or lower is None:
         return None
-    negated = _only_user(upper)
-    joined = _only_user(negated) if _call(negated, aten.neg.default, 1) else None
+    negated = only_user(upper)
+    joined = only_user(negated) if _call(negated, aten.neg.default, 1) else None
     if not (_call(joined, aten.cat.default) and list(joined.args[0]) == [negated, lower]
-            and joined.args[1:] in ((-1,), (3,)) and _only_user(lower) is joined):
+            and joined.args[1:] in ((-1,), (3,)) and only_user(lower) is joined):
         return None
-    turned, straight = _only_user(joined), products[0]
-    rotated = _only_user(straight)
+    turned, straight = only_user(joined), products[0]
+    rotated = only_user(straight)
     if not (_call(turned, aten.mul.Tensor, 2) and turned.args[0] is joined and _call(rotated, aten.add.Tensor, 2)
-            and set(rotated.args) == {straight, turned} and _only_user(turned) is rotated):
+            and set(rotated.args) == {straight, turned} and only_user(turned) is rotated):
         return None
     cos, sin = straight.args[1], turned.args[1]
     if not all(_call(s, aten.unsqueeze.default, 2) and s.args[1] == 1 for s in (cos, sin)):
@@ -88,7 +85,7 @@ def _rotation(t: fx.Node, half: int) -> Optional[tuple]:
 
 def _cache_write(node: Optional[fx.Node]) -> Optional[fx.Node]:
     """`node`'s only reader if it is `index_copy_(cache, 2, position, node)`."""
-    write = _only_user(node) if node is not None else None
+    write = only_user(node) if node is not None else None
     return write if _call(write, aten.index_copy_.default, 4) and write.args[1] == 2 and write.args[3] is node else None
 
 
@@ -96,7 +93,7 @@ def _match(split: fx.Node) -> Optional[dict]:
     projection, sizes = split.args[:2]
     if len(split.args) != 3 or split.args[2] != -1 or len(sizes) != 3 or sizes[1] != sizes[2]:
         return None
-    if not (_call(projection, aten.linear.default) and not projection.kwargs and _only_user(projection) is split):
+    if not (_call(projection, aten.linear.default) and not projection.kwargs and only_user(projection) is split):
         return None
     pieces = {u.args[1]: u for u in split.users if u.target is operator.getitem}
     if len(split.users) != 3 or set(pieces) != {0, 1, 2}:

@@ -41,6 +41,7 @@ import torch.fx as fx
 from fxtp.capture import STATE
 from fxtp.checkpoint import derived_name
 from fxtp.op_rules import PIECES, norm_dim, permutation, piece_bounds, val
+from fxtp.passes.node_match import only_user
 from fxtp.passes.plan import _structure, projection_weight
 from fxtp.reshape import dim_groups
 
@@ -87,7 +88,7 @@ def _cuts(proj: fx.Node, state: dict) -> Optional[tuple[list[_Step], list[_Piece
     if val(projection_weight(proj)[0]).dim() != 2:
         return None  # a MoE grouped GEMM: its experts are not pieces
     steps = [_Step(proj, val(proj).dim() - 1, 1)]
-    bias = _only_user(proj)
+    bias = only_user(proj)
     if bias is not None and bias.target is aten.add.Tensor and bias.args[0] is proj and _is_bias(bias.args[1], proj):
         steps.append(_Step(bias, steps[-1].dim, 1))
     while (nxt := _carried(steps[-1])) is not None:
@@ -120,10 +121,6 @@ def _mark_heads(pieces: list[_Piece], dim: int) -> None:
             piece.head = head
 
 
-def _only_user(node: fx.Node) -> Optional[fx.Node]:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
 def _is_bias(node, proj: fx.Node) -> bool:
     return isinstance(node, fx.Node) and node.op == "placeholder" and STATE in node.meta \
         and tuple(val(node).shape) == (val(proj).shape[-1],)
@@ -132,7 +129,7 @@ def _is_bias(node, proj: fx.Node) -> bool:
 def _carried(step: _Step) -> Optional[_Step]:
     """The next step when the only user of `step.node` keeps the features whole: an unsqueeze
     of another dim, or the first reshape that splits the features into [n, unit]."""
-    user = _only_user(step.node)
+    user = only_user(step.node)
     if user is None or user.op != "call_function":
         return None
     if user.target is aten.unsqueeze.default:
