@@ -62,7 +62,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     two halves; one Triton kernel where x holds one row, which launched with PDL prefetches the first
     `prefetch_bytes` of the weight."""
     _check_activation(activation, weight)
-    if not _kernel_applies(x, weight, bias):
+    if not kernel_applies(x, weight, bias):
         return F.linear(x, weight, bias) if activation is None else unfused_gated(x, weight, bias, activation)
     return launch(x, weight, bias, prefetch_bytes=prefetch_bytes, activation=activation)
 
@@ -79,7 +79,7 @@ def gated_projection(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     x holds one row, else the unfused ops. torch.compile traces this with static shapes, so a step of
     several rows (a batch) keeps what inductor makes of the unfused ops (a GEMM, then one
     fused kernel for the activation and product) instead of the op's eager fallback."""
-    if x.numel() == x.size(-1):
+    if holds_one_row(x):
         return torch.ops.fxtp.gemv(x, weight, bias, prefetch_bytes=prefetch_bytes, activation=activation)
     _check_activation(activation, weight)
     return unfused_gated(x, weight, bias, activation)
@@ -101,8 +101,14 @@ def _check_activation(activation: Optional[str], weight: torch.Tensor) -> None:
                          f"got a weight of {tuple(weight.shape)}")
 
 
-def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    return (x.dim() >= 1 and x.numel() == x.size(-1) > 0 and weight.dim() == 2 and weight.size(1) == x.size(-1)
+def holds_one_row(x: torch.Tensor) -> bool:
+    """Whether `x` is one row of features, as a batch-1 decode step's input: where fxtp's GEMVs apply."""
+    return x.dim() >= 1 and x.numel() == x.size(-1) > 0
+
+
+def kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether the GEMV kernel runs `F.linear(x, weight, bias)` here (its rotary form asks more)."""
+    return (holds_one_row(x) and weight.dim() == 2 and weight.size(1) == x.size(-1)
             and weight.is_contiguous() and x.dtype == weight.dtype and x.dtype in DTYPES
             and x.device == weight.device and runs_triton_kernels(x.device)
             and (bias is None or (bias.shape == weight.shape[:1] and bias.dtype == x.dtype and bias.is_contiguous())))
@@ -130,7 +136,7 @@ class Rotary(NamedTuple):
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            blocks: Optional[tuple[int, int, int]] = None, prefetch_bytes: int = PREFETCH_BYTES,
            activation: Optional[str] = None, rotary: Optional[Rotary] = None) -> torch.Tensor:
-    """Run the kernel on operands `_kernel_applies` accepts, with `block_sizes`' blocks or `blocks`;
+    """Run the kernel on operands `kernel_applies` accepts, with `block_sizes`' blocks or `blocks`;
     launched with PDL it prefetches the first `prefetch_bytes` of the weight (benchmarks/gemv_latency.py
     times other choices). Gated (`activation`) or rotary (`rotary`), output i pairs the weight's rows
     first(i) = (i // group) * 2 * group + i % group and first(i) + group: gate's row i and up's, with a

@@ -21,8 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fxtp.gemv import DTYPES, Rotary, launch
-from fxtp.triton_device import runs_triton_kernels
+from fxtp.gemv import Rotary, holds_one_row, kernel_applies, launch
 
 
 @torch.library.custom_op("fxtp::rotary_gemv", mutates_args=("key_cache", "value_cache"))
@@ -47,7 +46,7 @@ def rotary_projection(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       heads: int, prefetch_bytes: int = 0) -> torch.Tensor:
     """passes/fuse_rotary_gemv.py's node: `fxtp::rotary_gemv` where x holds one row, else the unfused
     ops, which torch.compile (static shapes, as the decode step) then fuses as it did before the pass."""
-    if x.numel() == x.size(-1):
+    if holds_one_row(x):
         return torch.ops.fxtp.rotary_gemv(x, weight, bias, cos, sin, position, key_cache, value_cache, heads,
                                           prefetch_bytes)
     return unfused_rotary(x, weight, bias, cos, sin, position, key_cache, value_cache, heads)
@@ -70,13 +69,12 @@ def unfused_rotary(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 
 def _kernel_applies(x, weight, bias, cos, sin, position, key_cache, value_cache, heads) -> bool:
-    if not (x.dim() == 3 and x.numel() == x.size(-1) > 0 and key_cache.dim() == 4 and key_cache.size(0) == 1):
+    """The GEMV's own conditions (fxtp/gemv.py's kernel_applies), and what its rotary form reads."""
+    if not (kernel_applies(x, weight, bias) and x.dim() == 3 and key_cache.dim() == 4 and key_cache.size(0) == 1):
         return False
     kv_heads, head_dim = key_cache.shape[1], key_cache.shape[-1]
-    tensors = (x, weight, cos, sin, key_cache, value_cache) + (() if bias is None else (bias,))
-    return (head_dim % 2 == 0 and weight.dim() == 2 and weight.shape == ((heads + 2 * kv_heads) * head_dim, x.size(-1))
+    return (head_dim % 2 == 0 and weight.size(0) == (heads + 2 * kv_heads) * head_dim
             and value_cache.shape == key_cache.shape and cos.numel() == sin.numel() == head_dim
-            and position.numel() == 1 and position.dtype == torch.long
-            and (bias is None or bias.shape == weight.shape[:1])
-            and all(t.is_contiguous() and t.dtype == x.dtype and t.device == x.device for t in tensors)
-            and x.dtype in DTYPES and position.device == x.device and runs_triton_kernels(x.device))
+            and position.numel() == 1 and position.dtype == torch.long and position.device == x.device
+            and all(t.is_contiguous() and t.dtype == x.dtype and t.device == x.device
+                    for t in (cos, sin, key_cache, value_cache)))
