@@ -53,7 +53,9 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ARRIVALS: dict[tuple, torch.Tensor] = {}
 
 
-@torch.library.custom_op("fxtp::decode_attention", mutates_args=())
+# a flexible layout (the kernel reads any strides): with inductor's default for custom ops, exact
+# strides, every layer's op would get a copy of the mask all layers read, computed in kernels of its own
+@torch.library.custom_op("fxtp::decode_attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
     """`grouped_query_attention(query, key, value, attn_mask, scale)`: query [b, hq, s, d], key and

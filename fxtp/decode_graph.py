@@ -46,11 +46,14 @@ Inductor options (a `compile={...}` dict overrides them):
   MLPs need `fxtp.merge_projections` for it (their gate and up are then one projection). Exact in
   Triton's interpreter and in the fp32 generate test on H100; Llama-3-8B at N=2 went from 3.452 to
   3.330 ms a token, timed in turns in one process (README, run W).
-- `fxtp.rotary_gemv` (fxtp's own, off by default: not yet timed on a GPU): at one row a layer's
-  q|k|v projection, the rotary embedding of q and k and the KV-cache write of k and v are one
-  kernel (passes/fuse_rotary_gemv.py, fxtp/rotary_gemv.py: the rotary form of fxtp/gemv.py's GEMV,
-  its prefetch as `fxtp.gemv` sets it), in place of the GEMV and three small kernels. HF Llama-style
-  attention (`rotate_half` rotary, `index_copy_` cache writes) with `fxtp.merge_projections` on.
+- `fxtp.rotary_gemv` (fxtp's own, on by default): at one row a layer's q|k|v projection, the rotary
+  embedding of q and k and the KV-cache write of k and v are one kernel (passes/fuse_rotary_gemv.py,
+  fxtp/rotary_gemv.py: the rotary form of fxtp/gemv.py's GEMV, its prefetch as `fxtp.gemv` sets it),
+  in place of the GEMV and three small kernels; the layers share one cos, sin and write position,
+  computed once a step. HF Llama-style attention (`rotate_half` rotary, `index_copy_` cache writes)
+  with `fxtp.merge_projections` on. Exact in Triton's interpreter and in the fp32 generate test on
+  H100; Llama-3-8B at N=2 went from 3.313 to 3.284 ms a token, timed in turns in one process
+  (README, run X).
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
   and waits for it in `gdc_wait`, so its launch no longer sits between the two. fxtp's own kernels
@@ -124,7 +127,7 @@ def inductor_options(compile: Union[bool, dict], group_name: str, world_size: in
         raise ValueError(f"{GEMV} is True, False or the bytes of each weight to prefetch (0 or more), "
                          f"got {options[GEMV]!r}")
     options.setdefault(GATED, True)
-    options.setdefault(ROTARY, False)
+    options.setdefault(ROTARY, True)
     for key in (GATED, ROTARY):
         if not isinstance(options[key], bool):
             raise ValueError(f"{key} is True or False, got {options[key]!r}")

@@ -24,7 +24,10 @@ import torch.nn.functional as F
 from fxtp.gemv import Rotary, holds_one_row, kernel_applies, launch
 
 
-@torch.library.custom_op("fxtp::rotary_gemv", mutates_args=("key_cache", "value_cache"))
+# a flexible layout: for a custom op's input that is not stored yet, inductor's default (exact strides)
+# computes a copy at every op, which for the cos and sin all layers read is a kernel a layer
+@torch.library.custom_op("fxtp::rotary_gemv", mutates_args=("key_cache", "value_cache"),
+                         tags=(torch.Tag.flexible_layout,))
 def rotary_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], cos: torch.Tensor,
                 sin: torch.Tensor, position: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                 heads: int, prefetch_bytes: int = 0) -> torch.Tensor:

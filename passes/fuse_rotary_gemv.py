@@ -11,10 +11,13 @@ Reads:  `q, k, v = split_with_sizes(linear(x, W[, b]), [H*D, KV*D, KV*D], -1)` (
 Writes: `rotary_projection(x, W, b, cos, sin, position, key_cache, value_cache, H, prefetch_bytes=.)`
         (fxtp/rotary_gemv.py) before the first write, with rotated q's meta; readers of rotated q
         read it, readers of the writes' results read the caches. The pattern's nodes are erased.
+        Then every layer's position reads the first position of equal value (HF's static cache
+        computes one per layer), and the others are erased where nothing else reads them.
 
 Why: the unfused step runs the q|k|v GEMV and then three latency-bound kernels (q's rotation, k's
 with its cache write, v's cache write) before attention; fxtp/rotary_gemv.py does all of it in the
-GEMV's epilogue.
+GEMV's epilogue. Inductor computes an op's inputs in kernels before it, so a position of each
+layer's own would cost a kernel a layer; one shared position costs one a step.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxtp.passes.node_match import only_user
+from fxtp.passes.node_match import only_user, value_key
 from fxtp.rotary_gemv import rotary_projection
 
 aten = torch.ops.aten
@@ -37,6 +40,7 @@ def fuse_rotary_gemv(gm: fx.GraphModule, prefetch_bytes: int) -> fx.GraphModule:
             match = _match(node)
             if match is not None:
                 _fuse(graph, match, prefetch_bytes)
+    _share_positions(graph)
     graph.lint()
     gm.recompile()
     return gm
@@ -138,3 +142,30 @@ def _fuse(graph: fx.Graph, match: dict, prefetch_bytes: int) -> None:
     for unsqueezed in {cos, sin}:
         if not unsqueezed.users:
             graph.erase_node(unsqueezed)
+
+
+def _share_positions(graph: fx.Graph) -> None:
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    first: dict[tuple, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.target is rotary_projection:
+            position = node.args[5]
+            key = value_key(position, order[node], order)
+            if key is None:
+                continue
+            shared = first.setdefault(key, position)
+            # the shared tensor is only ever read: its readers are rotary nodes, which write the caches
+            if shared is not position and all(user.target is rotary_projection and shared not in user.args[6:8]
+                                               for user in shared.users):
+                node.replace_input_with(position, shared)
+                _erase_unread(graph, position)
+
+
+def _erase_unread(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase `node` if nothing reads it, then so for what it read (value_key's ops write nothing)."""
+    if node.users or node.op != "call_function":
+        return
+    read = node.all_input_nodes
+    graph.erase_node(node)
+    for value in read:
+        _erase_unread(graph, value)

@@ -9,6 +9,7 @@ checked on tiny Llama rank graphs. With a GPU the op is also run from CUDA-graph
 """
 import itertools
 import os
+import re
 
 import pytest
 import torch
@@ -182,6 +183,26 @@ def test_opcheck_on_the_kernel_and_the_fallback(device):
     """Schema, fake tensor (what torch.compile traces with) and the real op agree."""
     for args in (inputs(2, 4, 2, 2, 300, 64, "bool"), inputs(2, 4, 2, 9, 40, 64, "additive")):
         torch.library.opcheck(op.default, on(device, *args), {"scale": 0.5})
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside inductor
+def test_inductor_computes_a_mask_that_layers_share_once(device):
+    """Compiled, two layers' ops read one mask buffer: the op's layout is flexible, where inductor's
+    default for custom ops would compute a copy of the mask at every op."""
+    from torch._inductor.utils import run_and_get_code
+
+    def two_layers(query, key, value, padding):
+        mask = (padding > 0)[:, None, None, :].expand(1, 4, 1, 40)  # computed and broadcast in the step
+        return op(op(query, key, value, mask), key, value, mask)
+
+    query, key, value, _ = on(device, *inputs(1, 4, 2, 1, 40, 16, "none"))
+    padding = torch.arange(40, device=device)[None].float()
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):  # the cache's key does not hold the op's tags
+        out, code = run_and_get_code(torch.compile(two_layers, dynamic=False), query, key, value, padding)
+    torch.testing.assert_close(out, two_layers(query, key, value, padding), rtol=1e-5, atol=1e-5)
+    masks = re.findall(r"decode_attention\.default\(\w+, \w+, \w+, reinterpret_tensor\((\w+),", code[0])
+    assert len(masks) == 2 and masks[0] == masks[1], masks
 
 
 def test_outside_the_interpreter_cpu_tensors_get_grouped_query_attention(monkeypatch, launches):

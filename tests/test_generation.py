@@ -170,7 +170,7 @@ def test_decode_options_default_and_overrides_and_the_prefill_drops_decode_only_
     defaults = inductor_options(True, "", 1, cuda)
     assert defaults == {"coordinate_descent_tuning": True, PDL: True, AUTO_SELECT: False, PUSH: False,
                         PUSH_NORM: False, ATTENTION: True, MERGE: True, STORE: True, GEMV: False, GATED: True,
-                        ROTARY: False}
+                        ROTARY: True}
     assert inductor_options({PDL: False, "max_autotune": True}, "", 1, cuda) == {**defaults, PDL: False,
                                                                                   "max_autotune": True}
     compiled_with = {}

@@ -1,6 +1,8 @@
 """fxtp::rotary_gemv (fxtp/rotary_gemv.py) against the unfused ops in Triton's interpreter (on the GPU
 where there is one, in CUDA-graph replays), its fallbacks, and the decode-step rewrite that uses it
 (passes/fuse_rotary_gemv.py, fxtp.rotary_gemv), down to greedy tokens equal to HF's."""
+import re
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from fxtp.passes.merge_projections import merge_projections
 from fxtp.pdl import launching_with_pdl
 from fxtp.rotary_gemv import rotary_projection, unfused_rotary
 from fxtp.testing import assert_generates_like_hf, traced_targets
+from fxtp.triton_device import runs_triton_kernels
 from fxtp.twin import twin
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,13 +120,34 @@ def test_inductor_writes_the_caches_in_place():
     assert "rotary_gemv.default(" in code[0] and "copy_" not in code[0]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside inductor
+def test_inductor_computes_inputs_that_layers_share_once():
+    """cos and sin read by two layers' ops are one buffer each, not a copy a layer (the op's layout is
+    flexible: inductor's default for custom ops copies an input it has not stored yet at every op)."""
+    from torch._inductor.utils import run_and_get_code
+
+    def two_layers(x, weight, angle, position, keys, values, more_keys, more_values):
+        cos, sin = angle.cos(), angle.sin()
+        q = rotary_projection(x, weight, None, cos, sin, position, keys, values, 4)
+        return q, rotary_projection(x, weight, None, cos, sin, position, more_keys, more_values, 4)
+
+    torch._dynamo.reset()
+    case = operands(4, 2, 16, 48, torch.float32, False, length=64)
+    angle = torch.randn(1, 1, 16, device=DEVICE)
+    with torch._inductor.config.patch(fx_graph_cache=False):  # the cache's key does not hold the op's tags
+        _, code = run_and_get_code(torch.compile(two_layers, dynamic=False), case[0], case[1], angle, case[5],
+                                   *case[6:], case[6].clone(), case[7].clone())
+    calls = re.findall(r"rotary_gemv\.default\(([^)]*)\)", code[0])
+    assert len(calls) == 2 and calls[0].split(", ")[3:5] == calls[1].split(", ")[3:5]
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="PDL and CUDA graphs need a GPU")
 @pytest.mark.parametrize("pdl", [False, True])
 def test_rotary_gemv_on_the_gpu_in_graph_replays(pdl):
     """At Llama-3-8B's N=2 shape (16 heads, 4 kv heads of 128, hidden 4096) in a replayed CUDA graph
     whose position and input change between replays."""
     case = operands(16, 4, 128, 4096, torch.float32, False, length=64, position=5)
-    unfused = [t.clone() for t in case[:6]] + [t.clone() for t in case[6:]]
+    unfused = [t.clone() if t is not None else None for t in case]
     with launching_with_pdl(pdl):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -170,10 +194,12 @@ def test_fused_steps_generate_hf_tokens(arch, monkeypatch):
     ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
+    # the kernel: 5 decode steps on 2 ranks, where it runs on CPU tensors (Triton's interpreter, without a GPU)
+    kernel_steps = 5 * 2 * model.config.num_hidden_layers if runs_triton_kernels(torch.device("cpu")) else 0
     assert_generates_like_hf(model, 2, ids[:1], mask[:1], max_new_tokens=6, program=tp)
-    assert len(launches) == 5 * 2 * model.config.num_hidden_layers  # the kernel: 5 decode steps, 2 ranks
+    assert len(launches) == kernel_steps
     assert_generates_like_hf(model, 2, ids, mask, max_new_tokens=6, program=tp)
-    assert len(launches) == 5 * 2 * model.config.num_hidden_layers  # batch 2: the unfused ops
+    assert len(launches) == kernel_steps  # batch 2: the unfused ops
 
 
 def test_fuse_rotary_gemv_leaves_what_it_does_not_know():
@@ -193,9 +219,30 @@ def test_fuse_rotary_gemv_leaves_what_it_does_not_know():
     assert rotary_projection not in [node.target for node in normed.graph.nodes]
 
 
-def test_the_decode_step_fuses_rotary_only_when_asked(monkeypatch):
+def test_layers_share_one_position_unless_it_is_written_before_it_is_read():
+    """HF's static cache computes each layer's write position anew; the pass keeps the first, and the
+    others go, but a position whose input is written in place before it is read stays its own."""
+    model = tiny_model("llama")
+    cached = fxtp.compile(model, 1).with_cache(batch_size=1, max_length=32)
+    merged = merge_projections(twin(cached.rank_graph(0), "Merged"))
+    positions = [node.args[2].name for node in merged.graph.nodes if node.target is aten.index_copy_.default][::2]
+    assert len(set(positions)) == model.config.num_hidden_layers
+    fused = fuse_rotary_gemv(twin(merged, "Rotary"), prefetch_bytes=0)
+    assert {node.args[5].name for node in fused.graph.nodes if node.target is rotary_projection} == {positions[0]}
+    assert not {node.name for node in fused.graph.nodes} & set(positions[1:])
+    last = next(node for node in merged.graph.nodes if node.name == positions[-1])
+    counter = next(arg for arg in last.args if arg.target is aten.clone.default)  # the layer's cache length
+    with merged.graph.inserting_before(last):
+        merged.graph.call_function(aten.add_.Tensor, (counter, 1))
+    written = fuse_rotary_gemv(twin(merged, "Rotary"), prefetch_bytes=0)
+    read = [node.args[5].name for node in written.graph.nodes if node.target is rotary_projection]
+    assert read == [positions[0]] * (len(positions) - 1) + [positions[-1]]
+
+
+def test_the_decode_step_fuses_rotary_by_default_and_not_when_turned_off(monkeypatch):
     cuda = torch.device("cuda", 0)  # the options only: nothing touches a GPU
-    assert ROTARY in DECODE_ONLY and inductor_options(True, "", 1, cuda)[ROTARY] is False
+    assert ROTARY in DECODE_ONLY and inductor_options(True, "", 1, cuda)[ROTARY] is True
+    assert inductor_options({ROTARY: False}, "", 1, cuda)[ROTARY] is False
     with pytest.raises(ValueError, match="fxtp.rotary_gemv is True or False"):
         inductor_options({ROTARY: "yes"}, "", 1, cuda)
     compiled = []
