@@ -50,10 +50,10 @@ Inductor options (a `compile={...}` dict overrides them):
   embedding of q and k and the KV-cache write of k and v are one kernel (passes/fuse_rotary_gemv.py,
   fxtp/rotary_gemv.py: the rotary form of fxtp/gemv.py's GEMV, its prefetch as `fxtp.gemv` sets it),
   in place of the GEMV and three small kernels; the layers share one cos, sin and write position,
-  computed once a step. HF Llama-style attention (`rotate_half` rotary, `index_copy_` cache writes)
-  with `fxtp.merge_projections` on. Exact in Triton's interpreter and in the fp32 generate test on
-  H100; Llama-3-8B at N=2 went from 3.313 to 3.284 ms a token, timed in turns in one process
-  (README, run X).
+  computed once a step. HF Llama-style attention (`rotate_half` rotary over all of head_dim, Phi-3's
+  form too; `index_copy_` cache writes) with `fxtp.merge_projections` on. Exact in Triton's
+  interpreter and in the fp32 generate test on H100; Llama-3-8B at N=2 went from 3.313 to 3.284 ms
+  a token, timed in turns in one process (README, run X).
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
   and waits for it in `gdc_wait`, so its launch no longer sits between the two. fxtp's own kernels

@@ -5,7 +5,8 @@ Reads:  `q, k, v = split_with_sizes(linear(x, W[, b]), [H*D, KV*D, KV*D], -1)` (
         passes/merge_projections.py), each piece `transpose(view(piece, [B, S, -1, D]), 1, 2)`; q's
         and k's rotated as HF's `apply_rotary_pos_emb` does it,
             `t * unsqueeze(cos, 1) + cat([-t[..., D/2:], t[..., :D/2]], -1) * unsqueeze(sin, 1)`
-        (the same cos and sin for both); rotated k and v written by `index_copy_(cache, 2,
+        (the same cos and sin for both), or as Phi-3's does it over all of D,
+            `cat([that, t[..., D:]], -1)`; rotated k and v written by `index_copy_(cache, 2,
         position, .)` at one position tensor. Every node between the linear and the writes has no
         user outside the pattern, but rotated q, read by attention after the writes.
 Writes: `rotary_projection(x, W, b, cos, sin, position, key_cache, value_cache, H, prefetch_bytes=.)`
@@ -69,7 +70,8 @@ def _rotation(t: fx.Node, half: int) -> Optional[tuple]:
     slices = {(u.args[2], u.args[3]): u for u in users if _call(u, aten.slice.Tensor, 4) and u.args[1] in (3, -1)}
     products = [u for u in users if _call(u, aten.mul.Tensor, 2) and u.args[0] is t]
     upper, lower = slices.get((half, 2 ** 63 - 1)), slices.get((0, half))
-    if len(users) != 3 or len(products) != 1 or upper is None or lower is None:
+    passed = slices.get((2 * half, 2 ** 63 - 1))  # Phi-3's part past the rotary dim: empty where that is all of D
+    if len(users) != 3 + (passed is not None) or len(products) != 1 or upper is None or lower is None:
         return None
     negated = only_user(upper)
     joined = only_user(negated) if _call(negated, aten.neg.default, 1) else None
@@ -84,7 +86,14 @@ def _rotation(t: fx.Node, half: int) -> Optional[tuple]:
     cos, sin = straight.args[1], turned.args[1]
     if not all(_call(s, aten.unsqueeze.default, 2) and s.args[1] == 1 for s in (cos, sin)):
         return None
-    return rotated, cos, sin, [rotated, turned, straight, joined, negated, upper, lower]
+    nodes = [rotated, turned, straight, joined, negated, upper, lower]
+    if passed is None:
+        return rotated, cos, sin, nodes
+    rejoined = only_user(rotated)
+    if not (_call(rejoined, aten.cat.default) and list(rejoined.args[0]) == [rotated, passed]
+            and rejoined.args[1:] in ((-1,), (3,)) and only_user(passed) is rejoined):
+        return None
+    return rejoined, cos, sin, [rejoined, passed, *nodes]
 
 
 def _cache_write(node: Optional[fx.Node]) -> Optional[fx.Node]:

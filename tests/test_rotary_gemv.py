@@ -5,10 +5,11 @@ import re
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import fxtp
 from fxtp import rotary_gemv
-from fxtp.configs import tiny_model
+from fxtp.configs import tiny_config, tiny_model
 from fxtp.decode_graph import DECODE_ONLY, ROTARY, DecodeGraph, inductor_options
 from fxtp.gemv import launch
 from fxtp.passes.fuse_gated_gemv import fuse_gated_gemv
@@ -169,7 +170,8 @@ def fused_step(module):
     return fuse_gated_gemv(fuse_rotary_gemv(merge_projections(twin(module, "Merged")), 0), 0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])  # qwen2: q|k|v biases; gemma: gelu, scaled embeddings
+# qwen2: q|k|v biases; gemma: gelu, scaled embeddings; phi3: its own q|k|v, rotation joined with an empty pass
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3"])
 def test_fused_steps_generate_hf_tokens(arch, monkeypatch):
     """Every rank's step with the rotary and gated GEMVs, run eagerly on 2 simulated ranks: the
     prefill (several rows: the unfused ops) and batch-1 decode steps (the kernels) give HF's tokens;
@@ -203,7 +205,8 @@ def test_fused_steps_generate_hf_tokens(arch, monkeypatch):
 
 
 def test_fuse_rotary_gemv_leaves_what_it_does_not_know():
-    """Unmerged q, k and v; a rotated k read by more than its cache write; q/k norms (qwen3) stay."""
+    """Unmerged q, k and v; a rotated k read by more than its cache write; q/k norms (qwen3) and a
+    partial rotation (phi3 with partial_rotary_factor 0.5) stay."""
     model = tiny_model("llama")
     cached = fxtp.compile(model, 1).with_cache(batch_size=1, max_length=32)
     unmerged = fuse_rotary_gemv(twin(cached.rank_graph(0), "Rotary"), prefetch_bytes=0)
@@ -214,9 +217,12 @@ def test_fuse_rotary_gemv_leaves_what_it_does_not_know():
         merged.graph.call_function(aten.neg.default, (write.args[3],))  # a second reader of layer 0's rotated k
     fused = fuse_rotary_gemv(merged, prefetch_bytes=0)
     assert [node.target for node in fused.graph.nodes].count(rotary_projection) == model.config.num_hidden_layers - 1
-    qwen3 = fxtp.compile(tiny_model("qwen3"), 1).with_cache(batch_size=1, max_length=32)
-    normed = fuse_rotary_gemv(merge_projections(twin(qwen3.rank_graph(0), "Merged")), prefetch_bytes=0)
-    assert rotary_projection not in [node.target for node in normed.graph.nodes]
+    partial = tiny_config("phi3")
+    partial.rope_parameters["partial_rotary_factor"] = 0.5
+    for other in (tiny_model("qwen3"), AutoModelForCausalLM.from_config(partial)):  # q/k norms; half of D rotated
+        cached = fxtp.compile(other, 1).with_cache(batch_size=1, max_length=32)
+        kept = fuse_rotary_gemv(merge_projections(twin(cached.rank_graph(0), "Merged")), prefetch_bytes=0)
+        assert rotary_projection not in [node.target for node in kept.graph.nodes], other.config.model_type
 
 
 def test_layers_share_one_position_unless_it_is_written_before_it_is_read():
