@@ -38,9 +38,14 @@ def operands(heads: int, kv_heads: int, head_dim: int, hidden: int, dtype: torch
     return [t if t is None else (t if t.dtype == torch.long else t.to(dtype)).to(DEVICE) for t in tensors]
 
 
+def cloned(case: list) -> list:
+    """A copy of the operands (caches included), so that one call's cache writes leave `case`'s alone."""
+    return [t.clone() if t is not None else None for t in case]
+
+
 def both(case: list, heads: int) -> tuple:
     """(q, key cache, value cache) from the op and from the unfused ops, each on caches of its own."""
-    fused, unfused = [t.clone() if t is not None else None for t in case], [t.clone() if t is not None else None for t in case]
+    fused, unfused = cloned(case), cloned(case)
     q = torch.ops.fxtp.rotary_gemv(*fused, heads)
     expected = unfused_rotary(*unfused, heads)
     return (q, *fused[6:]), (expected, *unfused[6:])
@@ -94,7 +99,7 @@ def test_rotary_gemv_falls_back_to_the_unfused_ops_and_gives_the_fake_shape():
 def test_rotary_projection_compiles_to_the_kernel_for_one_row_and_to_plain_ops_for_more():
     for rows, kernel in ((1, True), (3, False)):
         case = operands(4, 2, 16, 48, torch.float32, False, rows=rows)
-        expected = unfused_rotary(*[t.clone() if t is not None else None for t in case], 4)
+        expected = unfused_rotary(*cloned(case), 4)
         q, targets = traced_targets(rotary_projection, *case, 4)
         torch.testing.assert_close(q, expected, rtol=1e-5, atol=1e-5)
         assert any(t in (torch.ops.fxtp.rotary_gemv, torch.ops.fxtp.rotary_gemv.default) for t in targets) is kernel
@@ -111,7 +116,7 @@ def test_inductor_writes_the_caches_in_place():
     torch._dynamo.reset()
     case = operands(4, 2, 16, 48, torch.float32, False, length=64)
     args = [case[i] for i in (0, 1, 3, 4, 5, 6, 7)]
-    expected = unfused_rotary(*[t.clone() if t is not None else None for t in case], 4) * 2
+    expected = unfused_rotary(*cloned(case), 4) * 2
     expected_keys, expected_values = case[6].clone(), case[7].clone()
     unfused_rotary(*case[:6], expected_keys, expected_values, 4)
     q, code = run_and_get_code(torch.compile(step, dynamic=False), *args)
@@ -148,7 +153,7 @@ def test_rotary_gemv_on_the_gpu_in_graph_replays(pdl):
     """At Llama-3-8B's N=2 shape (16 heads, 4 kv heads of 128, hidden 4096) in a replayed CUDA graph
     whose position and input change between replays."""
     case = operands(16, 4, 128, 4096, torch.float32, False, length=64, position=5)
-    unfused = [t.clone() if t is not None else None for t in case]
+    unfused = cloned(case)
     with launching_with_pdl(pdl):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
