@@ -1,7 +1,8 @@
 """Microseconds per one-row projection (GEMV) at a decode step's weight shapes: inductor's GEMV
 (`F.linear` compiled as the decode step is: coordinate descent, PDL) against fxtp's GEMV kernel
-(fxtp/gemv.py) at several block sizes, and at its default blocks launched with PDL (fxtp/pdl.py),
-without and with its L2 prefetch of the first 8, 16 or 32 MB. Then the same after a latency-bound
+(fxtp/gemv.py) at several block sizes, and launched with PDL (fxtp/pdl.py): loading its first weights
+after its wait, before it ("preload", at its default blocks and at larger ones), or after it with an
+L2 prefetch of the first 8, 16 or 32 MB. Then the same after a latency-bound
 kernel of one program, which releases its dependents at once as push all_reduce does: `--gap-us`
 of spinning, or `--gap-loads` dependent loads from L2 as push polls its buffer (a time that grows
 if the prefetch slows them); there the prefetching GEMV can stream its weights meanwhile. A row
@@ -28,6 +29,7 @@ from inference_test import (add_turn_arguments, as_cuda_graph, fastest_in_turns,
                             model_config, step_inductor_options)
 
 BLOCKS = list(itertools.product((1, 2, 4), (1024, 2048), (4, 8)))
+PRELOAD_BLOCKS = [(1, 4096, 8), (2, 2048, 8)]  # more of a program's weights loaded before its wait
 
 
 def projections(config, ranks: int) -> dict:
@@ -134,10 +136,15 @@ def main() -> None:
             for after, gap in gaps.items():
                 if gap:
                     variants["inductor" + after] = gemvs(lambda w: inductor_linear(x, w), True, gap)
-                variants["fxtp pdl" + after] = gemvs(lambda w: gemv.launch(x, w, prefetch_bytes=0), True, gap)
+                variants["fxtp pdl" + after] = gemvs(lambda w: gemv.launch(x, w, prefetch_bytes=0, preload=False),
+                                                     True, gap)
+                for blocks in (None, *PRELOAD_BLOCKS):
+                    label = "fxtp pdl+preload" + (" %dx%d/%dw" % blocks if blocks else "")
+                    variants[label + after] = gemvs(
+                        lambda w, blocks=blocks: gemv.launch(x, w, blocks=blocks, prefetch_bytes=0, preload=True), True, gap)
                 for megabytes in (8, 16, 32):
                     variants[f"fxtp pdl+prefetch {megabytes} MB" + after] = gemvs(
-                        lambda w, mb=megabytes: gemv.launch(x, w, prefetch_bytes=mb * 2 ** 20), True, gap)
+                        lambda w, mb=megabytes: gemv.launch(x, w, prefetch_bytes=mb * 2 ** 20, preload=False), True, gap)
             row = {"ranks": ranks, "weight": name, "rows": rows, "columns": columns, "max_diff": {},
                    "bytes": weights[0].nbytes}
             replays = {}

@@ -54,6 +54,10 @@ Inductor options (a `compile={...}` dict overrides them):
   form too; `index_copy_` cache writes) with `fxtp.merge_projections` on. Exact in Triton's
   interpreter and in the fp32 generate test on H100; Llama-3-8B at N=2 went from 3.313 to 3.284 ms
   a token, timed in turns in one process (README, run X).
+- `fxtp.gemv_preload` (fxtp's own, on by default): launched with PDL, fxtp's GEMVs (the gated and
+  rotary forms, and `fxtp.gemv`'s) load their first weights before they wait for the kernel before
+  them (fxtp/gemv.py). On H100 it saved 1.3-2.6 us a GEMV after a 5 us kernel; in the step at N=2
+  its effect was within the spread between variants of one process (README, run Y).
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
   and waits for it in `gdc_wait`, so its launch no longer sits between the two. fxtp's own kernels
@@ -102,9 +106,10 @@ STORE = "fxtp.store_gemv_inputs"
 GEMV = "fxtp.gemv"
 GATED = "fxtp.gated_gemv"
 ROTARY = "fxtp.rotary_gemv"
+PRELOAD = "fxtp.gemv_preload"
 POST_GRAD = "post_grad_custom_post_pass"
-FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION, MERGE, STORE, GEMV, GATED, ROTARY)  # rewrites of the step, not inductor's
-DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL, ATTENTION, MERGE, STORE, GEMV, GATED, ROTARY)
+FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION, MERGE, STORE, GEMV, GATED, ROTARY, PRELOAD)  # rewrites of the step, not inductor's
+DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL, ATTENTION, MERGE, STORE, GEMV, GATED, ROTARY, PRELOAD)
 _CAPTURES = itertools.count()
 
 
@@ -128,7 +133,8 @@ def inductor_options(compile: Union[bool, dict], group_name: str, world_size: in
                          f"got {options[GEMV]!r}")
     options.setdefault(GATED, True)
     options.setdefault(ROTARY, True)
-    for key in (GATED, ROTARY):
+    options.setdefault(PRELOAD, True)
+    for key in (GATED, ROTARY, PRELOAD):
         if not isinstance(options[key], bool):
             raise ValueError(f"{key} is True or False, got {options[key]!r}")
     options.setdefault(STORE, options.get(POST_GRAD) is None)  # the user's own post-grad pass takes its place
@@ -192,7 +198,7 @@ class DecodeGraph:
             step = fuse_gated_gemv(twin(step, "Gated"), prefetch_bytes)
         if gemv is not False:
             step = with_gemv(step, prefetch_bytes)
-        self.pdl = bool(options.get(PDL))
+        self.pdl, self.preload = bool(options.get(PDL)), options.get(PRELOAD, True)
         self.compiled = torch.compile(step, fullgraph=True, dynamic=False, options=inductor)
         self.graphs: dict[tuple, tuple] = {}  # input shapes -> (graph, static inputs, static output)
 
@@ -217,7 +223,7 @@ class DecodeGraph:
         # The seed is the same on every rank, which captures its graphs in the same order.
         random.seed(f"fxtp-decode-graph-{next(_CAPTURES)}")
         try:
-            with torch.cuda.stream(side), launching_with_pdl(self.pdl):
+            with torch.cuda.stream(side), launching_with_pdl(self.pdl, self.preload):
                 for _ in range(WARMUP_STEPS):
                     self.compiled(*inputs)
         finally:
@@ -225,6 +231,6 @@ class DecodeGraph:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: NCCL's watchdog thread queries events while this thread captures
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"), launching_with_pdl(self.pdl):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), launching_with_pdl(self.pdl, self.preload):
             output = self.compiled(*inputs)
         return graph, inputs, output

@@ -18,9 +18,19 @@ against 5.0 without it, attention 6.9 against 5.5: both now share the GPU with t
 launched earlier, count more of their wait). After a kernel of 16 dependent L2 loads, as push
 polls, the 32 MB prefetch made the pair slower at four of five weights (README, run W).
 
+Preloaded weights (`fxtp.gemv_preload`, on by default; fxtp/pdl.py's `launching_with_pdl(on,
+preload)`): launched with PDL, every program loads its first BLOCK_K columns of W into registers
+before its wait, not after it, so the programs that fit on the GPU stream their first weights while
+the kernel before still runs. Nothing else changes: ptxas issues a program's loads all at once either
+way, and only the wait moves among them. On H100 at Llama-3-8B's N=2 weights (README, run Y), after
+a kernel that spins 5 us, it took 1.3-2.6 us less a GEMV than the same kernel without it, and back to
+back up to 0.7 us less (o: 0.4 more). In the whole step its effect was within the spread that one
+process showed between two variants with the same options.
+
 The GEMV: program p computes rows [p * BLOCK_N, (p + 1) * BLOCK_N) of `x @ W.T` (+ bias), walking
-the columns BLOCK_K at a time with a [BLOCK_N, BLOCK_K] float32 accumulator, summed at the end and
-rounded to x's dtype once, bias added in float32 first. The sum order differs from cuBLAS's and
+the columns BLOCK_K at a time, each step loading the next columns' weights before it sums these,
+with a [BLOCK_N, BLOCK_K] float32 accumulator, summed at the end and rounded to x's dtype once, bias
+added in float32 first. The sum order differs from cuBLAS's and
 inductor's, so results equal theirs to float32 rounding, not bit for bit.
 
 Gated (`activation` set; passes/fuse_gated_gemv.py): W's rows are a gate projection's on top of an
@@ -43,7 +53,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxtp.pdl import uses_pdl
+from fxtp.pdl import preloads, uses_pdl
 from fxtp.triton_device import runs_triton_kernels
 from fxtp.twin import retargeted
 
@@ -135,10 +145,12 @@ class Rotary(NamedTuple):
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            blocks: Optional[tuple[int, int, int]] = None, prefetch_bytes: int = PREFETCH_BYTES,
-           activation: Optional[str] = None, rotary: Optional[Rotary] = None) -> torch.Tensor:
+           activation: Optional[str] = None, rotary: Optional[Rotary] = None,
+           preload: Optional[bool] = None) -> torch.Tensor:
     """Run the kernel on operands `kernel_applies` accepts, with `block_sizes`' blocks or `blocks`;
-    launched with PDL it prefetches the first `prefetch_bytes` of the weight (benchmarks/gemv_latency.py
-    times other choices). Gated (`activation`) or rotary (`rotary`), output i pairs the weight's rows
+    launched with PDL it prefetches the first `prefetch_bytes` of the weight, and loads its first
+    weights before its wait if `preload` (None: as `launching_with_pdl` says); benchmarks/gemv_latency.py
+    times other choices. Gated (`activation`) or rotary (`rotary`), output i pairs the weight's rows
     first(i) = (i // group) * 2 * group + i % group and first(i) + group: gate's row i and up's, with a
     group of half the rows; the two halves of a head's row of features, with a group of half a head."""
     rows, columns = weight.shape
@@ -168,6 +180,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
                            COLUMNS=columns, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
                            PREFETCH=prefetchers > 0, REQUESTS=requests, REQUEST_ELEMENTS=request_elements,
                            EPILOGUE=epilogue, ACTIVATION=ACTIVATIONS[activation][0] if activation else 0, PDL=pdl,
+                           PRELOAD=pdl and (preloads() if preload is None else preload),
                            num_warps=warps, launch_pdl=pdl)
     return out
 
@@ -188,7 +201,7 @@ def _kernel():
                     cos_ptr, sin_ptr, position_ptr, key_ptr, value_ptr, query_rows, rotated_rows, cache_stride,
                     COLUMNS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     PREFETCH: tl.constexpr, REQUESTS: tl.constexpr, REQUEST_ELEMENTS: tl.constexpr,
-                    EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, PDL: tl.constexpr):
+                    EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr):
         # EPILOGUE 0: out[i] = row i's sum. 1 (gated): act(first's) * second's. 2 (rotary): rotate the
         # pair (q's and k's heads), write q's to out and k's and v's to the caches at the position.
         program = tl.program_id(0)
@@ -201,27 +214,37 @@ def _kernel():
                     "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; "
                     "mov.u32 $0, 0; }", "=r,l,r,r", [w_ptr + request * REQUEST_ELEMENTS, wanted, size],
                     dtype=tl.int32, is_pure=False, pack=1)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         row = program * BLOCK_N + tl.arange(0, BLOCK_N)  # of the output, or of its pairs
         real_row = row < rows
         dtype = out_ptr.dtype.element_ty
         first = row if EPILOGUE == 0 else (row // group) * (2 * group) + row % group
         second = first + group
+        first_start, second_start = first.to(tl.int64) * COLUMNS, second.to(tl.int64) * COLUMNS
+        column = tl.arange(0, BLOCK_K)
+        if PDL and not PRELOAD:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        # the loop loads the next columns' weights before it sums these; the first ones are loaded here,
+        # with PRELOAD before the wait: the weights need nothing from the kernel before
+        inside = real_row[:, None] & (column < COLUMNS)[None, :]
+        w = tl.load(w_ptr + first_start[:, None] + column[None, :], mask=inside, other=0)
+        if EPILOGUE:
+            second_w = tl.load(w_ptr + second_start[:, None] + column[None, :], mask=inside, other=0)
+        if PDL and PRELOAD:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         second_acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for start in range(0, COLUMNS, BLOCK_K):
-            column = start + tl.arange(0, BLOCK_K)
-            inside = column < COLUMNS
-            x = tl.load(x_ptr + column, mask=inside, other=0).to(tl.float32)
-            w = tl.load(w_ptr + first[:, None].to(tl.int64) * COLUMNS + column[None, :],
-                        mask=real_row[:, None] & inside[None, :], other=0)
+            x = tl.load(x_ptr + start + column, mask=start + column < COLUMNS, other=0).to(tl.float32)
             acc += w.to(tl.float32) * x[None, :]
             if EPILOGUE:
-                w = tl.load(w_ptr + second[:, None].to(tl.int64) * COLUMNS + column[None, :],
-                            mask=real_row[:, None] & inside[None, :], other=0)
-                second_acc += w.to(tl.float32) * x[None, :]
+                second_acc += second_w.to(tl.float32) * x[None, :]
+            following = start + BLOCK_K + column
+            inside = real_row[:, None] & (following < COLUMNS)[None, :]
+            w = tl.load(w_ptr + first_start[:, None] + following[None, :], mask=inside, other=0)
+            if EPILOGUE:
+                second_w = tl.load(w_ptr + second_start[:, None] + following[None, :], mask=inside, other=0)
         total = tl.sum(acc, axis=1)
         if HAS_BIAS:
             total += tl.load(bias_ptr + first, mask=real_row, other=0).to(tl.float32)

@@ -63,6 +63,7 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
         assert options["fxtp.gemv"] is user.get("fxtp.gemv", False)
         assert options["fxtp.gated_gemv"] is user.get("fxtp.gated_gemv", True)
         assert options["fxtp.rotary_gemv"] is user.get("fxtp.rotary_gemv", True)
+        assert options["fxtp.gemv_preload"] is user.get("fxtp.gemv_preload", True)
         for (first, second), reference in zip(tokens, expected):
             assert torch.equal(first, reference) and torch.equal(second, reference)
     assert results[0][0][0][0].shape == (1, 9 + NEW_TOKENS)

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 import fxtp
 from fxtp import gemv
 from fxtp.configs import tiny_model
-from fxtp.decode_graph import DECODE_ONLY, GATED, GEMV, DecodeGraph, inductor_options
+from fxtp.decode_graph import DECODE_ONLY, GATED, GEMV, PRELOAD, DecodeGraph, inductor_options
 from fxtp.passes.fuse_gated_gemv import fuse_gated_gemv
 from fxtp.passes.merge_projections import merge_projections
-from fxtp.pdl import launching_with_pdl, uses_pdl
+from fxtp.pdl import launching_with_pdl, preloads, uses_pdl
 from fxtp.simulate import simulate
 from fxtp.testing import traced_targets
 from fxtp.twin import twin
@@ -86,14 +86,45 @@ def test_pdl_only_inside_the_context_and_only_on_gpus_that_have_it():
     assert not uses_pdl(DEVICE)
 
 
+
+def test_the_decode_step_launches_gemvs_that_preload_their_weights_by_default(monkeypatch):
+    """`fxtp.gemv_preload` (on by default) reaches the kernel through DecodeGraph's launch context:
+    under PDL the GEMV loads its first weights before its wait; without PDL there is no wait to
+    load before."""
+    cuda = torch.device("cuda", 0)  # the options only: nothing touches a GPU
+    assert PRELOAD in DECODE_ONLY and inductor_options(True, "", 1, cuda)[PRELOAD] is True
+    with pytest.raises(ValueError, match="fxtp.gemv_preload is True or False"):
+        inductor_options({PRELOAD: "yes"}, "", 1, cuda)
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    program = fxtp.compile(tiny_model("llama"), 1)
+    assert DecodeGraph(program.rank_graph(0), {}).preload is True
+    assert DecodeGraph(program.rank_graph(0), {PRELOAD: False}).preload is False
+
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(gemv, "_kernel", lambda: Kernel())
+    x, weight, _ = operands(8, 16, torch.float32, False)
+    for pdl in (False, True):
+        monkeypatch.setattr(gemv, "uses_pdl", lambda device, pdl=pdl: pdl)
+        for preload in (False, True):
+            with launching_with_pdl(pdl, preload):
+                assert preloads() is preload
+                gemv.launch(x, weight)
+                gemv.launch(x, weight, preload=not preload)
+    assert [kwargs["PRELOAD"] for kwargs in launches] == [False] * 4 + [False, True, True, False]
+    assert preloads() is True
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="PDL, the prefetch and CUDA graphs need a GPU")
-@pytest.mark.parametrize("pdl", [False, True])
-def test_gemv_on_the_gpu_in_graph_replays(pdl):
+def test_gemv_on_the_gpu_in_graph_replays(pdl_launch):
     """Back-to-back GEMVs (with PDL: each prefetching while the one before runs) captured and
     replayed with new inputs give F.linear's values."""
     shapes = [(3072, 4096), (4096, 2048), (50, 4096), (4096, 7168)]
     cases = [operands(rows, columns, torch.float32, rows == 50, seed=i) for i, (rows, columns) in enumerate(shapes)]
-    with launching_with_pdl(pdl):
+    with launching_with_pdl(*pdl_launch):
         eager = [torch.ops.fxtp.gemv(*case) for case in cases]
         static = [case[0].clone() for case in cases]
         graph = torch.cuda.CUDAGraph()
@@ -109,12 +140,11 @@ def test_gemv_on_the_gpu_in_graph_replays(pdl):
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="PDL and CUDA graphs need a GPU")
-@pytest.mark.parametrize("pdl", [False, True])
-def test_gated_gemv_on_the_gpu_in_graph_replays(pdl):
+def test_gated_gemv_on_the_gpu_in_graph_replays(pdl_launch):
     """Gated GEMVs at Llama-3-8B's gate|up shape (N=2) and a ragged one, in a replayed CUDA graph."""
     cases = [operands(rows, columns, torch.float32, bias, seed=i)
              for i, (rows, columns, bias) in enumerate([(14336, 4096, False), (74, 1030, True)])]
-    with launching_with_pdl(pdl):
+    with launching_with_pdl(*pdl_launch):
         static = [case[0].clone() for case in cases]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

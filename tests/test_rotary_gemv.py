@@ -148,13 +148,12 @@ def test_inductor_computes_inputs_that_layers_share_once():
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="PDL and CUDA graphs need a GPU")
-@pytest.mark.parametrize("pdl", [False, True])
-def test_rotary_gemv_on_the_gpu_in_graph_replays(pdl):
+def test_rotary_gemv_on_the_gpu_in_graph_replays(pdl_launch):
     """At Llama-3-8B's N=2 shape (16 heads, 4 kv heads of 128, hidden 4096) in a replayed CUDA graph
     whose position and input change between replays."""
     case = operands(16, 4, 128, 4096, torch.float32, False, length=64, position=5)
     unfused = cloned(case)
-    with launching_with_pdl(pdl):
+    with launching_with_pdl(*pdl_launch):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             q = torch.ops.fxtp.rotary_gemv(*case, 16)
