@@ -30,8 +30,8 @@ process showed between two variants with the same options.
 The GEMV: program p computes rows [p * BLOCK_N, (p + 1) * BLOCK_N) of `x @ W.T` (+ bias), walking
 the columns BLOCK_K at a time, each step loading the next columns' weights before it sums these,
 with a [BLOCK_N, BLOCK_K] float32 accumulator, summed at the end and rounded to x's dtype once, bias
-added in float32 first. The sum order differs from cuBLAS's and
-inductor's, so results equal theirs to float32 rounding, not bit for bit.
+added in float32 first. The sum order differs from cuBLAS's and inductor's, so results equal theirs
+to float32 rounding, not bit for bit.
 
 Gated (`activation` set; passes/fuse_gated_gemv.py): W's rows are a gate projection's on top of an
 up projection's, and the op is a gated MLP's `act(x @ gate.T) * (x @ up.T)`, as the unfused step

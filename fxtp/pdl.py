@@ -7,10 +7,9 @@ kernel to finish (`gdc_wait`) before it reads anything. Inductor's own kernels r
 loads. fxtp's kernels release right after their wait, so the kernel after one of them can start
 its own work that depends on nothing (fxtp's GEMV loads its first weights, and can prefetch more
 into L2) while a latency-bound kernel (an all_reduce waiting on NVLink, attention over a short
-cache) still runs. Releasing
-only after the wait keeps inductor's invariant: when a kernel is scheduled, every kernel two or more
-before it has finished, so a kernel with no wait (inductor leaves it out where a kernel reads
-nothing its predecessor wrote) reads finished data.
+cache) still runs. Releasing only after the wait keeps inductor's invariant: when a kernel is
+scheduled, every kernel two or more before it has finished, so a kernel with no wait (inductor
+leaves it out where a kernel reads nothing its predecessor wrote) reads finished data.
 
 Only inside `launching_with_pdl(True)`, which DecodeGraph holds while it runs and captures a step
 compiled with PDL: the ops' Python runs then, and the launches it makes are what the CUDA graph
