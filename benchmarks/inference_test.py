@@ -357,7 +357,8 @@ def measure(runners: list[Runner], ids, mask, args, device: torch.device) -> lis
     """Warm up each runner, then time `trials` greedy generations of `gen_len` tokens each, the runners
     taking turns trial by trial (--interleave), so that the machine's drift falls on all of them.
     first_generate_s is the first warmup's wall time: it includes whatever an impl compiles and
-    captures for this batch size. Peak memory is given for a runner timed alone only."""
+    captures for this batch size. Peak memory is given for a runner timed alone only. trials_identical:
+    whether every trial generated the same tokens (the tokens returned are the last trial's)."""
     first_generate = []
     for runner in runners:
         for i in range(args.warmup):
@@ -368,13 +369,15 @@ def measure(runners: list[Runner], ids, mask, args, device: torch.device) -> lis
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timed = [{"prefill": [], "decode": [], "wall": []} for _ in runners]
-    tokens = [None] * len(runners)
+    tokens, repeatable = [None] * len(runners), [True] * len(runners)
     for _ in range(args.trials):
         for i, runner in enumerate(runners):
             timer = StepTimer()
             start = time.perf_counter()
-            tokens[i] = runner.generate(ids, mask, args.gen_len, timer)
+            generated = runner.generate(ids, mask, args.gen_len, timer)
             synchronizer(device)()
+            repeatable[i] &= tokens[i] is None or torch.equal(generated, tokens[i])
+            tokens[i] = generated
             timed[i]["wall"].append(time.perf_counter() - start)
             timed[i]["prefill"].append(timer.prefill)
             timed[i]["decode"].extend(timer.decode)
@@ -389,6 +392,7 @@ def measure(runners: list[Runner], ids, mask, args, device: torch.device) -> lis
             "tokens_per_s": ids.shape[0] * args.gen_len / (sum(times["wall"]) / len(times["wall"])),
             "peak_bytes": torch.cuda.max_memory_allocated(device) if alone else None,
             "first_generate_s": first_generate[i] if first_generate else None,
+            "trials_identical": repeatable[i],
         }))
     return results
 
@@ -543,7 +547,8 @@ def table(rows: list) -> str:
             *(fmt(d[k], 3) for k in PERCENTILES), fmt(r["tokens_per_s"], 1), fmt(max(r["param_bytes"]) / gb),
             fmt(max(peaks) / gb if peaks else None), fmt(r["tflops"]), fmt(r["gb_per_s"], 0),
             fmt(r["hbm_fraction"]), fmt(r["ar_ms"], 3), fmt(r["x_floor"]),
-            f"{fmt(r['setup_s'], 1)} / {fmt(r['first_generate_s'], 1)}", match + ("" if r["ranks_identical"] else " (ranks differ)"),
+            f"{fmt(r['setup_s'], 1)} / {fmt(r['first_generate_s'], 1)}", match + ("" if r["ranks_identical"] else " (ranks differ)")
+            + ("" if r.get("trials_identical", True) else " (trials differ)"),
         ]) + " |")
     return "\n".join(lines)
 

@@ -58,6 +58,12 @@ Inductor options (a `compile={...}` dict overrides them):
   rotary forms, and `fxtp.gemv`'s) load their first weights before they wait for the kernel before
   them (fxtp/gemv.py). On H100 it saved 1.3-2.6 us a GEMV after a 5 us kernel; in the step at N=2
   its effect was within the spread between variants of one process (README, run Y).
+- `fxtp.gemv_push` (fxtp's own, off by default; it needs `fxtp.push_all_reduce`): each projection
+  whose output only a push all_reduce reads (a layer's o and down) becomes one op with it
+  (passes/fuse_gemv_push.py, fxtp/gemv_push.py): at one row fxtp's GEMV writes each output into the
+  peers' push buffers as it sums it, and the push kernel after it only polls and sums (and adds and
+  normalizes, with `fxtp.push_norm`). The projections run on fxtp's GEMV then, whatever `fxtp.gemv`
+  says; its prefetch is as `fxtp.gemv` sets it.
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
   and waits for it in `gdc_wait`, so its launch no longer sits between the two. fxtp's own kernels
@@ -88,6 +94,7 @@ from fxtp.decode_attention import with_decode_attention
 from fxtp.gemv import PREFETCH_BYTES, with_gemv
 from fxtp.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from fxtp.passes.fuse_gated_gemv import fuse_gated_gemv
+from fxtp.passes.fuse_gemv_push import fuse_gemv_push
 from fxtp.passes.fuse_rotary_gemv import fuse_rotary_gemv
 from fxtp.passes.merge_projections import merge_projections
 from fxtp.passes.store_gemv_inputs import StoreGemvInputs
@@ -107,9 +114,11 @@ GEMV = "fxtp.gemv"
 GATED = "fxtp.gated_gemv"
 ROTARY = "fxtp.rotary_gemv"
 PRELOAD = "fxtp.gemv_preload"
+GEMV_PUSH = "fxtp.gemv_push"
 POST_GRAD = "post_grad_custom_post_pass"
-FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION, MERGE, STORE, GEMV, GATED, ROTARY, PRELOAD)  # rewrites of the step, not inductor's
-DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL, ATTENTION, MERGE, STORE, GEMV, GATED, ROTARY, PRELOAD)
+# rewrites of the step, not inductor's
+FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION, MERGE, STORE, GEMV, GATED, ROTARY, PRELOAD, GEMV_PUSH)
+DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL, ATTENTION, MERGE, STORE, GEMV, GATED, ROTARY, PRELOAD, GEMV_PUSH)
 _CAPTURES = itertools.count()
 
 
@@ -142,9 +151,13 @@ def inductor_options(compile: Union[bool, dict], group_name: str, world_size: in
         raise ValueError(f"{STORE}=True is inductor's {POST_GRAD}, which the options set already; "
                          f"leave {STORE} out (it is then off) or drop {POST_GRAD}")
     options.setdefault(PUSH_NORM, options[PUSH])
-    if options[PUSH_NORM] and not options[PUSH]:
-        raise ValueError(f"{PUSH_NORM}=True fuses the norm into push all_reduce, which is off here ({PUSH}=False); "
-                         f"turn {PUSH} on or leave {PUSH_NORM} out")
+    options.setdefault(GEMV_PUSH, False)
+    for key, fused in ((PUSH_NORM, "the norm"), (GEMV_PUSH, "the projection before it")):
+        if not isinstance(options[key], bool):
+            raise ValueError(f"{key} is True or False, got {options[key]!r}")
+        if options[key] and not options[PUSH]:
+            raise ValueError(f"{key}=True fuses {fused} into push all_reduce, which is off here ({PUSH}=False); "
+                             f"turn {PUSH} on or leave {key} out")
     for key in (AUTO_SELECT, PUSH):
         if options[key] and world_size > 1 and not symmetric:
             raise RuntimeError(f"{key}=True needs symmetric memory, which does not work on this machine "
@@ -185,13 +198,15 @@ class DecodeGraph:
         if options.get(STORE):
             inductor[POST_GRAD] = StoreGemvInputs()
         step = merge_projections(twin(module, "Merged")) if options.get(MERGE) else module
+        gemv = options.get(GEMV, False)
+        prefetch_bytes = PREFETCH_BYTES if gemv is True else int(gemv)
         if options.get(PUSH):
             step = with_push_all_reduce(step)
             if options.get(PUSH_NORM):
                 step = fuse_add_rms_norm(step)
+            if options.get(GEMV_PUSH):
+                step = fuse_gemv_push(step, prefetch_bytes)
         step = with_decode_attention(step) if options.get(ATTENTION) else step
-        gemv = options.get(GEMV, False)
-        prefetch_bytes = PREFETCH_BYTES if gemv is True else int(gemv)
         if options.get(ROTARY):
             step = fuse_rotary_gemv(twin(step, "Rotary"), prefetch_bytes)
         if options.get(GATED):

@@ -40,6 +40,10 @@ rounds both sums to x's dtype, applies `act`, rounds, multiplies, rounds, as the
 The activation and product then need no kernel of their own, and the down projection reads a
 stored input: Llama-3-8B at N=2 on H100, 3.452 -> 3.330 ms a token, timed in turns (README, run W).
 
+Pushing (`push`: fxtp/gemv_push.py, `fxtp.gemv_push`, opt-in): the plain GEMV also writes each
+output's bits into the peers' buffers of push all_reduce's current round, as fxtp/push_all_reduce.py's
+kernel would, so that kernel only polls and sums after it. It reads the round after its PDL wait.
+
 Elsewhere (more than one row, as in a prefill or a batch; weights that are not contiguous [out, in];
 mixed dtypes; GPUs before Ampere; CPU tensors unless Triton's interpreter is on, as tests/conftest.py
 does) the op is `F.linear` (and the gated form the same unfused ops).
@@ -54,6 +58,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxtp.pdl import preloads, uses_pdl
+from fxtp.push_all_reduce import EMPTY_BITS, Peers, bits_type
 from fxtp.triton_device import runs_triton_kernels
 from fxtp.twin import retargeted
 
@@ -146,14 +151,18 @@ class Rotary(NamedTuple):
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            blocks: Optional[tuple[int, int, int]] = None, prefetch_bytes: int = PREFETCH_BYTES,
            activation: Optional[str] = None, rotary: Optional[Rotary] = None,
-           preload: Optional[bool] = None) -> torch.Tensor:
+           preload: Optional[bool] = None, push: Optional[Peers] = None) -> torch.Tensor:
     """Run the kernel on operands `kernel_applies` accepts, with `block_sizes`' blocks or `blocks`;
     launched with PDL it prefetches the first `prefetch_bytes` of the weight, and loads its first
     weights before its wait if `preload` (None: as `launching_with_pdl` says); benchmarks/gemv_latency.py
     times other choices. Gated (`activation`) or rotary (`rotary`), output i pairs the weight's rows
     first(i) = (i // group) * 2 * group + i % group and first(i) + group: gate's row i and up's, with a
-    group of half the rows; the two halves of a head's row of features, with a group of half a head."""
+    group of half the rows; the two halves of a head's row of features, with a group of half a head.
+    Plain, with `push` (the Peers of parts of the output's size) it also writes each output into the
+    peers' push all_reduce buffers of the current round (fxtp/gemv_push.py)."""
     rows, columns = weight.shape
+    if push is not None and (activation is not None or rotary is not None):
+        raise ValueError("only the plain GEMV pushes its outputs: pass no activation or rotary with push")
     block_n, block_k, warps = blocks or block_sizes(rows, columns)
     if rotary is not None:
         group = rotary.key_cache.size(-1) // 2
@@ -174,13 +183,15 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     aligned = weight.data_ptr() % 16 == 0  # the bulk prefetch's addresses must be
     prefetched = min(prefetch_bytes, weight.nbytes) // weight.element_size() if pdl and aligned else 0
     prefetchers = min(programs, -(-prefetched // (requests * request_elements)))
+    peers = push or Peers(weight, weight, 0, 0)  # read only with push
     _kernel()[(programs,)](x.contiguous(), weight, weight if bias is None else bias, out, outputs, group, prefetched,
                            prefetchers, cache.cos, cache.sin, cache.position, cache.key_cache, cache.value_cache,
-                           query_rows, rotated_rows, cache.key_cache.stride(1),
+                           query_rows, rotated_rows, cache.key_cache.stride(1), peers.addresses, peers.state,
                            COLUMNS=columns, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
                            PREFETCH=prefetchers > 0, REQUESTS=requests, REQUEST_ELEMENTS=request_elements,
                            EPILOGUE=epilogue, ACTIVATION=ACTIVATIONS[activation][0] if activation else 0, PDL=pdl,
-                           PRELOAD=pdl and (preloads() if preload is None else preload),
+                           PRELOAD=pdl and (preloads() if preload is None else preload), RANK=peers.rank,
+                           WORLD=peers.world, BITS=bits_type(x.dtype), EMPTY=EMPTY_BITS[x.dtype],
                            num_warps=warps, launch_pdl=pdl)
     return out
 
@@ -199,11 +210,14 @@ def _kernel():
     @triton.jit
     def gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, group, prefetched, prefetchers,
                     cos_ptr, sin_ptr, position_ptr, key_ptr, value_ptr, query_rows, rotated_rows, cache_stride,
+                    addresses, state,
                     COLUMNS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     PREFETCH: tl.constexpr, REQUESTS: tl.constexpr, REQUEST_ELEMENTS: tl.constexpr,
-                    EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr):
-        # EPILOGUE 0: out[i] = row i's sum. 1 (gated): act(first's) * second's. 2 (rotary): rotate the
-        # pair (q's and k's heads), write q's to out and k's and v's to the caches at the position.
+                    EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr,
+                    RANK: tl.constexpr, WORLD: tl.constexpr, BITS: tl.constexpr, EMPTY: tl.constexpr):
+        # EPILOGUE 0: out[i] = row i's sum, and with WORLD > 0 the same bits pushed to the peers as
+        # fxtp/push_all_reduce.py's kernel pushes them. 1 (gated): act(first's) * second's. 2 (rotary):
+        # rotate the pair (q's and k's heads), write q's to out and k's and v's to the caches at the position.
         program = tl.program_id(0)
         if PREFETCH:
             if program < prefetchers:  # before the wait: the weights need nothing from the kernel before
@@ -233,6 +247,8 @@ def _kernel():
         if PDL and PRELOAD:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        if WORLD:  # after the wait, once the last push kernel has moved the round on; here to hide the load
+            turn = tl.load(state, volatile=True)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         second_acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for start in range(0, COLUMNS, BLOCK_K):
@@ -287,5 +303,12 @@ def _kernel():
             tl.store(value_ptr + cached + group, other.to(dtype), mask=is_value)
         else:
             tl.store(out_ptr + row, total.to(dtype), mask=real_row)
+            if WORLD:
+                part = total.to(dtype).to(BITS, bitcast=True)
+                part = tl.where(part == EMPTY, 0, part)
+                for peer in tl.static_range(WORLD):
+                    if peer != RANK:
+                        theirs = tl.load(addresses + peer).to(tl.pointer_type(BITS))
+                        tl.store(theirs + (turn * WORLD + RANK) * rows + row, part, mask=real_row)
 
     return gemv_kernel

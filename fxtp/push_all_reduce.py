@@ -16,7 +16,8 @@ round k + 2, which it starts after reading this rank's round k + 1 part, written
 The round lives on the GPU and the kernel's last block advances it, so replays of a CUDA graph use
 the right buffers. As with any collective, all ranks make the same calls in the same order; each
 (group, dtype, size) has its own buffers and round. The sum runs in float32 over ranks in rank
-order, so every rank gets the same bits.
+order, so every rank gets the same bits. A GEMV may push a rank's part itself as it computes it
+(fxtp/gemv_push.py); the kernel after it then only polls and sums (`pushed`).
 
 The kernel can also finish a Llama decoder layer's residual add and the next layer's RMSNorm
 (`fxtp::push_all_reduce_add_rms_norm`, fused into decode steps by passes/fuse_add_rms_norm.py, as
@@ -28,7 +29,7 @@ no kernel of its own. It rounds where the graph does (`add_rms_norm`). It shares
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -50,9 +51,18 @@ MAX_ROW = 8192
 MAX_ROWS = MAX_BYTES // (2 * BLOCK)  # as many programs as a plain call of MAX_BYTES, all resident at once
 
 
+class Peers(NamedTuple):
+    """What a rank's kernels need to push parts of one (group, dtype, numel): the address of every
+    rank's buffers (in rank order), this rank's [round, programs arrived], its rank and the world size."""
+    addresses: torch.Tensor
+    state: torch.Tensor
+    rank: int
+    world: int
+
+
 class _Workspace:
     """One (group, dtype, numel)'s buffers on this rank: [3 rounds, world, numel] of -0.0 bits in
-    symmetric memory, the address of every rank's copy, and [round, programs arrived]."""
+    symmetric memory, and its Peers."""
 
     def __init__(self, group_name: str, dtype: torch.dtype, numel: int, device: torch.device):
         import torch.distributed._symmetric_memory as symm_mem
@@ -63,19 +73,20 @@ class _Workspace:
         torch.cuda.synchronize(device)  # emptied before the rendezvous lets any peer write to it
         handle = symm_mem.rendezvous(self.buffer, group_name)
         offset = self.buffer.data_ptr() - handle.buffer_ptrs[handle.rank]
-        self.addresses = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
-        self.state = torch.zeros(2, dtype=torch.int32, device=device)
-        self.rank, self.world = handle.rank, handle.world_size
+        addresses = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
+        self.peers = Peers(addresses, torch.zeros(2, dtype=torch.int32, device=device), handle.rank, handle.world_size)
 
 
 _WORKSPACES: dict[tuple, _Workspace] = {}
 
 
-def _workspace(group_name: str, x: torch.Tensor) -> _Workspace:
-    key = (group_name, x.dtype, x.numel(), x.device)
+def peers_of(group_name: str, dtype: torch.dtype, numel: int, device: torch.device) -> Peers:
+    """The Peers of the group's push buffers for parts of `numel` elements of `dtype` on `device`,
+    made (a collective) on their first use."""
+    key = (group_name, dtype, numel, device)
     if key not in _WORKSPACES:
-        _WORKSPACES[key] = _Workspace(group_name, x.dtype, x.numel(), x.device)
-    return _WORKSPACES[key]
+        _WORKSPACES[key] = _Workspace(group_name, dtype, numel, device)
+    return _WORKSPACES[key].peers
 
 
 @torch.library.custom_op("fxtp::push_all_reduce", mutates_args=())
@@ -84,20 +95,23 @@ def push_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     parts over MAX_BYTES or of other dtypes."""
     if x.device.type != "cuda" or x.numel() * x.element_size() > MAX_BYTES or x.dtype not in EMPTY_BITS:
         return WAIT(ALL_REDUCE(x, "sum", group_name))
-    workspace = _workspace(group_name, x)
-    return launch(x.contiguous(), workspace.addresses, workspace.state, workspace.rank, workspace.world)
+    return launch(x.contiguous(), *peers_of(group_name, x.dtype, x.numel(), x.device))
 
 
-def launch(x: torch.Tensor, addresses: torch.Tensor, state: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+def launch(x: torch.Tensor, addresses: torch.Tensor, state: torch.Tensor, rank: int, world: int,
+           pushed: bool = False) -> torch.Tensor:
     """Run one round of the kernel: push contiguous `x` to the buffers at `addresses` (every rank's,
-    in rank order), return the sum; `state` is this rank's [round, programs arrived]."""
+    in rank order), return the sum; `state` is this rank's [round, programs arrived]. `pushed`: the
+    kernel before has already written `x` to the peers' buffers this round (fxtp/gemv.py's push
+    epilogue), so this one only sums."""
     out = torch.empty_like(x)
-    _run(x, out, addresses, state, rank, world, programs=-(-x.numel() // BLOCK), BLOCK=BLOCK)
+    _run(x, out, addresses, state, rank, world, programs=-(-x.numel() // BLOCK), BLOCK=BLOCK, PUSHED=pushed)
     return out
 
 
 def launch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        addresses: torch.Tensor, state: torch.Tensor, rank: int, world: int) -> tuple:
+                        addresses: torch.Tensor, state: torch.Tensor, rank: int, world: int,
+                        pushed: bool = False) -> tuple:
     """`launch` with the norm epilogue, one program a row of contiguous `x`: returns
     `add_rms_norm(sum, residual, weight, eps, x.dtype)`; `residual` is contiguous and of x's shape
     and dtype, `weight` contiguous of x.shape[-1] elements."""
@@ -105,19 +119,24 @@ def launch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     block = 1 << (row - 1).bit_length()
     hidden = torch.empty_like(x)
     normed = torch.empty_like(x, dtype=torch.promote_types(weight.dtype, x.dtype))
-    _run(x, hidden, addresses, state, rank, world, programs=x.numel() // row, BLOCK=block,
+    _run(x, hidden, addresses, state, rank, world, programs=x.numel() // row, BLOCK=block, PUSHED=pushed,
          residual_ptr=residual, weight_ptr=weight, normed_ptr=normed, ROW=row, EPS=eps,
          num_warps=max(1, block // 256))  # 8 elements a thread (MAX_ROW)
     return hidden, normed
 
 
+def bits_type(dtype: torch.dtype):
+    """The Triton integer type that holds `dtype`'s bits, as the buffers do."""
+    import triton.language as tl
+
+    return {2: tl.int16, 4: tl.int32}[dtype.itemsize]
+
+
 def _run(x: torch.Tensor, out: torch.Tensor, addresses: torch.Tensor, state: torch.Tensor, rank: int, world: int,
          programs: int, **epilogue) -> None:
-    kernel, integer_types = _kernel()
     pdl = uses_pdl(x.device)
-    kernel[(programs,)](x, out, addresses, state, x.numel(), RANK=rank, WORLD=world,
-                        BITS=integer_types[x.element_size()], EMPTY=EMPTY_BITS[x.dtype], PDL=pdl, **epilogue,
-                        launch_pdl=pdl)
+    _kernel()[(programs,)](x, out, addresses, state, x.numel(), RANK=rank, WORLD=world, BITS=bits_type(x.dtype),
+                           EMPTY=EMPTY_BITS[x.dtype], PDL=pdl, **epilogue, launch_pdl=pdl)
 
 
 @push_all_reduce.register_fake
@@ -146,15 +165,16 @@ def push_all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight
     epilogue where it computes the same (statistics in float32, normalized values rounded to x's
     dtype, x's shape for the residual, one weight a column, rows up to MAX_ROW); otherwise
     push_all_reduce (NCCL's or gloo's where it falls back) and torch ops."""
-    if x.device.type == "cuda" and _fits_epilogue(x, residual, weight, normalized_dtype):
-        workspace = _workspace(group_name, x)
+    if x.device.type == "cuda" and fits_norm_epilogue(x, residual, weight, normalized_dtype):
         return launch_add_rms_norm(x.contiguous(), residual.contiguous(), weight.contiguous(), eps,
-                                   workspace.addresses, workspace.state, workspace.rank, workspace.world)
+                                   *peers_of(group_name, x.dtype, x.numel(), x.device))
     return add_rms_norm(push_all_reduce(x, group_name), residual, weight, eps, normalized_dtype)
 
 
-def _fits_epilogue(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                   normalized_dtype: Optional[torch.dtype]) -> bool:
+def fits_norm_epilogue(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       normalized_dtype: Optional[torch.dtype]) -> bool:
+    """Whether the norm epilogue computes `add_rms_norm(sum of x, residual, weight, ...)` (x may be
+    on the meta device: only its shape and dtype are read)."""
     row = x.shape[-1]
     statistics_in_float32 = normalized_dtype is not None or x.dtype == torch.float32
     return (statistics_in_float32 and normalized_dtype in (None, x.dtype) and x.dtype in EMPTY_BITS
@@ -196,7 +216,7 @@ def _kernel():
     @triton.jit
     def push_all_reduce_kernel(x_ptr, out_ptr, addresses, state, numel, RANK: tl.constexpr, WORLD: tl.constexpr,
                                BITS: tl.constexpr, EMPTY: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
-                               residual_ptr=None, weight_ptr=None, normed_ptr=None,
+                               PUSHED: tl.constexpr, residual_ptr=None, weight_ptr=None, normed_ptr=None,
                                ROW: tl.constexpr = 0, EPS: tl.constexpr = 0.0):
         if PDL:  # fxtp/pdl.py: the next kernel may start its own work while this one waits on its peers
             tl.extra.cuda.gdc_wait()
@@ -212,10 +232,11 @@ def _kernel():
         turn = tl.load(state, volatile=True)
         part = tl.load(x_ptr + offsets, mask=inside, other=0).to(BITS, bitcast=True)
         part = tl.where(part == EMPTY, 0, part)
-        for peer in tl.static_range(WORLD):
-            if peer != RANK:
-                theirs = tl.load(addresses + peer).to(tl.pointer_type(BITS))
-                tl.store(theirs + (turn * WORLD + RANK) * numel + offsets, part, mask=inside)
+        if not PUSHED:
+            for peer in tl.static_range(WORLD):
+                if peer != RANK:
+                    theirs = tl.load(addresses + peer).to(tl.pointer_type(BITS))
+                    tl.store(theirs + (turn * WORLD + RANK) * numel + offsets, part, mask=inside)
         mine = tl.load(addresses + RANK).to(tl.pointer_type(BITS))
         total = tl.zeros([BLOCK], tl.float32)
         for peer in tl.static_range(WORLD):
@@ -248,4 +269,4 @@ def _kernel():
             tl.store(state + 1, 0)
             tl.store(state, (turn + 1) % 3)
 
-    return push_all_reduce_kernel, {2: tl.int16, 4: tl.int32}
+    return push_all_reduce_kernel

@@ -15,7 +15,7 @@ Reads:  `fxtp::push_all_reduce` nodes (fxtp/push_all_reduce.py) whose only user 
 Writes: `hidden, normed = push_all_reduce_add_rms_norm(x, residual, weight, eps, dtype or None,
         group)` before the add; `hidden` (meta of h) replaces h everywhere, `normed` (meta of y)
         replaces y, and the chain is gone. The rank graphs hold no dtypes, so the op takes the
-        graph's rounding dtype and proves at run time what its kernel computes (`_fits_epilogue`).
+        graph's rounding dtype and proves at run time what its kernel computes (`fits_norm_epilogue`).
 Leaves alone LayerNorms (layer_norm, or a mean subtracted), Gemma's `mul(n, add(weight, 1))`,
 the embedding's all_reduce (read by the first norm with no add), and anything else that differs.
 """

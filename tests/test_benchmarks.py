@@ -78,15 +78,17 @@ def test_interleave_times_the_variants_in_turns(inference_test, monkeypatch):
             calls.append(name)
             for _ in range(new_tokens + 1):  # the prompt's put, then one a token
                 streamer.put(ids)
-            return torch.cat([ids, torch.full((1, new_tokens), new_token)], dim=1)
+            return torch.cat([ids, torch.full((1, new_tokens), new_token(len(calls)))], dim=1)
         return inference_test.Runner(generate, lambda: {"parameters": 0, "cache": None})
 
     args = type("Args", (), {"warmup": 1, "trials": 3, "gen_len": 4})()
     ids = torch.zeros(1, 2, dtype=torch.long)
-    measured = inference_test.measure([runner("a", 1), runner("b", 2)], ids, None, args, torch.device("cpu"))
-    assert calls == ["a", "b"] + ["a", "b"] * 3
-    assert [tokens[0, 2:].tolist() for tokens, _ in measured] == [[1] * 4, [2] * 4]
-    assert [numbers["decode_steps"] for _, numbers in measured] == [9, 9]  # 3 trials of 3 intervals
+    runners = [runner("a", lambda call: 1), runner("b", lambda call: 2), runner("c", lambda call: call)]
+    measured = inference_test.measure(runners, ids, None, args, torch.device("cpu"))
+    assert calls == ["a", "b", "c"] + ["a", "b", "c"] * 3
+    assert [tokens[0, 2:].tolist() for tokens, _ in measured] == [[1] * 4, [2] * 4, [12] * 4]  # the last trial's
+    assert [numbers["decode_steps"] for _, numbers in measured] == [9, 9, 9]  # 3 trials of 3 intervals
+    assert [numbers["trials_identical"] for _, numbers in measured] == [True, True, False]
 
 
 def fxtp_on_two_cpu_processes(tmp_path, *options: str) -> tuple[dict, str]:

@@ -1,8 +1,8 @@
 """Compiled decode on real GPUs (fxtp/decode_graph.py): the CUDA-graph replay of a step with push
-(by default with the fused residual add and RMSNorm, and fxtp's decode attention), symmetric-memory
-or NCCL all_reduce gives HF's greedy tokens, fxtp::push_all_reduce sums exactly and
-fxtp::push_all_reduce_add_rms_norm adds and normalizes as torch does, eagerly and in CUDA-graph
-replays. Skipped on machines with fewer than 2 GPUs; run on a GPU machine with
+(by default with the fused residual add and RMSNorm and fxtp's decode attention), symmetric-memory
+or NCCL all_reduce gives HF's greedy tokens, fxtp::push_all_reduce sums exactly,
+fxtp::push_all_reduce_add_rms_norm adds and normalizes as torch does, and fxtp/gemv_push.py's ops
+give the bits of the GEMV and then push, eagerly and in CUDA-graph replays. Skipped on machines with fewer than 2 GPUs; run on a GPU machine with
 `python -m pytest -q tests/test_cuda.py`."""
 import pytest
 import torch
@@ -40,10 +40,10 @@ def compiled_generate_on_rank(rank, batches, compile):
 @pytest.mark.parametrize("compile", [True, {"triton.enable_pdl": False}, {"fxtp.push_norm": False},
                                      {"fxtp.decode_attention": False}, {"fxtp.merge_projections": False},
                                      {"fxtp.store_gemv_inputs": False}, {"fxtp.gemv": True}, {"fxtp.gated_gemv": False},
-                                     {"fxtp.rotary_gemv": False},
+                                     {"fxtp.rotary_gemv": False}, {"fxtp.gemv_push": True},
                                      {"fxtp.push_all_reduce": False}, {"_collective.auto_select": False}],
                          ids=["push", "push_without_pdl", "push_without_norm", "cudnn_attention", "unmerged", "unstored",
-                              "gemv", "ungated", "unrotated", "one_shot", "nccl"])
+                              "gemv", "ungated", "unrotated", "pushing_gemv", "one_shot", "nccl"])
 def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
     model = tiny_model("llama")
     batches = [prompts(model.config.vocab_size, batch) for batch in (1, 3)]  # batch 1: matmuls become reductions
@@ -57,6 +57,7 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
         assert options["_collective.auto_select"] is user.get("_collective.auto_select", True)
         assert options["fxtp.push_all_reduce"] is user.get("fxtp.push_all_reduce", options["_collective.auto_select"])
         assert options["fxtp.push_norm"] is user.get("fxtp.push_norm", options["fxtp.push_all_reduce"])
+        assert options["fxtp.gemv_push"] is user.get("fxtp.gemv_push", False)
         assert options["fxtp.decode_attention"] is user.get("fxtp.decode_attention", True)
         assert options["fxtp.merge_projections"] is user.get("fxtp.merge_projections", True)
         assert options["fxtp.store_gemv_inputs"] is user.get("fxtp.store_gemv_inputs", True)
@@ -170,3 +171,63 @@ def test_push_all_reduce_add_rms_norm_adds_and_normalizes_eagerly_and_in_graph_r
             assert torch.equal(hidden, want_hidden), case
             torch.testing.assert_close(normed, want_normed, **tolerance[dtype])
         assert all(torch.equal(a, b) for pair0, pair1 in zip(outputs0, outputs1) for a, b in zip(pair0, pair1)), case
+
+
+def gemv_push_rounds_on_rank(rank, cases, rounds, pdl_launch):
+    """Rank body: per (rows, columns, dtype, norm), the outputs of fxtp/gemv_push.py's op and of the
+    GEMV then push (interleaved on the same buffers, as a decode step's calls are), eagerly, and the
+    op's from replays of a CUDA graph of three calls."""
+    device = torch.device("cuda", rank)
+    group = dist.group.WORLD.group_name
+    generator, shared = torch.Generator(device).manual_seed(rank), torch.Generator(device).manual_seed(100)
+    results = []
+    with launching_with_pdl(*pdl_launch):
+        for rows, columns, dtype, norm in cases:
+            xs = [torch.randn(1, 1, columns, device=device, generator=generator).to(dtype) for _ in range(rounds)]
+            weight = (torch.randn(rows, columns, device=device, generator=generator) / columns ** 0.5).to(dtype)
+            residuals = [torch.randn(1, 1, rows, device=device, generator=shared).to(dtype) for _ in range(rounds)]
+            norm_weight = torch.randn(rows, device=device, generator=shared).to(dtype)
+
+            def fused(x, residual):
+                if norm:
+                    return torch.ops.fxtp.gemv_push_all_reduce_add_rms_norm(x, weight, None, 0, residual, norm_weight,
+                                                                            EPS, dtype, group)
+                return (torch.ops.fxtp.gemv_push_all_reduce(x, weight, None, 0, group),)
+
+            def unfused(x, residual):
+                part = torch.ops.fxtp.gemv(x, weight, None, 0)
+                if norm:
+                    return torch.ops.fxtp.push_all_reduce_add_rms_norm(part, residual, norm_weight, EPS, dtype, group)
+                return (torch.ops.fxtp.push_all_reduce(part, group),)
+
+            eager = [(fused(x, residual), unfused(x, residual)) for x, residual in zip(xs, residuals)]
+            static = [(x.clone(), residual.clone()) for x, residual in zip(xs[:3], residuals[:3])]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                captured = [fused(x, residual) for x, residual in static]
+            replayed = []
+            for start in range(0, rounds, 3):
+                for (x, residual), new_x, new_residual in zip(static, xs[start:start + 3], residuals[start:start + 3]):
+                    x.copy_(new_x)
+                    residual.copy_(new_residual)
+                graph.replay()
+                replayed += [[out.clone() for out in outputs] for outputs in captured]
+            torch.cuda.synchronize(device)
+            results.append(([[[t.cpu() for t in outputs] for outputs in pair] for pair in eager],
+                            [[t.cpu() for t in outputs] for outputs in replayed]))
+    return results
+
+
+def test_gemv_push_gives_the_gemv_then_push_eagerly_and_in_graph_replays(pdl_launch):
+    """The GEMV that pushes its outputs and the push kernel that only sums: the same bits as fxtp's
+    GEMV and then push all_reduce (with and without the norm epilogue), on both ranks."""
+    rounds = 6  # a multiple of the graph's three calls
+    cases = [(4096, 2048, torch.bfloat16, True), (4096, 7168, torch.bfloat16, True),  # Llama-3-8B's o, down at N=2
+             (4096, 2048, torch.bfloat16, False), (1000, 300, torch.float16, False), (2048, 512, torch.float32, True),
+             (300000, 16, torch.bfloat16, False)]  # over push's MAX_BYTES: the GEMV, then NCCL
+    ranks = run_ranks(gemv_push_rounds_on_rank, 2, cases, rounds, pdl_launch, timeout=600, backend="nccl")
+    for case, (eager0, replayed0), (eager1, replayed1) in zip(cases, *ranks):
+        for eager, replayed in ((eager0, replayed0), (eager1, replayed1)):
+            for (fused, unfused), again in zip(eager, replayed):
+                assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(fused, unfused, again)), case
+        assert all(torch.equal(a, b) for pair0, pair1 in zip(eager0, eager1) for a, b in zip(pair0[0], pair1[0])), case

@@ -102,9 +102,9 @@ def test_kernel_adds_the_residual_and_normalizes_every_row_every_round(world):
 ])
 def test_the_epilogue_runs_only_where_it_computes_what_the_graph_does(normalized_dtype, x_dtype, size, rows, fits):
     x, weight = (torch.empty(shape, dtype=x_dtype, device="meta") for shape in ((rows, 1, size), (size,)))
-    assert pushed._fits_epilogue(x, x, weight, normalized_dtype) is fits
-    assert not pushed._fits_epilogue(x, x, weight[:-1], normalized_dtype)
-    assert not pushed._fits_epilogue(x, x[:, :, :-1], weight, normalized_dtype)
+    assert pushed.fits_norm_epilogue(x, x, weight, normalized_dtype) is fits
+    assert not pushed.fits_norm_epilogue(x, x, weight[:-1], normalized_dtype)
+    assert not pushed.fits_norm_epilogue(x, x[:, :, :-1], weight, normalized_dtype)
 
 
 def test_fake_gives_the_graph_dtypes():
