@@ -64,6 +64,10 @@ Inductor options (a `compile={...}` dict overrides them):
   peers' push buffers as it sums it, and the push kernel after it only polls and sums (and adds and
   normalizes, with `fxtp.push_norm`). The projections run on fxtp's GEMV then, whatever `fxtp.gemv`
   says; its prefetch is as `fxtp.gemv` sets it.
+- `fxtp.gemv_blocks` (fxtp's own, empty by default): block sizes for fxtp's GEMVs (all forms) of
+  the weight shapes it names, `{"ROWSxCOLUMNS": [BLOCK_N, BLOCK_K, num_warps]}` (fxtp/gemv.py's
+  `block_table`), in place of `block_sizes`' one row a program; for timing block sizes inside the
+  step, where they may rank otherwise than alone (benchmarks/gemv_latency.py times them alone).
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
   and waits for it in `gdc_wait`, so its launch no longer sits between the two. fxtp's own kernels
@@ -81,6 +85,7 @@ Each captured graph keeps its own memory pool; inductor's symmetric-memory buffe
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import warnings
@@ -91,7 +96,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from fxtp.decode_attention import with_decode_attention
-from fxtp.gemv import PREFETCH_BYTES, with_gemv
+from fxtp.gemv import PREFETCH_BYTES, block_table, launching_with_blocks, with_gemv
 from fxtp.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from fxtp.passes.fuse_gated_gemv import fuse_gated_gemv
 from fxtp.passes.fuse_gemv_push import fuse_gemv_push
@@ -115,10 +120,11 @@ GATED = "fxtp.gated_gemv"
 ROTARY = "fxtp.rotary_gemv"
 PRELOAD = "fxtp.gemv_preload"
 GEMV_PUSH = "fxtp.gemv_push"
+GEMV_BLOCKS = "fxtp.gemv_blocks"
 POST_GRAD = "post_grad_custom_post_pass"
 # rewrites of the step, not inductor's
-FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION, MERGE, STORE, GEMV, GATED, ROTARY, PRELOAD, GEMV_PUSH)
-DECODE_ONLY = (AUTO_SELECT, PUSH, PUSH_NORM, PDL, ATTENTION, MERGE, STORE, GEMV, GATED, ROTARY, PRELOAD, GEMV_PUSH)
+FXTP_OWN = (PUSH, PUSH_NORM, ATTENTION, MERGE, STORE, GEMV, GATED, ROTARY, PRELOAD, GEMV_PUSH, GEMV_BLOCKS)
+DECODE_ONLY = (AUTO_SELECT, PDL, *FXTP_OWN)
 _CAPTURES = itertools.count()
 
 
@@ -152,6 +158,7 @@ def inductor_options(compile: Union[bool, dict], group_name: str, world_size: in
                          f"leave {STORE} out (it is then off) or drop {POST_GRAD}")
     options.setdefault(PUSH_NORM, options[PUSH])
     options.setdefault(GEMV_PUSH, False)
+    block_table(options.setdefault(GEMV_BLOCKS, {}))  # raises on a malformed table
     for key, fused in ((PUSH_NORM, "the norm"), (GEMV_PUSH, "the projection before it")):
         if not isinstance(options[key], bool):
             raise ValueError(f"{key} is True or False, got {options[key]!r}")
@@ -214,6 +221,7 @@ class DecodeGraph:
         if gemv is not False:
             step = with_gemv(step, prefetch_bytes)
         self.pdl, self.preload = bool(options.get(PDL)), options.get(PRELOAD, True)
+        self.blocks = block_table(options.get(GEMV_BLOCKS, {}))
         self.compiled = torch.compile(step, fullgraph=True, dynamic=False, options=inductor)
         self.graphs: dict[tuple, tuple] = {}  # input shapes -> (graph, static inputs, static output)
 
@@ -238,7 +246,7 @@ class DecodeGraph:
         # The seed is the same on every rank, which captures its graphs in the same order.
         random.seed(f"fxtp-decode-graph-{next(_CAPTURES)}")
         try:
-            with torch.cuda.stream(side), launching_with_pdl(self.pdl, self.preload):
+            with torch.cuda.stream(side), self._launching():
                 for _ in range(WARMUP_STEPS):
                     self.compiled(*inputs)
         finally:
@@ -246,6 +254,12 @@ class DecodeGraph:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: NCCL's watchdog thread queries events while this thread captures
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"), launching_with_pdl(self.pdl, self.preload):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), self._launching():
             output = self.compiled(*inputs)
         return graph, inputs, output
+
+    @contextlib.contextmanager
+    def _launching(self):
+        """fxtp's kernels launched inside launch as the options say: PDL, the preload, GEMV blocks."""
+        with launching_with_pdl(self.pdl, self.preload), launching_with_blocks(self.blocks):
+            yield

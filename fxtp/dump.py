@@ -91,7 +91,7 @@ def dump(tp, rank: int = 0) -> str:
     for layer, counts in by_layer.items():
         lines.append(f"  collectives in {layer}: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
 
-    lines += ["", f"Graph (layout, global shape -> local shape; '<-' marks a redistribution of an input)"]
+    lines += ["", "Graph (layout, global shape -> local shape; '<-' marks a redistribution of an input)"]
     for node in gm.graph.nodes:
         if node.op == "placeholder" and STATE in node.meta or node.op == "call_function" and node.meta.get(LAYOUT) is None:
             continue  # state is listed above; nodes without a tensor output (size queries, asserts) are noise

@@ -50,7 +50,10 @@ does) the op is `F.linear` (and the gated form the same unfused ops).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import re
 from typing import NamedTuple, Optional
 
 import torch
@@ -130,10 +133,44 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 
 def block_sizes(rows: int, columns: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for a weight of `rows` x `columns`: a row a program, 2048 columns at
-    a time over 4 warps was within 1% of the fastest block sizes timed at each of Llama-3-8B's weights
-    at N=2 on H100 (benchmarks/gemv_latency.py, README run V)."""
-    return 1, min(2048, 1 << (columns - 1).bit_length()), 4
+    """(BLOCK_N, BLOCK_K, num_warps) for a weight of `rows` x `columns`: the table of
+    `launching_with_blocks` where it names the shape, else a row a program, 2048 columns at a time
+    over 4 warps, which was within 1% of the fastest block sizes timed at each of Llama-3-8B's weights
+    at N=2 on H100 alone (benchmarks/gemv_latency.py, README run V)."""
+    return _BLOCKS.get().get((rows, columns)) or (1, min(2048, 1 << (columns - 1).bit_length()), 4)
+
+
+_BLOCKS = contextvars.ContextVar("fxtp_gemv_blocks", default={})
+
+
+@contextlib.contextmanager
+def launching_with_blocks(table: dict):
+    """fxtp's GEMVs launched inside take (BLOCK_N, BLOCK_K, num_warps) from `table`, keyed by their
+    weight's (rows, columns), where it names their shape (`fxtp.gemv_blocks`, whose value
+    `block_table` reads); DecodeGraph holds it while it captures, so the CUDA graph replays them."""
+    token = _BLOCKS.set(table)
+    try:
+        yield
+    finally:
+        _BLOCKS.reset(token)
+
+
+def block_table(option: dict) -> dict:
+    """`fxtp.gemv_blocks`' value ({"ROWSxCOLUMNS": [BLOCK_N, BLOCK_K, num_warps]}, JSON-friendly) as
+    `launching_with_blocks` takes it; a ValueError that shows the form where anything else is given."""
+    form = ('fxtp.gemv_blocks maps a weight\'s shape to block sizes, {"ROWSxCOLUMNS": [BLOCK_N, BLOCK_K, '
+            'num_warps]}, powers of two with num_warps at most 32 (e.g. {"4096x2048": [2, 1024, 8]})')
+    if not isinstance(option, dict):
+        raise ValueError(f"{form}; got {option!r}")
+    table = {}
+    for shape, blocks in option.items():
+        match = re.fullmatch(r"([1-9][0-9]*)x([1-9][0-9]*)", shape) if isinstance(shape, str) else None
+        powers = (isinstance(blocks, (list, tuple)) and len(blocks) == 3
+                  and all(type(b) is int and b > 0 and b & (b - 1) == 0 for b in blocks) and blocks[2] <= 32)
+        if match is None or not powers:
+            raise ValueError(f"{form}; got {shape!r}: {blocks!r}")
+        table[int(match[1]), int(match[2])] = tuple(blocks)
+    return table
 
 
 class Rotary(NamedTuple):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 
 from fxtp import collectives

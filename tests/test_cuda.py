@@ -58,6 +58,7 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
         assert options["fxtp.push_all_reduce"] is user.get("fxtp.push_all_reduce", options["_collective.auto_select"])
         assert options["fxtp.push_norm"] is user.get("fxtp.push_norm", options["fxtp.push_all_reduce"])
         assert options["fxtp.gemv_push"] is user.get("fxtp.gemv_push", False)
+        assert options["fxtp.gemv_blocks"] == user.get("fxtp.gemv_blocks", {})
         assert options["fxtp.decode_attention"] is user.get("fxtp.decode_attention", True)
         assert options["fxtp.merge_projections"] is user.get("fxtp.merge_projections", True)
         assert options["fxtp.store_gemv_inputs"] is user.get("fxtp.store_gemv_inputs", True)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fxtp
 from fxtp import gemv
 from fxtp.configs import tiny_model
-from fxtp.decode_graph import DECODE_ONLY, GATED, GEMV, PRELOAD, DecodeGraph, inductor_options
+from fxtp.decode_graph import DECODE_ONLY, GATED, GEMV, GEMV_BLOCKS, PRELOAD, DecodeGraph, inductor_options
 from fxtp.passes.fuse_gated_gemv import fuse_gated_gemv
 from fxtp.passes.merge_projections import merge_projections
 from fxtp.pdl import launching_with_pdl, preloads, uses_pdl
@@ -117,6 +117,35 @@ def test_the_decode_step_launches_gemvs_that_preload_their_weights_by_default(mo
                 gemv.launch(x, weight, preload=not preload)
     assert [kwargs["PRELOAD"] for kwargs in launches] == [False] * 4 + [False, True, True, False]
     assert preloads() is True
+
+
+def test_gemv_blocks_option_sets_the_block_sizes_the_step_launches(monkeypatch):
+    cuda = torch.device("cuda", 0)  # the options only: nothing touches a GPU
+    assert GEMV_BLOCKS in DECODE_ONLY and inductor_options(True, "", 1, cuda)[GEMV_BLOCKS] == {}
+    for bad in ([1, 2048, 4], {"4096": [1, 2048, 4]}, {"4096x2048": [3, 2048, 4]}, {"4096x2048": [1, 2048, 64]}):
+        with pytest.raises(ValueError, match=r'fxtp.gemv_blocks maps a weight\'s shape to block sizes, '
+                                             r'\{"ROWSxCOLUMNS": \[BLOCK_N, BLOCK_K, num_warps\]\}'):
+            inductor_options({GEMV_BLOCKS: bad}, "", 1, cuda)
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    module = fxtp.compile(tiny_model("llama"), 1).rank_graph(0)
+    assert DecodeGraph(module, {}).blocks == {}
+    step = DecodeGraph(module, {GEMV_BLOCKS: {"8x16": [2, 16, 1]}})
+    assert step.blocks == {(8, 16): (2, 16, 1)}
+
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, kwargs["BLOCK_N"], kwargs["BLOCK_K"],
+                                                            kwargs["num_warps"]))
+
+    monkeypatch.setattr(gemv, "_kernel", lambda: Kernel())
+    x, weight, _ = operands(8, 16, torch.float32, False)
+    with step._launching():
+        gemv.launch(x, weight)
+    gemv.launch(x, weight)
+    assert launches == [((4,), 2, 16, 1), ((8,), 1, 16, 4)]
+
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="PDL, the prefetch and CUDA graphs need a GPU")
 def test_gemv_on_the_gpu_in_graph_replays(pdl_launch):

@@ -4,8 +4,8 @@ import torch
 
 import fxtp
 from fxtp.configs import CAUSAL_LMS, tiny_model
-from fxtp.decode_graph import (ATTENTION, AUTO_SELECT, GATED, GEMV, GEMV_PUSH, MERGE, PDL, PRELOAD, PUSH, PUSH_NORM,
-                               ROTARY, STORE, inductor_options)
+from fxtp.decode_graph import (ATTENTION, AUTO_SELECT, GATED, GEMV, GEMV_BLOCKS, GEMV_PUSH, MERGE, PDL, PRELOAD, PUSH,
+                               PUSH_NORM, ROTARY, STORE, inductor_options)
 from fxtp.dump import dump
 from fxtp.layouts import Shard
 from fxtp.launch import run_ranks
@@ -170,14 +170,14 @@ def test_decode_options_default_and_overrides_and_the_prefill_drops_decode_only_
     defaults = inductor_options(True, "", 1, cuda)
     assert defaults == {"coordinate_descent_tuning": True, PDL: True, AUTO_SELECT: False, PUSH: False,
                         PUSH_NORM: False, ATTENTION: True, MERGE: True, STORE: True, GEMV: False, GATED: True,
-                        ROTARY: True, PRELOAD: True, GEMV_PUSH: False}
+                        ROTARY: True, PRELOAD: True, GEMV_PUSH: False, GEMV_BLOCKS: {}}
     assert inductor_options({PDL: False, "max_autotune": True}, "", 1, cuda) == {**defaults, PDL: False,
                                                                                   "max_autotune": True}
     compiled_with = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled_with.update(kwargs["options"]))
     PrefillGraph(fxtp.compile(tiny_model("llama"), 1).rank_graph(0),
                  {**defaults, AUTO_SELECT: True, PUSH: True, PUSH_NORM: True, ATTENTION: True, STORE: True, GEMV: True,
-                  GATED: True, ROTARY: True, PRELOAD: True, GEMV_PUSH: True})
+                  GATED: True, ROTARY: True, PRELOAD: True, GEMV_PUSH: True, GEMV_BLOCKS: {"8x16": [1, 16, 4]}})
     assert compiled_with == {"coordinate_descent_tuning": True}
 
 

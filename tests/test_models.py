@@ -1,7 +1,7 @@
 """Whole-model equivalence and structure for the Llama family (tiny configs, simulated ranks)."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxtp

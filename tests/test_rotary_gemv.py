@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import fxtp
-from fxtp import rotary_gemv
+from fxtp import gemv, rotary_gemv
 from fxtp.configs import tiny_config, tiny_model
 from fxtp.decode_graph import DECODE_ONLY, ROTARY, DecodeGraph, inductor_options
 from fxtp.gemv import launch
@@ -64,6 +64,25 @@ def test_rotary_gemv_float32_equals_the_unfused_ops(heads, kv_heads, head_dim, h
     untouched = torch.arange(keys.shape[2]) != position  # the other positions keep their values exactly
     assert torch.equal(keys[:, :, untouched], case[6][:, :, untouched])
     assert torch.equal(values[:, :, untouched], case[7][:, :, untouched])
+
+
+# several rows a program (rows not a multiple of it), one warp or eight, columns not a multiple of BLOCK_K
+@pytest.mark.parametrize("blocks", [(4, 16, 1), (2, 64, 2), (16, 2048, 8)])
+def test_every_form_of_the_gemv_computes_the_same_at_other_block_sizes(blocks):
+    """The plain, gated and rotary GEMVs at `fxtp.gemv_blocks`' block sizes (fxtp/gemv.py's
+    launching_with_blocks) give what they give at block_sizes' own, to float32 rounding."""
+    case = operands(5, 1, 8, 100, torch.float32, True)  # W: [56, 100]
+    x, weight, bias = case[:3]
+    outputs = []
+    for table in ({}, {tuple(weight.shape): blocks}):
+        fused = cloned(case)
+        with gemv.launching_with_blocks(table):
+            assert gemv.block_sizes(*weight.shape) == (blocks if table else (1, 128, 4))
+            outputs.append([launch(x, weight, bias), launch(x, weight, bias, activation="silu"),
+                            torch.ops.fxtp.rotary_gemv(*fused, 5), *fused[6:]])
+    assert gemv.block_sizes(*weight.shape) == (1, 128, 4)
+    for own, other in zip(*outputs):
+        torch.testing.assert_close(other, own, rtol=1e-5, atol=1e-5)
 
 
 def test_rotary_gemv_writes_nothing_past_the_caches_end():
