@@ -53,6 +53,10 @@ them runs (kernels that overlap, as under programmatic dependent launch, count o
 time the GPU spent with no kernel (launch gaps, the host's part of a step), which a faster kernel
 does not remove.
 
+"tuned" in the JSON: per rank, the config of every Triton kernel inductor compiled for the impl
+(block sizes and warps, as coordinate descent left them), read after its warmup: inductor tunes a
+kernel on its first run, so compilations of the same options can differ.
+
 Correctness: the first --check-tokens greedy tokens of every impl against a reference: the first
 impl in --impl at N = 1, HF eager on rank 0's GPU at N > 1 (with --no-reference, the first impl
 there too: --compile-options variants and --single-too rows against the first row). The check is
@@ -359,13 +363,14 @@ def measure(runners: list[Runner], ids, mask, args, device: torch.device) -> lis
     first_generate_s is the first warmup's wall time: it includes whatever an impl compiles and
     captures for this batch size. Peak memory is given for a runner timed alone only. trials_identical:
     whether every trial generated the same tokens (the tokens returned are the last trial's)."""
-    first_generate = []
+    first_generate, tuned, loaded = [], [], set()
     for runner in runners:
         for i in range(args.warmup):
             start = time.perf_counter()
             runner.generate(ids, mask, args.gen_len, StepTimer())
             if i == 0:
                 first_generate.append(time.perf_counter() - start)
+        tuned.append(tuned_kernels(loaded))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timed = [{"prefill": [], "decode": [], "wall": []} for _ in runners]
@@ -393,8 +398,28 @@ def measure(runners: list[Runner], ids, mask, args, device: torch.device) -> lis
             "peak_bytes": torch.cuda.max_memory_allocated(device) if alone else None,
             "first_generate_s": first_generate[i] if first_generate else None,
             "trials_identical": repeatable[i],
+            "tuned": tuned[i],
         }))
     return results
+
+
+def tuned_kernels(loaded: set) -> dict:
+    """{kernel name: its config} of the Triton kernels in the modules inductor has loaded since `loaded`
+    (ids of modules seen before, updated), as they run now: tuned on their first run. Each compilation
+    of a decode step has modules of its own (its source names its symmetric-memory buffers)."""
+    from torch._inductor.codecache import PyCodeCache
+
+    configs = {}
+    for module in PyCodeCache.modules:
+        if id(module) in loaded:
+            continue
+        loaded.add(id(module))
+        for name, kernel in vars(module).items():
+            launchers = getattr(kernel, "launchers", None)
+            if name.startswith("triton_") and launchers:
+                config = launchers[0].config
+                configs[name] = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return configs
 
 
 def decode_kernels(runner: Runner, ids, mask, gen_len: int, top: int = 15) -> dict:
@@ -487,7 +512,7 @@ def run_impl(name: str, runs: list[tuple[str, Context]], args, prompts: dict, st
             memory = runner.memory()
             row = {"impl": label, "world_size": ranks, "batch": batch, **numbers, "setup_s": seconds,
                    "param_bytes": gather(memory["parameters"]), "cache_bytes": gather(memory["cache"]),
-                   "peak_bytes": gather(numbers["peak_bytes"]),
+                   "peak_bytes": gather(numbers["peak_bytes"]), "tuned": gather(numbers["tuned"]),
                    "ranks_identical": all(torch.equal(t, generated) for t in gather(generated)),
                    "ar_ms_by_impl": extra["ar_ms"].get(batch) if not single else None}
             row["ar_ms"] = min(row["ar_ms_by_impl"].values()) if row["ar_ms_by_impl"] else None

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -89,6 +90,33 @@ def test_interleave_times_the_variants_in_turns(inference_test, monkeypatch):
     assert [tokens[0, 2:].tolist() for tokens, _ in measured] == [[1] * 4, [2] * 4, [12] * 4]  # the last trial's
     assert [numbers["decode_steps"] for _, numbers in measured] == [9, 9, 9]  # 3 trials of 3 intervals
     assert [numbers["trials_identical"] for _, numbers in measured] == [True, True, False]
+    assert [numbers["tuned"] for _, numbers in measured] == [{}, {}, {}]  # eager: inductor compiled nothing
+
+
+def test_tuned_kernels_gives_the_configs_of_the_kernels_loaded_since(inference_test, monkeypatch):
+    """The Triton kernels inductor loaded for an impl, with the config each runs (after tuning); a
+    module read before is not read again, and other attributes are not kernels."""
+    from torch._inductor.codecache import PyCodeCache
+
+    def module(**kernels):
+        return types.SimpleNamespace(**kernels, async_compile=object(), call=lambda args: None)
+
+    def kernel(warps, **blocks):
+        config = types.SimpleNamespace(kwargs=blocks, num_warps=warps, num_stages=1)
+        return types.SimpleNamespace(launchers=[types.SimpleNamespace(config=config)])
+
+    first = module(triton_red_fused_mm_1=kernel(16, XBLOCK=2, R0_BLOCK=2048), triton_poi_fused_2=kernel(4, XBLOCK=256))
+    second = module(triton_red_fused_mm_1=kernel(8, XBLOCK=1, R0_BLOCK=4096), triton_unloaded=kernel(4))
+    second.triton_unloaded.launchers = []  # not run yet: nothing tuned
+    monkeypatch.setattr(PyCodeCache, "modules", [first])
+    loaded = set()
+    assert inference_test.tuned_kernels(loaded) == {
+        "triton_red_fused_mm_1": {"XBLOCK": 2, "R0_BLOCK": 2048, "num_warps": 16, "num_stages": 1},
+        "triton_poi_fused_2": {"XBLOCK": 256, "num_warps": 4, "num_stages": 1}}
+    PyCodeCache.modules.append(second)
+    assert inference_test.tuned_kernels(loaded) == {
+        "triton_red_fused_mm_1": {"XBLOCK": 1, "R0_BLOCK": 4096, "num_warps": 8, "num_stages": 1}}
+    assert inference_test.tuned_kernels(loaded) == {}
 
 
 def fxtp_on_two_cpu_processes(tmp_path, *options: str) -> tuple[dict, str]:
