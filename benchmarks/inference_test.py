@@ -405,8 +405,8 @@ def measure(runners: list[Runner], ids, mask, args, device: torch.device) -> lis
 
 def tuned_kernels(loaded: set) -> dict:
     """{kernel name: its config} of the Triton kernels in the modules inductor has loaded since `loaded`
-    (ids of modules seen before, updated), as they run now: tuned on their first run. Each compilation
-    of a decode step has modules of its own (its source names its symmetric-memory buffers)."""
+    (ids of modules seen before, updated), as they run now: tuned on their first run. A module that a
+    later variant shares with an earlier one is listed under the earlier one only."""
     from torch._inductor.codecache import PyCodeCache
 
     configs = {}
