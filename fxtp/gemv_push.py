@@ -32,8 +32,7 @@ from fxtp.gemv import holds_one_row
 
 def _pushes(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether the GEMV kernel runs this projection and push all_reduce's kernel sums its output."""
-    return (x.device.type == "cuda" and gemv.kernel_applies(x, weight, bias) and x.dtype in push.EMPTY_BITS
-            and weight.size(0) * x.element_size() <= push.MAX_BYTES)
+    return x.device.type == "cuda" and gemv.kernel_applies(x, weight, bias) and push.takes(x.dtype, weight.size(0))
 
 
 def _pushed_part(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], prefetch_bytes: int,

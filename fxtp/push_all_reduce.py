@@ -89,11 +89,17 @@ def peers_of(group_name: str, dtype: torch.dtype, numel: int, device: torch.devi
     return _WORKSPACES[key].peers
 
 
+def takes(dtype: torch.dtype, numel: int) -> bool:
+    """Whether the kernel sums parts of `numel` elements of `dtype` (on a GPU): up to MAX_BYTES, of a
+    dtype it has empty bits for."""
+    return dtype in EMPTY_BITS and numel * dtype.itemsize <= MAX_BYTES
+
+
 @torch.library.custom_op("fxtp::push_all_reduce", mutates_args=())
 def push_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """The sum of `x` over the ranks of the group: pushed on CUDA, NCCL's (gloo's on the CPU) for
     parts over MAX_BYTES or of other dtypes."""
-    if x.device.type != "cuda" or x.numel() * x.element_size() > MAX_BYTES or x.dtype not in EMPTY_BITS:
+    if x.device.type != "cuda" or not takes(x.dtype, x.numel()):
         return WAIT(ALL_REDUCE(x, "sum", group_name))
     return launch(x.contiguous(), *peers_of(group_name, x.dtype, x.numel(), x.device))
 
@@ -177,8 +183,8 @@ def fits_norm_epilogue(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     on the meta device: only its shape and dtype are read)."""
     row = x.shape[-1]
     statistics_in_float32 = normalized_dtype is not None or x.dtype == torch.float32
-    return (statistics_in_float32 and normalized_dtype in (None, x.dtype) and x.dtype in EMPTY_BITS
-            and x.numel() * x.element_size() <= MAX_BYTES and row <= MAX_ROW and x.numel() // row <= MAX_ROWS
+    return (statistics_in_float32 and normalized_dtype in (None, x.dtype) and takes(x.dtype, x.numel())
+            and row <= MAX_ROW and x.numel() // row <= MAX_ROWS
             and residual.shape == x.shape and residual.dtype == x.dtype and weight.shape == (row,)
             and torch.promote_types(weight.dtype, x.dtype) in EMPTY_BITS)
 
