@@ -34,12 +34,14 @@ Inductor options (a `compile={...}` dict overrides them):
   in the fp32 generate test on H100; Llama-3-8B at N=2 went from 3.845 to 3.537 ms a token, timed
   in turns in one process (README, run T), and storing only computed inputs from 3.745 to 3.482
   (run U).
-- `fxtp.gemv` (fxtp's own, off by default): the step's projections (`aten.linear`) become
-  `fxtp::gemv` (fxtp/gemv.py), a Triton GEMV at one row that, launched with PDL, prefetches the
-  start of its weights into L2 while the kernel before it still runs: True prefetches up to
-  fxtp/gemv.py's PREFETCH_BYTES of each weight, a number that many bytes (0: none). Its GPU tests
-  passed on H100; Llama-3-8B at N=2 went from 3.383 to 3.370 ms a token, timed in turns (README,
-  run V).
+- `fxtp.gemv` (fxtp's own, on by default with more than one rank): the step's projections
+  (`aten.linear`) become fxtp/gemv.py's `projection`: at one row `fxtp::gemv`, a Triton GEMV at
+  fixed block sizes (fxtp/gemv.py's `block_sizes`), elsewhere F.linear as before. Inductor tunes its
+  own GEMVs by timing each alone, on each rank apart, and every all_reduce waits for the slower rank:
+  Llama-3-8B at N=2 took 3.206 to 3.436 ms a token over five compilations, 3.247 with this (README,
+  run AA). Left to inductor on one GPU, where it was not timed. A number (of bytes) also has each
+  GEMV prefetch that much of its weight into L2 while the kernel before still runs (True: none); in
+  the step at N=2, 32 MB gained 0.4%, within the spread above (README, run V).
 - `fxtp.gated_gemv` (fxtp's own, on by default): at one row a gated MLP's `act(gate) * up` is
   computed in its gate|up GEMV (passes/fuse_gated_gemv.py; fxtp/gemv.py's gated form, its prefetch
   as `fxtp.gemv` sets it, none when that is off), so it needs no kernel of its own. Llama-style
@@ -66,7 +68,7 @@ Inductor options (a `compile={...}` dict overrides them):
   says; its prefetch is as `fxtp.gemv` sets it.
 - `fxtp.gemv_blocks` (fxtp's own, empty by default): block sizes for fxtp's GEMVs (all forms) of
   the weight shapes it names, `{"ROWSxCOLUMNS": [BLOCK_N, BLOCK_K, num_warps]}` (fxtp/gemv.py's
-  `block_table`), in place of `block_sizes`' one row a program; for timing block sizes inside the
+  `block_table`), in place of `block_sizes`' choice; for timing block sizes inside the
   step, where they may rank otherwise than alone (benchmarks/gemv_latency.py times them alone).
 - `triton.enable_pdl`: programmatic dependent launch (Hopper and later; inductor ignores it on older
   GPUs). Each kernel inductor generates is scheduled while the kernel before it is still finishing
@@ -96,7 +98,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from fxtp.decode_attention import with_decode_attention
-from fxtp.gemv import PREFETCH_BYTES, block_table, launching_with_blocks, with_gemv
+from fxtp.gemv import block_table, launching_with_blocks, with_gemv
 from fxtp.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from fxtp.passes.fuse_gated_gemv import fuse_gated_gemv
 from fxtp.passes.fuse_gemv_push import fuse_gemv_push
@@ -142,7 +144,7 @@ def inductor_options(compile: Union[bool, dict], group_name: str, world_size: in
     options.setdefault(PUSH, options[AUTO_SELECT])
     options.setdefault(ATTENTION, True)
     options.setdefault(MERGE, True)
-    options.setdefault(GEMV, False)
+    options.setdefault(GEMV, world_size > 1)
     if not isinstance(options[GEMV], int) or options[GEMV] < 0:  # bools are ints
         raise ValueError(f"{GEMV} is True, False or the bytes of each weight to prefetch (0 or more), "
                          f"got {options[GEMV]!r}")
@@ -206,7 +208,7 @@ class DecodeGraph:
             inductor[POST_GRAD] = StoreGemvInputs()
         step = merge_projections(twin(module, "Merged")) if options.get(MERGE) else module
         gemv = options.get(GEMV, False)
-        prefetch_bytes = PREFETCH_BYTES if gemv is True else int(gemv)
+        prefetch_bytes = 0 if gemv is True else int(gemv)
         if options.get(PUSH):
             step = with_push_all_reduce(step)
             if options.get(PUSH_NORM):

@@ -1,6 +1,15 @@
 """A decode step's one-row projections (GEMVs) as one Triton kernel that can prefetch its weights into
-L2 while the kernel before it still runs (fxtp/decode_graph.py's `fxtp.gemv`, off by default), and
-in a gated form that also applies a gated MLP's activation (`fxtp.gated_gemv`, on by default).
+L2 while the kernel before it still runs (fxtp/decode_graph.py's `fxtp.gemv`, on by default with
+more than one rank, without the prefetch), and in a gated form that also applies a gated MLP's
+activation (`fxtp.gated_gemv`, on by default).
+
+Why fxtp's GEMV and not inductor's (README, run AA): inductor tunes each GEMV by timing it alone, on
+each rank apart. In one process, compilations of the same step chose different block sizes for o
+and down, and in every compilation the two ranks chose differently at o, down or both; Llama-3-8B's
+step at N=2 then took 3.206 to 3.436 ms a token (five compilations on three machines), while the
+step with fxtp's GEMV at `block_sizes`' blocks for every projection took 3.247, and at other blocks
+repeated its time within 0.2% across compilations and machines. Every all_reduce waits for the
+slower rank.
 
 At batch 1 a Llama-3-8B step on 2 GPUs is 4 GEMVs a layer between latency-bound kernels (push
 all_reduce waiting on NVLink, rotary, attention over a short cache), and inductor's GEMVs read at
@@ -11,11 +20,11 @@ kernel, its first `prefetchers` programs ask L2 for the first PREFETCH_BYTES of 
 thread one `cp.async.bulk.prefetch.L2` of its share, which needs nothing from the kernel before.
 
 Measured on H100 (README, run V): after a kernel that spins 5 us, a GEMV at Llama-3-8B's N=2 shapes
-took 1.6-2.9 us less than inductor's, and back to back the kernel alone is level with inductor's or
-up to 1.1 us faster; but in the whole step at N=2 it gained 0.4% (3.383 -> 3.370 ms, timed in
-turns), so it stays off by default. In that step's profile push all_reduce took 8.4 us a call
-against 5.0 without it, attention 6.9 against 5.5: both now share the GPU with the prefetch (and,
-launched earlier, count more of their wait). After a kernel of 16 dependent L2 loads, as push
+took 1.6-2.9 us less than inductor's, and back to back the kernel alone is level with inductor's or up
+to 1.1 us faster; but in the whole step at N=2 it gained 0.4% (3.383 -> 3.370 ms, timed in turns), so
+the prefetch is off unless `fxtp.gemv` gives it bytes. In that step's profile push all_reduce took 8.4
+us a call against 5.0 without it, attention 6.9 against 5.5: both now share the GPU with the prefetch
+(and, launched earlier, count more of their wait). After a kernel of 16 dependent L2 loads, as push
 polls, the 32 MB prefetch made the pair slower at four of five weights (README, run W).
 
 Preloaded weights (`fxtp.gemv_preload`, on by default; fxtp/pdl.py's `launching_with_pdl(on,
@@ -134,10 +143,21 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 def block_sizes(rows: int, columns: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for a weight of `rows` x `columns`: the table of
-    `launching_with_blocks` where it names the shape, else a row a program, 2048 columns at a time
-    over 4 warps, which was within 1% of the fastest block sizes timed at each of Llama-3-8B's weights
-    at N=2 on H100 alone (benchmarks/gemv_latency.py, README run V)."""
-    return _BLOCKS.get().get((rows, columns)) or (1, min(2048, 1 << (columns - 1).bit_length()), 4)
+    `launching_with_blocks` where it names the shape, else 2048 columns at a time (fewer where a row
+    has fewer) and: one row a program over 8 warps where a row has at most 2048 columns, two rows over
+    8 warps where it has more than 4096, else one row over 4 warps. Timed inside the decode step at
+    Llama-3-8B's N=2 weights on H100 (README, run AA): down [4096 x 7168] at two rows over 8 warps
+    took the step from 3.310-3.317 ms a token (one row over 4 or 16 warps) to 3.264-3.267, o [4096 x
+    2048] at 8 warps then to 3.247; q|k|v and lm_head [* x 4096] at two rows over 8 warps made it
+    slower (3.294). A program's loop keeps at most two column blocks of its rows in flight, so a long
+    row is a chain of dependent loads; two rows a program put twice the bytes in flight."""
+    table = _BLOCKS.get().get((rows, columns))
+    if table:
+        return table
+    block_k = min(2048, 1 << (columns - 1).bit_length())
+    if columns <= 2048:
+        return 1, block_k, 8
+    return (2, block_k, 8) if columns > 4096 else (1, block_k, 4)
 
 
 _BLOCKS = contextvars.ContextVar("fxtp_gemv_blocks", default={})
@@ -233,10 +253,20 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return out
 
 
+def projection(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               prefetch_bytes: int = PREFETCH_BYTES) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` in a decode step (`with_gemv`'s node): `fxtp::gemv` where x holds one
+    row, else F.linear. torch.compile traces this with static shapes, so a step of several rows (a
+    batch) keeps what inductor makes of F.linear."""
+    if holds_one_row(x):
+        return torch.ops.fxtp.gemv(x, weight, bias, prefetch_bytes=prefetch_bytes)
+    return F.linear(x, weight, bias)
+
+
 def with_gemv(module: fx.GraphModule, prefetch_bytes: int = PREFETCH_BYTES) -> fx.GraphModule:
-    """A twin of `module` (fxtp/twin.py) whose `aten.linear` calls are `fxtp::gemv` calls with the
-    same arguments and `prefetch_bytes`. `module` is left as it was."""
-    return retargeted(module, "Gemv", aten.linear.default, torch.ops.fxtp.gemv.default, prefetch_bytes=prefetch_bytes)
+    """A twin of `module` (fxtp/twin.py) whose `aten.linear` calls are `projection` calls with the same
+    arguments and `prefetch_bytes`. `module` is left as it was."""
+    return retargeted(module, "Gemv", aten.linear.default, projection, prefetch_bytes=prefetch_bytes)
 
 
 @functools.cache

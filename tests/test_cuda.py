@@ -39,11 +39,13 @@ def compiled_generate_on_rank(rank, batches, compile):
 
 @pytest.mark.parametrize("compile", [True, {"triton.enable_pdl": False}, {"fxtp.push_norm": False},
                                      {"fxtp.decode_attention": False}, {"fxtp.merge_projections": False},
-                                     {"fxtp.store_gemv_inputs": False}, {"fxtp.gemv": True}, {"fxtp.gated_gemv": False},
+                                     {"fxtp.store_gemv_inputs": False}, {"fxtp.gemv": 8 << 20}, {"fxtp.gemv": False},
+                                     {"fxtp.gated_gemv": False},
                                      {"fxtp.rotary_gemv": False}, {"fxtp.gemv_push": True},
                                      {"fxtp.push_all_reduce": False}, {"_collective.auto_select": False}],
                          ids=["push", "push_without_pdl", "push_without_norm", "cudnn_attention", "unmerged", "unstored",
-                              "gemv", "ungated", "unrotated", "pushing_gemv", "one_shot", "nccl"])
+                              "prefetching_gemv", "inductor_gemv", "ungated", "unrotated", "pushing_gemv", "one_shot",
+                              "nccl"])
 def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
     model = tiny_model("llama")
     batches = [prompts(model.config.vocab_size, batch) for batch in (1, 3)]  # batch 1: matmuls become reductions
@@ -62,7 +64,7 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
         assert options["fxtp.decode_attention"] is user.get("fxtp.decode_attention", True)
         assert options["fxtp.merge_projections"] is user.get("fxtp.merge_projections", True)
         assert options["fxtp.store_gemv_inputs"] is user.get("fxtp.store_gemv_inputs", True)
-        assert options["fxtp.gemv"] is user.get("fxtp.gemv", False)
+        assert options["fxtp.gemv"] is user.get("fxtp.gemv", True)
         assert options["fxtp.gated_gemv"] is user.get("fxtp.gated_gemv", True)
         assert options["fxtp.rotary_gemv"] is user.get("fxtp.rotary_gemv", True)
         assert options["fxtp.gemv_preload"] is user.get("fxtp.gemv_preload", True)

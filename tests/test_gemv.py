@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fxtp
-from fxtp import gemv
+from fxtp import decode_graph, gemv
 from fxtp.configs import tiny_model
 from fxtp.decode_graph import DECODE_ONLY, GATED, GEMV, GEMV_BLOCKS, PRELOAD, DecodeGraph, inductor_options
 from fxtp.passes.fuse_gated_gemv import fuse_gated_gemv
@@ -144,7 +144,20 @@ def test_gemv_blocks_option_sets_the_block_sizes_the_step_launches(monkeypatch):
     with step._launching():
         gemv.launch(x, weight)
     gemv.launch(x, weight)
-    assert launches == [((4,), 2, 16, 1), ((8,), 1, 16, 4)]
+    assert launches == [((4,), 2, 16, 1), ((8,), 1, 16, 8)]
+
+
+def test_block_sizes_by_row_length():
+    """Llama-3-8B's weights at N=2, as timed in the step (README, run AA): o at 8 warps, down two rows
+    a program over 8 warps, q|k|v, gate|up and lm_head one row over 4 warps; BLOCK_K at most a row."""
+    assert gemv.block_sizes(4096, 2048) == (1, 2048, 8)
+    assert gemv.block_sizes(4096, 7168) == (2, 2048, 8)
+    for rows in (3072, 14336, 64128):
+        assert gemv.block_sizes(rows, 4096) == (1, 2048, 4)
+    assert gemv.block_sizes(40, 48) == (1, 64, 8)
+    with gemv.launching_with_blocks({(4096, 7168): (4, 1024, 16)}):
+        assert gemv.block_sizes(4096, 7168) == (4, 1024, 16)
+        assert gemv.block_sizes(4096, 2048) == (1, 2048, 8)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="PDL, the prefetch and CUDA graphs need a GPU")
@@ -194,7 +207,7 @@ def test_with_gemv_rewrites_every_projection_and_keeps_the_logits(arch):
     rewritten = [gemv.with_gemv(gm, prefetch_bytes=0) for gm in graphs]
     linears = [node.target for node in graphs[0].graph.nodes].count(aten.linear.default)
     targets = [node.target for node in rewritten[0].graph.nodes]
-    assert linears > 0 and targets.count(torch.ops.fxtp.gemv.default) == linears
+    assert linears > 0 and targets.count(gemv.projection) == linears
     assert aten.linear.default not in targets
     assert [node.target for node in graphs[0].graph.nodes].count(aten.linear.default) == linears  # left as it was
     for ids in (torch.tensor([[5]]), torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))):
@@ -203,24 +216,38 @@ def test_with_gemv_rewrites_every_projection_and_keeps_the_logits(arch):
                 torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_gemv_is_a_decode_option_off_by_default():
+def test_gemv_is_a_decode_option_on_by_default_with_more_than_one_rank(monkeypatch):
     cuda = torch.device("cuda", 0)  # the options only: nothing touches a GPU
+    monkeypatch.setattr(decode_graph, "symmetric_memory_works", lambda group_name, device: False)
     assert GEMV in DECODE_ONLY
     assert inductor_options(True, "", 1, cuda)[GEMV] is False
-    assert inductor_options({GEMV: True}, "", 1, cuda)[GEMV] is True
+    assert inductor_options(True, "", 2, cuda)[GEMV] is True
+    assert inductor_options({GEMV: False}, "", 2, cuda)[GEMV] is False
     assert inductor_options({GEMV: 8 << 20}, "", 1, cuda)[GEMV] == 8 << 20
     for wrong in (-1, 1.5, "yes"):
         with pytest.raises(ValueError, match="bytes of each weight to prefetch"):
             inductor_options({GEMV: wrong}, "", 1, cuda)
 
 
-@pytest.mark.parametrize("option, prefetch_bytes", [(True, gemv.PREFETCH_BYTES), (0, 0), (8 << 20, 8 << 20)])
+@pytest.mark.parametrize("option, prefetch_bytes", [(True, 0), (0, 0), (8 << 20, 8 << 20)])
 def test_the_decode_step_takes_the_prefetch_from_the_option(option, prefetch_bytes, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module))
     DecodeGraph(fxtp.compile(tiny_model("llama"), 1).rank_graph(0), {GEMV: option})
-    calls = [node for node in compiled[0].graph.nodes if node.target is torch.ops.fxtp.gemv.default]
+    calls = [node for node in compiled[0].graph.nodes if node.target is gemv.projection]
     assert calls and all(node.kwargs == {"prefetch_bytes": prefetch_bytes} for node in calls)
+
+
+def test_projection_compiles_to_the_kernel_for_one_row_and_to_linear_for_more():
+    """torch.compile (static shapes, as the decode step) sees `fxtp::gemv` at one row, and at several
+    F.linear, which inductor compiles as it did before `fxtp.gemv`."""
+    _, weight, b = operands(16, 32, torch.float32, True)
+    for rows, kernel in ((1, True), (3, False)):
+        x = torch.randn(1, rows, 32, device=DEVICE)
+        out, targets = traced_targets(gemv.projection, x, weight, b, 0)
+        torch.testing.assert_close(out, reference(x, weight, b).float(), rtol=1e-5, atol=1e-5)
+        assert any(t in (torch.ops.fxtp.gemv, torch.ops.fxtp.gemv.default) for t in targets) is kernel
+        assert (F.linear in targets) is not kernel
 
 
 @pytest.mark.parametrize("activation", sorted(gemv.ACTIVATIONS))
@@ -314,7 +341,7 @@ def test_the_decode_step_fuses_gated_mlps_by_default(monkeypatch):
                     {GATED: False, "fxtp.merge_projections": True}):
         DecodeGraph(program.rank_graph(0), options)
         calls = [node.kwargs for node in compiled[-1].graph.nodes
-                 if node.target in (torch.ops.fxtp.gemv.default, gemv.gated_projection)]
+                 if node.target in (gemv.projection, gemv.gated_projection)]
         gated = [kwargs for kwargs in calls if kwargs.get("activation") == "silu"]
         assert len(gated) == (model.config.num_hidden_layers if options[GATED] else 0)
         assert all(kwargs["prefetch_bytes"] == options.get(GEMV, 0) for kwargs in calls)

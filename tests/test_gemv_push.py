@@ -29,10 +29,11 @@ COLUMNS = 48  # of a rank's weight: not a power of two, so the GEMV masks its la
 
 
 def rounds_on_rank(rank: int, fused_buffers: tuple, unfused_buffers: tuple, xs: list, weights: torch.Tensor,
-                   residuals: list, norm_weight) -> tuple:
+                   residuals: list, norm_weight, blocks) -> tuple:
     """Rank body: every round's sum (with the norm epilogue if `norm_weight` is not None), by the
     pushing GEMV and the summing kernel over `fused_buffers` (the GEMV then plain push in
-    PLAIN_ROUNDS), and by the GEMV then push over `unfused_buffers`."""
+    PLAIN_ROUNDS), and by the GEMV then push over `unfused_buffers`; the GEMVs at `blocks` (None:
+    gemv.block_sizes')."""
     world = weights.size(0)
     fused_peers, unfused_peers = (pushed.Peers(interpreted_addresses(buffers), states[rank], rank, world)
                                   for buffers, states in (fused_buffers, unfused_buffers))
@@ -45,15 +46,17 @@ def rounds_on_rank(rank: int, fused_buffers: tuple, unfused_buffers: tuple, xs: 
     fused, unfused = [], []
     for round, (x, residual) in enumerate(zip(xs, residuals)):
         pushes = round not in PLAIN_ROUNDS
-        part = gemv.launch(x[rank], weights[rank], push=fused_peers if pushes else None)
+        part = gemv.launch(x[rank], weights[rank], blocks=blocks, push=fused_peers if pushes else None)
         fused.append(summed(part, fused_peers, pushes, residual))
-        unfused.append(summed(gemv.launch(x[rank], weights[rank]), unfused_peers, False, residual))
+        unfused.append(summed(gemv.launch(x[rank], weights[rank], blocks=blocks), unfused_peers, False, residual))
     return fused, unfused
 
 
-@pytest.mark.parametrize("world, dtype, rows, norm", [(2, torch.bfloat16, 96, False), (3, torch.float16, 40, False),
-                                                      (2, torch.float32, 64, True), (2, torch.bfloat16, 80, True)])
-def test_pushing_gemv_gives_the_bits_of_the_gemv_then_push(world, dtype, rows, norm):
+@pytest.mark.parametrize("world, dtype, rows, norm, blocks", [
+    (2, torch.bfloat16, 96, False, None), (3, torch.float16, 40, False, None), (2, torch.float32, 64, True, None),
+    (2, torch.bfloat16, 80, True, None),
+    (2, torch.bfloat16, 75, True, (2, 32, 8))])  # two rows a program (down's blocks), the last one alone
+def test_pushing_gemv_gives_the_bits_of_the_gemv_then_push(world, dtype, rows, norm, blocks):
     pytest.importorskip("triton")
     generator = torch.Generator().manual_seed(rows)
     weights = (torch.randn(world, rows, COLUMNS, generator=generator) / COLUMNS ** 0.5).to(dtype)
@@ -66,7 +69,7 @@ def test_pushing_gemv_gives_the_bits_of_the_gemv_then_push(world, dtype, rows, n
     norm_weight = torch.randn(rows, generator=generator).to(dtype) if norm else None
     fused_buffers, unfused_buffers = (shared_workspaces(world, dtype, rows) for _ in range(2))
     ranks = run_ranks(rounds_on_rank, world, fused_buffers, unfused_buffers, xs, weights, residuals, norm_weight,
-                      timeout=300)
+                      blocks, timeout=300)
     for round, x in enumerate(xs):
         reference = sum(x[rank].float() @ weights[rank].float().T for rank in range(world))
         results = []

@@ -77,10 +77,10 @@ def test_every_form_of_the_gemv_computes_the_same_at_other_block_sizes(blocks):
     for table in ({}, {tuple(weight.shape): blocks}):
         fused = cloned(case)
         with gemv.launching_with_blocks(table):
-            assert gemv.block_sizes(*weight.shape) == (blocks if table else (1, 128, 4))
+            assert gemv.block_sizes(*weight.shape) == (blocks if table else (1, 128, 8))
             outputs.append([launch(x, weight, bias), launch(x, weight, bias, activation="silu"),
                             torch.ops.fxtp.rotary_gemv(*fused, 5), *fused[6:]])
-    assert gemv.block_sizes(*weight.shape) == (1, 128, 4)
+    assert gemv.block_sizes(*weight.shape) == (1, 128, 8)
     for own, other in zip(*outputs):
         torch.testing.assert_close(other, own, rtol=1e-5, atol=1e-5)
 
