@@ -39,9 +39,10 @@ Inductor options (a `compile={...}` dict overrides them):
   fixed block sizes (fxtp/gemv.py's `block_sizes`), elsewhere F.linear as before. Inductor tunes its
   own GEMVs by timing each alone, on each rank apart, and every all_reduce waits for the slower rank:
   Llama-3-8B at N=2 took 3.206 to 3.436 ms a token over five compilations, 3.247 with this (README,
-  run AA). Left to inductor on one GPU, where it was not timed. A number (of bytes) also has each
-  GEMV prefetch that much of its weight into L2 while the kernel before still runs (True: none); in
-  the step at N=2, 32 MB gained 0.4%, within the spread above (README, run V).
+  run AA), 3.192-3.198 with its loop unrolled and gate|up's blocks since (run AB). Left to inductor
+  on one GPU, where it was not timed. A number (of bytes) also has each GEMV prefetch that much of
+  its weight into L2 while the kernel before still runs (True: none); in the step at N=2, 32 MB
+  gained 0.4%, within the spread above (README, run V).
 - `fxtp.gated_gemv` (fxtp's own, on by default): at one row a gated MLP's `act(gate) * up` is
   computed in its gate|up GEMV (passes/fuse_gated_gemv.py; fxtp/gemv.py's gated form, its prefetch
   as `fxtp.gemv` sets it, none when that is off), so it needs no kernel of its own. Llama-style

@@ -7,9 +7,9 @@ Why fxtp's GEMV and not inductor's (README, run AA): inductor tunes each GEMV by
 each rank apart. In one process, compilations of the same step chose different block sizes for o
 and down, and in every compilation the two ranks chose differently at o, down or both; Llama-3-8B's
 step at N=2 then took 3.206 to 3.436 ms a token (five compilations on three machines), while the
-step with fxtp's GEMV at `block_sizes`' blocks for every projection took 3.247, and at other blocks
-repeated its time within 0.2% across compilations and machines. Every all_reduce waits for the
-slower rank.
+step with fxtp's GEMV at `block_sizes`' blocks for every projection took 3.247 (3.192-3.198 since run
+AB), and at other blocks repeated its time within 0.2% across compilations and machines. Every
+all_reduce waits for the slower rank.
 
 At batch 1 a Llama-3-8B step on 2 GPUs is 4 GEMVs a layer between latency-bound kernels (push
 all_reduce waiting on NVLink, rotary, attention over a short cache), and inductor's GEMVs read at
@@ -37,10 +37,14 @@ back up to 0.7 us less (o: 0.4 more). In the whole step its effect was within th
 process showed between two variants with the same options.
 
 The GEMV: program p computes rows [p * BLOCK_N, (p + 1) * BLOCK_N) of `x @ W.T` (+ bias), walking
-the columns BLOCK_K at a time, each step loading the next columns' weights before it sums these,
-with a [BLOCK_N, BLOCK_K] float32 accumulator, summed at the end and rounded to x's dtype once, bias
-added in float32 first. The sum order differs from cuBLAS's and inductor's, so results equal theirs
-to float32 rounding, not bit for bit.
+the columns BLOCK_K at a time with a [BLOCK_N, BLOCK_K] float32 accumulator, summed at the end and
+rounded to x's dtype once, bias added in float32 first. The column loop is unrolled (the row length
+is a compile-time constant), so ptxas issues the loads of later column blocks before the sums of
+earlier ones, as inductor's reductions do; W's loads are marked to leave L2 first (each weight is
+read once a step) and x's to stay. A loop that loaded only the next block's weights while summing
+these took Llama-3-8B's N=2 step at 3.248 ms a token against 3.210-3.212 unrolled (README, run AB).
+The sum order differs from cuBLAS's and inductor's, so results equal theirs to float32 rounding, not
+bit for bit.
 
 Gated (`activation` set; passes/fuse_gated_gemv.py): W's rows are a gate projection's on top of an
 up projection's, and the op is a gated MLP's `act(x @ gate.T) * (x @ up.T)`, as the unfused step
@@ -141,23 +145,24 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
             and (bias is None or (bias.shape == weight.shape[:1] and bias.dtype == x.dtype and bias.is_contiguous())))
 
 
-def block_sizes(rows: int, columns: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for a weight of `rows` x `columns`: the table of
-    `launching_with_blocks` where it names the shape, else 2048 columns at a time (fewer where a row
-    has fewer) and: one row a program over 8 warps where a row has at most 2048 columns, two rows over
-    8 warps where it has more than 4096, else one row over 4 warps. Timed inside the decode step at
-    Llama-3-8B's N=2 weights on H100 (README, run AA): down [4096 x 7168] at two rows over 8 warps
-    took the step from 3.310-3.317 ms a token (one row over 4 or 16 warps) to 3.264-3.267, o [4096 x
-    2048] at 8 warps then to 3.247; q|k|v and lm_head [* x 4096] at two rows over 8 warps made it
-    slower (3.294). A program's loop keeps at most two column blocks of its rows in flight, so a long
-    row is a chain of dependent loads; two rows a program put twice the bytes in flight."""
+def block_sizes(rows: int, columns: int, gated: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for a weight of `rows` x `columns` (`gated`: gate's and up's rows,
+    paired): the table of `launching_with_blocks` where it names the shape, else 2048 columns at a time
+    (fewer where a row has fewer) and: one row a program over 8 warps where a row has at most 2048
+    columns; two rows (pairs, gated) over 8 warps where it has more than 4096 or the GEMV is gated;
+    else one row over 4 warps. Timed inside the decode step at Llama-3-8B's N=2 weights on H100
+    (README, runs AA and AB): down [4096 x 7168] at two rows over 8 warps took the step from
+    3.310-3.317 ms a token (one row over 4 or 16 warps) to 3.264-3.267, o [4096 x 2048] at 8 warps
+    then to 3.247; with the unrolled column loop, gate|up [14336 x 4096] at two pairs over 8 warps
+    took it from 3.210 to 3.192-3.198 (one pair over 8 warps and 4096 columns a step: 3.203), where
+    q|k|v and lm_head [* x 4096] at two rows over 8 warps made it slower (3.207)."""
     table = _BLOCKS.get().get((rows, columns))
     if table:
         return table
     block_k = min(2048, 1 << (columns - 1).bit_length())
     if columns <= 2048:
         return 1, block_k, 8
-    return (2, block_k, 8) if columns > 4096 else (1, block_k, 4)
+    return (2, block_k, 8) if columns > 4096 or gated else (1, block_k, 4)
 
 
 _BLOCKS = contextvars.ContextVar("fxtp_gemv_blocks", default={})
@@ -220,7 +225,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     rows, columns = weight.shape
     if push is not None and (activation is not None or rotary is not None):
         raise ValueError("only the plain GEMV pushes its outputs: pass no activation or rotary with push")
-    block_n, block_k, warps = blocks or block_sizes(rows, columns)
+    block_n, block_k, warps = blocks or block_sizes(rows, columns, gated=activation is not None)
     if rotary is not None:
         group = rotary.key_cache.size(-1) // 2
         outputs, epilogue, out = rows // 2, 2, x.new_empty(1, rotary.heads, 1, 2 * group)
@@ -305,12 +310,13 @@ def _kernel():
         if PDL and not PRELOAD:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        # the loop loads the next columns' weights before it sums these; the first ones are loaded here,
-        # with PRELOAD before the wait: the weights need nothing from the kernel before
+        # the first columns' weights are loaded here, with PRELOAD before the wait: they need nothing from
+        # the kernel before; the unrolled loop below loads the others
         inside = real_row[:, None] & (column < COLUMNS)[None, :]
-        w = tl.load(w_ptr + first_start[:, None] + column[None, :], mask=inside, other=0)
+        w = tl.load(w_ptr + first_start[:, None] + column[None, :], mask=inside, other=0, eviction_policy="evict_first")
         if EPILOGUE:
-            second_w = tl.load(w_ptr + second_start[:, None] + column[None, :], mask=inside, other=0)
+            second_w = tl.load(w_ptr + second_start[:, None] + column[None, :], mask=inside, other=0,
+                               eviction_policy="evict_first")
         if PDL and PRELOAD:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -318,16 +324,19 @@ def _kernel():
             turn = tl.load(state, volatile=True)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         second_acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for start in range(0, COLUMNS, BLOCK_K):
-            x = tl.load(x_ptr + start + column, mask=start + column < COLUMNS, other=0).to(tl.float32)
+        for start in tl.static_range(0, COLUMNS, BLOCK_K):
+            if start > 0:
+                inside = real_row[:, None] & (start + column < COLUMNS)[None, :]
+                w = tl.load(w_ptr + first_start[:, None] + start + column[None, :], mask=inside, other=0,
+                            eviction_policy="evict_first")
+                if EPILOGUE:
+                    second_w = tl.load(w_ptr + second_start[:, None] + start + column[None, :], mask=inside, other=0,
+                                       eviction_policy="evict_first")
+            x = tl.load(x_ptr + start + column, mask=start + column < COLUMNS, other=0,
+                        eviction_policy="evict_last").to(tl.float32)
             acc += w.to(tl.float32) * x[None, :]
             if EPILOGUE:
                 second_acc += second_w.to(tl.float32) * x[None, :]
-            following = start + BLOCK_K + column
-            inside = real_row[:, None] & (following < COLUMNS)[None, :]
-            w = tl.load(w_ptr + first_start[:, None] + following[None, :], mask=inside, other=0)
-            if EPILOGUE:
-                second_w = tl.load(w_ptr + second_start[:, None] + following[None, :], mask=inside, other=0)
         total = tl.sum(acc, axis=1)
         if HAS_BIAS:
             total += tl.load(bias_ptr + first, mask=real_row, other=0).to(tl.float32)

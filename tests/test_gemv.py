@@ -147,11 +147,13 @@ def test_gemv_blocks_option_sets_the_block_sizes_the_step_launches(monkeypatch):
     assert launches == [((4,), 2, 16, 1), ((8,), 1, 16, 8)]
 
 
-def test_block_sizes_by_row_length():
-    """Llama-3-8B's weights at N=2, as timed in the step (README, run AA): o at 8 warps, down two rows
-    a program over 8 warps, q|k|v, gate|up and lm_head one row over 4 warps; BLOCK_K at most a row."""
+def test_block_sizes_by_row_length_and_form():
+    """Llama-3-8B's weights at N=2, as timed in the step (README, runs AA and AB): o at 8 warps, down two
+    rows a program over 8 warps, gate|up two pairs over 8 warps, q|k|v and lm_head one row over 4 warps;
+    BLOCK_K at most a row."""
     assert gemv.block_sizes(4096, 2048) == (1, 2048, 8)
     assert gemv.block_sizes(4096, 7168) == (2, 2048, 8)
+    assert gemv.block_sizes(14336, 4096, gated=True) == (2, 2048, 8)
     for rows in (3072, 14336, 64128):
         assert gemv.block_sizes(rows, 4096) == (1, 2048, 4)
     assert gemv.block_sizes(40, 48) == (1, 64, 8)
@@ -251,7 +253,8 @@ def test_projection_compiles_to_the_kernel_for_one_row_and_to_linear_for_more():
 
 
 @pytest.mark.parametrize("activation", sorted(gemv.ACTIVATIONS))
-@pytest.mark.parametrize("rows,columns,bias", [(40, 48, False), (74, 1030, True)])
+# (74, 2100): two pairs a program (block_sizes' gated blocks), the last program holding one
+@pytest.mark.parametrize("rows,columns,bias", [(40, 48, False), (74, 1030, True), (74, 2100, False)])
 def test_gated_gemv_float32_equals_the_unfused_ops(activation, rows, columns, bias):
     x, weight, b = operands(rows, columns, torch.float32, bias)
     out = torch.ops.fxtp.gemv(x, weight, b, activation=activation)
