@@ -310,28 +310,21 @@ def _kernel():
         if PDL and not PRELOAD:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        # the first columns' weights are loaded here, with PRELOAD before the wait: they need nothing from
-        # the kernel before; the unrolled loop below loads the others
-        inside = real_row[:, None] & (column < COLUMNS)[None, :]
-        w = tl.load(w_ptr + first_start[:, None] + column[None, :], mask=inside, other=0, eviction_policy="evict_first")
-        if EPILOGUE:
-            second_w = tl.load(w_ptr + second_start[:, None] + column[None, :], mask=inside, other=0,
-                               eviction_policy="evict_first")
-        if PDL and PRELOAD:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        if WORLD:  # after the wait, once the last push kernel has moved the round on; here to hide the load
-            turn = tl.load(state, volatile=True)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         second_acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for start in tl.static_range(0, COLUMNS, BLOCK_K):
-            if start > 0:
-                inside = real_row[:, None] & (start + column < COLUMNS)[None, :]
-                w = tl.load(w_ptr + first_start[:, None] + start + column[None, :], mask=inside, other=0,
-                            eviction_policy="evict_first")
-                if EPILOGUE:
-                    second_w = tl.load(w_ptr + second_start[:, None] + start + column[None, :], mask=inside, other=0,
-                                       eviction_policy="evict_first")
+        for start in tl.static_range(0, COLUMNS, BLOCK_K):  # unrolled: COLUMNS is a constant
+            inside = real_row[:, None] & (start + column < COLUMNS)[None, :]
+            w = tl.load(w_ptr + first_start[:, None] + start + column[None, :], mask=inside, other=0,
+                        eviction_policy="evict_first")
+            if EPILOGUE:
+                second_w = tl.load(w_ptr + second_start[:, None] + start + column[None, :], mask=inside, other=0,
+                                   eviction_policy="evict_first")
+            if start == 0:  # with PRELOAD the first weights are loaded before the wait: they need nothing from it
+                if PDL and PRELOAD:
+                    tl.extra.cuda.gdc_wait()
+                    tl.extra.cuda.gdc_launch_dependents()
+                if WORLD:  # after the wait, once the last push kernel has moved the round on; here to hide the load
+                    turn = tl.load(state, volatile=True)
             x = tl.load(x_ptr + start + column, mask=start + column < COLUMNS, other=0,
                         eviction_policy="evict_last").to(tl.float32)
             acc += w.to(tl.float32) * x[None, :]
