@@ -149,8 +149,8 @@ def block_sizes(rows: int, columns: int, gated: bool = False) -> tuple[int, int,
     """(BLOCK_N, BLOCK_K, num_warps) for a weight of `rows` x `columns` (`gated`: gate's and up's rows,
     paired): the table of `launching_with_blocks` where it names the shape, else 2048 columns at a time
     (fewer where a row has fewer) and: one row a program over 8 warps where a row has at most 2048
-    columns; two rows (pairs, gated) over 8 warps where it has more than 4096 or the GEMV is gated;
-    else one row over 4 warps. Timed inside the decode step at Llama-3-8B's N=2 weights on H100
+    columns; else two rows (pairs, gated) over 8 warps where it has more than 4096 or the GEMV is
+    gated; else one row over 4 warps. Timed inside the decode step at Llama-3-8B's N=2 weights on H100
     (README, runs AA and AB): down [4096 x 7168] at two rows over 8 warps took the step from
     3.310-3.317 ms a token (one row over 4 or 16 warps) to 3.264-3.267, o [4096 x 2048] at 8 warps
     then to 3.247; with the unrolled column loop, gate|up [14336 x 4096] at two pairs over 8 warps
