@@ -8,7 +8,7 @@ each rank apart. In one process, compilations of the same step chose different b
 and down, and in every compilation the two ranks chose differently at o, down or both; Llama-3-8B's
 step at N=2 then took 3.206 to 3.436 ms a token (five compilations on three machines), while the
 step with fxtp's GEMV at `block_sizes`' blocks for every projection took 3.247 (3.192-3.198 since run
-AB), and at other blocks repeated its time within 0.2% across compilations and machines. Every
+AB, 3.173 since run AC), and at other blocks repeated its time within 0.2% across compilations and machines. Every
 all_reduce waits for the slower rank.
 
 At batch 1 a Llama-3-8B step on 2 GPUs is 4 GEMVs a layer between latency-bound kernels (push
@@ -145,24 +145,30 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
             and (bias is None or (bias.shape == weight.shape[:1] and bias.dtype == x.dtype and bias.is_contiguous())))
 
 
-def block_sizes(rows: int, columns: int, gated: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for a weight of `rows` x `columns` (`gated`: gate's and up's rows,
-    paired): the table of `launching_with_blocks` where it names the shape, else 2048 columns at a time
-    (fewer where a row has fewer) and: one row a program over 8 warps where a row has at most 2048
-    columns; else two rows (pairs, gated) over 8 warps where it has more than 4096 or the GEMV is
-    gated; else one row over 4 warps. Timed inside the decode step at Llama-3-8B's N=2 weights on H100
-    (README, runs AA and AB): down [4096 x 7168] at two rows over 8 warps took the step from
-    3.310-3.317 ms a token (one row over 4 or 16 warps) to 3.264-3.267, o [4096 x 2048] at 8 warps
-    then to 3.247; with the unrolled column loop, gate|up [14336 x 4096] at two pairs over 8 warps
-    took it from 3.210 to 3.192-3.198 (one pair over 8 warps and 4096 columns a step: 3.203), where
-    q|k|v and lm_head [* x 4096] at two rows over 8 warps made it slower (3.207)."""
+def block_sizes(rows: int, columns: int, form: str = "plain") -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for a weight of `rows` x `columns` in `form` ("plain", "gated":
+    gate's and up's rows paired, or "rotary": a head's two halves paired): the table of
+    `launching_with_blocks` where it names the shape, else 2048 columns at a time (fewer where a row
+    has fewer) and: one row a program over 8 warps where a row has at most 2048 columns; else two rows
+    (pairs, gated) over 8 warps where it has more than 4096 or the GEMV is gated; else, rotary, one
+    pair over 8 warps with the whole row a step; else one row over 4 warps. Timed inside the decode
+    step at Llama-3-8B's N=2 weights on H100 (README, runs AA to AC): down [4096 x 7168] at two rows
+    over 8 warps took the step from 3.310-3.317 ms a token (one row over 4 or 16 warps) to
+    3.264-3.267, o [4096 x 2048] at 8 warps then to 3.247; with the unrolled column loop, gate|up
+    [14336 x 4096] at two pairs over 8 warps took it from 3.210 to 3.192-3.198 (one pair over 8 warps
+    and 4096 columns a step: 3.203), where q|k|v and lm_head [* x 4096] at two rows over 8 warps made
+    it slower (3.207); q|k|v [3072 x 4096] at one pair over 8 warps, 4096 columns a step, took it from
+    3.195 to 3.173 (o at four rows: 3.203), but was 8-18 us slower on 2x H200."""
     table = _BLOCKS.get().get((rows, columns))
     if table:
         return table
-    block_k = min(2048, 1 << (columns - 1).bit_length())
+    whole_row = 1 << (columns - 1).bit_length()
+    block_k = min(2048, whole_row)
     if columns <= 2048:
         return 1, block_k, 8
-    return (2, block_k, 8) if columns > 4096 or gated else (1, block_k, 4)
+    if columns > 4096 or form == "gated":
+        return 2, block_k, 8
+    return (1, whole_row, 8) if form == "rotary" else (1, block_k, 4)
 
 
 _BLOCKS = contextvars.ContextVar("fxtp_gemv_blocks", default={})
@@ -225,7 +231,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     rows, columns = weight.shape
     if push is not None and (activation is not None or rotary is not None):
         raise ValueError("only the plain GEMV pushes its outputs: pass no activation or rotary with push")
-    block_n, block_k, warps = blocks or block_sizes(rows, columns, gated=activation is not None)
+    form = "gated" if activation is not None else "rotary" if rotary is not None else "plain"
+    block_n, block_k, warps = blocks or block_sizes(rows, columns, form)
     if rotary is not None:
         group = rotary.key_cache.size(-1) // 2
         outputs, epilogue, out = rows // 2, 2, x.new_empty(1, rotary.heads, 1, 2 * group)

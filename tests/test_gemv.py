@@ -149,14 +149,18 @@ def test_gemv_blocks_option_sets_the_block_sizes_the_step_launches(monkeypatch):
 
 def test_block_sizes_by_row_length_and_form():
     """Llama-3-8B's weights at N=2, as timed in the step (README, runs AA and AB): o at 8 warps, down two
-    rows a program over 8 warps, gate|up two pairs over 8 warps, q|k|v and lm_head one row over 4 warps;
-    BLOCK_K at most a row."""
+    rows a program over 8 warps, gate|up two pairs over 8 warps, q|k|v (rotary) one pair over 8 warps
+    with the whole row a step, lm_head one row over 4 warps; BLOCK_K at most a row."""
     assert gemv.block_sizes(4096, 2048) == (1, 2048, 8)
     assert gemv.block_sizes(4096, 7168) == (2, 2048, 8)
-    assert gemv.block_sizes(14336, 4096, gated=True) == (2, 2048, 8)
+    assert gemv.block_sizes(14336, 4096, "gated") == (2, 2048, 8)
+    assert gemv.block_sizes(3072, 4096, "rotary") == (1, 4096, 8)
+    assert gemv.block_sizes(3072, 3000, "rotary") == (1, 4096, 8)
     for rows in (3072, 14336, 64128):
         assert gemv.block_sizes(rows, 4096) == (1, 2048, 4)
-    assert gemv.block_sizes(40, 48) == (1, 64, 8)
+    for form in ("plain", "gated", "rotary"):
+        assert gemv.block_sizes(40, 48, form) == (1, 64, 8)
+        assert gemv.block_sizes(4096, 7168, form) == (2, 2048, 8)
     with gemv.launching_with_blocks({(4096, 7168): (4, 1024, 16)}):
         assert gemv.block_sizes(4096, 7168) == (4, 1024, 16)
         assert gemv.block_sizes(4096, 2048) == (1, 2048, 8)

@@ -51,9 +51,11 @@ def both(case: list, heads: int) -> tuple:
     return (q, *fused[6:]), (expected, *unfused[6:])
 
 
-# GQA, MHA, a bias, a position at the cache's end, K not a multiple of the GEMV's block
+# GQA, MHA, a bias, a position at the cache's end, K not a multiple of the GEMV's block (the last
+# at block_sizes' whole-row step for rows of 2049-4096 columns)
 @pytest.mark.parametrize("heads, kv_heads, head_dim, hidden, bias, position",
-                         [(4, 2, 16, 48, False, 3), (2, 2, 8, 1030, True, 9), (6, 1, 32, 64, True, 0)])
+                         [(4, 2, 16, 48, False, 3), (2, 2, 8, 1030, True, 9), (6, 1, 32, 64, True, 0),
+                          (2, 1, 16, 3000, False, 5)])
 def test_rotary_gemv_float32_equals_the_unfused_ops(heads, kv_heads, head_dim, hidden, bias, position):
     case = operands(heads, kv_heads, head_dim, hidden, torch.float32, bias, position=position)
     (q, keys, values), (expected, expected_keys, expected_values) = both(case, heads)
