@@ -8,8 +8,8 @@ each rank apart. In one process, compilations of the same step chose different b
 and down, and in every compilation the two ranks chose differently at o, down or both; Llama-3-8B's
 step at N=2 then took 3.206 to 3.436 ms a token (five compilations on three machines), while the
 step with fxtp's GEMV at `block_sizes`' blocks for every projection took 3.247 (3.192-3.198 since run
-AB, 3.173 since run AC), and at other blocks repeated its time within 0.2% across compilations and machines. Every
-all_reduce waits for the slower rank.
+AB, 3.173 since run AC), and at other blocks repeated its time within 0.2% across compilations and
+machines. Every all_reduce waits for the slower rank.
 
 At batch 1 a Llama-3-8B step on 2 GPUs is 4 GEMVs a layer between latency-bound kernels (push
 all_reduce waiting on NVLink, rotary, attention over a short cache), and inductor's GEMVs read at
