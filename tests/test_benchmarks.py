@@ -2,8 +2,9 @@
 its rows (token check against HF eager, parameters per rank) and the interval arithmetic behind
 --profile's busy time; benchmarks/attention_latency.py in Triton's interpreter; benchmarks/mlp_latency.py
 and benchmarks/gemv_latency.py refusing a machine without a GPU, and the weight shapes gemv_latency.py
-times. The GPU numbers of the README come from the same scripts. (Its HF tp_plan and DeepSpeed peers
-need accelerate and deepspeed, which the test install leaves out.)"""
+times; benchmarks/nccl_check.py on two gloo processes and its bfloat16 verdict. The GPU numbers of
+the README come from the same scripts. (Its HF tp_plan and DeepSpeed peers need accelerate and
+deepspeed, which the test install leaves out.)"""
 import importlib
 import json
 import os
@@ -197,6 +198,42 @@ def test_attention_latency_refuses_the_cpu_without_the_interpreter(tmp_path):
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=environment)
     assert finished.returncode == 2 and "TRITON_INTERPRET=1" in finished.stderr
+
+
+def test_nccl_check_on_two_cpu_processes(tmp_path):
+    """benchmarks/nccl_check.py on 2 gloo processes, a tiny Mixtral (the experts sharded) in bfloat16:
+    the ranks agree, and the sharded logits are within bfloat16's rounding of the one-device ones."""
+    out = tmp_path / "check.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(BENCHMARKS, "nccl_check.py"), "--device", "cpu", "--shape", "tiny:mixtral",
+               "--layers", "2", "--dtype", "bfloat16", "--new-tokens", "4", "--out", str(out)]
+    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert f"RESULT {json.dumps(report)}" in finished.stdout
+    assert report["world_size"] == 2 and report["ranks_identical"]
+    assert report["within_dtype_tolerance"] and report["error_ratio"] <= 2
+    assert report["max_abs_diff"] < 0.05 * report["logit_scale"]
+    assert 0.5 * report["params_bytes_full"] <= report["params_bytes_rank0"] < 0.55 * report["params_bytes_full"]
+
+
+def test_rounding_verdict_passes_rounding_and_fails_a_missing_all_reduce(monkeypatch):
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    rounding_verdict = importlib.import_module("nccl_check").rounding_verdict
+    exact = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    one_device = exact.bfloat16()
+    rounded_twice = (0.5 * exact).bfloat16() + (0.5 * exact).bfloat16()  # each rank's part, then their sum
+    mask = torch.ones(2, 5, dtype=torch.long)
+    verdict = rounding_verdict(rounded_twice, one_device, exact, mask)
+    assert verdict["within_dtype_tolerance"] and verdict["top1_agreement"] == 1.0
+    assert verdict["one_device_vs_float32"] == (one_device.float() - exact).abs().max().item() > 0
+    missing = rounding_verdict((0.5 * exact).bfloat16(), one_device, exact, mask)  # one rank's part alone
+    assert not missing["within_dtype_tolerance"] and missing["error_ratio"] > 100
+    wrong_where_masked = rounded_twice.clone()
+    wrong_where_masked[1, :3] = 0
+    mask[1, :3] = 0
+    assert rounding_verdict(wrong_where_masked, one_device, exact, mask)["within_dtype_tolerance"]
+    assert not rounding_verdict(wrong_where_masked, one_device, exact, torch.ones_like(mask))["within_dtype_tolerance"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")

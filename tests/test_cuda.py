@@ -1,6 +1,7 @@
 """Compiled decode on real GPUs (fxtp/decode_graph.py): the CUDA-graph replay of a step with push
 (by default with the fused residual add and RMSNorm and fxtp's decode attention), symmetric-memory
-or NCCL all_reduce gives HF's greedy tokens, fxtp::push_all_reduce sums exactly,
+or NCCL all_reduce gives HF's greedy tokens (Llama under every option; main's default for the other
+forms: biases, q/k norms, gelu, fused projections, experts), fxtp::push_all_reduce sums exactly,
 fxtp::push_all_reduce_add_rms_norm adds and normalizes as torch does, and fxtp/gemv_push.py's ops
 give the bits of the GEMV and then push, eagerly and in CUDA-graph replays. Skipped on machines with fewer than 2 GPUs; run on a GPU machine with
 `python -m pytest -q tests/test_cuda.py`."""
@@ -27,11 +28,11 @@ def prompts(vocab: int, batch: int):
     return ids, mask
 
 
-def compiled_generate_on_rank(rank, batches, compile):
+def compiled_generate_on_rank(rank, arch, batches, compile):
     """Rank body: the compiled generator's greedy tokens for each prompt batch, twice (the second
     request replays the captured graph), and the options it chose."""
     device = torch.device("cuda", rank)
-    generator = fxtp.compile(tiny_model("llama"), 2).generator(rank, device=device, compile=compile)
+    generator = fxtp.compile(tiny_model(arch), 2).generator(rank, device=device, compile=compile)
     tokens = [[generator.generate(ids.to(device), mask.to(device), max_new_tokens=NEW_TOKENS, eos_token_id=[]).cpu()
                for _ in range(2)] for ids, mask in batches]
     return tokens, generator.compile_options
@@ -51,7 +52,7 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
     batches = [prompts(model.config.vocab_size, batch) for batch in (1, 3)]  # batch 1: matmuls become reductions
     expected = [model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                                eos_token_id=None, pad_token_id=0) for ids, mask in batches]
-    results = run_ranks(compiled_generate_on_rank, 2, batches, compile, timeout=900, backend="nccl")
+    results = run_ranks(compiled_generate_on_rank, 2, "llama", batches, compile, timeout=900, backend="nccl")
     for tokens, options in results:
         assert options["coordinate_descent_tuning"] is True
         user = compile if isinstance(compile, dict) else {}
@@ -71,6 +72,20 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
         for (first, second), reference in zip(tokens, expected):
             assert torch.equal(first, reference) and torch.equal(second, reference)
     assert results[0][0][0][0].shape == (1, 9 + NEW_TOKENS)
+
+
+# qwen2: biases; qwen3: q and k normed before the rotation; gemma: gelu, scaled embeddings, 1 + w norms;
+# phi3: its own fused q|k|v and gate_up; mixtral: experts (sharded) behind a router (replicated)
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma", "phi3", "mixtral"])
+def test_compiled_decode_on_two_gpus_generates_like_hf_beyond_llama(arch):
+    """main's default at batch 1, where the decode step's fused kernels apply to what they match."""
+    model = tiny_model(arch)
+    ids, mask = prompts(model.config.vocab_size, 1)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    for tokens, _ in run_ranks(compiled_generate_on_rank, 2, arch, [(ids, mask)], True, timeout=900, backend="nccl"):
+        (first, second), = tokens
+        assert torch.equal(first, expected) and torch.equal(second, expected)
 
 
 def push_rounds_on_rank(rank, cases, rounds, pdl):

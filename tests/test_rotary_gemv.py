@@ -195,8 +195,9 @@ def fused_step(module):
     return fuse_gated_gemv(fuse_rotary_gemv(merge_projections(twin(module, "Merged")), 0), 0)
 
 
-# qwen2: q|k|v biases; gemma: gelu, scaled embeddings; phi3: its own q|k|v, rotation joined with an empty pass
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3"])
+# qwen2: q|k|v biases; gemma: gelu, scaled embeddings; phi3: its own q|k|v, rotation joined with an empty pass;
+# mixtral: experts in place of the gated MLP
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3", "mixtral"])
 def test_fused_steps_generate_hf_tokens(arch, monkeypatch):
     """Every rank's step with the rotary and gated GEMVs, run eagerly on 2 simulated ranks: the
     prefill (several rows: the unfused ops) and batch-1 decode steps (the kernels) give HF's tokens;
