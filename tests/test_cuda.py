@@ -1,7 +1,7 @@
 """Compiled decode on real GPUs (fxtp/decode_graph.py): the CUDA-graph replay of a step with push
 (by default with the fused residual add and RMSNorm and fxtp's decode attention), symmetric-memory
 or NCCL all_reduce gives HF's greedy tokens (Llama under every option; main's default for the other
-forms: biases, q/k norms, gelu, fused projections, experts), fxtp::push_all_reduce sums exactly,
+forms: biases, q/k norms, gelu, soft-capping, fused projections, experts), fxtp::push_all_reduce sums exactly,
 fxtp::push_all_reduce_add_rms_norm adds and normalizes as torch does, and fxtp/gemv_push.py's ops
 give the bits of the GEMV and then push, eagerly and in CUDA-graph replays. Skipped on machines with fewer than 2 GPUs; run on a GPU machine with
 `python -m pytest -q tests/test_cuda.py`."""
@@ -75,8 +75,9 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
 
 
 # qwen2: biases; qwen3: q and k normed before the rotation; gemma: gelu, scaled embeddings, 1 + w norms;
-# phi3: its own fused q|k|v and gate_up; mixtral: experts (sharded) behind a router (replicated)
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma", "phi3", "mixtral"])
+# gemma2: soft-capped attention scores and logits, sliding-window layers; phi3: its own fused q|k|v and
+# gate_up; mixtral: experts (sharded) behind a router (replicated)
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral"])
 def test_compiled_decode_on_two_gpus_generates_like_hf_beyond_llama(arch):
     """main's default at batch 1, where the decode step's fused kernels apply to what they match."""
     model = tiny_model(arch)
