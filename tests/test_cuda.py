@@ -1,9 +1,10 @@
 """Compiled decode on real GPUs (fxtp/decode_graph.py): the CUDA-graph replay of a step with push
 (by default with the fused residual add and RMSNorm and fxtp's decode attention), symmetric-memory
 or NCCL all_reduce gives HF's greedy tokens (Llama under every option; main's default for the other
-forms: biases, q/k norms, gelu, soft-capping, fused projections, experts), fxtp::push_all_reduce sums exactly,
-fxtp::push_all_reduce_add_rms_norm adds and normalizes as torch does, and fxtp/gemv_push.py's ops
-give the bits of the GEMV and then push, eagerly and in CUDA-graph replays. Skipped on machines with fewer than 2 GPUs; run on a GPU machine with
+forms: biases, q/k norms, gelu, soft-capping, fused projections, experts), fxtp::push_all_reduce
+sums exactly, fxtp::push_all_reduce_add_rms_norm adds and normalizes as torch does, and
+fxtp/gemv_push.py's ops give the bits of the GEMV and then push, eagerly and in CUDA-graph replays.
+Skipped on machines with fewer than 2 GPUs; run on a GPU machine with
 `python -m pytest -q tests/test_cuda.py`."""
 import pytest
 import torch
