@@ -120,18 +120,24 @@ def test_tuned_kernels_gives_the_configs_of_the_kernels_loaded_since(inference_t
     assert inference_test.tuned_kernels(loaded) == {}
 
 
+def on_two_cpu_processes(tmp_path, script: str, *arguments: str) -> str:
+    """benchmarks/`script` under torchrun on 2 gloo processes (`--device cpu`): its stdout."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(BENCHMARKS, script), "--device", "cpu", *arguments]
+    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return finished.stdout
+
+
 def fxtp_on_two_cpu_processes(tmp_path, *options: str) -> tuple[dict, str]:
     """inference_test.py under torchrun on 2 gloo processes, fxtp at N=2 and fxtp-n1 on rank 0, a tiny
     Llama in float32: (its JSON, its stdout)."""
     out = tmp_path / "result.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(BENCHMARKS, "inference_test.py"), "--device", "cpu", "--shape", "tiny:llama",
-               "--dtype", "float32", "--prompt-len", "8", "--gen-len", "8", "--warmup", "1", "--trials", "1",
-               "--impl", "fxtp,fxtp-n1", "--single-too", "--checkpoint-dir", str(tmp_path / "checkpoint"),
-               "--out", str(out), *options]
-    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    return json.loads(out.read_text()), finished.stdout
+    stdout = on_two_cpu_processes(tmp_path, "inference_test.py", "--shape", "tiny:llama", "--dtype", "float32",
+                                  "--prompt-len", "8", "--gen-len", "8", "--warmup", "1", "--trials", "1",
+                                  "--impl", "fxtp,fxtp-n1", "--single-too",
+                                  "--checkpoint-dir", str(tmp_path / "checkpoint"), "--out", str(out), *options)
+    return json.loads(out.read_text()), stdout
 
 
 def test_without_the_hf_reference_the_first_row_is_the_reference(tmp_path):
@@ -204,13 +210,10 @@ def test_nccl_check_on_two_cpu_processes(tmp_path):
     """benchmarks/nccl_check.py on 2 gloo processes, a tiny Mixtral (the experts sharded) in bfloat16:
     the ranks agree, and the sharded logits are within bfloat16's rounding of the one-device ones."""
     out = tmp_path / "check.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(BENCHMARKS, "nccl_check.py"), "--device", "cpu", "--shape", "tiny:mixtral",
-               "--layers", "2", "--dtype", "bfloat16", "--new-tokens", "4", "--out", str(out)]
-    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    stdout = on_two_cpu_processes(tmp_path, "nccl_check.py", "--shape", "tiny:mixtral", "--layers", "2",
+                                  "--dtype", "bfloat16", "--new-tokens", "4", "--out", str(out))
     report = json.loads(out.read_text())
-    assert f"RESULT {json.dumps(report)}" in finished.stdout
+    assert f"RESULT {json.dumps(report)}" in stdout
     assert report["world_size"] == 2 and report["ranks_identical"]
     assert report["within_dtype_tolerance"] and report["error_ratio"] <= 2
     assert report["max_abs_diff"] < 0.05 * report["logit_scale"]
