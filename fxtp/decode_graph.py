@@ -39,9 +39,9 @@ Inductor options (a `compile={...}` dict overrides them):
   fixed block sizes (fxtp/gemv.py's `block_sizes`), elsewhere F.linear as before. Inductor tunes its
   own GEMVs by timing each alone, on each rank apart, and every all_reduce waits for the slower rank:
   Llama-3-8B at N=2 took 3.206 to 3.436 ms a token over five compilations, 3.247 with this (README,
-  run AA), 3.192-3.198 with its loop unrolled and gate|up's blocks (run AB), 3.173 with q|k|v's
-  (run AC; block sizes tuned on H100, q|k|v's 0.3-0.7% slower on H200). Left to inductor
-  on one GPU, where it was not timed. A number (of bytes) also has each GEMV prefetch that much of
+  run AA), 3.192-3.198 with its loop unrolled and gate|up's blocks (run AB), 3.165-3.176 with
+  q|k|v's (runs AC-AD; block sizes tuned on H100, q|k|v's 0.2-0.7% slower on H200). Left to
+  inductor on one GPU, where it was not timed. A number (of bytes) also has each GEMV prefetch that much of
   its weight into L2 while the kernel before still runs (True: none); in the step at N=2, 32 MB
   gained 0.4%, within the spread above (README, run V).
 - `fxtp.gated_gemv` (fxtp's own, on by default): at one row a gated MLP's `act(gate) * up` is

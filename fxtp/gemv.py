@@ -8,7 +8,7 @@ each rank apart. In one process, compilations of the same step chose different b
 and down, and in every compilation the two ranks chose differently at o, down or both; Llama-3-8B's
 step at N=2 then took 3.206 to 3.436 ms a token (five compilations on three machines), while the
 step with fxtp's GEMV at `block_sizes`' blocks for every projection took 3.247 (3.192-3.198 since run
-AB, 3.173 since run AC), and at other blocks repeated its time within 0.2% across compilations and
+AB, 3.165-3.176 since runs AC-AD), and at other blocks repeated its time within 0.2% across compilations and
 machines. Every all_reduce waits for the slower rank.
 
 At batch 1 a Llama-3-8B step on 2 GPUs is 4 GEMVs a layer between latency-bound kernels (push
@@ -158,7 +158,8 @@ def block_sizes(rows: int, columns: int, form: str = "plain") -> tuple[int, int,
     [14336 x 4096] at two pairs over 8 warps took it from 3.210 to 3.192-3.198 (one pair over 8 warps
     and 4096 columns a step: 3.203), where q|k|v and lm_head [* x 4096] at two rows over 8 warps made
     it slower (3.207); q|k|v [3072 x 4096] at one pair over 8 warps, 4096 columns a step, took it from
-    3.195 to 3.173 (o at four rows: 3.203), but was 8-18 us slower on 2x H200."""
+    3.195 to 3.173 (as the default in run AD: 3.165 and 3.176; o at four rows: 3.203), but was 5-18
+    us slower on 2x H200 (runs AC-AD)."""
     table = _BLOCKS.get().get((rows, columns))
     if table:
         return table
