@@ -84,6 +84,8 @@ The step is captured with `torch.cuda.graph`, not `mode="reduce-overhead"`: its 
 into static tensors and a replay runs the whole step with no Python in between, so no guards or
 CUDA-graph-tree bookkeeping run per token, and nothing depends on whether the installed torch's
 CUDA-graph trees accept symmetric memory's peer-to-peer buffers (pytorch#175120 changed that in 2026).
+MoE experts outside bfloat16 call transformers' `grouped_mm_fallback`, which reads its offsets on
+the host; the step calls fxtp/capturable_grouped_mm.py's stand-in instead, which a graph captures.
 Each captured graph keeps its own memory pool; inductor's symmetric-memory buffers (at most
 128 KB per all_reduce) stay allocated for the life of the process.
 """
@@ -99,6 +101,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from fxtp.capturable_grouped_mm import with_capturable_grouped_mm
 from fxtp.decode_attention import with_decode_attention
 from fxtp.gemv import block_table, launching_with_blocks, with_gemv
 from fxtp.passes.fuse_add_rms_norm import fuse_add_rms_norm
@@ -208,7 +211,8 @@ class DecodeGraph:
         inductor = {key: value for key, value in options.items() if key not in FXTP_OWN}
         if options.get(STORE):
             inductor[POST_GRAD] = StoreGemvInputs()
-        step = merge_projections(twin(module, "Merged")) if options.get(MERGE) else module
+        step = with_capturable_grouped_mm(module)
+        step = merge_projections(twin(step, "Merged")) if options.get(MERGE) else step
         gemv = options.get(GEMV, False)
         prefetch_bytes = 0 if gemv is True else int(gemv)
         if options.get(PUSH):

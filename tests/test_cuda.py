@@ -77,17 +77,18 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
 
 # qwen2: biases; qwen3: q and k normed before the rotation; gemma: gelu, scaled embeddings, 1 + w norms;
 # gemma2: soft-capped attention scores and logits, sliding-window layers; phi3: its own fused q|k|v and
-# gate_up; mixtral: experts (sharded) behind a router (replicated)
+# gate_up; mixtral: experts (sharded) behind a router (replicated), in float32 through
+# fxtp/capturable_grouped_mm.py, at batch 3 too (6 rows over 4 experts: its by-expert form)
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral"])
 def test_compiled_decode_on_two_gpus_generates_like_hf_beyond_llama(arch):
     """main's default at batch 1, where the decode step's fused kernels apply to what they match."""
     model = tiny_model(arch)
-    ids, mask = prompts(model.config.vocab_size, 1)
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
-    for tokens, _ in run_ranks(compiled_generate_on_rank, 2, arch, [(ids, mask)], True, timeout=900, backend="nccl"):
-        (first, second), = tokens
-        assert torch.equal(first, expected) and torch.equal(second, expected)
+    batches = [prompts(model.config.vocab_size, batch) for batch in ((1, 3) if arch == "mixtral" else (1,))]
+    expected = [model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                               eos_token_id=None, pad_token_id=0) for ids, mask in batches]
+    for tokens, _ in run_ranks(compiled_generate_on_rank, 2, arch, batches, True, timeout=900, backend="nccl"):
+        for (first, second), want in zip(tokens, expected):
+            assert torch.equal(first, want) and torch.equal(second, want)
 
 
 def push_rounds_on_rank(rank, cases, rounds, pdl):
