@@ -29,8 +29,8 @@ def grouped_mm_by_rows(input: torch.Tensor, weight: torch.Tensor, offs: torch.Te
     expert = torch.searchsorted(offs, torch.arange(rows, device=input.device, dtype=offs.dtype), right=True)
     routed = (expert < experts).unsqueeze(-1)
     expert = expert.clamp(max=experts - 1)
-    if rows <= experts:
-        product = (input.unsqueeze(-1) * weight[expert]).sum(1)
+    if rows <= experts:  # in float32, as matmuls accumulate: one rounding to input's dtype at the end
+        product = (input.unsqueeze(-1).float() * weight[expert].float()).sum(1)
     else:
         product = torch.matmul(input, weight)[expert, torch.arange(rows, device=input.device)]
     return torch.where(routed, product, 0).to(input.dtype)
