@@ -102,6 +102,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from fxtp.capturable_grouped_mm import with_capturable_grouped_mm
+from fxtp.compiled_graph import compile_graph
 from fxtp.decode_attention import with_decode_attention
 from fxtp.gemv import block_table, launching_with_blocks, with_gemv
 from fxtp.passes.fuse_add_rms_norm import fuse_add_rms_norm
@@ -230,7 +231,7 @@ class DecodeGraph:
             step = with_gemv(step, prefetch_bytes)
         self.pdl, self.preload = bool(options.get(PDL)), options.get(PRELOAD, True)
         self.blocks = block_table(options.get(GEMV_BLOCKS, {}))
-        self.compiled = torch.compile(step, fullgraph=True, dynamic=False, options=inductor)
+        self.compiled = compile_graph(step, fullgraph=True, dynamic=False, options=inductor)
         self.graphs: dict[tuple, tuple] = {}  # input shapes -> (graph, static inputs, static output)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fxtp.compiled_graph import compile_graph
 from fxtp.decode_graph import DECODE_ONLY
 from fxtp.twin import twin
 
@@ -23,7 +24,7 @@ class PrefillGraph:
 
     def __init__(self, module: fx.GraphModule, options: dict):
         inductor = {key: value for key, value in options.items() if key not in DECODE_ONLY}
-        self.compiled = torch.compile(twin(module, "Prefill"), fullgraph=True, dynamic=True, options=inductor)
+        self.compiled = compile_graph(twin(module, "Prefill"), fullgraph=True, dynamic=True, options=inductor)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         return self.compiled(*args)

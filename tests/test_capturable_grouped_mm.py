@@ -74,6 +74,6 @@ def test_the_decode_step_of_fp32_experts_calls_the_stand_in_and_compiles_to_the_
     torch.testing.assert_close(compiled(*args), module(*args), atol=1e-5, rtol=1e-5)
 
 
-def test_a_step_without_the_fallback_is_left_as_it_is(monkeypatch):
+def test_a_step_without_the_fallback_is_left_as_it_is():
     module = fxtp.compile(tiny_model("llama"), 1).rank_graph(0)
     assert with_capturable_grouped_mm(module) is module

@@ -1,0 +1,32 @@
+"""torch.compile for a rank's GraphModule, whose calls raise the error the step itself raised.
+
+When code a compiled GraphModule runs raises (a custom op; a CUDA graph capture that refuses a host
+sync), torch.fx's GraphModule walks the error's traceback with a generator while dynamo's frame
+hook is still set. Dynamo refuses to trace a generator, and the caller gets `Unsupported: Attempt to
+trace generator` with the step's own error only as its context (torch 2.11 and 2.13; the compiled
+decode of fp32 Mixtral failed so on GPUs, README run AE). The call here raises that error instead.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+DYNAMO_GENERATOR_ERROR = "Attempt to trace generator"
+
+
+def compile_graph(module: fx.GraphModule, **options) -> Callable[..., torch.Tensor]:
+    """`torch.compile(module, **options)`; where dynamo's generator error hides the error a call's
+    step raised, the call raises that error."""
+    compiled = torch.compile(module, **options)
+
+    def call(*args: torch.Tensor) -> torch.Tensor:
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.Unsupported as error:
+            if DYNAMO_GENERATOR_ERROR not in str(error) or error.__context__ is None:
+                raise
+            raise error.__context__ from None
+
+    return call
