@@ -16,11 +16,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxtp.op_rules import calls
+from fxtp.op_rules import GROUPED_MM_FALLBACK, calls
 from fxtp.twin import retargeted
-
-FALLBACK = "transformers::grouped_mm_fallback"
-
 
 def grouped_mm_by_rows(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """`grouped_mm_fallback(input[S, in], weight[E, in, out], offs[E])`: row r times the weight of
@@ -39,7 +36,7 @@ def grouped_mm_by_rows(input: torch.Tensor, weight: torch.Tensor, offs: torch.Te
 def with_capturable_grouped_mm(module: fx.GraphModule) -> fx.GraphModule:
     """`module` if it calls no `grouped_mm_fallback`, else a twin of it (fxtp/twin.py) that calls
     `grouped_mm_by_rows` in its place. `module` is left as it was."""
-    fallbacks = {node.target for node in module.graph.nodes if calls(node, (FALLBACK,))}
+    fallbacks = {node.target for node in module.graph.nodes if calls(node, (GROUPED_MM_FALLBACK,))}
     if not fallbacks:
         return module
     (fallback,) = fallbacks

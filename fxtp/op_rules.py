@@ -512,7 +512,8 @@ def _product(node: fx.Node, lay: LayoutOf, a: fx.Node, b: fx.Node) -> Decision:
 
 # Per-expert GEMMs of MoE layers. transformers registers its fallback op only when imported, so
 # it is named here (fxtp does not import transformers); see rule_for and calls.
-GROUPED_MM = (aten._grouped_mm.default, "transformers::grouped_mm_fallback")
+GROUPED_MM_FALLBACK = "transformers::grouped_mm_fallback"
+GROUPED_MM = (aten._grouped_mm.default, GROUPED_MM_FALLBACK)
 
 
 def grouped_mm(node: fx.Node, lay: LayoutOf) -> Decision:
