@@ -81,7 +81,8 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
 # fxtp/capturable_grouped_mm.py, at batch 3 too (6 rows over 4 experts: its by-expert form)
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral"])
 def test_compiled_decode_on_two_gpus_generates_like_hf_beyond_llama(arch):
-    """main's default at batch 1, where the decode step's fused kernels apply to what they match."""
+    """main's default at batch 1, where the decode step's fused kernels apply to what they match
+    (Mixtral at batch 3 too)."""
     model = tiny_model(arch)
     batches = [prompts(model.config.vocab_size, batch) for batch in ((1, 3) if arch == "mixtral" else (1,))]
     expected = [model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
