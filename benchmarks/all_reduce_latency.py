@@ -12,7 +12,7 @@ import json
 import torch
 import torch.distributed as dist
 
-from fxtp import push_all_reduce
+from fxtp.kernels import push_all_reduce
 from inference_test import ModelStats, allreduce_ms, init_distributed  # benchmarks/, beside this script
 
 

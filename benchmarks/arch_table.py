@@ -1,6 +1,6 @@
 """Measure which architectures fxtp shards exactly and print the README's table (markdown).
 
-    python benchmarks/arch_table.py            # tiny configs of fxtp.configs, world sizes 1-4
+    python benchmarks/arch_table.py            # tiny configs of fxtp.tiny_configs, world sizes 1-4
 
 Per architecture: the world sizes whose simulated output (logits) matches the unsharded model
 (float32, max abs diff <= 1e-4, left-padded batch; seq2seq decoder inputs padded too), the worst
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import fxtp
-from fxtp.configs import LLAMA_FAMILY, tiny_model
+from fxtp.tiny_configs import LLAMA_FAMILY, tiny_model
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, state_bytes
 from fxtp.testing import assert_equivalent, padded_batch
 

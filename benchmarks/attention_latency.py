@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fxtp import decode_attention
+from fxtp.kernels import decode_attention
 from inference_test import as_cuda_graph, synchronizer, time_ms  # benchmarks/, beside this script
 
 

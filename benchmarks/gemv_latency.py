@@ -1,6 +1,6 @@
 """Microseconds per one-row projection (GEMV) at a decode step's weight shapes: inductor's GEMV
 (`F.linear` compiled as the decode step is: coordinate descent, PDL) against fxtp's GEMV kernel
-(fxtp/gemv.py) at several block sizes, and launched with PDL (fxtp/pdl.py): loading its first weights
+(fxtp/kernels/gemv.py) at several block sizes, and launched with PDL (fxtp/kernels/dependent_launch.py): loading its first weights
 after its wait, before it ("preload", at its default blocks and at larger ones), or after it with an
 L2 prefetch of the first 8, 16 or 32 MB. Then the same after a latency-bound
 kernel of one program, which releases its dependents at once as push all_reduce does: `--gap-us`
@@ -23,8 +23,8 @@ import json
 import torch
 import torch.nn.functional as F
 
-from fxtp import gemv
-from fxtp.pdl import launching_with_pdl, uses_pdl
+from fxtp.kernels import gemv
+from fxtp.kernels.dependent_launch import launching_with_pdl, uses_pdl
 from inference_test import (add_turn_arguments, as_cuda_graph, fastest_in_turns, hbm_bandwidth,  # benchmarks/
                             model_config, step_inductor_options)
 

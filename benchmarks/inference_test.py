@@ -84,10 +84,10 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 import fxtp
-from fxtp.configs import REAL_SHAPES, real_config, tiny_config
-from fxtp.decode_graph import FXTP_OWN, inductor_options, symmetric_memory_works
-from fxtp.launch import free_port
-from fxtp.static_cache import cache_shape
+from fxtp.tiny_configs import REAL_SHAPES, real_config, tiny_config
+from fxtp.decode.decode_graph import FXTP_OWN, inductor_options, symmetric_memory_works
+from fxtp.runtime.rank_processes import free_port
+from fxtp.capture.static_cache import cache_shape
 from peers import PEERS, Context, Runner  # benchmarks/peers.py, beside this script
 
 PERCENTILES = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99, "p999": 0.999}
@@ -107,7 +107,7 @@ def fxtp_runner(ctx: Context, compile) -> Runner:
     def generate(input_ids, attention_mask, new_tokens, streamer=None):
         return gen.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
                             eos_token_id=[], streamer=streamer)  # [] never stops; None is the model's eos
-    return Runner(generate, gen.memory, steps_ahead=1)  # fxtp/generation.py queues a step, then streams
+    return Runner(generate, gen.memory, steps_ahead=1)  # fxtp/runtime/generation.py queues a step, then streams
 
 
 def on_one_device(ctx: Context) -> Context:

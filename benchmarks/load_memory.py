@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxtp
-from fxtp.launch import run_ranks
+from fxtp.runtime.rank_processes import run_ranks
 
 def peak_rss_mb() -> float:
     """This process's peak RSS (VmHWM). Not ru_maxrss: that one is inherited across fork and exec."""

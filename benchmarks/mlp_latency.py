@@ -1,7 +1,7 @@
 """Microseconds per Llama MLP at batch 1 (gate|up GEMV, silu(gate) * up, down GEMV, residual add),
 compiled as the decode step is (coordinate descent, PDL) and replayed as one CUDA graph of `--layers`
 MLPs with their own weights: inductor's default, which recomputes silu(gate) * up inside the down
-GEMV, against `fxtp.store_gemv_inputs` (passes/store_gemv_inputs.py), which stores it first. The
+GEMV, against `fxtp.store_gemv_inputs` (passes/decode/store_gemv_inputs.py), which stores it first. The
 variants take turns, `--rounds` times; a row gives the fastest round.
 
     python benchmarks/mlp_latency.py --inner 14336 --ranks 1,2 --out mlp.json
@@ -16,8 +16,8 @@ import json
 import torch
 import torch.nn.functional as F
 
-from fxtp.decode_graph import POST_GRAD
-from fxtp.passes.store_gemv_inputs import StoreGemvInputs
+from fxtp.decode.decode_graph import POST_GRAD
+from fxtp.passes.decode.store_gemv_inputs import StoreGemvInputs
 from inference_test import (add_turn_arguments, as_cuda_graph, fastest_in_turns, hbm_bandwidth,  # benchmarks/
                             step_inductor_options)
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 import fxtp
-from fxtp.configs import real_config, tiny_config
+from fxtp.tiny_configs import real_config, tiny_config
 
 
 def greedy(step, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -52,7 +52,7 @@ def rounding_verdict(sharded: torch.Tensor, one_device: torch.Tensor, exact: tor
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="llama3-8b", help="a real shape of fxtp.configs, or tiny:ARCH")
+    parser.add_argument("--shape", default="llama3-8b", help="a real shape of fxtp.tiny_configs, or tiny:ARCH")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--new-tokens", type=int, default=32)

@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/sweep_model_types.py [--types T ...] [--jobs 2] [--timeout 300]
 
 Candidates: the model types of transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES that are not in
-fxtp.configs.CAUSAL_LMS (those have the architecture table). Each is built from
-fxtp.configs.generic_tiny_config (hidden 64, 4 heads, 2 kv heads, 2 layers, vocab 256, 4
+fxtp.tiny_configs.CAUSAL_LMS (those have the architecture table). Each is built from
+fxtp.tiny_configs.generic_tiny_config (hidden 64, 4 heads, 2 kv heads, 2 layers, vocab 256, 4
 experts), in float32, and compiled at world sizes 2 and 4; each rank's simulated logits are
 compared with the unsharded model (max abs diff <= 1e-4, left-padded batch). Skipped, with the
 reason: encoder-decoder models, encoders (their causal LM head is a decoder of an
@@ -29,14 +29,14 @@ COLUMNS = ("model type", "exported", "world sizes exact", "max abs diff", "all_r
 def candidates() -> list[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from fxtp.configs import CAUSAL_LMS
+    from fxtp.tiny_configs import CAUSAL_LMS
     return sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if t not in CAUSAL_LMS)
 
 
 def skip_reason(model_type: str, config) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    from fxtp.configs import MULTIMODAL_KEYS
+    from fxtp.tiny_configs import MULTIMODAL_KEYS
     if getattr(config, "is_encoder_decoder", False):
         return "skipped: encoder-decoder"
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", True):
@@ -47,9 +47,9 @@ def skip_reason(model_type: str, config) -> str:
 
 def sharded_fraction(tp) -> float:
     """Bytes of state the plan shards, over all state the graph reads."""
-    from fxtp.capture import STATE
-    from fxtp.layouts import Shard
-    from fxtp.passes.propagate import LAYOUT
+    from fxtp.capture.export import STATE
+    from fxtp.sharding.layouts import Shard
+    from fxtp.passes.sharding.propagate import LAYOUT
 
     sharded = total = 0
     for node in tp.graph.graph.nodes:
@@ -67,8 +67,8 @@ def measure(model_type: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     import fxtp
-    from fxtp.capture import CaptureError
-    from fxtp.configs import generic_tiny_config
+    from fxtp.capture.export import CaptureError
+    from fxtp.tiny_configs import generic_tiny_config
     from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer
     from fxtp.testing import assert_equivalent
 

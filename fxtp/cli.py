@@ -5,7 +5,7 @@
                                                           print the plan and rank graphs (fxtp.dump); with
                                                           --decode, of the static-KV-cache generation step
 
-MODEL_OR_CONFIG is a tiny architecture from fxtp.configs (e.g. "llama") or a path to a HF
+MODEL_OR_CONFIG is a tiny architecture from fxtp.tiny_configs (e.g. "llama") or a path to a HF
 config (a directory holding config.json, or the file itself); the model is built from it on
 CPU in float32 with seeded random weights. Exit codes: 0 success, 1 failure, 2 bad input.
 """
@@ -21,9 +21,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxtp
-from fxtp.capture import CaptureError
-from fxtp.configs import LLAMA_FAMILY, tiny_config, tiny_model
-from fxtp.launch import RankFailure, run_ranks
+from fxtp.capture.export import CaptureError
+from fxtp.tiny_configs import LLAMA_FAMILY, tiny_config, tiny_model
+from fxtp.runtime.rank_processes import RankFailure, run_ranks
 
 __all__ = ["main"]
 

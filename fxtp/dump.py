@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxtp.capture import STATE
-from fxtp.layouts import Shard
-from fxtp.passes.propagate import LAYOUT, NOTE, REDUCE, WANTS
-from fxtp.redistribute import steps
-from fxtp.reshape import as_expr
-from fxtp.signatures import INPUTS
+from fxtp.capture.export import STATE
+from fxtp.sharding.layouts import Shard
+from fxtp.passes.sharding.propagate import LAYOUT, NOTE, REDUCE, WANTS
+from fxtp.sharding.redistribute import steps
+from fxtp.sharding.reshape import as_expr
+from fxtp.capture.signatures import INPUTS
 from fxtp.stats import collectives_by_layer, state_bytes
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 import torch
 import torch.fx as fx
 
-from fxtp import collectives
+from fxtp.sharding import collectives
 
 COLLECTIVE_TARGETS = {
     collectives.ALL_REDUCE: "all_reduce",
@@ -50,9 +50,9 @@ def state_bytes(module: torch.nn.Module, prefix: str = "", layers_only: bool = F
 def planned_state_bytes(tp, rank: int, prefix: str = "") -> int:
     """Bytes of state that `rank` will hold, from the plan alone (works for models on meta); state
     no node reads (a tied table's other name) is not held."""
-    from fxtp.capture import STATE
-    from fxtp.layouts import Shard
-    from fxtp.passes.propagate import LAYOUT
+    from fxtp.capture.export import STATE
+    from fxtp.sharding.layouts import Shard
+    from fxtp.passes.sharding.propagate import LAYOUT
 
     total = 0
     for node in tp.graph.graph.nodes:

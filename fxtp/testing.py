@@ -9,10 +9,10 @@ import torch
 from hypothesis import strategies as st
 
 import fxtp
-from fxtp.capture import Captured, capture
-from fxtp.configs import CAUSAL_LMS, tiny_model
-from fxtp.program import TPProgram
-from fxtp.signatures import Forward, signature_of
+from fxtp.capture.export import Captured, capture
+from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
+from fxtp.runtime.program import TPProgram
+from fxtp.capture.signatures import Forward, signature_of
 
 __all__ = ["architectures", "tiny_configs", "world_sizes", "token_batches", "assert_equivalent", "max_abs_diff",
            "tiny_program", "padded_batch", "assert_generates_like_hf", "traced_targets"]
@@ -40,13 +40,13 @@ def tiny_program(arch: str, world_size: int) -> tuple[torch.nn.Module, "fxtp.TPP
 
 
 def architectures(family: tuple = CAUSAL_LMS) -> st.SearchStrategy[str]:
-    """Model types with a tiny config in fxtp.configs (default: all causal LMs)."""
+    """Model types with a tiny config in fxtp.tiny_configs (default: all causal LMs)."""
     return st.sampled_from(family)
 
 
 @st.composite
 def tiny_configs(draw, family: tuple = CAUSAL_LMS):
-    """(arch, config keywords for fxtp.configs.tiny_config): heads 2-6, kv heads dividing them,
+    """(arch, config keywords for fxtp.tiny_configs.tiny_config): heads 2-6, kv heads dividing them,
     head_dim 8 or 16, 1-2 layers; builds a different tiny model per draw."""
     arch = draw(architectures(family))
     heads = draw(st.integers(2, 6))
@@ -78,7 +78,7 @@ def token_batches(draw, vocab: int = 256, max_batch: int = 4, max_seq: int = 64)
 
 
 def padded_batch(model: torch.nn.Module, batch: int = 3, seq: int = 17, seed: int = 0) -> dict:
-    """One input of each name the model's kind takes (fxtp.signatures): random ids (0 avoided),
+    """One input of each name the model's kind takes (fxtp.capture.signatures): random ids (0 avoided),
     the first row left-padded by a third, token types 0 then 1, and for seq2seq a shorter
     decoder sequence whose second row is padded."""
     g = torch.Generator().manual_seed(seed)

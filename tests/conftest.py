@@ -31,6 +31,6 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(params=[(False, True), (True, False), (True, True)], ids=["no_pdl", "pdl", "pdl_preload"])
 def pdl_launch(request):
-    """fxtp.pdl.launching_with_pdl's (on, preload) for GPU tests of fxtp's kernels: without PDL, and
+    """fxtp.kernels.dependent_launch.launching_with_pdl's (on, preload) for GPU tests of fxtp's kernels: without PDL, and
     with it, the GEMV loading its first weights after its wait or before it."""
     return request.param

@@ -22,12 +22,13 @@ import torch
 import torch.fx as fx
 from hypothesis import strategies as st
 
-from fxtp import collectives
-from fxtp.capture import STATE, flatten
-from fxtp.layouts import Layout, Partial, Replicate, Shard, balanced_counts
-from fxtp.passes.propagate import LAYOUT, WANTS, propagate
-from fxtp.passes.rewrite import rank_graph
-from fxtp.simulate import simulate
+from fxtp.sharding import collectives
+from fxtp.capture.export import STATE, flatten
+from fxtp.passes.capture.clean_up import clean_up
+from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard, balanced_counts
+from fxtp.passes.sharding.propagate import LAYOUT, WANTS, propagate
+from fxtp.passes.codegen.rewrite import rank_graph
+from fxtp.runtime.simulate import simulate
 
 aten = torch.ops.aten
 R, P = Replicate(), Partial()
@@ -184,7 +185,7 @@ class Run:
 def run_op(fn: Callable, args: dict[str, Arg], world_size: int) -> Run:
     module = _Op(fn, args)
     ep = torch.export.export(module, (), strict=False)
-    captured = flatten(ep, CPU, user_inputs=(), prefix="")
+    captured = clean_up(flatten(ep, CPU, user_inputs=(), prefix=""))
     gm = captured.graph_module
     propagate(gm, {name: a.seed for name, a in args.items() if not isinstance(a.seed, Replicate)})
     for node in gm.graph.nodes:

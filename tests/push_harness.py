@@ -1,4 +1,4 @@
-"""Shared CPU memory standing in for symmetric memory, for running fxtp/push_all_reduce.py's kernel
+"""Shared CPU memory standing in for symmetric memory, for running fxtp/kernels/push_all_reduce.py's kernel
 in Triton's interpreter on real processes (tests/test_push_all_reduce.py, tests/test_push_norm.py)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from fxtp import push_all_reduce as pushed
+from fxtp.kernels import push_all_reduce as pushed
 
 
 def shared_workspaces(world: int, dtype: torch.dtype, numel: int) -> tuple[list, list]:

@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fxtp
-from fxtp.configs import CAUSAL_LMS, tiny_model
-from fxtp.layouts import balanced_counts
+from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
+from fxtp.sharding.layouts import balanced_counts
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer
 from fxtp.testing import assert_equivalent, tiny_configs, tiny_program
 

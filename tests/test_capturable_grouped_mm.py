@@ -1,4 +1,4 @@
-"""fxtp/capturable_grouped_mm.py: the decode step's stand-in for transformers' grouped_mm_fallback
+"""fxtp/kernels/grouped_mm_by_rows.py: the decode step's stand-in for transformers' grouped_mm_fallback
 computes what it does, by row and by expert, eagerly and compiled, without reading a tensor on the
 host; the decode step of an MoE model calls it, and compiled it gives the rank graph's logits."""
 import pytest
@@ -7,9 +7,10 @@ from hypothesis import given, settings, strategies as st
 from transformers.integrations import moe  # noqa: F401  registers torch.ops.transformers.grouped_mm_fallback
 
 import fxtp
-from fxtp.capturable_grouped_mm import grouped_mm_by_rows, with_capturable_grouped_mm
-from fxtp.configs import tiny_model
-from fxtp.decode_graph import DecodeGraph, inductor_options
+from fxtp.kernels.grouped_mm_by_rows import grouped_mm_by_rows
+from fxtp.passes.decode.retarget import with_capturable_grouped_mm
+from fxtp.tiny_configs import tiny_model
+from fxtp.decode.decode_graph import DecodeGraph, inductor_options
 
 fallback = torch.ops.transformers.grouped_mm_fallback.default
 

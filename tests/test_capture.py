@@ -2,9 +2,9 @@
 import torch
 
 import fxtp
-from fxtp.capture import STATE, capture
-from fxtp.configs import tiny_model
-from fxtp.passes.inline_wrappers import inline_wrappers
+from fxtp.capture.export import STATE, capture
+from fxtp.tiny_configs import tiny_model
+from fxtp.passes.capture.inline_wrappers import inline_wrappers
 
 
 class AutocastOff(torch.nn.Module):

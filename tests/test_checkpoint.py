@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 import fxtp
-from fxtp.checkpoint import CheckpointError, tensor_files
-from fxtp.configs import tiny_config, tiny_model
-from fxtp.launch import run_ranks
-from fxtp.simulate import simulate
+from fxtp.runtime.checkpoint import CheckpointError, tensor_files
+from fxtp.tiny_configs import tiny_config, tiny_model
+from fxtp.runtime.rank_processes import run_ranks
+from fxtp.runtime.simulate import simulate
 
 
 def meta_model(arch: str, **overrides):
@@ -135,7 +135,7 @@ def test_conversion_mapping_round_trip(converted, arch):
         for name in loaded:
             torch.testing.assert_close(loaded[name], sliced[name], rtol=0, atol=0, msg=name)
     # logits of the program traced on meta, whose expert counts are transformers' off-CPU
-    # histc on ints (fxtp/device_ops.py runs it on the CPU), and of the one traced on the CPU
+    # histc on ints (fxtp/rank_ops/device_ops.py runs it on the CPU), and of the one traced on the CPU
     for program in (on_meta, on_cpu):
         ranks = [program.rank_graph(r, device="cpu", checkpoint=path) for r in range(2)]
         assert max_logit_diff(model, ranks) <= 1e-5

@@ -1,10 +1,10 @@
-"""fxtp/compiled_graph.py: a compiled rank graph's call raises the error its step raised, not
+"""fxtp/decode/compiled_graph.py: a compiled rank graph's call raises the error its step raised, not
 dynamo's `Attempt to trace generator`; its other errors and its results pass through."""
 import pytest
 import torch
 import torch.fx as fx
 
-from fxtp.compiled_graph import compile_graph
+from fxtp.decode.compiled_graph import compile_graph
 
 
 @torch.library.custom_op("fxtp_test::refuses", mutates_args=())

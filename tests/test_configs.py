@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fxtp.configs import generic_tiny_config
+from fxtp.tiny_configs import generic_tiny_config
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gemma3_text"])

@@ -1,9 +1,9 @@
-"""Compiled decode on real GPUs (fxtp/decode_graph.py): the CUDA-graph replay of a step with push
+"""Compiled decode on real GPUs (fxtp/decode/decode_graph.py): the CUDA-graph replay of a step with push
 (by default with the fused residual add and RMSNorm and fxtp's decode attention), symmetric-memory
 or NCCL all_reduce gives HF's greedy tokens (Llama under every option; main's default for the other
 forms: biases, q/k norms, gelu, soft-capping, fused projections, experts), fxtp::push_all_reduce
 sums exactly, fxtp::push_all_reduce_add_rms_norm adds and normalizes as torch does, and
-fxtp/gemv_push.py's ops give the bits of the GEMV and then push, eagerly and in CUDA-graph replays.
+fxtp/kernels/gemv_push.py's ops give the bits of the GEMV and then push, eagerly and in CUDA-graph replays.
 Skipped on machines with fewer than 2 GPUs; run on a GPU machine with
 `python -m pytest -q tests/test_cuda.py`."""
 import pytest
@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 
 import fxtp
-from fxtp.configs import tiny_model
-from fxtp.launch import run_ranks
-from fxtp.pdl import launching_with_pdl
-from fxtp.push_all_reduce import add_rms_norm
+from fxtp.tiny_configs import tiny_model
+from fxtp.runtime.rank_processes import run_ranks
+from fxtp.kernels.dependent_launch import launching_with_pdl
+from fxtp.kernels.push_all_reduce import add_rms_norm
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
@@ -78,7 +78,7 @@ def test_compiled_decode_on_two_gpus_generates_like_hf(compile):
 # qwen2: biases; qwen3: q and k normed before the rotation; gemma: gelu, scaled embeddings, 1 + w norms;
 # gemma2: soft-capped attention scores and logits, sliding-window layers; phi3: its own fused q|k|v and
 # gate_up; mixtral: experts (sharded) behind a router (replicated), in float32 through
-# fxtp/capturable_grouped_mm.py, at batch 3 too (6 rows over 4 experts: its by-expert form)
+# fxtp/kernels/grouped_mm_by_rows.py, at batch 3 too (6 rows over 4 experts: its by-expert form)
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral"])
 def test_compiled_decode_on_two_gpus_generates_like_hf_beyond_llama(arch):
     """main's default at batch 1, where the decode step's fused kernels apply to what they match
@@ -196,7 +196,7 @@ def test_push_all_reduce_add_rms_norm_adds_and_normalizes_eagerly_and_in_graph_r
 
 
 def gemv_push_rounds_on_rank(rank, cases, rounds, pdl_launch):
-    """Rank body: per (rows, columns, dtype, norm), the outputs of fxtp/gemv_push.py's op and of the
+    """Rank body: per (rows, columns, dtype, norm), the outputs of fxtp/kernels/gemv_push.py's op and of the
     GEMV then push (interleaved on the same buffers, as a decode step's calls are), eagerly, and the
     op's from replays of a CUDA graph of three calls."""
     device = torch.device("cuda", rank)

@@ -1,4 +1,4 @@
-"""fxtp::decode_attention (fxtp/decode_attention.py).
+"""fxtp::decode_attention (fxtp/kernels/decode_attention.py).
 
 Its Triton kernel runs on the GPU, or without one on CPU tensors in Triton's interpreter (which
 tests/conftest.py turns on), against SDPA over repeated k and v: one split of the keys and several,
@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 import fxtp
-from fxtp import decode_attention as attention
-from fxtp.configs import tiny_model
-from fxtp.decode_graph import ATTENTION, PUSH, DecodeGraph
-from fxtp.passes.fold_grouped_query import grouped_query_attention
-from fxtp.simulate import simulate
-from fxtp.static_cache import is_cache_state
-from fxtp.triton_device import runs_triton_kernels
+from fxtp.kernels import decode_attention as attention
+from fxtp.tiny_configs import tiny_model
+from fxtp.decode.decode_graph import ATTENTION, PUSH, DecodeGraph
+from fxtp.passes.decode.retarget import with_decode_attention
+from fxtp.rank_ops.grouped_query import grouped_query_attention
+from fxtp.runtime.simulate import simulate
+from fxtp.capture.static_cache import is_cache_state
+from fxtp.kernels.triton_device import runs_triton_kernels
 from fxtp.testing import tiny_program
 
 op = torch.ops.fxtp.decode_attention
@@ -229,7 +230,7 @@ def test_shapes_the_kernel_does_not_cover_get_grouped_query_attention(device, la
 def test_rewrite_replaces_every_grouped_query_attention_and_shares_the_weights():
     tp = fxtp.compile(tiny_model("llama"), 2)  # 4 heads over 2 kv heads: 2 over 1 on a rank
     module = tp.rank_graph(0)
-    rewritten = attention.with_decode_attention(module)
+    rewritten = with_decode_attention(module)
     before = [n.target for n in module.graph.nodes]
     after = [n.target for n in rewritten.graph.nodes]
     layers = tp.model.config.num_hidden_layers
@@ -241,7 +242,7 @@ def test_rewrite_replaces_every_grouped_query_attention_and_shares_the_weights()
 
 @pytest.mark.parametrize("push", [False, True])
 def test_decode_graph_option_rewrites_the_step_and_stays_out_of_inductor(monkeypatch, push):
-    """fxtp/decode_graph.py with `fxtp.decode_attention` (with and without push all_reduce): the step
+    """fxtp/decode/decode_graph.py with `fxtp.decode_attention` (with and without push all_reduce): the step
     it compiles calls the op, and the options inductor gets hold neither fxtp option."""
     compiled = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(module=module, **kwargs))
@@ -284,7 +285,7 @@ def test_rewritten_steps_compute_the_same_logits(request, monkeypatch, launches,
     _, tp = tiny_program("llama", 2)
     program = tp.with_cache(2, 300)
     modules = [program.rank_graph(rank, device=device) for rank in range(2)]
-    rewritten = [attention.with_decode_attention(module) for module in modules]
+    rewritten = [with_decode_attention(module) for module in modules]
     got, expected = prefill_and_decode(rewritten, 2, 300, device), prefill_and_decode(modules, 2, 300, device)
     for step_got, step_expected in zip(got, expected):
         if kernel:

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import fxtp
-from fxtp.configs import tiny_model
+from fxtp.tiny_configs import tiny_model
 
 GOLDEN = Path(__file__).parent / "golden"
 VERSIONS = f"torch{'.'.join(torch.__version__.split('.')[:2])}-transformers{'.'.join(transformers.__version__.split('.')[:2])}"

@@ -6,8 +6,8 @@ from transformers import AutoModel, AutoModelForSequenceClassification
 from transformers.models.t5.modeling_t5 import T5Block
 
 import fxtp
-from fxtp.configs import ENCODERS, SEQ2SEQ_LMS, tiny_model
-from fxtp.layouts import Replicate, Shard
+from fxtp.tiny_configs import ENCODERS, SEQ2SEQ_LMS, tiny_model
+from fxtp.sharding.layouts import Replicate, Shard
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, in_layer
 from fxtp.testing import assert_equivalent, padded_batch, tiny_program
 

@@ -4,8 +4,8 @@ import torch
 from transformers import AutoModel
 
 import fxtp
-from fxtp.capture import CaptureError
-from fxtp.configs import tiny_config, tiny_model
+from fxtp.capture.export import CaptureError
+from fxtp.tiny_configs import tiny_config, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
-"""Grouped-query attention without repeating k and v (passes/fold_grouped_query.py)."""
+"""Grouped-query attention without repeating k and v (passes/codegen/fold_grouped_query.py)."""
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from fxtp.passes.fold_grouped_query import grouped_query_attention
+from fxtp.rank_ops.grouped_query import grouped_query_attention
 from fxtp.testing import assert_equivalent, tiny_program
 
 

@@ -1,4 +1,4 @@
-"""fxtp::gemv (fxtp/gemv.py): the kernel against F.linear in Triton's interpreter (on the GPU where
+"""fxtp::gemv (fxtp/kernels/gemv.py): the kernel against F.linear in Triton's interpreter (on the GPU where
 there is one, launched with and without PDL, eagerly and in CUDA-graph replays), its fallbacks, and
 the decode-step rewrite that uses it (fxtp.gemv)."""
 import pytest
@@ -6,15 +6,17 @@ import torch
 import torch.nn.functional as F
 
 import fxtp
-from fxtp import decode_graph, gemv
-from fxtp.configs import tiny_model
-from fxtp.decode_graph import DECODE_ONLY, GATED, GEMV, GEMV_BLOCKS, PRELOAD, DecodeGraph, inductor_options
-from fxtp.passes.fuse_gated_gemv import fuse_gated_gemv
-from fxtp.passes.merge_projections import merge_projections
-from fxtp.pdl import launching_with_pdl, preloads, uses_pdl
-from fxtp.simulate import simulate
+from fxtp.decode import decode_graph
+from fxtp.kernels import gemv
+from fxtp.passes.decode.retarget import with_gemv
+from fxtp.tiny_configs import tiny_model
+from fxtp.decode.decode_graph import DECODE_ONLY, GATED, GEMV, GEMV_BLOCKS, PRELOAD, DecodeGraph, inductor_options
+from fxtp.passes.decode.fuse_gated_gemv import fuse_gated_gemv
+from fxtp.passes.decode.merge_projections import merge_projections
+from fxtp.kernels.dependent_launch import launching_with_pdl, preloads, uses_pdl
+from fxtp.runtime.simulate import simulate
 from fxtp.testing import traced_targets
-from fxtp.twin import twin
+from fxtp.passes.decode.shared_state_copy import twin
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 aten = torch.ops.aten
@@ -210,7 +212,7 @@ def test_gated_gemv_on_the_gpu_in_graph_replays(pdl_launch):
 def test_with_gemv_rewrites_every_projection_and_keeps_the_logits(arch):
     tp = fxtp.compile(tiny_model(arch), 2)
     graphs = [tp.rank_graph(rank) for rank in range(2)]
-    rewritten = [gemv.with_gemv(gm, prefetch_bytes=0) for gm in graphs]
+    rewritten = [with_gemv(gm, prefetch_bytes=0) for gm in graphs]
     linears = [node.target for node in graphs[0].graph.nodes].count(aten.linear.default)
     targets = [node.target for node in rewritten[0].graph.nodes]
     assert linears > 0 and targets.count(gemv.projection) == linears

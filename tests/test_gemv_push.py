@@ -1,6 +1,6 @@
-"""fxtp/gemv_push.py's ops and passes/fuse_gemv_push.py.
+"""fxtp/kernels/gemv_push.py's ops and passes/decode/fuse_gemv_push.py.
 
-fxtp/gemv.py's GEMV with its push epilogue and fxtp/push_all_reduce.py's kernel with `pushed=True`
+fxtp/kernels/gemv.py's GEMV with its push epilogue and fxtp/kernels/push_all_reduce.py's kernel with `pushed=True`
 run in Triton's interpreter on real processes over shared CPU memory (tests/push_harness.py), with
 rounds of plain push on the same buffers as in a decode step: they give the bits of the GEMV and then
 push all_reduce. The rewrite is checked on tiny rank graphs: what it fuses, and that the fused graph
@@ -12,14 +12,15 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fxtp
-from fxtp import gemv
-from fxtp import push_all_reduce as pushed
-from fxtp.configs import tiny_model
-from fxtp.decode_graph import DECODE_ONLY, GEMV_PUSH, PUSH, PUSH_NORM, DecodeGraph, inductor_options
-from fxtp.gemv_push import projection_all_reduce, projection_all_reduce_add_rms_norm
-from fxtp.launch import run_ranks
-from fxtp.passes.fuse_add_rms_norm import fuse_add_rms_norm
-from fxtp.passes.fuse_gemv_push import fuse_gemv_push
+from fxtp.kernels import gemv
+from fxtp.kernels import push_all_reduce as pushed
+from fxtp.passes.decode.retarget import with_push_all_reduce
+from fxtp.tiny_configs import tiny_model
+from fxtp.decode.decode_graph import DECODE_ONLY, GEMV_PUSH, PUSH, PUSH_NORM, DecodeGraph, inductor_options
+from fxtp.kernels.gemv_push import projection_all_reduce, projection_all_reduce_add_rms_norm
+from fxtp.runtime.rank_processes import run_ranks
+from fxtp.passes.decode.fuse_add_rms_norm import fuse_add_rms_norm
+from fxtp.passes.decode.fuse_gemv_push import fuse_gemv_push
 from push_harness import assert_rotated, interpreted_addresses, shared_workspaces
 
 ROUNDS = 7  # the three buffers each serve two rounds or more
@@ -109,7 +110,7 @@ def test_fakes_give_the_graph_shapes_and_dtypes():
 
 
 def fused(module, norm: bool):
-    twin = pushed.with_push_all_reduce(module)
+    twin = with_push_all_reduce(module)
     return fuse_gemv_push(fuse_add_rms_norm(twin) if norm else twin, prefetch_bytes=0)
 
 

@@ -1,17 +1,17 @@
-"""Generation with a sharded static KV cache (fxtp/static_cache.py, fxtp/generation.py)."""
+"""Generation with a sharded static KV cache (fxtp/capture/static_cache.py, fxtp/runtime/generation.py)."""
 import pytest
 import torch
 
 import fxtp
-from fxtp.configs import CAUSAL_LMS, tiny_model
-from fxtp.decode_graph import (ATTENTION, AUTO_SELECT, GATED, GEMV, GEMV_BLOCKS, GEMV_PUSH, MERGE, PDL, PRELOAD, PUSH,
+from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
+from fxtp.decode.decode_graph import (ATTENTION, AUTO_SELECT, GATED, GEMV, GEMV_BLOCKS, GEMV_PUSH, MERGE, PDL, PRELOAD, PUSH,
                                PUSH_NORM, ROTARY, STORE, inductor_options)
 from fxtp.dump import dump
-from fxtp.layouts import Shard
-from fxtp.launch import run_ranks
-from fxtp.passes.propagate import LAYOUT
-from fxtp.prefill_graph import PrefillGraph
-from fxtp.static_cache import CACHE_PREFIX, is_cache_state
+from fxtp.sharding.layouts import Shard
+from fxtp.runtime.rank_processes import run_ranks
+from fxtp.passes.sharding.propagate import LAYOUT
+from fxtp.decode.prefill_graph import PrefillGraph
+from fxtp.capture.static_cache import CACHE_PREFIX, is_cache_state
 from fxtp.stats import collectives_by_layer
 from fxtp.testing import assert_generates_like_hf, tiny_program
 
@@ -150,7 +150,7 @@ def prefill_graph_against_eager_on_rank(rank: int, batch: int, length: int) -> l
 
 
 def test_prefill_graph_serves_every_prompt_length_with_one_compilation():
-    """fxtp/prefill_graph.py on 2 gloo processes: prompts of three lengths through one compilation give
+    """fxtp/decode/prefill_graph.py on 2 gloo processes: prompts of three lengths through one compilation give
     the eager step's logits (all_reduce and all_gather inside) and write the same KV cache into the
     buffers the decode step shares."""
     for results, graphs in run_ranks(prefill_graph_against_eager_on_rank, 2, 2, 64, timeout=600):
@@ -163,7 +163,7 @@ def test_prefill_graph_serves_every_prompt_length_with_one_compilation():
 
 
 def test_decode_options_default_and_overrides_and_the_prefill_drops_decode_only_ones(monkeypatch):
-    """fxtp/decode_graph.py's options on one rank (no collectives, so nothing touches a GPU): tuned
+    """fxtp/decode/decode_graph.py's options on one rank (no collectives, so nothing touches a GPU): tuned
     reductions, programmatic dependent launch and fxtp's attention kernel by default, the user's dict
     on top of them; the prefill is compiled with the rest."""
     cuda = torch.device("cuda", 0)

@@ -4,9 +4,9 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import fxtp
-from fxtp.configs import tiny_model
-from fxtp.layouts import Shard
-from fxtp.passes.manual_plan import PlanError
+from fxtp.tiny_configs import tiny_model
+from fxtp.sharding.layouts import Shard
+from fxtp.passes.sharding.manual_plan import PlanError
 from fxtp.stats import collectives_by_layer
 from fxtp.testing import assert_equivalent
 

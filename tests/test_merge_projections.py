@@ -1,16 +1,16 @@
-"""passes/merge_projections.py on rank graphs: what it merges, that the merged graphs compute the
+"""passes/decode/merge_projections.py on rank graphs: what it merges, that the merged graphs compute the
 same logits (all ranks, in lockstep), that no weight is held twice, and what it leaves alone."""
 import pytest
 import torch
 import torch.fx as fx
 
 import fxtp
-from fxtp.configs import CAUSAL_LMS, tiny_model
-from fxtp.decode_graph import ATTENTION, DECODE_ONLY, MERGE, PUSH, PUSH_NORM, DecodeGraph, inductor_options
-from fxtp.passes.fuse_add_rms_norm import FUSED
-from fxtp.passes.merge_projections import merge_projections
-from fxtp.simulate import simulate
-from fxtp.twin import twin
+from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
+from fxtp.decode.decode_graph import ATTENTION, DECODE_ONLY, MERGE, PUSH, PUSH_NORM, DecodeGraph, inductor_options
+from fxtp.passes.decode.fuse_add_rms_norm import FUSED
+from fxtp.passes.decode.merge_projections import merge_projections
+from fxtp.runtime.simulate import simulate
+from fxtp.passes.decode.shared_state_copy import twin
 
 LINEAR = torch.ops.aten.linear.default
 

@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxtp
-from fxtp.configs import LLAMA_FAMILY
-from fxtp.passes.plan import COLUMN_GATHERED, VOCAB_PARALLEL
+from fxtp.tiny_configs import LLAMA_FAMILY
+from fxtp.passes.sharding.plan import COLUMN_GATHERED, VOCAB_PARALLEL
 from fxtp.stats import collectives_by_layer, planned_state_bytes, state_bytes, OUTSIDE_LAYERS
 from fxtp.testing import architectures, assert_equivalent, token_batches, world_sizes, tiny_program
 

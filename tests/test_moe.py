@@ -11,9 +11,9 @@ import transformers.integrations.moe  # noqa: F401  registers torch.ops.transfor
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxtp
-from fxtp.collectives import local_part
-from fxtp.layouts import Shard, balanced_counts
-from fxtp.configs import tiny_model
+from fxtp.sharding.collectives import local_part
+from fxtp.sharding.layouts import Shard, balanced_counts
+from fxtp.tiny_configs import tiny_model
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, planned_state_bytes
 from fxtp.testing import assert_equivalent, tiny_program
 from op_harness import P, R, Arg, arg, aten, run_op

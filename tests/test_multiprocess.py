@@ -1,4 +1,4 @@
-"""tp.module(rank) on real processes joined by gloo (fxtp.launch), its process-group checks, and the CLI.
+"""tp.module(rank) on real processes joined by gloo (fxtp.runtime.rank_processes), its process-group checks, and the CLI.
 
 The rank functions below run in spawned processes, which import this file by module name, so
 they must stay at module level.
@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 import fxtp
 from fxtp.cli import main
-from fxtp.configs import tiny_config, tiny_model
-from fxtp.launch import RankFailure, run_ranks
+from fxtp.tiny_configs import tiny_config, tiny_model
+from fxtp.runtime.rank_processes import RankFailure, run_ranks
 
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 TOLERANCE = 1e-4

@@ -1,4 +1,4 @@
-"""Property tests of the layout propagation rules in fxtp/op_rules.py.
+"""Property tests of the layout propagation rules in fxtp/sharding/op_rules.py.
 
 Every test builds a tiny function of model state (buffers), gives the state random layouts,
 and runs it through propagate + rank_graph + simulate (see op_harness.run_op). run_op checks
@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fxtp.collectives import local_part
-from fxtp.layouts import Partial, Replicate, Shard, same_placement
-from fxtp.redistribute import same_layout
-from fxtp.reshape import reshape_shard
+from fxtp.sharding.collectives import local_part
+from fxtp.sharding.layouts import Partial, Replicate, Shard, same_placement
+from fxtp.sharding.redistribute import same_layout
+from fxtp.sharding.reshape import reshape_shard
 from op_harness import P, R, arg, aten, counts_st, divisors, layout_st, run_op, seeds, shard_st, world_sizes
 
 # FXTP_OP_RULES_SCALE=20 runs 20x the examples of every property (a longer hunt for bugs)
@@ -868,7 +868,7 @@ def test_partial_from_row_parallel_linear(name, ws, data, seed):
 def test_harness_catches_wrong_rules(monkeypatch):
     """Rules that claim a Partial passes a nonlinear op, or that a transpose keeps the sharded
     dim where it was, must fail the checks."""
-    from fxtp import op_rules
+    from fxtp.sharding import op_rules
     monkeypatch.setitem(op_rules.RULES, aten.silu.default, op_rules.OpRule(op_rules.pointwise("unary")))
     monkeypatch.setitem(op_rules.RULES, aten.transpose.int, op_rules.OpRule(op_rules.pointwise("unary")))
     g = gen(0)

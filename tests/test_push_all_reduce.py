@@ -1,4 +1,4 @@
-"""fxtp::push_all_reduce (fxtp/push_all_reduce.py).
+"""fxtp::push_all_reduce (fxtp/kernels/push_all_reduce.py).
 
 Its Triton kernel runs in Triton's interpreter on real processes, with shared CPU memory standing in
 for symmetric memory: every part arrives, a part holding -0.0 is not taken for an empty slot, the
@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import fxtp
-from fxtp import push_all_reduce as pushed
-from fxtp.collectives import ALL_REDUCE, WAIT
-from fxtp.configs import tiny_model
-from fxtp.launch import run_ranks
+from fxtp.kernels import push_all_reduce as pushed
+from fxtp.passes.decode.retarget import with_push_all_reduce
+from fxtp.sharding.collectives import ALL_REDUCE, WAIT
+from fxtp.tiny_configs import tiny_model
+from fxtp.runtime.rank_processes import run_ranks
 from push_harness import assert_rotated, interpreted_addresses, shared_workspaces
 
 ROUNDS = 7  # the three buffers each serve two rounds or more
@@ -44,7 +45,7 @@ def test_kernel_sums_every_round_on_every_rank(world, dtype, numel):
 def test_rewrite_replaces_every_all_reduce_and_shares_the_weights():
     tp = fxtp.compile(tiny_model("llama"), 2)
     module = tp.rank_graph(0)
-    twin = pushed.with_push_all_reduce(module)
+    twin = with_push_all_reduce(module)
     before = [n.target for n in module.graph.nodes]
     after = [n.target for n in twin.graph.nodes]
     layers = tp.model.config.num_hidden_layers
@@ -59,7 +60,7 @@ def logits_with_and_without_push_on_rank(rank: int, ids: torch.Tensor) -> tuple:
     tp = fxtp.compile(tiny_model("llama"), 2)
     module = tp.module(rank)
     with torch.no_grad():
-        return module(ids), pushed.with_push_all_reduce(module)(ids)
+        return module(ids), with_push_all_reduce(module)(ids)
 
 
 def test_rewritten_graph_computes_the_same_logits_on_gloo():

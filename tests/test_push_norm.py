@@ -1,4 +1,4 @@
-"""fxtp::push_all_reduce_add_rms_norm (fxtp/push_all_reduce.py) and passes/fuse_add_rms_norm.py.
+"""fxtp::push_all_reduce_add_rms_norm (fxtp/kernels/push_all_reduce.py) and passes/decode/fuse_add_rms_norm.py.
 
 The push kernel with its norm epilogue runs in Triton's interpreter on real processes over shared
 CPU memory (tests/push_harness.py), interleaved with plain push rounds on the same buffers as in a
@@ -14,11 +14,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxtp
-from fxtp import push_all_reduce as pushed
-from fxtp.configs import tiny_model
-from fxtp.decode_graph import DECODE_ONLY, PUSH, PUSH_NORM, DecodeGraph, inductor_options
-from fxtp.launch import run_ranks
-from fxtp.passes.fuse_add_rms_norm import FUSED, fuse_add_rms_norm
+from fxtp.kernels import push_all_reduce as pushed
+from fxtp.passes.decode.retarget import with_push_all_reduce
+from fxtp.tiny_configs import tiny_model
+from fxtp.decode.decode_graph import DECODE_ONLY, PUSH, PUSH_NORM, DecodeGraph, inductor_options
+from fxtp.runtime.rank_processes import run_ranks
+from fxtp.passes.decode.fuse_add_rms_norm import FUSED, fuse_add_rms_norm
 from push_harness import assert_rotated, interpreted_addresses, shared_workspaces
 
 ROUNDS = 7  # the three buffers each serve two rounds or more
@@ -116,7 +117,7 @@ def test_fake_gives_the_graph_dtypes():
 
 def pushed_rank_graph(arch: str, dtype: torch.dtype, cached: bool = False):
     tp = fxtp.compile(tiny_model(arch).to(dtype), 2)
-    return pushed.with_push_all_reduce((tp.with_cache(1, 64) if cached else tp).rank_graph(0))
+    return with_push_all_reduce((tp.with_cache(1, 64) if cached else tp).rank_graph(0))
 
 
 @pytest.mark.parametrize("dtype, cached", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
@@ -183,7 +184,7 @@ def logits_with_and_without_fusion_on_rank(rank: int, ids: torch.Tensor) -> list
     for dtype in (torch.float32, torch.bfloat16):
         module = fxtp.compile(tiny_model("llama").to(dtype), 2).module(rank)
         with torch.no_grad():
-            results.append((module(ids), fuse_add_rms_norm(pushed.with_push_all_reduce(module))(ids)))
+            results.append((module(ids), fuse_add_rms_norm(with_push_all_reduce(module))(ids)))
     return results
 
 

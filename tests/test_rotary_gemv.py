@@ -1,6 +1,6 @@
-"""fxtp::rotary_gemv (fxtp/rotary_gemv.py) against the unfused ops in Triton's interpreter (on the GPU
+"""fxtp::rotary_gemv (fxtp/kernels/rotary_gemv.py) against the unfused ops in Triton's interpreter (on the GPU
 where there is one, in CUDA-graph replays), its fallbacks, and the decode-step rewrite that uses it
-(passes/fuse_rotary_gemv.py, fxtp.rotary_gemv), down to greedy tokens equal to HF's."""
+(passes/decode/fuse_rotary_gemv.py, fxtp.kernels.rotary_gemv), down to greedy tokens equal to HF's."""
 import re
 
 import pytest
@@ -8,18 +8,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import fxtp
-from fxtp import gemv, rotary_gemv
-from fxtp.configs import tiny_config, tiny_model
-from fxtp.decode_graph import DECODE_ONLY, ROTARY, DecodeGraph, inductor_options
-from fxtp.gemv import launch
-from fxtp.passes.fuse_gated_gemv import fuse_gated_gemv
-from fxtp.passes.fuse_rotary_gemv import fuse_rotary_gemv
-from fxtp.passes.merge_projections import merge_projections
-from fxtp.pdl import launching_with_pdl
-from fxtp.rotary_gemv import rotary_projection, unfused_rotary
+from fxtp.kernels import gemv, rotary_gemv
+from fxtp.tiny_configs import tiny_config, tiny_model
+from fxtp.decode.decode_graph import DECODE_ONLY, ROTARY, DecodeGraph, inductor_options
+from fxtp.kernels.gemv import launch
+from fxtp.passes.decode.fuse_gated_gemv import fuse_gated_gemv
+from fxtp.passes.decode.fuse_rotary_gemv import fuse_rotary_gemv
+from fxtp.passes.decode.merge_projections import merge_projections
+from fxtp.kernels.dependent_launch import launching_with_pdl
+from fxtp.kernels.rotary_gemv import rotary_projection, unfused_rotary
 from fxtp.testing import assert_generates_like_hf, traced_targets
-from fxtp.triton_device import runs_triton_kernels
-from fxtp.twin import twin
+from fxtp.kernels.triton_device import runs_triton_kernels
+from fxtp.passes.decode.shared_state_copy import twin
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 aten = torch.ops.aten
@@ -71,7 +71,7 @@ def test_rotary_gemv_float32_equals_the_unfused_ops(heads, kv_heads, head_dim, h
 # several rows a program (rows not a multiple of it), one warp or eight, columns not a multiple of BLOCK_K
 @pytest.mark.parametrize("blocks", [(4, 16, 1), (2, 64, 2), (16, 2048, 8)])
 def test_every_form_of_the_gemv_computes_the_same_at_other_block_sizes(blocks):
-    """The plain, gated and rotary GEMVs at `fxtp.gemv_blocks`' block sizes (fxtp/gemv.py's
+    """The plain, gated and rotary GEMVs at `fxtp.gemv_blocks`' block sizes (fxtp/kernels/gemv.py's
     launching_with_blocks) give what they give at block_sizes' own, to float32 rounding."""
     case = operands(5, 1, 8, 100, torch.float32, True)  # W: [56, 100]
     x, weight, bias = case[:3]

@@ -1,4 +1,4 @@
-"""Encoder-decoder generation (fxtp/seq2seq_cache.py): the encoder once, decoder steps with a
+"""Encoder-decoder generation (fxtp/capture/seq2seq_cache.py): the encoder once, decoder steps with a
 sharded static self-attention cache, greedy tokens equal to HF `generate`."""
 from functools import lru_cache
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import fxtp
-from fxtp.configs import tiny_model
-from fxtp.layouts import Shard
-from fxtp.passes.propagate import LAYOUT
-from fxtp.static_cache import CACHE_PREFIX
+from fxtp.tiny_configs import tiny_model
+from fxtp.sharding.layouts import Shard
+from fxtp.passes.sharding.propagate import LAYOUT
+from fxtp.capture.static_cache import CACHE_PREFIX
 from fxtp.testing import assert_generates_like_hf, tiny_program
 
 

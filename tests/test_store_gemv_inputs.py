@@ -1,4 +1,4 @@
-"""passes/store_gemv_inputs.py on the aten graph inductor's own decompositions make (on the meta
+"""passes/decode/store_gemv_inputs.py on the aten graph inductor's own decompositions make (on the meta
 device, which they treat as a GPU): which node it marks, and how the decode step hands it to inductor."""
 import pytest
 import torch
@@ -8,9 +8,9 @@ from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxtp
-from fxtp.configs import tiny_model
-from fxtp.decode_graph import DECODE_ONLY, POST_GRAD, STORE, DecodeGraph, inductor_options
-from fxtp.passes.store_gemv_inputs import REALIZE, StoreGemvInputs, gemv_input
+from fxtp.tiny_configs import tiny_model
+from fxtp.decode.decode_graph import DECODE_ONLY, POST_GRAD, STORE, DecodeGraph, inductor_options
+from fxtp.passes.decode.store_gemv_inputs import REALIZE, StoreGemvInputs, gemv_input
 
 aten, prims = torch.ops.aten, torch.ops.prims
 

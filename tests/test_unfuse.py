@@ -1,15 +1,15 @@
 """Projections cut into unequal pieces (GQA/MQA q|k|v in one weight) are unfused at capture
-(passes/unfuse_projections.py): q is sharded by heads, the few kv heads kept replicated."""
+(passes/capture/unfuse_projections.py): q is sharded by heads, the few kv heads kept replicated."""
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxtp
-from fxtp.capture import STATE
-from fxtp.checkpoint import derived_name, parse_derived
-from fxtp.configs import tiny_config, tiny_model
-from fxtp.layouts import balanced_counts
-from fxtp.simulate import simulate
+from fxtp.capture.export import STATE
+from fxtp.capture.state_names import derived_name, parse_derived
+from fxtp.tiny_configs import tiny_config, tiny_model
+from fxtp.sharding.layouts import balanced_counts
+from fxtp.runtime.simulate import simulate
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, planned_state_bytes
 from fxtp.testing import assert_equivalent
 

@@ -10,16 +10,16 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import fxtp
-from fxtp import collectives
-from fxtp.capture import STATE
-from fxtp.configs import real_config, tiny_model
-from fxtp.launch import run_ranks
-from fxtp.layouts import balanced_counts
-from fxtp.passes.plan import COLUMN_GATHERED, VOCAB_PARALLEL
-from fxtp.passes.rewrite import COLLECTIVE
+from fxtp.sharding import collectives
+from fxtp.capture.export import STATE
+from fxtp.tiny_configs import real_config, tiny_model
+from fxtp.runtime.rank_processes import run_ranks
+from fxtp.sharding.layouts import balanced_counts
+from fxtp.passes.sharding.plan import COLUMN_GATHERED, VOCAB_PARALLEL
+from fxtp.passes.codegen.rewrite import COLLECTIVE
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, layer_of, planned_state_bytes, state_bytes
 from fxtp.testing import assert_equivalent, max_abs_diff, tiny_program
-from fxtp.vocab_parallel import local_padding_idx, vocab_parallel_embedding
+from fxtp.rank_ops.vocab_parallel import local_padding_idx, vocab_parallel_embedding
 
 ARCHS = ["llama", "gemma", "gpt2", "opt", "qwen2"]
 TIED = {"gemma", "gpt2", "opt"}  # one state placeholder serves the embedding and the lm_head

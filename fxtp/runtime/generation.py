@@ -1,0 +1,244 @@
+"""Token generation with a sharded static KV cache: prefill, then one-token decode steps.
+
+Each step runs the program of fxtp/capture/static_cache.py on every rank (for an encoder-decoder model:
+the encoder once per request, then decoder steps from its start token, fxtp/capture/seq2seq_cache.py);
+the logits come out gathered and identical on all ranks, so greedy choices, and sampling seeded
+the same on every rank, pick the same tokens everywhere without another collective. Inputs are
+built the way HF `generate` builds them for left-padded batches (position ids from the mask's
+cumulative sum).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+
+from fxtp.decode.decode_graph import DecodeGraph, inductor_options
+from fxtp.rank_ops.inputs import checked_inputs
+from fxtp.decode.prefill_graph import PrefillGraph
+from fxtp.capture.seq2seq_cache import decoder_start_token_id
+from fxtp.runtime.simulate import simulate as run_lockstep
+from fxtp.capture.static_cache import is_cache_state
+
+CACHE_GRANULE = 256  # cache lengths are rounded up to this, so nearby requests reuse one program
+
+
+class Generator:
+    """Generates on the ranks `ranks` of `program`, all in this process (one rank under torchrun).
+    The weights are placed on `device` once; a static-cache program is built per batch size and
+    cache length, and only the latest one's cache is kept. `compile` (True, or a dict of inductor
+    options and fxtp's own) runs decode steps as a compiled CUDA graph (fxtp/decode/decode_graph.py, which
+    lists the options) and prefills with the step compiled for any prompt length
+    (fxtp/decode/prefill_graph.py); it is a collective when there are several ranks, so every rank creates
+    its Generator at the same point, and `compile_options` then holds the options chosen (None
+    without compile)."""
+
+    def __init__(self, program, ranks: list[int], group_name: str, device: torch.device,
+                 checkpoint: Optional[str] = None, compile: Union[bool, dict] = False):
+        self.program, self.ranks, self.group_name, self.device = program, ranks, group_name, device
+        self.checkpoint = checkpoint
+        self.compile_options = None if compile is False else \
+            inductor_options(compile, group_name, program.world_size, device)
+        self._weights: list[dict] = [{} for _ in ranks]  # per rank: reused by every cache program
+        self._key: Optional[tuple[int, int]] = None
+        self._modules: list[fx.GraphModule] = []
+        self._decode = self._prefill = None
+        self._encoders: list[fx.GraphModule] = []  # an encoder-decoder's encoder, run once per request
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+                 seed: int = 0, streamer=None, max_length: Optional[int] = None) -> torch.Tensor:
+        """[batch, prompt + new] token ids, like HF `model.generate`: left-padded prompts with their
+        attention_mask, greedy or sampled (temperature, then top_k, then top_p, from a generator
+        seeded with `seed`), stopping a row at `eos_token_id` (then padding it with `pad_token_id`);
+        both default to the model's generation_config as in HF, and eos_token_id=[] never stops.
+        `streamer` gets put(prompt) and put(tokens) per step on the CPU, then end(), as in HF.
+        The cache holds `max_length` tokens (default: prompt + max_new_tokens rounded up).
+        An encoder-decoder model encodes the (right- or left-padded) batch once and returns, as HF
+        does, the decoder's tokens: its start token, then the new ones."""
+        input_ids, mask = _checked(input_ids, attention_mask, self.device)
+        batch, prompt = input_ids.shape
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        seq2seq = self.program.is_seq2seq
+        cached = 1 if seq2seq else prompt  # tokens in the cache before the new ones: the decoder's start token
+        needed = cached + max_new_tokens
+        length = max_length or -(-needed // CACHE_GRANULE) * CACHE_GRANULE
+        if needed > length:
+            raise ValueError(f"prompt ({cached}) + max_new_tokens ({max_new_tokens}) exceed max_length={length}")
+        self._prepare(batch, length)
+        cache_positions = torch.arange(length, device=self.device)
+        with torch.no_grad():
+            if seq2seq:  # the encoder runs once; every decoder step attends to its output
+                encoded = self._run(self._encoders, (input_ids, mask))
+                first = torch.full((batch, 1), decoder_start_token_id(self.program.model), device=self.device)
+
+                def step(ids: torch.Tensor, i: int) -> torch.Tensor:
+                    return self._step((ids, encoded, mask, cache_positions[i:i + 1]), decode=True)
+            else:  # prefill the prompt, then one token per step
+                first, full_mask = input_ids, torch.ones(batch, length, dtype=torch.long, device=self.device)
+                full_mask[:, :prompt] = mask
+                positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+                def step(ids: torch.Tensor, i: int) -> torch.Tensor:
+                    if i == 0:
+                        return self._step((ids, full_mask, positions, cache_positions[:prompt]), decode=False)
+                    return self._step((ids, full_mask, positions[:, -1:] + i, cache_positions[prompt + i - 1:][:1]),
+                                      decode=True)
+            return self._loop(first, step, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                              pad_token_id, seed, streamer)
+
+    def _loop(self, first: torch.Tensor, step, max_new_tokens: int, do_sample: bool, temperature: float,
+              top_k: Optional[int], top_p: Optional[float], eos_token_id, pad_token_id: Optional[int], seed: int,
+              streamer) -> torch.Tensor:
+        """`first` followed by up to max_new_tokens tokens, the i-th picked from step(previous tokens, i)'s
+        logits; eos, pad and forced tokens as HF reads them from the generation config."""
+        defaults = getattr(self.program.model, "generation_config", None)
+        eos = _token_list(eos_token_id if eos_token_id is not None else getattr(defaults, "eos_token_id", None))
+        pad = next((p for p in (pad_token_id, getattr(defaults, "pad_token_id", None)) if p is not None), (eos or [0])[0])
+        # HF's ForcedBOS/ForcedEOS logits processors: the first token after a one-token start, the last one
+        forced_bos = _token_list(getattr(defaults, "forced_bos_token_id", None)) if first.shape[1] == 1 else []
+        forced_eos = _token_list(getattr(defaults, "forced_eos_token_id", None))
+        rng = torch.Generator(self.device).manual_seed(seed) if do_sample else None
+        unfinished = torch.ones(first.shape[0], dtype=torch.bool, device=self.device)
+        eos_ids = torch.tensor(eos, device=self.device) if eos else None
+        out = [first]
+        if streamer is not None:
+            streamer.put(first.cpu())
+        handoff = _Handoff(first.shape[0], self.device) if streamer is not None or eos_ids is not None else None
+        previous = None  # the handoff slot of the last token not yet given to the host
+        tokens = first
+        for i in range(max_new_tokens):
+            logits = step(tokens, i).float()
+            forced = forced_bos if i == 0 else forced_eos if i == max_new_tokens - 1 else []
+            if forced:  # every other token's score is -inf
+                allowed = torch.tensor(forced, device=logits.device)
+                logits = torch.full_like(logits, float("-inf")).index_fill_(-1, allowed, 0)
+            tokens = next_tokens(logits, do_sample, temperature, top_k, top_p, rng)
+            if eos_ids is not None:
+                tokens = torch.where(unfinished, tokens, pad)
+                unfinished &= ~torch.isin(tokens, eos_ids)
+            out.append(tokens[:, None])
+            if handoff is not None:
+                # this step is queued before Python waits for the previous token, so the GPU runs on
+                current = handoff.push(tokens, unfinished)
+                if previous is not None and not handoff.give(previous, streamer):
+                    out.pop()  # every row had finished before this step: HF stops there
+                    previous = None
+                    break
+                previous = current
+            tokens = tokens[:, None]
+        if previous is not None:
+            handoff.give(previous, streamer)
+        if streamer is not None:
+            streamer.end()
+        return torch.cat(out, dim=1)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this process holds for the first of its ranks: weights and KV cache."""
+        if not self._modules:
+            raise RuntimeError("nothing is allocated before the first generate() call")
+        module = self._modules[0]
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        cache = sum(t.nbytes for name, t in tensors.items() if is_cache_state(name))
+        return {"parameters": sum(t.nbytes for t in tensors.values()) - cache, "cache": cache}
+
+    def _prepare(self, batch: int, length: int) -> None:
+        if self._key == (batch, length):
+            return
+        self._modules, self._decode, self._prefill = [], None, None  # free the previous cache first
+        if self.program.is_seq2seq and not self._encoders:
+            encoder = self.program.encoder()
+            self._encoders = [encoder.rank_graph(rank, self.group_name, self.device, self.checkpoint, shared=weights)
+                              for rank, weights in zip(self.ranks, self._weights)]
+        cached = self.program.with_cache(batch, length)
+        self._modules = [cached.rank_graph(rank, self.group_name, self.device, self.checkpoint, shared=weights)
+                         for rank, weights in zip(self.ranks, self._weights)]
+        if self.compile_options is not None:
+            self._decode = DecodeGraph(self._modules[0], self.compile_options)
+            self._prefill = PrefillGraph(self._modules[0], self.compile_options)
+        self._key = (batch, length)
+
+    def _step(self, args: tuple, decode: bool) -> torch.Tensor:
+        """The step's logits. From the CUDA graph they are its output tensor, which the next replay
+        overwrites: _loop picks its tokens from them before it takes the next step."""
+        compiled = self._decode if decode else self._prefill
+        if compiled is not None:
+            return compiled(*args)
+        return self._run(self._modules, args)
+
+    @staticmethod
+    def _run(modules: list[fx.GraphModule], args: tuple) -> torch.Tensor:
+        if len(modules) > 1:
+            outputs = run_lockstep(modules, args, {})
+            if not all(torch.equal(out, outputs[0]) for out in outputs):
+                raise RuntimeError("ranks computed different outputs; please report this as an fxtp bug")
+            return outputs[0]
+        return modules[0](*args)
+
+
+class _Handoff:
+    """Each step's tokens, and whether any row is unfinished, copied to the host without waiting,
+    into two pinned buffers used in turn: the loop queues the next step before it waits for them."""
+
+    def __init__(self, batch: int, device: torch.device):
+        pinned = device.type == "cuda"
+        self.tokens = [torch.empty(batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.unfinished = [torch.empty((), dtype=torch.bool, pin_memory=pinned) for _ in range(2)]
+        self.copied = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        self.pushed = 0
+
+    def push(self, tokens: torch.Tensor, unfinished: torch.Tensor) -> int:
+        """Queue the copies; returns the slot to give()."""
+        slot = self.pushed % 2
+        self.pushed += 1
+        self.tokens[slot].copy_(tokens, non_blocking=True)
+        self.unfinished[slot].copy_(unfinished.any(), non_blocking=True)
+        if self.copied[slot] is not None:
+            self.copied[slot].record()
+        return slot
+
+    def give(self, slot: int, streamer) -> bool:
+        """Wait for the slot's copies, put its tokens to the streamer; whether any row goes on."""
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()
+        if streamer is not None:
+            streamer.put(self.tokens[slot].clone())
+        return bool(self.unfinished[slot])
+
+
+def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Optional[int],
+                top_p: Optional[float], rng: Optional[torch.Generator]) -> torch.Tensor:
+    """The next token per row from float logits [batch, vocab]."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - ordered.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=rng).squeeze(-1)
+
+
+def _token_list(eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return ids
+
+
+def _checked(input_ids, attention_mask, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and their mask on `device`, checked as a rank graph checks them."""
+    input_ids, attention_mask = (x.to(device) if isinstance(x, torch.Tensor) else x for x in (input_ids, attention_mask))
+    return input_ids, checked_inputs(input_ids, attention_mask, device)

@@ -1,0 +1,220 @@
+"""`fxtp.compile` and the program it returns: the annotated graph, its plan and the per-rank modules."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from fxtp.sharding import collectives
+from fxtp.capture.export import STATE, Captured, capture
+from fxtp.runtime.checkpoint import RankLoader
+from fxtp.passes.sharding.manual_plan import from_hf_tp_plan, from_injection_policy, manual_plan
+from fxtp.passes.sharding.plan import Plan, plan as auto_plan
+from fxtp.passes.capture.clean_up import clean_up
+from fxtp.passes.codegen.rewrite import own_state, rank_graph, slice_state
+from fxtp.runtime.simulate import simulate as run_lockstep
+from fxtp.runtime.generation import Generator
+from fxtp.capture.seq2seq_cache import capture_decoder, capture_encoder
+from fxtp.capture.signatures import SEQ2SEQ, signature_of
+from fxtp.capture.static_cache import capture_cached, is_cache_state
+
+__all__ = ["compile", "TPProgram"]
+
+
+def _attention_heads(config) -> Optional[int]:
+    for key in ("num_attention_heads", "n_head", "num_heads", "n_heads"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=None,
+            injection_policy: Optional[dict] = None) -> "TPProgram":
+    """Capture `model`, plan its sharding over `world_size` ranks and return the program.
+    `plan` is "auto" or {module pattern: "colwise" | "rowwise" | "replicate"}; an HF `tp_plan`
+    (dict or "auto") or a DeepSpeed `injection_policy` may be given instead (passes/sharding/manual_plan.py)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if sum(x is not None for x in (tp_plan, injection_policy)) + (plan != "auto") > 1:
+        raise ValueError("give one of plan=..., tp_plan=... or injection_policy=...")
+    if not (plan == "auto" or isinstance(plan, dict)):
+        raise ValueError(f"plan must be 'auto' or a dict of module patterns to colwise/rowwise/replicate, got {plan!r}")
+    heads = _attention_heads(getattr(model, "config", None))
+    if heads is not None and world_size > heads:
+        raise ValueError(f"world_size={world_size} is larger than the model's {heads} attention heads; fxtp never "
+                         f"splits inside a head, so use world_size <= {heads}")
+    captured = capture(model)
+    if tp_plan is not None:
+        plan = from_hf_tp_plan(tp_plan, model)
+    elif injection_policy is not None:
+        plan = from_injection_policy(injection_policy, model)
+    program = TPProgram(captured, world_size, plan, model)
+    if os.environ.get("FXTP_DEBUG", "0") != "0":
+        for group in program.plan.groups:
+            reason = f": {group.reason.splitlines()[0]}" if group.reason else ""
+            print(f"fxtp: {group.role:15s} {', '.join(group.weights)}{reason}", file=sys.stderr)
+    return program
+
+
+class TPProgram:
+    """A model sharded over `world_size` ranks. `graph` is the global graph annotated with layouts."""
+
+    def __init__(self, captured: Captured, world_size: int, spec, model: torch.nn.Module):
+        """`spec`: "auto" or fxtp's manual form {module pattern: colwise/rowwise/replicate}."""
+        self.captured = clean_up(captured)
+        self.graph: fx.GraphModule = captured.graph_module
+        self.world_size = world_size
+        self.spec = spec
+        self.plan: Plan = auto_plan(self.graph, world_size) if spec == "auto" else manual_plan(self.graph, world_size, spec)
+        self.model = model  # on meta when loading from a checkpoint: it holds no weights then
+        self.config = model.config
+        self._simulated: dict[str, list[fx.GraphModule]] = {}
+        self._with_cache: dict[tuple[int, int], TPProgram] = {}
+        self._generators: dict[str, Generator] = {}
+        self._encoder: Optional[TPProgram] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.captured.device
+
+    def with_cache(self, batch_size: int, max_length: int) -> "TPProgram":
+        """The program of one generation step with a static KV cache of `batch_size` sequences of
+        up to `max_length` tokens (fxtp/capture/static_cache.py; an encoder-decoder's decoder step,
+        fxtp/capture/seq2seq_cache.py), planned the same way as this one."""
+        key = (batch_size, max_length)
+        if key not in self._with_cache:
+            capture_step = capture_decoder if self.is_seq2seq else capture_cached
+            self._with_cache[key] = TPProgram(capture_step(self.model, batch_size, max_length), self.world_size,
+                                              self.spec, self.model)
+        return self._with_cache[key]
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return signature_of(self.model).kind == SEQ2SEQ
+
+    def encoder(self) -> "TPProgram":
+        """An encoder-decoder model's encoder, (input_ids, attention_mask) -> last_hidden_state,
+        planned the same way as this program: generation runs it once per request."""
+        if self._encoder is None:
+            self._encoder = TPProgram(capture_encoder(self.model), self.world_size, self.spec, self.model)
+        return self._encoder
+
+    def generator(self, rank: Optional[int] = None, device=None, process_group: Optional[dist.ProcessGroup] = None,
+                  checkpoint: Optional[str] = None, compile: Union[bool, dict] = False) -> "Generator":
+        """Generation on `rank` in this process (under torchrun; see `module` for the arguments), or
+        on every rank in this process when `rank` is None. `compile` (True, or a dict of inductor
+        options and fxtp's own, which fxtp/decode/decode_graph.py lists) runs decode steps compiled and
+        captured as a CUDA graph (one rank per process, on CUDA)."""
+        device = torch.device(device) if device is not None else self._default_device()
+        if rank is None:
+            if compile is not False:
+                raise ValueError("compile=True needs one rank per process: pass rank=dist.get_rank() under torchrun")
+            return Generator(self, list(range(self.world_size)), collectives.SIMULATED_GROUP, device, checkpoint)
+        return Generator(self, [rank], self._group_name(rank, device, process_group), device, checkpoint, compile)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """Tokens generated by the sharded program, every rank run in this process (see Generator.generate)."""
+        key = str(input_ids.device)
+        if key not in self._generators:
+            self._generators[key] = self.generator(device=input_ids.device)
+        return self._generators[key].generate(input_ids, attention_mask, **kwargs)
+
+    def rank_graph(self, rank: int, group_name: str = collectives.SIMULATED_GROUP,
+                   device: Optional[torch.device] = None, checkpoint: Optional[str] = None,
+                   shared: Optional[dict] = None) -> fx.GraphModule:
+        """The rank's GraphModule without checks on the process group (for inspection and simulate).
+        With `checkpoint` (a HF safetensors directory or file) only this rank's slices are read from it.
+        `shared` maps (state name, layout) to tensors this rank already holds; they are reused
+        and new ones added, so the programs of one rank share their weights."""
+        self._check_rank(rank)
+        device = torch.device(device) if device is not None else self.device
+        if checkpoint is None and self.device.type == "meta":
+            raise ValueError("the model is on the meta device, so it has no weights to shard: pass "
+                             "checkpoint=<HF safetensors directory> (and device=...) to load this rank's slices")
+        if device.type == "meta":
+            raise ValueError("device='meta' holds no data: pass device='cpu' or f'cuda:{local_rank}'")
+        state = self.captured.state
+        loader = RankLoader(checkpoint, rank, state, self.captured.aliases, self.model) if checkpoint is not None \
+            else None
+
+        def read(name, layout):  # export's lifted constants hold their values; no checkpoint has them
+            if loader is None or name in self.captured.constants:
+                return slice_state(state[name], layout, rank)
+            return loader(name, layout)
+        shared = {} if shared is None else shared
+
+        def load(name, layout):
+            if is_cache_state(name):  # a KV cache starts as zeros, allocated at its local size
+                return torch.zeros(slice_state(state[name], layout, rank).shape, dtype=state[name].dtype, device=device)
+            key = (name, str(layout))
+            if key not in shared:
+                # every graph of the rank holds this object, so a compiled step that merges projections
+                # (passes/decode/merge_projections.py) re-points it for all of them
+                shared[key] = own_state(read(name, layout).to(device).contiguous(), state[name])
+            return shared[key]
+
+        return rank_graph(self.graph, state, rank, self.world_size, group_name, device, load)
+
+    def module(self, rank: int, device=None, process_group: Optional[dist.ProcessGroup] = None,
+               checkpoint: Optional[str] = None) -> fx.GraphModule:
+        """This rank's GraphModule (only its shards) calling collectives on `process_group`
+        (default: the default group, which must have `world_size` ranks). With `checkpoint`, its
+        slices are read from that HF safetensors checkpoint (the model may be on meta)."""
+        device = torch.device(device) if device is not None else self._default_device()
+        return self.rank_graph(rank, self._group_name(rank, device, process_group), device, checkpoint)
+
+    def _default_device(self) -> torch.device:
+        return torch.device("cpu") if self.device.type == "meta" else self.device
+
+    def _group_name(self, rank: int, device: torch.device, process_group: Optional[dist.ProcessGroup]) -> str:
+        """The name of the group the rank's collectives run on, after checking it fits the program."""
+        self._check_rank(rank)
+        if self.world_size == 1:
+            return collectives.SIMULATED_GROUP  # no collectives are emitted
+        if process_group is None:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(
+                    f"tp.module({rank}) runs collectives, but torch.distributed is not initialized: launch "
+                    f"{self.world_size} processes (torchrun --nproc_per_node {self.world_size} ...) and call "
+                    "dist.init_process_group() first, pass process_group=..., or use tp.simulate(...) in one process")
+            process_group = dist.group.WORLD
+        size, own = dist.get_world_size(process_group), dist.get_rank(process_group)
+        if size != self.world_size:
+            raise RuntimeError(f"the process group has {size} ranks but the program was compiled for "
+                               f"world_size={self.world_size}: compile with fxtp.compile(model, {size}), or pass "
+                               f"process_group= a group of {self.world_size} ranks")
+        if own != rank:
+            raise RuntimeError(f"tp.module({rank}) called on the process of rank {own}: use tp.module(dist.get_rank())")
+        if dist.get_backend(process_group) == "nccl" and device.type != "cuda":
+            raise RuntimeError(f"the process group uses NCCL, which needs CUDA tensors, but device={device}: "
+                               f"pass device=f'cuda:{{local_rank}}'")
+        return process_group.group_name
+
+    def simulate_ranks(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                       **inputs: Optional[torch.Tensor]) -> list:
+        """Every rank's output, all ranks run in this process with exact collectives. `inputs` are
+        the graph's other inputs by name (decoder_input_ids=..., token_type_ids=...)."""
+        names = [n.name for n in self.graph.graph.nodes if n.op == "placeholder" and STATE not in n.meta]
+        unknown = sorted(set(inputs) - set(names[2:]))
+        if unknown:
+            raise TypeError(f"unexpected inputs {unknown}: this {self.config.model_type} program takes {names}")
+        key = str(input_ids.device)
+        if key not in self._simulated:
+            self._simulated[key] = [self.rank_graph(r, device=input_ids.device) for r in range(self.world_size)]
+        with torch.no_grad():
+            return run_lockstep(self._simulated[key], (input_ids, attention_mask), inputs)
+
+    def simulate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 **inputs: Optional[torch.Tensor]) -> torch.Tensor:
+        """The sharded program's output (logits, or an encoder's hidden states), computed in one
+        process; equals the unsharded model's."""
+        return self.simulate_ranks(input_ids, attention_mask, **inputs)[0]
+
+    def _check_rank(self, rank: int) -> None:
+        if not isinstance(rank, int) or not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must be an int in [0, {self.world_size}), got {rank!r}")

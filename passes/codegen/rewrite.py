@@ -1,0 +1,206 @@
+"""Rewrite the annotated global graph into the graph of one rank.
+
+Reads:  node.meta["fxtp.layout"], ["fxtp.wants"] (from passes/sharding/propagate.py), ["fxtp.state"].
+Writes: a new GraphModule whose state attributes hold only this rank's slices (named by their
+        HF names; state no node reads is left out), whose shape constants are local (op_rules'
+        localize), whose ops are a rank's own where a rule lowers them (op_rules' lower), whose
+        torch.device constants name the target device, with ops the device lacks replaced
+        (fxtp/rank_ops/device_ops.py), and with a redistribution before every node that
+        wanted one. Each new node carries meta["fxtp.layout"] and, for collectives,
+        meta["fxtp.collective"] naming the value it moves. User inputs that may be None (masks,
+        token types: fxtp/signatures.INPUTS) default to None and are checked and filled first.
+
+    before (global)                     after (rank r of 2)
+    q = linear(x, Wq)   [b,s,64]        q = linear(x, Wq_r)              [b,s,32]
+    v = view(q, [b,s,-1,16])            v = view(q, [b,s,-1,16])
+    e = expand(k, [b,2,2,s,16])         e = expand(k, [b,1,2,s,16])
+    o = linear(a, Wo)   (Partial)       o = linear(a, Wo_r); o = wait(all_reduce(o))
+    h = add(res, o)                     h = add(res, o)
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from fxtp.rank_ops import device_ops, inputs
+from fxtp.sharding import collectives
+from fxtp.capture.export import STATE
+from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard
+from fxtp.sharding.op_rules import rule_for
+from fxtp.passes.codegen.fold_grouped_query import fold_grouped_query
+from fxtp.passes.codegen.fuse_bias import fuse_bias
+from fxtp.passes.sharding.propagate import LAYOUT, REDUCE, WANTS, is_state
+from fxtp.sharding.redistribute import steps
+from fxtp.capture.signatures import INPUTS
+
+aten = torch.ops.aten
+COLLECTIVE = "fxtp.collective"
+_KEPT_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+class RewriteError(RuntimeError):
+    pass
+
+
+def shard_args(s: Shard) -> tuple:
+    """Shard as arguments of a rank graph's call; a symbolic inner/outer is -1 (read from the size)."""
+    return (s.dim, s.counts, s.inner if isinstance(s.inner, int) else -1, s.outer if isinstance(s.outer, int) else -1)
+
+
+def slice_state(value: torch.Tensor, layout: Layout, rank: int) -> torch.Tensor:
+    if isinstance(layout, Shard):
+        return collectives.local_part(value, *shard_args(layout), rank)
+    return value
+
+
+def own_state(value: torch.Tensor, entry: torch.Tensor) -> torch.Tensor:
+    """`value`, a rank's part of the state tensor `entry`, as the rank holds it: a new Parameter object
+    (no grad, the same memory) where `entry` is a parameter, so that nothing the rank does to it
+    reaches the model's own object."""
+    return torch.nn.Parameter(value, requires_grad=False) if isinstance(entry, torch.nn.Parameter) else value
+
+
+def _set_state(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    *path, leaf = name.split(".")
+    module = root
+    for part in path:
+        if not hasattr(module, part):
+            module.add_module(part, torch.nn.Module())
+        module = getattr(module, part)
+    if isinstance(value, torch.nn.Parameter):
+        module.register_parameter(leaf, value)
+    else:
+        module.register_buffer(leaf, value)
+
+
+def _on_device(x, device: torch.device):
+    return device if isinstance(x, torch.device) else x
+
+
+def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, world_size: int,
+               group_name: str, device: torch.device,
+               load: Optional[Callable[[str, Layout], torch.Tensor]] = None) -> fx.GraphModule:
+    """`state` holds the full tensors (real or meta); `load(name, layout)`, when given, returns this
+    rank's part of a state tensor, on `device` and contiguous, instead of slicing `state`: a
+    Parameter it returns is held as it is, so the graphs of one rank can share their parameters."""
+    _check_in_place_updates(gm)
+    # graphs of user-facing inputs check them; fxtp.runtime.generation feeds the static-cache step graph itself
+    checks_inputs = all(n.name in INPUTS for n in gm.graph.nodes if n.op == "placeholder" and STATE not in n.meta)
+    graph = fx.Graph()
+    root = torch.nn.Module()
+    env: dict[fx.Node, fx.Node] = {}
+    moved: dict[tuple[fx.Node, str], fx.Node] = {}
+    optional = False  # inputs from the first one with a default on get default None
+
+    def redistribute(src: fx.Node, want: Layout, have: Optional[Layout] = None) -> fx.Node:
+        key = (src, str(want))
+        if key in moved:
+            return moved[key]
+        x = env[src]
+        have = src.meta[LAYOUT] if have is None else have
+        for step, after in steps(have, want):
+            if step == "slice":
+                new_nodes = [_emit_slice(graph, x, after, rank)]
+            elif world_size == 1:
+                continue  # a collective over one rank is the identity
+            elif step == "all_reduce":
+                reduced = graph.call_function(collectives.ALL_REDUCE, (x, "sum", group_name))
+                new_nodes = [reduced, graph.call_function(collectives.WAIT, (reduced,))]
+            else:
+                new_nodes = [graph.call_function(collectives.all_gather_shard, (x, *shard_args(have), group_name))]
+            for new in new_nodes:
+                new.meta[LAYOUT] = after
+                new.meta[COLLECTIVE] = src.name
+                for meta_key in _KEPT_META:  # a collective belongs to the module that produced its input
+                    if meta_key in src.meta:
+                        new.meta[meta_key] = src.meta[meta_key]
+            x = new_nodes[-1]
+        moved[key] = x
+        return x
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and STATE in node.meta and not node.users:
+            continue  # state the graph never reads, e.g. a tied table's other name: not stored
+        if node.op == "placeholder" and STATE in node.meta:
+            name = node.meta[STATE]
+            if load is not None:
+                value = load(name, node.meta[LAYOUT])
+            else:
+                value = own_state(slice_state(state[name], node.meta[LAYOUT], rank).to(device).contiguous(), state[name])
+            _set_state(root, name, value)
+            new = graph.get_attr(name)
+        elif node.op == "placeholder":
+            spec = INPUTS.get(node.name) if checks_inputs else None
+            optional = optional or (spec is not None and spec.fill is not None)  # later ones too: Python's order
+            new = graph.placeholder(node.name, default_value=None) if optional else graph.placeholder(node.name)
+            if spec is not None and spec.fill is not None:
+                ids = env[_placeholder(gm, spec.tokens)]
+                new = graph.call_function(inputs.checked_inputs, (ids, new, device, (spec.tokens, node.name), spec.fill))
+        elif node.op == "get_attr":  # a submodule or constant export kept as an attribute
+            setattr(root, node.target, getattr(gm, node.target))
+            new = graph.get_attr(node.target)
+        elif node.op == "output":
+            new = graph.output(fx.map_arg(node.args[0], lambda n: _input(n, node, env, redistribute)))
+        elif node.target is aten._assert_tensor_metadata.default:
+            continue  # checks dtype/device of the capture-time tensors; inputs.checked_inputs covers users' ones
+        else:
+            args = fx.map_arg(node.args, lambda n: _input(n, node, env, redistribute))
+            kwargs = fx.map_arg(node.kwargs, lambda n: _input(n, node, env, redistribute))
+            rule, target = rule_for(node), node.target  # the rule propagation used, name-keyed ones too
+            if rule.localize is not None:
+                args, kwargs = rule.localize(node, args, kwargs, node.meta[LAYOUT], rank)
+            if rule.lower is not None:
+                target, args, kwargs = rule.lower(node, args, kwargs, lambda n: _read_layout(n, node), rank)
+            args = tuple(_on_device(a, device) for a in args)
+            kwargs = {k: _on_device(v, device) for k, v in kwargs.items()}
+            new = graph.call_function(device_ops.stand_in(target, device), args, kwargs)
+        for key in _KEPT_META:
+            if key in node.meta:
+                new.meta[key] = node.meta[key]
+        new.meta[LAYOUT] = node.meta.get(LAYOUT)
+        env[node] = new
+        if node.meta.get(REDUCE):
+            env[node] = redistribute(node, Replicate(), have=Partial())
+    graph.eliminate_dead_code()
+    graph.lint()
+    module = fold_grouped_query(fuse_bias(fx.GraphModule(root, graph, class_name=f"Rank{rank}Of{world_size}")))
+    module.eval()
+    return module
+
+
+def _check_in_place_updates(gm: fx.GraphModule) -> None:
+    """An in-place op on state (a KV cache update) must write into the state as stored: a
+    redistribution before it would make it write into a temporary copy. (Other in-place ops, on
+    values the graph computed, are read through their result and may redistribute first.)"""
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.arguments or not is_state(node.args[0]):
+            continue
+        written = schema.arguments[0].alias_info
+        if written is not None and written.is_write and node.args[0] in node.meta.get(WANTS, {}):
+            raise RewriteError(
+                f"{node.name} ({node.target}) updates {node.args[0].name} in place, but {node.args[0].name} is "
+                f"{node.args[0].meta[LAYOUT]} and the update needs it as {node.meta[WANTS][node.args[0]]}: "
+                "store it in that layout (a manual plan that shards its producer differently can cause this)")
+
+def _placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
+
+
+def _read_layout(n: fx.Node, user: fx.Node) -> Layout:
+    """The layout in which `user` reads `n`: its want, if any, else n's own layout."""
+    return user.meta.get(WANTS, {}).get(n, n.meta[LAYOUT])
+
+
+def _input(n: fx.Node, user: fx.Node, env, redistribute) -> fx.Node:
+    want = user.meta.get(WANTS, {}).get(n)
+    return env[n] if want is None else redistribute(n, want)
+
+
+def _emit_slice(graph: fx.Graph, x: fx.Node, shard: Shard, rank: int) -> fx.Node:
+    if shard.outer == 1:  # one contiguous range on every rank, so all rank graphs keep one shape
+        lo, hi = shard.owned_ranges(rank)[0]
+        return graph.call_function(aten.slice.Tensor, (x, shard.dim, lo, hi))
+    return graph.call_function(collectives.local_part, (x, *shard_args(shard), rank))

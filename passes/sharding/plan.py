@@ -1,0 +1,304 @@
+"""Automatic plan: find Megatron regions from the graph and seed their column-parallel weights.
+
+Reads:  node.meta["val"], node.meta["fxtp.state"].
+Writes: through `propagate`, the layouts of the accepted plan (see passes/sharding/propagate.py).
+Returns a `Plan`: state name -> Layout seeds, plus one `Decision` per candidate group.
+
+A candidate group is the set of projections (`linear` with a state weight) that read the same
+value: q/k/v of an attention block, gate/up of an MLP, an lm_head alone, the fused gate|up
+of all experts of a MoE layer (one grouped GEMM over [E, 2I, H]). Each is tried as
+column-parallel by propagating in strict mode: the group is accepted if every sharded value it
+produces is consumed by shard-preserving ops and ends in row-parallel projections whose Partial
+outputs are all-reduced; any need for an all_gather rejects it, with the reason. Nothing is
+read from module names. The one gather allowed is at the graph output: a group whose shard
+flows through shard-preserving ops to the output (the lm_head: vocab-sharded logits) is
+column-parallel (gathered). A rejected group is tried once more after all others are
+decided: it may meet projections that come later (cross-attention k/v, grouped because all
+read the encoder output, meet each decoder layer's q). Before the groups, each token embedding
+table is tried as vocab-parallel (Shard(0), the lookup all-reduced at once); a tied table is the
+lm_head's weight as well, so one vocab shard serves both (and a seq2seq model's encoder and
+decoder lookups).
+
+Shard sizes follow the graph's own view of each projection output: the first reshape that
+splits its features (e.g. 64 -> [4 heads, 16]) gives the unit (16) so ranks never split inside
+a head, and equal pieces split off the features (GPT-2's c_attn split into q, k, v) are
+fused blocks: every rank gets its part of each block. Projections with fewer units (GQA's k/v) are sharded when their units divide evenly
+over the ranks and otherwise kept replicated, q then takes uneven head-aligned shards.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from math import gcd, prod
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from fxtp.capture.export import STATE
+from fxtp.sharding.layouts import Layout, Replicate, Shard, balanced_counts
+from fxtp.sharding.op_rules import GROUPED_MM, PIECES, calls, permutation, piece_bounds, val
+from fxtp.sharding.reshape import dim_groups
+from fxtp.capture.signatures import TOKEN_IDS
+from fxtp.passes.sharding.reassociate import reassociate_partials
+from fxtp.passes.sharding.propagate import _PERMUTES, LAYOUT, PropagationError, propagate
+
+aten = torch.ops.aten
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int}
+COLUMN_GATHERED = "column-parallel (gathered)"  # its shard reaches the graph output, all-gathered there
+VOCAB_PARALLEL = "vocab-parallel"  # a token embedding table sharded over vocab rows
+
+
+@dataclass
+class GroupDecision:
+    weights: list[str]  # state names of the group's projection weights
+    role: str           # "column-parallel", "row-parallel", "replicated", COLUMN_GATHERED or VOCAB_PARALLEL
+    reason: str = ""    # why it is replicated, or which members stay replicated and why
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the planner seeded the group's weights with a Shard."""
+        return self.role in ("column-parallel", COLUMN_GATHERED, VOCAB_PARALLEL)
+
+
+@dataclass
+class Plan:
+    seeds: dict[str, Layout] = field(default_factory=dict)
+    groups: list[GroupDecision] = field(default_factory=list)
+
+
+def projection_weight(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
+    """(weight state, its output-feature dim) when `node` contracts an activation with a state
+    weight: linear(x, W[out, in]), mm(x, W[in, out]) (GPT-2 Conv1D), matmul(x, W.T) (Falcon),
+    or a MoE layer's per-expert grouped mm(x, W[E, in, out]) (W often stored as [E, out, in]);
+    the unit of an expert's features is then one element of its intermediate, as in an MLP."""
+    if calls(node, GROUPED_MM):
+        weight_dims, out_dim = 3, 2
+    elif node.op == "call_function" and node.target in (aten.linear.default, aten.mm.default, aten.matmul.default):
+        weight_dims, out_dim = 2, 0 if node.target is aten.linear.default else 1
+    else:
+        return None
+    weight = node.args[1]
+    if not isinstance(weight, fx.Node) or val(weight).dim() != weight_dims:
+        return None
+    while weight.op == "call_function" and weight.target in _PERMUTES:
+        out_dim = permutation(weight)[out_dim]
+        weight = weight.args[0]
+    if weight.op == "placeholder" and STATE in weight.meta and val(weight).dim() == weight_dims:
+        return weight, out_dim
+    return None
+
+
+def projection_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """Projections (see projection_weight) grouped by the activation they read, in graph order."""
+    groups: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if projection_weight(node) is not None:
+            groups[node.args[0]].append(node)
+    return list(groups.values())
+
+
+def feature_structure(proj: fx.Node) -> tuple[int, int]:
+    """(outer, unit) of a projection's output features: `outer` fused blocks (GPT-2's [q|k|v],
+    Phi-3's [gate|up]), each of units of `unit` elements: head_dim where a reshape splits them
+    into heads, 1 where nothing does (an MLP's intermediate), times aligned_units."""
+    outer, unit = _structure(proj, val(proj).dim() - 1)
+    return outer, unit * aligned_units(proj, outer, unit)
+
+
+def aligned_units(proj: fx.Node, outer: int, unit: int) -> int:
+    """Units that make one unit for the kernel: aten._grouped_mm (MoE experts in bf16) needs
+    16-byte rows, and the row-parallel one after `proj` reads each rank's features as rows, so
+    they come in 16 bytes (8 bf16 elements). 1 for other ops or features that do not divide."""
+    if not calls(proj, (aten._grouped_mm.default,)):
+        return 1
+    elements = 16 // val(proj).element_size()
+    step = elements // gcd(elements, unit)
+    return step if (val(proj).shape[-1] // outer) % (unit * step) == 0 else 1
+
+
+def _structure(start: fx.Node, start_dim: int) -> tuple[int, int]:
+    # follows ops that keep the shape (a bias, OPT's q scaling, a cast) and reshapes that keep
+    # the features whole (GPT-2's [b*s, 3h] -> [b, s, 3h])
+    frontier, seen = [(start, start_dim)], set()
+    while frontier:
+        node, dim = frontier.pop(0)
+        pieces = [u for u in node.users if u.target in PIECES and piece_bounds(u, dim) is not None]
+        if pieces:
+            return _fused(node, dim, pieces)
+        for user in node.users:
+            if user in seen or user.op != "call_function":
+                continue
+            seen.add(user)
+            if isinstance(val(user), torch.Tensor) and val(user).shape == val(node).shape:
+                frontier.append((user, dim))
+            elif user.target in _RESHAPES:
+                for gi, gj in dim_groups(val(node).shape, val(user).shape) or ():
+                    if gi == (dim,) and len(gj) == 1:
+                        frontier.append((user, gj[0]))
+                    elif gi == (dim,):
+                        return 1, int(prod(int(val(user).shape[d]) for d in gj[1:]))
+    return 1, 1
+
+
+def _fused(node: fx.Node, dim: int, pieces: list[fx.Node]) -> tuple[int, int]:
+    """Equal pieces that tile the features are blocks; each piece's own structure gives the unit."""
+    bounds = sorted(b for p in pieces for b in piece_bounds(p, dim))
+    size = int(val(node).shape[dim])
+    lengths = {end - begin for begin, end in bounds}
+    if len(lengths) != 1 or bounds[0][0] != 0 or bounds[-1][1] != size or \
+            any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+        return 1, 1  # unequal parts (e.g. GQA q|k|v in one weight): planned as one block
+    outputs = [(g, dim) for p in pieces for g in (p.users if p.target is not aten.slice.Tensor else [p])]
+    structures = {_structure(out, d) for out, d in outputs}
+    if len(structures) != 1:
+        return 1, 1
+    outer, unit = structures.pop()
+    return len(bounds) * outer, unit
+
+
+def counts_by_unit(structure: dict[fx.Node, tuple[int, int]], world_size: int) -> tuple[dict, str]:
+    """choose_counts for each set of a group's projections with the same unit size: only
+    projections cut into the same units meet later (q and GQA k/v in attention, gate and up);
+    Falcon's parallel attention puts q (heads) and the MLP (elements) in one group, and the MLP
+    must not force q's head counts. A set whose counts are no multiples is split further."""
+    by_unit: dict[int, list[fx.Node]] = defaultdict(list)
+    for n, (outer, unit) in structure.items():
+        by_unit[unit].append(n)
+    counts, notes = {}, []
+    for members in by_unit.values():
+        units = {n: val(n).shape[-1] // (structure[n][0] * structure[n][1]) for n in members}
+        chosen, note = choose_counts(units, world_size)
+        if not chosen and len(members) > 1:
+            for n in members:
+                chosen_one, note = choose_counts({n: units[n]}, world_size)
+                chosen.update(chosen_one)
+        counts.update(chosen)
+        notes += [note] if note else []
+    return counts, "; ".join(notes)
+
+
+def choose_counts(units: dict[fx.Node, int], world_size: int) -> tuple[dict[fx.Node, tuple[int, ...]], str]:
+    """Per-rank unit counts for each projection of a group, or ({}, reason)."""
+    active, note = dict(units), ""
+    while active:
+        fewest = min(active.values())
+        if any(u % fewest for u in active.values()):
+            return {}, f"unit counts {sorted(set(active.values()))} are not multiples of each other"
+        larger = any(u > fewest for u in active.values())
+        if fewest % world_size == 0 or (not larger and fewest >= world_size):
+            base = balanced_counts(fewest, world_size)
+            return {n: tuple(c * (u // fewest) for c in base) for n, u in active.items()}, note
+        if not larger:
+            return {}, f"{fewest} units cannot be split over {world_size} ranks"
+        dropped = [n for n, u in active.items() if u == fewest]
+        note = (f"{', '.join(projection_weight(n)[0].meta[STATE] for n in dropped)} kept replicated: "
+                f"{fewest} heads do not divide over {world_size} ranks")
+        active = {n: u for n, u in active.items() if u != fewest}
+    return {}, "no projections"
+
+
+def token_embeddings(gm: fx.GraphModule) -> list[fx.Node]:
+    """Embeddings that look up token ids (input_ids, decoder_input_ids; through reshapes) in a
+    state table; position and token-type tables, indexed by an arange, the mask or
+    token_type_ids, are not among them."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.embedding.default:
+            continue
+        table, ids = node.args[0], node.args[1]
+        while isinstance(ids, fx.Node) and ids.op == "call_function" and ids.target in _RESHAPES:
+            ids = ids.args[0]
+        if table.op == "placeholder" and STATE in table.meta and isinstance(ids, fx.Node) \
+                and ids.op == "placeholder" and ids.name in TOKEN_IDS:
+            found.append(node)
+    return found
+
+
+def plan_vocab_parallel(gm: fx.GraphModule, world_size: int, result: Plan) -> None:
+    """Try each token embedding table as Shard(0) over balanced vocab rows: its lookup gives a
+    Partial that is all-reduced at once (op_rules.embedding). Accepted when strict propagation
+    passes; a table tied to the lm_head is its weight too, whose logits are then all-gathered
+    at the graph output (the lm_head group later finds the same seed)."""
+    for node in token_embeddings(gm):
+        table = node.args[0]
+        name = table.meta[STATE]
+        if name in result.seeds:
+            continue  # a table shared by the encoder and the decoder (seq2seq), decided once
+        seeds = {name: Shard(0, balanced_counts(val(table).shape[0], world_size))}
+        try:
+            propagate(gm, {**result.seeds, **seeds}, strict=True, gather_at_output=True)
+        except PropagationError as e:
+            result.groups.append(GroupDecision([name], "replicated", e.reason))
+            propagate(gm, result.seeds)
+            continue
+        result.seeds.update(seeds)
+        tied = any(projection_weight(u) is not None for u in table.users)
+        note = "tied: the lm_head uses the same shard" if tied else ""
+        result.groups.append(GroupDecision([name], VOCAB_PARALLEL, note))
+
+
+def column_role(group: list[fx.Node]) -> str:
+    """COLUMN_GATHERED when a shard computed from the group reaches the graph output through
+    shard-preserving ops (an lm_head's vocab-sharded logits), else "column-parallel"."""
+    frontier = [n for n in group if isinstance(n.meta[LAYOUT], Shard)]
+    seen = set(frontier)
+    while frontier:
+        for user in frontier.pop().users:
+            if user.op == "output":
+                return COLUMN_GATHERED
+            if user not in seen and isinstance(user.meta[LAYOUT], Shard):
+                seen.add(user)
+                frontier.append(user)
+    return "column-parallel"
+
+
+def column_seeds(projections: list[fx.Node], world_size: int) -> tuple[dict[str, Layout], str]:
+    """{weight state: Shard on its output features} making `projections` column-parallel with
+    head-aligned counts (empty when they cannot be split), and the planner's note."""
+    structure = {n: feature_structure(n) for n in projections}
+    counts, note = counts_by_unit(structure, world_size)
+    seeds = {}
+    for n, c in counts.items():
+        weight, out_dim = projection_weight(n)
+        outer, unit = structure[n]
+        seeds[weight.meta[STATE]] = Shard(out_dim, c, unit, outer)
+    return seeds, note
+
+
+def _try_column(gm: fx.GraphModule, group: list[fx.Node], names: list[str], seeds: dict[str, Layout], note: str,
+                result: Plan) -> GroupDecision:
+    """The decision on one group given the seeds accepted so far (added to when it is accepted)."""
+    if any(not isinstance(n.args[0].meta[LAYOUT], Replicate) for n in group):
+        return GroupDecision(names, "row-parallel", "its input is sharded by the region before it")
+    if not seeds:
+        return GroupDecision(names, "replicated", note)
+    try:
+        propagate(gm, {**result.seeds, **seeds}, strict=True, gather_at_output=True)
+    except PropagationError as e:
+        propagate(gm, result.seeds)
+        return GroupDecision(names, "replicated", e.reason)
+    result.seeds.update(seeds)
+    return GroupDecision(names, column_role(group), note)
+
+
+def plan(gm: fx.GraphModule, world_size: int) -> Plan:
+    groups = projection_groups(gm)
+    candidates = [([projection_weight(n)[0].meta[STATE] for n in group], *column_seeds(group, world_size))
+                  for group in groups]
+
+    result = Plan()
+    propagate(gm, {})
+    plan_vocab_parallel(gm, world_size, result)
+    decisions = [_try_column(gm, group, *candidate, result) for group, candidate in zip(groups, candidates)]
+    # A group can meet projections decided after it: the k/v of every cross-attention read the
+    # encoder output, which comes before any decoder layer's q. Rejected groups are tried once
+    # more with every other decision in place.
+    for i, (group, candidate) in enumerate(zip(groups, candidates)):
+        if decisions[i].role == "replicated" and candidate[1]:
+            decisions[i] = _try_column(gm, group, *candidate, result)
+    result.groups += decisions
+    propagate(gm, result.seeds)
+    if reassociate_partials(gm):
+        propagate(gm, result.seeds)
+    return result

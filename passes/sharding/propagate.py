@@ -1,0 +1,123 @@
+"""Sharding propagation: an analysis that gives every node a layout.
+
+Reads:  node.meta["val"] (fake tensors from torch.export), node.meta["fxtp.state"] on
+        placeholders that hold model state, and `seeds` (state name -> Layout).
+Writes: node.meta["fxtp.layout"]  Layout, tuple of Layouts, or None for non-tensors
+        node.meta["fxtp.wants"]   {input node: Layout} for inputs that must be redistributed
+                                  before this node runs (only those that differ)
+        node.meta["fxtp.note"]    why this node forced its inputs to Replicate ("" if it did not)
+        node.meta["fxtp.reduce"]  True where a Partial output is all-reduced right after the node
+                                  (its layout is then Replicate)
+Ensures: every want is reachable (see fxtp.sharding.redistribute), a symbolic Shard (merged with batch,
+        fxtp.sharding.layouts) is never all-gathered; in strict mode no want needs an
+        all_gather, so sharded regions close with all_reduce only (the Megatron pattern),
+        except at the graph output when `gather_at_output` is set.
+Replicated state whose users all want the same Shard becomes that Shard: the planner seeds
+column-parallel weights, and row-parallel weights (and column biases) follow from the rules.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxtp.capture.export import STATE
+from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard
+from fxtp.sharding.op_rules import Decision, permutation, rule_for
+from fxtp.sharding.redistribute import needs_gather, same_layout
+
+_PERMUTES = {torch.ops.aten.t.default, torch.ops.aten.numpy_T.default, torch.ops.aten.transpose.int,
+             torch.ops.aten.permute.default}
+LAYOUT, WANTS, NOTE, REDUCE = "fxtp.layout", "fxtp.wants", "fxtp.note", "fxtp.reduce"
+
+
+class PropagationError(RuntimeError):
+    def __init__(self, node: fx.Node, reason: str):
+        super().__init__(f"{reason} for node={node.format_node()}")
+        self.node, self.reason = node, reason
+
+
+def propagate(gm: fx.GraphModule, seeds: dict[str, Layout], strict: bool = False,
+              gather_at_output: bool = False) -> fx.GraphModule:
+    """Annotate every node; a Partial that one user all-reduces is reduced once, at its producer,
+    for all users (otherwise a user that keeps the Partial would need a second all_reduce later:
+    Gemma2's post-norms read the o_proj output twice). With `gather_at_output`, strict mode
+    still lets the graph output all_gather a shard (a column-parallel lm_head's logits)."""
+    reduce_at: set[fx.Node] = set()
+    while True:
+        _propagate_once(gm, seeds, strict, reduce_at, gather_at_output)
+        more = {n for n in gm.graph.nodes if n.meta.get(LAYOUT) == Partial()
+                and any(isinstance(u.meta[WANTS].get(n), Replicate) for u in n.users)
+                and any(n not in u.meta[WANTS] for u in n.users)}
+        if not more:
+            break
+        reduce_at |= more
+    _settle_state(gm)
+    return gm
+
+
+def _propagate_once(gm, seeds, strict, reduce_at, gather_at_output) -> None:
+    def layout_of(n: fx.Node):
+        return n.meta[LAYOUT]
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            node.meta[LAYOUT] = seeds.get(node.meta.get(STATE), Replicate()) \
+                if isinstance(node.meta.get("val"), torch.Tensor) else None
+            node.meta[WANTS], node.meta[NOTE] = {}, ""
+            continue
+        if node.op == "output":
+            decision = Decision(None, {n: Replicate() for n in node.all_input_nodes})
+        else:
+            try:
+                decision = rule_for(node).propagate(node, layout_of)
+            except Exception as e:
+                raise PropagationError(node, f"propagation rule for {node.target} failed: {e!r}") from e
+        wants = {n: w for n, w in decision.wants.items() if not same_layout(layout_of(n), w)}
+        for n, w in wants.items():
+            have = layout_of(n)
+            if isinstance(have, Shard) and have.symbolic and needs_gather(have, w):
+                raise PropagationError(node, f"{n.name} is {have}, merged with batch or sequence, and cannot "
+                                             f"be all-gathered: {decision.note or 'a rule needs it whole'}")
+        if strict and not (gather_at_output and node.op == "output"):
+            for n, w in wants.items():
+                if needs_gather(layout_of(n), w):
+                    why = decision.note or ("a sharded value reaches the graph output" if node.op == "output"
+                                            else f"{node.target} needs {n.name} as {w}")
+                    raise PropagationError(node, f"{n.name} is {layout_of(n)} but {why}")
+        node.meta[LAYOUT], node.meta[WANTS], node.meta[NOTE] = decision.out, wants, decision.note
+        node.meta[REDUCE] = (node in reduce_at or decision.reduce_now) and isinstance(decision.out, Partial)
+        if node.meta[REDUCE]:
+            node.meta[LAYOUT] = Replicate()
+
+
+def _settle_state(gm: fx.GraphModule) -> None:
+    """Store replicated state pre-sliced when every user wants the same Shard of it. A want on
+    a transpose of state (Falcon's matmul(x, W.T)) moves to the state itself first."""
+    for node in gm.graph.nodes:
+        if node.target in _PERMUTES and is_state(node.args[0]) and len(node.args[0].users) == 1:
+            wanted = _common_want(node)
+            if wanted is not None:
+                node.meta[LAYOUT] = wanted
+                node.meta[WANTS][node.args[0]] = wanted.with_dim(permutation(node)[wanted.dim])
+    for node in gm.graph.nodes:
+        if is_state(node):
+            wanted = _common_want(node)
+            if wanted is not None:
+                node.meta[LAYOUT] = wanted
+
+
+def is_state(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "placeholder" and STATE in node.meta
+
+
+def _common_want(node: fx.Node):
+    """The Shard every user of a replicated node wants (their wants are then dropped), or None."""
+    if not isinstance(node.meta[LAYOUT], Replicate):
+        return None
+    wanted = [u.meta[WANTS].get(node) for u in node.users]
+    first = wanted[0] if wanted else None
+    if not isinstance(first, Shard) or not all(w is not None and same_layout(w, first) for w in wanted):
+        return None
+    for u in node.users:
+        del u.meta[WANTS][node]
+    return first
