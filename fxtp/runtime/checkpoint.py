@@ -14,14 +14,18 @@ the rank's part is cut from it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import re
+import stat
+import warnings
 from functools import partial
 from typing import Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from fxtp.capture.state_names import parse_derived
 from fxtp.sharding.layouts import Layout, Shard
@@ -35,13 +39,12 @@ class CheckpointError(ValueError):
 
 
 def tensor_files(path: str) -> dict[str, str]:
-    """{tensor name: safetensors file} of a checkpoint directory or file."""
+    """{tensor name: safetensors file} of a checkpoint directory or file. Files an index names must lie
+    inside the checkpoint directory and be regular files: nothing else is ever opened."""
     if os.path.isfile(path):
         files = [path]
     elif os.path.isfile(os.path.join(path, INDEX)):
-        with open(os.path.join(path, INDEX)) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+        return indexed_files(path)
     elif os.path.isfile(os.path.join(path, SINGLE)):
         files = [os.path.join(path, SINGLE)]
     else:
@@ -49,9 +52,67 @@ def tensor_files(path: str) -> dict[str, str]:
                               "model.save_pretrained(path) (safetensors is its default format)")
     names = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with opened(file) as f:
             names.update({name: file for name in f.keys()})
     return names
+
+
+def indexed_files(directory: str) -> dict[str, str]:
+    """The weight_map of `directory`'s index, checked: JSON with a {tensor name: file name} weight_map
+    whose files are regular files inside `directory`."""
+    index = os.path.join(directory, INDEX)
+    try:
+        with open(index) as f:
+            content = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{index} is not valid JSON ({error}): save the checkpoint again with "
+                              "model.save_pretrained(path)") from error
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{index} has no \"weight_map\" of tensor names to file names (got "
+                              f"{type(weight_map).__name__}): save the checkpoint again with model.save_pretrained(path)")
+    root = os.path.abspath(directory)
+    for file in sorted(set(weight_map.values())):
+        # inside as named: no absolute path, no "..". The file itself may be a symlink (the HF hub cache
+        # links each snapshot file to a blob outside the snapshot), but must end at a regular file.
+        named = os.path.normpath(os.path.join(root, file))
+        if os.path.isabs(file) or os.path.commonpath([root, named]) != root:
+            raise CheckpointError(f"{index} names {file!r}, which lies outside the checkpoint directory {root}: "
+                                  "fxtp reads only files inside it; fix the index's weight_map")
+        if not os.path.exists(named):
+            raise CheckpointError(f"{index} names {file!r}, which does not exist: is the checkpoint complete?")
+        if not stat.S_ISREG(os.stat(named).st_mode):
+            raise CheckpointError(f"{index} names {file!r}, which is not a regular file: fxtp reads only regular "
+                                  "safetensors files")
+    return {name: os.path.join(directory, file) for name, file in weight_map.items()}
+
+
+@contextlib.contextmanager
+def opened(file: str):
+    """safe_open(file) whose failures (a truncated or corrupted file, not safetensors) name the file."""
+    try:
+        handle = safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({error}): it may be truncated or "
+                              "corrupted; save or copy it again") from error
+    with handle:
+        yield handle
+
+
+def leftover_tensors(model: torch.nn.Module, names, conversions: "Conversions") -> tuple[list[str], list[str]]:
+    """(unexpected, ignored): checkpoint tensors the model has no place for. `unexpected` ones name a
+    module of the model (a bias the model's projection does not have: a checkpoint of another model or
+    config); `ignored` ones name none. Tensors transformers itself ignores on load are neither."""
+    own = {name for name, _ in [*model.named_parameters(remove_duplicate=False),
+                                *model.named_buffers(remove_duplicate=False)]}
+    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    unexpected, ignored = [], []
+    for name in sorted(names):
+        if name in own or conversions.consumes(name) or any(p.search(name) for p in ignore):
+            continue
+        (unexpected if _names_a_module(model, name.rpartition(".")[0]) else ignored).append(name)
+    return unexpected, ignored
 
 
 class RankLoader:
@@ -63,6 +124,21 @@ class RankLoader:
         self.path, self.rank, self.state, self.aliases, self.model = path, rank, state, aliases, model
         self.files = tensor_files(path)
         self.conversions: Optional[Conversions] = None  # indexed on the first tensor not found by name
+        if model is not None:
+            self._check_leftovers()
+
+    def _check_leftovers(self) -> None:
+        """Refuse a checkpoint with tensors for the model's modules that the model does not have (they
+        would be dropped, and the result would be another model's); warn of other unused ones, as
+        transformers' from_pretrained does."""
+        self.conversions = Conversions(self.model, self.files)
+        unexpected, ignored = leftover_tensors(self.model, self.files, self.conversions)
+        if unexpected:
+            raise CheckpointError(f"checkpoint {self.path} has tensors the model's modules do not have: "
+                                  f"{_few(unexpected)}; it is not a checkpoint of this model or config (e.g. "
+                                  "biases where the config has none): load it with its own config")
+        if ignored:
+            warnings.warn(f"checkpoint {self.path} has tensors the model does not use, left unread: {_few(ignored)}")
 
     def __call__(self, name: str, layout: Layout) -> torch.Tensor:
         derived = parse_derived(name)  # a block of a stored tensor: only the block's part is read
@@ -71,8 +147,6 @@ class RankLoader:
         names = [source, *self.aliases.get(source, [])]
         stored = next((n for n in names if n in self.files), None)
         if stored is None and self.model is not None:  # stored under another name or in another form?
-            if self.conversions is None:
-                self.conversions = Conversions(self.model, self.files)
             stored = next((s for n in names if (s := self.conversions.renamed.get(n)) is not None), None)
             built = next((n for n in names if n in self.conversions.targets), None)
             if stored is None and built is not None:
@@ -82,7 +156,7 @@ class RankLoader:
                                           f"tensors {_few(self.conversions.sources(built))} has shape "
                                           f"{list(full.shape)} but the model's is {list(self.state[source].shape)}: "
                                           "the config does not match the checkpoint")
-                return _read(full, block, layout, self.rank).clone().to(expected.dtype)
+                return _cast(_read(full, block, layout, self.rank).clone(), expected, source)
         if stored is None:
             if not isinstance(expected, torch.nn.Parameter) and self.model is not None:
                 return _read(recompute_buffer(self.model, source), block, layout, self.rank).to(expected.dtype)
@@ -92,7 +166,7 @@ class RankLoader:
                                   f"it has e.g. {near}: is it a checkpoint of this model?")
         # one opening per tensor: the file's pages mapped for it are released as soon as the
         # tensor is copied out, so a rank's peak memory stays near its own share
-        with safe_open(self.files[stored], framework="pt") as handle:
+        with opened(self.files[stored]) as handle:
             view = handle.get_slice(stored)
             shape = tuple(view.get_shape())
             if shape != tuple(self.state[source].shape):
@@ -103,11 +177,11 @@ class RankLoader:
             # touches every row of the tensor) are released with it instead of staying resident
             value = _read(view, block, layout, self.rank) if isinstance(layout, Shard) or block is not None \
                 else handle.get_tensor(stored)
-            return value.clone().to(expected.dtype)
+            return _cast(value.clone(), expected, stored)
 
     def _read_whole(self, name: str) -> torch.Tensor:
         """A whole checkpoint tensor (a source of a converted one), copied out of the file."""
-        with safe_open(self.files[name], framework="pt") as handle:
+        with opened(self.files[name]) as handle:
             return handle.get_tensor(name).clone()
 
 
@@ -153,6 +227,11 @@ class Conversions:
             for target in converter.target_patterns:
                 self.targets[renamed.replace(converter.target_patterns[0], target)] = renamed
 
+    def consumes(self, checkpoint_name: str) -> bool:
+        """Whether the mapping reads `checkpoint_name` for some state tensor (renamed, or a source)."""
+        return checkpoint_name in self.renamed.values() or \
+            any(checkpoint_name == source for _, sources in self.groups.values() for source, _ in sources)
+
     def sources(self, name: str) -> list[str]:
         return [source for source, _ in self.groups[self.targets[name]][1]]
 
@@ -175,6 +254,30 @@ class Conversions:
                                   f"not {name!r}")
         tensor = built[name]
         return tensor[0] if isinstance(tensor, list) else tensor
+
+
+def _names_a_module(model: torch.nn.Module, path: str) -> bool:
+    """Whether `path` is a submodule of `model` (the model itself, "", is not one)."""
+    try:
+        return bool(path) and model.get_submodule(path) is not None
+    except AttributeError:
+        return False
+
+
+def kind(dtype: torch.dtype) -> str:
+    """bool, integer, floating or complex: a cast between kinds changes what the values mean."""
+    if dtype == torch.bool:
+        return "bool"
+    return "complex" if dtype.is_complex else "floating" if dtype.is_floating_point else "integer"
+
+
+def _cast(value: torch.Tensor, expected: torch.Tensor, name: str) -> torch.Tensor:
+    """`value` in the model's dtype; a cast to another kind (an int64 checkpoint tensor into a float
+    weight) is refused, since it would load numbers that never were weights."""
+    if kind(value.dtype) != kind(expected.dtype):
+        raise CheckpointError(f"checkpoint tensor {name!r} is {value.dtype} but the model's is {expected.dtype}: "
+                              f"fxtp casts within a kind ({kind(expected.dtype)}) only; is it a checkpoint of this model?")
+    return value.to(expected.dtype)
 
 
 def _few(names: list[str], most: int = 3) -> str:
