@@ -2,9 +2,9 @@
 its rows (token check against HF eager, parameters per rank) and the interval arithmetic behind
 --profile's busy time; benchmarks/attention_latency.py in Triton's interpreter; benchmarks/mlp_latency.py
 and benchmarks/gemv_latency.py refusing a machine without a GPU, and the weight shapes gemv_latency.py
-times; benchmarks/nccl_check.py on two gloo processes and its bfloat16 verdict. The GPU numbers of
-the README come from the same scripts. (Its HF tp_plan and DeepSpeed peers need accelerate and
-deepspeed, which the test install leaves out.)"""
+times; benchmarks/nccl_check.py on two gloo processes and its bfloat16 verdict. The GPU numbers in
+benchmarks/results/RESULTS.md come from the same scripts. (Its HF tp_plan and DeepSpeed peers need
+accelerate and deepspeed, which the test install leaves out.)"""
 import importlib
 import json
 import os
@@ -254,7 +254,8 @@ def test_gemv_latency_says_it_needs_a_gpu(tmp_path):
 
 
 def test_gemv_latency_times_a_ranks_weights_as_the_step_merges_them(inference_test):
-    """Llama-3-8B's weights on one of 2 ranks, as README run V gives them: q|k|v and gate|up merged."""
+    """Llama-3-8B's weights on one of 2 ranks as the compiled decode step holds them: q|k|v and gate|up
+    merged, so each GEMV timed alone reads what the step's GEMV reads."""
     gemv_latency = importlib.import_module("gemv_latency")
     config = inference_test.model_config("llama3-8b", None)
     assert gemv_latency.projections(config, 2) == {"q|k|v": (3072, 4096), "o": (4096, 2048), "gate|up": (14336, 4096),

@@ -150,9 +150,10 @@ def test_gemv_blocks_option_sets_the_block_sizes_the_step_launches(monkeypatch):
 
 
 def test_block_sizes_by_row_length_and_form():
-    """Llama-3-8B's weights at N=2, as timed in the step (README, runs AA to AC): o at 8 warps, down two
-    rows a program over 8 warps, gate|up two pairs over 8 warps, q|k|v (rotary) one pair over 8 warps
-    with the whole row a step, lm_head one row over 4 warps; BLOCK_K at most a row."""
+    """Llama-3-8B's weights at N=2, at the blocks chosen by timing the decode step on H100
+    (benchmarks/results/RESULTS.md): o at 8 warps, down two rows a program over 8 warps, gate|up two
+    pairs over 8 warps, q|k|v (rotary) one pair over 8 warps with the whole row a step, lm_head one
+    row over 4 warps; BLOCK_K at most a row."""
     assert gemv.block_sizes(4096, 2048) == (1, 2048, 8)
     assert gemv.block_sizes(4096, 7168) == (2, 2048, 8)
     assert gemv.block_sizes(14336, 4096, "gated") == (2, 2048, 8)

@@ -107,8 +107,8 @@ class TPProgram:
     def generator(self, rank: Optional[int] = None, device=None, process_group: Optional[dist.ProcessGroup] = None,
                   checkpoint: Optional[str] = None, compile: Union[bool, dict] = False) -> "Generator":
         """Generation on `rank` in this process (under torchrun; see `module` for the arguments), or
-        on every rank in this process when `rank` is None. `compile` (True, or a dict of inductor
-        options and fxtp's own, which fxtp/decode/decode_graph.py lists) runs decode steps compiled and
+        on every rank in this process when `rank` is None. `compile` (True, or the decode step's
+        options, `fxtp.DecodeOptions` or a dict of its fields: fxtp/decode/options.py) runs decode steps compiled and
         captured as a CUDA graph (one rank per process, on CUDA)."""
         device = torch.device(device) if device is not None else self._default_device()
         if rank is None:
