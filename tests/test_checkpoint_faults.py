@@ -143,3 +143,19 @@ def test_a_tied_checkpoint_has_no_leftovers(tmp_path, recwarn):
         meta = AutoModelForCausalLM.from_config(tiny_config("gpt2", layers=1))
     load(fxtp.compile(meta, 2), str(tmp_path))
     assert not [w for w in recwarn if "does not use" in str(w.message)]
+
+
+def test_the_program_owns_its_weights():
+    """Changing the model after compile reaches no rank graph made before, whatever the weight's layout
+    (replicated, column-, row- or vocab-parallel): the program computes the model as it was compiled."""
+    model = tiny_model("llama", layers=1)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        tp = fxtp.compile(model, 2)
+        tp.simulate(ids)  # makes the rank graphs
+        for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                     "model.layers.0.self_attn.o_proj.weight", "model.norm.weight"):
+            model.get_parameter(name).mul_(3)
+        assert (model(input_ids=ids).logits - before).abs().max() > 1e-2
+        assert (tp.simulate(ids) - before).abs().max() < 1e-5

@@ -12,12 +12,15 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 
 from fxtp.decode.decode_graph import DecodeGraph, inductor_options
 from fxtp.rank_ops.inputs import checked_inputs
 from fxtp.decode.prefill_graph import PrefillGraph
 from fxtp.capture.seq2seq_cache import decoder_start_token_id
+from fxtp.runtime.fail_fast import failing_fast
+from fxtp.runtime.rank_agreement import check_ranks_agree
 from fxtp.runtime.simulate import simulate as run_lockstep
 from fxtp.capture.static_cache import is_cache_state
 
@@ -59,10 +62,26 @@ class Generator:
         The cache holds `max_length` tokens (default: prompt + max_new_tokens rounded up).
         An encoder-decoder model encodes the (right- or left-padded) batch once and returns, as HF
         does, the decoder's tokens: its start token, then the new ones."""
+        if len(self.ranks) == 1 and self.program.world_size > 1:  # one rank of several processes
+            with failing_fast(self.group_name, self.ranks[0]):
+                check_ranks_agree(dist.distributed_c10d._resolve_process_group(self.group_name), "generate() arguments",
+                                  dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                       do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+                                       max_length=max_length, streamer=streamer is not None))
+                return self._generate(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                      eos_token_id, pad_token_id, seed, streamer, max_length)
+        return self._generate(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                              eos_token_id, pad_token_id, seed, streamer, max_length)
+
+    def _generate(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                  pad_token_id, seed, streamer, max_length) -> torch.Tensor:
         input_ids, mask = _checked(input_ids, attention_mask, self.device)
         batch, prompt = input_ids.shape
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        for name, value in (("max_new_tokens", max_new_tokens), ("max_length", max_length)):
+            if (value is not None or name == "max_new_tokens") and \
+                    (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         seq2seq = self.program.is_seq2seq
         cached = 1 if seq2seq else prompt  # tokens in the cache before the new ones: the decoder's start token
         needed = cached + max_new_tokens
@@ -149,7 +168,8 @@ class Generator:
     def _prepare(self, batch: int, length: int) -> None:
         if self._key == (batch, length):
             return
-        self._modules, self._decode, self._prefill = [], None, None  # free the previous cache first
+        # free the previous cache first; the key goes with it, so a build that fails leaves no stale key
+        self._modules, self._decode, self._prefill, self._key = [], None, None, None
         if self.program.is_seq2seq and not self._encoders:
             encoder = self.program.encoder()
             self._encoders = [encoder.rank_graph(rank, self.group_name, self.device, self.checkpoint, shared=weights)
@@ -174,6 +194,10 @@ class Generator:
     def _run(modules: list[fx.GraphModule], args: tuple) -> torch.Tensor:
         if len(modules) > 1:
             outputs = run_lockstep(modules, args, {})
+            nan = [rank for rank, out in enumerate(outputs) if out.isnan().any()]
+            if nan:
+                raise FloatingPointError(f"the logits are NaN on ranks {nan}: the model computes NaN on these inputs "
+                                         "(check the weights and, in float16, overflow); fxtp.simulate shows the same")
             if not all(torch.equal(out, outputs[0]) for out in outputs):
                 raise RuntimeError("ranks computed different outputs; please report this as an fxtp bug")
             return outputs[0]

@@ -1,6 +1,7 @@
 """`fxtp.compile` and the program it returns: the annotated graph, its plan and the per-rank modules."""
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from typing import Optional, Union
@@ -12,6 +13,8 @@ import torch.fx as fx
 from fxtp.sharding import collectives
 from fxtp.capture.export import STATE, Captured, capture
 from fxtp.runtime.checkpoint import RankLoader
+from fxtp.runtime.fail_fast import failing_fast
+from fxtp.runtime.rank_agreement import check_ranks_agree
 from fxtp.passes.sharding.manual_plan import from_hf_tp_plan, from_injection_policy, manual_plan
 from fxtp.passes.sharding.plan import Plan, plan as auto_plan
 from fxtp.passes.capture.clean_up import clean_up
@@ -155,7 +158,7 @@ class TPProgram:
             if key not in shared:
                 # every graph of the rank holds this object, so a compiled step that merges projections
                 # (passes/decode/merge_projections.py) re-points it for all of them
-                shared[key] = own_state(read(name, layout).to(device).contiguous(), state[name])
+                shared[key] = own_state(owned_copy(read(name, layout).to(device).contiguous(), state[name]), state[name])
             return shared[key]
 
         return rank_graph(self.graph, state, rank, self.world_size, group_name, device, load)
@@ -164,9 +167,16 @@ class TPProgram:
                checkpoint: Optional[str] = None) -> fx.GraphModule:
         """This rank's GraphModule (only its shards) calling collectives on `process_group`
         (default: the default group, which must have `world_size` ranks). With `checkpoint`, its
-        slices are read from that HF safetensors checkpoint (the model may be on meta)."""
+        slices are read from that HF safetensors checkpoint (the model may be on meta).
+        With several ranks each call first checks that every rank was given the same inputs
+        (fxtp/runtime/rank_agreement.py), and a call that raises tears the group down so that the
+        peers fail at once, naming this rank (fxtp/runtime/fail_fast.py)."""
         device = torch.device(device) if device is not None else self._default_device()
-        return self.rank_graph(rank, self._group_name(rank, device, process_group), device, checkpoint)
+        group_name = self._group_name(rank, device, process_group)
+        module = self.rank_graph(rank, group_name, device, checkpoint)
+        if self.world_size > 1:
+            guard_rank_module(module, group_name, rank)
+        return module
 
     def _default_device(self) -> torch.device:
         return torch.device("cpu") if self.device.type == "meta" else self.device
@@ -218,3 +228,32 @@ class TPProgram:
     def _check_rank(self, rank: int) -> None:
         if not isinstance(rank, int) or not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be an int in [0, {self.world_size}), got {rank!r}")
+
+
+def guard_rank_module(module: fx.GraphModule, group_name: str, rank: int) -> None:
+    """Make each call of `module` (a rank graph on a real process group) check that the ranks agree on
+    its inputs, and fail fast. Set on the module's own class (every GraphModule has one), so the module
+    stays a GraphModule; a later recompile() drops it."""
+    step = type(module).forward
+    names = [n.name for n in module.graph.nodes if n.op == "placeholder"]
+    # every rank graph of one program has the same nodes in the same order (one rewrite makes them all);
+    # a rank running another program (another config, another world size) would pair collectives wrongly
+    program = hashlib.sha1(" ".join(n.name for n in module.graph.nodes).encode()).hexdigest()[:16]
+
+    def forward(self, *args, **kwargs):
+        with failing_fast(group_name, rank):
+            check_ranks_agree(dist.distributed_c10d._resolve_process_group(group_name), "inputs to the rank modules",
+                              {"program (its nodes in order)": program, **dict(zip(names, args)), **kwargs})
+            return step(self, *args, **kwargs)
+
+    type(module).forward = forward
+
+
+def owned_copy(part: torch.Tensor, entry: torch.Tensor) -> torch.Tensor:
+    """`part` (a rank's slice of the model's tensor `entry`), copied where it still shares the model's memory.
+    A program owns its weights: changing the model after fxtp.compile (an in-place update, a fine-tune
+    step) never reaches a rank graph made before, whatever the slice's layout. Compile again to see it."""
+    if part.device == entry.device and entry.device.type != "meta" and \
+            part.untyped_storage().data_ptr() == entry.untyped_storage().data_ptr():
+        return part.clone()
+    return part
