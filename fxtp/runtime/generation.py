@@ -9,6 +9,7 @@ cumulative sum).
 """
 from __future__ import annotations
 
+import linecache
 from typing import Optional, Sequence, Union
 
 import torch
@@ -169,6 +170,8 @@ class Generator:
         if self._key == (batch, length):
             return
         # free the previous cache first; the key goes with it, so a build that fails leaves no stale key
+        for module in self._modules:
+            forget_source(module)
         self._modules, self._decode, self._prefill, self._key = [], None, None, None
         if self.program.is_seq2seq and not self._encoders:
             encoder = self.program.encoder()
@@ -251,6 +254,17 @@ def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
         drop = cumulative - ordered.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=rng).squeeze(-1)
+
+
+def forget_source(module: fx.GraphModule) -> None:
+    """Drop the generated source of a GraphModule no longer used from torch.fx's global cache (kept for
+    tracebacks, never evicted): a generator that changes shape every call would otherwise grow it by a
+    graph's source each time."""
+    key = type(module).forward.__code__.co_filename
+    loader = getattr(fx.graph_module, "_loader", None)
+    if loader is not None and key in getattr(loader, "eval_cache", {}):
+        del loader.eval_cache[key]
+        linecache.cache.pop(key, None)
 
 
 def _token_list(eos_token_id) -> list[int]:

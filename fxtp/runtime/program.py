@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from collections import OrderedDict
 from typing import Optional, Union
 
 import torch
@@ -26,6 +27,10 @@ from fxtp.capture.signatures import SEQ2SEQ, signature_of
 from fxtp.capture.static_cache import capture_cached, is_cache_state
 
 __all__ = ["compile", "TPProgram"]
+
+# step programs kept per (batch size, cache length), least recently used dropped first: each is a graph
+# and its plan (its KV cache is on meta), and capturing one again costs a torch.export
+PROGRAMS_PER_SHAPE = 32
 
 
 def _attention_heads(config) -> Optional[int]:
@@ -77,7 +82,7 @@ class TPProgram:
         self.model = model  # on meta when loading from a checkpoint: it holds no weights then
         self.config = model.config
         self._simulated: dict[str, list[fx.GraphModule]] = {}
-        self._with_cache: dict[tuple[int, int], TPProgram] = {}
+        self._with_cache: OrderedDict[tuple[int, int], TPProgram] = OrderedDict()  # least recently used first
         self._generators: dict[str, Generator] = {}
         self._encoder: Optional[TPProgram] = None
 
@@ -92,8 +97,16 @@ class TPProgram:
         key = (batch_size, max_length)
         if key not in self._with_cache:
             capture_step = capture_decoder if self.is_seq2seq else capture_cached
-            self._with_cache[key] = TPProgram(capture_step(self.model, batch_size, max_length), self.world_size,
-                                              self.spec, self.model)
+            captured = capture_step(self.model, batch_size, max_length)
+            # the capture's KV cache is the unsharded model's, zeros: only its shape and dtype are read
+            # (each rank graph allocates its own part), so it is kept on meta
+            for name, value in captured.state.items():
+                if is_cache_state(name):
+                    captured.state[name] = torch.empty_like(value, device="meta")
+            self._with_cache[key] = TPProgram(captured, self.world_size, self.spec, self.model)
+            while len(self._with_cache) > PROGRAMS_PER_SHAPE:
+                self._with_cache.popitem(last=False)
+        self._with_cache.move_to_end(key)
         return self._with_cache[key]
 
     @property
