@@ -4,6 +4,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import fxtp
+from fxtp.node_meta import LAYOUT, STATE
 from fxtp.tiny_configs import tiny_model
 from fxtp.sharding.layouts import Shard
 from fxtp.passes.sharding.manual_plan import PlanError
@@ -26,8 +27,8 @@ def batch():
 
 
 def layer_layouts(tp):
-    return {n.meta["fxtp.state"]: n.meta["fxtp.layout"] for n in tp.graph.graph.nodes
-            if "fxtp.state" in n.meta and ".layers.0." in n.meta["fxtp.state"] and n.meta["fxtp.state"].endswith("weight")}
+    return {n.meta[STATE]: n.meta[LAYOUT] for n in tp.graph.graph.nodes
+            if STATE in n.meta and ".layers.0." in n.meta[STATE] and n.meta[STATE].endswith("weight")}
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -11,12 +11,11 @@ from transformers import AutoModelForCausalLM
 
 import fxtp
 from fxtp.sharding import collectives
-from fxtp.capture.export import STATE
+from fxtp.node_meta import COLLECTIVE, STATE
 from fxtp.tiny_configs import real_config, tiny_model
 from fxtp.runtime.rank_processes import run_ranks
 from fxtp.sharding.layouts import balanced_counts
 from fxtp.passes.sharding.plan import COLUMN_GATHERED, VOCAB_PARALLEL
-from fxtp.passes.codegen.rewrite import COLLECTIVE
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, layer_of, planned_state_bytes, state_bytes
 from fxtp.testing import assert_equivalent, max_abs_diff, tiny_program
 from fxtp.rank_ops.vocab_parallel import local_padding_idx, vocab_parallel_embedding

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from fxtp.sharding import collectives
-from fxtp.capture.export import STATE, Captured, capture
+from fxtp.capture.export import Captured, capture
+from fxtp.node_meta import STATE
 from fxtp.runtime.checkpoint import RankLoader
 from fxtp.passes.sharding.manual_plan import from_hf_tp_plan, from_injection_policy, manual_plan
 from fxtp.passes.sharding.plan import Plan, plan as auto_plan

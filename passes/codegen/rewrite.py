@@ -26,18 +26,16 @@ import torch.fx as fx
 
 from fxtp.rank_ops import device_ops, inputs
 from fxtp.sharding import collectives
-from fxtp.capture.export import STATE
+from fxtp.node_meta import COLLECTIVE, LAYOUT, REDUCE, STATE, WANTS, copy_origin
 from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard
 from fxtp.sharding.op_rules import rule_for
 from fxtp.passes.codegen.fold_grouped_query import fold_grouped_query
 from fxtp.passes.codegen.fuse_bias import fuse_bias
-from fxtp.passes.sharding.propagate import LAYOUT, REDUCE, WANTS, is_state
+from fxtp.passes.sharding.propagate import is_state
 from fxtp.sharding.redistribute import steps
 from fxtp.capture.signatures import INPUTS
 
 aten = torch.ops.aten
-COLLECTIVE = "fxtp.collective"
-_KEPT_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
 class RewriteError(RuntimeError):
@@ -113,9 +111,7 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
             for new in new_nodes:
                 new.meta[LAYOUT] = after
                 new.meta[COLLECTIVE] = src.name
-                for meta_key in _KEPT_META:  # a collective belongs to the module that produced its input
-                    if meta_key in src.meta:
-                        new.meta[meta_key] = src.meta[meta_key]
+                copy_origin(src, new)  # a collective belongs to the module that produced its input
             x = new_nodes[-1]
         moved[key] = x
         return x
@@ -156,9 +152,7 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
             args = tuple(_on_device(a, device) for a in args)
             kwargs = {k: _on_device(v, device) for k, v in kwargs.items()}
             new = graph.call_function(device_ops.stand_in(target, device), args, kwargs)
-        for key in _KEPT_META:
-            if key in node.meta:
-                new.meta[key] = node.meta[key]
+        copy_origin(node, new)
         new.meta[LAYOUT] = node.meta.get(LAYOUT)
         env[node] = new
         if node.meta.get(REDUCE):

@@ -24,10 +24,10 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxtp.capture.export import STATE
+from fxtp.node_meta import LAYOUT, STATE
 from fxtp.sharding.layouts import Shard
 from fxtp.passes.sharding.plan import GroupDecision, Plan, column_seeds, projection_groups, projection_weight
-from fxtp.passes.sharding.propagate import LAYOUT, propagate
+from fxtp.passes.sharding.propagate import propagate
 
 STYLES = ("colwise", "rowwise", "replicate")
 

@@ -35,13 +35,13 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxtp.capture.export import STATE
+from fxtp.node_meta import LAYOUT, STATE
 from fxtp.sharding.layouts import Layout, Replicate, Shard, balanced_counts
 from fxtp.sharding.op_rules import GROUPED_MM, PIECES, calls, permutation, piece_bounds, val
 from fxtp.sharding.reshape import dim_groups
 from fxtp.capture.signatures import TOKEN_IDS
 from fxtp.passes.sharding.reassociate import reassociate_partials
-from fxtp.passes.sharding.propagate import _PERMUTES, LAYOUT, PropagationError, propagate
+from fxtp.passes.sharding.propagate import _PERMUTES, PropagationError, propagate
 
 aten = torch.ops.aten
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int}

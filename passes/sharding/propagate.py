@@ -20,14 +20,13 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxtp.capture.export import STATE
+from fxtp.node_meta import LAYOUT, NOTE, REDUCE, STATE, WANTS
 from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard
 from fxtp.sharding.op_rules import Decision, permutation, rule_for
 from fxtp.sharding.redistribute import needs_gather, same_layout
 
 _PERMUTES = {torch.ops.aten.t.default, torch.ops.aten.numpy_T.default, torch.ops.aten.transpose.int,
              torch.ops.aten.permute.default}
-LAYOUT, WANTS, NOTE, REDUCE = "fxtp.layout", "fxtp.wants", "fxtp.note", "fxtp.reduce"
 
 
 class PropagationError(RuntimeError):
