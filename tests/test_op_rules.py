@@ -1,4 +1,4 @@
-"""Property tests of the layout propagation rules in fxtp/sharding/op_rules.py.
+"""Property tests of the layout propagation rules in fxtp/sharding/op_rules/.
 
 Every test builds a tiny function of model state (buffers), gives the state random layouts,
 and runs it through propagate + rank_graph + simulate (see op_harness.run_op). run_op checks
@@ -869,9 +869,11 @@ def test_partial_from_row_parallel_linear(name, ws, data, seed):
 def test_harness_catches_wrong_rules(monkeypatch):
     """Rules that claim a Partial passes a nonlinear op, or that a transpose keeps the sharded
     dim where it was, must fail the checks."""
-    from fxtp.sharding import op_rules
-    monkeypatch.setitem(op_rules.RULES, aten.silu.default, op_rules.OpRule(op_rules.pointwise("unary")))
-    monkeypatch.setitem(op_rules.RULES, aten.transpose.int, op_rules.OpRule(op_rules.pointwise("unary")))
+    from fxtp.sharding.op_rules.pointwise import pointwise
+    from fxtp.sharding.op_rules.rule import OpRule
+    from fxtp.sharding.op_rules.table import RULES
+    monkeypatch.setitem(RULES, aten.silu.default, OpRule(pointwise("unary")))
+    monkeypatch.setitem(RULES, aten.transpose.int, OpRule(pointwise("unary")))
     g = gen(0)
     with pytest.raises(AssertionError, match="Partial"):
         run_op(lambda x: F.silu(x), {"x": arg(g, [2, 3], P, 2)}, 2)

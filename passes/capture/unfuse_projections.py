@@ -40,7 +40,9 @@ import torch.fx as fx
 
 from fxtp.node_meta import STATE, copy_origin
 from fxtp.capture.state_names import derived_name
-from fxtp.sharding.op_rules import PIECES, norm_dim, permutation, piece_bounds, val
+from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds
+from fxtp.sharding.op_rules.helpers import norm_dim, val
+from fxtp.sharding.op_rules.views import permutation
 from fxtp.passes.node_match import only_user
 from fxtp.passes.sharding.plan import _structure, projection_weight
 from fxtp.sharding.reshape import dim_groups

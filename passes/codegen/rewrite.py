@@ -28,7 +28,7 @@ from fxtp.rank_ops import device_ops, inputs
 from fxtp.sharding import collectives
 from fxtp.node_meta import COLLECTIVE, LAYOUT, REDUCE, STATE, WANTS, copy_origin
 from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard
-from fxtp.sharding.op_rules import rule_for
+from fxtp.sharding.op_rules.table import rule_for
 from fxtp.passes.codegen.fold_grouped_query import fold_grouped_query
 from fxtp.passes.codegen.fuse_bias import fuse_bias
 from fxtp.passes.sharding.propagate import is_state

@@ -37,11 +37,14 @@ import torch.fx as fx
 
 from fxtp.node_meta import LAYOUT, STATE
 from fxtp.sharding.layouts import Layout, Replicate, Shard, balanced_counts
-from fxtp.sharding.op_rules import GROUPED_MM, PIECES, calls, permutation, piece_bounds, val
+from fxtp.sharding.op_rules.contractions import GROUPED_MM
+from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds
+from fxtp.sharding.op_rules.helpers import calls, val
+from fxtp.sharding.op_rules.views import PERMUTES, permutation
 from fxtp.sharding.reshape import dim_groups
 from fxtp.capture.signatures import TOKEN_IDS
 from fxtp.passes.sharding.reassociate import reassociate_partials
-from fxtp.passes.sharding.propagate import _PERMUTES, PropagationError, propagate
+from fxtp.passes.sharding.propagate import PropagationError, propagate
 
 aten = torch.ops.aten
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int}
@@ -81,7 +84,7 @@ def projection_weight(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
     weight = node.args[1]
     if not isinstance(weight, fx.Node) or val(weight).dim() != weight_dims:
         return None
-    while weight.op == "call_function" and weight.target in _PERMUTES:
+    while weight.op == "call_function" and weight.target in PERMUTES:
         out_dim = permutation(weight)[out_dim]
         weight = weight.args[0]
     if weight.op == "placeholder" and STATE in weight.meta and val(weight).dim() == weight_dims:
@@ -217,7 +220,7 @@ def token_embeddings(gm: fx.GraphModule) -> list[fx.Node]:
 
 def plan_vocab_parallel(gm: fx.GraphModule, world_size: int, result: Plan) -> None:
     """Try each token embedding table as Shard(0) over balanced vocab rows: its lookup gives a
-    Partial that is all-reduced at once (op_rules.embedding). Accepted when strict propagation
+    Partial that is all-reduced at once (fxtp/sharding/op_rules/indexing.py). Accepted when strict propagation
     passes; a table tied to the lm_head is its weight too, whose logits are then all-gathered
     at the graph output (the lm_head group later finds the same seed)."""
     for node in token_embeddings(gm):
