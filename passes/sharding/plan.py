@@ -42,26 +42,25 @@ from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds
 from fxtp.sharding.op_rules.helpers import calls, val
 from fxtp.sharding.op_rules.views import PERMUTES, permutation
 from fxtp.sharding.reshape import dim_groups
+from fxtp.sharding.roles import Role
 from fxtp.capture.signatures import TOKEN_IDS
 from fxtp.passes.sharding.reassociate import reassociate_partials
 from fxtp.passes.sharding.propagate import PropagationError, propagate
 
 aten = torch.ops.aten
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int}
-COLUMN_GATHERED = "column-parallel (gathered)"  # its shard reaches the graph output, all-gathered there
-VOCAB_PARALLEL = "vocab-parallel"  # a token embedding table sharded over vocab rows
 
 
 @dataclass
 class GroupDecision:
     weights: list[str]  # state names of the group's projection weights
-    role: str           # "column-parallel", "row-parallel", "replicated", COLUMN_GATHERED or VOCAB_PARALLEL
+    role: Role
     reason: str = ""    # why it is replicated, or which members stay replicated and why
 
     @property
     def sharded(self) -> bool:
         """Whether the planner seeded the group's weights with a Shard."""
-        return self.role in ("column-parallel", COLUMN_GATHERED, VOCAB_PARALLEL)
+        return self.role.seeds_shard
 
 
 @dataclass
@@ -232,28 +231,28 @@ def plan_vocab_parallel(gm: fx.GraphModule, world_size: int, result: Plan) -> No
         try:
             propagate(gm, {**result.seeds, **seeds}, strict=True, gather_at_output=True)
         except PropagationError as e:
-            result.groups.append(GroupDecision([name], "replicated", e.reason))
+            result.groups.append(GroupDecision([name], Role.REPLICATED, e.reason))
             propagate(gm, result.seeds)
             continue
         result.seeds.update(seeds)
         tied = any(projection_weight(u) is not None for u in table.users)
         note = "tied: the lm_head uses the same shard" if tied else ""
-        result.groups.append(GroupDecision([name], VOCAB_PARALLEL, note))
+        result.groups.append(GroupDecision([name], Role.VOCAB_PARALLEL, note))
 
 
-def column_role(group: list[fx.Node]) -> str:
+def column_role(group: list[fx.Node]) -> Role:
     """COLUMN_GATHERED when a shard computed from the group reaches the graph output through
-    shard-preserving ops (an lm_head's vocab-sharded logits), else "column-parallel"."""
+    shard-preserving ops (an lm_head's vocab-sharded logits), else COLUMN_PARALLEL."""
     frontier = [n for n in group if isinstance(n.meta[LAYOUT], Shard)]
     seen = set(frontier)
     while frontier:
         for user in frontier.pop().users:
             if user.op == "output":
-                return COLUMN_GATHERED
+                return Role.COLUMN_GATHERED
             if user not in seen and isinstance(user.meta[LAYOUT], Shard):
                 seen.add(user)
                 frontier.append(user)
-    return "column-parallel"
+    return Role.COLUMN_PARALLEL
 
 
 def column_seeds(projections: list[fx.Node], world_size: int) -> tuple[dict[str, Layout], str]:
@@ -273,14 +272,14 @@ def _try_column(gm: fx.GraphModule, group: list[fx.Node], names: list[str], seed
                 result: Plan) -> GroupDecision:
     """The decision on one group given the seeds accepted so far (added to when it is accepted)."""
     if any(not isinstance(n.args[0].meta[LAYOUT], Replicate) for n in group):
-        return GroupDecision(names, "row-parallel", "its input is sharded by the region before it")
+        return GroupDecision(names, Role.ROW_PARALLEL, "its input is sharded by the region before it")
     if not seeds:
-        return GroupDecision(names, "replicated", note)
+        return GroupDecision(names, Role.REPLICATED, note)
     try:
         propagate(gm, {**result.seeds, **seeds}, strict=True, gather_at_output=True)
     except PropagationError as e:
         propagate(gm, result.seeds)
-        return GroupDecision(names, "replicated", e.reason)
+        return GroupDecision(names, Role.REPLICATED, e.reason)
     result.seeds.update(seeds)
     return GroupDecision(names, column_role(group), note)
 
@@ -298,7 +297,7 @@ def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     # encoder output, which comes before any decoder layer's q. Rejected groups are tried once
     # more with every other decision in place.
     for i, (group, candidate) in enumerate(zip(groups, candidates)):
-        if decisions[i].role == "replicated" and candidate[1]:
+        if decisions[i].role is Role.REPLICATED and candidate[1]:
             decisions[i] = _try_column(gm, group, *candidate, result)
     result.groups += decisions
     propagate(gm, result.seeds)
