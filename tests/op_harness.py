@@ -28,7 +28,7 @@ from fxtp.node_meta import LAYOUT, REDUCE, STATE, WANTS
 from fxtp.passes.capture.clean_up import clean_up
 from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard, balanced_counts
 from fxtp.passes.sharding.propagate import propagate
-from fxtp.passes.codegen.rewrite import rank_graph
+from fxtp.passes.codegen.rank_graph import rank_graph
 from fxtp.runtime.simulate import simulate
 
 aten = torch.ops.aten

@@ -9,6 +9,7 @@ Writes: a new GraphModule whose state attributes hold only this rank's slices (n
         wanted one. Each new node carries meta["fxtp.layout"] and, for collectives,
         meta["fxtp.collective"] naming the value it moves. User inputs that may be None (masks,
         token types: fxtp/signatures.INPUTS) default to None and are checked and filled first.
+        The clean-ups that follow (passes/codegen/rank_graph.py) are not part of it.
 
     before (global)                     after (rank r of 2)
     q = linear(x, Wq)   [b,s,64]        q = linear(x, Wq_r)              [b,s,32]
@@ -29,8 +30,6 @@ from fxtp.sharding import collectives
 from fxtp.node_meta import COLLECTIVE, LAYOUT, REDUCE, STATE, WANTS, copy_origin
 from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard
 from fxtp.sharding.op_rules.table import rule_for
-from fxtp.passes.codegen.fold_grouped_query import fold_grouped_query
-from fxtp.passes.codegen.fuse_bias import fuse_bias
 from fxtp.passes.sharding.propagate import is_state
 from fxtp.sharding.redistribute import steps
 from fxtp.capture.signatures import INPUTS
@@ -77,9 +76,9 @@ def _on_device(x, device: torch.device):
     return device if isinstance(x, torch.device) else x
 
 
-def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, world_size: int,
-               group_name: str, device: torch.device,
-               load: Optional[Callable[[str, Layout], torch.Tensor]] = None) -> fx.GraphModule:
+def rewrite_for_rank(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, world_size: int,
+                     group_name: str, device: torch.device,
+                     load: Optional[Callable[[str, Layout], torch.Tensor]] = None) -> fx.GraphModule:
     """`state` holds the full tensors (real or meta); `load(name, layout)`, when given, returns this
     rank's part of a state tensor, on `device` and contiguous, instead of slicing `state`: a
     Parameter it returns is held as it is, so the graphs of one rank can share their parameters."""
@@ -159,9 +158,7 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
             env[node] = redistribute(node, Replicate(), have=Partial())
     graph.eliminate_dead_code()
     graph.lint()
-    module = fold_grouped_query(fuse_bias(fx.GraphModule(root, graph, class_name=f"Rank{rank}Of{world_size}")))
-    module.eval()
-    return module
+    return fx.GraphModule(root, graph, class_name=f"Rank{rank}Of{world_size}")
 
 
 def _check_in_place_updates(gm: fx.GraphModule) -> None:
