@@ -44,7 +44,7 @@ from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds
 from fxtp.sharding.op_rules.helpers import norm_dim, val
 from fxtp.sharding.op_rules.views import permutation
 from fxtp.passes.node_match import only_user
-from fxtp.passes.sharding.plan import _structure, projection_weight
+from fxtp.passes.sharding.plan import projection_weight, structure_along
 from fxtp.sharding.reshape import dim_groups
 
 aten = torch.ops.aten
@@ -112,7 +112,7 @@ def _mark_heads(pieces: list[_Piece], dim: int) -> None:
     """GPT-BigCode's single kv head is used as [b, 1, s, head_dim] without a reshape that splits
     its features, so the planner would see 16 units of one element; when the other pieces all
     split into heads of one size that divides it, the piece is marked as heads of that size."""
-    units = {p.output: _structure(p.output, dim)[1] for p in pieces}
+    units = {p.output: structure_along(p.output, dim)[1] for p in pieces}
     heads = {u for u in units.values() if u > 1}
     if len(heads) != 1:
         return

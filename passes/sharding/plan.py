@@ -104,7 +104,7 @@ def feature_structure(proj: fx.Node) -> tuple[int, int]:
     """(outer, unit) of a projection's output features: `outer` fused blocks (GPT-2's [q|k|v],
     Phi-3's [gate|up]), each of units of `unit` elements: head_dim where a reshape splits them
     into heads, 1 where nothing does (an MLP's intermediate), times aligned_units."""
-    outer, unit = _structure(proj, val(proj).dim() - 1)
+    outer, unit = structure_along(proj, val(proj).dim() - 1)
     return outer, unit * aligned_units(proj, outer, unit)
 
 
@@ -119,9 +119,10 @@ def aligned_units(proj: fx.Node, outer: int, unit: int) -> int:
     return step if (val(proj).shape[-1] // outer) % (unit * step) == 0 else 1
 
 
-def _structure(start: fx.Node, start_dim: int) -> tuple[int, int]:
-    # follows ops that keep the shape (a bias, OPT's q scaling, a cast) and reshapes that keep
-    # the features whole (GPT-2's [b*s, 3h] -> [b, s, 3h])
+def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
+    """(outer, unit) of the features on dim `start_dim` of `start`, as feature_structure (without its
+    alignment). Follows ops that keep the shape (a bias, OPT's q scaling, a cast) and reshapes that
+    keep the features whole (GPT-2's [b*s, 3h] -> [b, s, 3h])."""
     frontier, seen = [(start, start_dim)], set()
     while frontier:
         node, dim = frontier.pop(0)
@@ -152,7 +153,7 @@ def _fused(node: fx.Node, dim: int, pieces: list[fx.Node]) -> tuple[int, int]:
             any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
         return 1, 1  # unequal parts (e.g. GQA q|k|v in one weight): planned as one block
     outputs = [(g, dim) for p in pieces for g in (p.users if p.target is not aten.slice.Tensor else [p])]
-    structures = {_structure(out, d) for out, d in outputs}
+    structures = {structure_along(out, d) for out, d in outputs}
     if len(structures) != 1:
         return 1, 1
     outer, unit = structures.pop()
