@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxtp.sharding.layouts import Partial, Replicate, Shard, same_placement
-from fxtp.sharding.op_rules.helpers import R, ndim, replicate_all, shard_of, val
+from fxtp.sharding.op_rules.helpers import R, arg, ndim, replicate_all, shard_of, val
 from fxtp.sharding.op_rules.rule import Decision, LayoutOf
 
 
@@ -13,7 +13,7 @@ def sdpa(node: fx.Node, lay: LayoutOf) -> Decision:
     sharded; k, v and a per-head mask are sliced to match q. With enable_gqa, k/v hold
     q_heads/rep heads and must be sharded rep times coarser."""
     q, k, v = node.args[:3]
-    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    mask = arg(node, 3, "attn_mask")
     inputs = [n for n in (q, k, v, mask) if isinstance(n, fx.Node)]
     if any(isinstance(lay(n), Partial) for n in inputs):
         return replicate_all(node, lay, "attention of a Partial")

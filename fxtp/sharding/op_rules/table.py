@@ -100,7 +100,7 @@ RULES: dict[object, OpRule] = {
     aten.pow.Scalar: ELEMENTWISE,
     aten.clamp.default: ELEMENTWISE,
     aten.mul.Scalar: ELEMENTWISE,
-    aten.add.Scalar: ELEMENTWISE,  # x + c adds c once per rank: not linear
+    aten.add.Scalar: ELEMENTWISE,  # on a Partial every rank would add c: the sum needs it once
     aten.__and__.Tensor: ELEMENTWISE,
     aten.__or__.Tensor: ELEMENTWISE,
     aten.bitwise_not.default: ELEMENTWISE,
