@@ -5,6 +5,7 @@ from setuptools import setup
 PACKAGES = {
     "fxtp": "fxtp",
     **{f"fxtp.{stage}": f"fxtp/{stage}" for stage in ("capture", "sharding", "rank_ops", "kernels", "decode", "runtime")},
+    "fxtp.sharding.op_rules": "fxtp/sharding/op_rules",
     "fxtp.passes": "passes",
     **{f"fxtp.passes.{stage}": f"passes/{stage}" for stage in ("capture", "sharding", "codegen", "decode")},
 }

@@ -47,9 +47,8 @@ def skip_reason(model_type: str, config) -> str:
 
 def sharded_fraction(tp) -> float:
     """Bytes of state the plan shards, over all state the graph reads."""
-    from fxtp.capture.export import STATE
+    from fxtp.node_meta import LAYOUT, STATE
     from fxtp.sharding.layouts import Shard
-    from fxtp.passes.sharding.propagate import LAYOUT
 
     sharded = total = 0
     for node in tp.graph.graph.nodes:

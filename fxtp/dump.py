@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxtp.capture.export import STATE
+from fxtp.node_meta import LAYOUT, NOTE, REDUCE, STATE, WANTS
 from fxtp.sharding.layouts import Shard
-from fxtp.passes.sharding.propagate import LAYOUT, NOTE, REDUCE, WANTS
 from fxtp.sharding.redistribute import steps
 from fxtp.sharding.reshape import as_expr
 from fxtp.capture.signatures import INPUTS

@@ -50,9 +50,8 @@ def state_bytes(module: torch.nn.Module, prefix: str = "", layers_only: bool = F
 def planned_state_bytes(tp, rank: int, prefix: str = "") -> int:
     """Bytes of state that `rank` will hold, from the plan alone (works for models on meta); state
     no node reads (a tied table's other name) is not held."""
-    from fxtp.capture.export import STATE
+    from fxtp.node_meta import LAYOUT, STATE
     from fxtp.sharding.layouts import Shard
-    from fxtp.passes.sharding.propagate import LAYOUT
 
     total = 0
     for node in tp.graph.graph.nodes:

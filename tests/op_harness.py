@@ -23,11 +23,12 @@ import torch.fx as fx
 from hypothesis import strategies as st
 
 from fxtp.sharding import collectives
-from fxtp.capture.export import STATE, flatten
+from fxtp.capture.export import flatten
+from fxtp.node_meta import LAYOUT, REDUCE, STATE, WANTS
 from fxtp.passes.capture.clean_up import clean_up
 from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard, balanced_counts
-from fxtp.passes.sharding.propagate import LAYOUT, WANTS, propagate
-from fxtp.passes.codegen.rewrite import rank_graph
+from fxtp.passes.sharding.propagate import propagate
+from fxtp.passes.codegen.rank_graph import rank_graph
 from fxtp.runtime.simulate import simulate
 
 aten = torch.ops.aten
@@ -223,7 +224,7 @@ def run_op(fn: Callable, args: dict[str, Arg], world_size: int) -> Run:
         node = by_name[name]
         # a Partial that propagate chose to all_reduce right where it is made is still a Partial
         # in the rank graph's node for it (the all_reduce follows it)
-        layout = P if node.meta.get("fxtp.reduce") else node.meta[LAYOUT]
+        layout = P if node.meta.get(REDUCE) else node.meta[LAYOUT]
         check_parts([res[1 + k] for res in results], recorder.values[name], layout,
                     f"node {node.format_node()}\n{run.describe()}")
     for r, output in enumerate(run.outputs):

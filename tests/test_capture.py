@@ -2,7 +2,8 @@
 import torch
 
 import fxtp
-from fxtp.capture.export import STATE, capture
+from fxtp.capture.export import capture
+from fxtp.node_meta import STATE
 from fxtp.tiny_configs import tiny_model
 from fxtp.passes.capture.inline_wrappers import inline_wrappers
 

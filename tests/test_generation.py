@@ -9,7 +9,7 @@ from fxtp.decode.decode_graph import (ATTENTION, AUTO_SELECT, GATED, GEMV, GEMV_
 from fxtp.dump import dump
 from fxtp.sharding.layouts import Shard
 from fxtp.runtime.rank_processes import run_ranks
-from fxtp.passes.sharding.propagate import LAYOUT
+from fxtp.node_meta import LAYOUT
 from fxtp.decode.prefill_graph import PrefillGraph
 from fxtp.capture.static_cache import CACHE_PREFIX, is_cache_state
 from fxtp.stats import collectives_by_layer

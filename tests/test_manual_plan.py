@@ -4,6 +4,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import fxtp
+from fxtp.node_meta import LAYOUT, STATE
 from fxtp.tiny_configs import tiny_model
 from fxtp.sharding.layouts import Shard
 from fxtp.passes.sharding.manual_plan import PlanError
@@ -26,8 +27,8 @@ def batch():
 
 
 def layer_layouts(tp):
-    return {n.meta["fxtp.state"]: n.meta["fxtp.layout"] for n in tp.graph.graph.nodes
-            if "fxtp.state" in n.meta and ".layers.0." in n.meta["fxtp.state"] and n.meta["fxtp.state"].endswith("weight")}
+    return {n.meta[STATE]: n.meta[LAYOUT] for n in tp.graph.graph.nodes
+            if STATE in n.meta and ".layers.0." in n.meta[STATE] and n.meta[STATE].endswith("weight")}
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -65,3 +66,20 @@ def test_bad_manual_plans(llama):
         fxtp.compile(llama, 2, injection_policy={"T5Block": ("SelfAttention.o",)})
     with pytest.raises(ValueError, match="give one of"):
         fxtp.compile(llama, 2, plan=ATTENTION_ONLY, tp_plan="auto")
+
+
+@pytest.mark.parametrize("pattern, closest", [("*.q_projj", "*.q_proj"), ("self_attn.o_proj", "*.self_attn.o_proj")])
+def test_a_pattern_that_matches_no_module_names_the_closest(llama, pattern, closest):
+    """A typo, or a name not anchored at the model's root, would leave its projections replicated without a word."""
+    plan = {**ATTENTION_ONLY, pattern: "rowwise" if "o_proj" in pattern else "colwise"}
+    with pytest.raises(PlanError) as raised:
+        fxtp.compile(llama, 2, plan=plan)
+    message = str(raised.value)
+    assert f"pattern {pattern!r} matches no module" in message
+    assert message.index(repr(closest)) < message.index("(e.g. model.layers.0."), message  # the closest comes first
+    assert "full module names with fnmatch" in message and "'*.'" in message
+
+
+def test_an_injection_policy_name_in_no_block_names_the_closest(llama):
+    with pytest.raises(PlanError, match=r"'self_attn\.o_projj' is in no LlamaDecoderLayer.*closest 'self_attn\.o_proj'"):
+        fxtp.compile(llama, 2, injection_policy={LlamaDecoderLayer: ("self_attn.o_projj", "mlp.down_proj")})

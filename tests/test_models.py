@@ -6,7 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxtp
 from fxtp.tiny_configs import LLAMA_FAMILY
-from fxtp.passes.sharding.plan import COLUMN_GATHERED, VOCAB_PARALLEL
+from fxtp.sharding.roles import Role
 from fxtp.stats import collectives_by_layer, planned_state_bytes, state_bytes, OUTSIDE_LAYERS
 from fxtp.testing import architectures, assert_equivalent, token_batches, world_sizes, tiny_program
 
@@ -24,7 +24,7 @@ def test_every_arch_and_world_size(arch, world_size):
     assert_equivalent(model, world_size, ids, mask, program=tp)
     assert_equivalent(model, world_size, ids, None, program=tp)
     assert sorted(g.role for g in tp.plan.groups if g.sharded) == sorted(["column-parallel"] * 4 + [
-        COLUMN_GATHERED, VOCAB_PARALLEL]), "attention and MLP of both layers are column-parallel, embedding and lm_head vocab-sharded"
+        Role.COLUMN_GATHERED, Role.VOCAB_PARALLEL]), "attention and MLP of both layers are column-parallel, embedding and lm_head vocab-sharded"
 
 
 @settings(max_examples=60, deadline=None)

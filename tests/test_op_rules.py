@@ -1,4 +1,4 @@
-"""Property tests of the layout propagation rules in fxtp/sharding/op_rules.py.
+"""Property tests of the layout propagation rules in fxtp/sharding/op_rules/.
 
 Every test builds a tiny function of model state (buffers), gives the state random layouts,
 and runs it through propagate + rank_graph + simulate (see op_harness.run_op). run_op checks
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fxtp.node_meta import LAYOUT, REDUCE
 from fxtp.sharding.collectives import local_part
 from fxtp.sharding.layouts import Partial, Replicate, Shard, same_placement
 from fxtp.sharding.redistribute import same_layout
@@ -83,7 +84,7 @@ def test_unary(name, shape, ws, data, seed):
     run = run_op(lambda x: fn(x), {"x": arg(gen(seed), shape, layout, ws, kind)}, ws)
     out = run.gm.graph.find_nodes(op="output")[0].args[0]
     want = (P if linear else R) if isinstance(layout, Partial) else layout
-    assert same_layout(out.meta["fxtp.layout"], want), run.describe()
+    assert same_layout(out.meta[LAYOUT], want), run.describe()
     if ws > 1:  # the value is moved exactly once: summed or gathered at the output (or before fn)
         assert (run.count("all_reduce"), run.count("all_gather")) == \
             {Partial: (1, 0), Shard: (0, 1), Replicate: (0, 0)}[type(layout)]
@@ -172,7 +173,7 @@ def test_pointwise_broadcast(name, ws, data, seed):
     run = run_op(lambda **kw: fn(*[kw[nm] for nm in names]), args, ws)
     out = run.gm.graph.find_nodes(op="output")[0].args[0]
     want = expected_pointwise(out_nd, layouts, [len(s) for s in shapes], mode)
-    assert same_layout(out.meta["fxtp.layout"], want), f"expected {want}\n{run.describe()}"
+    assert same_layout(out.meta[LAYOUT], want), f"expected {want}\n{run.describe()}"
 
 
 @FEW
@@ -661,8 +662,8 @@ def test_column_row_parallel_mlp(b, s, ws, data, seed):
             "b1": arg(g, [inter], R, ws), "w2": arg(g, [hidden, inter], R, ws)}
     run = run_op(lambda x, w1, b1, w2: F.linear(F.silu(F.linear(x, w1, b1)), w2), args, ws)
     first, second = run.nodes(aten.linear.default)
-    assert same_layout(first.meta["fxtp.layout"], w1.with_dim(2)) and second.meta["fxtp.layout"] == P, run.describe()
-    assert same_layout(second.args[1].meta["fxtp.layout"], w1.with_dim(1)), "W2 should be stored row-sliced"
+    assert same_layout(first.meta[LAYOUT], w1.with_dim(2)) and second.meta[LAYOUT] == P, run.describe()
+    assert same_layout(second.args[1].meta[LAYOUT], w1.with_dim(1)), "W2 should be stored row-sliced"
     if ws > 1:
         assert (run.count("all_reduce"), run.count("all_gather")) == (1, 0)
 
@@ -809,7 +810,7 @@ def test_embedding(ws, data, seed):
         assert same_layout(got, i_layout), run.describe()
     elif isinstance(w_layout, Shard) and w_layout.dim == 0 and w_layout.inner == w_layout.outer == 1 and i_layout == R:
         node = run.node(aten.embedding.default)  # vocab-parallel: masked lookups, summed at once
-        assert got == P or node.meta.get("fxtp.reduce"), run.describe()
+        assert got == P or node.meta.get(REDUCE), run.describe()
     else:
         assert got == R
 
@@ -858,9 +859,9 @@ def test_partial_from_row_parallel_linear(name, ws, data, seed):
             "w2": arg(g, [n_out, n_in], R, ws), "r": arg(g, [b, s, n_out], R, ws)}
     run = run_op(lambda x, w, w2, r: fn(F.linear(x, w), F.linear(x, w2), r), args, ws)
     out = run.gm.graph.find_nodes(op="output")[0].args[0]
-    assert out.meta["fxtp.layout"] == want, run.describe()
+    assert out.meta[LAYOUT] == want, run.describe()
     for lin in run.nodes(aten.linear.default)[:2]:  # a Partial, or reduced where it is made
-        assert lin.meta["fxtp.layout"] == P or lin.meta.get("fxtp.reduce"), run.describe()
+        assert lin.meta[LAYOUT] == P or lin.meta.get(REDUCE), run.describe()
     if ws > 1:  # the summands are added once, before the first op that needs the sum
         assert (run.count("all_reduce"), run.count("all_gather")) == ((reduces or [1])[0], 0), run.describe()
 
@@ -868,9 +869,11 @@ def test_partial_from_row_parallel_linear(name, ws, data, seed):
 def test_harness_catches_wrong_rules(monkeypatch):
     """Rules that claim a Partial passes a nonlinear op, or that a transpose keeps the sharded
     dim where it was, must fail the checks."""
-    from fxtp.sharding import op_rules
-    monkeypatch.setitem(op_rules.RULES, aten.silu.default, op_rules.OpRule(op_rules.pointwise("unary")))
-    monkeypatch.setitem(op_rules.RULES, aten.transpose.int, op_rules.OpRule(op_rules.pointwise("unary")))
+    from fxtp.sharding.op_rules.pointwise import pointwise
+    from fxtp.sharding.op_rules.rule import OpRule
+    from fxtp.sharding.op_rules.table import RULES
+    monkeypatch.setitem(RULES, aten.silu.default, OpRule(pointwise("unary")))
+    monkeypatch.setitem(RULES, aten.transpose.int, OpRule(pointwise("unary")))
     g = gen(0)
     with pytest.raises(AssertionError, match="Partial"):
         run_op(lambda x: F.silu(x), {"x": arg(g, [2, 3], P, 2)}, 2)

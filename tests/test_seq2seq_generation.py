@@ -8,7 +8,7 @@ import torch
 import fxtp
 from fxtp.tiny_configs import tiny_model
 from fxtp.sharding.layouts import Shard
-from fxtp.passes.sharding.propagate import LAYOUT
+from fxtp.node_meta import LAYOUT
 from fxtp.capture.static_cache import CACHE_PREFIX
 from fxtp.testing import assert_generates_like_hf, tiny_program
 

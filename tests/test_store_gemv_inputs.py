@@ -10,7 +10,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import fxtp
 from fxtp.tiny_configs import tiny_model
 from fxtp.decode.decode_graph import DECODE_ONLY, POST_GRAD, STORE, DecodeGraph, inductor_options
-from fxtp.passes.decode.store_gemv_inputs import REALIZE, StoreGemvInputs, gemv_input
+from fxtp.node_meta import REALIZE
+from fxtp.passes.decode.store_gemv_inputs import StoreGemvInputs, gemv_input
 
 aten, prims = torch.ops.aten, torch.ops.prims
 

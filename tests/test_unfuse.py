@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxtp
-from fxtp.capture.export import STATE
+from fxtp.node_meta import STATE
 from fxtp.capture.state_names import derived_name, parse_derived
 from fxtp.tiny_configs import tiny_config, tiny_model
 from fxtp.sharding.layouts import balanced_counts

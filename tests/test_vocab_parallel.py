@@ -11,12 +11,11 @@ from transformers import AutoModelForCausalLM
 
 import fxtp
 from fxtp.sharding import collectives
-from fxtp.capture.export import STATE
+from fxtp.node_meta import COLLECTIVE, STATE
 from fxtp.tiny_configs import real_config, tiny_model
 from fxtp.runtime.rank_processes import run_ranks
 from fxtp.sharding.layouts import balanced_counts
-from fxtp.passes.sharding.plan import COLUMN_GATHERED, VOCAB_PARALLEL
-from fxtp.passes.codegen.rewrite import COLLECTIVE
+from fxtp.sharding.roles import Role
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, layer_of, planned_state_bytes, state_bytes
 from fxtp.testing import assert_equivalent, max_abs_diff, tiny_program
 from fxtp.rank_ops.vocab_parallel import local_padding_idx, vocab_parallel_embedding
@@ -28,7 +27,7 @@ VOCAB, HIDDEN = 256, 64
 program = tiny_program
 
 
-def role_weights(tp, role: str) -> list[str]:
+def role_weights(tp, role: Role) -> list[str]:
     return [w for g in tp.plan.groups if g.role == role for w in g.weights]
 
 
@@ -65,7 +64,7 @@ def test_equivalent_to_the_model(arch, world_size):
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_tables_are_sliced_by_vocab_rows(arch, world_size):
     model, tp = program(arch, world_size)
-    [table], [head] = role_weights(tp, VOCAB_PARALLEL), role_weights(tp, COLUMN_GATHERED)
+    [table], [head] = role_weights(tp, Role.VOCAB_PARALLEL), role_weights(tp, Role.COLUMN_GATHERED)
     assert (table == head) == (arch in TIED), (table, head)
     full_table = tp.captured.state[table]
     full_head = model.get_output_embeddings().weight
@@ -102,7 +101,7 @@ def test_one_all_reduce_for_the_embedding_one_all_gather_for_the_logits(arch, wo
     assert output.args[0].target is collectives.all_gather_shard
     gathered = source[output.args[0].meta[COLLECTIVE]]
     assert gathered.target is torch.ops.aten.linear.default
-    assert [gathered.args[1].meta[STATE]] == role_weights(tp, COLUMN_GATHERED)
+    assert [gathered.args[1].meta[STATE]] == role_weights(tp, Role.COLUMN_GATHERED)
 
 
 @pytest.mark.parametrize("world_size", [2, 4, 8])

@@ -20,8 +20,8 @@ from torch.export.graph_signature import InputKind
 
 from fxtp.capture.signatures import Forward, signature_of
 from fxtp.capture.state_names import aliases
+from fxtp.node_meta import STATE
 
-STATE = "fxtp.state"
 USER_INPUTS = ("input_ids", "attention_mask")
 
 

@@ -12,14 +12,16 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from fxtp.sharding import collectives
-from fxtp.capture.export import STATE, Captured, capture
+from fxtp.capture.export import Captured, capture
+from fxtp.node_meta import STATE
 from fxtp.runtime.checkpoint import RankLoader
 from fxtp.runtime.fail_fast import failing_fast
 from fxtp.runtime.rank_agreement import check_ranks_agree
 from fxtp.passes.sharding.manual_plan import from_hf_tp_plan, from_injection_policy, manual_plan
 from fxtp.passes.sharding.plan import Plan, plan as auto_plan
 from fxtp.passes.capture.clean_up import clean_up
-from fxtp.passes.codegen.rewrite import own_state, rank_graph, slice_state
+from fxtp.passes.codegen.rank_graph import rank_graph
+from fxtp.passes.codegen.rewrite import own_state, slice_state
 from fxtp.runtime.simulate import simulate as run_lockstep
 from fxtp.runtime.generation import Generator
 from fxtp.capture.seq2seq_cache import capture_decoder, capture_encoder

@@ -1,7 +1,7 @@
 """Split biased projections into a bias-free product plus an add of the bias.
 
 Reads:  aten.linear (x, W, b) and aten.addmm (b, x, W) nodes with a tensor bias.
-Writes: replaces each with the product (node.meta["val"] and the module stack copied) and an
+Writes: replaces each with the product (node.meta["val"] and origin, fxtp.node_meta.ORIGIN, copied) and an
         aten.add.Tensor of the bias, so layout rules see the bias as its own operand.
 
     before                      after
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+
+from fxtp.node_meta import copy_origin
 
 aten = torch.ops.aten
 
@@ -37,7 +39,7 @@ def split_bias(gm: fx.GraphModule) -> fx.GraphModule:
             product = gm.graph.call_function(target, args)
             summed = gm.graph.call_function(aten.add.Tensor, (product, b))
         for new in (product, summed):
-            new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+            copy_origin(node, new, value=True)
         node.replace_all_uses_with(summed)
         gm.graph.erase_node(node)
     gm.graph.lint()

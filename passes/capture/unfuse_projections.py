@@ -7,7 +7,7 @@ Writes: for each unfused projection, per piece: a new state placeholder for the 
         (and the bias's), named `state_names.derived_name` ("W[64:96]" rows of a [out, in]
         weight, "W[:, 64:96]" columns of a [in, out] one), its tensor in `state` (a view of
         the source tensor, real or meta), and the projection, bias add and reshapes replayed on
-        it with node.meta["val"], ["nn_module_stack"], ["stack_trace"] from the nodes they replace.
+        it with node.meta["val"] and the origin keys (fxtp.node_meta.ORIGIN) of the nodes they replace.
         The fused nodes and the state placeholders left without users are removed; `state`
         keeps the source tensors (checkpoint loading checks their shapes).
 
@@ -38,15 +38,16 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxtp.capture.export import STATE
+from fxtp.node_meta import STATE, copy_origin
 from fxtp.capture.state_names import derived_name
-from fxtp.sharding.op_rules import PIECES, norm_dim, permutation, piece_bounds, val
+from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds
+from fxtp.sharding.op_rules.helpers import norm_dim, val
+from fxtp.sharding.op_rules.views import permutation
 from fxtp.passes.node_match import only_user
-from fxtp.passes.sharding.plan import _structure, projection_weight
+from fxtp.passes.sharding.plan import projection_weight, structure_along
 from fxtp.sharding.reshape import dim_groups
 
 aten = torch.ops.aten
-_KEPT_META = ("nn_module_stack", "stack_trace")
 _CONSTANT_COPIES = (aten.lift_fresh_copy.default, aten.detach_.default, aten.detach.default)
 
 
@@ -111,7 +112,7 @@ def _mark_heads(pieces: list[_Piece], dim: int) -> None:
     """GPT-BigCode's single kv head is used as [b, 1, s, head_dim] without a reshape that splits
     its features, so the planner would see 16 units of one element; when the other pieces all
     split into heads of one size that divides it, the piece is marked as heads of that size."""
-    units = {p.output: _structure(p.output, dim)[1] for p in pieces}
+    units = {p.output: structure_along(p.output, dim)[1] for p in pieces}
     heads = {u for u in units.values() if u > 1}
     if len(heads) != 1:
         return
@@ -243,7 +244,7 @@ def _block_placeholder(graph: fx.Graph, state: dict, source: fx.Node, dim: int, 
     node = graph.placeholder(f"{source.name}_{lo}_{hi}")
     node.meta[STATE] = name
     node.meta["val"] = _resized(val(source), dim, hi - lo)
-    node.meta.update({k: source.meta[k] for k in _KEPT_META if k in source.meta})
+    copy_origin(source, node)
     full = state[source.meta[STATE]]
     block = full.narrow(dim, lo, hi - lo)
     state[name] = torch.nn.Parameter(block, requires_grad=False) if isinstance(full, torch.nn.Parameter) else block
@@ -254,7 +255,7 @@ def _copy(graph: fx.Graph, like: fx.Node, args: tuple, value, target=None) -> fx
     """`like` on new args, or another op `target` (no kwargs) standing for it."""
     node = graph.call_function(target or like.target, args, dict(like.kwargs) if target is None else {})
     node.meta["val"] = value
-    node.meta.update({k: like.meta[k] for k in _KEPT_META if k in like.meta})
+    copy_origin(like, node)
     return node
 
 

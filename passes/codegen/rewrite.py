@@ -9,6 +9,7 @@ Writes: a new GraphModule whose state attributes hold only this rank's slices (n
         wanted one. Each new node carries meta["fxtp.layout"] and, for collectives,
         meta["fxtp.collective"] naming the value it moves. User inputs that may be None (masks,
         token types: fxtp/signatures.INPUTS) default to None and are checked and filled first.
+        The clean-ups that follow (passes/codegen/rank_graph.py) are not part of it.
 
     before (global)                     after (rank r of 2)
     q = linear(x, Wq)   [b,s,64]        q = linear(x, Wq_r)              [b,s,32]
@@ -26,18 +27,14 @@ import torch.fx as fx
 
 from fxtp.rank_ops import device_ops, inputs
 from fxtp.sharding import collectives
-from fxtp.capture.export import STATE
+from fxtp.node_meta import COLLECTIVE, LAYOUT, REDUCE, STATE, WANTS, copy_origin
 from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard
-from fxtp.sharding.op_rules import rule_for
-from fxtp.passes.codegen.fold_grouped_query import fold_grouped_query
-from fxtp.passes.codegen.fuse_bias import fuse_bias
-from fxtp.passes.sharding.propagate import LAYOUT, REDUCE, WANTS, is_state
+from fxtp.sharding.op_rules.table import rule_for
+from fxtp.passes.sharding.propagate import is_state
 from fxtp.sharding.redistribute import steps
 from fxtp.capture.signatures import INPUTS
 
 aten = torch.ops.aten
-COLLECTIVE = "fxtp.collective"
-_KEPT_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
 class RewriteError(RuntimeError):
@@ -79,9 +76,9 @@ def _on_device(x, device: torch.device):
     return device if isinstance(x, torch.device) else x
 
 
-def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, world_size: int,
-               group_name: str, device: torch.device,
-               load: Optional[Callable[[str, Layout], torch.Tensor]] = None) -> fx.GraphModule:
+def rewrite_for_rank(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, world_size: int,
+                     group_name: str, device: torch.device,
+                     load: Optional[Callable[[str, Layout], torch.Tensor]] = None) -> fx.GraphModule:
     """`state` holds the full tensors (real or meta); `load(name, layout)`, when given, returns this
     rank's part of a state tensor, on `device` and contiguous, instead of slicing `state`: a
     Parameter it returns is held as it is, so the graphs of one rank can share their parameters."""
@@ -113,9 +110,7 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
             for new in new_nodes:
                 new.meta[LAYOUT] = after
                 new.meta[COLLECTIVE] = src.name
-                for meta_key in _KEPT_META:  # a collective belongs to the module that produced its input
-                    if meta_key in src.meta:
-                        new.meta[meta_key] = src.meta[meta_key]
+                copy_origin(src, new)  # a collective belongs to the module that produced its input
             x = new_nodes[-1]
         moved[key] = x
         return x
@@ -156,18 +151,14 @@ def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, wo
             args = tuple(_on_device(a, device) for a in args)
             kwargs = {k: _on_device(v, device) for k, v in kwargs.items()}
             new = graph.call_function(device_ops.stand_in(target, device), args, kwargs)
-        for key in _KEPT_META:
-            if key in node.meta:
-                new.meta[key] = node.meta[key]
+        copy_origin(node, new)
         new.meta[LAYOUT] = node.meta.get(LAYOUT)
         env[node] = new
         if node.meta.get(REDUCE):
             env[node] = redistribute(node, Replicate(), have=Partial())
     graph.eliminate_dead_code()
     graph.lint()
-    module = fold_grouped_query(fuse_bias(fx.GraphModule(root, graph, class_name=f"Rank{rank}Of{world_size}")))
-    module.eval()
-    return module
+    return fx.GraphModule(root, graph, class_name=f"Rank{rank}Of{world_size}")
 
 
 def _check_in_place_updates(gm: fx.GraphModule) -> None:

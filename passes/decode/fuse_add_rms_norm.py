@@ -29,7 +29,7 @@ import torch.fx as fx
 
 import fxtp.kernels.push_all_reduce  # noqa: F401 - registers the fxtp ops
 from fxtp.passes.node_match import only_user
-from fxtp.passes.sharding.propagate import LAYOUT
+from fxtp.node_meta import LAYOUT
 
 aten = torch.ops.aten
 PUSH = torch.ops.fxtp.push_all_reduce.default

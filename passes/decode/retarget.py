@@ -20,7 +20,8 @@ from fxtp.kernels.grouped_mm_by_rows import grouped_mm_by_rows
 from fxtp.passes.decode.shared_state_copy import retargeted, twin
 from fxtp.rank_ops.grouped_query import grouped_query_attention
 from fxtp.sharding.collectives import ALL_REDUCE
-from fxtp.sharding.op_rules import GROUPED_MM_FALLBACK, calls
+from fxtp.sharding.op_rules.contractions import GROUPED_MM_FALLBACK
+from fxtp.sharding.op_rules.helpers import calls
 
 aten = torch.ops.aten
 

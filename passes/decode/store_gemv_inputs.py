@@ -27,8 +27,9 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from fxtp.node_meta import REALIZE
+
 aten, prims = torch.ops.aten, torch.ops.prims
-REALIZE = "inductor_realize_to_strides"
 
 
 def gemv_input(node: fx.Node):

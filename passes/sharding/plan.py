@@ -35,30 +35,32 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxtp.capture.export import STATE
+from fxtp.node_meta import LAYOUT, STATE
 from fxtp.sharding.layouts import Layout, Replicate, Shard, balanced_counts
-from fxtp.sharding.op_rules import GROUPED_MM, PIECES, calls, permutation, piece_bounds, val
+from fxtp.sharding.op_rules.contractions import GROUPED_MM
+from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds
+from fxtp.sharding.op_rules.helpers import calls, val
+from fxtp.sharding.op_rules.views import PERMUTES, permutation
 from fxtp.sharding.reshape import dim_groups
+from fxtp.sharding.roles import Role
 from fxtp.capture.signatures import TOKEN_IDS
 from fxtp.passes.sharding.reassociate import reassociate_partials
-from fxtp.passes.sharding.propagate import _PERMUTES, LAYOUT, PropagationError, propagate
+from fxtp.passes.sharding.propagate import PropagationError, propagate
 
 aten = torch.ops.aten
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int}
-COLUMN_GATHERED = "column-parallel (gathered)"  # its shard reaches the graph output, all-gathered there
-VOCAB_PARALLEL = "vocab-parallel"  # a token embedding table sharded over vocab rows
 
 
 @dataclass
 class GroupDecision:
     weights: list[str]  # state names of the group's projection weights
-    role: str           # "column-parallel", "row-parallel", "replicated", COLUMN_GATHERED or VOCAB_PARALLEL
+    role: Role
     reason: str = ""    # why it is replicated, or which members stay replicated and why
 
     @property
     def sharded(self) -> bool:
         """Whether the planner seeded the group's weights with a Shard."""
-        return self.role in ("column-parallel", COLUMN_GATHERED, VOCAB_PARALLEL)
+        return self.role.seeds_shard
 
 
 @dataclass
@@ -81,7 +83,7 @@ def projection_weight(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
     weight = node.args[1]
     if not isinstance(weight, fx.Node) or val(weight).dim() != weight_dims:
         return None
-    while weight.op == "call_function" and weight.target in _PERMUTES:
+    while weight.op == "call_function" and weight.target in PERMUTES:
         out_dim = permutation(weight)[out_dim]
         weight = weight.args[0]
     if weight.op == "placeholder" and STATE in weight.meta and val(weight).dim() == weight_dims:
@@ -102,7 +104,7 @@ def feature_structure(proj: fx.Node) -> tuple[int, int]:
     """(outer, unit) of a projection's output features: `outer` fused blocks (GPT-2's [q|k|v],
     Phi-3's [gate|up]), each of units of `unit` elements: head_dim where a reshape splits them
     into heads, 1 where nothing does (an MLP's intermediate), times aligned_units."""
-    outer, unit = _structure(proj, val(proj).dim() - 1)
+    outer, unit = structure_along(proj, val(proj).dim() - 1)
     return outer, unit * aligned_units(proj, outer, unit)
 
 
@@ -117,9 +119,10 @@ def aligned_units(proj: fx.Node, outer: int, unit: int) -> int:
     return step if (val(proj).shape[-1] // outer) % (unit * step) == 0 else 1
 
 
-def _structure(start: fx.Node, start_dim: int) -> tuple[int, int]:
-    # follows ops that keep the shape (a bias, OPT's q scaling, a cast) and reshapes that keep
-    # the features whole (GPT-2's [b*s, 3h] -> [b, s, 3h])
+def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
+    """(outer, unit) of the features on dim `start_dim` of `start`, as feature_structure (without its
+    alignment). Follows ops that keep the shape (a bias, OPT's q scaling, a cast) and reshapes that
+    keep the features whole (GPT-2's [b*s, 3h] -> [b, s, 3h])."""
     frontier, seen = [(start, start_dim)], set()
     while frontier:
         node, dim = frontier.pop(0)
@@ -150,7 +153,7 @@ def _fused(node: fx.Node, dim: int, pieces: list[fx.Node]) -> tuple[int, int]:
             any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
         return 1, 1  # unequal parts (e.g. GQA q|k|v in one weight): planned as one block
     outputs = [(g, dim) for p in pieces for g in (p.users if p.target is not aten.slice.Tensor else [p])]
-    structures = {_structure(out, d) for out, d in outputs}
+    structures = {structure_along(out, d) for out, d in outputs}
     if len(structures) != 1:
         return 1, 1
     outer, unit = structures.pop()
@@ -217,7 +220,7 @@ def token_embeddings(gm: fx.GraphModule) -> list[fx.Node]:
 
 def plan_vocab_parallel(gm: fx.GraphModule, world_size: int, result: Plan) -> None:
     """Try each token embedding table as Shard(0) over balanced vocab rows: its lookup gives a
-    Partial that is all-reduced at once (op_rules.embedding). Accepted when strict propagation
+    Partial that is all-reduced at once (fxtp/sharding/op_rules/indexing.py). Accepted when strict propagation
     passes; a table tied to the lm_head is its weight too, whose logits are then all-gathered
     at the graph output (the lm_head group later finds the same seed)."""
     for node in token_embeddings(gm):
@@ -229,28 +232,28 @@ def plan_vocab_parallel(gm: fx.GraphModule, world_size: int, result: Plan) -> No
         try:
             propagate(gm, {**result.seeds, **seeds}, strict=True, gather_at_output=True)
         except PropagationError as e:
-            result.groups.append(GroupDecision([name], "replicated", e.reason))
+            result.groups.append(GroupDecision([name], Role.REPLICATED, e.reason))
             propagate(gm, result.seeds)
             continue
         result.seeds.update(seeds)
         tied = any(projection_weight(u) is not None for u in table.users)
         note = "tied: the lm_head uses the same shard" if tied else ""
-        result.groups.append(GroupDecision([name], VOCAB_PARALLEL, note))
+        result.groups.append(GroupDecision([name], Role.VOCAB_PARALLEL, note))
 
 
-def column_role(group: list[fx.Node]) -> str:
+def column_role(group: list[fx.Node]) -> Role:
     """COLUMN_GATHERED when a shard computed from the group reaches the graph output through
-    shard-preserving ops (an lm_head's vocab-sharded logits), else "column-parallel"."""
+    shard-preserving ops (an lm_head's vocab-sharded logits), else COLUMN_PARALLEL."""
     frontier = [n for n in group if isinstance(n.meta[LAYOUT], Shard)]
     seen = set(frontier)
     while frontier:
         for user in frontier.pop().users:
             if user.op == "output":
-                return COLUMN_GATHERED
+                return Role.COLUMN_GATHERED
             if user not in seen and isinstance(user.meta[LAYOUT], Shard):
                 seen.add(user)
                 frontier.append(user)
-    return "column-parallel"
+    return Role.COLUMN_PARALLEL
 
 
 def column_seeds(projections: list[fx.Node], world_size: int) -> tuple[dict[str, Layout], str]:
@@ -270,14 +273,14 @@ def _try_column(gm: fx.GraphModule, group: list[fx.Node], names: list[str], seed
                 result: Plan) -> GroupDecision:
     """The decision on one group given the seeds accepted so far (added to when it is accepted)."""
     if any(not isinstance(n.args[0].meta[LAYOUT], Replicate) for n in group):
-        return GroupDecision(names, "row-parallel", "its input is sharded by the region before it")
+        return GroupDecision(names, Role.ROW_PARALLEL, "its input is sharded by the region before it")
     if not seeds:
-        return GroupDecision(names, "replicated", note)
+        return GroupDecision(names, Role.REPLICATED, note)
     try:
         propagate(gm, {**result.seeds, **seeds}, strict=True, gather_at_output=True)
     except PropagationError as e:
         propagate(gm, result.seeds)
-        return GroupDecision(names, "replicated", e.reason)
+        return GroupDecision(names, Role.REPLICATED, e.reason)
     result.seeds.update(seeds)
     return GroupDecision(names, column_role(group), note)
 
@@ -295,7 +298,7 @@ def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     # encoder output, which comes before any decoder layer's q. Rejected groups are tried once
     # more with every other decision in place.
     for i, (group, candidate) in enumerate(zip(groups, candidates)):
-        if decisions[i].role == "replicated" and candidate[1]:
+        if decisions[i].role is Role.REPLICATED and candidate[1]:
             decisions[i] = _try_column(gm, group, *candidate, result)
     result.groups += decisions
     propagate(gm, result.seeds)

@@ -20,14 +20,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxtp.capture.export import STATE
+from fxtp.node_meta import LAYOUT, NOTE, REDUCE, STATE, WANTS
 from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard
-from fxtp.sharding.op_rules import Decision, permutation, rule_for
+from fxtp.sharding.op_rules.rule import Decision
+from fxtp.sharding.op_rules.table import rule_for
+from fxtp.sharding.op_rules.views import PERMUTES, permutation
 from fxtp.sharding.redistribute import needs_gather, same_layout
-
-_PERMUTES = {torch.ops.aten.t.default, torch.ops.aten.numpy_T.default, torch.ops.aten.transpose.int,
-             torch.ops.aten.permute.default}
-LAYOUT, WANTS, NOTE, REDUCE = "fxtp.layout", "fxtp.wants", "fxtp.note", "fxtp.reduce"
 
 
 class PropagationError(RuntimeError):
@@ -94,7 +92,7 @@ def _settle_state(gm: fx.GraphModule) -> None:
     """Store replicated state pre-sliced when every user wants the same Shard of it. A want on
     a transpose of state (Falcon's matmul(x, W.T)) moves to the state itself first."""
     for node in gm.graph.nodes:
-        if node.target in _PERMUTES and is_state(node.args[0]) and len(node.args[0].users) == 1:
+        if node.target in PERMUTES and is_state(node.args[0]) and len(node.args[0].users) == 1:
             wanted = _common_want(node)
             if wanted is not None:
                 node.meta[LAYOUT] = wanted

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fxtp.node_meta import LAYOUT, copy_origin
 from fxtp.sharding.layouts import Partial
 
 aten = torch.ops.aten
-LAYOUT = "fxtp.layout"
 
 
 def _is_plain_add(node) -> bool:
@@ -58,7 +58,7 @@ def reassociate_partials(gm: fx.GraphModule) -> bool:
             total = ordered[0]
             for leaf in ordered[1:]:
                 total = gm.graph.call_function(aten.add.Tensor, (total, leaf))
-                total.meta.update({k: root.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in root.meta})
+                copy_origin(root, total, value=True)
         root.replace_all_uses_with(total)
         _erase_tree(gm, root)
         changed = True

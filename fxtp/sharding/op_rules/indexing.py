@@ -1,0 +1,73 @@
+"""Lookups and writes by index: embedding (vocab-parallel tables), index (MoE token gathers),
+index_copy (static KV cache updates)."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxtp.rank_ops.vocab_parallel import local_padding_idx, vocab_parallel_embedding
+from fxtp.sharding.layouts import Replicate, Shard
+from fxtp.sharding.op_rules.helpers import P, R, ndim, norm_dim, replicate_all, shard_of, val
+from fxtp.sharding.op_rules.rule import Decision, LayoutOf
+
+
+def embedding(node: fx.Node, lay: LayoutOf) -> Decision:
+    """embedding(W[vocab, hidden], ids): hidden-sharded W or sharded ids pass through. A
+    vocab-sharded W (contiguous rows per rank) with replicated ids gives a Partial that is
+    all-reduced at once: each id is non-zero on one rank only, so the sum is exact."""
+    w, ids = node.args[0], node.args[1]
+    wl, il = lay(w), lay(ids)
+    if isinstance(wl, Replicate) and isinstance(il, Replicate):
+        return Decision(R)
+    if isinstance(wl, Shard) and wl.dim == 1 and isinstance(il, Replicate):
+        return Decision(wl.with_dim(ndim(node) - 1))
+    if isinstance(wl, Replicate) and isinstance(il, Shard):
+        return Decision(il)
+    if isinstance(wl, Shard) and wl.dim == 0 and wl.inner == wl.outer == 1 and isinstance(il, Replicate):
+        return Decision(P, reduce_now=True)
+    return replicate_all(node, lay, "embedding with both table and ids sharded, or vocab rows not contiguous")
+
+
+def vocab_parallel(node, args, kwargs, input_layout, rank):
+    """Lowering of an embedding whose table is vocab-sharded: the rank's masked lookup
+    (fxtp.rank_ops.vocab_parallel) from its first vocab row, with the padding row made local."""
+    table = input_layout(node.args[0])
+    if not (isinstance(table, Shard) and table.dim == 0):
+        return node.target, args, kwargs
+    start, rows = table.unit_start(rank), table.counts[rank]
+    weight, ids, *rest = args
+    if rest:
+        rest[0] = local_padding_idx(rest[0], start, rows)
+    elif "padding_idx" in kwargs:
+        kwargs = {**kwargs, "padding_idx": local_padding_idx(kwargs["padding_idx"], start, rows)}
+    return vocab_parallel_embedding, (weight, ids, start, *rest), kwargs
+
+
+def index(node: fx.Node, lay: LayoutOf) -> Decision:
+    """x[i0, i1, ...] (aten.index.Tensor) with replicated integer indices: a gather, so a Partial
+    stays Partial (rows of a sum are the sums of rows) and a shard of a dim that is not indexed
+    moves to where that dim lands (indexed dims adjacent; numpy moves scattered ones first)."""
+    src, indices = node.args[0], node.args[1]
+    wants = {i: R for i in indices if isinstance(i, fx.Node) and not isinstance(lay(i), Replicate)}
+    layout = lay(src)
+    if not isinstance(layout, Shard):
+        return Decision(layout, wants)
+    given = [k for k, i in enumerate(indices) if i is not None]
+    if layout.dim in given or given != list(range(given[0], given[-1] + 1)) or \
+            any(val(indices[k]).dtype in (torch.bool, torch.uint8) for k in given):
+        return Decision(R, {src: R, **wants}, "index along or around the sharded dim")
+    shift = 0 if layout.dim < given[0] else ndim(node) - ndim(src)
+    return Decision(layout.with_dim(layout.dim + shift), wants)
+
+
+def index_copy(node: fx.Node, lay: LayoutOf) -> Decision:
+    """index_copy(self, dim, index, source): `source` is written into `self` along `dim` (a KV
+    cache update), so `self` takes the layout of `source` on the other dims. In place, that want
+    is met only by storing `self` in that layout (state settles to it; rewrite checks)."""
+    target, dim, positions, source = node.args[:4]
+    wants = {positions: R} if not isinstance(lay(positions), Replicate) else {}
+    s = shard_of(source, lay)
+    if s is None or s.dim == norm_dim(dim, ndim(target)):
+        return Decision(R, {**wants, **{n: R for n in (target, source) if not isinstance(lay(n), Replicate)}},
+                        "" if s is None else "index_copy along the sharded dim")
+    return Decision(s, {**wants, target: s})
