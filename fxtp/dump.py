@@ -1,5 +1,9 @@
 """`fxtp.dump(tp)`: the plan, every state tensor's and node's layout with global and local
-shapes, the redistributions (collectives marked), and a summary a reviewer can check."""
+shapes, the redistributions (collectives marked), and a summary a reviewer can check.
+
+It reads no weight: state bytes per rank come from the plan, and the collectives are counted on
+a rank graph whose state is on the meta device. A model compiled on meta (a 70B config with no
+weights) therefore dumps the same text as the same model with its weights."""
 from __future__ import annotations
 
 import sympy
@@ -7,12 +11,14 @@ import torch
 import torch.fx as fx
 
 from fxtp.capture.export import STATE
+from fxtp.passes.codegen.rewrite import rank_graph
+from fxtp.sharding import collectives
 from fxtp.sharding.layouts import Shard
 from fxtp.passes.sharding.propagate import LAYOUT, NOTE, REDUCE, WANTS
 from fxtp.sharding.redistribute import steps
 from fxtp.sharding.reshape import as_expr
 from fxtp.capture.signatures import INPUTS
-from fxtp.stats import collectives_by_layer, state_bytes
+from fxtp.stats import collectives_by_layer, held_state, planned_state_bytes
 
 
 class _SizeText:
@@ -72,7 +78,17 @@ def _move(have, want) -> str:
     return " + ".join(step for step, _ in steps(have, want))
 
 
+def _graph_without_data(tp, rank: int) -> fx.GraphModule:
+    """`rank`'s graph with its state on the meta device: the collectives it runs, for a model
+    with or without weights, without copying a slice."""
+    state = {name: value.to("meta") for name, value in tp.captured.state.items()}
+    return rank_graph(tp.graph, state, rank, tp.world_size, collectives.SIMULATED_GROUP, torch.device("meta"))
+
+
 def dump(tp, rank: int = 0) -> str:
+    """The program `tp` as text; the collectives per layer are counted on `rank`'s graph (every
+    rank runs the same ones)."""
+    tp.check_rank(rank)
     gm, ws = tp.graph, tp.world_size
     sizes = _SizeText(gm)
     lines = [f"fxtp plan: {tp.config.model_type}, world_size={ws}", "", "Projection groups"]
@@ -82,20 +98,20 @@ def dump(tp, rank: int = 0) -> str:
             lines.append(f"  {'':16s}   {group.reason.splitlines()[0]}")
 
     lines += ["", "State (global shape, layout, local shape)"]
-    states = [n for n in gm.graph.nodes if n.op == "placeholder" and STATE in n.meta and n.users]  # a tied alias has none
+    states = held_state(gm)
     for node in states:
         layout = node.meta[LAYOUT]
         shape = node.meta["val"].shape
         lines.append(f"  {node.meta[STATE]:55s} {sizes.shape(shape):14s} {layout}{_fmt_local(shape, layout, ws, sizes)}")
 
-    rank_module = tp.rank_graph(rank)
     total = sum(tp.captured.state[n.meta[STATE]].numel() * tp.captured.state[n.meta[STATE]].element_size() for n in states)
-    local = state_bytes(rank_module)
     lines += ["", "Summary",
               f"  state tensors: {sum(isinstance(n.meta[LAYOUT], Shard) for n in states)} sharded, "
-              f"{sum(not isinstance(n.meta[LAYOUT], Shard) for n in states)} replicated",
-              f"  state bytes on rank {rank}: {local:,} of {total:,} ({local / max(total, 1):.3f}; 1/N = {1 / ws:.3f})"]
-    by_layer = collectives_by_layer(rank_module)
+              f"{sum(not isinstance(n.meta[LAYOUT], Shard) for n in states)} replicated"]
+    for r in range(ws):
+        local = planned_state_bytes(tp, r)
+        lines.append(f"  state bytes on rank {r}: {local:,} of {total:,} ({local / max(total, 1):.3f}; 1/N = {1 / ws:.3f})")
+    by_layer = collectives_by_layer(_graph_without_data(tp, rank))
     if not by_layer:
         lines.append("  collectives: none")
     for layer, counts in by_layer.items():

@@ -131,7 +131,7 @@ class TPProgram:
         With `checkpoint` (a HF safetensors directory or file) only this rank's slices are read from it.
         `shared` maps (state name, layout) to tensors this rank already holds; they are reused
         and new ones added, so the programs of one rank share their weights."""
-        self._check_rank(rank)
+        self.check_rank(rank)
         device = torch.device(device) if device is not None else self.device
         if checkpoint is None and self.device.type == "meta":
             raise ValueError("the model is on the meta device, so it has no weights to shard: pass "
@@ -173,7 +173,7 @@ class TPProgram:
 
     def _group_name(self, rank: int, device: torch.device, process_group: Optional[dist.ProcessGroup]) -> str:
         """The name of the group the rank's collectives run on, after checking it fits the program."""
-        self._check_rank(rank)
+        self.check_rank(rank)
         if self.world_size == 1:
             return collectives.SIMULATED_GROUP  # no collectives are emitted
         if process_group is None:
@@ -215,6 +215,7 @@ class TPProgram:
         process; equals the unsharded model's."""
         return self.simulate_ranks(input_ids, attention_mask, **inputs)[0]
 
-    def _check_rank(self, rank: int) -> None:
+    def check_rank(self, rank: int) -> None:
+        """A ValueError unless `rank` is one of the program's ranks."""
         if not isinstance(rank, int) or not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be an int in [0, {self.world_size}), got {rank!r}")
