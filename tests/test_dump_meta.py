@@ -1,5 +1,5 @@
 """`fxtp.dump` of a model compiled on the meta device: the same text as with its weights, every
-rank's state bytes from the plan."""
+rank's state bytes from the plan, and `tp.simulate` asking for a checkpoint."""
 import re
 
 import pytest
@@ -36,3 +36,15 @@ def test_dump_counts_collectives_on_the_rank_asked_for():
     assert fxtp.dump(tp, rank=1) == fxtp.dump(tp)  # every rank runs the same collectives
     with pytest.raises(ValueError, match=r"rank must be an int in \[0, 2\), got 2"):
         fxtp.dump(tp, rank=2)
+
+
+def test_simulate_on_meta_asks_for_a_checkpoint_and_runs_with_one(tmp_path):
+    model = tiny_model("llama", layers=1)
+    model.save_pretrained(tmp_path)
+    tp = fxtp.compile(meta_model("llama", layers=1), 2)
+    ids = torch.randint(1, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="meta device.*pass checkpoint="):
+        tp.simulate(ids)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    torch.testing.assert_close(tp.simulate(ids, checkpoint=str(tmp_path)), expected, rtol=0, atol=1e-4)

@@ -73,7 +73,7 @@ class TPProgram:
         self.plan: Plan = auto_plan(self.graph, world_size) if spec == "auto" else manual_plan(self.graph, world_size, spec)
         self.model = model  # on meta when loading from a checkpoint: it holds no weights then
         self.config = model.config
-        self._simulated: dict[str, list[fx.GraphModule]] = {}
+        self._simulated: dict[tuple[str, Optional[str]], list[fx.GraphModule]] = {}
         self._with_cache: dict[tuple[int, int], TPProgram] = {}
         self._generators: dict[str, Generator] = {}
         self._encoder: Optional[TPProgram] = None
@@ -195,25 +195,28 @@ class TPProgram:
                                f"pass device=f'cuda:{{local_rank}}'")
         return process_group.group_name
 
-    def simulate_ranks(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                       **inputs: Optional[torch.Tensor]) -> list:
+    def simulate_ranks(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                       checkpoint: Optional[str] = None, **inputs: Optional[torch.Tensor]) -> list:
         """Every rank's output, all ranks run in this process with exact collectives. `inputs` are
-        the graph's other inputs by name (decoder_input_ids=..., token_type_ids=...)."""
+        the graph's other inputs by name (decoder_input_ids=..., token_type_ids=...). With
+        `checkpoint` (a HF safetensors directory or file; needed when the model is on meta) each
+        rank's slices are read from it."""
         names = [n.name for n in self.graph.graph.nodes if n.op == "placeholder" and STATE not in n.meta]
         unknown = sorted(set(inputs) - set(names[2:]))
         if unknown:
             raise TypeError(f"unexpected inputs {unknown}: this {self.config.model_type} program takes {names}")
-        key = str(input_ids.device)
+        key = (str(input_ids.device), checkpoint)
         if key not in self._simulated:
-            self._simulated[key] = [self.rank_graph(r, device=input_ids.device) for r in range(self.world_size)]
+            self._simulated[key] = [self.rank_graph(r, device=input_ids.device, checkpoint=checkpoint)
+                                    for r in range(self.world_size)]
         with torch.no_grad():
             return run_lockstep(self._simulated[key], (input_ids, attention_mask), inputs)
 
-    def simulate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 **inputs: Optional[torch.Tensor]) -> torch.Tensor:
+    def simulate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                 checkpoint: Optional[str] = None, **inputs: Optional[torch.Tensor]) -> torch.Tensor:
         """The sharded program's output (logits, or an encoder's hidden states), computed in one
-        process; equals the unsharded model's."""
-        return self.simulate_ranks(input_ids, attention_mask, **inputs)[0]
+        process; equals the unsharded model's. `checkpoint`: see simulate_ranks."""
+        return self.simulate_ranks(input_ids, attention_mask, checkpoint=checkpoint, **inputs)[0]
 
     def check_rank(self, rank: int) -> None:
         """A ValueError unless `rank` is one of the program's ranks."""
