@@ -6,8 +6,12 @@
                                                           --decode, of the static-KV-cache generation step
 
 MODEL_OR_CONFIG is a tiny architecture from fxtp.tiny_configs (e.g. "llama") or a path to a HF
-config (a directory holding config.json, or the file itself); the model is built from it on
-CPU in float32 with seeded random weights. Exit codes: 0 success, 1 failure, 2 bad input.
+config (a directory holding config.json, or the file itself). A config's model is built on the
+meta device, so no weight is ever allocated (a 70B config dumps on a small machine): the class
+the config's `architectures` names (else the causal-LM, seq2seq-LM or masked-LM class of its
+kind), in the config's dtype (float32 where it names none); no remote code runs. A tiny
+architecture's model is built on the CPU in float32 with seeded random weights.
+Exit codes: 0 success, 1 failure, 2 bad input.
 """
 from __future__ import annotations
 
@@ -18,7 +22,11 @@ import time
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+import transformers
+from transformers import AutoConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING,
+                                                    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+                                                    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING)
 
 import fxtp
 from fxtp.capture.export import CaptureError
@@ -53,7 +61,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxtp", description="Automatic tensor parallelism for HF causal LMs.")
+    parser = argparse.ArgumentParser(prog="fxtp", description="Automatic tensor parallelism for HF transformers "
+                                                              "(causal LMs, seq2seq LMs, encoders).")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="shard a tiny model, run every rank in its own process (gloo) "
@@ -67,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     dump.add_argument("model", metavar="MODEL_OR_CONFIG",
                       help="tiny architecture name (e.g. llama) or path to a HF config directory / config.json")
     dump.add_argument("--world-size", type=int, required=True, help="number of ranks")
-    dump.add_argument("--rank", type=int, default=None, help="dump only this rank's graph")
+    dump.add_argument("--rank", type=int, default=0,
+                      help="the rank whose graph the collectives are counted on (default 0; all run the same ones)")
     dump.add_argument("--decode", action="store_true",
                       help="dump the generation step with a static KV cache (prefill and decode) instead")
     dump.add_argument("--batch", type=int, default=1, help="batch size of the --decode cache (default 1)")
@@ -79,9 +89,10 @@ def _parser() -> argparse.ArgumentParser:
 # --- building models -------------------------------------------------------------------------
 
 def build_model(spec: str) -> torch.nn.Module:
-    """A CPU float32 eval-mode causal LM from a HF config path or, if no such path exists, a tiny arch name."""
+    """An eval-mode model from a HF config path, on the meta device (no weights), or, if no such
+    path exists, a tiny architecture's model with seeded random weights."""
     if os.path.exists(spec):
-        return _model_from_config(spec)
+        return meta_model(_read_config(spec), spec)
     if os.sep in spec or spec.endswith(".json"):
         raise UsageError(f"{spec}: no such file or directory")
     return _tiny(spec)
@@ -95,17 +106,48 @@ def _tiny(arch: str) -> torch.nn.Module:
     return tiny_model(arch)
 
 
-def _model_from_config(path: str) -> torch.nn.Module:
-    try:
-        config = AutoConfig.from_pretrained(path)
+def _read_config(path: str):
+    try:  # trust_remote_code=False: a config that needs code from the Hub fails here instead of prompting
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"could not read a HF config from {path}: {e}") from None
-    torch.manual_seed(0)
-    try:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except ValueError as e:  # e.g. a config whose model type has no causal-LM class
-        raise UsageError(f"{path}: cannot build a causal LM from this config: {e}") from None
-    return model.float().eval()
+
+
+def model_class(config, source: str) -> type:
+    """The transformers class `config.architectures` names (its first), else the class transformers
+    maps the config to for its kind, decided as fxtp/capture/signatures.py decides it for a model:
+    a seq2seq LM if the config is encoder-decoder, a masked LM if its model type has a masked-LM
+    class and it is not configured as a decoder, a causal LM otherwise. `source` names the config
+    in errors."""
+    if config.architectures:
+        name = config.architectures[0]
+        found = getattr(transformers, name, None)
+        if not (isinstance(found, type) and issubclass(found, PreTrainedModel)):
+            raise UsageError(f"{source}: the config's architectures names {name}, which transformers "
+                             f"{transformers.__version__} does not have (fxtp runs no remote code): set architectures "
+                             f"to a transformers model class, or remove it to build the class of the model's kind")
+        return found
+    if getattr(config, "is_encoder_decoder", False):
+        kind, mapping = "seq2seq LM", MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+    elif config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        kind, mapping = "masked LM", MODEL_FOR_MASKED_LM_MAPPING
+    else:
+        kind, mapping = "causal LM", MODEL_FOR_CAUSAL_LM_MAPPING
+    if type(config) not in mapping:
+        raise UsageError(f"{source}: transformers has no {kind} class for model type {config.model_type!r} and the "
+                         f"config names no architectures: add the model class to its architectures")
+    return mapping[type(config)]
+
+
+def meta_model(config, source: str) -> torch.nn.Module:
+    """The model `config` describes (see model_class) on the meta device, in the config's dtype
+    (float32 where it names none): its shapes and graph without allocating a weight."""
+    cls = model_class(config, source)
+    with torch.device("meta"):
+        # _from_config is what transformers' Auto*.from_config calls: the class's init in `dtype`,
+        # with the buffers that transformers keeps in float32 (rotary frequencies) left so
+        model = cls._from_config(config, dtype=config.dtype or torch.float32)
+    return model.eval()
 
 
 def _compile(model: torch.nn.Module, world_size: int) -> "fxtp.TPProgram":
@@ -118,14 +160,14 @@ def _compile(model: torch.nn.Module, world_size: int) -> "fxtp.TPProgram":
 # --- fxtp dump -------------------------------------------------------------------------------
 
 def _dump(args) -> int:
-    if args.rank is not None and args.world_size >= 1 and not 0 <= args.rank < args.world_size:
+    if args.world_size >= 1 and not 0 <= args.rank < args.world_size:
         raise UsageError(f"--rank must be in [0, {args.world_size}), got {args.rank}")
     if args.batch < 1 or args.max_length < 1:
         raise UsageError(f"--batch and --max-length must be positive, got {args.batch} and {args.max_length}")
     tp = _compile(build_model(args.model), args.world_size)
     if args.decode:
         tp = tp.with_cache(args.batch, args.max_length)
-    print(fxtp.dump(tp) if args.rank is None else fxtp.dump(tp, rank=args.rank))
+    print(fxtp.dump(tp, rank=args.rank))
     return 0
 
 

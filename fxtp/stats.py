@@ -7,7 +7,9 @@ from collections import Counter
 import torch
 import torch.fx as fx
 
+from fxtp.node_meta import LAYOUT, STATE
 from fxtp.sharding import collectives
+from fxtp.sharding.layouts import Shard
 
 COLLECTIVE_TARGETS = {
     collectives.ALL_REDUCE: "all_reduce",
@@ -47,15 +49,18 @@ def state_bytes(module: torch.nn.Module, prefix: str = "", layers_only: bool = F
                if name.startswith(prefix) and (in_layer(name) or not layers_only))
 
 
-def planned_state_bytes(tp, rank: int, prefix: str = "") -> int:
-    """Bytes of state that `rank` will hold, from the plan alone (works for models on meta); state
-    no node reads (a tied table's other name) is not held."""
-    from fxtp.node_meta import LAYOUT, STATE
-    from fxtp.sharding.layouts import Shard
+def held_state(gm: fx.GraphModule) -> list[fx.Node]:
+    """The state placeholders of an annotated global graph that ranks hold: those some node reads
+    (a tied table's other name is read by none, and no rank stores it)."""
+    return [n for n in gm.graph.nodes if n.op == "placeholder" and STATE in n.meta and n.users]
 
+
+def planned_state_bytes(tp, rank: int, prefix: str = "") -> int:
+    """Bytes of state under `prefix` that `rank` will hold, from the plan's layouts and the global
+    shapes alone: no rank graph is built and no weight read, so it works for models on meta."""
     total = 0
-    for node in tp.graph.graph.nodes:
-        if node.op == "placeholder" and STATE in node.meta and node.meta[STATE].startswith(prefix) and node.users:
+    for node in held_state(tp.graph):
+        if node.meta[STATE].startswith(prefix):
             value, layout = tp.captured.state[node.meta[STATE]], node.meta[LAYOUT]
             numel = value.numel()
             if isinstance(layout, Shard):

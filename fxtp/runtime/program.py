@@ -83,7 +83,7 @@ class TPProgram:
         self.plan: Plan = auto_plan(self.graph, world_size) if spec == "auto" else manual_plan(self.graph, world_size, spec)
         self.model = model  # on meta when loading from a checkpoint: it holds no weights then
         self.config = model.config
-        self._simulated: dict[str, list[fx.GraphModule]] = {}
+        self._simulated: dict[tuple[str, Optional[str]], list[fx.GraphModule]] = {}
         self._with_cache: OrderedDict[tuple[int, int], TPProgram] = OrderedDict()  # least recently used first
         self._generators: dict[str, Generator] = {}
         self._encoder: Optional[TPProgram] = None
@@ -149,7 +149,7 @@ class TPProgram:
         With `checkpoint` (a HF safetensors directory or file) only this rank's slices are read from it.
         `shared` maps (state name, layout) to tensors this rank already holds; they are reused
         and new ones added, so the programs of one rank share their weights."""
-        self._check_rank(rank)
+        self.check_rank(rank)
         device = torch.device(device) if device is not None else self.device
         if checkpoint is None and self.device.type == "meta":
             raise ValueError("the model is on the meta device, so it has no weights to shard: pass "
@@ -198,7 +198,7 @@ class TPProgram:
 
     def _group_name(self, rank: int, device: torch.device, process_group: Optional[dist.ProcessGroup]) -> str:
         """The name of the group the rank's collectives run on, after checking it fits the program."""
-        self._check_rank(rank)
+        self.check_rank(rank)
         if self.world_size == 1:
             return collectives.SIMULATED_GROUP  # no collectives are emitted
         if process_group is None:
@@ -220,27 +220,31 @@ class TPProgram:
                                f"pass device=f'cuda:{{local_rank}}'")
         return process_group.group_name
 
-    def simulate_ranks(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                       **inputs: Optional[torch.Tensor]) -> list:
+    def simulate_ranks(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                       checkpoint: Optional[str] = None, **inputs: Optional[torch.Tensor]) -> list:
         """Every rank's output, all ranks run in this process with exact collectives. `inputs` are
-        the graph's other inputs by name (decoder_input_ids=..., token_type_ids=...)."""
+        the graph's other inputs by name (decoder_input_ids=..., token_type_ids=...). With
+        `checkpoint` (a HF safetensors directory or file; needed when the model is on meta) each
+        rank's slices are read from it."""
         names = [n.name for n in self.graph.graph.nodes if n.op == "placeholder" and STATE not in n.meta]
         unknown = sorted(set(inputs) - set(names[2:]))
         if unknown:
             raise TypeError(f"unexpected inputs {unknown}: this {self.config.model_type} program takes {names}")
-        key = str(input_ids.device)
+        key = (str(input_ids.device), checkpoint)
         if key not in self._simulated:
-            self._simulated[key] = [self.rank_graph(r, device=input_ids.device) for r in range(self.world_size)]
+            self._simulated[key] = [self.rank_graph(r, device=input_ids.device, checkpoint=checkpoint)
+                                    for r in range(self.world_size)]
         with torch.no_grad():
             return run_lockstep(self._simulated[key], (input_ids, attention_mask), inputs)
 
-    def simulate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 **inputs: Optional[torch.Tensor]) -> torch.Tensor:
+    def simulate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                 checkpoint: Optional[str] = None, **inputs: Optional[torch.Tensor]) -> torch.Tensor:
         """The sharded program's output (logits, or an encoder's hidden states), computed in one
-        process; equals the unsharded model's."""
-        return self.simulate_ranks(input_ids, attention_mask, **inputs)[0]
+        process; equals the unsharded model's. `checkpoint`: see simulate_ranks."""
+        return self.simulate_ranks(input_ids, attention_mask, checkpoint=checkpoint, **inputs)[0]
 
-    def _check_rank(self, rank: int) -> None:
+    def check_rank(self, rank: int) -> None:
+        """A ValueError unless `rank` is one of the program's ranks."""
         if not isinstance(rank, int) or not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be an int in [0, {self.world_size}), got {rank!r}")
 
