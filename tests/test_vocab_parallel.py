@@ -43,7 +43,7 @@ def test_masked_lookups_sum_to_the_embedding():
     weight = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
     ids = torch.tensor([[0, 3, 4, 9], [5, 6, 2, 1]])
     counts = balanced_counts(10, 3)  # 4, 3, 3
-    parts = [vocab_parallel_embedding(weight[sum(counts[:r]):sum(counts[:r + 1])], ids, sum(counts[:r]))
+    parts = [vocab_parallel_embedding(weight[sum(counts[:r]):sum(counts[:r + 1])], ids, sum(counts[:r]), sum(counts))
              for r in range(3)]
     assert torch.equal(parts[0] + parts[1] + parts[2], F.embedding(ids, weight))
     assert [(p != 0).any(-1).sum().item() for p in parts] == [4, 3, 1]  # each id on one rank only
@@ -82,7 +82,7 @@ def test_padding_row_stays_with_its_rank():
     _, tp = program("opt", 2)  # OPT's embedding has padding_idx=1
     lookups = [[n.args for n in tp.rank_graph(r).graph.nodes if n.target is vocab_parallel_embedding]
                for r in range(2)]
-    assert [[args[2:] for args in per_rank] for per_rank in lookups] == [[(0, 1)], [(128, -1)]]
+    assert [[args[2:] for args in per_rank] for per_rank in lookups] == [[(0, 256, 1)], [(128, 256, -1)]]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -135,3 +135,27 @@ def test_tied_model_on_real_processes():
     for rank, (logits, _) in enumerate(outputs):
         assert logits.shape == expected.shape
         assert max_abs_diff(logits, expected) <= 1e-4, rank
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("bad", [256, 10**6, -1])
+def test_ids_outside_the_vocabulary_raise_like_hf(world_size, bad):
+    """No rank owns such an id: looked up vocab-parallel it would be a zero vector and plausible logits."""
+    model = tiny_model("llama", layers=1)
+    tp = fxtp.compile(model, world_size)
+    ids = torch.tensor([[5, 17, bad, 9]])
+    with pytest.raises(IndexError):
+        model(input_ids=ids)
+    with pytest.raises(IndexError, match=rf"token ids \[{bad}\] are outside the vocabulary \[0, 256\)"):
+        tp.simulate(ids)
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        tp.generate(ids, max_new_tokens=2)
+
+
+def test_in_a_compiled_step_the_check_is_a_device_assert():
+    """Under torch.compile the check is torch._assert_async, which inductor keeps: no host sync."""
+    weight = torch.randn(8, 4)
+    compiled = torch.compile(lambda w, i: vocab_parallel_embedding(w, i, 0, 8), backend="inductor")
+    assert torch.equal(compiled(weight, torch.tensor([[1, 7]])), F.embedding(torch.tensor([[1, 7]]), weight))
+    with pytest.raises(RuntimeError):
+        compiled(weight, torch.tensor([[1, 8]]))

@@ -47,6 +47,7 @@ class Generator:
         self._weights: list[dict] = [{} for _ in ranks]  # per rank: reused by every cache program
         self._key: Optional[tuple[int, int]] = None
         self._modules: list[fx.GraphModule] = []
+        self._sources: set[str] = set()  # torch.fx's generated sources of _modules, dropped with them
         self._decode = self._prefill = None
         self._encoders: list[fx.GraphModule] = []  # an encoder-decoder's encoder, run once per request
 
@@ -170,16 +171,17 @@ class Generator:
         if self._key == (batch, length):
             return
         # free the previous cache first; the key goes with it, so a build that fails leaves no stale key
-        for module in self._modules:
-            forget_source(module)
-        self._modules, self._decode, self._prefill, self._key = [], None, None, None
+        forget_sources(self._sources)
+        self._modules, self._decode, self._prefill, self._key, self._sources = [], None, None, None, set()
         if self.program.is_seq2seq and not self._encoders:
             encoder = self.program.encoder()
             self._encoders = [encoder.rank_graph(rank, self.group_name, self.device, self.checkpoint, shared=weights)
                               for rank, weights in zip(self.ranks, self._weights)]
         cached = self.program.with_cache(batch, length)
+        sources = generated_sources()
         self._modules = [cached.rank_graph(rank, self.group_name, self.device, self.checkpoint, shared=weights)
                          for rank, weights in zip(self.ranks, self._weights)]
+        self._sources = generated_sources() - sources  # the rank graphs' and their clean-ups' recompiles
         if self.compile_options is not None:
             self._decode = DecodeGraph(self._modules[0], self.compile_options)
             self._prefill = PrefillGraph(self._modules[0], self.compile_options)
@@ -256,14 +258,18 @@ def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=rng).squeeze(-1)
 
 
-def forget_source(module: fx.GraphModule) -> None:
-    """Drop the generated source of a GraphModule no longer used from torch.fx's global cache (kept for
-    tracebacks, never evicted): a generator that changes shape every call would otherwise grow it by a
-    graph's source each time."""
-    key = type(module).forward.__code__.co_filename
-    loader = getattr(fx.graph_module, "_loader", None)
-    if loader is not None and key in getattr(loader, "eval_cache", {}):
-        del loader.eval_cache[key]
+def generated_sources() -> set[str]:
+    """The keys of torch.fx's global cache of generated source (kept for tracebacks, never evicted):
+    every GraphModule.recompile() adds one."""
+    return set(getattr(getattr(fx.graph_module, "_loader", None), "eval_cache", {}))
+
+
+def forget_sources(keys: set[str]) -> None:
+    """Drop generated sources of GraphModules no longer used from torch.fx's cache and linecache: a
+    generator that changes shape every call would otherwise grow them by its graphs' sources each time."""
+    cache = getattr(getattr(fx.graph_module, "_loader", None), "eval_cache", {})
+    for key in keys:
+        cache.pop(key, None)
         linecache.cache.pop(key, None)
 
 

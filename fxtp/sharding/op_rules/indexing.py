@@ -40,7 +40,7 @@ def vocab_parallel(node, args, kwargs, input_layout, rank):
         rest[0] = local_padding_idx(rest[0], start, rows)
     elif "padding_idx" in kwargs:
         kwargs = {**kwargs, "padding_idx": local_padding_idx(kwargs["padding_idx"], start, rows)}
-    return vocab_parallel_embedding, (weight, ids, start, *rest), kwargs
+    return vocab_parallel_embedding, (weight, ids, start, table.global_size, *rest), kwargs
 
 
 def index(node: fx.Node, lay: LayoutOf) -> Decision:
