@@ -10,6 +10,8 @@ checked on tiny Llama rank graphs. With a GPU the op is also run from CUDA-graph
 import itertools
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -253,6 +255,15 @@ def test_decode_graph_option_rewrites_the_step_and_stays_out_of_inductor(monkeyp
     assert (torch.ops.fxtp.push_all_reduce.default in targets) == push
     assert compiled["options"] == {"coordinate_descent_tuning": True}
 
+
+def test_importing_the_decode_step_registers_every_op_it_calls():
+    """In a fresh interpreter: the rewrites of fxtp/decode/decode_graph.py call fxtp's ops by name
+    (torch.ops.fxtp.*), which exist once the modules that define them are imported."""
+    ops = ["decode_attention", "gemv", "rotary_gemv", "push_all_reduce", "push_all_reduce_add_rms_norm",
+           "gemv_push_all_reduce", "gemv_push_all_reduce_add_rms_norm"]
+    script = f"import torch, fxtp.decode.decode_graph; print([hasattr(torch.ops.fxtp, name) for name in {ops!r}])"
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == str([True] * len(ops))
 
 def prefill_and_decode(modules: list, batch: int, length: int, device: torch.device) -> list:
     """Logits of a left-padded 5-token prefill and 2 decode steps through `modules` (every rank, in
