@@ -71,6 +71,20 @@ def _gap_kernels():
     return spin, chase
 
 
+def in_turn(weights: list, one, pdl: bool = False, gap=None):
+    """A call of `one(w)` for each of `weights`, each after `gap()` if given, launched with PDL if `pdl`:
+    what a replay times."""
+    def run():
+        with launching_with_pdl(pdl):
+            outs = []
+            for w in weights:
+                if gap:
+                    gap()
+                outs.append(one(w))
+            return outs
+    return run
+
+
 class Gap:
     """A latency-bound kernel of one program that, with PDL, waits for the kernel before and releases
     the one after at once, as push all_reduce does: it spins `us` microseconds ("spin"), or makes
@@ -118,18 +132,7 @@ def main() -> None:
                        for _ in range(args.copies)]
             x = torch.randn(1, columns, generator=generator, device=device, dtype=dtype)
             reference = [F.linear(x.float(), w.float()) for w in weights]
-
-            def gemvs(one, pdl=False, gap=None):
-                def run():
-                    with launching_with_pdl(pdl):
-                        outs = []
-                        for w in weights:
-                            if gap:
-                                gap()
-                            outs.append(one(w))
-                        return outs
-                return run
-
+            gemvs = functools.partial(in_turn, weights)
             variants = {"inductor": gemvs(lambda w: inductor_linear(x, w))}
             for blocks in BLOCKS:
                 variants["fxtp %dx%d/%dw" % blocks] = gemvs(lambda w, blocks=blocks: gemv.launch(x, w, blocks=blocks))
