@@ -36,6 +36,7 @@ import torch
 
 from fxtp.rank_ops.grouped_query import grouped_query_attention
 from fxtp.kernels.dependent_launch import uses_pdl
+from fxtp.kernels.launches import count_launch
 from fxtp.kernels.triton_device import runs_triton_kernels
 
 MAX_ROWS = 16  # query rows of one kv-head group; also tl.dot's smallest M
@@ -126,6 +127,7 @@ def launch(query, key, value, attn_mask, scale, splits: Optional[int] = None) ->
         partial_sums = partial_stats = arrivals = out  # not read with one split
     kernel, dot_types = _kernel()
     pdl = uses_pdl(query.device)
+    count_launch("decode_attention")
     kernel[(programs, splits)](
         query, key, value, mask, out, partial_sums, partial_stats, arrivals,
         *query.stride(), *_without_dim_2(key.stride()), *_without_dim_2(value.stride()), *mask_strides,

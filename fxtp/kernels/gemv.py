@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from fxtp.kernels.dependent_launch import preloads, uses_pdl
+from fxtp.kernels.launches import count_launch
 from fxtp.kernels.push_all_reduce import EMPTY_BITS, Peers, bits_type
 from fxtp.kernels.triton_device import runs_triton_kernels
 
@@ -81,6 +82,7 @@ aten = torch.ops.aten
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PROGRAM_BYTES = 128 * 1024  # of the weight a prefetching program asks L2 for
 PREFETCH_BYTES = 32 * 2 ** 20  # at most this much of a weight: two thirds of H100's L2
+KERNEL_NAMES = {"plain": "gemv", "gated": "gated_gemv", "rotary": "rotary_gemv"}  # counted by form (launches.py)
 # a gated GEMV's activation: the kernel's code for it, and the same function in torch
 ACTIVATIONS = {"silu": (1, F.silu), "gelu": (2, F.gelu), "gelu_tanh": (3, lambda x: F.gelu(x, approximate="tanh"))}
 
@@ -253,6 +255,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     prefetched = min(prefetch_bytes, weight.nbytes) // weight.element_size() if pdl and aligned else 0
     prefetchers = min(programs, -(-prefetched // (requests * request_elements)))
     peers = push or Peers(weight, weight, 0, 0)  # read only with push
+    count_launch("pushing_gemv" if push is not None else KERNEL_NAMES[form])
     _kernel()[(programs,)](x.contiguous(), weight, weight if bias is None else bias, out, outputs, group, prefetched,
                            prefetchers, cache.cos, cache.sin, cache.position, cache.key_cache, cache.value_cache,
                            query_rows, rotated_rows, cache.key_cache.stride(1), peers.addresses, peers.state,
