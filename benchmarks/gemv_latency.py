@@ -121,8 +121,7 @@ def main() -> None:
         parser.error("no GPU here: this times GPU kernels")
     dtype, device = getattr(torch, args.dtype), torch.device("cuda")
     bandwidth = hbm_bandwidth(device, None)
-    step_options = step_inductor_options(device)
-    inductor_linear = torch.compile(F.linear, fullgraph=True, dynamic=False, options=step_options)
+    inductor_linear = torch.compile(F.linear, fullgraph=True, dynamic=False, options=step_inductor_options())
     config = model_config(args.shape, None)
     rows_out = []
     for ranks in (int(n) for n in args.ranks.split(",")):

@@ -97,7 +97,7 @@ def chunk_keys(length: int, splits: int) -> tuple[int, int]:
     return chunk, -(-length // chunk)
 
 
-def _arrivals(device: torch.device, count: int) -> torch.Tensor:
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     """Per-group arrival counters, all 0 between calls (the kernel's last program resets its own)."""
     key = (device, count)
     if key not in _ARRIVALS:
@@ -122,7 +122,7 @@ def launch(query, key, value, attn_mask, scale, splits: Optional[int] = None) ->
     if splits > 1:
         partial_sums = torch.empty(programs, splits, MAX_ROWS, block_dim, dtype=torch.float32, device=query.device)
         partial_stats = torch.empty(programs, splits, 2, MAX_ROWS, dtype=torch.float32, device=query.device)
-        arrivals = _arrivals(query.device, programs)
+        arrivals = arrival_counters(query.device, programs)
     else:
         partial_sums = partial_stats = arrivals = out  # not read with one split
     kernel, dot_types = _kernel()

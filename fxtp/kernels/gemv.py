@@ -179,7 +179,7 @@ _BLOCKS = contextvars.ContextVar("fxtp_gemv_blocks", default={})
 @contextlib.contextmanager
 def launching_with_blocks(table: dict):
     """fxtp's GEMVs launched inside take (BLOCK_N, BLOCK_K, num_warps) from `table`, keyed by their
-    weight's (rows, columns), where it names their shape (`fxtp.gemv_blocks`, whose value
+    weight's (rows, columns), where it names their shape (`DecodeOptions.gemv_blocks`, whose value
     `block_table` reads); DecodeGraph holds it while it captures, so the CUDA graph replays them."""
     token = _BLOCKS.set(table)
     try:
@@ -189,9 +189,9 @@ def launching_with_blocks(table: dict):
 
 
 def block_table(option: dict) -> dict:
-    """`fxtp.gemv_blocks`' value ({"ROWSxCOLUMNS": [BLOCK_N, BLOCK_K, num_warps]}, JSON-friendly) as
+    """`DecodeOptions.gemv_blocks` ({"ROWSxCOLUMNS": [BLOCK_N, BLOCK_K, num_warps]}, JSON-friendly) as
     `launching_with_blocks` takes it; a ValueError that shows the form where anything else is given."""
-    form = ('fxtp.gemv_blocks maps a weight\'s shape to block sizes, {"ROWSxCOLUMNS": [BLOCK_N, BLOCK_K, '
+    form = ('gemv_blocks maps a weight\'s shape to block sizes, {"ROWSxCOLUMNS": [BLOCK_N, BLOCK_K, '
             'num_warps]}, powers of two with num_warps at most 32 (e.g. {"4096x2048": [2, 1024, 8]})')
     if not isinstance(option, dict):
         raise ValueError(f"{form}; got {option!r}")
@@ -256,7 +256,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     prefetchers = min(programs, -(-prefetched // (requests * request_elements)))
     peers = push or Peers(weight, weight, 0, 0)  # read only with push
     count_launch("pushing_gemv" if push is not None else KERNEL_NAMES[form])
-    _kernel()[(programs,)](x.contiguous(), weight, weight if bias is None else bias, out, outputs, group, prefetched,
+    triton_kernel()[(programs,)](x.contiguous(), weight, weight if bias is None else bias, out, outputs, group, prefetched,
                            prefetchers, cache.cos, cache.sin, cache.position, cache.key_cache, cache.value_cache,
                            query_rows, rotated_rows, cache.key_cache.stride(1), peers.addresses, peers.state,
                            COLUMNS=columns, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -279,7 +279,8 @@ def projection(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 
 @functools.cache
-def _kernel():
+def triton_kernel():
+    """The jitted kernel `launch` runs, built on first use (Triton reads TRITON_INTERPRET when it decorates it)."""
     import triton
     import triton.language as tl
 
