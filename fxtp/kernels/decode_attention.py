@@ -1,8 +1,9 @@
 """Attention for a decode step's few query rows in one Triton kernel, on by default in compiled
-decode steps (fxtp/decode/decode_graph.py's `fxtp.decode_attention`). On H100 the time of cuDNN's SDPA,
-which the compiled step runs otherwise, grew with the cache almost regardless of batch: 16 us a
-call over 256 keys and 180 over 8192 at batch 1, where this kernel, which splits the keys between
-programs, took 6.5 and 24 (benchmarks/attention_latency.py, README run R).
+decode steps (`DecodeOptions.decode_attention`, fxtp/decode/options.py). cuDNN's SDPA, which the
+compiled step runs otherwise, is made for many query rows: over a long cache it keeps few programs
+busy, and its time grows with the cache almost regardless of batch. This kernel splits the keys
+between programs, so that enough of them read the cache (benchmarks/attention_latency.py times both;
+figures in benchmarks/results/decode_step_history.md).
 
 A decode step attends a handful of query rows to the KV cache: Llama-3-8B on 2 GPUs folds
 (passes/codegen/fold_grouped_query.py) each layer's query to 4 rows per kv head over a [1, 4, 256, 128]
@@ -42,8 +43,8 @@ from fxtp.kernels.triton_device import runs_triton_kernels
 MAX_ROWS = 16  # query rows of one kv-head group; also tl.dot's smallest M
 MAX_HEAD_DIM = 256
 BLOCK_KEYS = 64
-# the split rule, fit to run R's table (README): on H100 it was within 16% of the fastest split count
-# measured in each of 29 (batch, cache, N) cases, and the fastest in every batch-1 case
+# the split rule (`split_keys`), fit to split counts timed on H100 at batch 1 to 64 over 256 to 8192
+# keys (benchmarks/results/decode_step_history.md): a few programs per SM, none with too few keys
 TARGET_PROGRAMS = 128
 SHORT_SPLITS = 4
 KEYS_PER_SPLIT = 128
