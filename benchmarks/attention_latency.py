@@ -1,5 +1,5 @@
 """Microseconds per decode-step attention call: cuDNN's (SDPA on the query rows folded per kv head,
-what the compiled decode step runs with `compile={"fxtp.decode_attention": False}`) against
+what the compiled decode step runs with `compile={"decode_attention": False}`) against
 fxtp::decode_attention, over its own choice of key splits and over fixed split counts, by batch,
 cache length and GPUs sharing the heads; a step's worth of calls (one a layer) back to back in one
 CUDA graph. It is what chose the kernel's split rule and its place as the default.

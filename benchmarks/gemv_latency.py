@@ -71,6 +71,20 @@ def _gap_kernels():
     return spin, chase
 
 
+def in_turn(weights: list, one, pdl: bool = False, gap=None):
+    """A call of `one(w)` for each of `weights`, each after `gap()` if given, launched with PDL if `pdl`:
+    what a replay times."""
+    def run():
+        with launching_with_pdl(pdl):
+            outs = []
+            for w in weights:
+                if gap:
+                    gap()
+                outs.append(one(w))
+            return outs
+    return run
+
+
 class Gap:
     """A latency-bound kernel of one program that, with PDL, waits for the kernel before and releases
     the one after at once, as push all_reduce does: it spins `us` microseconds ("spin"), or makes
@@ -107,8 +121,7 @@ def main() -> None:
         parser.error("no GPU here: this times GPU kernels")
     dtype, device = getattr(torch, args.dtype), torch.device("cuda")
     bandwidth = hbm_bandwidth(device, None)
-    step_options = step_inductor_options(device)
-    inductor_linear = torch.compile(F.linear, fullgraph=True, dynamic=False, options=step_options)
+    inductor_linear = torch.compile(F.linear, fullgraph=True, dynamic=False, options=step_inductor_options())
     config = model_config(args.shape, None)
     rows_out = []
     for ranks in (int(n) for n in args.ranks.split(",")):
@@ -118,18 +131,7 @@ def main() -> None:
                        for _ in range(args.copies)]
             x = torch.randn(1, columns, generator=generator, device=device, dtype=dtype)
             reference = [F.linear(x.float(), w.float()) for w in weights]
-
-            def gemvs(one, pdl=False, gap=None):
-                def run():
-                    with launching_with_pdl(pdl):
-                        outs = []
-                        for w in weights:
-                            if gap:
-                                gap()
-                            outs.append(one(w))
-                        return outs
-                return run
-
+            gemvs = functools.partial(in_turn, weights)
             variants = {"inductor": gemvs(lambda w: inductor_linear(x, w))}
             for blocks in BLOCKS:
                 variants["fxtp %dx%d/%dw" % blocks] = gemvs(lambda w, blocks=blocks: gemv.launch(x, w, blocks=blocks))

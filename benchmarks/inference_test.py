@@ -85,7 +85,8 @@ from transformers import AutoModelForCausalLM
 
 import fxtp
 from fxtp.tiny_configs import REAL_SHAPES, real_config, tiny_config
-from fxtp.decode.decode_graph import FXTP_OWN, inductor_options, symmetric_memory_works
+from fxtp.decode.options import DecodeOptions, requested, resolve
+from fxtp.decode.symmetric_memory import symmetric_memory_works
 from fxtp.runtime.rank_processes import free_port
 from fxtp.capture.static_cache import cache_shape
 from peers import PEERS, Context, Runner  # benchmarks/peers.py, beside this script
@@ -204,10 +205,10 @@ def parse_args() -> argparse.Namespace:
                         help=f"instead of timing: double the batch from the largest --batch until IMPL runs out of "
                              f"memory (at most {MAX_BATCH_LIMIT})")
     parser.add_argument("--compile-options", type=json.loads, default=[], metavar="JSON",
-                        help=f"fxtp-compile's and fxtp-compile-n1's options over their defaults (inductor's and "
-                             f"{', '.join(FXTP_OWN)}), e.g. '{{\"fxtp.push_all_reduce\": false}}'; a list of them "
-                             "runs each of the two once per entry, side by side (an A/B on one machine): "
-                             "'[{}, {\"coordinate_descent_tuning\": false}]'")
+                        help="fxtp-compile's and fxtp-compile-n1's options over their defaults: fields of "
+                             "fxtp.DecodeOptions (fxtp/decode/options.py), e.g. '{\"push_all_reduce\": false}' or "
+                             "'{\"inductor\": {\"max_autotune\": true}}'; a list of them runs each of the two once per "
+                             "entry, side by side (an A/B on one machine): '[{}, {\"coordinate_descent_tuning\": false}]'")
     parser.add_argument("--interleave", action="store_true",
                         help="with a list of --compile-options: set up every variant first, then time them in "
                              "turns, trial by trial, so that the machine's drift falls on all of them alike "
@@ -224,7 +225,12 @@ def parse_args() -> argparse.Namespace:
     args.impl = args.impl.split(",")
     variants = args.compile_options if isinstance(args.compile_options, list) else [args.compile_options]
     if not all(isinstance(v, dict) for v in variants):
-        parser.error("--compile-options takes a JSON object of inductor options, or a list of them")
+        parser.error("--compile-options takes a JSON object of fxtp.DecodeOptions fields, or a list of them")
+    for variant in variants:
+        try:
+            requested(variant)
+        except (TypeError, ValueError) as error:
+            parser.error(f"--compile-options {json.dumps(variant)}: {error}")
     args.compile_options = variants
     unknown = [name for name in args.impl + [args.find_max_batch] if name and name not in IMPLS]
     if unknown:
@@ -340,10 +346,11 @@ def add_turn_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="JSON file")
 
 
-def step_inductor_options(device: torch.device) -> dict:
-    """The inductor options of a 1-GPU decode step (coordinate descent, PDL), without fxtp's own rewrites:
-    a kernel microbenchmark compiles with them as the step does."""
-    return {key: value for key, value in inductor_options(True, "", 1, device).items() if key not in FXTP_OWN}
+def step_inductor_options(store_gemv_inputs: bool = False) -> dict:
+    """The inductor options of a 1-GPU decode step (coordinate descent, PDL; the post-grad pass of
+    passes/decode/store_gemv_inputs.py if `store_gemv_inputs`), without fxtp's rewrites of the step's
+    graph: a kernel microbenchmark compiles with them as the step does."""
+    return resolve(DecodeOptions(store_gemv_inputs=store_gemv_inputs), 1, symmetric_memory=False).inductor_options()
 
 
 def fastest_in_turns(replays: dict, reps: int, rounds: int, calls: int) -> dict:

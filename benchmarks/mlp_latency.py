@@ -1,7 +1,7 @@
 """Microseconds per Llama MLP at batch 1 (gate|up GEMV, silu(gate) * up, down GEMV, residual add),
 compiled as the decode step is (coordinate descent, PDL) and replayed as one CUDA graph of `--layers`
 MLPs with their own weights: inductor's default, which recomputes silu(gate) * up inside the down
-GEMV, against `fxtp.store_gemv_inputs` (passes/decode/store_gemv_inputs.py), which stores it first. The
+GEMV, against `DecodeOptions.store_gemv_inputs` (passes/decode/store_gemv_inputs.py), which stores it first. The
 variants take turns, `--rounds` times; a row gives the fastest round.
 
     python benchmarks/mlp_latency.py --inner 14336 --ranks 1,2 --out mlp.json
@@ -16,12 +16,10 @@ import json
 import torch
 import torch.nn.functional as F
 
-from fxtp.decode.decode_graph import POST_GRAD
-from fxtp.passes.decode.store_gemv_inputs import StoreGemvInputs
 from inference_test import (add_turn_arguments, as_cuda_graph, fastest_in_turns, hbm_bandwidth,  # benchmarks/
                             step_inductor_options)
 
-VARIANTS = {"inlined": {}, "stored": {POST_GRAD: StoreGemvInputs()}}
+VARIANTS = {"inlined": False, "stored": True}  # DecodeOptions.store_gemv_inputs
 
 
 def mlps(x: torch.Tensor, weights: list) -> torch.Tensor:
@@ -46,7 +44,6 @@ def main() -> None:
         parser.error(f"--ranks {args.ranks} must each divide --inner {args.inner}")
     dtype, device = getattr(torch, args.dtype), torch.device("cuda")
     bandwidth = hbm_bandwidth(device, None)  # by GPU name; None for GPUs it does not know
-    step_options = step_inductor_options(device)
     rows = []
     for n in ranks:
         inner = args.inner // n
@@ -60,10 +57,9 @@ def main() -> None:
         row = {"ranks": n, "inner_per_rank": inner, "us_per_layer": {}, "max_diff": {},
                "bytes_per_layer": sum(a.nbytes + b.nbytes for a, b in weights) // args.layers}
         replays = {}
-        for name, options in VARIANTS.items():
+        for name, stored in VARIANTS.items():
             torch._dynamo.reset()
-            compiled = torch.compile(mlps, fullgraph=True, dynamic=False,
-                                     options={**step_options, **options})
+            compiled = torch.compile(mlps, fullgraph=True, dynamic=False, options=step_inductor_options(stored))
             row["max_diff"][name] = (compiled(x, weights).float() - reference).abs().max().item()
             replays[name] = as_cuda_graph(lambda: compiled(x, weights))
         row["us_per_layer"] = fastest_in_turns(replays, args.reps, args.rounds, args.layers)

@@ -10,7 +10,8 @@ import fxtp
 from fxtp.kernels.grouped_mm_by_rows import grouped_mm_by_rows
 from fxtp.passes.decode.retarget import with_capturable_grouped_mm
 from fxtp.tiny_configs import tiny_model
-from fxtp.decode.decode_graph import DecodeGraph, inductor_options
+from fxtp.decode.decode_graph import DecodeGraph
+from fxtp.decode.options import DecodeOptions, resolve
 
 fallback = torch.ops.transformers.grouped_mm_fallback.default
 
@@ -56,12 +57,12 @@ def test_grouped_mm_by_rows_reads_nothing_on_the_host(rows):
 
 def decode_step(model, monkeypatch) -> tuple:
     """The rank graph of `model` at world size 1 with a cache, and the step DecodeGraph compiles
-    from it at main's default (torch.compile intercepted: nothing runs on a GPU)."""
+    from it with the default options (torch.compile intercepted: nothing runs on a GPU)."""
     compiled = []
     with monkeypatch.context() as patch:
         patch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module))
         module = fxtp.compile(model, 1).with_cache(batch_size=1, max_length=16).rank_graph(0)
-        DecodeGraph(module, inductor_options(True, "", 1, torch.device("cuda", 0)))
+        DecodeGraph(module, resolve(DecodeOptions(), 1, False))
     return module, compiled[-1]
 
 

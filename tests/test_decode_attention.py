@@ -1,30 +1,35 @@
 """fxtp::decode_attention (fxtp/kernels/decode_attention.py).
 
 Its Triton kernel runs on the GPU, or without one on CPU tensors in Triton's interpreter (which
-tests/conftest.py turns on), against SDPA over repeated k and v: one split of the keys and several,
-no mask, left padding as a bool mask, per-head additive masks, rows with every key masked, bf16,
-and arrival counters reused from call to call. Outside the interpreter, on GPUs before Ampere, and
-for shapes the kernel does not cover, the op is grouped_query_attention. The graph rewrite is
-checked on tiny Llama rank graphs. With a GPU the op is also run from CUDA-graph replays.
+tests/conftest.py turns on), counted as it launches (fxtp/kernels/launches.py), against SDPA over
+repeated k and v: one split of the keys and several, no mask, left padding as a bool mask, per-head
+additive masks, rows with every key masked, bf16, and arrival counters reused from call to call.
+Outside the interpreter, on GPUs before Ampere, and for shapes the kernel does not cover, the op is
+grouped_query_attention. The graph rewrite is checked on tiny Llama rank graphs. tests/test_cuda.py
+runs the op from CUDA-graph replays, launched with and without PDL.
 """
 import itertools
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fxtp
+from fxtp.capture.static_cache import is_cache_state
+from fxtp.decode.decode_graph import DecodeGraph
+from fxtp.decode.options import DecodeOptions, resolve
 from fxtp.kernels import decode_attention as attention
-from fxtp.tiny_configs import tiny_model
-from fxtp.decode.decode_graph import ATTENTION, PUSH, DecodeGraph
+from fxtp.kernels.launches import counting_launches
+from fxtp.kernels.triton_device import runs_triton_kernels
 from fxtp.passes.decode.retarget import with_decode_attention
 from fxtp.rank_ops.grouped_query import grouped_query_attention
 from fxtp.runtime.simulate import simulate
-from fxtp.capture.static_cache import is_cache_state
-from fxtp.kernels.triton_device import runs_triton_kernels
 from fxtp.testing import tiny_program
+from fxtp.tiny_configs import tiny_model
 
 op = torch.ops.fxtp.decode_attention
 
@@ -41,16 +46,10 @@ def device() -> torch.device:
 
 
 @pytest.fixture
-def launches(monkeypatch) -> list:
-    """Records every kernel launch of the op."""
-    calls = []
-    launch = attention.launch
-
-    def recorded(*args):
-        calls.append(args[0].shape)
-        return launch(*args)
-    monkeypatch.setattr(attention, "launch", recorded)
-    return calls
+def launches():
+    """The kernel launches of the test (fxtp/kernels/launches.py): the kernel, not its fallback, ran."""
+    with counting_launches() as counter:
+        yield counter
 
 
 def inputs(batch, heads, groups, rows, length, dim, mask, dtype=torch.float32, seed=0) -> tuple:
@@ -101,7 +100,7 @@ SHAPES = [(batch, heads, groups, rows, length, dim)
 def test_kernel_equals_sdpa_over_repeated_heads(device, launches, batch, heads, groups, rows, length, dim, mask):
     args = inputs(batch, heads, groups, rows, length, dim, mask, seed=length + dim)
     got = op(*on(device, *args))
-    assert launches == [args[0].shape]
+    assert launches == {"decode_attention": 1}
     torch.testing.assert_close(got.cpu(), sdpa_over_repeated_heads(*args), atol=1e-5, rtol=0)
 
 
@@ -128,7 +127,7 @@ def test_one_split_walks_several_blocks_of_keys(device, launches):
     args = inputs(64, 2, 2, 1, 256, 16, "bool", seed=3)
     assert attention.split_keys(256, programs=64 * 2) == (256, 1)
     torch.testing.assert_close(op(*on(device, *args)).cpu(), sdpa_over_repeated_heads(*args), atol=1e-5, rtol=0)
-    assert len(launches) == 1
+    assert launches == {"decode_attention": 1}
 
 
 def test_scale_and_a_mask_row_broadcast_to_every_query_row_and_head(device, launches):
@@ -136,7 +135,7 @@ def test_scale_and_a_mask_row_broadcast_to_every_query_row_and_head(device, laun
     query, key, value, _ = inputs(2, 8, 2, 2, 300, 64, "none")
     attn_mask = (torch.arange(300) >= torch.tensor([[5], [280]]))[:, None, None].expand(2, 1, 2, 300)
     got = op(*on(device, query, key, value, attn_mask), scale=0.3)
-    assert len(launches) == 1
+    assert launches == {"decode_attention": 1}
     torch.testing.assert_close(got.cpu(), sdpa_over_repeated_heads(query, key, value, attn_mask, scale=0.3),
                                atol=1e-5, rtol=0)
 
@@ -150,7 +149,7 @@ def test_a_row_with_every_key_masked_gives_zero_as_sdpa_does_on_the_cpu(device, 
     attends[1, :, 0, :min(length, 400)] = False  # rows with nothing in the first split(s)
     attn_mask = attends if mask == "bool" else torch.zeros(attends.shape).masked_fill(~attends, float("-inf"))
     got = op(*on(device, query, key, value, attn_mask)).cpu()
-    assert len(launches) == 1
+    assert launches == {"decode_attention": 1}
     assert not got.isnan().any() and (got[0, 1, 1] == 0).all()
     torch.testing.assert_close(got, sdpa_over_repeated_heads(query, key, value, attn_mask), atol=1e-5, rtol=0)
 
@@ -159,7 +158,7 @@ def test_a_row_with_every_key_masked_gives_zero_as_sdpa_does_on_the_cpu(device, 
 def test_bfloat16_within_its_rounding(device, launches, length):
     args = inputs(3, 8, 2, 2, length, 128, "bool", dtype=torch.bfloat16)
     got = op(*on(device, *args)).cpu()
-    assert got.dtype == torch.bfloat16 and len(launches) == 1
+    assert got.dtype == torch.bfloat16 and launches == {"decode_attention": 1}
     assert_within_rounding(got, *args)
 
 
@@ -171,19 +170,22 @@ def test_calls_reuse_the_arrival_counters(device, launches):
         args = inputs(1, 8, 2, 2, length, 64, "bool", seed=seed)
         placed = on(device, *args)
         results.append((op(*placed).cpu(), sdpa_over_repeated_heads(*args)))
-        counters = attention._ARRIVALS[(placed[0].device, 2)]
+        counters = attention.arrival_counters(placed[0].device, 2)
         assert counters.tolist() == [0, 0]
         if seed == 0 and length == 600:
             first_counters = counters
-    assert counters is first_counters and len(launches) == 6
+    assert counters is first_counters and launches == {"decode_attention": 6}
     for got, expected in results:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_opcheck_on_the_kernel_and_the_fallback(device):
-    """Schema, fake tensor (what torch.compile traces with) and the real op agree."""
-    for args in (inputs(2, 4, 2, 2, 300, 64, "bool"), inputs(2, 4, 2, 9, 40, 64, "additive")):
-        torch.library.opcheck(op.default, on(device, *args), {"scale": 0.5})
+    """Schema, fake tensor (what torch.compile traces with) and the real op agree, where the kernel
+    runs (2 query rows) and where it falls back (18 folded rows)."""
+    for args, kernel in ((inputs(2, 4, 2, 2, 300, 64, "bool"), True), (inputs(2, 4, 2, 9, 40, 64, "additive"), False)):
+        with counting_launches() as launches:
+            torch.library.opcheck(op.default, on(device, *args), {"scale": 0.5})
+        assert (launches["decode_attention"] > 0) is kernel
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside inductor
@@ -199,8 +201,10 @@ def test_inductor_computes_a_mask_that_layers_share_once(device):
     query, key, value, _ = on(device, *inputs(1, 4, 2, 1, 40, 16, "none"))
     padding = torch.arange(40, device=device)[None].float()
     torch._dynamo.reset()
-    with torch._inductor.config.patch(fx_graph_cache=False):  # the cache's key does not hold the op's tags
+    # fx_graph_cache off: the cache's key does not hold the op's tags
+    with torch._inductor.config.patch(fx_graph_cache=False), counting_launches() as launches:
         out, code = run_and_get_code(torch.compile(two_layers, dynamic=False), query, key, value, padding)
+    assert launches == {"decode_attention": 2}
     torch.testing.assert_close(out, two_layers(query, key, value, padding), rtol=1e-5, atol=1e-5)
     masks = re.findall(r"decode_attention\.default\(\w+, \w+, \w+, reinterpret_tensor\((\w+),", code[0])
     assert len(masks) == 2 and masks[0] == masks[1], masks
@@ -210,7 +214,7 @@ def test_outside_the_interpreter_cpu_tensors_get_grouped_query_attention(monkeyp
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args = inputs(3, 8, 2, 2, 300, 64, "bool")
     assert torch.equal(op(*args), grouped_query_attention(*args))
-    assert launches == []
+    assert launches == {}
 
 
 def test_gpus_before_ampere_get_grouped_query_attention(monkeypatch):
@@ -224,7 +228,7 @@ def test_gpus_before_ampere_get_grouped_query_attention(monkeypatch):
 def test_shapes_the_kernel_does_not_cover_get_grouped_query_attention(device, launches, shape):
     args = on(device, *inputs(*shape, "bool"))
     assert torch.equal(op(*args), grouped_query_attention(*args))
-    assert launches == []
+    assert launches == {}
 
 
 def test_rewrite_replaces_every_grouped_query_attention_and_shares_the_weights():
@@ -241,17 +245,28 @@ def test_rewrite_replaces_every_grouped_query_attention_and_shares_the_weights()
 
 
 @pytest.mark.parametrize("push", [False, True])
-def test_decode_graph_option_rewrites_the_step_and_stays_out_of_inductor(monkeypatch, push):
-    """fxtp/decode/decode_graph.py with `fxtp.decode_attention` (with and without push all_reduce): the step
-    it compiles calls the op, and the options inductor gets hold neither fxtp option."""
+def test_decode_graph_option_rewrites_the_step(monkeypatch, push):
+    """fxtp/decode/decode_graph.py with `decode_attention` on (by default) or off, with and without
+    push all_reduce: the step it compiles calls the op, or the graph's attention."""
     compiled = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(module=module, **kwargs))
     module = fxtp.compile(tiny_model("llama"), 2).rank_graph(0)
-    DecodeGraph(module, {"coordinate_descent_tuning": True, PUSH: push, ATTENTION: True})
-    targets = [n.target for n in compiled["module"].graph.nodes]
-    assert targets.count(op.default) == 2 and grouped_query_attention not in targets
-    assert (torch.ops.fxtp.push_all_reduce.default in targets) == push
-    assert compiled["options"] == {"coordinate_descent_tuning": True}
+    for attention_on in (True, False):
+        DecodeGraph(module, resolve(DecodeOptions(push_all_reduce=push, decode_attention=attention_on), 2, True))
+        targets = [n.target for n in compiled["module"].graph.nodes]
+        assert targets.count(op.default) == (2 if attention_on else 0)
+        assert targets.count(grouped_query_attention) == (0 if attention_on else 2)
+        assert (torch.ops.fxtp.push_all_reduce.default in targets) == push
+
+
+def test_importing_the_decode_step_registers_every_op_it_calls():
+    """In a fresh interpreter: the rewrites of fxtp/decode/decode_graph.py call fxtp's ops by name
+    (torch.ops.fxtp.*), which exist once the modules that define them are imported."""
+    ops = ["decode_attention", "gemv", "rotary_gemv", "push_all_reduce", "push_all_reduce_add_rms_norm",
+           "gemv_push_all_reduce", "gemv_push_all_reduce_add_rms_norm"]
+    script = f"import torch, fxtp.decode.decode_graph; print([hasattr(torch.ops.fxtp, name) for name in {ops!r}])"
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == str([True] * len(ops))
 
 
 def prefill_and_decode(modules: list, batch: int, length: int, device: torch.device) -> list:
@@ -293,31 +308,4 @@ def test_rewritten_steps_compute_the_same_logits(request, monkeypatch, launches,
         else:
             assert torch.equal(step_got, step_expected)
     layers, ranks, steps = tp.model.config.num_hidden_layers, 2, 3
-    assert len(launches) == (layers * ranks * steps if kernel else 0)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("length", [256, 1100])
-def test_on_cuda_eagerly_and_in_cuda_graph_replays(launches, dtype, length):
-    """Against SDPA: eagerly, then from a CUDA graph replayed with new inputs, twice (the counters
-    set back to 0 inside the graph serve the next replay)."""
-    cases = [inputs(2, 8, 2, 2, length, 128, "bool", dtype=dtype, seed=seed) for seed in range(3)]
-
-    def check(got, *args):
-        if dtype == torch.float32:
-            torch.testing.assert_close(got, sdpa_over_repeated_heads(*args), atol=1e-5, rtol=0)
-        else:
-            assert_within_rounding(got, *args)
-
-    static = on(torch.device("cuda"), *cases[0])
-    check(op(*static).cpu(), *cases[0])
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = op(*static)
-    for case in cases[1:]:
-        for buffer, value in zip(static, case):
-            buffer.copy_(value)
-        graph.replay()
-        check(out.cpu(), *case)
-    assert len(launches) == 2
+    assert launches == ({"decode_attention": layers * ranks * steps} if kernel else {})

@@ -1,22 +1,24 @@
-"""fxtp::gemv (fxtp/kernels/gemv.py): the kernel against F.linear in Triton's interpreter (on the GPU where
-there is one, launched with and without PDL, eagerly and in CUDA-graph replays), its fallbacks, and
-the decode-step rewrite that uses it (fxtp.gemv)."""
+"""fxtp::gemv (fxtp/kernels/gemv.py): the kernel, counted as it launches (fxtp/kernels/launches.py),
+against F.linear in Triton's interpreter (on the GPU where there is one; tests/test_cuda.py launches
+it with and without PDL, eagerly and in CUDA-graph replays), its fallbacks, and the decode-step
+rewrites that use it (DecodeOptions.gemv and gated_gemv)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fxtp
-from fxtp.decode import decode_graph
+from fxtp.decode.decode_graph import DecodeGraph
+from fxtp.decode.options import DecodeOptions, resolve
 from fxtp.kernels import gemv
-from fxtp.passes.decode.retarget import with_gemv
-from fxtp.tiny_configs import tiny_model
-from fxtp.decode.decode_graph import DECODE_ONLY, GATED, GEMV, GEMV_BLOCKS, PRELOAD, DecodeGraph, inductor_options
+from fxtp.kernels.dependent_launch import launching_with_pdl, preloads, uses_pdl
+from fxtp.kernels.launches import counting_launches
 from fxtp.passes.decode.fuse_gated_gemv import fuse_gated_gemv
 from fxtp.passes.decode.merge_projections import merge_projections
-from fxtp.kernels.dependent_launch import launching_with_pdl, preloads, uses_pdl
+from fxtp.passes.decode.retarget import with_gemv
+from fxtp.passes.decode.shared_state_copy import twin
 from fxtp.runtime.simulate import simulate
 from fxtp.testing import traced_targets
-from fxtp.passes.decode.shared_state_copy import twin
+from fxtp.tiny_configs import tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 aten = torch.ops.aten
@@ -44,7 +46,9 @@ def gated_reference(x, weight, bias, activation):
 @pytest.mark.parametrize("rows,columns,bias", [(20, 48, False), (37, 1030, True), (64, 2048, False), (3, 5, True)])
 def test_gemv_float32_equals_linear_to_rounding(rows, columns, bias):
     x, weight, b = operands(rows, columns, torch.float32, bias)
-    out = torch.ops.fxtp.gemv(x, weight, b)
+    with counting_launches() as launches:
+        out = torch.ops.fxtp.gemv(x, weight, b)
+    assert launches == {"gemv": 1}  # the kernel computed it, not F.linear
     assert out.shape == (1, 1, rows) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), reference(x, weight, b), rtol=1e-5, atol=1e-5)
 
@@ -52,7 +56,9 @@ def test_gemv_float32_equals_linear_to_rounding(rows, columns, bias):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_16_bit_is_the_float32_sum_rounded_once(dtype):
     x, weight, b = operands(40, 300, dtype, True)
-    out = torch.ops.fxtp.gemv(x, weight, b)
+    with counting_launches() as launches:
+        out = torch.ops.fxtp.gemv(x, weight, b)
+    assert launches == {"gemv": 1}
     exact = reference(x, weight, b)
     # one rounding of a float32 sum: within an ulp of the exact value (half a one on GPUs, which round
     # to nearest; Triton 3.9's interpreter truncates), plus float32's own error
@@ -63,10 +69,12 @@ def test_gemv_16_bit_is_the_float32_sum_rounded_once(dtype):
 def test_gemv_falls_back_to_linear_where_the_kernel_does_not_apply():
     x, weight, b = operands(16, 32, torch.float32, True)
     rows = torch.cat([x, 2 * x], dim=1)  # two rows: a prefill or a batch
-    assert torch.equal(torch.ops.fxtp.gemv(rows, weight, b), F.linear(rows, weight, b))
     transposed = weight.t().contiguous().t()  # not contiguous [out, in]
-    assert torch.equal(torch.ops.fxtp.gemv(x, transposed, b), F.linear(x, transposed, b))
-    assert torch.equal(torch.ops.fxtp.gemv(x.double(), weight.double()), F.linear(x.double(), weight.double()))
+    with counting_launches() as launches:
+        assert torch.equal(torch.ops.fxtp.gemv(rows, weight, b), F.linear(rows, weight, b))
+        assert torch.equal(torch.ops.fxtp.gemv(x, transposed, b), F.linear(x, transposed, b))
+        assert torch.equal(torch.ops.fxtp.gemv(x.double(), weight.double()), F.linear(x.double(), weight.double()))
+    assert launches == {}
 
 
 def test_gemv_fake_gives_the_output_shape():
@@ -90,17 +98,14 @@ def test_pdl_only_inside_the_context_and_only_on_gpus_that_have_it():
 
 
 def test_the_decode_step_launches_gemvs_that_preload_their_weights_by_default(monkeypatch):
-    """`fxtp.gemv_preload` (on by default) reaches the kernel through DecodeGraph's launch context:
-    under PDL the GEMV loads its first weights before its wait; without PDL there is no wait to
-    load before."""
-    cuda = torch.device("cuda", 0)  # the options only: nothing touches a GPU
-    assert PRELOAD in DECODE_ONLY and inductor_options(True, "", 1, cuda)[PRELOAD] is True
-    with pytest.raises(ValueError, match="fxtp.gemv_preload is True or False"):
-        inductor_options({PRELOAD: "yes"}, "", 1, cuda)
+    """`DecodeOptions.gemv_preload` (on by default) reaches the kernel through DecodeGraph's launch
+    context: under PDL the GEMV loads its first weights before its wait; without PDL there is no wait
+    to load before."""
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
     program = fxtp.compile(tiny_model("llama"), 1)
-    assert DecodeGraph(program.rank_graph(0), {}).preload is True
-    assert DecodeGraph(program.rank_graph(0), {PRELOAD: False}).preload is False
+    for options, preload in ((DecodeOptions(), True), (DecodeOptions(gemv_preload=False), False)):
+        with DecodeGraph(program.rank_graph(0), resolve(options, 1, False)).launching():
+            assert preloads() is preload
 
     launches = []
 
@@ -108,7 +113,7 @@ def test_the_decode_step_launches_gemvs_that_preload_their_weights_by_default(mo
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append(kwargs)
 
-    monkeypatch.setattr(gemv, "_kernel", lambda: Kernel())
+    monkeypatch.setattr(gemv, "triton_kernel", lambda: Kernel())
     x, weight, _ = operands(8, 16, torch.float32, False)
     for pdl in (False, True):
         monkeypatch.setattr(gemv, "uses_pdl", lambda device, pdl=pdl: pdl)
@@ -122,16 +127,10 @@ def test_the_decode_step_launches_gemvs_that_preload_their_weights_by_default(mo
 
 
 def test_gemv_blocks_option_sets_the_block_sizes_the_step_launches(monkeypatch):
-    cuda = torch.device("cuda", 0)  # the options only: nothing touches a GPU
-    assert GEMV_BLOCKS in DECODE_ONLY and inductor_options(True, "", 1, cuda)[GEMV_BLOCKS] == {}
-    for bad in ([1, 2048, 4], {"4096": [1, 2048, 4]}, {"4096x2048": [3, 2048, 4]}, {"4096x2048": [1, 2048, 64]}):
-        with pytest.raises(ValueError, match=r'fxtp.gemv_blocks maps a weight\'s shape to block sizes, '
-                                             r'\{"ROWSxCOLUMNS": \[BLOCK_N, BLOCK_K, num_warps\]\}'):
-            inductor_options({GEMV_BLOCKS: bad}, "", 1, cuda)
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
     module = fxtp.compile(tiny_model("llama"), 1).rank_graph(0)
-    assert DecodeGraph(module, {}).blocks == {}
-    step = DecodeGraph(module, {GEMV_BLOCKS: {"8x16": [2, 16, 1]}})
+    assert DecodeGraph(module, resolve(DecodeOptions(), 1, False)).blocks == {}
+    step = DecodeGraph(module, resolve(DecodeOptions(gemv_blocks={"8x16": [2, 16, 1]}), 1, False))
     assert step.blocks == {(8, 16): (2, 16, 1)}
 
     launches = []
@@ -141,19 +140,18 @@ def test_gemv_blocks_option_sets_the_block_sizes_the_step_launches(monkeypatch):
             return lambda *args, **kwargs: launches.append((grid, kwargs["BLOCK_N"], kwargs["BLOCK_K"],
                                                             kwargs["num_warps"]))
 
-    monkeypatch.setattr(gemv, "_kernel", lambda: Kernel())
+    monkeypatch.setattr(gemv, "triton_kernel", lambda: Kernel())
     x, weight, _ = operands(8, 16, torch.float32, False)
-    with step._launching():
+    with step.launching():
         gemv.launch(x, weight)
     gemv.launch(x, weight)
     assert launches == [((4,), 2, 16, 1), ((8,), 1, 16, 8)]
 
 
 def test_block_sizes_by_row_length_and_form():
-    """Llama-3-8B's weights at N=2, at the blocks chosen by timing the decode step on H100
-    (benchmarks/results/RESULTS.md): o at 8 warps, down two rows a program over 8 warps, gate|up two
-    pairs over 8 warps, q|k|v (rotary) one pair over 8 warps with the whole row a step, lm_head one
-    row over 4 warps; BLOCK_K at most a row."""
+    """Llama-3-8B's weights at N=2, as timed in the step (benchmarks/results/decode_step_history.md): o at 8 warps, down two
+    rows a program over 8 warps, gate|up two pairs over 8 warps, q|k|v (rotary) one pair over 8 warps
+    with the whole row a step, lm_head one row over 4 warps; BLOCK_K at most a row."""
     assert gemv.block_sizes(4096, 2048) == (1, 2048, 8)
     assert gemv.block_sizes(4096, 7168) == (2, 2048, 8)
     assert gemv.block_sizes(14336, 4096, "gated") == (2, 2048, 8)
@@ -169,46 +167,6 @@ def test_block_sizes_by_row_length_and_form():
         assert gemv.block_sizes(4096, 2048) == (1, 2048, 8)
 
 
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="PDL, the prefetch and CUDA graphs need a GPU")
-def test_gemv_on_the_gpu_in_graph_replays(pdl_launch):
-    """Back-to-back GEMVs (with PDL: each prefetching while the one before runs) captured and
-    replayed with new inputs give F.linear's values."""
-    shapes = [(3072, 4096), (4096, 2048), (50, 4096), (4096, 7168)]
-    cases = [operands(rows, columns, torch.float32, rows == 50, seed=i) for i, (rows, columns) in enumerate(shapes)]
-    with launching_with_pdl(*pdl_launch):
-        eager = [torch.ops.fxtp.gemv(*case) for case in cases]
-        static = [case[0].clone() for case in cases]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            replayed = [torch.ops.fxtp.gemv(x, weight, b) for x, (_, weight, b) in zip(static, cases)]
-    for x in static:
-        x.mul_(-0.5)
-    graph.replay()
-    torch.cuda.synchronize()
-    for (x, weight, b), first, second in zip(cases, eager, replayed):
-        torch.testing.assert_close(first.double(), reference(x, weight, b), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(second.double(), reference(-0.5 * x, weight, b), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="PDL and CUDA graphs need a GPU")
-def test_gated_gemv_on_the_gpu_in_graph_replays(pdl_launch):
-    """Gated GEMVs at Llama-3-8B's gate|up shape (N=2) and a ragged one, in a replayed CUDA graph."""
-    cases = [operands(rows, columns, torch.float32, bias, seed=i)
-             for i, (rows, columns, bias) in enumerate([(14336, 4096, False), (74, 1030, True)])]
-    with launching_with_pdl(*pdl_launch):
-        static = [case[0].clone() for case in cases]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            replayed = [torch.ops.fxtp.gemv(x, weight, b, prefetch_bytes=0, activation="silu")
-                        for x, (_, weight, b) in zip(static, cases)]
-    for x in static:
-        x.mul_(-0.5)
-    graph.replay()
-    torch.cuda.synchronize()
-    for (x, weight, b), out in zip(cases, replayed):
-        torch.testing.assert_close(out, gated_reference(-0.5 * x, weight, b, "silu"), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: projections with biases
 def test_with_gemv_rewrites_every_projection_and_keeps_the_logits(arch):
     tp = fxtp.compile(tiny_model(arch), 2)
@@ -219,41 +177,40 @@ def test_with_gemv_rewrites_every_projection_and_keeps_the_logits(arch):
     assert linears > 0 and targets.count(gemv.projection) == linears
     assert aten.linear.default not in targets
     assert [node.target for node in graphs[0].graph.nodes].count(aten.linear.default) == linears  # left as it was
-    for ids in (torch.tensor([[5]]), torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))):
-        with torch.no_grad():  # one token: the kernel; a batch of prompts: F.linear
-            for plain, logits in zip(simulate(graphs, (ids, None), {}), simulate(rewritten, (ids, None), {})):
-                torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+    prompts = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    for ids, kernels in ((torch.tensor([[5]]), 2 * linears), (prompts, 0)):  # one token: the kernel; prompts: F.linear
+        plain = simulate(graphs, (ids, None), {})
+        with torch.no_grad(), counting_launches() as launches:
+            rewritten_logits = simulate(rewritten, (ids, None), {})
+        assert launches == ({"gemv": kernels} if kernels else {})
+        for expected, logits in zip(plain, rewritten_logits):
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_gemv_is_a_decode_option_on_by_default_with_more_than_one_rank(monkeypatch):
-    cuda = torch.device("cuda", 0)  # the options only: nothing touches a GPU
-    monkeypatch.setattr(decode_graph, "symmetric_memory_works", lambda group_name, device: False)
-    assert GEMV in DECODE_ONLY
-    assert inductor_options(True, "", 1, cuda)[GEMV] is False
-    assert inductor_options(True, "", 2, cuda)[GEMV] is True
-    assert inductor_options({GEMV: False}, "", 2, cuda)[GEMV] is False
-    assert inductor_options({GEMV: 8 << 20}, "", 1, cuda)[GEMV] == 8 << 20
-    for wrong in (-1, 1.5, "yes"):
-        with pytest.raises(ValueError, match="bytes of each weight to prefetch"):
-            inductor_options({GEMV: wrong}, "", 1, cuda)
-
-
-@pytest.mark.parametrize("option, prefetch_bytes", [(True, 0), (0, 0), (8 << 20, 8 << 20)])
-def test_the_decode_step_takes_the_prefetch_from_the_option(option, prefetch_bytes, monkeypatch):
+@pytest.mark.parametrize("gemv_on", [True, False])
+@pytest.mark.parametrize("prefetch_bytes", [0, 8 << 20])
+def test_the_decode_step_takes_fxtps_gemv_and_its_prefetch_from_the_options(gemv_on, prefetch_bytes, monkeypatch):
+    """Every projection becomes fxtp's GEMV with `gemv` (the gated GEMV takes gate|up first), at the
+    prefetch `gemv_prefetch_bytes` gives every form."""
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module))
-    DecodeGraph(fxtp.compile(tiny_model("llama"), 1).rank_graph(0), {GEMV: option})
-    calls = [node for node in compiled[0].graph.nodes if node.target is gemv.projection]
-    assert calls and all(node.kwargs == {"prefetch_bytes": prefetch_bytes} for node in calls)
+    module = fxtp.compile(tiny_model("llama"), 1).rank_graph(0)
+    DecodeGraph(module, resolve(DecodeOptions(gemv=gemv_on, gemv_prefetch_bytes=prefetch_bytes), 1, False))
+    targets = [node.target for node in compiled[0].graph.nodes]
+    calls = [node for node in compiled[0].graph.nodes if node.target in (gemv.projection, gemv.gated_projection)]
+    assert (aten.linear.default in targets) is not gemv_on and (gemv.projection in targets) is gemv_on
+    assert calls and all(node.kwargs["prefetch_bytes"] == prefetch_bytes for node in calls)
 
 
 def test_projection_compiles_to_the_kernel_for_one_row_and_to_linear_for_more():
     """torch.compile (static shapes, as the decode step) sees `fxtp::gemv` at one row, and at several
-    F.linear, which inductor compiles as it did before `fxtp.gemv`."""
+    F.linear, which inductor compiles as it would without fxtp's GEMV."""
     _, weight, b = operands(16, 32, torch.float32, True)
     for rows, kernel in ((1, True), (3, False)):
         x = torch.randn(1, rows, 32, device=DEVICE)
-        out, targets = traced_targets(gemv.projection, x, weight, b, 0)
+        with counting_launches() as launches:
+            out, targets = traced_targets(gemv.projection, x, weight, b, 0)
+        assert launches == ({"gemv": 1} if kernel else {})
         torch.testing.assert_close(out, reference(x, weight, b).float(), rtol=1e-5, atol=1e-5)
         assert any(t in (torch.ops.fxtp.gemv, torch.ops.fxtp.gemv.default) for t in targets) is kernel
         assert (F.linear in targets) is not kernel
@@ -264,7 +221,9 @@ def test_projection_compiles_to_the_kernel_for_one_row_and_to_linear_for_more():
 @pytest.mark.parametrize("rows,columns,bias", [(40, 48, False), (74, 1030, True), (74, 2100, False)])
 def test_gated_gemv_float32_equals_the_unfused_ops(activation, rows, columns, bias):
     x, weight, b = operands(rows, columns, torch.float32, bias)
-    out = torch.ops.fxtp.gemv(x, weight, b, activation=activation)
+    with counting_launches() as launches:
+        out = torch.ops.fxtp.gemv(x, weight, b, activation=activation)
+    assert launches == {"gated_gemv": 1}
     assert out.shape == (1, 1, rows // 2)
     torch.testing.assert_close(out, gated_reference(x, weight, b, activation), rtol=1e-5, atol=1e-5)
 
@@ -274,7 +233,9 @@ def test_gated_gemv_16_bit_rounds_as_the_unfused_ops():
     four roundings each, of at most half an ulp (relative 2^-8) on GPUs, which round to nearest, and a
     whole one where Triton's interpreter truncates. Another activation falls outside."""
     x, weight, b = operands(64, 300, torch.bfloat16, True)
-    out = torch.ops.fxtp.gemv(x, weight, b, activation="silu")
+    with counting_launches() as launches:
+        out = torch.ops.fxtp.gemv(x, weight, b, activation="silu")
+    assert launches == {"gated_gemv": 1}
     unfused = gated_reference(x, weight, b, "silu").float()
     rounding = 2 ** -8 if DEVICE.type == "cuda" else 2 ** -7
     assert ((out.float() - unfused).abs() <= unfused.abs() * (4 * rounding + 4 * 2 ** -8) + 1e-3).all()
@@ -284,8 +245,10 @@ def test_gated_gemv_16_bit_rounds_as_the_unfused_ops():
 def test_gated_gemv_falls_back_to_the_unfused_ops_and_checks_its_arguments():
     x, weight, b = operands(16, 32, torch.float32, True)
     rows = torch.cat([x, 2 * x], dim=1)
-    assert torch.equal(torch.ops.fxtp.gemv(rows, weight, b, activation="gelu_tanh"),
-                       gated_reference(rows, weight, b, "gelu_tanh"))
+    with counting_launches() as launches:
+        assert torch.equal(torch.ops.fxtp.gemv(rows, weight, b, activation="gelu_tanh"),
+                           gated_reference(rows, weight, b, "gelu_tanh"))
+    assert launches == {}
     with pytest.raises(ValueError, match="activation is one of silu, gelu, gelu_tanh"):
         torch.ops.fxtp.gemv(x, weight, b, activation="relu")
     with pytest.raises(ValueError, match="even number of rows"):
@@ -310,10 +273,15 @@ def test_fuse_gated_gemv_fuses_every_mlp_and_keeps_the_logits(arch, activation):
     activations = (aten.silu.default, aten.gelu.default)
     assert not any(node.target in activations for node in fused[0].graph.nodes)
     assert any(node.target in activations for node in graphs[0].graph.nodes)  # the merged twin is left as it was
-    for ids in (torch.tensor([[5]]), torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))):
-        with torch.no_grad():  # one token: the kernel; a batch of prompts: its fallback
-            for plain, logits in zip(simulate(graphs, (ids, None), {}), simulate(fused, (ids, None), {})):
-                torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+    prompts = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    for ids, kernels in ((torch.tensor([[5]]), 2 * len(calls)), (prompts, 0)):  # one token: the kernel; prompts: its fallback
+        with torch.no_grad():
+            plain = simulate(graphs, (ids, None), {})
+            with counting_launches() as launches:
+                fused_logits = simulate(fused, (ids, None), {})
+        assert launches == ({"gated_gemv": kernels} if kernels else {})
+        for expected, logits in zip(plain, fused_logits):
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fuse_gated_gemv_leaves_what_is_not_a_gated_projection():
@@ -338,24 +306,19 @@ def test_fuse_gated_gemv_leaves_what_is_not_a_gated_projection():
 
 
 def test_the_decode_step_fuses_gated_mlps_by_default(monkeypatch):
-    cuda = torch.device("cuda", 0)  # the options only: nothing touches a GPU
-    assert GATED in DECODE_ONLY and inductor_options(True, "", 1, cuda)[GATED] is True
-    with pytest.raises(ValueError, match="fxtp.gated_gemv is True or False"):
-        inductor_options({GATED: 1}, "", 1, cuda)
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module))
     model = tiny_model("llama")
     program = fxtp.compile(model, 1)
-    for options in ({GATED: True, "fxtp.merge_projections": True},
-                    {GATED: True, "fxtp.merge_projections": True, GEMV: 8 << 20},
-                    {GATED: False, "fxtp.merge_projections": True}):
-        DecodeGraph(program.rank_graph(0), options)
+    for options in (DecodeOptions(), DecodeOptions(gemv=True, gemv_prefetch_bytes=8 << 20),
+                    DecodeOptions(gated_gemv=False)):
+        DecodeGraph(program.rank_graph(0), resolve(options, 1, False))
         calls = [node.kwargs for node in compiled[-1].graph.nodes
                  if node.target in (gemv.projection, gemv.gated_projection)]
         gated = [kwargs for kwargs in calls if kwargs.get("activation") == "silu"]
-        assert len(gated) == (model.config.num_hidden_layers if options[GATED] else 0)
-        assert all(kwargs["prefetch_bytes"] == options.get(GEMV, 0) for kwargs in calls)
-        assert len(calls) > len(gated) if GEMV in options else len(calls) == len(gated)
+        assert len(gated) == (model.config.num_hidden_layers if options.gated_gemv else 0)
+        assert all(kwargs["prefetch_bytes"] == options.gemv_prefetch_bytes for kwargs in calls)
+        assert len(calls) > len(gated) if options.gemv else len(calls) == len(gated)
 
 
 def test_gated_projection_compiles_to_the_kernel_for_one_row_and_to_plain_ops_for_more():
@@ -364,7 +327,9 @@ def test_gated_projection_compiles_to_the_kernel_for_one_row_and_to_plain_ops_fo
     _, weight, b = operands(16, 32, torch.float32, True)
     for rows, kernel in ((1, True), (3, False)):
         x = torch.randn(1, rows, 32, device=DEVICE)
-        out, targets = traced_targets(gemv.gated_projection, x, weight, b, 0, "silu")
+        with counting_launches() as launches:
+            out, targets = traced_targets(gemv.gated_projection, x, weight, b, 0, "silu")
+        assert launches == ({"gated_gemv": 1} if kernel else {})
         torch.testing.assert_close(out, gated_reference(x, weight, b, "silu"), rtol=1e-5, atol=1e-5)
         assert any(t in (torch.ops.fxtp.gemv, torch.ops.fxtp.gemv.default) for t in targets) is kernel
         assert (F.linear in targets) is not kernel

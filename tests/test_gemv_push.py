@@ -2,25 +2,27 @@
 
 fxtp/kernels/gemv.py's GEMV with its push epilogue and fxtp/kernels/push_all_reduce.py's kernel with `pushed=True`
 run in Triton's interpreter on real processes over shared CPU memory (tests/push_harness.py), with
-rounds of plain push on the same buffers as in a decode step: they give the bits of the GEMV and then
-push all_reduce. The rewrite is checked on tiny rank graphs: what it fuses, and that the fused graph
+rounds of plain push on the same buffers as in a decode step, counted as they launch
+(fxtp/kernels/launches.py): they give the bits of the GEMV and then push all_reduce. The rewrite is checked on tiny rank graphs: what it fuses, and that the fused graph
 computes the unfused graph's logits on gloo (the ops' fallback). On GPUs, tests/test_cuda.py runs
-the ops with symmetric memory and generates with `fxtp.gemv_push`.
+the ops with symmetric memory and generates with `DecodeOptions.gemv_push`.
 """
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fxtp
+from fxtp.decode.decode_graph import DecodeGraph
+from fxtp.decode.options import DecodeOptions, resolve
 from fxtp.kernels import gemv
 from fxtp.kernels import push_all_reduce as pushed
-from fxtp.passes.decode.retarget import with_push_all_reduce
-from fxtp.tiny_configs import tiny_model
-from fxtp.decode.decode_graph import DECODE_ONLY, GEMV_PUSH, PUSH, PUSH_NORM, DecodeGraph, inductor_options
 from fxtp.kernels.gemv_push import projection_all_reduce, projection_all_reduce_add_rms_norm
-from fxtp.runtime.rank_processes import run_ranks
+from fxtp.kernels.launches import counting_launches
 from fxtp.passes.decode.fuse_add_rms_norm import fuse_add_rms_norm
 from fxtp.passes.decode.fuse_gemv_push import fuse_gemv_push
+from fxtp.passes.decode.retarget import with_push_all_reduce
+from fxtp.runtime.rank_processes import run_ranks
+from fxtp.tiny_configs import tiny_model
 from push_harness import assert_rotated, interpreted_addresses, shared_workspaces
 
 ROUNDS = 7  # the three buffers each serve two rounds or more
@@ -34,7 +36,7 @@ def rounds_on_rank(rank: int, fused_buffers: tuple, unfused_buffers: tuple, xs: 
     """Rank body: every round's sum (with the norm epilogue if `norm_weight` is not None), by the
     pushing GEMV and the summing kernel over `fused_buffers` (the GEMV then plain push in
     PLAIN_ROUNDS), and by the GEMV then push over `unfused_buffers`; the GEMVs at `blocks` (None:
-    gemv.block_sizes')."""
+    gemv.block_sizes'); and the kernels launched."""
     world = weights.size(0)
     fused_peers, unfused_peers = (pushed.Peers(interpreted_addresses(buffers), states[rank], rank, world)
                                   for buffers, states in (fused_buffers, unfused_buffers))
@@ -45,12 +47,13 @@ def rounds_on_rank(rank: int, fused_buffers: tuple, unfused_buffers: tuple, xs: 
         return pushed.launch_add_rms_norm(part, residual, norm_weight, EPS, *peers, pushed=pushed_already)
 
     fused, unfused = [], []
-    for round, (x, residual) in enumerate(zip(xs, residuals)):
-        pushes = round not in PLAIN_ROUNDS
-        part = gemv.launch(x[rank], weights[rank], blocks=blocks, push=fused_peers if pushes else None)
-        fused.append(summed(part, fused_peers, pushes, residual))
-        unfused.append(summed(gemv.launch(x[rank], weights[rank], blocks=blocks), unfused_peers, False, residual))
-    return fused, unfused
+    with counting_launches() as launches:
+        for round, (x, residual) in enumerate(zip(xs, residuals)):
+            pushes = round not in PLAIN_ROUNDS
+            part = gemv.launch(x[rank], weights[rank], blocks=blocks, push=fused_peers if pushes else None)
+            fused.append(summed(part, fused_peers, pushes, residual))
+            unfused.append(summed(gemv.launch(x[rank], weights[rank], blocks=blocks), unfused_peers, False, residual))
+    return fused, unfused, launches
 
 
 @pytest.mark.parametrize("world, dtype, rows, norm, blocks", [
@@ -71,6 +74,10 @@ def test_pushing_gemv_gives_the_bits_of_the_gemv_then_push(world, dtype, rows, n
     fused_buffers, unfused_buffers = (shared_workspaces(world, dtype, rows) for _ in range(2))
     ranks = run_ranks(rounds_on_rank, world, fused_buffers, unfused_buffers, xs, weights, residuals, norm_weight,
                       blocks, timeout=300)
+    push = "push_all_reduce_add_rms_norm" if norm else "push_all_reduce"
+    assert [launches for *_, launches in ranks] == [{"pushing_gemv": ROUNDS - len(PLAIN_ROUNDS),
+                                                     "gemv": ROUNDS + len(PLAIN_ROUNDS), push: 2 * ROUNDS}] * world
+    ranks = [(fused, unfused) for fused, unfused, _ in ranks]
     for round, x in enumerate(xs):
         reference = sum(x[rank].float() @ weights[rank].float().T for rank in range(world))
         results = []
@@ -133,22 +140,26 @@ def test_rewrite_fuses_each_layers_two_projections_into_their_all_reduces(norm):
             assert node.args[1].target.endswith(("o_proj.weight", "down_proj.weight"))
 
 
-def logits_with_and_without_fusion_on_rank(rank: int, inputs: list) -> list:
+def logits_with_and_without_fusion_on_rank(rank: int, inputs: list) -> tuple:
     results = []
     module = fxtp.compile(tiny_model("llama"), 2).module(rank)
-    for norm in (True, False):
-        twin = fused(module, norm)
-        with torch.no_grad():
-            results += [(module(ids), twin(ids)) for ids in inputs]
-    return results
+    with counting_launches() as launches:
+        for norm in (True, False):
+            twin = fused(module, norm)
+            with torch.no_grad():
+                results += [(module(ids), twin(ids)) for ids in inputs]
+    return results, launches
 
 
 def test_fused_graph_computes_the_same_logits_on_gloo():
     """Several rows: F.linear and gloo, the same bits. One row: fxtp's GEMV in the interpreter, which
-    sums in its own order."""
+    sums in its own order, then gloo (the fused op's fallback on CPU tensors): o and down of every
+    layer, with the norm and without."""
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randint(3, 100, shape, generator=generator) for shape in ((2, 7), (1, 1))]
-    for rank_results in run_ranks(logits_with_and_without_fusion_on_rank, 2, inputs, timeout=300):
+    layers = tiny_model("llama").config.num_hidden_layers
+    for rank_results, launches in run_ranks(logits_with_and_without_fusion_on_rank, 2, inputs, timeout=300):
+        assert launches == {"gemv": 2 * 2 * layers}
         for index, (plain, fused) in enumerate(rank_results):
             if index % 2 == 0:
                 assert torch.equal(plain, fused)
@@ -156,24 +167,17 @@ def test_fused_graph_computes_the_same_logits_on_gloo():
                 torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_gemv_push_option_fuses_the_decode_step_and_stays_out_of_inductor(monkeypatch):
+def test_gemv_push_option_fuses_the_decode_step(monkeypatch):
+    """Opt-in (its default and checks are tests/test_decode_options.py's); it takes o and down before
+    fxtp's GEMV takes the other projections."""
     compiled = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(module=module, **kwargs))
     module = fxtp.compile(tiny_model("llama"), 2).rank_graph(0)
-    for options, norm_fused, plain_fused in [({PUSH: True, PUSH_NORM: True, GEMV_PUSH: True}, 4, 0),
-                                             ({PUSH: True, PUSH_NORM: False, GEMV_PUSH: True}, 0, 4),
-                                             ({PUSH: True, PUSH_NORM: True, GEMV_PUSH: False}, 0, 0)]:
-        DecodeGraph(module, {"coordinate_descent_tuning": True, **options})
-        assert compiled["options"] == {"coordinate_descent_tuning": True}
+    for options, norm_fused, plain_fused in [(DecodeOptions(gemv_push=True), 4, 0),
+                                             (DecodeOptions(push_norm=False, gemv_push=True), 0, 4),
+                                             (DecodeOptions(), 0, 0)]:
+        DecodeGraph(module, resolve(options, 2, symmetric_memory=True))
         targets = [n.target for n in compiled["module"].graph.nodes]
         assert targets.count(projection_all_reduce_add_rms_norm) == norm_fused
         assert targets.count(projection_all_reduce) == plain_fused
-    assert GEMV_PUSH in DECODE_ONLY
-    cuda = torch.device("cuda", 0)
-    assert inductor_options({PUSH: True}, "", 1, cuda)[GEMV_PUSH] is False  # opt-in
-    assert inductor_options({PUSH: True, GEMV_PUSH: True}, "", 1, cuda)[GEMV_PUSH] is True
-    with pytest.raises(ValueError, match="fxtp.gemv_push=True fuses the projection before it into push all_reduce, "
-                                         "which is off here"):
-        inductor_options({GEMV_PUSH: True}, "", 1, cuda)
-    with pytest.raises(ValueError, match="fxtp.gemv_push is True or False"):
-        inductor_options({PUSH: True, GEMV_PUSH: 1}, "", 1, cuda)
+        assert targets.count(gemv.projection) > 0 and torch.ops.aten.linear.default not in targets

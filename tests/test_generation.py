@@ -4,8 +4,7 @@ import torch
 
 import fxtp
 from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
-from fxtp.decode.decode_graph import (ATTENTION, AUTO_SELECT, GATED, GEMV, GEMV_BLOCKS, GEMV_PUSH, MERGE, PDL, PRELOAD, PUSH,
-                               PUSH_NORM, ROTARY, STORE, inductor_options)
+from fxtp.decode.options import DecodeOptions, resolve
 from fxtp.dump import dump
 from fxtp.sharding.layouts import Shard
 from fxtp.runtime.rank_processes import run_ranks
@@ -134,7 +133,7 @@ def prefill_graph_against_eager_on_rank(rank: int, batch: int, length: int) -> l
     model, tp = tiny_program("llama", 2)
     step = tp.with_cache(batch, length).rank_graph(rank, dist.group.WORLD.group_name, torch.device("cpu"))
     cache = [buffer for name, buffer in step.named_buffers() if is_cache_state(name)]
-    prefill = PrefillGraph(step, {"coordinate_descent_tuning": True})
+    prefill = PrefillGraph(step, DecodeOptions())
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     results = []
     for prompt in (7, 13, 29):
@@ -162,23 +161,19 @@ def test_prefill_graph_serves_every_prompt_length_with_one_compilation():
                 torch.testing.assert_close(filled, expected, atol=1e-5, rtol=0)
 
 
-def test_decode_options_default_and_overrides_and_the_prefill_drops_decode_only_ones(monkeypatch):
-    """fxtp/decode/decode_graph.py's options on one rank (no collectives, so nothing touches a GPU): tuned
-    reductions, programmatic dependent launch and fxtp's attention kernel by default, the user's dict
-    on top of them; the prefill is compiled with the rest."""
-    cuda = torch.device("cuda", 0)
-    defaults = inductor_options(True, "", 1, cuda)
-    assert defaults == {"coordinate_descent_tuning": True, PDL: True, AUTO_SELECT: False, PUSH: False,
-                        PUSH_NORM: False, ATTENTION: True, MERGE: True, STORE: True, GEMV: False, GATED: True,
-                        ROTARY: True, PRELOAD: True, GEMV_PUSH: False, GEMV_BLOCKS: {}}
-    assert inductor_options({PDL: False, "max_autotune": True}, "", 1, cuda) == {**defaults, PDL: False,
-                                                                                  "max_autotune": True}
-    compiled_with = {}
-    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled_with.update(kwargs["options"]))
-    PrefillGraph(fxtp.compile(tiny_model("llama"), 1).rank_graph(0),
-                 {**defaults, AUTO_SELECT: True, PUSH: True, PUSH_NORM: True, ATTENTION: True, STORE: True, GEMV: True,
-                  GATED: True, ROTARY: True, PRELOAD: True, GEMV_PUSH: True, GEMV_BLOCKS: {"8x16": [1, 16, 4]}})
-    assert compiled_with == {"coordinate_descent_tuning": True}
+def test_the_prefill_drops_the_options_of_the_decode_step_alone(monkeypatch):
+    """fxtp/decode/prefill_graph.py is compiled with coordinate descent and the user's inductor options,
+    without PDL, one-shot all_reduce, the post-grad pass or any of fxtp's rewrites, whatever they say."""
+    compiled = {}
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(module=module, **kwargs))
+    module = fxtp.compile(tiny_model("llama"), 1).rank_graph(0)
+    every_option = resolve(DecodeOptions(coordinate_descent_tuning=False, inductor={"max_autotune": True},
+                                         push_all_reduce=True, gemv=True, gemv_push=True,
+                                         gemv_blocks={"8x16": [1, 16, 4]}), world_size=2, symmetric_memory=True)
+    PrefillGraph(module, every_option)
+    assert compiled["options"] == {"coordinate_descent_tuning": False, "max_autotune": True}
+    assert compiled["dynamic"] is True
+    assert [node.target for node in compiled["module"].graph.nodes] == [node.target for node in module.graph.nodes]
 
 
 def test_generation_errors_say_what_to_do():
@@ -197,7 +192,7 @@ def test_generation_errors_say_what_to_do():
     _, single = tiny_program("llama", 1)
     with pytest.raises(ValueError, match="pass a CUDA device, or compile=False"):
         single.generator(0, device="cpu", compile=True)
-    with pytest.raises(TypeError, match="dict of inductor options"):
+    with pytest.raises(TypeError, match="compile is True, False, an fxtp.DecodeOptions or a dict of its fields"):
         single.generator(0, device="cpu", compile="max-autotune")
     with pytest.raises(RuntimeError, match="torchrun"):
         tp.generator(0)

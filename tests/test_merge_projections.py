@@ -6,7 +6,8 @@ import torch.fx as fx
 
 import fxtp
 from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
-from fxtp.decode.decode_graph import ATTENTION, DECODE_ONLY, MERGE, PUSH, PUSH_NORM, DecodeGraph, inductor_options
+from fxtp.decode.decode_graph import DecodeGraph
+from fxtp.decode.options import DecodeOptions, resolve
 from fxtp.passes.decode.fuse_add_rms_norm import FUSED
 from fxtp.passes.decode.merge_projections import merge_projections
 from fxtp.runtime.simulate import simulate
@@ -118,18 +119,20 @@ def test_what_is_merged_and_what_is_left_alone(reads, merged):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("others", [{}, {PUSH: True, PUSH_NORM: True, ATTENTION: True}])
-def test_merge_option_rewrites_the_decode_step_and_stays_out_of_inductor(monkeypatch, others):
+# fxtp's GEMV, rotary and gated GEMVs off: they take the projections that are counted
+ONLY_MERGED = dict(gemv=False, rotary_gemv=False, gated_gemv=False)
+
+
+@pytest.mark.parametrize("others", [dict(push_all_reduce=False, decode_attention=False),
+                                    dict(push_all_reduce=True, push_norm=True, decode_attention=True)])
+def test_merge_option_rewrites_the_decode_step(monkeypatch, others):
     """With fxtp's other rewrites of the step or without them, which start from the merged twin."""
     compiled = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(module=module, **kwargs))
     module = fxtp.compile(tiny_model("llama"), 2).with_cache(1, 16).rank_graph(0)
     for merge, projections in [(True, 4 * 2 + 1), (False, 7 * 2 + 1)]:
-        DecodeGraph(module, {"coordinate_descent_tuning": True, MERGE: merge, **others})
-        assert compiled["options"] == {"coordinate_descent_tuning": True}
+        DecodeGraph(module, resolve(DecodeOptions(merge_projections=merge, **ONLY_MERGED, **others), 2, True))
         assert linears(compiled["module"]) == projections
         targets = [n.target for n in compiled["module"].graph.nodes]
-        assert (FUSED in targets, torch.ops.fxtp.decode_attention.default in targets) == (bool(others),) * 2
+        assert (FUSED in targets, torch.ops.fxtp.decode_attention.default in targets) == (others["push_all_reduce"],) * 2
     assert linears(module) == 7 * 2 + 1  # the module itself is left as it was
-    assert MERGE in DECODE_ONLY
-    assert inductor_options({}, "", 1, torch.device("cuda", 0))[MERGE] is True  # on by default

@@ -1,15 +1,17 @@
 """fxtp::push_all_reduce (fxtp/kernels/push_all_reduce.py).
 
 Its Triton kernel runs in Triton's interpreter on real processes, with shared CPU memory standing in
-for symmetric memory: every part arrives, a part holding -0.0 is not taken for an empty slot, the
-three buffers are emptied for their next use, and rounds advance. On GPUs, tests/test_cuda.py runs
-it with symmetric memory and NCCL. The graph rewrite is checked on a tiny Llama's rank graphs.
+for symmetric memory, counted as it launches (fxtp/kernels/launches.py): every part arrives, a part
+holding -0.0 is not taken for an empty slot, the three buffers are emptied for their next use, and
+rounds advance. On GPUs, tests/test_cuda.py runs it with symmetric memory and NCCL. The graph
+rewrite is checked on a tiny Llama's rank graphs, where on the CPU the op is gloo's all_reduce.
 """
 import pytest
 import torch
 
 import fxtp
 from fxtp.kernels import push_all_reduce as pushed
+from fxtp.kernels.launches import counting_launches
 from fxtp.passes.decode.retarget import with_push_all_reduce
 from fxtp.sharding.collectives import ALL_REDUCE, WAIT
 from fxtp.tiny_configs import tiny_model
@@ -19,10 +21,12 @@ from push_harness import assert_rotated, interpreted_addresses, shared_workspace
 ROUNDS = 7  # the three buffers each serve two rounds or more
 
 
-def kernel_rounds_on_rank(rank: int, buffers: list, states: list, parts: list) -> list:
-    """Rank body: the interpreted kernel over every round's part of this rank."""
+def kernel_rounds_on_rank(rank: int, buffers: list, states: list, parts: list) -> tuple:
+    """Rank body: the interpreted kernel over every round's part of this rank, and its launches."""
     addresses = interpreted_addresses(buffers)
-    return [pushed.launch(part[rank], addresses, states[rank], rank, len(buffers)) for part in parts]
+    with counting_launches() as launches:
+        sums = [pushed.launch(part[rank], addresses, states[rank], rank, len(buffers)) for part in parts]
+    return sums, launches
 
 
 @pytest.mark.parametrize("world, dtype, numel", [(2, torch.bfloat16, 2500), (3, torch.float32, 1000)])
@@ -34,11 +38,12 @@ def test_kernel_sums_every_round_on_every_rank(world, dtype, numel):
     parts = [(torch.randint(-32, 33, (world, numel), generator=generator) / 4).to(dtype) for _ in range(ROUNDS)]
     parts[1][0, :7] = -0.0  # one rank's -0.0 must not read as "not arrived yet"
     parts[2][:, :7] = -0.0  # nor everyone's
-    sums = run_ranks(kernel_rounds_on_rank, world, buffers, states, parts, timeout=120)
+    ranks = run_ranks(kernel_rounds_on_rank, world, buffers, states, parts, timeout=120)
+    assert [launches for _, launches in ranks] == [{"push_all_reduce": ROUNDS}] * world
     for round, part in enumerate(parts):
         expected = part.float().sum(0).to(dtype)
-        for rank in range(world):
-            assert torch.equal(sums[rank][round], expected), (round, rank)
+        for rank, (sums, _) in enumerate(ranks):
+            assert torch.equal(sums[round], expected), (round, rank)
     assert_rotated(buffers, states, ROUNDS, dtype)
 
 
@@ -59,11 +64,12 @@ def test_rewrite_replaces_every_all_reduce_and_shares_the_weights():
 def logits_with_and_without_push_on_rank(rank: int, ids: torch.Tensor) -> tuple:
     tp = fxtp.compile(tiny_model("llama"), 2)
     module = tp.module(rank)
-    with torch.no_grad():
-        return module(ids), with_push_all_reduce(module)(ids)
+    with torch.no_grad(), counting_launches() as launches:
+        return module(ids), with_push_all_reduce(module)(ids), launches
 
 
 def test_rewritten_graph_computes_the_same_logits_on_gloo():
+    """On CPU tensors the op is gloo's all_reduce: no kernel runs, and the bits are the same."""
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
-    for plain, pushed_logits in run_ranks(logits_with_and_without_push_on_rank, 2, ids, timeout=300):
-        assert torch.equal(plain, pushed_logits)
+    for plain, pushed_logits, launches in run_ranks(logits_with_and_without_push_on_rank, 2, ids, timeout=300):
+        assert torch.equal(plain, pushed_logits) and launches == {}

@@ -2,7 +2,7 @@
 
 The push kernel with its norm epilogue runs in Triton's interpreter on real processes over shared
 CPU memory (tests/push_harness.py), interleaved with plain push rounds on the same buffers as in a
-decode step. The rewrite is checked on tiny rank graphs: what it fuses, what it leaves alone, and
+decode step, counted as it launches (fxtp/kernels/launches.py). The rewrite is checked on tiny rank graphs: what it fuses, what it leaves alone, and
 that the fused graph computes the unfused graph's logits on gloo (the op's torch fallback). On
 GPUs, tests/test_cuda.py runs the op with symmetric memory and generates with `fxtp.push_norm`.
 """
@@ -14,12 +14,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxtp
+from fxtp.decode.decode_graph import DecodeGraph
+from fxtp.decode.options import DecodeOptions, resolve
 from fxtp.kernels import push_all_reduce as pushed
-from fxtp.passes.decode.retarget import with_push_all_reduce
-from fxtp.tiny_configs import tiny_model
-from fxtp.decode.decode_graph import DECODE_ONLY, PUSH, PUSH_NORM, DecodeGraph, inductor_options
-from fxtp.runtime.rank_processes import run_ranks
+from fxtp.kernels.launches import counting_launches
 from fxtp.passes.decode.fuse_add_rms_norm import FUSED, fuse_add_rms_norm
+from fxtp.passes.decode.retarget import with_push_all_reduce
+from fxtp.runtime.rank_processes import run_ranks
+from fxtp.tiny_configs import tiny_model
 from push_harness import assert_rotated, interpreted_addresses, shared_workspaces
 
 ROUNDS = 7  # the three buffers each serve two rounds or more
@@ -35,17 +37,18 @@ KERNEL_CASES = {2: [(torch.bfloat16, 1, 64), (torch.float32, 3, 96)],
 NORMED_TOLERANCE = {torch.bfloat16: dict(rtol=3 * 2 ** -7, atol=1e-6), torch.float32: dict(rtol=1e-6, atol=1e-6)}
 
 
-def fused_rounds_on_rank(rank: int, cases: list) -> list:
+def fused_rounds_on_rank(rank: int, cases: list) -> tuple:
     """Rank body: per case, the interpreted kernel over every round of this rank's part, with the
-    epilogue but in PLAIN_ROUNDS."""
+    epilogue but in PLAIN_ROUNDS; and its launches."""
     results = []
-    for buffers, states, parts, residuals, weight in cases:
-        addresses, world = interpreted_addresses(buffers), len(buffers)
-        results.append([
-            pushed.launch(part[rank], addresses, states[rank], rank, world) if round in PLAIN_ROUNDS
-            else pushed.launch_add_rms_norm(part[rank], residual, weight, EPS, addresses, states[rank], rank, world)
-            for round, (part, residual) in enumerate(zip(parts, residuals))])
-    return results
+    with counting_launches() as launches:
+        for buffers, states, parts, residuals, weight in cases:
+            addresses, world = interpreted_addresses(buffers), len(buffers)
+            results.append([
+                pushed.launch(part[rank], addresses, states[rank], rank, world) if round in PLAIN_ROUNDS
+                else pushed.launch_add_rms_norm(part[rank], residual, weight, EPS, addresses, states[rank], rank, world)
+                for round, (part, residual) in enumerate(zip(parts, residuals))])
+    return results, launches
 
 
 def interpreter_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -75,6 +78,10 @@ def test_kernel_adds_the_residual_and_normalizes_every_row_every_round(world):
         cases.append((*shared_workspaces(world, dtype, rows * size), parts, residuals,
                       torch.randn(size, generator=generator).to(dtype)))
     ranks = run_ranks(fused_rounds_on_rank, world, cases, timeout=300)
+    normed_rounds = ROUNDS - len(PLAIN_ROUNDS)
+    assert [launches for _, launches in ranks] == [{"push_all_reduce": len(cases) * len(PLAIN_ROUNDS),
+                                                    "push_all_reduce_add_rms_norm": len(cases) * normed_rounds}] * world
+    ranks = [results for results, _ in ranks]
     for index, (buffers, states, parts, residuals, weight) in enumerate(cases):
         dtype = parts[0].dtype
         for round, (part, residual) in enumerate(zip(parts, residuals)):
@@ -178,36 +185,34 @@ def test_rewrite_leaves_other_norms_alone(arch):
     assert [n.format_node() for n in fuse_add_rms_norm(pushed_rank_graph(arch, torch.float32)).graph.nodes] == unfused
 
 
-def logits_with_and_without_fusion_on_rank(rank: int, ids: torch.Tensor) -> list:
-    """Rank body: per model dtype, the rank module's logits and those of its fused pushed twin."""
+def logits_with_and_without_fusion_on_rank(rank: int, ids: torch.Tensor) -> tuple:
+    """Rank body: per model dtype, the rank module's logits and those of its fused pushed twin; and
+    the kernels launched."""
     results = []
-    for dtype in (torch.float32, torch.bfloat16):
-        module = fxtp.compile(tiny_model("llama").to(dtype), 2).module(rank)
-        with torch.no_grad():
-            results.append((module(ids), fuse_add_rms_norm(with_push_all_reduce(module))(ids)))
-    return results
+    with counting_launches() as launches:
+        for dtype in (torch.float32, torch.bfloat16):
+            module = fxtp.compile(tiny_model("llama").to(dtype), 2).module(rank)
+            with torch.no_grad():
+                results.append((module(ids), fuse_add_rms_norm(with_push_all_reduce(module))(ids)))
+    return results, launches
 
 
 def test_fused_graph_computes_the_same_logits_on_gloo():
+    """On CPU tensors the op is gloo's all_reduce and torch's norm: no kernel runs, and the bits are the same."""
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
-    for rank_results in run_ranks(logits_with_and_without_fusion_on_rank, 2, ids, timeout=300):
+    for rank_results, launches in run_ranks(logits_with_and_without_fusion_on_rank, 2, ids, timeout=300):
+        assert launches == {}
         for plain, fused in rank_results:
             assert torch.equal(plain, fused)
 
 
-def test_push_norm_option_fuses_the_decode_step_and_stays_out_of_inductor(monkeypatch):
+def test_push_norm_option_fuses_the_decode_step(monkeypatch):
+    """On by default with push all_reduce (its default is tests/test_decode_options.py's)."""
     compiled = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(module=module, **kwargs))
     module = fxtp.compile(tiny_model("llama"), 2).rank_graph(0)
-    for options, fused in [({PUSH: True, PUSH_NORM: True}, 4), ({PUSH: True, PUSH_NORM: False}, 0),
-                           ({PUSH: False, PUSH_NORM: True}, 0)]:
-        DecodeGraph(module, {"coordinate_descent_tuning": True, **options})
-        assert compiled["options"] == {"coordinate_descent_tuning": True}
+    for options, fused in [(DecodeOptions(push_all_reduce=True), 4), (DecodeOptions(push_all_reduce=True, push_norm=False), 0),
+                           (DecodeOptions(push_all_reduce=False), 0)]:
+        DecodeGraph(module, resolve(options, 2, True))
         assert [n.target for n in compiled["module"].graph.nodes].count(FUSED) == fused
     assert FUSED not in [n.target for n in module.graph.nodes]  # the module itself is left as it was
-    assert PUSH_NORM in DECODE_ONLY
-    cuda = torch.device("cuda", 0)
-    assert inductor_options({PUSH: True}, "", 1, cuda)[PUSH_NORM] is True  # on by default with push
-    assert inductor_options({PUSH: True, PUSH_NORM: False}, "", 1, cuda)[PUSH_NORM] is False
-    with pytest.raises(ValueError, match="fxtp.push_norm=True fuses the norm into push all_reduce, which is off"):
-        inductor_options({PUSH_NORM: True}, "", 1, cuda)

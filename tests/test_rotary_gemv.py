@@ -1,6 +1,7 @@
-"""fxtp::rotary_gemv (fxtp/kernels/rotary_gemv.py) against the unfused ops in Triton's interpreter (on the GPU
-where there is one, in CUDA-graph replays), its fallbacks, and the decode-step rewrite that uses it
-(passes/decode/fuse_rotary_gemv.py, fxtp.kernels.rotary_gemv), down to greedy tokens equal to HF's."""
+"""fxtp::rotary_gemv (fxtp/kernels/rotary_gemv.py), counted as it launches (fxtp/kernels/launches.py),
+against the unfused ops in Triton's interpreter (on the GPU where there is one; tests/test_cuda.py
+replays it in CUDA graphs), its fallbacks, and the decode-step rewrite that uses it
+(passes/decode/fuse_rotary_gemv.py, DecodeOptions.rotary_gemv), down to greedy tokens equal to HF's."""
 import re
 
 import pytest
@@ -8,18 +9,19 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import fxtp
-from fxtp.kernels import gemv, rotary_gemv
-from fxtp.tiny_configs import tiny_config, tiny_model
-from fxtp.decode.decode_graph import DECODE_ONLY, ROTARY, DecodeGraph, inductor_options
+from fxtp.decode.decode_graph import DecodeGraph
+from fxtp.decode.options import DecodeOptions, resolve
+from fxtp.kernels import gemv
 from fxtp.kernels.gemv import launch
+from fxtp.kernels.launches import counting_launches
+from fxtp.kernels.rotary_gemv import rotary_projection, unfused_rotary
+from fxtp.kernels.triton_device import runs_triton_kernels
 from fxtp.passes.decode.fuse_gated_gemv import fuse_gated_gemv
 from fxtp.passes.decode.fuse_rotary_gemv import fuse_rotary_gemv
 from fxtp.passes.decode.merge_projections import merge_projections
-from fxtp.kernels.dependent_launch import launching_with_pdl
-from fxtp.kernels.rotary_gemv import rotary_projection, unfused_rotary
-from fxtp.testing import assert_generates_like_hf, traced_targets
-from fxtp.kernels.triton_device import runs_triton_kernels
 from fxtp.passes.decode.shared_state_copy import twin
+from fxtp.testing import assert_generates_like_hf, traced_targets
+from fxtp.tiny_configs import tiny_config, tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 aten = torch.ops.aten
@@ -43,10 +45,13 @@ def cloned(case: list) -> list:
     return [t.clone() if t is not None else None for t in case]
 
 
-def both(case: list, heads: int) -> tuple:
-    """(q, key cache, value cache) from the op and from the unfused ops, each on caches of its own."""
+def both(case: list, heads: int, kernel: bool = True) -> tuple:
+    """(q, key cache, value cache) from the op and from the unfused ops, each on caches of its own;
+    the op's computed by the kernel (`kernel`) or by its fallback."""
     fused, unfused = cloned(case), cloned(case)
-    q = torch.ops.fxtp.rotary_gemv(*fused, heads)
+    with counting_launches() as launches:
+        q = torch.ops.fxtp.rotary_gemv(*fused, heads)
+    assert launches == ({"rotary_gemv": 1} if kernel else {})
     expected = unfused_rotary(*unfused, heads)
     return (q, *fused[6:]), (expected, *unfused[6:])
 
@@ -78,10 +83,11 @@ def test_every_form_of_the_gemv_computes_the_same_at_other_block_sizes(blocks):
     outputs = []
     for table in ({}, {tuple(weight.shape): blocks}):
         fused = cloned(case)
-        with gemv.launching_with_blocks(table):
+        with gemv.launching_with_blocks(table), counting_launches() as launches:
             assert gemv.block_sizes(*weight.shape) == (blocks if table else (1, 128, 8))
             outputs.append([launch(x, weight, bias), launch(x, weight, bias, activation="silu"),
                             torch.ops.fxtp.rotary_gemv(*fused, 5), *fused[6:]])
+        assert launches == {"gemv": 1, "gated_gemv": 1, "rotary_gemv": 1}
     assert gemv.block_sizes(*weight.shape) == (1, 128, 8)
     for own, other in zip(*outputs):
         torch.testing.assert_close(other, own, rtol=1e-5, atol=1e-5)
@@ -92,10 +98,12 @@ def test_rotary_gemv_writes_nothing_past_the_caches_end():
     generator never asks for a position past max_length)."""
     case = operands(4, 2, 16, 48, torch.float32, False, length=10, position=10)
     keys, values = case[6].clone(), case[7].clone()
-    q = torch.ops.fxtp.rotary_gemv(*case, 4)
-    assert torch.equal(case[6], keys) and torch.equal(case[7], values)
-    case[5].fill_(9)
-    torch.testing.assert_close(q, torch.ops.fxtp.rotary_gemv(*case, 4), rtol=0, atol=0)  # q does not depend on it
+    with counting_launches() as launches:
+        q = torch.ops.fxtp.rotary_gemv(*case, 4)
+        assert torch.equal(case[6], keys) and torch.equal(case[7], values)
+        case[5].fill_(9)
+        torch.testing.assert_close(q, torch.ops.fxtp.rotary_gemv(*case, 4), rtol=0, atol=0)  # q does not depend on it
+    assert launches == {"rotary_gemv": 2}
 
 
 def test_rotary_gemv_16_bit_is_within_a_few_ulps_of_the_unfused_ops():
@@ -108,7 +116,7 @@ def test_rotary_gemv_16_bit_is_within_a_few_ulps_of_the_unfused_ops():
 
 def test_rotary_gemv_falls_back_to_the_unfused_ops_and_gives_the_fake_shape():
     case = operands(4, 2, 16, 48, torch.float32, True, rows=3)  # a prefill: three rows
-    (q, keys, values), (expected, expected_keys, expected_values) = both(case, 4)
+    (q, keys, values), (expected, expected_keys, expected_values) = both(case, 4, kernel=False)
     assert torch.equal(q, expected.contiguous()) and torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -121,7 +129,9 @@ def test_rotary_projection_compiles_to_the_kernel_for_one_row_and_to_plain_ops_f
     for rows, kernel in ((1, True), (3, False)):
         case = operands(4, 2, 16, 48, torch.float32, False, rows=rows)
         expected = unfused_rotary(*cloned(case), 4)
-        q, targets = traced_targets(rotary_projection, *case, 4)
+        with counting_launches() as launches:
+            q, targets = traced_targets(rotary_projection, *case, 4)
+        assert launches == ({"rotary_gemv": 1} if kernel else {})
         torch.testing.assert_close(q, expected, rtol=1e-5, atol=1e-5)
         assert any(t in (torch.ops.fxtp.rotary_gemv, torch.ops.fxtp.rotary_gemv.default) for t in targets) is kernel
 
@@ -140,7 +150,9 @@ def test_inductor_writes_the_caches_in_place():
     expected = unfused_rotary(*cloned(case), 4) * 2
     expected_keys, expected_values = case[6].clone(), case[7].clone()
     unfused_rotary(*case[:6], expected_keys, expected_values, 4)
-    q, code = run_and_get_code(torch.compile(step, dynamic=False), *args)
+    with counting_launches() as launches:
+        q, code = run_and_get_code(torch.compile(step, dynamic=False), *args)
+    assert launches == {"rotary_gemv": 1}
     torch.testing.assert_close(q, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(case[6], expected_keys, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(case[7], expected_values, rtol=1e-5, atol=1e-5)
@@ -168,30 +180,8 @@ def test_inductor_computes_inputs_that_layers_share_once():
     assert len(calls) == 2 and calls[0].split(", ")[3:5] == calls[1].split(", ")[3:5]
 
 
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="PDL and CUDA graphs need a GPU")
-def test_rotary_gemv_on_the_gpu_in_graph_replays(pdl_launch):
-    """At Llama-3-8B's N=2 shape (16 heads, 4 kv heads of 128, hidden 4096) in a replayed CUDA graph
-    whose position and input change between replays."""
-    case = operands(16, 4, 128, 4096, torch.float32, False, length=64, position=5)
-    unfused = cloned(case)
-    with launching_with_pdl(*pdl_launch):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            q = torch.ops.fxtp.rotary_gemv(*case, 16)
-    case[0].mul_(-0.5)
-    case[5].fill_(40)
-    graph.replay()
-    torch.cuda.synchronize()
-    unfused[0].mul_(-0.5)
-    unfused[5].fill_(40)
-    expected = unfused_rotary(*unfused, 16)
-    torch.testing.assert_close(q, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(case[6][:, :, 40], unfused[6][:, :, 40], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(case[7][:, :, 40], unfused[7][:, :, 40], rtol=1e-5, atol=1e-5)
-
-
 def fused_step(module):
-    """What DecodeGraph builds before inductor with fxtp.rotary_gemv and fxtp.gated_gemv on."""
+    """What DecodeGraph builds before inductor with rotary_gemv and gated_gemv on (and fxtp's GEMV off)."""
     return fuse_gated_gemv(fuse_rotary_gemv(merge_projections(twin(module, "Merged")), 0), 0)
 
 
@@ -217,17 +207,18 @@ def test_fused_steps_generate_hf_tokens(arch, monkeypatch):
 
     monkeypatch.setattr(generator, "_prepare", prepare_fused)
     monkeypatch.setattr(tp, "generator", lambda *args, **kwargs: generator)
-    launches = []
-    monkeypatch.setattr(rotary_gemv, "launch", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
     ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    # the kernel: 5 decode steps on 2 ranks, where it runs on CPU tensors (Triton's interpreter, without a GPU)
+    # the kernels: 5 decode steps on 2 ranks, where they run on CPU tensors (Triton's interpreter, without a GPU)
     kernel_steps = 5 * 2 * model.config.num_hidden_layers if runs_triton_kernels(torch.device("cpu")) else 0
-    assert_generates_like_hf(model, 2, ids[:1], mask[:1], max_new_tokens=6, program=tp)
-    assert len(launches) == kernel_steps
-    assert_generates_like_hf(model, 2, ids, mask, max_new_tokens=6, program=tp)
-    assert len(launches) == kernel_steps  # batch 2: the unfused ops
+    gated = 0 if arch == "mixtral" else kernel_steps  # mixtral's experts are no gated MLP
+    with counting_launches() as launches:
+        assert_generates_like_hf(model, 2, ids[:1], mask[:1], max_new_tokens=6, program=tp)
+    assert launches == {name: count for name, count in (("rotary_gemv", kernel_steps), ("gated_gemv", gated)) if count}
+    with counting_launches() as launches:
+        assert_generates_like_hf(model, 2, ids, mask, max_new_tokens=6, program=tp)
+    assert launches == {}  # batch 2: the unfused ops
 
 
 def test_fuse_rotary_gemv_leaves_what_it_does_not_know():
@@ -272,17 +263,12 @@ def test_layers_share_one_position_unless_it_is_written_before_it_is_read():
 
 
 def test_the_decode_step_fuses_rotary_by_default_and_not_when_turned_off(monkeypatch):
-    cuda = torch.device("cuda", 0)  # the options only: nothing touches a GPU
-    assert ROTARY in DECODE_ONLY and inductor_options(True, "", 1, cuda)[ROTARY] is True
-    assert inductor_options({ROTARY: False}, "", 1, cuda)[ROTARY] is False
-    with pytest.raises(ValueError, match="fxtp.rotary_gemv is True or False"):
-        inductor_options({ROTARY: "yes"}, "", 1, cuda)
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module))
     model = tiny_model("llama")
     cached = fxtp.compile(model, 1).with_cache(batch_size=1, max_length=32)
-    for rotary in (True, False):
-        DecodeGraph(cached.rank_graph(0), {ROTARY: rotary, "fxtp.merge_projections": True, "fxtp.gemv": 8 << 20})
-        calls = [node.kwargs for node in compiled[-1].graph.nodes if node.target is rotary_projection]
-        assert len(calls) == (model.config.num_hidden_layers if rotary else 0)
-        assert all(kwargs == {"prefetch_bytes": 8 << 20} for kwargs in calls)
+    for options in (DecodeOptions(gemv_prefetch_bytes=8 << 20), DecodeOptions(rotary_gemv=False)):
+        DecodeGraph(cached.rank_graph(0), resolve(options, 1, False))
+        calls = [node for node in compiled[-1].graph.nodes if node.target is rotary_projection]
+        assert len(calls) == (model.config.num_hidden_layers if options.rotary_gemv else 0)
+        assert all(node.kwargs == {"prefetch_bytes": options.gemv_prefetch_bytes} for node in calls)

@@ -1,6 +1,5 @@
 """passes/decode/store_gemv_inputs.py on the aten graph inductor's own decompositions make (on the meta
 device, which they treat as a GPU): which node it marks, and how the decode step hands it to inductor."""
-import pytest
 import torch
 import torch.nn.functional as F
 from torch._inductor import config
@@ -9,7 +8,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxtp
 from fxtp.tiny_configs import tiny_model
-from fxtp.decode.decode_graph import DECODE_ONLY, POST_GRAD, STORE, DecodeGraph, inductor_options
+from fxtp.decode.decode_graph import DecodeGraph
+from fxtp.decode.options import DecodeOptions, resolve
 from fxtp.node_meta import REALIZE
 from fxtp.passes.decode.store_gemv_inputs import StoreGemvInputs, gemv_input
 
@@ -75,19 +75,17 @@ def test_an_input_computed_before_the_gemv_is_marked_and_a_cast_of_attentions_ou
 
 
 def test_store_option_hands_the_pass_to_inductor(monkeypatch):
-    """As the decode step's post-grad pass; the prefill drops the option (tests/test_generation.py)."""
+    """As the decode step's post-grad pass, or the user's own in its place; the prefill drops it
+    (tests/test_generation.py), and its default is tests/test_decode_options.py's."""
     compiled = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(kwargs))
     module = fxtp.compile(tiny_model("llama"), 1).with_cache(1, 16).rank_graph(0)
-    DecodeGraph(module, {"coordinate_descent_tuning": True, STORE: True})
-    assert isinstance(compiled["options"].pop(POST_GRAD), StoreGemvInputs)
-    assert compiled["options"] == {"coordinate_descent_tuning": True}
-    DecodeGraph(module, {"coordinate_descent_tuning": True, STORE: False})
-    assert compiled["options"] == {"coordinate_descent_tuning": True}
-    assert STORE in DECODE_ONLY
-    cuda = torch.device("cuda", 0)
-    assert inductor_options({}, "", 1, cuda)[STORE] is True  # on by default
+    DecodeGraph(module, resolve(DecodeOptions(store_gemv_inputs=True), 1, False))
+    assert isinstance(compiled["options"].pop("post_grad_custom_post_pass"), StoreGemvInputs)
+    assert compiled["options"] == {"coordinate_descent_tuning": True, "triton.enable_pdl": True,
+                                   "_collective.auto_select": False}
+    DecodeGraph(module, resolve(DecodeOptions(store_gemv_inputs=False), 1, False))
+    assert "post_grad_custom_post_pass" not in compiled["options"]
     users_pass = StoreGemvInputs()
-    assert inductor_options({POST_GRAD: users_pass}, "", 1, cuda)[STORE] is False  # the user's pass replaces it
-    with pytest.raises(ValueError, match="post_grad_custom_post_pass"):
-        inductor_options({STORE: True, POST_GRAD: users_pass}, "", 1, cuda)
+    DecodeGraph(module, resolve(DecodeOptions(inductor={"post_grad_custom_post_pass": users_pass}), 1, False))
+    assert compiled["options"]["post_grad_custom_post_pass"] is users_pass

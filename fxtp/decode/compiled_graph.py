@@ -3,8 +3,8 @@
 When code a compiled GraphModule runs raises (a custom op; a CUDA graph capture that refuses a host
 sync), torch.fx's GraphModule walks the error's traceback with a generator while dynamo's frame
 hook is still set. Dynamo refuses to trace a generator, and the caller gets `Unsupported: Attempt to
-trace generator` with the step's own error only as its context (torch 2.11 and 2.13; the compiled
-decode of fp32 Mixtral failed so on GPUs, README run AE). The call here raises that error instead.
+trace generator` with the step's own error only as its context (torch 2.11 and 2.13), which hides
+what to fix. The call here raises that error instead.
 """
 from __future__ import annotations
 

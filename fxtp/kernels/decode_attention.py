@@ -1,8 +1,9 @@
 """Attention for a decode step's few query rows in one Triton kernel, on by default in compiled
-decode steps (fxtp/decode/decode_graph.py's `fxtp.decode_attention`). On H100 the time of cuDNN's SDPA,
-which the compiled step runs otherwise, grew with the cache almost regardless of batch: 16 us a
-call over 256 keys and 180 over 8192 at batch 1, where this kernel, which splits the keys between
-programs, took 6.5 and 24 (benchmarks/attention_latency.py, README run R).
+decode steps (`DecodeOptions.decode_attention`, fxtp/decode/options.py). cuDNN's SDPA, which the
+compiled step runs otherwise, is made for many query rows: over a long cache it keeps few programs
+busy, and its time grows with the cache almost regardless of batch. This kernel splits the keys
+between programs, so that enough of them read the cache (benchmarks/attention_latency.py times both;
+figures in benchmarks/results/decode_step_history.md).
 
 A decode step attends a handful of query rows to the KV cache: Llama-3-8B on 2 GPUs folds
 (passes/codegen/fold_grouped_query.py) each layer's query to 4 rows per kv head over a [1, 4, 256, 128]
@@ -36,13 +37,14 @@ import torch
 
 from fxtp.rank_ops.grouped_query import grouped_query_attention
 from fxtp.kernels.dependent_launch import uses_pdl
+from fxtp.kernels.launches import count_launch
 from fxtp.kernels.triton_device import runs_triton_kernels
 
 MAX_ROWS = 16  # query rows of one kv-head group; also tl.dot's smallest M
 MAX_HEAD_DIM = 256
 BLOCK_KEYS = 64
-# the split rule, fit to run R's table (README): on H100 it was within 16% of the fastest split count
-# measured in each of 29 (batch, cache, N) cases, and the fastest in every batch-1 case
+# the split rule (`split_keys`), fit to split counts timed on H100 at batch 1 to 64 over 256 to 8192
+# keys (benchmarks/results/decode_step_history.md): a few programs per SM, none with too few keys
 TARGET_PROGRAMS = 128
 SHORT_SPLITS = 4
 KEYS_PER_SPLIT = 128
@@ -96,7 +98,7 @@ def chunk_keys(length: int, splits: int) -> tuple[int, int]:
     return chunk, -(-length // chunk)
 
 
-def _arrivals(device: torch.device, count: int) -> torch.Tensor:
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     """Per-group arrival counters, all 0 between calls (the kernel's last program resets its own)."""
     key = (device, count)
     if key not in _ARRIVALS:
@@ -121,11 +123,12 @@ def launch(query, key, value, attn_mask, scale, splits: Optional[int] = None) ->
     if splits > 1:
         partial_sums = torch.empty(programs, splits, MAX_ROWS, block_dim, dtype=torch.float32, device=query.device)
         partial_stats = torch.empty(programs, splits, 2, MAX_ROWS, dtype=torch.float32, device=query.device)
-        arrivals = _arrivals(query.device, programs)
+        arrivals = arrival_counters(query.device, programs)
     else:
         partial_sums = partial_stats = arrivals = out  # not read with one split
     kernel, dot_types = _kernel()
     pdl = uses_pdl(query.device)
+    count_launch("decode_attention")
     kernel[(programs, splits)](
         query, key, value, mask, out, partial_sums, partial_stats, arrivals,
         *query.stride(), *_without_dim_2(key.stride()), *_without_dim_2(value.stride()), *mask_strides,

@@ -1,5 +1,5 @@
 """Programmatic dependent launch (PDL) for fxtp's own Triton kernels (push all_reduce, decode
-attention, GEMV) in a decode step compiled with `triton.enable_pdl` (fxtp/decode/decode_graph.py).
+attention, GEMV) in a decode step compiled with PDL (`DecodeOptions.pdl`, fxtp/decode/options.py).
 
 With PDL (Hopper and later) a kernel is scheduled once the kernel before it in the stream has
 released its dependents (`gdc_launch_dependents`), not when it has finished, and waits for that

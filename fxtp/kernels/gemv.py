@@ -1,65 +1,54 @@
 """A decode step's one-row projections (GEMVs) as one Triton kernel that can prefetch its weights into
-L2 while the kernel before it still runs (fxtp/decode/decode_graph.py's `fxtp.gemv`, on by default with
-more than one rank, without the prefetch), and in a gated form that also applies a gated MLP's
-activation (`fxtp.gated_gemv`, on by default).
+L2 while the kernel before it still runs (`DecodeOptions.gemv`, fxtp/decode/options.py), and in a
+gated form that also applies a gated MLP's activation (`DecodeOptions.gated_gemv`).
 
-Why fxtp's GEMV and not inductor's (README, run AA): inductor tunes each GEMV by timing it alone, on
-each rank apart. In one process, compilations of the same step chose different block sizes for o
-and down, and in every compilation the two ranks chose differently at o, down or both; Llama-3-8B's
-step at N=2 then took 3.206 to 3.436 ms a token (five compilations on three machines), while the
-step with fxtp's GEMV at `block_sizes`' blocks for every projection took 3.247 (3.192-3.198 since run
-AB, 3.165-3.176 since runs AC-AD), and at other blocks repeated its time within 0.2% across compilations and
-machines. Every all_reduce waits for the slower rank.
+Why fxtp's GEMV and not inductor's: inductor tunes each GEMV by timing it alone, on each rank apart,
+so two compilations of one step, and the two ranks of one compilation, choose different block sizes
+for the same weight, and every all_reduce waits for the slower rank. This kernel runs at fixed
+blocks (`block_sizes`), so every rank and every compilation runs the same code, and its step repeats
+its time. Figures: benchmarks/results/decode_step_history.md.
 
-At batch 1 a Llama-3-8B step on 2 GPUs is 4 GEMVs a layer between latency-bound kernels (push
-all_reduce waiting on NVLink, rotary, attention over a short cache), and inductor's GEMVs read at
-68-83% of HBM bandwidth in the step (README, run U): a GEMV starts streaming its weights only once
-the kernel before it has finished. Here, in a step launched with PDL (fxtp/kernels/dependent_launch.py), the GEMV is
-scheduled as soon as the kernel before it has released its dependents; before waiting for that
-kernel, its first `prefetchers` programs ask L2 for the first PREFETCH_BYTES of the weight, each
-thread one `cp.async.bulk.prefetch.L2` of its share, which needs nothing from the kernel before.
-
-Measured on H100 (README, run V): after a kernel that spins 5 us, a GEMV at Llama-3-8B's N=2 shapes
-took 1.6-2.9 us less than inductor's, and back to back the kernel alone is level with inductor's or up
-to 1.1 us faster; but in the whole step at N=2 it gained 0.4% (3.383 -> 3.370 ms, timed in turns), so
-the prefetch is off unless `fxtp.gemv` gives it bytes. In that step's profile push all_reduce took 8.4
-us a call against 5.0 without it, attention 6.9 against 5.5: both now share the GPU with the prefetch
-(and, launched earlier, count more of their wait). After a kernel of 16 dependent L2 loads, as push
-polls, the 32 MB prefetch made the pair slower at four of five weights (README, run W).
-
-Preloaded weights (`fxtp.gemv_preload`, on by default; fxtp/kernels/dependent_launch.py's `launching_with_pdl(on,
-preload)`): launched with PDL, every program loads its first BLOCK_K columns of W into registers
-before its wait, not after it, so the programs that fit on the GPU stream their first weights while
-the kernel before still runs. Nothing else changes: ptxas issues a program's loads all at once either
-way, and only the wait moves among them. On H100 at Llama-3-8B's N=2 weights (README, run Y), after
-a kernel that spins 5 us, it took 1.3-2.6 us less a GEMV than the same kernel without it, and back to
-back up to 0.7 us less (o: 0.4 more). In the whole step its effect was within the spread that one
-process showed between two variants with the same options.
+At batch 1 a Llama step on 2 GPUs is 4 GEMVs a layer between latency-bound kernels (push all_reduce
+waiting on NVLink, rotary, attention over a short cache), and a GEMV starts streaming its weights
+only once the kernel before it has finished. In a step launched with PDL
+(fxtp/kernels/dependent_launch.py) the GEMV is scheduled as soon as the kernel before it has released
+its dependents, so it can do what needs nothing from that kernel before it waits for it:
+- prefetch: its first `prefetchers` programs ask L2 for the first `prefetch_bytes` of the weight,
+  each thread one `cp.async.bulk.prefetch.L2` of its share. Off by default
+  (`DecodeOptions.gemv_prefetch_bytes`): the prefetch shares the GPU with the kernel it overlaps,
+  a latency-bound one that then takes longer (push all_reduce polls L2), which costs about what the
+  GEMV gains.
+- preload (`DecodeOptions.gemv_preload`, on by default; `launching_with_pdl(on, preload)`): every
+  program loads its first BLOCK_K columns of W into registers before its wait, not after it, so the
+  programs that fit on the GPU stream their first weights while the kernel before still runs.
+  Nothing else changes: ptxas issues a program's loads all at once either way, and only the wait
+  moves among them.
 
 The GEMV: program p computes rows [p * BLOCK_N, (p + 1) * BLOCK_N) of `x @ W.T` (+ bias), walking
 the columns BLOCK_K at a time with a [BLOCK_N, BLOCK_K] float32 accumulator, summed at the end and
 rounded to x's dtype once, bias added in float32 first. The column loop is unrolled (the row length
 is a compile-time constant), so ptxas issues the loads of later column blocks before the sums of
-earlier ones, as inductor's reductions do; W's loads are marked to leave L2 first (each weight is
-read once a step) and x's to stay. A loop that loaded only the next block's weights while summing
-these took Llama-3-8B's N=2 step at 3.248 ms a token against 3.210-3.212 unrolled (README, run AB).
-The sum order differs from cuBLAS's and inductor's, so results equal theirs to float32 rounding, not
-bit for bit.
+earlier ones, as inductor's reductions do, where a loop that loads only the next block's weights
+while summing these keeps fewer loads in flight. W's loads are marked to leave L2 first (each weight
+is read once a step) and x's to stay. The sum order differs from cuBLAS's and inductor's, so results
+equal theirs to float32 rounding, not bit for bit.
 
 Gated (`activation` set; passes/decode/fuse_gated_gemv.py): W's rows are a gate projection's on top of an
 up projection's, and the op is a gated MLP's `act(x @ gate.T) * (x @ up.T)`, as the unfused step
 computes it after the gate|up GEMV: program p also computes up's rows [p * BLOCK_N, ...), then
 rounds both sums to x's dtype, applies `act`, rounds, multiplies, rounds, as the separate ops do.
 The activation and product then need no kernel of their own, and the down projection reads a
-stored input: Llama-3-8B at N=2 on H100, 3.452 -> 3.330 ms a token, timed in turns (README, run W).
+stored input.
 
-Pushing (`push`: fxtp/kernels/gemv_push.py, `fxtp.gemv_push`, opt-in): the plain GEMV also writes each
-output's bits into the peers' buffers of push all_reduce's current round, as fxtp/kernels/push_all_reduce.py's
-kernel would, so that kernel only polls and sums after it. It reads the round after its PDL wait.
+Pushing (`push`: fxtp/kernels/gemv_push.py, `DecodeOptions.gemv_push`, opt-in): the plain GEMV also
+writes each output's bits into the peers' buffers of push all_reduce's current round, as
+fxtp/kernels/push_all_reduce.py's kernel would, so that kernel only polls and sums after it. It reads
+the round after its PDL wait.
 
 Elsewhere (more than one row, as in a prefill or a batch; weights that are not contiguous [out, in];
 mixed dtypes; GPUs before Ampere; CPU tensors unless Triton's interpreter is on, as tests/conftest.py
-does) the op is `F.linear` (and the gated form the same unfused ops).
+does) the op is `F.linear` (and the gated form the same unfused ops). `launch` counts its launches
+(fxtp/kernels/launches.py), so a test can tell the kernel from its fallback.
 """
 from __future__ import annotations
 
@@ -74,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from fxtp.kernels.dependent_launch import preloads, uses_pdl
+from fxtp.kernels.launches import count_launch
 from fxtp.kernels.push_all_reduce import EMPTY_BITS, Peers, bits_type
 from fxtp.kernels.triton_device import runs_triton_kernels
 
@@ -81,6 +71,7 @@ aten = torch.ops.aten
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PROGRAM_BYTES = 128 * 1024  # of the weight a prefetching program asks L2 for
 PREFETCH_BYTES = 32 * 2 ** 20  # at most this much of a weight: two thirds of H100's L2
+KERNEL_NAMES = {"plain": "gemv", "gated": "gated_gemv", "rotary": "rotary_gemv"}  # counted by form (launches.py)
 # a gated GEMV's activation: the kernel's code for it, and the same function in torch
 ACTIVATIONS = {"silu": (1, F.silu), "gelu": (2, F.gelu), "gelu_tanh": (3, lambda x: F.gelu(x, approximate="tanh"))}
 
@@ -150,15 +141,10 @@ def block_sizes(rows: int, columns: int, form: str = "plain") -> tuple[int, int,
     `launching_with_blocks` where it names the shape, else 2048 columns at a time (fewer where a row
     has fewer) and: one row a program over 8 warps where a row has at most 2048 columns; else two rows
     (pairs, gated) over 8 warps where it has more than 4096 or the GEMV is gated; else, rotary, one
-    pair over 8 warps with the whole row a step; else one row over 4 warps. Timed inside the decode
-    step at Llama-3-8B's N=2 weights on H100 (README, runs AA to AC): down [4096 x 7168] at two rows
-    over 8 warps took the step from 3.310-3.317 ms a token (one row over 4 or 16 warps) to
-    3.264-3.267, o [4096 x 2048] at 8 warps then to 3.247; with the unrolled column loop, gate|up
-    [14336 x 4096] at two pairs over 8 warps took it from 3.210 to 3.192-3.198 (one pair over 8 warps
-    and 4096 columns a step: 3.203), where q|k|v and lm_head [* x 4096] at two rows over 8 warps made
-    it slower (3.207); q|k|v [3072 x 4096] at one pair over 8 warps, 4096 columns a step, took it from
-    3.195 to 3.173 (as the default in run AD: 3.165 and 3.176; o at four rows: 3.203), but was 5-18
-    us slower on 2x H200 (runs AC-AD)."""
+    pair over 8 warps with the whole row a step; else one row over 4 warps. Each was the fastest of
+    those timed inside the decode step at Llama-3-8B's weights on 2 H100s, where blocks rank otherwise
+    than in a GEMV timed alone (benchmarks/results/decode_step_history.md, `block_sizes`); the
+    rotary form's were tuned on H100 and are a little slower on H200."""
     table = _BLOCKS.get().get((rows, columns))
     if table:
         return table
@@ -177,7 +163,7 @@ _BLOCKS = contextvars.ContextVar("fxtp_gemv_blocks", default={})
 @contextlib.contextmanager
 def launching_with_blocks(table: dict):
     """fxtp's GEMVs launched inside take (BLOCK_N, BLOCK_K, num_warps) from `table`, keyed by their
-    weight's (rows, columns), where it names their shape (`fxtp.gemv_blocks`, whose value
+    weight's (rows, columns), where it names their shape (`DecodeOptions.gemv_blocks`, whose value
     `block_table` reads); DecodeGraph holds it while it captures, so the CUDA graph replays them."""
     token = _BLOCKS.set(table)
     try:
@@ -187,9 +173,9 @@ def launching_with_blocks(table: dict):
 
 
 def block_table(option: dict) -> dict:
-    """`fxtp.gemv_blocks`' value ({"ROWSxCOLUMNS": [BLOCK_N, BLOCK_K, num_warps]}, JSON-friendly) as
+    """`DecodeOptions.gemv_blocks` ({"ROWSxCOLUMNS": [BLOCK_N, BLOCK_K, num_warps]}, JSON-friendly) as
     `launching_with_blocks` takes it; a ValueError that shows the form where anything else is given."""
-    form = ('fxtp.gemv_blocks maps a weight\'s shape to block sizes, {"ROWSxCOLUMNS": [BLOCK_N, BLOCK_K, '
+    form = ('gemv_blocks maps a weight\'s shape to block sizes, {"ROWSxCOLUMNS": [BLOCK_N, BLOCK_K, '
             'num_warps]}, powers of two with num_warps at most 32 (e.g. {"4096x2048": [2, 1024, 8]})')
     if not isinstance(option, dict):
         raise ValueError(f"{form}; got {option!r}")
@@ -253,7 +239,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     prefetched = min(prefetch_bytes, weight.nbytes) // weight.element_size() if pdl and aligned else 0
     prefetchers = min(programs, -(-prefetched // (requests * request_elements)))
     peers = push or Peers(weight, weight, 0, 0)  # read only with push
-    _kernel()[(programs,)](x.contiguous(), weight, weight if bias is None else bias, out, outputs, group, prefetched,
+    count_launch("pushing_gemv" if push is not None else KERNEL_NAMES[form])
+    triton_kernel()[(programs,)](x.contiguous(), weight, weight if bias is None else bias, out, outputs, group, prefetched,
                            prefetchers, cache.cos, cache.sin, cache.position, cache.key_cache, cache.value_cache,
                            query_rows, rotated_rows, cache.key_cache.stride(1), peers.addresses, peers.state,
                            COLUMNS=columns, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -276,7 +263,8 @@ def projection(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 
 @functools.cache
-def _kernel():
+def triton_kernel():
+    """The jitted kernel `launch` runs, built on first use (Triton reads TRITON_INTERPRET when it decorates it)."""
     import triton
     import triton.language as tl
 

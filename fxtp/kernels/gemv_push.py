@@ -1,6 +1,6 @@
 """A row-parallel projection and the push all_reduce after it as a GEMV that pushes its outputs itself
-(fxtp/decode/decode_graph.py's `fxtp.gemv_push`, off by default; passes/decode/fuse_gemv_push.py puts these ops
-in a decode step).
+(`DecodeOptions.gemv_push`, fxtp/decode/options.py, off by default; passes/decode/fuse_gemv_push.py puts
+these ops in a decode step).
 
 At batch 1 a Llama layer's o and down projections each end in an all_reduce. With push all_reduce
 (fxtp/kernels/push_all_reduce.py) that is a GEMV that stores its outputs, then the push kernel, which loads
@@ -13,8 +13,8 @@ all_reduce's: the GEMV reads the round after its PDL wait, once the push kernel 
 the round on, and writes a round's buffer only after this rank has read the peers' parts of the
 round before, as the push kernel does. The sums are the bits of the GEMV and then push all_reduce.
 
-Measured on H100 (README, run Z): Llama-3-8B at N=2 ran 2-5% slower than main's default, whose o and
-down GEMVs are inductor's tuned reductions, and level with fxtp's GEMV and then push; so it is opt-in.
+It is opt-in: on H100 the step ran slower with it than with inductor's GEMVs and then push, and no
+faster than with fxtp's GEMV and then push (benchmarks/results/decode_step_history.md).
 
 Elsewhere (more than one row, CPU tensors, parts over push's MAX_BYTES, anything the GEMV kernel
 does not take) the ops are fxtp::gemv and then the push all_reduce op, which falls back as it does.

@@ -35,9 +35,11 @@ import torch
 
 
 from fxtp.kernels.dependent_launch import uses_pdl
+from fxtp.kernels.launches import count_launch
 
-# Larger parts go to NCCL. Up to here push was the fastest on 2 and 4 GPUs (README, all_reduce_latency.py),
-# and its 256 programs are all resident at once: a program spins until its peers' programs have run.
+# Larger parts go to NCCL: up to here push was the fastest all_reduce on 2 and 4 GPUs
+# (benchmarks/all_reduce_latency.py; benchmarks/results/decode_step_history.md), and its 256 programs
+# are all resident at once, which it needs: a program spins until its peers' programs have run.
 MAX_BYTES = 512 * 1024
 BLOCK = 1024  # elements a kernel program pushes and sums
 EMPTY_BITS = {torch.bfloat16: -2 ** 15, torch.float16: -2 ** 15, torch.float32: -2 ** 31}  # -0.0
@@ -139,6 +141,7 @@ def bits_type(dtype: torch.dtype):
 def _run(x: torch.Tensor, out: torch.Tensor, addresses: torch.Tensor, state: torch.Tensor, rank: int, world: int,
          programs: int, **epilogue) -> None:
     pdl = uses_pdl(x.device)
+    count_launch("push_all_reduce_add_rms_norm" if "ROW" in epilogue else "push_all_reduce")
     _kernel()[(programs,)](x, out, addresses, state, x.numel(), RANK=rank, WORLD=world, BITS=bits_type(x.dtype),
                            EMPTY=EMPTY_BITS[x.dtype], PDL=pdl, **epilogue, launch_pdl=pdl)
 

@@ -1,9 +1,9 @@
 """A decode step's q|k|v projection, rotary embedding and KV-cache write as one Triton kernel
-(fxtp/decode/decode_graph.py's `fxtp.rotary_gemv`; the rotary form of fxtp/kernels/gemv.py's kernel).
+(`DecodeOptions.rotary_gemv`, fxtp/decode/options.py; the rotary form of fxtp/kernels/gemv.py's kernel).
 
 At batch 1 the unfused step runs the merged q|k|v GEMV, then three latency-bound kernels before
-attention: q's rotation, k's rotation with its cache write, v's cache write (about 4 us a layer of
-Llama-3-8B at N=2 on H100, README run U). Here the program that sums feature j of a head's row
+attention: q's rotation, k's rotation with its cache write, v's cache write, a few microseconds a
+layer (benchmarks/results/decode_step_history.md). Here the program that sums feature j of a head's row
 also sums feature j + head_dim / 2 (the pair `rotate_half` mixes), rotates the pair with cos and
 sin at the step's position, and stores q's to the output and k's and v's straight into the caches.
 

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from fxtp.decode.decode_graph import DecodeGraph, inductor_options
+from fxtp.decode.decode_graph import DecodeGraph
+from fxtp.decode.options import DecodeOptions, decode_options
 from fxtp.rank_ops.inputs import checked_inputs
 from fxtp.decode.prefill_graph import PrefillGraph
 from fxtp.capture.seq2seq_cache import decoder_start_token_id
@@ -31,19 +32,19 @@ CACHE_GRANULE = 256  # cache lengths are rounded up to this, so nearby requests 
 class Generator:
     """Generates on the ranks `ranks` of `program`, all in this process (one rank under torchrun).
     The weights are placed on `device` once; a static-cache program is built per batch size and
-    cache length, and only the latest one's cache is kept. `compile` (True, or a dict of inductor
-    options and fxtp's own) runs decode steps as a compiled CUDA graph (fxtp/decode/decode_graph.py, which
-    lists the options) and prefills with the step compiled for any prompt length
-    (fxtp/decode/prefill_graph.py); it is a collective when there are several ranks, so every rank creates
-    its Generator at the same point, and `compile_options` then holds the options chosen (None
-    without compile)."""
+    cache length, and only the latest one's cache is kept. `compile` (True, a DecodeOptions or a
+    dict of its fields: fxtp/decode/options.py) runs decode steps as a compiled CUDA graph
+    (fxtp/decode/decode_graph.py) and prefills with the step compiled for any prompt length
+    (fxtp/decode/prefill_graph.py); it is a collective when there are several ranks, so every rank
+    creates its Generator at the same point, and `compile_options` then holds the resolved
+    DecodeOptions (None without compile)."""
 
     def __init__(self, program, ranks: list[int], group_name: str, device: torch.device,
-                 checkpoint: Optional[str] = None, compile: Union[bool, dict] = False):
+                 checkpoint: Optional[str] = None, compile: Union[bool, dict, DecodeOptions] = False):
         self.program, self.ranks, self.group_name, self.device = program, ranks, group_name, device
         self.checkpoint = checkpoint
         self.compile_options = None if compile is False else \
-            inductor_options(compile, group_name, program.world_size, device)
+            decode_options(compile, group_name, program.world_size, device)
         self._weights: list[dict] = [{} for _ in ranks]  # per rank: reused by every cache program
         self._key: Optional[tuple[int, int]] = None
         self._modules: list[fx.GraphModule] = []

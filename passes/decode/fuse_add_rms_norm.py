@@ -1,5 +1,5 @@
 """Fuse a push all_reduce with the residual add and RMSNorm after it (a decode step's twin with
-push all_reduce, fxtp/decode/decode_graph.py's `fxtp.push_norm`).
+push all_reduce, `DecodeOptions.push_norm`, fxtp/decode/options.py).
 
 Reads:  `fxtp::push_all_reduce` nodes (fxtp/kernels/push_all_reduce.py) whose only user is an add, and
         the nodes after that add, matched one by one:

@@ -1,5 +1,5 @@
 """Fuse a gated MLP's activation and product into its gate|up projection (a decode step's twin,
-fxtp/decode/decode_graph.py's `fxtp.gated_gemv`).
+`DecodeOptions.gated_gemv`, fxtp/decode/options.py).
 
 Reads:  `mul(act(gate), up)` (either order) where `gate, up` are the two equal halves (getitems 0
         and 1 of `split_with_sizes(p, [n, n], -1)`, `split(p, n, -1)` or `chunk(p, 2, -1)`) of
@@ -12,9 +12,9 @@ Writes: the product's node becomes `gated_projection(x, W, b, prefetch_bytes=...
         getitems and activation are erased.
 
 Why: at batch 1 the unfused step runs the gate|up GEMV, then a kernel of its own for
-`act(gate) * up` (stored for the down GEMV by passes/decode/store_gemv_inputs.py): about 1.2 us a layer
-of a latency-bound kernel (Llama-3-8B at N=2 on H100, README run U), with a launch between. In
-the gated GEMV the program that sums gate's row i also sums up's row i, and writes the product.
+`act(gate) * up` (stored for the down GEMV by passes/decode/store_gemv_inputs.py): a latency-bound
+kernel a layer, with a launch between (benchmarks/results/decode_step_history.md). In the gated GEMV
+the program that sums gate's row i also sums up's row i, and writes the product.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Fuse a projection into the push all_reduce after it (a decode step's twin with push all_reduce,
-fxtp/decode/decode_graph.py's `fxtp.gemv_push`).
+`DecodeOptions.gemv_push`, fxtp/decode/options.py).
 
 Reads:  `fxtp::push_all_reduce(p, group)` and `fxtp::push_all_reduce_add_rms_norm(p, residual,
         weight, eps, dtype, group)` nodes (fxtp/kernels/push_all_reduce.py, passes/decode/fuse_add_rms_norm.py)

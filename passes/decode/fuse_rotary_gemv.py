@@ -1,5 +1,5 @@
 """Fuse a layer's q|k|v projection, rotary embedding and KV-cache write into one node (a decode
-step's twin, fxtp/decode/decode_graph.py's `fxtp.rotary_gemv`).
+step's twin, `DecodeOptions.rotary_gemv`, fxtp/decode/options.py).
 
 Reads:  `q, k, v = split_with_sizes(linear(x, W[, b]), [H*D, KV*D, KV*D], -1)` (q, k and v merged by
         passes/decode/merge_projections.py), each piece `transpose(view(piece, [B, S, -1, D]), 1, 2)`; q's

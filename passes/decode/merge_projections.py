@@ -1,5 +1,5 @@
 """Merge the projections that read the same input into one (a decode step's twin,
-fxtp/decode/decode_graph.py's `fxtp.merge_projections`).
+`DecodeOptions.merge_projections`, fxtp/decode/options.py).
 
 Reads:  `aten.linear(x, W)` and `aten.linear(x, W, b)` nodes with no kwargs whose weight (and
         bias) are get_attr tensors of `gm` that no other node reads, grouped by their input `x`.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+import fxtp.kernels.decode_attention  # noqa: F401 - registers fxtp::decode_attention, which a twin calls
 from fxtp.kernels.gemv import PREFETCH_BYTES, projection
 from fxtp.kernels.grouped_mm_by_rows import grouped_mm_by_rows
 from fxtp.passes.decode.shared_state_copy import retargeted, twin

@@ -1,6 +1,6 @@
 """Store the computed input of every matrix-vector product before the product, instead of
-recomputing it in each of the product's programs (an inductor post-grad pass: fxtp/decode/decode_graph.py's
-`fxtp.store_gemv_inputs`).
+recomputing it in each of the product's programs (an inductor post-grad pass:
+`DecodeOptions.store_gemv_inputs`, fxtp/decode/options.py).
 
 Reads:  the post-grad aten graph; with `coordinate_descent_tuning`, inductor's decomposition has
         turned each matmul with one row into `sum(mul(unsqueeze(x, 2), unsqueeze(w, 0)), [1])`.
@@ -12,14 +12,12 @@ Why: inductor inlines a pointwise producer into its consumer. For a GEMV that co
 reduction over `x` split into programs of a few output features each, so every program reads the
 producer's inputs and recomputes all of `x`: in a Llama MLP, the down projection recomputes
 silu(gate) * up (an exp and a division per element) once per program. Stored first, it costs one
-small kernel and the GEMV reads `x` once per program. Llama-3-8B on H100 (README, run T): its MLP
-alone, 8 layers replayed as a CUDA graph, 64.6 -> 61.7 us a layer at N=2's shapes and 121.4 -> 118.8
-at N=1's; the whole step at N=2, 3.845 -> 3.537 ms a token, most of it from the down GEMV of the
-slower rank (33.6 -> 19.9 us a layer).
+small kernel and the GEMV reads `x` once per program (benchmarks/mlp_latency.py times both;
+figures in benchmarks/results/decode_step_history.md).
 
 An input that is only a cast or a view of a buffer that exists already (attention's output) is
-left alone: the GEMV reads that buffer in place, and storing it would add a copy kernel (about 1 us,
-99 a step; run U, N=2: every input stored 3.745 ms a token, computed ones only 3.482).
+left alone: the GEMV reads that buffer in place, and storing it would add a copy kernel of its own,
+about as long as the recomputation it saves.
 """
 from __future__ import annotations
 
