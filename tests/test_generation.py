@@ -45,7 +45,7 @@ def test_greedy_tokens_equal_hf_generate(arch, world_size):
     assert_generates_like_hf(model, world_size, *left_padded(model.config.vocab_size), max_new_tokens=8, program=tp)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # in the default suite: test_greedy_tokens_equal_hf_generate (the list at 2 ranks, Llama at 1 and 4)
 @pytest.mark.parametrize("arch", sorted(set(CAUSAL_LMS) - set(NO_STATIC_CACHE)))
 def test_greedy_tokens_equal_hf_generate_every_architecture(arch):
     for world_size in (1, 2, 4):
