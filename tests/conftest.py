@@ -1,4 +1,7 @@
 """Slow tests (marked `slow`) run only with FXTP_SLOW=1, keeping the default suite fast on 2 cores.
+A test is marked slow only where a default test keeps its coverage: every feature, model kind and
+world-size class (1, 2, uneven 3, 4 and more) keeps at least one default test; the marker's comment
+says which test that is.
 
 Without a GPU, fxtp's Triton kernels run on CPU tensors in Triton's interpreter. It has to be on
 before triton.language is imported (which decorates Triton's own functions, tl.max among them, for

@@ -89,7 +89,10 @@ def assert_within_rounding(got, query, key, value, attn_mask):
     assert (error <= eps * (spread + 2 * exact.abs()) + 1e-6).all(), error.max()
 
 
-SHAPES = [(batch, heads, groups, rows, length, dim)
+# batch and query rows are separate axes of the kernel's grid and of a program: the default suite
+# pairs them as (1, 1) and (3, 2), every other value crossed with both; the other pairs run with FXTP_SLOW=1
+SHAPES = [pytest.param(batch, heads, groups, rows, length, dim,
+                       marks=() if (batch, rows) in ((1, 1), (3, 2)) else pytest.mark.slow)
           for batch, (heads, groups), rows, length, dim in itertools.product(
               (1, 3), ((4, 1), (8, 2), (4, 4)), (1, 2), (1, 17, 64, 300, 1100), (64, 128))
           if not (length == 1100 and dim == 128)]  # the interpreter's slowest; covered by 1100 at 64 and 300 at 128
