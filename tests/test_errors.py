@@ -89,3 +89,18 @@ def test_meta_model_has_no_weights_to_run():
     tp = fxtp.compile(model, 2)
     with pytest.raises(ValueError, match="meta device"):
         tp.rank_graph(0)
+
+
+@pytest.mark.parametrize("ids, error, message", [
+    (torch.zeros(0, 4, dtype=torch.long), ValueError, r"input_ids is empty \(shape \(0, 4\)\)"),
+    (torch.zeros(2, 0, dtype=torch.long), ValueError, r"input_ids is empty \(shape \(2, 0\)\)"),
+    ([[1, 2, 3]], TypeError, "input_ids must be a torch.Tensor of token ids .* got list"),
+    (torch.tensor([[1, 2, 3]], dtype=torch.uint8), ValueError, r"must be an integer tensor \(int64 or int32\) .* torch.uint8"),
+])
+def test_bad_token_ids_get_a_clear_error(ids, error, message):
+    """Empty batches and sequences, Python lists and unsupported id dtypes, in simulate and generate."""
+    tp = fxtp.compile(tiny_model("llama", layers=1), 2)
+    with pytest.raises(error, match=message):
+        tp.simulate(ids)
+    with pytest.raises(error, match=message):
+        tp.generate(ids, max_new_tokens=2)

@@ -4,15 +4,28 @@ from __future__ import annotations
 import torch
 
 
+TOKEN_ID_DTYPES = (torch.int64, torch.int32)  # what an embedding lookup takes, as in HF
+
+
+def require_tensor(name: str, value) -> None:
+    """A TypeError naming `name` unless `value` is a tensor (the usual slip: a Python list of ids)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids [batch, seq], got {type(value).__name__}: "
+                        f"wrap it, e.g. torch.tensor({name})")
+
+
 def checked_inputs(input_ids: torch.Tensor, attention_mask, device: torch.device,
                    names: tuple[str, str] = ("input_ids", "attention_mask"), fill: int = 1):
     """Validate token ids and a tensor of their shape (a mask, token types) on `device`, and
     return the latter as long (filled with `fill` when None). `names` are the two inputs' names."""
     ids_name, name = names
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point \
-            or input_ids.dtype == torch.bool:
-        what = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"{ids_name} must be an integer tensor of shape [batch, seq] (token ids), got {what}")
+    require_tensor(ids_name, input_ids)
+    if input_ids.dim() != 2 or input_ids.dtype not in TOKEN_ID_DTYPES:
+        raise ValueError(f"{ids_name} must be an integer tensor (int64 or int32) of shape [batch, seq] (token ids), got "
+                         f"{tuple(input_ids.shape)} {input_ids.dtype}: convert with .long()")
+    if input_ids.numel() == 0:
+        raise ValueError(f"{ids_name} is empty (shape {tuple(input_ids.shape)}): pass at least one sequence of at "
+                         "least one token")
     if input_ids.device != device:
         raise ValueError(f"{ids_name} are on {input_ids.device} but this rank's weights are on {device}: "
                          f"move the inputs with .to({str(device)!r})")
