@@ -14,6 +14,7 @@ import torch.fx as fx
 from fxtp.sharding import collectives
 from fxtp.capture.export import Captured, capture
 from fxtp.node_meta import STATE
+from fxtp.decode.options import DecodeOptions
 from fxtp.rank_ops.inputs import require_tensor
 from fxtp.runtime.checkpoint import RankLoader
 from fxtp.runtime.fail_fast import failing_fast
@@ -124,7 +125,7 @@ class TPProgram:
         return self._encoder
 
     def generator(self, rank: Optional[int] = None, device=None, process_group: Optional[dist.ProcessGroup] = None,
-                  checkpoint: Optional[str] = None, compile: Union[bool, dict] = False) -> "Generator":
+                  checkpoint: Optional[str] = None, compile: Union[bool, dict, DecodeOptions] = False) -> "Generator":
         """Generation on `rank` in this process (under torchrun; see `module` for the arguments), or
         on every rank in this process when `rank` is None. `compile` (True, or the decode step's
         options, `fxtp.DecodeOptions` or a dict of its fields: fxtp/decode/options.py) runs decode steps compiled and
