@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The one-GPU checks of the package redesign, for a machine with one GPU and no network (the device tool):
+#   bash benchmarks/one_gpu_check.sh tests    the README's offline install, then every test that needs one GPU
+#   bash benchmarks/one_gpu_check.sh timing   fxtp-compile-n1 at batch 1 on the Llama-3-8B shape, before the
+#                                             redesign and after it, in one call (needs .before/, made here with
+#                                             `git archive fa54aca | tar -x -C .before && cp -r .before/passes
+#                                             .before/fxtp/passes`, carried along)
+# Output goes under $OUT when it is set (the device tool), else under ./gpu-check/.
+set -u
+out="${OUT:-gpu-check}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+pip install --no-deps --no-build-isolation --no-index . > "$out/install.log" 2>&1
+echo "install rc=$?" | tee -a "$out/gpu.txt"
+case "${1:-tests}" in
+  tests)
+    (cd /tmp && python3 -c "import fxtp, fxtp.passes.sharding.plan, fxtp.decode.options; print('installed fxtp at', fxtp.__file__)") \
+      2>&1 | tee -a "$out/gpu.txt"
+    # -P: import the installed fxtp, not the source folder (which has no fxtp/passes)
+    timeout 420 python3 -P -m pytest -q -rs tests/test_cuda.py tests/test_cuda_two_gpus.py -p no:cacheprovider 2>&1 \
+      | tee "$out/test_cuda.log" | tail -40 ;;
+  timing)
+    args="--shape llama3-8b --dtype bfloat16 --prompt-len 128 --gen-len 64 --warmup 1 --trials 3 --batch 1 --impl fxtp-compile-n1"
+    PYTHONPATH="$PWD/.before" timeout 330 torchrun --nproc_per_node 1 .before/benchmarks/inference_test.py $args \
+      > "$out/before.log" 2>&1; echo "before rc=$?"; tail -6 "$out/before.log"
+    timeout 250 torchrun --nproc_per_node 1 benchmarks/inference_test.py $args > "$out/after.log" 2>&1
+    echo "after rc=$?"; tail -6 "$out/after.log" ;;
+esac
