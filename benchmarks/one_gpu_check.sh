@@ -11,7 +11,7 @@ out="${OUT:-gpu-check}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-pip install --no-deps --no-build-isolation --no-index . > "$out/install.log" 2>&1
+python3 -m pip install --no-deps --no-build-isolation --no-index . > "$out/install.log" 2>&1
 echo "install rc=$?" | tee -a "$out/gpu.txt"
 case "${1:-tests}" in
   tests)
