@@ -65,20 +65,19 @@ class Generator:
         The cache holds `max_length` tokens (default: prompt + max_new_tokens rounded up).
         An encoder-decoder model encodes the (right- or left-padded) batch once and returns, as HF
         does, the decoder's tokens: its start token, then the new ones."""
+        arguments = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                         top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+                         max_length=max_length)
         if len(self.ranks) == 1 and self.program.world_size > 1:  # one rank of several processes
             with failing_fast(self.group_name, self.ranks[0]):
                 check_ranks_agree(dist.distributed_c10d._resolve_process_group(self.group_name), "generate() arguments",
-                                  dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                       do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
-                                       max_length=max_length, streamer=streamer is not None))
-                return self._generate(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                      eos_token_id, pad_token_id, seed, streamer, max_length)
-        return self._generate(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                              eos_token_id, pad_token_id, seed, streamer, max_length)
+                                  dict(input_ids=input_ids, attention_mask=attention_mask, **arguments,
+                                       streamer=streamer is not None))
+                return self._generate(input_ids, attention_mask, streamer=streamer, **arguments)
+        return self._generate(input_ids, attention_mask, streamer=streamer, **arguments)
 
-    def _generate(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                  pad_token_id, seed, streamer, max_length) -> torch.Tensor:
+    def _generate(self, input_ids, attention_mask, *, max_new_tokens, do_sample, temperature, top_k, top_p,
+                  eos_token_id, pad_token_id, seed, streamer, max_length) -> torch.Tensor:
         input_ids, mask = _checked(input_ids, attention_mask, self.device)
         batch, prompt = input_ids.shape
         for name, value in (("max_new_tokens", max_new_tokens), ("max_length", max_length)):
