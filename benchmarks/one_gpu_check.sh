@@ -18,7 +18,7 @@ case "${1:-tests}" in
     (cd /tmp && python3 -c "import fxtp, fxtp.passes.sharding.plan, fxtp.decode.options; print('installed fxtp at', fxtp.__file__)") \
       2>&1 | tee -a "$out/gpu.txt"
     # -P: import the installed fxtp, not the source folder (which has no fxtp/passes)
-    timeout 420 python3 -P -m pytest -q -rs tests/test_cuda.py tests/test_cuda_two_gpus.py -p no:cacheprovider 2>&1 \
+    timeout 560 python3 -P -m pytest -q -rs tests/test_cuda.py tests/test_cuda_two_gpus.py -p no:cacheprovider 2>&1 \
       | tee "$out/test_cuda.log" | tail -40 ;;
   timing)
     args="--shape llama3-8b --dtype bfloat16 --prompt-len 128 --gen-len 64 --warmup 1 --trials 3 --batch 1 --impl fxtp-compile-n1"
