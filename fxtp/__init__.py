@@ -4,6 +4,7 @@ from fxtp.decode.options import DecodeOptions
 from fxtp.dump import dump
 from fxtp.runtime.generation import Generator
 from fxtp.sharding.layouts import Partial, Replicate, Shard
+from fxtp.runtime.parallelize import parallelize
 from fxtp.runtime.program import TPProgram, compile
 
-__all__ = ["compile", "dump", "TPProgram", "Generator", "DecodeOptions", "CaptureError", "Replicate", "Shard", "Partial"]
+__all__ = ["compile", "parallelize", "dump", "TPProgram", "Generator", "DecodeOptions", "CaptureError", "Replicate", "Shard", "Partial"]

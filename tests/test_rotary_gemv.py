@@ -197,7 +197,7 @@ def test_fused_steps_generate_hf_tokens(arch, monkeypatch):
     model = tiny_model(arch)
     tp = fxtp.compile(model, 2)
     generator = tp.generator()
-    prepare = generator._prepare
+    prepare = generator.prepare
 
     def prepare_fused(batch: int, length: int) -> None:
         new = generator._key != (batch, length)
@@ -207,7 +207,7 @@ def test_fused_steps_generate_hf_tokens(arch, monkeypatch):
             counts = [[node.target for node in m.graph.nodes].count(rotary_projection) for m in generator._modules]
             assert counts == [model.config.num_hidden_layers] * 2
 
-    monkeypatch.setattr(generator, "_prepare", prepare_fused)
+    monkeypatch.setattr(generator, "prepare", prepare_fused)
     monkeypatch.setattr(tp, "generator", lambda *args, **kwargs: generator)
     ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)

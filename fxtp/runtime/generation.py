@@ -51,6 +51,7 @@ class Generator:
         self._sources: set[str] = set()  # torch.fx's generated sources of _modules, dropped with them
         self._decode = self._prefill = None
         self._encoders: list[fx.GraphModule] = []  # an encoder-decoder's encoder, run once per request
+        self.current_cache = None  # the HF-facing cache whose tokens the buffers hold (fxtp/runtime/sharded_cache.py)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
@@ -90,15 +91,15 @@ class Generator:
         length = max_length or -(-needed // CACHE_GRANULE) * CACHE_GRANULE
         if needed > length:
             raise ValueError(f"prompt ({cached}) + max_new_tokens ({max_new_tokens}) exceed max_length={length}")
-        self._prepare(batch, length)
+        self.prepare(batch, length)
         cache_positions = torch.arange(length, device=self.device)
         with torch.no_grad():
             if seq2seq:  # the encoder runs once; every decoder step attends to its output
-                encoded = self._run(self._encoders, (input_ids, mask))
+                encoded = self.encode(input_ids, mask)
                 first = torch.full((batch, 1), decoder_start_token_id(self.program.model), device=self.device)
 
                 def step(ids: torch.Tensor, i: int) -> torch.Tensor:
-                    return self._step((ids, encoded, mask, cache_positions[i:i + 1]), decode=True)
+                    return self.step((ids, encoded, mask, cache_positions[i:i + 1]), decode=True)
             else:  # prefill the prompt, then one token per step
                 first, full_mask = input_ids, torch.ones(batch, length, dtype=torch.long, device=self.device)
                 full_mask[:, :prompt] = mask
@@ -106,8 +107,8 @@ class Generator:
 
                 def step(ids: torch.Tensor, i: int) -> torch.Tensor:
                     if i == 0:
-                        return self._step((ids, full_mask, positions, cache_positions[:prompt]), decode=False)
-                    return self._step((ids, full_mask, positions[:, -1:] + i, cache_positions[prompt + i - 1:][:1]),
+                        return self.step((ids, full_mask, positions, cache_positions[:prompt]), decode=False)
+                    return self.step((ids, full_mask, positions[:, -1:] + i, cache_positions[prompt + i - 1:][:1]),
                                       decode=True)
             return self._loop(first, step, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
                               pad_token_id, seed, streamer)
@@ -167,16 +168,15 @@ class Generator:
         cache = sum(t.nbytes for name, t in tensors.items() if is_cache_state(name))
         return {"parameters": sum(t.nbytes for t in tensors.values()) - cache, "cache": cache}
 
-    def _prepare(self, batch: int, length: int) -> None:
+    def prepare(self, batch: int, length: int) -> None:
+        """Make the ranks' programs for a static cache of `batch` sequences of `length` tokens (kept
+        while the shape stays the same). The cache keeps what earlier steps wrote; a new generation
+        overwrites it from position 0 on, and the causal mask hides what lies beyond."""
         if self._key == (batch, length):
             return
         # free the previous cache first; the key goes with it, so a build that fails leaves no stale key
         forget_sources(self._sources)
         self._modules, self._decode, self._prefill, self._key, self._sources = [], None, None, None, set()
-        if self.program.is_seq2seq and not self._encoders:
-            encoder = self.program.encoder()
-            self._encoders = [encoder.rank_graph(rank, self.group_name, self.device, self.checkpoint, shared=weights)
-                              for rank, weights in zip(self.ranks, self._weights)]
         cached = self.program.with_cache(batch, length)
         sources = generated_sources()
         self._modules = [cached.rank_graph(rank, self.group_name, self.device, self.checkpoint, shared=weights)
@@ -187,8 +187,26 @@ class Generator:
             self._prefill = PrefillGraph(self._modules[0], self.compile_options)
         self._key = (batch, length)
 
-    def _step(self, args: tuple, decode: bool) -> torch.Tensor:
-        """The step's logits. From the CUDA graph they are its output tensor, which the next replay
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """An encoder-decoder model's encoder output for the batch."""
+        if not self._encoders:
+            encoder = self.program.encoder()
+            self._encoders = [encoder.rank_graph(rank, self.group_name, self.device, self.checkpoint, shared=weights)
+                              for rank, weights in zip(self.ranks, self._weights)]
+        return self._run(self._encoders, (input_ids, attention_mask))
+
+    def reorder_cache(self, rows: torch.Tensor) -> None:
+        """Put row rows[i] of every rank's KV cache in row i (beam search keeps the beams it picked).
+        In place, so a compiled step, which reads the same tensors, sees it."""
+        for module in self._modules:
+            for name, cache in module.named_buffers():
+                if is_cache_state(name):
+                    cache.copy_(cache.index_select(0, rows.to(cache.device)))
+
+    def step(self, args: tuple, decode: bool) -> torch.Tensor:
+        """One step's logits [batch, vocab] of the prepared programs: the prompt's
+        (input_ids, mask, positions, cache positions) when not `decode`, one token's when it is (an
+        encoder-decoder's: decoder ids, encoder output, mask, cache position). From the CUDA graph they are its output tensor, which the next replay
         overwrites: _loop picks its tokens from them before it takes the next step."""
         compiled = self._decode if decode else self._prefill
         if compiled is not None:
