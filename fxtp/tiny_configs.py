@@ -113,15 +113,20 @@ def tiny_config(arch: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv
     return AutoConfig.for_model(arch, **build(hidden, layers, heads, kv_heads, intermediate, vocab, positions), **extra)
 
 
-def tiny_model(arch: str, seed: int = 0, auto_class=None, **overrides) -> torch.nn.Module:
+def tiny_model(arch: str, seed: int = 0, auto_class=None, noise: float = 0.0, **overrides) -> torch.nn.Module:
     """A tiny model with random weights; `auto_class` defaults to AutoModelForCausalLM, and to
-    AutoModelForSeq2SeqLM / AutoModelForMaskedLM for seq2seq LMs / encoders."""
+    AutoModelForSeq2SeqLM / AutoModelForMaskedLM for seq2seq LMs / encoders. `noise`: the std of
+    Gaussian noise added to every parameter, so that rows and greedy choices differ clearly."""
     if auto_class is None:
         auto_class = AutoModelForSeq2SeqLM if arch in SEQ2SEQ_LMS else \
             AutoModelForMaskedLM if arch in ENCODERS else AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = auto_class.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
-    return model.float().eval()
+    model = auto_class.from_config(tiny_config(arch, **overrides), dtype=torch.float32).float().eval()
+    if noise:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * noise)
+    return model
 
 
 # Real model shapes (no weights): for memory and speed measurements on meta or random weights.

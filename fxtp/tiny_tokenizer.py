@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -38,11 +37,8 @@ def tiny_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
 def save_tiny_pretrained(arch: str, directory: str, seed: int = 0) -> str:
     """Save a tiny `arch` model (fxtp.tiny_configs.tiny_model) and tiny_tokenizer() to `directory`,
     so that `transformers.pipeline(task, model=directory)` loads them as it loads a hub model."""
-    model = tiny_model(arch, seed=seed)
+    model = tiny_model(arch, seed=seed, noise=0.05)
     model.generation_config.pad_token_id = model.config.pad_token_id
-    with torch.no_grad():  # noise, so that rows and greedy choices differ clearly
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     tiny_tokenizer(model.config.vocab_size).save_pretrained(directory)

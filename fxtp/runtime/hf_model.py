@@ -280,7 +280,8 @@ def _refuse_unsupported(kwargs: dict, config: GenerationConfig) -> None:
     for name, why in UNSUPPORTED_OPTIONS.items():
         value = kwargs.get(name, getattr(config, name, None))
         if value:
-            raise ValueError(f"generate({name}={value!r}) is not supported by an fxtp model: {why}")
+            shown = repr(value) if isinstance(value, (bool, int, float, str, list)) else type(value).__name__
+            raise ValueError(f"generate({name}={shown}) is not supported by an fxtp model: {why}")
     if kwargs.get("inputs_embeds") is not None:
         raise ValueError("an fxtp model generates from input_ids; inputs_embeds are not supported")
 
