@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one-GPU checks of the package redesign, for a machine with one GPU and no network (the device tool):
 #   bash benchmarks/one_gpu_check.sh tests    the README's offline install, then every test that needs one GPU
-#   bash benchmarks/one_gpu_check.sh timing   fxtp-compile-n1 at batch 1 on the Llama-3-8B shape, before the
-#                                             redesign and after it, in one call (needs .before/, made here with
+#   bash benchmarks/one_gpu_check.sh timing   HF's generate through fxtp against fxtp's generator, then
+#                                             fxtp-compile-n1 at batch 1 on the Llama-3-8B shape, after the
+#                                             redesign and before it, in one call (needs .before/, made here with
 #                                             `git archive fa54aca | tar -x -C .before && cp -r .before/passes
 #                                             .before/fxtp/passes`, carried along)
 # Output goes under $OUT when it is set (the device tool), else under ./gpu-check/.
@@ -21,9 +22,14 @@ case "${1:-tests}" in
     timeout 560 python3 -P -m pytest -q -rs tests/test_cuda.py tests/test_cuda_two_gpus.py -p no:cacheprovider 2>&1 \
       | tee "$out/test_cuda.log" | tail -40 ;;
   timing)
+    # HF's generate through fxtp against fxtp's own generator first (it compiles cold), then the decode
+    # step after the redesign and before it, which find inductor's caches warm
+    timeout 220 python3 -P benchmarks/hf_generate_speed.py --shape llama3-8b --dtype bfloat16 --compile \
+      --out "$out/hf_generate_speed.json" > "$out/hf_generate_speed.log" 2>&1
+    echo "hf_generate_speed rc=$?"; tail -4 "$out/hf_generate_speed.log"
     args="--shape llama3-8b --dtype bfloat16 --prompt-len 128 --gen-len 64 --warmup 1 --trials 3 --batch 1 --impl fxtp-compile-n1"
-    PYTHONPATH="$PWD/.before" timeout 330 torchrun --nproc_per_node 1 .before/benchmarks/inference_test.py $args \
-      > "$out/before.log" 2>&1; echo "before rc=$?"; tail -6 "$out/before.log"
-    timeout 250 torchrun --nproc_per_node 1 benchmarks/inference_test.py $args > "$out/after.log" 2>&1
-    echo "after rc=$?"; tail -6 "$out/after.log" ;;
+    timeout 170 torchrun --nproc_per_node 1 benchmarks/inference_test.py $args > "$out/after.log" 2>&1
+    echo "after rc=$?"; tail -6 "$out/after.log"
+    PYTHONPATH="$PWD/.before" timeout 170 torchrun --nproc_per_node 1 .before/benchmarks/inference_test.py $args \
+      > "$out/before.log" 2>&1; echo "before rc=$?"; tail -6 "$out/before.log" ;;
 esac

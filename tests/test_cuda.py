@@ -195,3 +195,19 @@ def test_compiled_decode_on_one_gpu_generates_like_hf_beyond_llama(arch):
     results = [compiled_generate_on_rank(0, arch, 1, batches, True)]
     assert_generates(results, hf_tokens(model, batches))
     assert "decode_attention" in results[0][2]
+
+
+# HF's generate driving fxtp's compiled step (fxtp.parallelize): beam search reorders the cache that
+# the CUDA graph reads, in place
+@needs_gpus(1)
+def test_hf_generate_drives_the_compiled_step_like_hf():
+    model = tiny_model("llama", noise=0.05).cuda()
+    sharded = fxtp.parallelize(model, 1, compile=True)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    for options in (dict(do_sample=False), dict(num_beams=3, do_sample=False)):
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, **options)
+        got = sharded.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, **options)
+        assert torch.equal(got, expected), (options, got.tolist(), expected.tolist())
+    assert sharded.fxtp_runtime.generator.compile_options is not None
