@@ -1,6 +1,10 @@
 """fxtp.parallelize: HF's own generate() and pipeline() drive the sharded model, and give the unsharded
 model's tokens (fxtp/runtime/parallelize.py, fxtp/runtime/hf_model.py, fxtp/runtime/sharded_cache.py)."""
+import os
+import subprocess
+import sys
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,7 +124,8 @@ def test_the_seed_pipeline_lines_with_only_the_init_line_changed(tmp_path):
         greedy = pipe(inputs, max_new_tokens=8, do_sample=False)
         torch.manual_seed(0)
         texts.append((greedy, pipe(inputs, max_new_tokens=8), pipe(inputs[0], max_new_tokens=5, num_beams=2,
-                                                                  do_sample=False)))
+                                                                  do_sample=False),
+                      pipe(inputs[0], max_new_tokens=12, do_sample=False, stop_strings=["ee"], tokenizer=pipe.tokenizer)))
     assert texts[0] == texts[1]
     assert texts[0][0] != texts[0][1]  # sampling drew other tokens than greedy: the comparison can fail
 
@@ -220,3 +225,33 @@ def test_ranks_given_different_generation_arguments_are_told_so():
     with pytest.raises(RankFailure, match=r"(?s)RanksDisagree.*max_new_tokens: rank 0 has 4; rank 1 has 5"):
         run_ranks(_disagreeing_rank, 2, timeout=240)
     assert issubclass(RanksDisagree, RuntimeError)
+
+
+def test_the_readme_torchrun_snippet_on_two_cpu_processes(tmp_path):
+    """README's fxtp.parallelize snippet, as written, under torchrun on 2 CPU processes: parallelize
+    starts the (gloo) process group itself, and both ranks print the unsharded pipeline's text."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("### In HF's `pipeline()` and `generate()`"):]
+    snippet = section[section.index("```python\n") + 10:section.index("```\n", section.index("```python\n") + 10)]
+    script = tmp_path / "run.py"
+    script.write_text(snippet)
+    path = save_tiny_pretrained("llama", str(tmp_path / "llama"))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), path],
+                         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = transformers.pipeline("text-generation", model=path, device="cpu")(
+        "Hello, my name is", max_new_tokens=20, do_sample=False)
+    assert run.stdout.splitlines().count(str(expected)) == 2, run.stdout
+
+
+def test_a_model_on_meta_reads_its_slices_from_the_checkpoint(tmp_path):
+    path = save_tiny_pretrained("llama", str(tmp_path / "llama"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.device("meta"):
+        empty = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(path))
+    sharded = fxtp.parallelize(empty, 2, checkpoint=path)
+    assert sharded.device == torch.device("cpu")
+    ids, mask = prompts()
+    assert torch.equal(sharded.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False),
+                       loaded.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False))
+    assert (sharded(ids, attention_mask=mask).logits - loaded(ids, attention_mask=mask).logits).abs().max() < 1e-5

@@ -216,7 +216,7 @@ def cacheless_logits(runtime: ParallelRuntime, input_ids: torch.Tensor, attentio
     inputs = {name: value.to(runtime.device) for name, value in inputs.items()}
     with torch.no_grad():
         if runtime.rank is None:
-            return runtime.program.simulate(input_ids, attention_mask, **inputs)
+            return runtime.program.simulate(input_ids, attention_mask, checkpoint=runtime.generator.checkpoint, **inputs)
         if runtime.cacheless is None:
             runtime.cacheless = runtime.program.module(runtime.rank, runtime.device, runtime.group,
                                                        runtime.generator.checkpoint)
@@ -287,9 +287,11 @@ def _refuse_unsupported(kwargs: dict, config: GenerationConfig) -> None:
 
 
 def _refuse_inputs(kwargs: dict) -> None:
-    """Raise for any keyword the sharded program can't honour; HF's bookkeeping keywords pass."""
-    refused = {name: value for name, value in kwargs.items()
-               if name not in IGNORED_INPUTS and value is not None and value is not False}
+    """Raise for any input the sharded program would leave unread (a tensor: labels, inputs_embeds,
+    token_type_ids, ...) and any output it can't give (output_attentions=True, ...). Other keywords
+    pass, as HF's own forward lets them pass (generate hands it `tokenizer` with stop strings)."""
+    refused = {name: value for name, value in kwargs.items() if name not in IGNORED_INPUTS and
+               (isinstance(value, torch.Tensor) or (name in UNSUPPORTED_OPTIONS and value))}
     if refused:
         hint = UNSUPPORTED_OPTIONS.get(next(iter(refused)), "it takes input_ids, attention_mask and position_ids")
         raise TypeError(f"an fxtp model's forward does not take {sorted(refused)}: {hint}")
