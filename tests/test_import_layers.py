@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # lowest first: what a stage may import is everything above it in this list
 LAYERS = [
-    ("fxtp.node_meta", "fxtp.rank_ops"),
+    ("fxtp.node_meta", "fxtp.rank_ops", "fxtp.progress"),
     ("fxtp.kernels",),
     ("fxtp.sharding",),
     ("fxtp.capture",),
@@ -22,7 +22,7 @@ LAYERS = [
     ("fxtp.passes.decode",),
     ("fxtp.decode",),
     ("fxtp.runtime",),
-    ("fxtp.tiny_configs", "fxtp.stats", "fxtp.dump", "fxtp.testing", "fxtp.cli", "fxtp"),
+    ("fxtp.tiny_configs", "fxtp.tiny_tokenizer", "fxtp.stats", "fxtp.dump", "fxtp.testing", "fxtp.cli", "fxtp"),
 ]
 
 

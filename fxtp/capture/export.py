@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.export.graph_signature import InputKind
 
 from fxtp.capture.signatures import Forward, signature_of
+from fxtp.progress import stage
 from fxtp.capture.state_names import aliases
 from fxtp.node_meta import STATE
 
@@ -87,7 +88,8 @@ def export_model(model: torch.nn.Module, wrapper: torch.nn.Module, args: tuple, 
         # CUDA's fused attention kernels make export guard seq to a multiple of 8 (mask alignment);
         # the math backend has no such guard, and the graph keeps the one SDPA op either way, so at
         # run time the fastest kernel is still chosen.
-        with sdpa_kernel([SDPBackend.MATH]), constants_on_cpu(device):
+        with sdpa_kernel([SDPBackend.MATH]), constants_on_cpu(device), \
+                stage(f"torch.export of {type(model).__name__}{what}"):
             return torch.export.export(wrapper, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as e:  # export errors are long; keep them whole inside ours
         raise CaptureError(f"torch.export could not capture {type(model).__name__} ({model.config.model_type}){what}: "

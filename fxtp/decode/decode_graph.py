@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from fxtp.decode.compiled_graph import compile_graph
+from fxtp.progress import stage
 from fxtp.decode.options import DecodeOptions
 from fxtp.kernels.dependent_launch import launching_with_pdl
 from fxtp.kernels.gemv import block_table, launching_with_blocks
@@ -82,7 +83,8 @@ class DecodeGraph:
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         key = tuple((a.shape, a.dtype) for a in args)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(args)
+            with stage(f"compile and capture the decode step for inputs {[list(a.shape) for a in args]}"):
+                self.graphs[key] = self._capture(args)
         graph, inputs, output = self.graphs[key]
         for static, value in zip(inputs, args):
             static.copy_(value)

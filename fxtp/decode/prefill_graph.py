@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from fxtp.decode.compiled_graph import compile_graph
 from fxtp.decode.options import DecodeOptions
+from fxtp.progress import stage
 from fxtp.passes.decode.shared_state_copy import twin
 
 
@@ -24,6 +25,12 @@ class PrefillGraph:
     def __init__(self, module: fx.GraphModule, options: DecodeOptions):
         self.compiled = compile_graph(twin(module, "Prefill"), fullgraph=True, dynamic=True,
                                       options=options.inductor_options(decode=False))
+        self.called = False
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.compiled(*args)
+        if self.called:
+            return self.compiled(*args)
+        with stage("compile the prefill step (any prompt length)"):  # torch.compile compiles at the first call
+            out = self.compiled(*args)
+        self.called = True
+        return out

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from fxtp.progress import stage
 from fxtp.sharding import collectives
 from fxtp.capture.export import Captured, capture
 from fxtp.node_meta import STATE
@@ -78,11 +79,13 @@ class TPProgram:
 
     def __init__(self, captured: Captured, world_size: int, spec, model: torch.nn.Module):
         """`spec`: "auto" or fxtp's manual form {module pattern: colwise/rowwise/replicate}."""
-        self.captured = clean_up(captured)
-        self.graph: fx.GraphModule = captured.graph_module
+        with stage(f"plan over {world_size} ranks"):
+            self.captured = clean_up(captured)
+            self.graph: fx.GraphModule = captured.graph_module
+            self.plan: Plan = auto_plan(self.graph, world_size) if spec == "auto" else \
+                manual_plan(self.graph, world_size, spec)
         self.world_size = world_size
         self.spec = spec
-        self.plan: Plan = auto_plan(self.graph, world_size) if spec == "auto" else manual_plan(self.graph, world_size, spec)
         self.model = model  # on meta when loading from a checkpoint: it holds no weights then
         self.config = model.config
         self._simulated: dict[tuple[str, Optional[str]], list[fx.GraphModule]] = {}
@@ -179,7 +182,9 @@ class TPProgram:
                 shared[key] = own_state(owned_copy(read(name, layout).to(device).contiguous(), state[name]), state[name])
             return shared[key]
 
-        return rank_graph(self.graph, state, rank, self.world_size, group_name, device, load)
+        source = f"from {checkpoint}" if checkpoint is not None else "from the model"
+        with stage(f"rank {rank}'s graph and weights ({source}, on {device})"):
+            return rank_graph(self.graph, state, rank, self.world_size, group_name, device, load)
 
     def module(self, rank: int, device=None, process_group: Optional[dist.ProcessGroup] = None,
                checkpoint: Optional[str] = None) -> fx.GraphModule:

@@ -1,0 +1,57 @@
+"""Each long stage logs its time under the "fxtp" logger (fxtp/progress.py)."""
+import io
+import logging
+
+import pytest
+
+import fxtp
+from fxtp.progress import LOGGER, configure_logger
+from fxtp.tiny_configs import tiny_model
+
+
+@pytest.fixture
+def fresh_logger():
+    """The fxtp logger as a new process finds it; its handlers and level restored afterwards."""
+    saved = LOGGER.handlers[:], LOGGER.level
+    LOGGER.handlers.clear()
+    yield LOGGER
+    LOGGER.handlers[:], LOGGER.level = saved
+
+
+def stream_into(logger) -> io.StringIO:
+    stream = io.StringIO()
+    logger.handlers[0].setStream(stream)
+    return stream
+
+
+def test_compile_logs_export_and_plan_times(fresh_logger, monkeypatch):
+    monkeypatch.delenv("FXTP_VERBOSITY", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    stream = stream_into(configure_logger())
+    fxtp.compile(tiny_model("llama"), 2)
+    lines = stream.getvalue().splitlines()
+    assert any(line.startswith("fxtp: torch.export of LlamaForCausalLM: ") and line.endswith(" s") for line in lines)
+    assert any(line.startswith("fxtp: plan over 2 ranks: ") for line in lines), lines
+
+
+@pytest.mark.parametrize("verbosity, rank, shown", [("warning", "0", False), ("info", "1", False), ("debug", "0", True)])
+def test_verbosity_and_other_ranks(fresh_logger, monkeypatch, verbosity, rank, shown):
+    monkeypatch.setenv("FXTP_VERBOSITY", verbosity)
+    monkeypatch.setenv("RANK", rank)
+    logger = configure_logger()
+    assert logger.isEnabledFor(logging.INFO) == shown
+    assert logger.isEnabledFor(logging.WARNING)
+
+
+def test_a_logger_the_user_configured_is_left_alone(fresh_logger, monkeypatch):
+    handler = logging.NullHandler()
+    fresh_logger.addHandler(handler)
+    fresh_logger.setLevel(logging.ERROR)
+    monkeypatch.setenv("FXTP_VERBOSITY", "debug")
+    assert configure_logger().handlers == [handler] and fresh_logger.level == logging.ERROR
+
+
+def test_an_unknown_verbosity_says_what_to_use(fresh_logger, monkeypatch):
+    monkeypatch.setenv("FXTP_VERBOSITY", "loud")
+    with pytest.raises(ValueError, match="FXTP_VERBOSITY='loud': use one of error, warning, info, debug"):
+        configure_logger()
