@@ -1,7 +1,9 @@
 """benchmarks/pipeline_inference.py, the DeepSpeed AutoTP tutorial's pipeline benchmark with fxtp in
 place of deepspeed.init_inference, as a user runs it on the CPU: under torchrun on 2 gloo processes,
 and in one process loading a model built on meta from its checkpoint. Both print the seed's latency
-block and generate, greedily in float32, the text the unsharded HF pipeline generates."""
+block and generate, greedily in float32, the text the unsharded HF pipeline generates. Also: the
+seed's percentiles, a real shape's vocab kept to its tiny tokenizer's ids, and --impl deepspeed
+without deepspeed."""
 import importlib
 import importlib.util
 import json
@@ -14,7 +16,7 @@ import pytest
 import torch
 from transformers import pipeline
 
-from fxtp.tiny_configs import tiny_model
+from fxtp.tiny_configs import tiny_config, tiny_model
 from fxtp.tiny_tokenizer import save_tiny_pretrained
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -125,3 +127,22 @@ def test_percentiles_are_the_seeds(pipeline_inference):
 def test_deepspeed_impl_names_the_missing_package(pipeline_inference):
     with pytest.raises(SystemExit, match=r"--impl deepspeed needs the deepspeed package.*pip install deepspeed"):
         pipeline_inference.main(["--name", "tiny:llama", "--device", "cpu", "--impl", "deepspeed"])
+
+
+def test_a_real_shape_generates_only_ids_its_tiny_tokenizer_has(pipeline_inference, monkeypatch):
+    """shape:<name> with a vocab larger than the 256-token tokenizer (here a tiny Llama of 1024 words
+    in place of the real shape, with HF's pipeline): every generated id is one the tokenizer has."""
+    monkeypatch.setattr(pipeline_inference, "real_config", lambda name: tiny_config("llama", vocab=1024))
+    streamed = []
+
+    class RecordingClock(pipeline_inference.TokenClock):
+        def put(self, value):
+            streamed.append(value)
+            super().put(value)
+    monkeypatch.setattr(pipeline_inference, "TokenClock", RecordingClock)
+    result = pipeline_inference.main(["--name", "shape:llama3-8b", "--impl", "hf", "--device", "cpu", "--dtype",
+                                      "float32", "--batch_size", "2", "--max_new_tokens", "6", "--trials", "2",
+                                      "--warmup", "0"])
+    assert result["tokens_per_trial"] == [6, 6]
+    generated = torch.stack(streamed[1:7] + streamed[8:])  # after each trial's prompt
+    assert generated.shape == (12, 2) and int(generated.max()) < 256
