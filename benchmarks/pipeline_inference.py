@@ -179,6 +179,8 @@ def launch_facts(args: argparse.Namespace) -> tuple[int, torch.device]:
 
 
 def weights_digest(directory: str) -> str:
+    """A digest of the directory's safetensors files: under torchrun every rank saves its own tiny
+    model, and a rank with other weights would still agree on the text (the logits are all-reduced)."""
     digest = hashlib.sha256()
     for name in sorted(os.listdir(directory)):
         if name.endswith(".safetensors"):
@@ -205,8 +207,10 @@ def build_pipeline(args: argparse.Namespace, directory: Optional[str], dtype: to
     if args.use_meta_tensor:  # the seed's meta path: a weightless model, each rank's slices read from the directory
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype).eval()
-        model.generation_config = GenerationConfig.from_pretrained(directory)
-        model = fxtp.parallelize(model, world_size, checkpoint=directory, device=device, plan=read_plan(args.plan))
+        if os.path.exists(os.path.join(directory, "generation_config.json")):  # from_config leaves it at defaults
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        model = fxtp.parallelize(model, world_size, checkpoint=directory, device=device, compile=args.compile,
+                                 plan=read_plan(args.plan))
         return pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(directory),
                         device=pipe_device)
     if directory is not None:

@@ -140,9 +140,14 @@ def test_a_real_shape_generates_only_ids_its_tiny_tokenizer_has(pipeline_inferen
             streamed.append(value)
             super().put(value)
     monkeypatch.setattr(pipeline_inference, "TokenClock", RecordingClock)
-    result = pipeline_inference.main(["--name", "shape:llama3-8b", "--impl", "hf", "--device", "cpu", "--dtype",
-                                      "float32", "--batch_size", "2", "--max_new_tokens", "6", "--trials", "2",
-                                      "--warmup", "0"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocesses: a second thread on 2 shared cores makes steps 10x slower
+    try:
+        result = pipeline_inference.main(["--name", "shape:llama3-8b", "--impl", "hf", "--device", "cpu", "--dtype",
+                                          "float32", "--batch_size", "2", "--max_new_tokens", "6", "--trials", "2",
+                                          "--warmup", "0"])
+    finally:
+        torch.set_num_threads(threads)
     assert result["tokens_per_trial"] == [6, 6]
     generated = torch.stack(streamed[1:7] + streamed[8:])  # after each trial's prompt
     assert generated.shape == (12, 2) and int(generated.max()) < 256
