@@ -1,4 +1,6 @@
 """Generation with a sharded static KV cache (fxtp/capture/static_cache.py, fxtp/runtime/generation.py)."""
+import gc
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
 from fxtp.decode.options import DecodeOptions, resolve
 from fxtp.dump import dump
 from fxtp.sharding.layouts import Shard
+from fxtp.runtime.generation import generated_sources
 from fxtp.runtime.rank_processes import run_ranks
 from fxtp.node_meta import LAYOUT
 from fxtp.decode.prefill_graph import PrefillGraph
@@ -154,6 +157,7 @@ def prefill_graph_against_eager_on_rank(rank: int, batch: int, length: int) -> l
     return results, torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
 
 
+@pytest.mark.slow  # inductor on the CPU; test_cuda.py's compiled generation prefills through it on a GPU
 def test_prefill_graph_serves_every_prompt_length_with_one_compilation():
     """fxtp/decode/prefill_graph.py on 2 gloo processes: prompts of three lengths through one compilation give
     the eager step's logits (all_reduce and all_gather inside) and write the same KV cache into the
@@ -220,6 +224,7 @@ def generate_on_rank(rank, ids, mask):
     return greedy, sampled, generator.memory()
 
 
+@pytest.mark.slow  # by default test_hf_generate.py generates on real processes, through the same Generator
 def test_generation_on_real_processes():
     model = tiny_model("llama")
     ids, mask = left_padded(model.config.vocab_size)
@@ -229,3 +234,18 @@ def test_generation_on_real_processes():
     assert torch.equal(sampled0, sampled1)
     assert memory0 == memory1 and memory0["cache"] > 0
     assert memory0["parameters"] < sum(p.nbytes for p in model.parameters()) * 0.6
+
+
+def test_a_dropped_program_leaves_no_generated_sources_behind():
+    """torch.fx keeps each GraphModule's source in a global cache it never evicts (about 0.2 MB a graph):
+    a program's captures, clean-ups and rank graphs take theirs with them when the program goes."""
+    model = tiny_model("llama")
+    gc.collect()
+    before = generated_sources()
+    tp = fxtp.compile(model, 2)
+    tp.simulate(torch.tensor([[5, 6, 7]]))
+    tp.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+    assert len(generated_sources() - before) > 10  # the check below can fail
+    del tp
+    gc.collect()
+    assert generated_sources() - before == set()

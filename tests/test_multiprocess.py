@@ -79,6 +79,7 @@ def test_run_ranks_checks_its_backend():
             run_ranks(module_or_raise, 2, 2, backend="nccl")
 
 
+@pytest.mark.slow  # CI runs `fxtp demo` itself, as the README's first command
 def test_demo_passes_on_real_processes():
     done = subprocess.run([sys.executable, "-m", "fxtp.cli", "demo"], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -29,7 +29,8 @@ def kernel_rounds_on_rank(rank: int, buffers: list, states: list, parts: list) -
     return sums, launches
 
 
-@pytest.mark.parametrize("world, dtype, numel", [(2, torch.bfloat16, 2500), (3, torch.float32, 1000)])
+@pytest.mark.parametrize("world, dtype, numel", [(2, torch.bfloat16, 2500),
+                                                 pytest.param(3, torch.float32, 1000, marks=pytest.mark.slow)])
 def test_kernel_sums_every_round_on_every_rank(world, dtype, numel):
     pytest.importorskip("triton")
     buffers, states = shared_workspaces(world, dtype, numel)

@@ -186,10 +186,11 @@ def fused_step(module):
 
 
 # qwen2: q|k|v biases; gemma: gelu, scaled embeddings; phi3: its own q|k|v, rotation joined with an empty pass;
-# mixtral: experts in place of the gated MLP. Llama's step is qwen2's without the biases, and gemma's gelu
-# gated GEMV is test_gemv's: those two run with FXTP_SLOW=1
-@pytest.mark.parametrize("arch", [pytest.param("llama", marks=pytest.mark.slow), "qwen2",
-                                  pytest.param("gemma", marks=pytest.mark.slow), "phi3", "mixtral"])
+# mixtral: experts in place of the gated MLP. The default suite runs mixtral (its attention is llama's);
+# qwen2 (biases), phi3 (fused projections), llama and gemma (whose gelu gated GEMV is test_gemv's) run
+# with FXTP_SLOW=1, each a minute in Triton's interpreter
+@pytest.mark.parametrize("arch", [pytest.param(arch, marks=pytest.mark.slow) for arch in ("llama", "qwen2", "gemma", "phi3")]
+                         + ["mixtral"])
 def test_fused_steps_generate_hf_tokens(arch, monkeypatch):
     """Every rank's step with the rotary and gated GEMVs, run eagerly on 2 simulated ranks: the
     prefill (several rows: the unfused ops) and batch-1 decode steps (the kernels) give HF's tokens;

@@ -32,7 +32,8 @@ def varied_model(arch: str) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("arch, world_size", [("t5", 2), ("bart", 2), ("t5", 1), ("bart", 4)])
+@pytest.mark.parametrize("arch, world_size", [("t5", 2), pytest.param("bart", 2, marks=pytest.mark.slow),
+                                              pytest.param("t5", 1, marks=pytest.mark.slow), ("bart", 4)])
 def test_greedy_tokens_equal_hf_generate(arch, world_size):
     model = varied_model(arch)
     tp = fxtp.compile(model, world_size)

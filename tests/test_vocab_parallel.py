@@ -104,7 +104,7 @@ def test_one_all_reduce_for_the_embedding_one_all_gather_for_the_logits(arch, wo
     assert [gathered.args[1].meta[STATE]] == role_weights(tp, Role.COLUMN_GATHERED)
 
 
-@pytest.mark.parametrize("world_size", [2, 4, 8])
+@pytest.mark.parametrize("world_size", [pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow), 8])
 def test_llama3_8b_state_per_rank_on_meta(world_size):
     """Llama-3-8B's shape (2 layers) on meta: with embedding and lm_head sharded, every rank
     holds at most 1/N of all state, plus 2% of that share."""
@@ -125,6 +125,7 @@ def tied_logits(rank, ids, mask):
     return logits, tuple(gm.get_parameter("lm_head.weight").shape)
 
 
+@pytest.mark.slow  # tied tables are exact in simulate by default (test_models); this adds real processes
 def test_tied_model_on_real_processes():
     model = tiny_model("gpt2", vocab=255)
     ids, mask = left_padded_batch(vocab=255)
@@ -137,8 +138,10 @@ def test_tied_model_on_real_processes():
         assert max_abs_diff(logits, expected) <= 1e-4, rank
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("bad", [256, 10**6, -1])
+# by default each bad id at one world size (all three sizes covered); every pair with FXTP_SLOW=1
+@pytest.mark.parametrize("bad, world_size", [(bad, size) if (bad, size) in ((256, 1), (10**6, 2), (-1, 3)) else
+                                             pytest.param(bad, size, marks=pytest.mark.slow)
+                                             for bad in (256, 10**6, -1) for size in (1, 2, 3)])
 def test_ids_outside_the_vocabulary_raise_like_hf(world_size, bad):
     """No rank owns such an id: looked up vocab-parallel it would be a zero vector and plausible logits."""
     model = tiny_model("llama", layers=1)

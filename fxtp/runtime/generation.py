@@ -9,6 +9,7 @@ cumulative sum).
 """
 from __future__ import annotations
 
+import contextlib
 import linecache
 from typing import Optional, Sequence, Union
 
@@ -280,6 +281,16 @@ def generated_sources() -> set[str]:
     """The keys of torch.fx's global cache of generated source (kept for tracebacks, never evicted):
     every GraphModule.recompile() adds one."""
     return set(getattr(getattr(fx.graph_module, "_loader", None), "eval_cache", {}))
+
+
+@contextlib.contextmanager
+def collecting_sources(into: set[str]):
+    """Add to `into` the keys of the torch.fx sources generated inside (see generated_sources)."""
+    before = generated_sources()
+    try:
+        yield
+    finally:
+        into.update(generated_sources() - before)
 
 
 def forget_sources(keys: set[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import weakref
 from collections import OrderedDict
 from typing import Optional, Union
 
@@ -26,7 +27,7 @@ from fxtp.passes.capture.clean_up import clean_up
 from fxtp.passes.codegen.rank_graph import rank_graph
 from fxtp.passes.codegen.rewrite import own_state, slice_state
 from fxtp.runtime.simulate import simulate as run_lockstep
-from fxtp.runtime.generation import Generator
+from fxtp.runtime.generation import Generator, collecting_sources, forget_sources
 from fxtp.capture.seq2seq_cache import capture_decoder, capture_encoder
 from fxtp.capture.signatures import SEQ2SEQ, signature_of
 from fxtp.capture.static_cache import capture_cached, is_cache_state
@@ -61,12 +62,15 @@ def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=Non
     if heads is not None and world_size > heads:
         raise ValueError(f"world_size={world_size} is larger than the model's {heads} attention heads; fxtp never "
                          f"splits inside a head, so use world_size <= {heads}")
-    captured = capture(model)
-    if tp_plan is not None:
-        plan = from_hf_tp_plan(tp_plan, model)
-    elif injection_policy is not None:
-        plan = from_injection_policy(injection_policy, model)
-    program = TPProgram(captured, world_size, plan, model)
+    sources: set[str] = set()
+    with collecting_sources(sources):
+        captured = capture(model)
+        if tp_plan is not None:
+            plan = from_hf_tp_plan(tp_plan, model)
+        elif injection_policy is not None:
+            plan = from_injection_policy(injection_policy, model)
+        program = TPProgram(captured, world_size, plan, model)
+    program.sources.update(sources)
     if os.environ.get("FXTP_DEBUG", "0") != "0":
         for group in program.plan.groups:
             reason = f": {group.reason.splitlines()[0]}" if group.reason else ""
@@ -92,6 +96,10 @@ class TPProgram:
         self._with_cache: OrderedDict[tuple[int, int], TPProgram] = OrderedDict()  # least recently used first
         self._generators: dict[str, Generator] = {}
         self._encoder: Optional[TPProgram] = None
+        # torch.fx keeps every GraphModule's generated source in a global cache for tracebacks and never
+        # evicts it; the sources made for this program (its capture, clean-ups, rank graphs) go with it
+        self.sources: set[str] = set()
+        weakref.finalize(self, forget_sources, self.sources)
 
     @property
     def device(self) -> torch.device:
@@ -104,13 +112,16 @@ class TPProgram:
         key = (batch_size, max_length)
         if key not in self._with_cache:
             capture_step = capture_decoder if self.is_seq2seq else capture_cached
-            captured = capture_step(self.model, batch_size, max_length)
-            # the capture's KV cache is the unsharded model's, zeros: only its shape and dtype are read
-            # (each rank graph allocates its own part), so it is kept on meta
-            for name, value in captured.state.items():
-                if is_cache_state(name):
-                    captured.state[name] = torch.empty_like(value, device="meta")
-            self._with_cache[key] = TPProgram(captured, self.world_size, self.spec, self.model)
+            sources: set[str] = set()
+            with collecting_sources(sources):
+                captured = capture_step(self.model, batch_size, max_length)
+                # the capture's KV cache is the unsharded model's, zeros: only its shape and dtype are read
+                # (each rank graph allocates its own part), so it is kept on meta
+                for name, value in captured.state.items():
+                    if is_cache_state(name):
+                        captured.state[name] = torch.empty_like(value, device="meta")
+                self._with_cache[key] = TPProgram(captured, self.world_size, self.spec, self.model)
+            self._with_cache[key].sources.update(sources)
             while len(self._with_cache) > PROGRAMS_PER_SHAPE:
                 self._with_cache.popitem(last=False)
         self._with_cache.move_to_end(key)
@@ -124,7 +135,10 @@ class TPProgram:
         """An encoder-decoder model's encoder, (input_ids, attention_mask) -> last_hidden_state,
         planned the same way as this program: generation runs it once per request."""
         if self._encoder is None:
-            self._encoder = TPProgram(capture_encoder(self.model), self.world_size, self.spec, self.model)
+            sources: set[str] = set()
+            with collecting_sources(sources):
+                self._encoder = TPProgram(capture_encoder(self.model), self.world_size, self.spec, self.model)
+            self._encoder.sources.update(sources)
         return self._encoder
 
     def generator(self, rank: Optional[int] = None, device=None, process_group: Optional[dist.ProcessGroup] = None,
@@ -183,7 +197,7 @@ class TPProgram:
             return shared[key]
 
         source = f"from {checkpoint}" if checkpoint is not None else "from the model"
-        with stage(f"rank {rank}'s graph and weights ({source}, on {device})"):
+        with stage(f"rank {rank}'s graph and weights ({source}, on {device})"), collecting_sources(self.sources):
             return rank_graph(self.graph, state, rank, self.world_size, group_name, device, load)
 
     def module(self, rank: int, device=None, process_group: Optional[dist.ProcessGroup] = None,
