@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 import torch.fx as fx
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from fxtp.decode.decode_graph import DecodeGraph
 from fxtp.decode.options import DecodeOptions, decode_options
@@ -126,6 +127,7 @@ class Generator:
         forced_bos = _token_list(getattr(defaults, "forced_bos_token_id", None)) if first.shape[1] == 1 else []
         forced_eos = _token_list(getattr(defaults, "forced_eos_token_id", None))
         rng = torch.Generator(self.device).manual_seed(seed) if do_sample else None
+        warpers = sampling_warpers(temperature, top_k, top_p) if do_sample else None
         unfinished = torch.ones(first.shape[0], dtype=torch.bool, device=self.device)
         eos_ids = torch.tensor(eos, device=self.device) if eos else None
         out = [first]
@@ -140,7 +142,7 @@ class Generator:
             if forced:  # every other token's score is -inf
                 allowed = torch.tensor(forced, device=logits.device)
                 logits = torch.full_like(logits, float("-inf")).index_fill_(-1, allowed, 0)
-            tokens = next_tokens(logits, do_sample, temperature, top_k, top_p, rng)
+            tokens = next_tokens(logits, warpers, rng)
             if eos_ids is not None:
                 tokens = torch.where(unfinished, tokens, pad)
                 unfinished &= ~torch.isin(tokens, eos_ids)
@@ -258,23 +260,23 @@ class _Handoff:
         return bool(self.unfinished[slot])
 
 
-def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Optional[int],
-                top_p: Optional[float], rng: Optional[torch.Generator]) -> torch.Tensor:
-    """The next token per row from float logits [batch, vocab]."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    logits = logits / temperature
+def sampling_warpers(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> LogitsProcessorList:
+    """HF's own warpers, in HF's order (temperature, then top_k, then top_p): they read only the scores."""
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
     if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        warpers.append(TopKLogitsWarper(top_k))
     if top_p is not None and top_p < 1.0:
-        ordered, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - ordered.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=rng).squeeze(-1)
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+def next_tokens(logits: torch.Tensor, warpers: Optional[LogitsProcessorList],
+                rng: Optional[torch.Generator]) -> torch.Tensor:
+    """The next token per row from float logits [batch, vocab]: the best one, or (with `warpers`)
+    one drawn from the warped distribution with `rng`."""
+    if warpers is None:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(warpers(None, logits).softmax(dim=-1), 1, generator=rng).squeeze(-1)
 
 
 def generated_sources() -> set[str]:
