@@ -7,6 +7,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from fxtp.sharding.collectives import process_group_named
+
 
 def symmetric_memory_works(group_name: str, device: torch.device) -> bool:
     """Whether every rank of the group can map its peers' memory (CUDA P2P over NVLink); a collective,
@@ -20,7 +22,7 @@ def symmetric_memory_works(group_name: str, device: torch.device) -> bool:
     except Exception as error:  # e.g. no P2P between the GPUs, or a container without the IPC it needs
         warnings.warn(f"symmetric memory does not work here, all_reduce stays NCCL: {error}")
         works = 0
-    group = dist.distributed_c10d._resolve_process_group(group_name)
+    group = process_group_named(group_name)
     flag = torch.tensor([works], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     if not flag.item():

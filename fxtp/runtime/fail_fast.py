@@ -18,6 +18,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from fxtp.runtime.rank_agreement import RanksDisagree
+from fxtp.sharding.collectives import process_group_named
 
 class PeerFailure(RuntimeError):
     """Another rank's step failed; this rank's collective was cut off by it."""
@@ -39,7 +40,7 @@ def _store() -> Optional[dist.Store]:
 
 def _group(group_name: str) -> Optional[dist.ProcessGroup]:
     try:
-        return dist.distributed_c10d._resolve_process_group(group_name)
+        return process_group_named(group_name)
     except (RuntimeError, ValueError, KeyError):
         return None
 

@@ -14,11 +14,11 @@ import linecache
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from fxtp.decode.decode_graph import DecodeGraph
+from fxtp.sharding.collectives import process_group_named
 from fxtp.decode.options import DecodeOptions, decode_options
 from fxtp.rank_ops.inputs import checked_inputs
 from fxtp.decode.prefill_graph import PrefillGraph
@@ -73,7 +73,7 @@ class Generator:
                          max_length=max_length)
         if len(self.ranks) == 1 and self.program.world_size > 1:  # one rank of several processes
             with failing_fast(self.group_name, self.ranks[0]):
-                check_ranks_agree(dist.distributed_c10d._resolve_process_group(self.group_name), "generate() arguments",
+                check_ranks_agree(process_group_named(self.group_name), "generate() arguments",
                                   dict(input_ids=input_ids, attention_mask=attention_mask, **arguments,
                                        streamer=streamer is not None))
                 return self._generate(input_ids, attention_mask, streamer=streamer, **arguments)

@@ -284,7 +284,7 @@ def guard_rank_module(module: fx.GraphModule, group_name: str, rank: int) -> Non
 
     def forward(self, *args, **kwargs):
         with failing_fast(group_name, rank):
-            check_ranks_agree(dist.distributed_c10d._resolve_process_group(group_name), "inputs to the rank modules",
+            check_ranks_agree(collectives.process_group_named(group_name), "inputs to the rank modules",
                               {"program (its nodes in order)": program, **dict(zip(names, args)), **kwargs})
             return step(self, *args, **kwargs)
 

@@ -18,6 +18,12 @@ WAIT = c10d.wait_tensor.default
 SIMULATED_GROUP = "fxtp-simulated"
 
 
+
+def process_group_named(group_name: str) -> torch.distributed.ProcessGroup:
+    """The process group a rank graph's collectives name (functional collectives take group names);
+    raises where no such group exists in this process."""
+    return torch.distributed.distributed_c10d._resolve_process_group(group_name)
+
 def local_part(x: torch.Tensor, dim: int, counts: tuple, inner: int, outer: int, rank: int) -> torch.Tensor:
     """The elements of `x` that `rank` owns under Shard(dim, counts, inner, outer); an outer or
     inner of -1 is read from x's size (a symbolic one: Bloom's ALiBi [batch*heads, 1, s])."""
