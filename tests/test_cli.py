@@ -87,3 +87,14 @@ def test_bad_rank_is_a_usage_error():
 def test_no_class_for_the_kind():
     with pytest.raises(UsageError, match="no causal LM class for model type 'vit'.*architectures"):
         model_class(AutoConfig.for_model("vit"), "vit")
+
+
+def test_t5_config_directory_dumps_its_decode_step_on_meta(tmp_path, capsys):
+    """--decode plans the decoder step with its sharded self-attention cache, without weights."""
+    tiny_config("t5").save_pretrained(tmp_path)
+    from_directory = dump_output(["dump", str(tmp_path), "--world-size", "2", "--decode"], capsys)
+    with_weights = dump_output(["dump", "t5", "--world-size", "2", "--decode"], capsys)
+
+    def cache_lines(text: str) -> list[str]:  # the cache's layouts; the graphs differ in how constants are lifted
+        return [line for line in text.splitlines() if "kv_cache." in line and "aten." not in line]
+    assert cache_lines(from_directory) == cache_lines(with_weights) and len(cache_lines(with_weights)) >= 4

@@ -70,8 +70,8 @@ def self_attention_shapes(model: torch.nn.Module, batch_size: int, max_length: i
     ids = torch.ones(1, 2, dtype=torch.long, device=device)
     probe = EncoderDecoderCache(DynamicCache(), DynamicCache())
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=ids[:, :1], use_cache=True,
-              **{cache_argument(model): probe})
+        # no attention_mask: transformers checks a mask's values on the host, which a model on meta has not
+        model(input_ids=ids, decoder_input_ids=ids[:, :1], use_cache=True, **{cache_argument(model): probe})
     return [(batch_size, layer.keys.shape[1], max_length, layer.keys.shape[3])
             for layer in probe.self_attention_cache.layers]
 
