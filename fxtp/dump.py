@@ -90,7 +90,7 @@ def dump(tp, rank: int = 0) -> str:
     tp.check_rank(rank)
     gm, ws = tp.graph, tp.world_size
     sizes = _SizeText(gm)
-    lines = [f"fxtp plan: {tp.config.model_type}, world_size={ws}", "", "Projection groups"]
+    lines = [f"fxtp plan: {tp.model_type}, world_size={ws}", "", "Projection groups"]
     for group in tp.plan.groups:
         lines.append(f"  {group.role:16s} {', '.join(group.weights)}")
         if group.reason:
