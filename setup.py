@@ -18,7 +18,8 @@ setup(
     package_dir=PACKAGES,
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "transformers>=5.17", "sympy", "safetensors"],
-    # triton: tests run fxtp's push_all_reduce kernel in its interpreter on the CPU (on CUDA builds torch brings it)
-    extras_require={"test": ["pytest", "hypothesis", "triton; platform_system == 'Linux'"]},
+    # triton: tests run fxtp's push_all_reduce kernel in its interpreter on the CPU (on CUDA builds torch brings it);
+    # expecttest: torch.testing._internal imports it, and tests/test_plain_modules.py shards torch's own TP test model
+    extras_require={"test": ["pytest", "hypothesis", "expecttest", "triton; platform_system == 'Linux'"]},
     entry_points={"console_scripts": ["fxtp=fxtp.cli:main"]},
 )

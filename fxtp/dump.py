@@ -10,7 +10,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from fxtp.node_meta import LAYOUT, NOTE, REDUCE, STATE, WANTS
+from fxtp.node_meta import LAYOUT, NOTE, REDUCE, STATE, TOKENS, WANTS
 from fxtp.passes.codegen.rank_graph import rank_graph
 from fxtp.sharding import collectives
 from fxtp.sharding.layouts import Shard
@@ -28,9 +28,11 @@ class _SizeText:
     def __init__(self, gm: fx.GraphModule):
         self.symbols: dict[sympy.Expr, sympy.Symbol] = {}
         for node in gm.graph.nodes:
-            if node.op == "placeholder" and node.name in INPUTS:  # the decoder's inputs: [batch, decoder_seq]
+            # a HF model's inputs (the decoder's: [batch, decoder_seq]) and a plain module's token ids
+            if node.op == "placeholder" and (node.name in INPUTS or node.meta.get(TOKENS, False)):
                 batch, seq = node.meta["val"].shape
-                for size, name in ((batch, "batch"), (seq, INPUTS[node.name].tokens.replace("input_ids", "seq"))):
+                tokens = INPUTS[node.name].tokens if node.name in INPUTS else "input_ids"
+                for size, name in ((batch, "batch"), (seq, tokens.replace("input_ids", "seq"))):
                     if not as_expr(size).is_Integer:
                         self.symbols[as_expr(size)] = sympy.Symbol(name)
         self.texts: dict[sympy.Expr, str] = {}
@@ -90,7 +92,7 @@ def dump(tp, rank: int = 0) -> str:
     tp.check_rank(rank)
     gm, ws = tp.graph, tp.world_size
     sizes = _SizeText(gm)
-    lines = [f"fxtp plan: {tp.config.model_type}, world_size={ws}", "", "Projection groups"]
+    lines = [f"fxtp plan: {tp.model_type}, world_size={ws}", "", "Projection groups"]
     for group in tp.plan.groups:
         lines.append(f"  {group.role:16s} {', '.join(group.weights)}")
         if group.reason:

@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-__all__ = ["STATE", "LAYOUT", "WANTS", "NOTE", "REDUCE", "COLLECTIVE", "REALIZE", "ORIGIN", "copy_origin"]
+__all__ = ["STATE", "TOKENS", "LAYOUT", "WANTS", "NOTE", "REDUCE", "COLLECTIVE", "REALIZE", "ORIGIN", "copy_origin"]
 
 # The model state a placeholder holds: its HF name ("model.layers.0.mlp.up_proj.weight"). Written by
 # fxtp.capture.export.flatten on every parameter, buffer and lifted constant, and by
 # passes/capture/unfuse_projections.py on the blocks it cuts from a fused weight.
 STATE = "fxtp.state"
+
+# On a user-input placeholder: True where it holds token ids, so that the embedding tables it indexes are
+# tried as vocab-parallel (passes/sharding/plan.py). Written by fxtp.capture.export.flatten on a HF model's
+# token-id inputs (fxtp.capture.signatures.TOKEN_IDS) and on a plain module's 2-D integer inputs
+# (fxtp/capture/plain_module.py); position and token-type ids of a HF model are not marked.
+TOKENS = "fxtp.tokens"
 
 # The node's Layout (a tuple of them for a multi-output op, None for a non-tensor), over all ranks.
 # Written by passes/sharding/propagate.py on the global graph; passes/codegen/rewrite.py copies it onto

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Collection
 
 import torch
 import torch.fx as fx
@@ -18,10 +19,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.export.graph_signature import InputKind
 
-from fxtp.capture.signatures import Forward, signature_of
+from fxtp.capture.signatures import TOKEN_IDS, Forward, signature_of
 from fxtp.progress import stage
 from fxtp.capture.state_names import aliases
-from fxtp.node_meta import STATE
+from fxtp.node_meta import STATE, TOKENS
 
 USER_INPUTS = ("input_ids", "attention_mask")
 
@@ -92,10 +93,17 @@ def export_model(model: torch.nn.Module, wrapper: torch.nn.Module, args: tuple, 
                 stage(f"torch.export of {type(model).__name__}{what}"):
             return torch.export.export(wrapper, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as e:  # export errors are long; keep them whole inside ours
-        raise CaptureError(f"torch.export could not capture {type(model).__name__} ({model.config.model_type}){what}: "
+        raise CaptureError(f"torch.export could not capture {model_name(model)}{what}: "
                            f"{type(e).__name__}: {e}" + (f"\n{hint}" if hint else "")) from e
     finally:
         model.train(was_training)
+
+
+def model_name(model: torch.nn.Module) -> str:
+    """The model's class, with its HF model type where it has one: "LlamaForCausalLM (llama)"."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    return type(model).__name__ + (f" ({model_type})" if model_type else "")
 
 
 def max_positions(model: torch.nn.Module) -> int:
@@ -124,9 +132,11 @@ def flatten_model(ep, model: torch.nn.Module, user_inputs: tuple) -> Captured:
     return captured
 
 
-def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model.") -> Captured:
+def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model.",
+            token_ids: Collection[str] = TOKEN_IDS) -> Captured:
     """The exported program as one GraphModule: state placeholders get meta[STATE] (their FQN
-    without `prefix`), the user inputs must be `user_inputs`, and the single output is unwrapped.
+    without `prefix`), the user inputs must be `user_inputs` (those named in `token_ids` get
+    meta[TOKENS]), and the single output is unwrapped.
     The graph is as export made it: fxtp.compile cleans it up (passes/capture/clean_up.py) before
     planning."""
     gm = ep.graph_module
@@ -146,6 +156,8 @@ def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model."
     user = [n for n in placeholders if STATE not in n.meta]
     if [n.name for n in user] != list(user_inputs):
         raise CaptureError(f"unexpected graph inputs {[n.name for n in user]}")
+    for node in user:
+        node.meta[TOKENS] = node.name in token_ids
     out = next(n for n in gm.graph.nodes if n.op == "output")
     if len(out.args[0]) != 1:
         raise CaptureError(f"expected one output (logits or hidden states), got {len(out.args[0])}")

@@ -15,6 +15,7 @@ import torch.fx as fx
 from fxtp.progress import stage
 from fxtp.sharding import collectives
 from fxtp.capture.export import Captured, capture
+from fxtp.capture.plain_module import ExampleInputs, attention_heads, capture_plain, is_hf_model
 from fxtp.node_meta import STATE
 from fxtp.decode.options import DecodeOptions
 from fxtp.rank_ops.inputs import require_tensor
@@ -48,23 +49,42 @@ def _attention_heads(config) -> Optional[int]:
 
 
 def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=None,
-            injection_policy: Optional[dict] = None) -> "TPProgram":
+            injection_policy: Optional[dict] = None, example_inputs: Optional[ExampleInputs] = None,
+            dynamic_shapes=None) -> "TPProgram":
     """Capture `model`, plan its sharding over `world_size` ranks and return the program.
     `plan` is "auto" or {module pattern: "colwise" | "rowwise" | "replicate"}; an HF `tp_plan`
-    (dict or "auto") or a DeepSpeed `injection_policy` may be given instead (passes/sharding/manual_plan.py)."""
+    (dict or "auto") or a DeepSpeed `injection_policy` may be given instead (passes/sharding/manual_plan.py).
+    A plain nn.Module (no HF config) is captured from `example_inputs`, the tensors its forward takes
+    positionally, with dims 0 and 1 of its token ids (2-D integer inputs) dynamic unless `dynamic_shapes`
+    (torch.export's form) says otherwise (fxtp/capture/plain_module.py); a HF model needs neither."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if sum(x is not None for x in (tp_plan, injection_policy)) + (plan != "auto") > 1:
         raise ValueError("give one of plan=..., tp_plan=... or injection_policy=...")
     if not (plan == "auto" or isinstance(plan, dict)):
         raise ValueError(f"plan must be 'auto' or a dict of module patterns to colwise/rowwise/replicate, got {plan!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fxtp.compile expects a torch.nn.Module (a HF model, or a plain module with example_inputs=...), "
+                        f"got {type(model).__name__}: load the model first, e.g. AutoModelForCausalLM.from_pretrained(name)")
+    hf = is_hf_model(model)
+    if hf and (example_inputs is not None or dynamic_shapes is not None):
+        raise ValueError(f"example_inputs and dynamic_shapes are for plain nn.Modules; {type(model).__name__} is a HF "
+                         "model, captured with the inputs of its kind (input_ids, attention_mask, ...): leave them out")
+    if not hf and tp_plan == "auto":
+        raise ValueError(f"tp_plan='auto' reads the plan a HF model declares; {type(model).__name__} is a plain "
+                         "nn.Module: pass plan={pattern: 'colwise' | 'rowwise' | 'replicate'} or use the automatic plan")
     heads = _attention_heads(getattr(model, "config", None))
     if heads is not None and world_size > heads:
         raise ValueError(f"world_size={world_size} is larger than the model's {heads} attention heads; fxtp never "
                          f"splits inside a head, so use world_size <= {heads}")
     sources: set[str] = set()
     with collecting_sources(sources):
-        captured = capture(model)
+        captured = capture(model) if hf else capture_plain(model, example_inputs, dynamic_shapes)
+        heads = None if hf else attention_heads(captured.graph_module)
+        if heads is not None and world_size > heads:
+            raise ValueError(f"world_size={world_size} is larger than the {heads} attention heads fxtp finds in "
+                             f"{type(model).__name__}'s graph (its scaled_dot_product_attention queries); fxtp never "
+                             f"splits inside a head, so use world_size <= {heads}")
         if tp_plan is not None:
             plan = from_hf_tp_plan(tp_plan, model)
         elif injection_policy is not None:
@@ -91,7 +111,7 @@ class TPProgram:
         self.world_size = world_size
         self.spec = spec
         self.model = model  # on meta when loading from a checkpoint: it holds no weights then
-        self.config = model.config
+        self.config = getattr(model, "config", None) if is_hf_model(model) else None  # None: a plain nn.Module
         self._simulated: dict[tuple[str, Optional[str]], list[fx.GraphModule]] = {}
         self._with_cache: OrderedDict[tuple[int, int], TPProgram] = OrderedDict()  # least recently used first
         self._generators: dict[str, Generator] = {}
@@ -105,10 +125,24 @@ class TPProgram:
     def device(self) -> torch.device:
         return self.captured.device
 
+    @property
+    def model_type(self) -> str:
+        """The HF model type ("llama"), or a plain module's class name."""
+        return self.config.model_type if self.config is not None else type(self.model).__name__
+
+    def require_hf_model(self, feature: str) -> None:
+        """A TypeError where `feature` needs what only a HF model has (a config, its KV-cache layout,
+        a generation config, HF checkpoint names) and this program is of a plain nn.Module."""
+        if self.config is None:
+            raise TypeError(f"{feature} needs a HF model (its config, KV cache, generation config and checkpoint "
+                            f"names); {self.model_type} is a plain nn.Module, compiled for its forward only: run it "
+                            "with tp.simulate(*inputs) or tp.module(rank), with the weights the module holds")
+
     def with_cache(self, batch_size: int, max_length: int) -> "TPProgram":
         """The program of one generation step with a static KV cache of `batch_size` sequences of
         up to `max_length` tokens (fxtp/capture/static_cache.py; an encoder-decoder's decoder step,
         fxtp/capture/seq2seq_cache.py), planned the same way as this one."""
+        self.require_hf_model("with_cache")
         key = (batch_size, max_length)
         if key not in self._with_cache:
             capture_step = capture_decoder if self.is_seq2seq else capture_cached
@@ -129,11 +163,12 @@ class TPProgram:
 
     @property
     def is_seq2seq(self) -> bool:
-        return signature_of(self.model).kind == SEQ2SEQ
+        return self.config is not None and signature_of(self.model).kind == SEQ2SEQ
 
     def encoder(self) -> "TPProgram":
         """An encoder-decoder model's encoder, (input_ids, attention_mask) -> last_hidden_state,
         planned the same way as this program: generation runs it once per request."""
+        self.require_hf_model("encoder")
         if self._encoder is None:
             sources: set[str] = set()
             with collecting_sources(sources):
@@ -147,6 +182,7 @@ class TPProgram:
         on every rank in this process when `rank` is None. `compile` (True, or the decode step's
         options, `fxtp.DecodeOptions` or a dict of its fields: fxtp/decode/options.py) runs decode steps compiled and
         captured as a CUDA graph (one rank per process, on CUDA)."""
+        self.require_hf_model("generation")
         device = torch.device(device) if device is not None else self._default_device()
         if rank is None:
             if compile is not False:
@@ -156,6 +192,7 @@ class TPProgram:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """Tokens generated by the sharded program, every rank run in this process (see Generator.generate)."""
+        self.require_hf_model("generate")
         require_tensor("input_ids", input_ids)
         key = str(input_ids.device)
         if key not in self._generators:
@@ -170,6 +207,8 @@ class TPProgram:
         `shared` maps (state name, layout) to tensors this rank already holds; they are reused
         and new ones added, so the programs of one rank share their weights."""
         self.check_rank(rank)
+        if checkpoint is not None:
+            self.require_hf_model("checkpoint= (loading slices by HF state names)")
         device = torch.device(device) if device is not None else self.device
         if checkpoint is None and self.device.type == "meta":
             raise ValueError("the model is on the meta device, so it has no weights to shard: pass "
@@ -242,29 +281,34 @@ class TPProgram:
                                f"pass device=f'cuda:{{local_rank}}'")
         return process_group.group_name
 
-    def simulate_ranks(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-                       checkpoint: Optional[str] = None, **inputs: Optional[torch.Tensor]) -> list:
-        """Every rank's output, all ranks run in this process with exact collectives. `inputs` are
-        the graph's other inputs by name (decoder_input_ids=..., token_type_ids=...). With
+    def simulate_ranks(self, *args: Optional[torch.Tensor], checkpoint: Optional[str] = None,
+                       **inputs: Optional[torch.Tensor]) -> list:
+        """Every rank's output, all ranks run in this process with exact collectives. `args` are the
+        graph's inputs in order (a HF model's input_ids, attention_mask; a plain module's positional
+        inputs), `inputs` the others by name (decoder_input_ids=..., token_type_ids=...). With
         `checkpoint` (a HF safetensors directory or file; needed when the model is on meta) each
         rank's slices are read from it."""
         names = [n.name for n in self.graph.graph.nodes if n.op == "placeholder" and STATE not in n.meta]
-        unknown = sorted(set(inputs) - set(names[2:]))
+        if len(args) > len(names):
+            raise TypeError(f"{len(args)} inputs given, but this {self.model_type} program takes {len(names)}: {names}")
+        unknown = sorted(set(inputs) - set(names[len(args):]))
         if unknown:
-            raise TypeError(f"unexpected inputs {unknown}: this {self.config.model_type} program takes {names}")
-        require_tensor("input_ids", input_ids)
-        key = (str(input_ids.device), checkpoint)
+            raise TypeError(f"unexpected inputs {unknown}: this {self.model_type} program takes {names}")
+        values = {**dict(zip(names, args)), **inputs}
+        require_tensor(names[0], values.get(names[0]))
+        first = values[names[0]]
+        key = (str(first.device), checkpoint)
         if key not in self._simulated:
-            self._simulated[key] = [self.rank_graph(r, device=input_ids.device, checkpoint=checkpoint)
+            self._simulated[key] = [self.rank_graph(r, device=first.device, checkpoint=checkpoint)
                                     for r in range(self.world_size)]
         with torch.no_grad():
-            return run_lockstep(self._simulated[key], (input_ids, attention_mask), inputs)
+            return run_lockstep(self._simulated[key], (), values)
 
-    def simulate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-                 checkpoint: Optional[str] = None, **inputs: Optional[torch.Tensor]) -> torch.Tensor:
+    def simulate(self, *args: Optional[torch.Tensor], checkpoint: Optional[str] = None,
+                 **inputs: Optional[torch.Tensor]) -> torch.Tensor:
         """The sharded program's output (logits, or an encoder's hidden states), computed in one
-        process; equals the unsharded model's. `checkpoint`: see simulate_ranks."""
-        return self.simulate_ranks(input_ids, attention_mask, checkpoint=checkpoint, **inputs)[0]
+        process; equals the unsharded model's. `args`, `inputs`, `checkpoint`: see simulate_ranks."""
+        return self.simulate_ranks(*args, checkpoint=checkpoint, **inputs)[0]
 
     def check_rank(self, rank: int) -> None:
         """A ValueError unless `rank` is one of the program's ranks."""

@@ -1,6 +1,6 @@
 """Automatic plan: find Megatron regions from the graph and seed their column-parallel weights.
 
-Reads:  node.meta["val"], node.meta["fxtp.state"].
+Reads:  node.meta["val"], node.meta["fxtp.state"], node.meta["fxtp.tokens"].
 Writes: through `propagate`, the layouts of the accepted plan (see passes/sharding/propagate.py).
 Returns a `Plan`: state name -> Layout seeds, plus one `Decision` per candidate group.
 
@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxtp.node_meta import LAYOUT, STATE
+from fxtp.node_meta import LAYOUT, STATE, TOKENS
 from fxtp.sharding.layouts import Layout, Replicate, Shard, balanced_counts
 from fxtp.sharding.op_rules.contractions import GROUPED_MM
 from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds
@@ -43,7 +43,6 @@ from fxtp.sharding.op_rules.helpers import calls, val
 from fxtp.sharding.op_rules.views import PERMUTES, permutation
 from fxtp.sharding.reshape import dim_groups
 from fxtp.sharding.roles import Role
-from fxtp.capture.signatures import TOKEN_IDS
 from fxtp.passes.sharding.reassociate import reassociate_partials
 from fxtp.passes.sharding.propagate import PropagationError, propagate
 
@@ -202,9 +201,9 @@ def choose_counts(units: dict[fx.Node, int], world_size: int) -> tuple[dict[fx.N
 
 
 def token_embeddings(gm: fx.GraphModule) -> list[fx.Node]:
-    """Embeddings that look up token ids (input_ids, decoder_input_ids; through reshapes) in a
-    state table; position and token-type tables, indexed by an arange, the mask or
-    token_type_ids, are not among them."""
+    """Embeddings that look up token ids (inputs marked meta["fxtp.tokens"]: input_ids,
+    decoder_input_ids; through reshapes) in a state table; position and token-type tables, indexed
+    by an arange, the mask or token_type_ids, are not among them."""
     found = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not aten.embedding.default:
@@ -213,7 +212,7 @@ def token_embeddings(gm: fx.GraphModule) -> list[fx.Node]:
         while isinstance(ids, fx.Node) and ids.op == "call_function" and ids.target in _RESHAPES:
             ids = ids.args[0]
         if table.op == "placeholder" and STATE in table.meta and isinstance(ids, fx.Node) \
-                and ids.op == "placeholder" and ids.name in TOKEN_IDS:
+                and ids.op == "placeholder" and ids.meta.get(TOKENS, False):
             found.append(node)
     return found
 
