@@ -2,7 +2,8 @@
 
 Compiling a big model takes minutes (export, planning, loading each rank's slices, inductor, CUDA-graph
 capture), and a silent wait looks like a hang. Each stage logs one INFO line with its time when it
-ends (DEBUG: also when it starts), on rank 0 of a torchrun job; the other ranks log warnings only.
+ends (DEBUG: also when it starts), on rank 0 of a process group (or of a torchrun job, by RANK); the
+other ranks log warnings only.
 FXTP_VERBOSITY=error|warning|info|debug sets the level (default info). fxtp installs its handler
 only when the logger has none, so `logging.getLogger("fxtp")` configured by the user wins; like
 transformers' logger it does not propagate to the root logger, which would print each line twice.
@@ -13,6 +14,8 @@ import contextlib
 import logging
 import os
 import time
+
+import torch.distributed as dist
 
 LOGGER = logging.getLogger("fxtp")
 LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
@@ -25,13 +28,21 @@ def configure_logger() -> logging.Logger:
     verbosity = os.environ.get("FXTP_VERBOSITY", "info").lower()
     if verbosity not in LEVELS:
         raise ValueError(f"FXTP_VERBOSITY={verbosity!r}: use one of {', '.join(LEVELS)}")
-    level = LEVELS[verbosity] if os.environ.get("RANK", "0") == "0" else max(LEVELS[verbosity], logging.WARNING)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("fxtp: %(message)s"))
+    handler.addFilter(lambda record: record.levelno >= logging.WARNING or this_rank() == 0)
     LOGGER.addHandler(handler)
-    LOGGER.setLevel(level)
+    LOGGER.setLevel(LEVELS[verbosity])
     LOGGER.propagate = False
     return LOGGER
+
+
+def this_rank() -> int:
+    """This process's rank: in its process group once there is one (processes fxtp spawns have no
+    RANK variable), else torchrun's RANK, else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 @contextlib.contextmanager

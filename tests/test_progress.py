@@ -39,8 +39,10 @@ def test_verbosity_and_other_ranks(fresh_logger, monkeypatch, verbosity, rank, s
     monkeypatch.setenv("FXTP_VERBOSITY", verbosity)
     monkeypatch.setenv("RANK", rank)
     logger = configure_logger()
-    assert logger.isEnabledFor(logging.INFO) == shown
-    assert logger.isEnabledFor(logging.WARNING)
+    stream = stream_into(logger)
+    logger.info("a stage: 1.0 s")
+    logger.warning("a warning")
+    assert stream.getvalue().splitlines() == ["fxtp: a stage: 1.0 s"] * shown + ["fxtp: a warning"]
 
 
 def test_a_logger_the_user_configured_is_left_alone(fresh_logger, monkeypatch):
