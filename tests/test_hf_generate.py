@@ -259,3 +259,17 @@ def test_a_model_on_meta_reads_its_slices_from_the_checkpoint(tmp_path):
     assert torch.equal(sharded.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False),
                        loaded.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False))
     assert (sharded(ids, attention_mask=mask).logits - loaded(ids, attention_mask=mask).logits).abs().max() < 1e-5
+
+
+def test_ranks_compare_generate_arguments_by_value():
+    """What the ranks all-gather: equal for equal arguments made apart (no object ids), unequal where
+    a field differs; a GenerationConfig that generate has put tensors into still compares."""
+    from fxtp.runtime.hf_model import fingerprint
+
+    def arguments(tokens: int):
+        config = transformers.GenerationConfig(max_new_tokens=tokens)
+        config._eos_token_tensor = torch.tensor([2])
+        return fingerprint((torch.ones(1, 3, dtype=torch.long),), dict(
+            generation_config=config, streamer=object(), logits_processor=transformers.LogitsProcessorList()))
+    assert str(arguments(3)) == str(arguments(3)) and str(arguments(3)) != str(arguments(4))
+    assert "streamer" not in arguments(3)

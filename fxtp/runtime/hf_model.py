@@ -230,12 +230,12 @@ def fingerprint(args: tuple, kwargs: dict) -> dict[str, Any]:
     def plain(value):
         if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
             return value
-        if isinstance(value, GenerationConfig):
-            return value.to_json_string(use_diff=False)
+        if isinstance(value, GenerationConfig):  # by its fields: generate may have put tensors in it
+            return plain(value.to_dict())
         if isinstance(value, (list, tuple)):
             return [plain(v) if not isinstance(v, torch.Tensor) else describe_tensor(v) for v in value]
         if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
+            return {k: plain(v) if not isinstance(v, torch.Tensor) else describe_tensor(v) for k, v in value.items()}
         return type(value).__name__
     named = {f"argument {i}": value for i, value in enumerate(args)} | kwargs
     return {name: plain(value) for name, value in named.items() if name != "streamer"}
