@@ -5,6 +5,8 @@ the router stays replicated, and the routed sum is a Partial all-reduced once pe
 (together with Qwen2-MoE's sigmoid-gated shared expert). The op-level tests check the rules
 the expert path flows through: the grouped GEMM, the token gathers and the masked zeroing.
 """
+from functools import lru_cache
+
 import pytest
 import torch
 import transformers.integrations.moe  # noqa: F401  registers torch.ops.transformers.grouped_mm_fallback
@@ -14,7 +16,7 @@ import fxtp
 from fxtp.node_meta import LAYOUT, STATE
 from fxtp.sharding.collectives import local_part
 from fxtp.sharding.layouts import Shard, balanced_counts
-from fxtp.tiny_configs import tiny_model
+from fxtp.tiny_configs import generic_tiny_config, tiny_model
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, planned_state_bytes
 from fxtp.testing import assert_equivalent, tiny_program
 from op_harness import P, R, Arg, arg, aten, run_op
@@ -219,3 +221,41 @@ def test_batched_mm_experts_sharded():
     for i in range(2):
         assert f"column-parallel  model.layers.{i}.mlp.experts.gate_up_proj" in groups
         assert f"row-parallel     model.layers.{i}.mlp.experts.down_proj" in groups
+
+
+@lru_cache(maxsize=None)
+def llama4_text(world_size: int):
+    """Tiny Llama 4 text model and its program: experts as bmm over [E, H, 2I] state, rows tiled per
+    expert by repeat, a complex rotary (view_as_complex of head-sharded q/k), and a router that reads
+    the same value as the shared expert's gate/up."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(generic_tiny_config("llama4_text"), dtype=torch.float32).float().eval()
+    return model, fxtp.compile(model, world_size)
+
+
+# 4 ranks: slow; test_batched_mm_experts_equivalent[4] keeps gathered experts at 4 by default
+@pytest.mark.parametrize("world_size", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
+def test_llama4_text_equivalent(world_size):
+    model, tp = llama4_text(world_size)
+    assert_equivalent(model, world_size, *left_padded_batch(), program=tp)
+
+
+def test_llama4_text_sharded_but_its_router():
+    """At N=2 (was 0.13 of the state sharded): attention through the complex rotary, the experts and
+    the shared expert are sharded, one all_reduce closes each; the router alone stays replicated
+    (its top-k reads every expert's logit), and the dump says so."""
+    model, tp = llama4_text(2)
+    total = sum(t.numel() * t.element_size() for t in tp.captured.state.values())
+    assert all(planned_state_bytes(tp, r) / total <= 0.55 for r in range(2))
+    by_layer = collectives_by_layer(tp.rank_graph(0))
+    by_layer.pop(OUTSIDE_LAYERS, None)
+    assert by_layer == {f"model.layers.{i}": {"all_reduce": 2} for i in range(2)}
+    groups = fxtp.dump(tp).split("State (")[0]
+    for i in range(2):
+        mlp = f"model.layers.{i}.feed_forward."
+        assert f"column-parallel  {mlp}router.weight, {mlp}shared_expert.gate_proj.weight" in groups
+        assert f"{mlp}router.weight kept replicated: " in groups and "aten.topk.default along the sharded dim" in groups
+        assert f"column-parallel  {mlp}experts.gate_up_proj" in groups
+    layouts = {n.meta[STATE]: n.meta[LAYOUT] for n in tp.graph.graph.nodes if STATE in n.meta}
+    assert layouts["model.layers.0.feed_forward.router.weight"] == R
+    assert isinstance(layouts["model.layers.0.self_attn.q_proj.weight"], Shard)

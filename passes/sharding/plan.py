@@ -254,18 +254,46 @@ def column_seeds(projections: list[fx.Node], world_size: int) -> tuple[dict[str,
 
 def _try_column(gm: fx.GraphModule, group: list[fx.Node], names: list[str], seeds: dict[str, Layout], note: str,
                 result: Plan) -> GroupDecision:
-    """The decision on one group given the seeds accepted so far (added to when it is accepted)."""
+    """The decision on one group given the seeds accepted so far (added to when it is accepted).
+    Where the shard of some members alone meets what cannot stay sharded (a MoE router beside
+    the shared expert's gate/up it reads the same value as: its top-k over the experts), those
+    members are kept replicated, the note says why, and the others are tried again."""
     if any(not isinstance(projection_site(n).activation.meta[LAYOUT], Replicate) for n in group):
         return GroupDecision(names, Role.ROW_PARALLEL, "its input is sharded by the region before it")
-    if not seeds:
-        return GroupDecision(names, Role.REPLICATED, note)
-    try:
-        propagate(gm, {**result.seeds, **seeds}, strict=True, gather_at_output=True)
-    except PropagationError as e:
-        propagate(gm, result.seeds)
-        return GroupDecision(names, Role.REPLICATED, e.reason)
-    result.seeds.update(seeds)
-    return GroupDecision(names, column_role(group), note)
+    notes = [note] if note else []
+    while seeds:
+        try:
+            propagate(gm, {**result.seeds, **seeds}, strict=True, gather_at_output=True)
+        except PropagationError as e:
+            culprits = [n for n in _members_reaching(e.node, group) if projection_site(n).weight.meta[STATE] in seeds]
+            propagate(gm, result.seeds)
+            dropped = {projection_site(n).weight.meta[STATE] for n in culprits}
+            if not dropped or dropped == set(seeds):
+                return GroupDecision(names, Role.REPLICATED, "; ".join(notes + [e.reason]))
+            seeds = {name: layout for name, layout in seeds.items() if name not in dropped}
+            notes.append(f"{', '.join(sorted(dropped))} kept replicated: {e.reason}")
+            continue
+        result.seeds.update(seeds)
+        return GroupDecision(names, column_role(group), "; ".join(notes))
+    return GroupDecision(names, Role.REPLICATED, "; ".join(notes))
+
+
+def _members_reaching(node: fx.Node, group: list[fx.Node]) -> list[fx.Node]:
+    """The members of `group` whose output reaches `node` through values that are not replicated, under
+    the layouts of the attempt that failed at `node`: the projections whose shard it could not take."""
+    members, found, seen = set(group), [], set()
+    frontier = list(node.all_input_nodes)
+    while frontier:
+        n = frontier.pop()
+        if n in seen or n.meta.get(LAYOUT) is None or n.meta[LAYOUT] == Replicate() or \
+                isinstance(n.meta[LAYOUT], tuple) and all(x == Replicate() for x in n.meta[LAYOUT]):
+            continue
+        seen.add(n)
+        if n in members:
+            found.append(n)
+        else:
+            frontier.extend(n.all_input_nodes)
+    return found
 
 
 def plan(gm: fx.GraphModule, world_size: int) -> Plan:
