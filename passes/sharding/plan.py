@@ -56,6 +56,7 @@ class GroupDecision:
     weights: list[str]  # state names of the group's projection weights
     role: Role
     reason: str = ""    # why it is replicated, or which members stay replicated and why
+    dropped: list[str] = field(default_factory=list)  # members the planner kept replicated for what their shard met
 
     @property
     def sharded(self) -> bool:
@@ -260,21 +261,21 @@ def _try_column(gm: fx.GraphModule, group: list[fx.Node], names: list[str], seed
     members are kept replicated, the note says why, and the others are tried again."""
     if any(not isinstance(projection_site(n).activation.meta[LAYOUT], Replicate) for n in group):
         return GroupDecision(names, Role.ROW_PARALLEL, "its input is sharded by the region before it")
-    notes = [note] if note else []
+    notes, dropped = [note] if note else [], []
     while seeds:
         try:
             propagate(gm, {**result.seeds, **seeds}, strict=True, gather_at_output=True)
         except PropagationError as e:
-            culprits = [n for n in _members_reaching(e.node, group) if projection_site(n).weight.meta[STATE] in seeds]
+            culprits = {projection_site(n).weight.meta[STATE] for n in _members_reaching(e.node, group)} & set(seeds)
             propagate(gm, result.seeds)
-            dropped = {projection_site(n).weight.meta[STATE] for n in culprits}
-            if not dropped or dropped == set(seeds):
+            if not culprits or culprits == set(seeds):
                 return GroupDecision(names, Role.REPLICATED, "; ".join(notes + [e.reason]))
-            seeds = {name: layout for name, layout in seeds.items() if name not in dropped}
-            notes.append(f"{', '.join(sorted(dropped))} kept replicated: {e.reason}")
+            seeds = {name: layout for name, layout in seeds.items() if name not in culprits}
+            notes.append(f"{', '.join(sorted(culprits))} kept replicated: {e.reason}")
+            dropped += sorted(culprits)
             continue
         result.seeds.update(seeds)
-        return GroupDecision(names, column_role(group), "; ".join(notes))
+        return GroupDecision(names, column_role(group), "; ".join(notes), dropped)
     return GroupDecision(names, Role.REPLICATED, "; ".join(notes))
 
 
@@ -306,10 +307,10 @@ def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     plan_vocab_parallel(gm, world_size, result)
     decisions = [_try_column(gm, group, *candidate, result) for group, candidate in zip(groups, candidates)]
     # A group can meet projections decided after it: the k/v of every cross-attention read the
-    # encoder output, which comes before any decoder layer's q. Rejected groups are tried once
-    # more with every other decision in place.
+    # encoder output, which comes before any decoder layer's q. Rejected groups, and groups that
+    # kept members replicated, are tried once more whole with every other decision in place.
     for i, (group, candidate) in enumerate(zip(groups, candidates)):
-        if decisions[i].role is Role.REPLICATED and candidate[1]:
+        if (decisions[i].role is Role.REPLICATED or decisions[i].dropped) and candidate[1]:
             decisions[i] = _try_column(gm, group, *candidate, result)
     result.groups += decisions
     propagate(gm, result.seeds)
