@@ -579,6 +579,22 @@ def test_index_with_tensor(shape, ws, data, seed):
 CUTS = (aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
 
 
+@SETTINGS
+@given(st.integers(1, 3), st.integers(2, 3), world_sizes, st.data(), seeds)
+def test_strided_slice(rows, step, ws, data, seed):
+    """x[:, start::step] along a sharded dim (GPT-OSS's interleaved gate|up): whole units of a multiple of
+    step elements stay sharded with inner // step (every rank's part starts at a unit); otherwise gathered."""
+    units, inner = data.draw(st.integers(max(2, ws), 5)), data.draw(st.sampled_from([step, 2 * step, 1]))
+    outer = data.draw(st.sampled_from([1, 2]))
+    layout = Shard(1, data.draw(counts_st(units, ws)), inner, outer)
+    start = data.draw(st.integers(0, step - 1))
+    args = {"x": arg(gen(seed), [rows, outer * units * inner], layout, ws)}
+    run = run_op(lambda x: x[:, start::step] * 2.0, args, ws)
+    got = run.layout(aten.slice.Tensor)
+    want = Shard(1, layout.counts, inner // step, outer) if inner % step == 0 else R
+    assert got == want, run.describe()
+
+
 @FEW
 @given(world_sizes, st.data(), seeds)
 def test_split_fused_blocks(ws, data, seed):
@@ -623,12 +639,14 @@ def test_cat_stack(shape, n, ws, data, seed):
     fn = torch.cat if op == "cat" else torch.stack
     run = run_op(lambda **kw: fn([kw[nm] for nm in names], d), args, ws)
     got = run.layout(aten.cat.default if op == "cat" else aten.stack.default)
-    first = layouts[0]
+    first, shards = layouts[0], [l for l in layouts if isinstance(l, Shard)]
     if all(l == R for l in layouts) or all(l == P for l in layouts):
         want = first
-    elif isinstance(first, Shard) and all(isinstance(l, Shard) and same_placement(l, first) for l in layouts) \
-            and not (op == "cat" and first.dim == d % nd):  # a cat along the sharded dim needs it whole
-        want = first if op == "cat" else first.with_dim(first.dim + (first.dim >= d % (nd + 1)))
+    elif op == "cat" and shards and shards[0].dim != d % nd and \
+            all(l == R or isinstance(l, Shard) and same_placement(l, shards[0]) for l in layouts):
+        want = shards[0]  # replicated inputs sliced to match; a cat along the sharded dim needs it whole
+    elif op == "stack" and isinstance(first, Shard) and all(isinstance(l, Shard) and same_placement(l, first) for l in layouts):
+        want = first.with_dim(first.dim + (first.dim >= d % (nd + 1)))
     else:
         want = R
     assert same_layout(got, want), f"expected {want}\n{run.describe()}"
@@ -647,6 +665,24 @@ def test_softmax(shape, ws, data, seed):
                  {"x": arg(gen(seed), shape, layout, ws)}, ws)
     got = run.layout(aten.log_softmax.int if log else aten.softmax.int)
     assert got == (layout if isinstance(layout, Shard) and layout.dim != d % nd else R)
+
+
+@SETTINGS
+@given(shapes_st(1, 3), st.sampled_from(["max", "min"]), world_sizes, st.data(), seeds)
+def test_max_min_over_a_dim(shape, kind, ws, data, seed):
+    """x.max(d) / x.min(d) (values, indices): a shard of another dim passes to both outputs; over the
+    sharded dim, or of a Partial, x is made whole."""
+    nd = len(shape)
+    d, keepdim = data.draw(st.integers(-nd, nd - 1)), data.draw(st.booleans())
+    layout = data.draw(layout_st(shape, ws, partial=True))
+    fn = torch.max if kind == "max" else torch.min
+    run = run_op(lambda x: sum_topk(fn(x, d, keepdim)), {"x": arg(gen(seed), shape, layout, ws)}, ws)
+    got = run.layout(aten.max.dim if kind == "max" else aten.min.dim)
+    if isinstance(layout, Shard) and layout.dim != d % nd:
+        want = layout.with_dim(layout.dim - (0 if keepdim or layout.dim < d % nd else 1))
+    else:
+        want = R
+    assert all(same_layout(g, want) for g in got), f"expected {want}\n{run.describe()}"
 
 
 @SETTINGS

@@ -37,7 +37,7 @@ import torch.fx as fx
 
 from fxtp.node_meta import LAYOUT, STATE
 from fxtp.sharding.layouts import Layout, Replicate, Shard, balanced_counts
-from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds
+from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds, strided_slice_step
 from fxtp.sharding.op_rules.helpers import calls, norm_dim, val
 from fxtp.sharding.reshape import dim_groups
 from fxtp.sharding.roles import Role
@@ -100,6 +100,9 @@ def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
         pieces = [u for u in node.users if u.target in PIECES and piece_bounds(u, dim) is not None]
         if pieces:
             return _fused(node, dim, pieces)
+        steps = {strided_slice_step(u, dim) for u in node.users if u.target is aten.slice.Tensor}
+        if len(steps) == 1 and None not in steps:
+            return 1, steps.pop()  # interleaved pieces (GPT-OSS's gate|up): a unit holds one of each
         for user in node.users:
             if user in seen or user.op != "call_function":
                 continue

@@ -175,6 +175,8 @@ RULES: dict[object, OpRule] = {
     aten.sum.dim_IntList: OpRule(reduction("sum")),
     aten.mean.dim: OpRule(reduction("mean"), lower=mean_as_partial),  # over the sharded dim: local sum / global count
     aten.amax.default: OpRule(reduction("amax")),
+    aten.max.dim: OpRule(reduction("max")),  # GPT-OSS attention: the row max beside the sinks
+    aten.min.dim: OpRule(reduction("min")),
     aten.layer_norm.default: OpRule(norm),
     aten.rms_norm.default: OpRule(norm),
     # contractions
