@@ -1,6 +1,7 @@
 """Sweep every other decoder-only model type of the installed transformers; print a markdown table.
 
     PYTHONPATH=. python benchmarks/sweep_model_types.py [--types T ...] [--jobs 2] [--timeout 300]
+        [--experts-implementation batched_mm]
 
 Candidates: the model types of transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES that are not in
 fxtp.tiny_configs.CAUSAL_LMS (those have the architecture table). Each is built from
@@ -9,7 +10,9 @@ experts), in float32, and compiled at world sizes 2 and 4; each rank's simulated
 compared with the unsharded model (max abs diff <= 1e-4, left-padded batch). Skipped, with the
 reason: encoder-decoder models, encoders (their causal LM head is a decoder of an
 encoder-decoder) and multimodal wrappers. Each type runs in its own process (a crash or a
-hang costs one row).
+hang costs one row). `--experts-implementation` runs MoE experts through another of transformers'
+implementations than its default `grouped_mm` (`batched_mm`: what HF's generate and the
+executorch exporter switch to; `eager`: the model's own loop), for the types that can set one.
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ def sharded_fraction(tp) -> float:
     return sharded / total
 
 
-def measure(model_type: str) -> dict:
+def measure(model_type: str, experts_implementation: str = "") -> dict:
     """One row: which stage failed (config, model, forward, export, fxtp, exact) and why, or the numbers."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -82,6 +85,8 @@ def measure(model_type: str) -> dict:
         stage = "model"
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).float().eval()
+        if experts_implementation and model._can_set_experts_implementation():
+            model.set_experts_implementation(experts_implementation)
         ids = torch.randint(3, 256, (3, 13), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
         mask[0, :5] = 0
@@ -113,10 +118,11 @@ def measure(model_type: str) -> dict:
     return row
 
 
-def run_one(model_type: str, timeout: int) -> dict:
-    """measure(model_type) in a fresh process."""
+def run_one(model_type: str, timeout: int, experts_implementation: str = "") -> dict:
+    """measure(model_type, experts_implementation) in a fresh process."""
     try:
-        done = subprocess.run([sys.executable, __file__, "--one", model_type], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, __file__, "--one", model_type,
+                               "--experts-implementation", experts_implementation], capture_output=True, text=True,
                               timeout=timeout, env={**os.environ, "PYTHONPATH": REPO})
     except subprocess.TimeoutExpired:
         return {"model type": model_type, "failure": f"timed out after {timeout} s"}
@@ -132,15 +138,17 @@ def main() -> None:
     parser.add_argument("--types", nargs="*", help="model types (default: every candidate)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model type")
+    parser.add_argument("--experts-implementation", default="",
+                        help="transformers' experts implementation for MoE types (default: the model's own default)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one JSON row
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one)))
+        print(json.dumps(measure(args.one, args.experts_implementation)))
         return
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     with ThreadPoolExecutor(args.jobs) as pool:
-        for row in pool.map(lambda t: run_one(t, args.timeout), args.types or candidates()):
+        for row in pool.map(lambda t: run_one(t, args.timeout, args.experts_implementation), args.types or candidates()):
             print("| " + " | ".join(row.get(c, "") for c in COLUMNS) + " |", flush=True)
 
 

@@ -238,7 +238,7 @@ def assert_close(actual, expected, what: str = "") -> None:
     assert isinstance(actual, torch.Tensor), f"{what}: got {type(actual).__name__}"
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    if not expected.dtype.is_floating_point:
+    if not (expected.dtype.is_floating_point or expected.dtype.is_complex):  # complex: rounded like floats
         assert torch.equal(actual, expected), f"{what}: values differ"
         return
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0

@@ -5,15 +5,18 @@ the router stays replicated, and the routed sum is a Partial all-reduced once pe
 (together with Qwen2-MoE's sigmoid-gated shared expert). The op-level tests check the rules
 the expert path flows through: the grouped GEMM, the token gathers and the masked zeroing.
 """
+from functools import lru_cache
+
 import pytest
 import torch
 import transformers.integrations.moe  # noqa: F401  registers torch.ops.transformers.grouped_mm_fallback
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxtp
+from fxtp.node_meta import LAYOUT, STATE
 from fxtp.sharding.collectives import local_part
 from fxtp.sharding.layouts import Shard, balanced_counts
-from fxtp.tiny_configs import tiny_model
+from fxtp.tiny_configs import generic_tiny_config, tiny_model
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, planned_state_bytes
 from fxtp.testing import assert_equivalent, tiny_program
 from op_harness import P, R, Arg, arg, aten, run_op
@@ -153,3 +156,133 @@ def test_masked_fill_of_partial(value, want):
     args = {"x": arg(g, [6, 4], P, 2), "mask": arg(g, [6, 1], R, 2, kind="bool")}
     run = run_op(lambda x, mask: x.masked_fill(mask, value), args, 2)
     assert run.layout(aten.masked_fill.Scalar) == want, run.describe()
+
+
+# W[3 experts, out 8, in 6] (transposed: W[3, 6, 8]) gathered by expert id for 5 rows, x[5, 6], over 2 ranks:
+# (W's layout, x's layout) -> (the product's layout, the layout W is stored in)
+BATCHED_MM_CASES = {
+    "column": (Shard(1, (4, 4)), R, Shard(1, (4, 4)), Shard(1, (4, 4))),
+    "column_fused": (Shard(1, (2, 2), 1, 2), R, Shard(1, (2, 2), 1, 2), Shard(1, (2, 2), 1, 2)),  # [gate | up]
+    "row": (R, Shard(1, (3, 3)), P, Shard(2, (3, 3))),  # the gathered weight's want settles on W itself
+}
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("case", sorted(BATCHED_MM_CASES))
+def test_gathered_expert_weights(case, transposed):
+    """transformers' batched_mm experts: bmm(W[ids], x[..., None]) (bmm(x[:, None], W[ids]) for weights
+    stored [E, in, out]). Column: W sharded on its outputs stays so through the gather and the product;
+    row: x sharded on its inputs gives a Partial, and W is stored sliced on its inputs, not gathered
+    whole and sliced on every rank."""
+    ws, g = 2, torch.Generator().manual_seed(3)
+    w_layout, x_layout, want, stored = BATCHED_MM_CASES[case]
+    if transposed:
+        swap = {1: 2, 2: 1}
+        w_layout, stored = (lay.with_dim(swap[lay.dim]) if isinstance(lay, Shard) else lay for lay in (w_layout, stored))
+    args = {"w": arg(g, [3, 6, 8] if transposed else [3, 8, 6], w_layout, ws), "x": arg(g, [5, 6], x_layout, ws),
+            "ids": arg(g, [5], R, ws, kind="int3")}
+    if transposed:
+        run = run_op(lambda w, x, ids: torch.bmm(x.unsqueeze(1), w[ids]), args, ws)
+        want = want.with_dim(2) if isinstance(want, Shard) else want
+    else:
+        run = run_op(lambda w, x, ids: torch.bmm(w[ids], x.unsqueeze(-1)), args, ws)
+    assert run.layout(aten.bmm.default) == want, run.describe()
+    assert next(n for n in run.gm.graph.nodes if n.meta.get(STATE) == "w").meta[LAYOUT] == stored, run.describe()
+    assert (run.count("all_gather"), run.count("all_reduce")) == ((1, 0) if isinstance(want, Shard) else (0, 1))
+
+
+@lru_cache(maxsize=None)
+def batched_mm_mixtral(world_size: int):
+    """Tiny Mixtral with its experts through batched_mm (what HF's generate and the executorch exporter
+    switch to), and its program."""
+    model = tiny_model("mixtral")
+    model.set_experts_implementation("batched_mm")
+    return model, fxtp.compile(model, world_size)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_batched_mm_experts_equivalent(world_size):
+    model, tp = batched_mm_mixtral(world_size)
+    assert any(n.target is aten.bmm.default for n in tp.graph.graph.nodes)
+    assert_equivalent(model, world_size, *left_padded_batch(), program=tp)
+    if world_size == 2:
+        by_layer = collectives_by_layer(tp.rank_graph(0))
+        by_layer.pop(OUTSIDE_LAYERS, None)
+        assert by_layer == {f"model.layers.{i}": {"all_reduce": 2} for i in range(2)}
+
+
+def test_batched_mm_experts_sharded():
+    """The experts through batched_mm are sharded as through grouped_mm: each rank holds about half the
+    state at N=2 (was 0.89 with the experts replicated), and the dump lists them among the projection groups."""
+    model, tp = batched_mm_mixtral(2)
+    total = sum(t.numel() * t.element_size() for t in tp.captured.state.values())
+    for r in range(2):
+        assert planned_state_bytes(tp, r) / total <= 0.55
+    groups = fxtp.dump(tp).split("State (")[0]
+    for i in range(2):
+        assert f"column-parallel  model.layers.{i}.mlp.experts.gate_up_proj" in groups
+        assert f"row-parallel     model.layers.{i}.mlp.experts.down_proj" in groups
+
+
+@lru_cache(maxsize=None)
+def llama4_text(world_size: int):
+    """Tiny Llama 4 text model and its program: experts as bmm over [E, H, 2I] state, rows tiled per
+    expert by repeat, a complex rotary (view_as_complex of head-sharded q/k), and a router that reads
+    the same value as the shared expert's gate/up."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(generic_tiny_config("llama4_text"), dtype=torch.float32).float().eval()
+    return model, fxtp.compile(model, world_size)
+
+
+# 4 ranks: slow; test_batched_mm_experts_equivalent[4] keeps 4 ranks by default
+@pytest.mark.parametrize("world_size", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
+def test_llama4_text_equivalent(world_size):
+    model, tp = llama4_text(world_size)
+    assert_equivalent(model, world_size, *left_padded_batch(), program=tp)
+
+
+def test_llama4_text_sharded_but_its_router():
+    """At N=2 (was 0.13 of the state sharded): attention through the complex rotary, the experts and
+    the shared expert are sharded, one all_reduce closes each; the router alone stays replicated
+    (its top-k reads every expert's logit), and the dump says so."""
+    model, tp = llama4_text(2)
+    total = sum(t.numel() * t.element_size() for t in tp.captured.state.values())
+    assert all(planned_state_bytes(tp, r) / total <= 0.55 for r in range(2))
+    by_layer = collectives_by_layer(tp.rank_graph(0))
+    by_layer.pop(OUTSIDE_LAYERS, None)
+    assert by_layer == {f"model.layers.{i}": {"all_reduce": 2} for i in range(2)}
+    groups = fxtp.dump(tp).split("State (")[0]
+    for i in range(2):
+        mlp = f"model.layers.{i}.feed_forward."
+        assert f"column-parallel  {mlp}router.weight, {mlp}shared_expert.gate_proj.weight" in groups
+        assert f"{mlp}router.weight kept replicated: " in groups and "aten.topk.default along the sharded dim" in groups
+        assert f"column-parallel  {mlp}experts.gate_up_proj" in groups
+    layouts = {n.meta[STATE]: n.meta[LAYOUT] for n in tp.graph.graph.nodes if STATE in n.meta}
+    assert layouts["model.layers.0.feed_forward.router.weight"] == R
+    assert isinstance(layouts["model.layers.0.self_attn.q_proj.weight"], Shard)
+
+
+@lru_cache(maxsize=None)
+def gpt_oss(world_size: int, experts_implementation: str = "grouped_mm"):
+    """Tiny GPT-OSS and its program: biased experts stored [E, in, out] with gate|up interleaved
+    (gate_up[..., ::2], gate_up[..., 1::2]), and attention sinks joined to the scores (cat, max)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(generic_tiny_config("gpt_oss"), dtype=torch.float32).float().eval()
+    model.set_experts_implementation(experts_implementation)
+    return model, fxtp.compile(model, world_size)
+
+
+# batched_mm: slow; test_gathered_expert_weights[transposed] and test_batched_mm_experts_equivalent keep the
+# batched form of the experts (at 2, 3 and 4 ranks) by default
+@pytest.mark.parametrize("world_size, experts_implementation", [
+    (2, "grouped_mm"), (3, "grouped_mm"),
+    *(pytest.param(ws, "batched_mm", marks=pytest.mark.slow) for ws in (2, 4))])
+def test_gpt_oss_equivalent(world_size, experts_implementation):
+    model, tp = gpt_oss(world_size, experts_implementation)
+    assert_equivalent(model, world_size, *left_padded_batch(), program=tp)
+    if world_size == 2:  # was 0.96 of the state sharded (grouped_mm) with 3 to 7 all_reduces a layer, 0.19 (batched_mm)
+        total = sum(t.numel() * t.element_size() for t in tp.captured.state.values())
+        assert all(planned_state_bytes(tp, r) / total <= 0.55 for r in range(2))
+        by_layer = collectives_by_layer(tp.rank_graph(0))
+        by_layer.pop(OUTSIDE_LAYERS, None)
+        assert by_layer == {f"model.layers.{i}": {"all_reduce": 2} for i in range(2)}

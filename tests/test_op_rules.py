@@ -445,8 +445,6 @@ ALONG = {
     "topk_default": (lambda x, d: sum_topk(torch.topk(x, 1)), aten.topk.default, False),
     "sort": (lambda x, d: sum_topk(torch.sort(x, d)), aten.sort.default, False),
     "sort_default": (lambda x, d: sum_topk(torch.sort(x)), aten.sort.default, False),
-    "repeat_interleave": (lambda x, d: x.repeat_interleave(2, d), aten.repeat_interleave.self_int, True),
-    "repeat_interleave_flat": (lambda x, d: x.repeat_interleave(2), aten.repeat_interleave.self_int, True),
 }
 
 
@@ -458,8 +456,8 @@ def sum_topk(result):
 @SETTINGS
 @given(st.sampled_from(sorted(ALONG)), shapes_st(1, 3, sizes=(2, 3, 4)), world_sizes, st.data(), seeds)
 def test_along_one_dim(name, shape, ws, data, seed):
-    """cumsum/topk/sort/repeat_interleave: a shard of another dim passes, of that dim is gathered;
-    the default dims (-1 for topk/sort, flattening for repeat_interleave) are the schema's."""
+    """cumsum/topk/sort: a shard of another dim passes, of that dim is gathered; the default dim
+    (-1 for topk/sort) is the schema's."""
     fn, target, keeps_partial = ALONG[name]
     nd = len(shape)
     d = data.draw(st.integers(-nd, nd - 1))
@@ -467,12 +465,95 @@ def test_along_one_dim(name, shape, ws, data, seed):
     run = run_op(lambda x: fn(x, d), {"x": arg(gen(seed), shape, layout, ws)}, ws)
     got = run.layout(target)
     got = got[0] if isinstance(got, tuple) else got
-    acts_on = {"topk_default": nd - 1, "sort_default": nd - 1, "repeat_interleave_flat": None}.get(name, d % nd)
+    acts_on = {"topk_default": nd - 1, "sort_default": nd - 1}.get(name, d % nd)
     if isinstance(layout, Shard):
-        whole = acts_on is None or layout.dim == acts_on
-        assert got == R if whole else same_layout(got, layout), run.describe()
+        assert got == R if layout.dim == acts_on else same_layout(got, layout), run.describe()
     else:
         assert got == (layout if keeps_partial else R), run.describe()
+
+
+# ---------------------------------------------------------------------------- repeats
+
+@SETTINGS
+@given(shapes_st(1, 3, sizes=(2, 3, 4)), st.integers(1, 3), st.booleans(), world_sizes, st.data(), seeds)
+def test_repeat_interleave(shape, r, sized, ws, data, seed):
+    """x.repeat_interleave(r, d): a shard of d keeps each unit's repeats on its rank (inner * r), a shard
+    of another dim and a Partial pass; output_size, when given, is made the rank's size. Without a dim
+    x is flattened first and a shard is gathered."""
+    nd = len(shape)
+    d = data.draw(st.sampled_from([None, *range(-nd, nd)]))
+    layout = data.draw(layout_st(shape, ws, partial=True))
+    if d is None:
+        fn = lambda x: x.repeat_interleave(r)  # noqa: E731
+    elif sized:
+        fn = lambda x: x.repeat_interleave(r, d, output_size=shape[d] * r)  # noqa: E731
+    else:
+        fn = lambda x: x.repeat_interleave(r, d)  # noqa: E731
+    run = run_op(fn, {"x": arg(gen(seed), shape, layout, ws)}, ws)
+    got = run.layout(aten.repeat_interleave.self_int)
+    if not isinstance(layout, Shard):
+        assert got == layout, run.describe()
+    elif d is None:
+        assert got == R, run.describe()
+    elif layout.dim == d % nd:
+        assert got == Shard(layout.dim, layout.counts, layout.inner * r, layout.outer), run.describe()
+        assert run.count("all_gather") == (ws > 1), run.describe()  # the graph output alone
+    else:
+        assert got == layout, run.describe()
+
+
+@SETTINGS
+@given(shapes_st(1, 3, sizes=(2, 3, 4)), world_sizes, st.data(), seeds)
+def test_repeat(shape, ws, data, seed):
+    """x.repeat(r_0, ..., r_k), leading repeats adding dims: a shard of a tiled dim gets one outer
+    block per tile (outer * r), a shard of another dim and a Partial pass."""
+    nd = len(shape)
+    repeats = data.draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd + 2))
+    layout = data.draw(layout_st(shape, ws, partial=True))
+    run = run_op(lambda x: x.repeat(*repeats), {"x": arg(gen(seed), shape, layout, ws)}, ws)
+    got = run.layout(aten.repeat.default)
+    if isinstance(layout, Shard):
+        dim = layout.dim + len(repeats) - nd
+        assert got == Shard(dim, layout.counts, layout.inner, layout.outer * repeats[dim]), run.describe()
+    else:
+        assert got == layout, run.describe()
+
+
+@FEW
+@given(world_sizes, st.data(), seeds)
+def test_kv_heads_repeat_interleaved_into_query_heads(ws, data, seed):
+    """k, v [b, kvh, s, d] repeated with repeat_interleave(rep, dim=1) before attention: each rank's kv
+    heads repeat into its own query heads, so attention on head-sharded q/k/v needs no collective but
+    the graph output's."""
+    b, kvh, rep, s, d = data.draw(st.integers(1, 2)), data.draw(st.integers(max(2, ws), 4)), \
+        data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4)), data.draw(st.sampled_from([2, 4]))
+    counts = data.draw(counts_st(kvh, ws))
+    kv_layout, q_layout = Shard(1, counts), Shard(1, tuple(c * rep for c in counts))
+    g = gen(seed)
+    args = {"q": arg(g, [b, kvh * rep, s, d], q_layout, ws), "k": arg(g, [b, kvh, s, d], kv_layout, ws),
+            "v": arg(g, [b, kvh, s, d], kv_layout, ws)}
+    run = run_op(lambda q, k, v: F.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), is_causal=True), args, ws)
+    assert_layout(run, aten.scaled_dot_product_attention.default, q_layout)
+    assert (run.count("all_reduce"), run.count("all_gather")) == (0, 1 if ws > 1 else 0), run.describe()
+
+
+# ---------------------------------------------------------------------------- complex views
+
+@SETTINGS
+@given(shapes_st(1, 3, sizes=(1, 2, 3, 4)), world_sizes, st.data(), seeds)
+def test_complex_views(shape, ws, data, seed):
+    """Llama 4's rotary: view_as_complex(x[..., 2]) times a complex factor, view_as_real: a shard of any
+    dim but the (real, imaginary) pair stays sharded; a Partial is summed first."""
+    full = [*shape, 2]
+    layout = data.draw(layout_st(full, ws, partial=True, dims=range(len(shape))))
+    g = gen(seed)
+    args = {"x": arg(g, full, layout, ws), "f": arg(g, [shape[-1], 2], R, ws)}
+    # f's view first: run.layout reads the last node of a target
+    run = run_op(lambda x, f: torch.view_as_real(torch.view_as_complex(f) * torch.view_as_complex(x)), args, ws)
+    want = layout if isinstance(layout, Shard) else R
+    assert_layout(run, aten.view_as_complex.default, want if layout != P else R)
+    assert_layout(run, aten.view_as_real.default, want)
 
 
 @SETTINGS
@@ -496,6 +577,22 @@ def test_index_with_tensor(shape, ws, data, seed):
 
 
 CUTS = (aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(2, 3), world_sizes, st.data(), seeds)
+def test_strided_slice(rows, step, ws, data, seed):
+    """x[:, start::step] along a sharded dim (GPT-OSS's interleaved gate|up): whole units of a multiple of
+    step elements stay sharded with inner // step (every rank's part starts at a unit); otherwise gathered."""
+    units, inner = data.draw(st.integers(max(2, ws), 5)), data.draw(st.sampled_from([step, 2 * step, 1]))
+    outer = data.draw(st.sampled_from([1, 2]))
+    layout = Shard(1, data.draw(counts_st(units, ws)), inner, outer)
+    start = data.draw(st.integers(0, step - 1))
+    args = {"x": arg(gen(seed), [rows, outer * units * inner], layout, ws)}
+    run = run_op(lambda x: x[:, start::step] * 2.0, args, ws)
+    got = run.layout(aten.slice.Tensor)
+    want = Shard(1, layout.counts, inner // step, outer) if inner % step == 0 else R
+    assert got == want, run.describe()
 
 
 @FEW
@@ -542,12 +639,14 @@ def test_cat_stack(shape, n, ws, data, seed):
     fn = torch.cat if op == "cat" else torch.stack
     run = run_op(lambda **kw: fn([kw[nm] for nm in names], d), args, ws)
     got = run.layout(aten.cat.default if op == "cat" else aten.stack.default)
-    first = layouts[0]
+    first, shards = layouts[0], [l for l in layouts if isinstance(l, Shard)]
     if all(l == R for l in layouts) or all(l == P for l in layouts):
         want = first
-    elif isinstance(first, Shard) and all(isinstance(l, Shard) and same_placement(l, first) for l in layouts) \
-            and not (op == "cat" and first.dim == d % nd):  # a cat along the sharded dim needs it whole
-        want = first if op == "cat" else first.with_dim(first.dim + (first.dim >= d % (nd + 1)))
+    elif op == "cat" and shards and shards[0].dim != d % nd and \
+            all(l == R or isinstance(l, Shard) and same_placement(l, shards[0]) for l in layouts):
+        want = shards[0]  # replicated inputs sliced to match; a cat along the sharded dim needs it whole
+    elif op == "stack" and isinstance(first, Shard) and all(isinstance(l, Shard) and same_placement(l, first) for l in layouts):
+        want = first.with_dim(first.dim + (first.dim >= d % (nd + 1)))
     else:
         want = R
     assert same_layout(got, want), f"expected {want}\n{run.describe()}"
@@ -566,6 +665,24 @@ def test_softmax(shape, ws, data, seed):
                  {"x": arg(gen(seed), shape, layout, ws)}, ws)
     got = run.layout(aten.log_softmax.int if log else aten.softmax.int)
     assert got == (layout if isinstance(layout, Shard) and layout.dim != d % nd else R)
+
+
+@SETTINGS
+@given(shapes_st(1, 3), st.sampled_from(["max", "min"]), world_sizes, st.data(), seeds)
+def test_max_min_over_a_dim(shape, kind, ws, data, seed):
+    """x.max(d) / x.min(d) (values, indices): a shard of another dim passes to both outputs; over the
+    sharded dim, or of a Partial, x is made whole."""
+    nd = len(shape)
+    d, keepdim = data.draw(st.integers(-nd, nd - 1)), data.draw(st.booleans())
+    layout = data.draw(layout_st(shape, ws, partial=True))
+    fn = torch.max if kind == "max" else torch.min
+    run = run_op(lambda x: sum_topk(fn(x, d, keepdim)), {"x": arg(gen(seed), shape, layout, ws)}, ws)
+    got = run.layout(aten.max.dim if kind == "max" else aten.min.dim)
+    if isinstance(layout, Shard) and layout.dim != d % nd:
+        want = layout.with_dim(layout.dim - (0 if keepdim or layout.dim < d % nd else 1))
+    else:
+        want = R
+    assert all(same_layout(g, want) for g in got), f"expected {want}\n{run.describe()}"
 
 
 @SETTINGS

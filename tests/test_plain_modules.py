@@ -179,11 +179,6 @@ class GPT(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-NEEDS_REPEAT_INTERLEAVE_RULE = pytest.mark.xfail(
-    strict=True, reason="aten.repeat_interleave along a head-sharded dim has no op rule yet (branch `rules` adds one): "
-                        "the qkv group stays replicated")
-
-
 @pytest.mark.parametrize("repeat_kv", ["repeat_interleave", "expand"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -195,7 +190,7 @@ def test_gpt_is_exact(world_size, tied, repeat_kv):
         assert_exact(tp, model, token_ids(batch, seq))
 
 
-@pytest.mark.parametrize("repeat_kv", [pytest.param("repeat_interleave", marks=NEEDS_REPEAT_INTERLEAVE_RULE), "expand"])
+@pytest.mark.parametrize("repeat_kv", ["repeat_interleave", "expand"])
 def test_gpt_is_sharded(repeat_kv):
     """Every projection is sharded (none left replicated), and a rank holds at most 0.55 of the state at N=2."""
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Unfuse projections whose output features are cut into unequal pieces: one projection per piece.
 
-Reads:  projections (plan.projection_weight: linear(x, W[out, in]), mm(x, W[in, out]),
+Reads:  projections (passes/sharding/projections.py: linear(x, W[out, in]), mm(x, W[in, out]),
         matmul(x, W.T)) with a state weight, node.meta["val"], node.meta["fxtp.state"], and the
         values of constant index tensors in `state`.
 Writes: for each unfused projection, per piece: a new state placeholder for the weight's block
@@ -44,7 +44,8 @@ from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds
 from fxtp.sharding.op_rules.helpers import norm_dim, val
 from fxtp.sharding.op_rules.views import permutation
 from fxtp.passes.node_match import only_user
-from fxtp.passes.sharding.plan import projection_weight, structure_along
+from fxtp.passes.sharding.plan import structure_along
+from fxtp.passes.sharding.projections import projection_site
 from fxtp.sharding.reshape import dim_groups
 
 aten = torch.ops.aten
@@ -70,7 +71,7 @@ class _Piece:
 
 def unfuse_projections(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> fx.GraphModule:
     orphans: list[fx.Node] = []
-    for proj in [n for n in gm.graph.nodes if projection_weight(n) is not None]:
+    for proj in [n for n in gm.graph.nodes if projection_site(n) is not None]:
         found = _cuts(proj, state)
         if found is not None:
             orphans += _unfuse(gm, state, proj, *found)
@@ -86,8 +87,8 @@ def unfuse_projections(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> fx
 
 def _cuts(proj: fx.Node, state: dict) -> Optional[tuple[list[_Step], list[_Piece]]]:
     """The steps from `proj` to the node its cuts read, and the pieces, when `proj` qualifies."""
-    if val(projection_weight(proj)[0]).dim() != 2:
-        return None  # a MoE grouped GEMM: its experts are not pieces
+    if val(projection_site(proj).weight).dim() != 2:
+        return None  # MoE experts (a grouped or batched GEMM): its experts are not pieces
     steps = [_Step(proj, val(proj).dim() - 1, 1)]
     bias = only_user(proj)
     if bias is not None and bias.target is aten.add.Tensor and bias.args[0] is proj and _is_bias(bias.args[1], proj):
@@ -196,7 +197,8 @@ def _unfuse(gm: fx.GraphModule, state: dict, proj: fx.Node, steps: list[_Step], 
     state placeholders the fused nodes read (and the copies of index constants, users first),
     to drop once nothing uses them."""
     graph = gm.graph
-    weight, out_dim = projection_weight(proj)
+    site = projection_site(proj)
+    weight, out_dim = site.weight, site.weight_out
     permutes = []  # the transposes between the weight and the projection (Falcon's W.T)
     node = proj.args[1]
     while node is not weight:

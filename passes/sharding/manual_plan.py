@@ -34,7 +34,8 @@ from fxtp.node_meta import LAYOUT, STATE
 from fxtp.sharding.layouts import Shard
 from fxtp.sharding.roles import Role
 from fxtp.passes.sharding.module_patterns import closest, example, matches_any, module_names
-from fxtp.passes.sharding.plan import GroupDecision, Plan, column_seeds, projection_groups, projection_weight
+from fxtp.passes.sharding.plan import GroupDecision, Plan, column_seeds
+from fxtp.passes.sharding.projections import projection_groups, projection_site
 from fxtp.passes.sharding.propagate import propagate
 
 # the user-facing styles of fxtp's own form, as gpt-fast and HF name them
@@ -125,7 +126,7 @@ def manual_plan(gm: fx.GraphModule, world_size: int, plan: Union[dict[str, str],
     result = Plan()
     rowwise: list[fx.Node] = []
     for group in projection_groups(gm):
-        names = [projection_weight(n)[0].meta[STATE] for n in group]
+        names = [projection_site(n).weight.meta[STATE] for n in group]
         roles = {n: plan.role_of(_module_of(name)) for n, name in zip(group, names)}
         rowwise += [n for n in group if roles[n] is Role.ROW_PARALLEL]
         columns = [n for n in group if roles[n] is Role.COLUMN_PARALLEL]
@@ -140,9 +141,10 @@ def manual_plan(gm: fx.GraphModule, world_size: int, plan: Union[dict[str, str],
         result.groups.append(GroupDecision(names, Role.COLUMN_PARALLEL, f"manual plan{'; ' + note if note else ''}"))
     propagate(gm, result.seeds)
     for node in rowwise:
-        weight, out_dim = projection_weight(node)
-        if not isinstance(weight.meta[LAYOUT], Shard) or weight.meta[LAYOUT].dim == out_dim:
+        site = projection_site(node)
+        weight, x = site.weight, site.activation
+        if not isinstance(weight.meta[LAYOUT], Shard) or weight.meta[LAYOUT].dim == site.weight_out:
             raise PlanError(f"manual plan: {_module_of(weight.meta[STATE])} is rowwise, but its input "
-                            f"{node.args[0].name} is {node.args[0].meta[LAYOUT]} (not sharded on its features) "
+                            f"{x.name} is {x.meta[LAYOUT]} (not sharded on its features) "
                             f"for node={node.format_node()}: mark the projections that feed it colwise")
     return result

@@ -4,9 +4,9 @@ Reads:  node.meta["val"], node.meta["fxtp.state"], node.meta["fxtp.tokens"].
 Writes: through `propagate`, the layouts of the accepted plan (see passes/sharding/propagate.py).
 Returns a `Plan`: state name -> Layout seeds, plus one `Decision` per candidate group.
 
-A candidate group is the set of projections (`linear` with a state weight) that read the same
+A candidate group is the set of projections (passes/sharding/projections.py) that read the same
 value: q/k/v of an attention block, gate/up of an MLP, an lm_head alone, the fused gate|up
-of all experts of a MoE layer (one grouped GEMM over [E, 2I, H]). Each is tried as
+of all experts of a MoE layer (one grouped or batched GEMM over [E, 2I, H]). Each is tried as
 column-parallel by propagating in strict mode: the group is accepted if every sharded value it
 produces is consumed by shard-preserving ops and ends in row-parallel projections whose Partial
 outputs are all-reduced; any need for an all_gather rejects it, with the reason. Nothing is
@@ -37,17 +37,17 @@ import torch.fx as fx
 
 from fxtp.node_meta import LAYOUT, STATE, TOKENS
 from fxtp.sharding.layouts import Layout, Replicate, Shard, balanced_counts
-from fxtp.sharding.op_rules.contractions import GROUPED_MM
-from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds
-from fxtp.sharding.op_rules.helpers import calls, val
-from fxtp.sharding.op_rules.views import PERMUTES, permutation
+from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds, strided_slice_step
+from fxtp.sharding.op_rules.helpers import calls, norm_dim, val
 from fxtp.sharding.reshape import dim_groups
 from fxtp.sharding.roles import Role
+from fxtp.passes.sharding.projections import projection_groups, projection_site
 from fxtp.passes.sharding.reassociate import reassociate_partials
 from fxtp.passes.sharding.propagate import PropagationError, propagate
 
 aten = torch.ops.aten
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int}
+_SQUEEZES = {aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
 
 
 @dataclass
@@ -55,6 +55,7 @@ class GroupDecision:
     weights: list[str]  # state names of the group's projection weights
     role: Role
     reason: str = ""    # why it is replicated, or which members stay replicated and why
+    dropped: list[str] = field(default_factory=list)  # members the planner kept replicated for what their shard met
 
     @property
     def sharded(self) -> bool:
@@ -68,42 +69,11 @@ class Plan:
     groups: list[GroupDecision] = field(default_factory=list)
 
 
-def projection_weight(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
-    """(weight state, its output-feature dim) when `node` contracts an activation with a state
-    weight: linear(x, W[out, in]), mm(x, W[in, out]) (GPT-2 Conv1D), matmul(x, W.T) (Falcon),
-    or a MoE layer's per-expert grouped mm(x, W[E, in, out]) (W often stored as [E, out, in]);
-    the unit of an expert's features is then one element of its intermediate, as in an MLP."""
-    if calls(node, GROUPED_MM):
-        weight_dims, out_dim = 3, 2
-    elif node.op == "call_function" and node.target in (aten.linear.default, aten.mm.default, aten.matmul.default):
-        weight_dims, out_dim = 2, 0 if node.target is aten.linear.default else 1
-    else:
-        return None
-    weight = node.args[1]
-    if not isinstance(weight, fx.Node) or val(weight).dim() != weight_dims:
-        return None
-    while weight.op == "call_function" and weight.target in PERMUTES:
-        out_dim = permutation(weight)[out_dim]
-        weight = weight.args[0]
-    if weight.op == "placeholder" and STATE in weight.meta and val(weight).dim() == weight_dims:
-        return weight, out_dim
-    return None
-
-
-def projection_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
-    """Projections (see projection_weight) grouped by the activation they read, in graph order."""
-    groups: dict[fx.Node, list[fx.Node]] = defaultdict(list)
-    for node in gm.graph.nodes:
-        if projection_weight(node) is not None:
-            groups[node.args[0]].append(node)
-    return list(groups.values())
-
-
 def feature_structure(proj: fx.Node) -> tuple[int, int]:
     """(outer, unit) of a projection's output features: `outer` fused blocks (GPT-2's [q|k|v],
     Phi-3's [gate|up]), each of units of `unit` elements: head_dim where a reshape splits them
     into heads, 1 where nothing does (an MLP's intermediate), times aligned_units."""
-    outer, unit = structure_along(proj, val(proj).dim() - 1)
+    outer, unit = structure_along(proj, projection_site(proj).out)
     return outer, unit * aligned_units(proj, outer, unit)
 
 
@@ -120,14 +90,18 @@ def aligned_units(proj: fx.Node, outer: int, unit: int) -> int:
 
 def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
     """(outer, unit) of the features on dim `start_dim` of `start`, as feature_structure (without its
-    alignment). Follows ops that keep the shape (a bias, OPT's q scaling, a cast) and reshapes that
-    keep the features whole (GPT-2's [b*s, 3h] -> [b, s, 3h])."""
+    alignment). Follows ops that keep the shape (a bias, OPT's q scaling, a cast), reshapes that
+    keep the features whole (GPT-2's [b*s, 3h] -> [b, s, 3h]) and squeezes of other dims (batched_mm
+    experts' [S, 2I, 1] -> [S, 2I])."""
     frontier, seen = [(start, start_dim)], set()
     while frontier:
         node, dim = frontier.pop(0)
         pieces = [u for u in node.users if u.target in PIECES and piece_bounds(u, dim) is not None]
         if pieces:
             return _fused(node, dim, pieces)
+        steps = {strided_slice_step(u, dim) for u in node.users if u.target is aten.slice.Tensor}
+        if len(steps) == 1 and None not in steps:
+            return 1, steps.pop()  # interleaved pieces (GPT-OSS's gate|up): a unit holds one of each
         for user in node.users:
             if user in seen or user.op != "call_function":
                 continue
@@ -140,7 +114,20 @@ def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
                         frontier.append((user, gj[0]))
                     elif gi == (dim,):
                         return 1, int(prod(int(val(user).shape[d]) for d in gj[1:]))
+            elif user.target in _SQUEEZES and (moved := dim_after_squeeze(user, dim)) is not None:
+                frontier.append((user, moved))
     return 1, 1
+
+
+def dim_after_squeeze(node: fx.Node, dim: int) -> Optional[int]:
+    """Where dim `dim` of a squeeze's or unsqueeze's input lands in its output; None if it is squeezed
+    away. (dim_groups pairs size-1 dims ambiguously, so these are followed by their dim arguments.)"""
+    src = val(node.args[0])
+    if node.target is aten.unsqueeze.default:
+        return dim + (norm_dim(node.args[1], src.dim() + 1) <= dim)
+    dims = [node.args[1]] if node.target is aten.squeeze.dim else node.args[1]
+    removed = {d for d in (norm_dim(d, src.dim()) for d in dims) if src.shape[d] == 1}
+    return None if dim in removed else dim - sum(d < dim for d in removed)
 
 
 def _fused(node: fx.Node, dim: int, pieces: list[fx.Node]) -> tuple[int, int]:
@@ -169,7 +156,7 @@ def counts_by_unit(structure: dict[fx.Node, tuple[int, int]], world_size: int) -
         by_unit[unit].append(n)
     counts, notes = {}, []
     for members in by_unit.values():
-        units = {n: val(n).shape[-1] // (structure[n][0] * structure[n][1]) for n in members}
+        units = {n: val(n).shape[projection_site(n).out] // (structure[n][0] * structure[n][1]) for n in members}
         chosen, note = choose_counts(units, world_size)
         if not chosen and len(members) > 1:
             for n in members:
@@ -194,7 +181,7 @@ def choose_counts(units: dict[fx.Node, int], world_size: int) -> tuple[dict[fx.N
         if not larger:
             return {}, f"{fewest} units cannot be split over {world_size} ranks"
         dropped = [n for n, u in active.items() if u == fewest]
-        note = (f"{', '.join(projection_weight(n)[0].meta[STATE] for n in dropped)} kept replicated: "
+        note = (f"{', '.join(projection_site(n).weight.meta[STATE] for n in dropped)} kept replicated: "
                 f"{fewest} heads do not divide over {world_size} ranks")
         active = {n: u for n, u in active.items() if u != fewest}
     return {}, "no projections"
@@ -235,7 +222,7 @@ def plan_vocab_parallel(gm: fx.GraphModule, world_size: int, result: Plan) -> No
             propagate(gm, result.seeds)
             continue
         result.seeds.update(seeds)
-        tied = any(projection_weight(u) is not None for u in table.users)
+        tied = any(projection_site(u) is not None for u in table.users)
         note = "tied: the lm_head uses the same shard" if tied else ""
         result.groups.append(GroupDecision([name], Role.VOCAB_PARALLEL, note))
 
@@ -262,31 +249,59 @@ def column_seeds(projections: list[fx.Node], world_size: int) -> tuple[dict[str,
     counts, note = counts_by_unit(structure, world_size)
     seeds = {}
     for n, c in counts.items():
-        weight, out_dim = projection_weight(n)
+        site = projection_site(n)
         outer, unit = structure[n]
-        seeds[weight.meta[STATE]] = Shard(out_dim, c, unit, outer)
+        seeds[site.weight.meta[STATE]] = Shard(site.weight_out, c, unit, outer)
     return seeds, note
 
 
 def _try_column(gm: fx.GraphModule, group: list[fx.Node], names: list[str], seeds: dict[str, Layout], note: str,
                 result: Plan) -> GroupDecision:
-    """The decision on one group given the seeds accepted so far (added to when it is accepted)."""
-    if any(not isinstance(n.args[0].meta[LAYOUT], Replicate) for n in group):
+    """The decision on one group given the seeds accepted so far (added to when it is accepted).
+    Where the shard of some members alone meets what cannot stay sharded (a MoE router beside
+    the shared expert's gate/up it reads the same value as: its top-k over the experts), those
+    members are kept replicated, the note says why, and the others are tried again."""
+    if any(not isinstance(projection_site(n).activation.meta[LAYOUT], Replicate) for n in group):
         return GroupDecision(names, Role.ROW_PARALLEL, "its input is sharded by the region before it")
-    if not seeds:
-        return GroupDecision(names, Role.REPLICATED, note)
-    try:
-        propagate(gm, {**result.seeds, **seeds}, strict=True, gather_at_output=True)
-    except PropagationError as e:
-        propagate(gm, result.seeds)
-        return GroupDecision(names, Role.REPLICATED, e.reason)
-    result.seeds.update(seeds)
-    return GroupDecision(names, column_role(group), note)
+    notes, dropped = [note] if note else [], []
+    while seeds:
+        try:
+            propagate(gm, {**result.seeds, **seeds}, strict=True, gather_at_output=True)
+        except PropagationError as e:
+            culprits = {projection_site(n).weight.meta[STATE] for n in _members_reaching(e.node, group)} & set(seeds)
+            propagate(gm, result.seeds)
+            if not culprits or culprits == set(seeds):
+                return GroupDecision(names, Role.REPLICATED, "; ".join(notes + [e.reason]))
+            seeds = {name: layout for name, layout in seeds.items() if name not in culprits}
+            notes.append(f"{', '.join(sorted(culprits))} kept replicated: {e.reason}")
+            dropped += sorted(culprits)
+            continue
+        result.seeds.update(seeds)
+        return GroupDecision(names, column_role(group), "; ".join(notes), dropped)
+    return GroupDecision(names, Role.REPLICATED, "; ".join(notes))
+
+
+def _members_reaching(node: fx.Node, group: list[fx.Node]) -> list[fx.Node]:
+    """The members of `group` whose output reaches `node` through values that are not replicated, under
+    the layouts of the attempt that failed at `node`: the projections whose shard it could not take."""
+    members, found, seen = set(group), [], set()
+    frontier = list(node.all_input_nodes)
+    while frontier:
+        n = frontier.pop()
+        if n in seen or n.meta.get(LAYOUT) is None or n.meta[LAYOUT] == Replicate() or \
+                isinstance(n.meta[LAYOUT], tuple) and all(x == Replicate() for x in n.meta[LAYOUT]):
+            continue
+        seen.add(n)
+        if n in members:
+            found.append(n)
+        else:
+            frontier.extend(n.all_input_nodes)
+    return found
 
 
 def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     groups = projection_groups(gm)
-    candidates = [([projection_weight(n)[0].meta[STATE] for n in group], *column_seeds(group, world_size))
+    candidates = [([projection_site(n).weight.meta[STATE] for n in group], *column_seeds(group, world_size))
                   for group in groups]
 
     result = Plan()
@@ -294,10 +309,10 @@ def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     plan_vocab_parallel(gm, world_size, result)
     decisions = [_try_column(gm, group, *candidate, result) for group, candidate in zip(groups, candidates)]
     # A group can meet projections decided after it: the k/v of every cross-attention read the
-    # encoder output, which comes before any decoder layer's q. Rejected groups are tried once
-    # more with every other decision in place.
+    # encoder output, which comes before any decoder layer's q. Rejected groups, and groups that
+    # kept members replicated, are tried once more whole with every other decision in place.
     for i, (group, candidate) in enumerate(zip(groups, candidates)):
-        if decisions[i].role is Role.REPLICATED and candidate[1]:
+        if (decisions[i].role is Role.REPLICATED or decisions[i].dropped) and candidate[1]:
             decisions[i] = _try_column(gm, group, *candidate, result)
     result.groups += decisions
     propagate(gm, result.seeds)

@@ -24,8 +24,12 @@ from fxtp.node_meta import LAYOUT, NOTE, REDUCE, STATE, WANTS
 from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard
 from fxtp.sharding.op_rules.rule import Decision
 from fxtp.sharding.op_rules.table import rule_for
-from fxtp.sharding.op_rules.views import PERMUTES, permutation
+from fxtp.sharding.op_rules.views import PERMUTES
 from fxtp.sharding.redistribute import needs_gather, same_layout
+
+aten = torch.ops.aten
+# ops whose output is a view or a gather of their first input, through which a want reaches state
+_STATE_VIEWS = PERMUTES | {aten.index.Tensor}
 
 
 class PropagationError(RuntimeError):
@@ -89,19 +93,43 @@ def _propagate_once(gm, seeds, strict, reduce_at, gather_at_output) -> None:
 
 
 def _settle_state(gm: fx.GraphModule) -> None:
-    """Store replicated state pre-sliced when every user wants the same Shard of it. A want on
-    a transpose of state (Falcon's matmul(x, W.T)) moves to the state itself first."""
-    for node in gm.graph.nodes:
-        if node.target in PERMUTES and is_state(node.args[0]) and len(node.args[0].users) == 1:
+    """Store replicated state pre-sliced when every user wants the same Shard of it. A want on a
+    transpose of state (Falcon's matmul(x, W.T)) or on a gather of it (batched_mm's experts
+    W[ids]) moves to the state first, to the dim that the op's own rule carries to the wanted one;
+    views of views settle last first."""
+    for node in reversed(gm.graph.nodes):
+        if node.target in _STATE_VIEWS and _views_state(node):
             wanted = _common_want(node)
-            if wanted is not None:
+            source = node.args[0]
+            held = None if wanted is None else _source_shard(node, wanted)
+            if held is not None:
+                _drop_wants(node)
                 node.meta[LAYOUT] = wanted
-                node.meta[WANTS][node.args[0]] = wanted.with_dim(permutation(node)[wanted.dim])
+                node.meta[WANTS][source] = held
     for node in gm.graph.nodes:
         if is_state(node):
             wanted = _common_want(node)
             if wanted is not None:
+                _drop_wants(node)
                 node.meta[LAYOUT] = wanted
+
+
+def _views_state(node: fx.Node) -> bool:
+    """Whether `node` reads state through views (_STATE_VIEWS) alone."""
+    while node.target in _STATE_VIEWS:
+        node = node.args[0]
+    return is_state(node)
+
+
+def _source_shard(node: fx.Node, wanted: Shard):
+    """The Shard of node's (replicated) first input from which node's rule gives `wanted`, or None."""
+    source, rule = node.args[0], rule_for(node)
+    for dim in range(source.meta["val"].dim()):
+        held = wanted.with_dim(dim)
+        decision = rule.propagate(node, lambda n: held if n is source else n.meta[LAYOUT])
+        if not decision.wants and isinstance(decision.out, Shard) and same_layout(decision.out, wanted):
+            return held
+    return None
 
 
 def is_state(node) -> bool:
@@ -109,13 +137,17 @@ def is_state(node) -> bool:
 
 
 def _common_want(node: fx.Node):
-    """The Shard every user of a replicated node wants (their wants are then dropped), or None."""
+    """The Shard every user of a replicated node wants, or None."""
     if not isinstance(node.meta[LAYOUT], Replicate):
         return None
     wanted = [u.meta[WANTS].get(node) for u in node.users]
     first = wanted[0] if wanted else None
     if not isinstance(first, Shard) or not all(w is not None and same_layout(w, first) for w in wanted):
         return None
+    return first
+
+
+def _drop_wants(node: fx.Node) -> None:
+    """Forget the users' wants of `node`, once it is stored in the layout they want."""
     for u in node.users:
         del u.meta[WANTS][node]
-    return first

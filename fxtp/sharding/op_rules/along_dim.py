@@ -2,8 +2,6 @@
 any layout passes while that dim is not the sharded one."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch.fx as fx
 
 from fxtp.sharding.layouts import Partial, Replicate, Shard
@@ -12,21 +10,21 @@ from fxtp.sharding.op_rules.rule import Decision, LayoutOf
 
 
 def along_dim(dim_arg: int = 1, removes_dim: bool = False, tuple_out: bool = False, keeps_partial: bool = True,
-              default_dim: Optional[int] = 0):
+              default_dim: int = 0):
     """Ops acting along one dim (slice, select, split, softmax, cumsum, topk, index_select):
     fine while that dim is not the sharded one. `default_dim` is the schema's default, which
-    export leaves out (split(x, 2) splits dim 0); None flattens (repeat_interleave without dim)."""
+    export leaves out (split(x, 2) splits dim 0; topk and sort act on the last dim)."""
 
     def rule(node: fx.Node, lay: LayoutOf) -> Decision:
         src = node.args[0]
         layout = lay(src)
         dim = node.args[dim_arg] if len(node.args) > dim_arg else node.kwargs.get("dim", default_dim)
-        dim = None if dim is None else norm_dim(dim, ndim(src))
+        dim = norm_dim(dim, ndim(src))
         others = {n: R for n in tensor_inputs(node) if n is not src and not isinstance(lay(n), Replicate)}
         if isinstance(layout, Partial) and not keeps_partial:
             return _along_out(node, R, tuple_out, {src: R, **others}, f"{node.target} of a Partial")
         if isinstance(layout, Shard):
-            if dim is None or layout.dim == dim:
+            if layout.dim == dim:
                 return _along_out(node, R, tuple_out, {src: R, **others}, f"{node.target} along the sharded dim")
             if removes_dim and layout.dim > dim:
                 layout = layout.with_dim(layout.dim - 1)

@@ -42,10 +42,27 @@ def piece_bounds(node: fx.Node, dim: Optional[int] = None) -> Optional[list[tupl
     return [(b, b + n) for b, n in zip(starts, lengths)]
 
 
+def strided_slice_step(node: fx.Node, dim: Optional[int] = None) -> Optional[int]:
+    """The step of x[..., start::step] (step > 1, start < step: every step-th element of the whole
+    dim, as GPT-OSS's interleaved gate|up), along `dim` when given, else None."""
+    if node.target is not aten.slice.Tensor or len(node.args) < 5 or not isinstance(node.args[4], int) or node.args[4] < 2:
+        return None
+    src, (cut, start, end, step) = node.args[0], node.args[1:5]
+    size = val(src).shape[norm_dim(cut, ndim(src))]
+    whole = isinstance(start, int) and 0 <= start < step and isinstance(end, int) and isinstance(size, int) and end >= size
+    return step if whole and (dim is None or norm_dim(cut, ndim(src)) == dim) else None
+
+
 def cut_blocks(node: fx.Node, lay: LayoutOf) -> Decision:
     """split/chunk/slice: along a sharded dim each piece must be whole fused blocks (GPT-2's
-    c_attn split into q, k, v: every rank holds its heads of each); elsewhere as along_dim."""
+    c_attn split into q, k, v: every rank holds its heads of each), and a strided slice must take
+    the same element of every unit (each rank's part starts at a unit); elsewhere as along_dim."""
     layout = lay(node.args[0])
+    step = strided_slice_step(node, layout.dim) if isinstance(layout, Shard) else None
+    if step is not None:
+        if layout.inner % step:
+            return replicate_all(node, lay, f"strided slice (step {step}) across the units of the sharded dim")
+        return Decision(Shard(layout.dim, layout.counts, layout.inner // step, layout.outer))
     bounds = piece_bounds(node)
     if not isinstance(layout, Shard) or bounds is None or layout.dim != norm_dim(
             node.args[PIECES[node.target]] if len(node.args) > PIECES[node.target] else 0, ndim(node.args[0])):
@@ -76,6 +93,8 @@ def localize_cut(node, args, kwargs, out, rank):
 
 
 def cat(node: fx.Node, lay: LayoutOf) -> Decision:
+    """Inputs sharded alike on a dim other than the cat dim stay so, replicated ones sliced to match
+    (GPT-OSS's per-head attention sinks joined to head-sharded scores); all Partial stays Partial."""
     inputs = [n for n in node.args[0] if is_tensor_node(n)]
     dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim(node))
     layouts = [lay(n) for n in inputs]
@@ -84,8 +103,9 @@ def cat(node: fx.Node, lay: LayoutOf) -> Decision:
     if all(isinstance(x, Partial) for x in layouts):
         return Decision(P)
     shards = [x for x in layouts if isinstance(x, Shard)]
-    if shards and shards[0].dim != dim and all(isinstance(x, Shard) and same_placement(x, shards[0]) for x in layouts):
-        return Decision(shards[0])
+    if shards and shards[0].dim != dim and \
+            all(isinstance(x, Replicate) or isinstance(x, Shard) and same_placement(x, shards[0]) for x in layouts):
+        return Decision(shards[0], {n: shards[0] for n, x in zip(inputs, layouts) if isinstance(x, Replicate)})
     return Decision(R, {n: R for n, x in zip(inputs, layouts) if not isinstance(x, Replicate)},
                     "cat of differently laid out inputs")
 

@@ -17,9 +17,10 @@ from fxtp.sharding.op_rules.helpers import op_name, replicate_all, val
 from fxtp.sharding.op_rules.indexing import embedding, index, index_copy, vocab_parallel
 from fxtp.sharding.op_rules.pointwise import cast, pointwise
 from fxtp.sharding.op_rules.reductions import mean_as_partial, norm, reduction
+from fxtp.sharding.op_rules.repeats import localize_output_size, repeat, repeat_interleave
 from fxtp.sharding.op_rules.rule import OpRule
 from fxtp.sharding.op_rules.structural import getitem, no_output, sym_size
-from fxtp.sharding.op_rules.views import expand, localize_shape_list, localize_unflatten, permute, reshape
+from fxtp.sharding.op_rules.views import complex_view, expand, localize_shape_list, localize_unflatten, permute, reshape
 
 aten = torch.ops.aten
 
@@ -149,10 +150,14 @@ RULES: dict[object, OpRule] = {
     aten.permute.default: PERMUTE,
     aten.t.default: PERMUTE,
     aten.numpy_T.default: PERMUTE,
+    aten.view_as_complex.default: OpRule(complex_view),
+    aten.view_as_real.default: OpRule(complex_view),
     aten.select.int: OpRule(along_dim(1, removes_dim=True)),
     aten.unbind.int: OpRule(along_dim(1, removes_dim=True, tuple_out=True)),
     aten.index_select.default: OpRule(along_dim(1)),
-    aten.repeat_interleave.self_int: OpRule(along_dim(2, default_dim=None)),  # without dim it flattens
+    # repeats
+    aten.repeat_interleave.self_int: OpRule(repeat_interleave, localize_output_size),  # GQA kv heads, MoE rows
+    aten.repeat.default: OpRule(repeat),
     # cuts and joins
     aten.slice.Tensor: CUT,
     aten.split.Tensor: CUT,
@@ -170,6 +175,8 @@ RULES: dict[object, OpRule] = {
     aten.sum.dim_IntList: OpRule(reduction("sum")),
     aten.mean.dim: OpRule(reduction("mean"), lower=mean_as_partial),  # over the sharded dim: local sum / global count
     aten.amax.default: OpRule(reduction("amax")),
+    aten.max.dim: OpRule(reduction("max")),  # GPT-OSS attention: the row max beside the sinks
+    aten.min.dim: OpRule(reduction("min")),
     aten.layer_norm.default: OpRule(norm),
     aten.rms_norm.default: OpRule(norm),
     # contractions

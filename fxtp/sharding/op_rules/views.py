@@ -1,4 +1,4 @@
-"""Views that move or regroup dims: reshape and its kin, expand, transpose and permute.
+"""Views that move or regroup dims: reshape and its kin, expand, transpose and permute, complex views.
 
 The sharded dim is followed to where it lands; a reshape that would split a shard's owned part
 over several dims replicates instead. Shape arguments are made local per rank (`localize_shape_list`).
@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from fxtp.sharding.layouts import Shard
+from fxtp.sharding.layouts import Partial, Shard
 from fxtp.sharding.reshape import reshape_shard
 from fxtp.sharding.op_rules.helpers import R, ndim, norm_dim, val
 from fxtp.sharding.op_rules.rule import Decision, LayoutOf
@@ -92,3 +92,14 @@ def permute(node: fx.Node, lay: LayoutOf) -> Decision:
     if not isinstance(layout, Shard):
         return Decision(layout)
     return Decision(layout.with_dim(permutation(node).index(layout.dim)))
+
+
+def complex_view(node: fx.Node, lay: LayoutOf) -> Decision:
+    """view_as_complex(x[..., 2]) -> [...] and view_as_real(z[...]) -> [..., 2] (Llama 4's rotary):
+    the last dim of size 2 is the (real, imaginary) pair, so a shard of any other dim (heads) keeps
+    its place. A Partial is summed first: complex sums are not what collectives are made for."""
+    src = node.args[0]
+    layout = lay(src)
+    if isinstance(layout, Partial) or isinstance(layout, Shard) and layout.dim >= ndim(node):
+        return Decision(R, {src: R}, f"{node.target} of a Partial or of a shard of the (real, imaginary) pair")
+    return Decision(layout)

@@ -1,0 +1,94 @@
+"""Projections: the nodes that multiply an activation by a state weight, which the planner shards.
+
+Reads:  node.meta["val"], node.meta["fxtp.state"] on placeholders.
+
+Rules work on ops, not modules, and one projection comes as several ops:
+    linear(x, W[out, in])                      most projections
+    mm(x, W[in, out])                          GPT-2's Conv1D
+    matmul(x, W.T)                             Falcon
+    grouped_mm(x[S, in], W[E, in, out], offs)  MoE experts, transformers' `grouped_mm` (W often W[E, out, in].T)
+    bmm(W[ids][S, out, in], x[S, in, 1])       MoE experts, transformers' `batched_mm`: each routed row
+    bmm(x[S, 1, in], W[ids][S, in, out])         multiplies its expert's weight, gathered by expert id
+    bmm(x[E, T, in], W[E, in, out])            Llama 4's experts: the rows of each expert batched
+The unit of an expert's features is one element of its intermediate, as in an MLP.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from fxtp.node_meta import STATE
+from fxtp.sharding.op_rules.contractions import GROUPED_MM
+from fxtp.sharding.op_rules.helpers import calls, val
+from fxtp.sharding.op_rules.views import PERMUTES, permutation
+
+aten = torch.ops.aten
+_BATCHED = (aten.bmm.default, aten.matmul.default)
+
+__all__ = ["ProjectionSite", "projection_site", "projection_groups"]
+
+
+@dataclass(frozen=True)
+class ProjectionSite:
+    """Where a projection node keeps its operands."""
+    weight: fx.Node      # the state placeholder of the weight
+    weight_out: int      # the weight's dim of output features
+    activation: fx.Node  # the activation multiplied by it
+    out: int             # the node's own dim of output features
+
+
+def projection_site(node: fx.Node) -> Optional[ProjectionSite]:
+    """The ProjectionSite of `node` when it contracts an activation with a state weight (see the module
+    docstring for the forms), else None."""
+    if node.op != "call_function":
+        return None
+    if calls(node, GROUPED_MM):
+        return _site(node, weight_arg=1, weight_dims=3, out_dim=2, out=1)
+    if node.target in (aten.linear.default, aten.mm.default) or node.target is aten.matmul.default and val(node.args[1]).dim() == 2:
+        return _site(node, weight_arg=1, weight_dims=2, out_dim=0 if node.target is aten.linear.default else 1, out=-1)
+    if node.target in _BATCHED and val(node).dim() == 3:
+        # the state is the right operand (x @ W, features last) or the left one (W @ x, features in rows)
+        return _site(node, weight_arg=1, weight_dims=3, out_dim=2, out=-1) or \
+            _site(node, weight_arg=0, weight_dims=3, out_dim=1, out=1)
+    return None
+
+
+def _site(node: fx.Node, weight_arg: int, weight_dims: int, out_dim: int, out: int) -> Optional[ProjectionSite]:
+    """`out_dim`: the output-feature dim of the operand at `weight_arg`, followed back to the state through
+    transposes and a gather of whole experts (W[ids]); `out`: the node's output-feature dim (-1: its last)."""
+    weight = node.args[weight_arg]
+    if not isinstance(weight, fx.Node) or val(weight).dim() != weight_dims:
+        return None
+    while weight.op == "call_function":
+        if weight.target in PERMUTES:
+            out_dim = permutation(weight)[out_dim]
+        elif not _gathers_experts(weight):
+            return None
+        weight = weight.args[0]
+    if weight.op == "placeholder" and STATE in weight.meta and val(weight).dim() == weight_dims:
+        return ProjectionSite(weight, out_dim, node.args[1 - weight_arg], out % val(node).dim())
+    return None
+
+
+def _gathers_experts(node: fx.Node) -> bool:
+    """W[ids] of a 3-d W by a 1-d index: [E, a, b] -> [S, a, b], every dim but the first kept in place."""
+    if node.target is not aten.index.Tensor:
+        return False
+    indices = node.args[1]
+    return val(node.args[0]).dim() == 3 and len(indices) == 1 and isinstance(indices[0], fx.Node) \
+        and val(indices[0]).dim() == 1 and not val(indices[0]).dtype.is_floating_point \
+        and val(indices[0]).dtype is not torch.bool
+
+
+def projection_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """Projections grouped by the activation they read, in graph order."""
+    groups: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        site = projection_site(node)
+        if site is not None:
+            groups[site.activation].append(node)
+    return list(groups.values())
