@@ -140,6 +140,7 @@ def fxtp_on_two_cpu_processes(tmp_path, *options: str) -> tuple[dict, str]:
     return json.loads(out.read_text()), stdout
 
 
+@pytest.mark.slow  # test_inference_test_on_two_cpu_processes runs the same script by default
 def test_without_the_hf_reference_the_first_row_is_the_reference(tmp_path):
     """--no-reference at N > 1: the rows are checked against the first impl's tokens, as at N = 1
     (an A/B of --compile-options variants, or N = 2 against --single-too's one-device rows)."""
@@ -177,6 +178,7 @@ def test_inference_test_on_two_cpu_processes(tmp_path, inference_test):
         in stdout
 
 
+@pytest.mark.slow  # Triton's interpreter; the kernel itself is tested by default in test_decode_attention.py
 def test_attention_latency_rows_in_the_interpreter(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "attention.json"

@@ -96,6 +96,7 @@ def test_two_cpu_processes_under_torchrun(tmp_path, unsharded_texts):
     assert len(set(result["weights_digest_by_rank"])) == 1
 
 
+@pytest.mark.slow  # a model on meta read from its checkpoint: by default in test_hf_generate.py
 def test_meta_tensor_run_in_one_process(tmp_path, unsharded_texts):
     """--use_meta_tensor: the model is built on meta and fxtp reads its weights from the checkpoint
     directory; world size 1 in a plain `python` process."""
@@ -104,8 +105,8 @@ def test_meta_tensor_run_in_one_process(tmp_path, unsharded_texts):
     assert result["use_meta_tensor"] and result["processes"] == 1
 
 
-# slow: runs every rank in one process and a manual plan; the default tests above keep the torchrun
-# ranks (test_two_cpu_processes_under_torchrun) and one-process runs (test_meta_tensor_run_in_one_process)
+# slow: runs every rank in one process and a manual plan; the default tests keep the torchrun ranks
+# (test_two_cpu_processes_under_torchrun)
 @pytest.mark.slow
 def test_ranks_in_lockstep_with_a_manual_plan(tmp_path, unsharded_texts):
     """--world_size 2 in one process, --plan sharding attention only: the MLPs stay whole on each rank."""

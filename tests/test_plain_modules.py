@@ -43,7 +43,7 @@ def assert_exact(tp: fxtp.TPProgram, model: torch.nn.Module, *inputs: torch.Tens
     assert (outputs[0] - expected).abs().max().item() <= 1e-5 * scale
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("world_size", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_torch_transformer_is_exact(world_size):
     model = torch_transformer()
     tp = fxtp.compile(model, world_size, example_inputs=(token_ids(2, 8),))
@@ -179,9 +179,11 @@ class GPT(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-@pytest.mark.parametrize("repeat_kv", ["repeat_interleave", "expand"])
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("world_size", [2, 3])
+# by default two of the eight: each form of GQA, each tying, each world size once
+@pytest.mark.parametrize("world_size, tied, repeat_kv", [
+    (size, tied, repeat) if (size, tied, repeat) in ((2, True, "repeat_interleave"), (3, False, "expand")) else
+    pytest.param(size, tied, repeat, marks=pytest.mark.slow)
+    for size in (2, 3) for tied in (True, False) for repeat in ("repeat_interleave", "expand")])
 def test_gpt_is_exact(world_size, tied, repeat_kv):
     torch.manual_seed(0)
     model = GPT(tied=tied, repeat_kv=repeat_kv).eval()
@@ -229,6 +231,7 @@ def gpt_rank_logits(rank, ids):
     return fxtp.compile(GPT().eval(), 2, example_inputs=(ids,)).module(rank)(ids)
 
 
+@pytest.mark.slow  # rank modules on real processes: by default for HF models (test_multiprocess.py)
 def test_gpt_rank_modules_on_real_processes():
     ids = token_ids(2, 8)
     torch.manual_seed(0)

@@ -73,7 +73,7 @@ def check_fault(seed):
     assert seconds1 < 30
 
 
-@pytest.mark.parametrize("seed", [0, 7])
+@pytest.mark.parametrize("seed", [0, pytest.param(7, marks=pytest.mark.slow)])  # the hypothesis test draws more
 def test_a_rank_failing_at_a_node_stops_its_peer_naming_it(seed):
     check_fault(seed)
 
