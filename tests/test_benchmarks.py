@@ -208,6 +208,7 @@ def test_attention_latency_refuses_the_cpu_without_the_interpreter(tmp_path):
     assert finished.returncode == 2 and "TRITON_INTERPRET=1" in finished.stderr
 
 
+@pytest.mark.slow  # the equivalence it checks on GPUs is test_multiprocess.py's on CPU processes by default
 def test_nccl_check_on_two_cpu_processes(tmp_path):
     """benchmarks/nccl_check.py on 2 gloo processes, a tiny Mixtral (the experts sharded) in bfloat16:
     the ranks agree, and the sharded logits are within bfloat16's rounding of the one-device ones."""

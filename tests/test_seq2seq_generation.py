@@ -33,7 +33,8 @@ def varied_model(arch: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("arch, world_size", [("t5", 2), pytest.param("bart", 2, marks=pytest.mark.slow),
-                                              pytest.param("t5", 1, marks=pytest.mark.slow), ("bart", 4)])
+                                              pytest.param("t5", 1, marks=pytest.mark.slow),
+                                              pytest.param("bart", 4, marks=pytest.mark.slow)])
 def test_greedy_tokens_equal_hf_generate(arch, world_size):
     model = varied_model(arch)
     tp = fxtp.compile(model, world_size)
