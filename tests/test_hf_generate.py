@@ -248,7 +248,7 @@ def test_the_readme_torchrun_snippet_on_two_cpu_processes(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     expected = transformers.pipeline("text-generation", model=path, device="cpu")(
         "Hello, my name is", max_new_tokens=20, do_sample=False)
-    assert run.stdout.splitlines().count(str(expected)) == 2, run.stdout
+    assert run.stdout.count(str(expected)) == 2, run.stdout  # the two ranks' lines may interleave
 
 
 def test_a_model_on_meta_reads_its_slices_from_the_checkpoint(tmp_path):
