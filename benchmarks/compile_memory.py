@@ -11,18 +11,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 
 import torch
 
 import fxtp
 from fxtp.runtime.generation import generated_sources
 from fxtp.tiny_configs import tiny_model
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+from generate_memory import rss_mb  # run as a script: benchmarks/ is on the path
 
 
 def main() -> None:
