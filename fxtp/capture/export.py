@@ -79,12 +79,13 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def export_model(model: torch.nn.Module, wrapper: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes,
-                 what: str, hint: str = ""):
-    """torch.export (non-strict) of `wrapper`, a module calling `model`, with the model in eval mode;
-    a failure is a CaptureError naming the model, `what` was captured of it, and `hint`."""
+                 what: str, hint: str = "", training: bool = False):
+    """torch.export (non-strict) of `wrapper`, a module calling `model`, with the model in eval mode (in
+    train mode with `training`: dropout stays in the graph); a failure is a CaptureError naming the
+    model, `what` was captured of it, and `hint`."""
     device = model_device(model)
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         # CUDA's fused attention kernels make export guard seq to a multiple of 8 (mask alignment);
         # the math backend has no such guard, and the graph keeps the one SDPA op either way, so at
@@ -124,19 +125,19 @@ def capture(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 1
     return flatten_model(ep, model, signature.inputs)
 
 
-def flatten_model(ep, model: torch.nn.Module, user_inputs: tuple) -> Captured:
+def flatten_model(ep, model: torch.nn.Module, user_inputs: tuple, outputs: int = 1) -> Captured:
     """`flatten` of an export of `model` (wrapped as the attribute "model"): on the model's device,
     with its tied weights' other names."""
-    captured = flatten(ep, model_device(model), user_inputs)
+    captured = flatten(ep, model_device(model), user_inputs, outputs=outputs)
     captured.aliases = aliases(model)
     return captured
 
 
 def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model.",
-            token_ids: Collection[str] = TOKEN_IDS) -> Captured:
+            token_ids: Collection[str] = TOKEN_IDS, outputs: int = 1) -> Captured:
     """The exported program as one GraphModule: state placeholders get meta[STATE] (their FQN
     without `prefix`), the user inputs must be `user_inputs` (those named in `token_ids` get
-    meta[TOKENS]), and the single output is unwrapped.
+    meta[TOKENS]), and the output has `outputs` values: one is unwrapped, more stay a tuple.
     The graph is as export made it: fxtp.compile cleans it up (passes/capture/clean_up.py) before
     planning."""
     gm = ep.graph_module
@@ -159,8 +160,8 @@ def flatten(ep, device, user_inputs: tuple = USER_INPUTS, prefix: str = "model."
     for node in user:
         node.meta[TOKENS] = node.name in token_ids
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    if len(out.args[0]) != 1:
-        raise CaptureError(f"expected one output (logits or hidden states), got {len(out.args[0])}")
-    out.args = (out.args[0][0],)
+    if len(out.args[0]) != outputs:
+        raise CaptureError(f"expected {outputs} output(s) (logits or hidden states; a loss), got {len(out.args[0])}")
+    out.args = (out.args[0][0],) if outputs == 1 else (tuple(out.args[0]),)
     gm.recompile()
     return Captured(gm, state, device, constants=frozenset(constants))

@@ -38,6 +38,7 @@ INPUTS = {
     "token_type_ids": InputSpec("input_ids", 0),  # HF's default: every token of segment 0
     "decoder_input_ids": InputSpec("decoder_input_ids", None),
     "decoder_attention_mask": InputSpec("decoder_input_ids", 1),
+    "labels": InputSpec("input_ids", None),  # a training graph's targets (fxtp/capture/training.py)
 }
 TOKEN_IDS = tuple(name for name, spec in INPUTS.items() if spec.tokens == name)
 

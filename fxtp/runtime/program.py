@@ -32,6 +32,7 @@ from fxtp.runtime.generation import Generator, collecting_sources, forget_source
 from fxtp.capture.seq2seq_cache import capture_decoder, capture_encoder
 from fxtp.capture.signatures import SEQ2SEQ, signature_of
 from fxtp.capture.static_cache import capture_cached, is_cache_state
+from fxtp.capture.training import capture_training
 
 __all__ = ["compile", "TPProgram"]
 
@@ -50,13 +51,16 @@ def _attention_heads(config) -> Optional[int]:
 
 def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=None,
             injection_policy: Optional[dict] = None, example_inputs: Optional[ExampleInputs] = None,
-            dynamic_shapes=None) -> "TPProgram":
+            dynamic_shapes=None, training: bool = False) -> "TPProgram":
     """Capture `model`, plan its sharding over `world_size` ranks and return the program.
     `plan` is "auto" or {module pattern: "colwise" | "rowwise" | "replicate"}; an HF `tp_plan`
     (dict or "auto") or a DeepSpeed `injection_policy` may be given instead (passes/sharding/manual_plan.py).
     A plain nn.Module (no HF config) is captured from `example_inputs`, the tensors its forward takes
     positionally, with dims 0 and 1 of its token ids (2-D integer inputs) dynamic unless `dynamic_shapes`
-    (torch.export's form) says otherwise (fxtp/capture/plain_module.py); a HF model needs neither."""
+    (torch.export's form) says otherwise (fxtp/capture/plain_module.py); a HF model needs neither.
+    With `training`, a HF causal LM is captured in train mode as (input_ids, attention_mask, labels) ->
+    (loss, logits) (fxtp/capture/training.py), and its rank modules hold trainable shards: each rank's
+    backward leaves in every parameter's .grad its part of the unsharded model's gradient."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if sum(x is not None for x in (tp_plan, injection_policy)) + (plan != "auto") > 1:
@@ -67,6 +71,11 @@ def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=Non
         raise TypeError(f"fxtp.compile expects a torch.nn.Module (a HF model, or a plain module with example_inputs=...), "
                         f"got {type(model).__name__}: load the model first, e.g. AutoModelForCausalLM.from_pretrained(name)")
     hf = is_hf_model(model)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be True or False, got {training!r}")
+    if training and not hf:
+        raise TypeError(f"training=True needs a HF causal LM (its forward computes the loss from labels); "
+                        f"{type(model).__name__} is a plain nn.Module")
     if hf and (example_inputs is not None or dynamic_shapes is not None):
         raise ValueError(f"example_inputs and dynamic_shapes are for plain nn.Modules; {type(model).__name__} is a HF "
                          "model, captured with the inputs of its kind (input_ids, attention_mask, ...): leave them out")
@@ -79,7 +88,8 @@ def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=Non
                          f"splits inside a head, so use world_size <= {heads}")
     sources: set[str] = set()
     with collecting_sources(sources):
-        captured = capture(model) if hf else capture_plain(model, example_inputs, dynamic_shapes)
+        captured = capture_training(model) if training else capture(model) if hf else \
+            capture_plain(model, example_inputs, dynamic_shapes)
         heads = None if hf else attention_heads(captured.graph_module)
         if heads is not None and world_size > heads:
             raise ValueError(f"world_size={world_size} is larger than the {heads} attention heads fxtp finds in "
@@ -89,7 +99,7 @@ def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=Non
             plan = from_hf_tp_plan(tp_plan, model)
         elif injection_policy is not None:
             plan = from_injection_policy(injection_policy, model)
-        program = TPProgram(captured, world_size, plan, model)
+        program = TPProgram(captured, world_size, plan, model, training)
     program.sources.update(sources)
     if os.environ.get("FXTP_DEBUG", "0") != "0":
         for group in program.plan.groups:
@@ -101,8 +111,9 @@ def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=Non
 class TPProgram:
     """A model sharded over `world_size` ranks. `graph` is the global graph annotated with layouts."""
 
-    def __init__(self, captured: Captured, world_size: int, spec, model: torch.nn.Module):
-        """`spec`: "auto" or fxtp's manual form {module pattern: colwise/rowwise/replicate}."""
+    def __init__(self, captured: Captured, world_size: int, spec, model: torch.nn.Module, training: bool = False):
+        """`spec`: "auto" or fxtp's manual form {module pattern: colwise/rowwise/replicate}; `training`:
+        the capture is fxtp.capture.training's, and rank graphs are differentiable."""
         with stage(f"plan over {world_size} ranks"):
             self.captured = clean_up(captured)
             self.graph: fx.GraphModule = captured.graph_module
@@ -110,6 +121,7 @@ class TPProgram:
                 manual_plan(self.graph, world_size, spec)
         self.world_size = world_size
         self.spec = spec
+        self.training = training
         self.model = model  # on meta when loading from a checkpoint: it holds no weights then
         self.config = getattr(model, "config", None) if is_hf_model(model) else None  # None: a plain nn.Module
         self._simulated: dict[tuple[str, Optional[str]], list[fx.GraphModule]] = {}
@@ -138,11 +150,19 @@ class TPProgram:
                             f"names); {self.model_type} is a plain nn.Module, compiled for its forward only: run it "
                             "with tp.simulate(*inputs) or tp.module(rank), with the weights the module holds")
 
+    def require_inference(self, feature: str) -> None:
+        """A TypeError where `feature` (KV caches, generation) is inference and the program is for training."""
+        self.require_hf_model(feature)
+        if self.training:
+            raise TypeError(f"{feature} is for inference, and this program was compiled with training=True (its graph "
+                            "takes labels and returns (loss, logits)): compile the model again without training=True "
+                            "to generate, after copying the trained weights back (see the README's Training section)")
+
     def with_cache(self, batch_size: int, max_length: int) -> "TPProgram":
         """The program of one generation step with a static KV cache of `batch_size` sequences of
         up to `max_length` tokens (fxtp/capture/static_cache.py; an encoder-decoder's decoder step,
         fxtp/capture/seq2seq_cache.py), planned the same way as this one."""
-        self.require_hf_model("with_cache")
+        self.require_inference("with_cache")
         key = (batch_size, max_length)
         if key not in self._with_cache:
             capture_step = capture_decoder if self.is_seq2seq else capture_cached
@@ -168,7 +188,7 @@ class TPProgram:
     def encoder(self) -> "TPProgram":
         """An encoder-decoder model's encoder, (input_ids, attention_mask) -> last_hidden_state,
         planned the same way as this program: generation runs it once per request."""
-        self.require_hf_model("encoder")
+        self.require_inference("encoder")
         if self._encoder is None:
             sources: set[str] = set()
             with collecting_sources(sources):
@@ -182,7 +202,7 @@ class TPProgram:
         on every rank in this process when `rank` is None. `compile` (True, or the decode step's
         options, `fxtp.DecodeOptions` or a dict of its fields: fxtp/decode/options.py) runs decode steps compiled and
         captured as a CUDA graph (one rank per process, on CUDA)."""
-        self.require_hf_model("generation")
+        self.require_inference("generation")
         device = torch.device(device) if device is not None else self._default_device()
         if rank is None:
             if compile is not False:
@@ -192,7 +212,7 @@ class TPProgram:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """Tokens generated by the sharded program, every rank run in this process (see Generator.generate)."""
-        self.require_hf_model("generate")
+        self.require_inference("generate")
         require_tensor("input_ids", input_ids)
         key = str(input_ids.device)
         if key not in self._generators:
@@ -233,11 +253,13 @@ class TPProgram:
                 # every graph of the rank holds this object, so a compiled step that merges projections
                 # (passes/decode/merge_projections.py) re-points it for all of them
                 shared[key] = own_state(owned_copy(read(name, layout).to(device).contiguous(), state[name]), state[name])
+                if self.training and isinstance(shared[key], torch.nn.Parameter) and shared[key].is_floating_point():
+                    shared[key].requires_grad_(True)  # this rank's shard, trained where it is
             return shared[key]
 
         source = f"from {checkpoint}" if checkpoint is not None else "from the model"
         with stage(f"rank {rank}'s graph and weights ({source}, on {device})"), collecting_sources(self.sources):
-            return rank_graph(self.graph, state, rank, self.world_size, group_name, device, load)
+            return rank_graph(self.graph, state, rank, self.world_size, group_name, device, load, self.training)
 
     def module(self, rank: int, device=None, process_group: Optional[dist.ProcessGroup] = None,
                checkpoint: Optional[str] = None) -> fx.GraphModule:
@@ -296,13 +318,20 @@ class TPProgram:
             raise TypeError(f"unexpected inputs {unknown}: this {self.model_type} program takes {names}")
         values = {**dict(zip(names, args)), **inputs}
         require_tensor(names[0], values.get(names[0]))
-        first = values[names[0]]
-        key = (str(first.device), checkpoint)
+        modules = self.lockstep_modules(values[names[0]].device, checkpoint)
+        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
+            return run_lockstep(modules, (), values)
+
+    def lockstep_modules(self, device=None, checkpoint: Optional[str] = None) -> list[fx.GraphModule]:
+        """Every rank's module on `device`, the ones simulate_ranks runs (made once per device and
+        checkpoint). In a program for training they hold each rank's trainable shards: after
+        `torch.autograd.backward([loss of each rank])` their .grad are what each rank's process gets."""
+        device = torch.device(device) if device is not None else self._default_device()
+        key = (str(device), checkpoint)
         if key not in self._simulated:
-            self._simulated[key] = [self.rank_graph(r, device=first.device, checkpoint=checkpoint)
+            self._simulated[key] = [self.rank_graph(r, device=device, checkpoint=checkpoint)
                                     for r in range(self.world_size)]
-        with torch.no_grad():
-            return run_lockstep(self._simulated[key], (), values)
+        return self._simulated[key]
 
     def simulate(self, *args: Optional[torch.Tensor], checkpoint: Optional[str] = None,
                  **inputs: Optional[torch.Tensor]) -> torch.Tensor:

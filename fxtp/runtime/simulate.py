@@ -3,14 +3,26 @@
 All rank graphs come from one rewrite, so they have the same nodes in the same order; only
 shapes and constants differ. The simulator walks them together: ordinary nodes run per rank,
 a collective node combines the values of all ranks (sum in rank order, or reassembly).
+
+Rank graphs that train (fxtp/sharding/training_collectives.py) run here with autograd as they
+would on their own processes: rank r's output of a sum or a gather depends on its own input only
+(the others' are detached), and reduce_gradient sums the ranks' gradients. Backward of every
+rank's loss together then gives each rank the gradients its own process would get. An op that
+draws random numbers draws them from the same generator state on every rank, as ranks seeded
+alike do.
 """
 from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx as fx
 
-from fxtp.sharding import collectives
+from fxtp.sharding import collectives, training_collectives
+from fxtp.sharding.op_rules.cross_entropy import vocab_parallel_cross_entropy
+from fxtp.sharding.op_rules.dropout import DRAWS_RANDOM
+
+aten = torch.ops.aten
 
 
 def simulate(modules: list[fx.GraphModule], args: tuple, kwargs: dict) -> list:
@@ -44,10 +56,64 @@ def simulate(modules: list[fx.GraphModule], args: tuple, kwargs: dict) -> list:
             full = collectives.assemble(parts, *head.args[1:5])
             for env, node in zip(envs, nodes):
                 env[node] = full.clone()
+        elif head.target is training_collectives.reduce_partial:
+            parts = [env[node.args[0]] for env, node in zip(envs, nodes)]
+            for rank, (env, node) in enumerate(zip(envs, nodes)):
+                own = _own(parts, rank)
+                total = own[0]
+                for p in own[1:]:
+                    total = total + p
+                env[node] = total
+        elif head.target is training_collectives.gather_shard:
+            parts = [env[node.args[0]] for env, node in zip(envs, nodes)]
+            for rank, (env, node) in enumerate(zip(envs, nodes)):
+                env[node] = collectives.assemble(_own(parts, rank), *head.args[1:5])
+        elif head.target is training_collectives.reduce_gradient:
+            values = _SumOfGradients.apply(*[env[node.args[0]] for env, node in zip(envs, nodes)])
+            for env, node, value in zip(envs, nodes, values):
+                env[node] = value
+        elif head.target is vocab_parallel_cross_entropy:
+            parts = [env[node.args[0]] for env, node in zip(envs, nodes)]
+            target, reduction, ignore_index = (envs[0][head.args[1]], *head.args[2:4])
+            for rank, (env, node) in enumerate(zip(envs, nodes)):
+                logits = torch.cat(_own(parts, rank), dim=1)
+                env[node] = aten.cross_entropy_loss.default(logits, target, None, reduction, ignore_index)
+        elif head.target in DRAWS_RANDOM:
+            generator_state = torch.random.get_rng_state(), _cuda_states()
+            for env, node, ld in zip(envs, nodes, load):
+                torch.random.set_rng_state(generator_state[0])
+                if generator_state[1] is not None:
+                    torch.cuda.set_rng_state_all(generator_state[1])
+                env[node] = node.target(*ld(node.args), **ld(node.kwargs))
         else:
             for env, node, ld in zip(envs, nodes, load):
                 env[node] = node.target(*ld(node.args), **ld(node.kwargs))
     return outputs
+
+
+def _own(parts: list, rank: int) -> list:
+    """`parts` with every rank's value but `rank`'s detached: what rank's own process differentiates."""
+    return [p if r == rank or not isinstance(p, torch.Tensor) else p.detach() for r, p in enumerate(parts)]
+
+
+def _cuda_states():
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+class _SumOfGradients(torch.autograd.Function):
+    """reduce_gradient of every rank at once: identities whose backward is the sum of all ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, *values):
+        return tuple(v.view_as(v) for v in values)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        present = [g for g in grads if g is not None]
+        total = present[0]
+        for g in present[1:]:
+            total = total + g
+        return tuple(total for _ in grads)
 
 
 def _placeholder_value(node: fx.Node, args: tuple, kwargs: dict, nodes: list[fx.Node]):

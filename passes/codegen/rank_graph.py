@@ -29,9 +29,9 @@ CLEAN_UPS: tuple[Callable[[fx.GraphModule], fx.GraphModule], ...] = (
 
 def rank_graph(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, world_size: int,
                group_name: str, device: torch.device,
-               load: Optional[Callable[[str, Layout], torch.Tensor]] = None) -> fx.GraphModule:
-    """rewrite_for_rank's graph (see it for `state` and `load`), cleaned up."""
-    module = rewrite_for_rank(gm, state, rank, world_size, group_name, device, load)
+               load: Optional[Callable[[str, Layout], torch.Tensor]] = None, training: bool = False) -> fx.GraphModule:
+    """rewrite_for_rank's graph (see it for `state`, `load` and `training`), cleaned up."""
+    module = rewrite_for_rank(gm, state, rank, world_size, group_name, device, load, training)
     for clean_up in CLEAN_UPS:
         module = clean_up(module)
     module.eval()

@@ -7,7 +7,10 @@ Writes: a new GraphModule whose state attributes hold only this rank's slices (n
         torch.device constants name the target device, with ops the device lacks replaced
         (fxtp/rank_ops/device_ops.py), and with a redistribution before every node that
         wanted one. Each new node carries meta["fxtp.layout"] and, for collectives,
-        meta["fxtp.collective"] naming the value it moves. User inputs that may be None (masks,
+        meta["fxtp.collective"] naming the value it moves. With `training`, the collectives are
+        the differentiable ones (fxtp/sharding/training_collectives.py), and a floating value read
+        as Replicate by a node whose output is sharded or Partial is read through reduce_gradient,
+        which all-reduces the rank's share of its gradient in backward (Megatron's f). User inputs that may be None (masks,
         token types: fxtp/signatures.INPUTS) default to None and are checked and filled first.
         The clean-ups that follow (passes/codegen/rank_graph.py) are not part of it.
 
@@ -26,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from fxtp.rank_ops import device_ops, inputs
-from fxtp.sharding import collectives
+from fxtp.sharding import collectives, training_collectives
 from fxtp.node_meta import COLLECTIVE, LAYOUT, REDUCE, STATE, WANTS, copy_origin
 from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard
 from fxtp.sharding.op_rules.table import rule_for
@@ -78,7 +81,8 @@ def _on_device(x, device: torch.device):
 
 def rewrite_for_rank(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: int, world_size: int,
                      group_name: str, device: torch.device,
-                     load: Optional[Callable[[str, Layout], torch.Tensor]] = None) -> fx.GraphModule:
+                     load: Optional[Callable[[str, Layout], torch.Tensor]] = None,
+                     training: bool = False) -> fx.GraphModule:
     """`state` holds the full tensors (real or meta); `load(name, layout)`, when given, returns this
     rank's part of a state tensor, on `device` and contiguous, instead of slicing `state`: a
     Parameter it returns is held as it is, so the graphs of one rank can share their parameters."""
@@ -91,6 +95,28 @@ def rewrite_for_rank(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: i
     moved: dict[tuple[fx.Node, str], fx.Node] = {}
     optional = False  # inputs from the first one with a default on get default None
 
+    def reducing_gradient(src: fx.Node, x: Optional[fx.Node] = None) -> fx.Node:
+        """x (default env[src]), a value of src read as Replicate, through reduce_gradient where training
+        needs it (see the module docstring); one such node per value."""
+        x = env[src] if x is None else x
+        if not training or world_size == 1 or not _is_floating(src):
+            return x
+        key = (x, "reduce_gradient")
+        if key not in moved:
+            moved[key] = graph.call_function(training_collectives.reduce_gradient, (x, group_name))
+            moved[key].meta[LAYOUT] = Replicate()
+            moved[key].meta[COLLECTIVE] = src.name
+            copy_origin(src, moved[key])
+        return moved[key]
+
+    def read(n: fx.Node, user: fx.Node) -> fx.Node:
+        want = user.meta.get(WANTS, {}).get(n)
+        if want is not None:
+            return redistribute(n, want)
+        if isinstance(n.meta.get(LAYOUT), Replicate) and _splits(user):
+            return reducing_gradient(n)
+        return env[n]
+
     def redistribute(src: fx.Node, want: Layout, have: Optional[Layout] = None) -> fx.Node:
         key = (src, str(want))
         if key in moved:
@@ -99,12 +125,19 @@ def rewrite_for_rank(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: i
         have = src.meta[LAYOUT] if have is None else have
         for step, after in steps(have, want):
             if step == "slice":
+                x = reducing_gradient(src, x)
                 new_nodes = [_emit_slice(graph, x, after, rank)]
             elif world_size == 1:
                 continue  # a collective over one rank is the identity
             elif step == "all_reduce":
-                reduced = graph.call_function(collectives.ALL_REDUCE, (x, "sum", group_name))
-                new_nodes = [reduced, graph.call_function(collectives.WAIT, (reduced,))]
+                if training:
+                    new_nodes = [graph.call_function(training_collectives.reduce_partial, (x, group_name))]
+                else:
+                    reduced = graph.call_function(collectives.ALL_REDUCE, (x, "sum", group_name))
+                    new_nodes = [reduced, graph.call_function(collectives.WAIT, (reduced,))]
+            elif training:
+                new_nodes = [graph.call_function(training_collectives.gather_shard,
+                                                 (x, *shard_args(have), group_name, rank))]
             else:
                 new_nodes = [graph.call_function(collectives.all_gather_shard, (x, *shard_args(have), group_name))]
             for new in new_nodes:
@@ -137,17 +170,17 @@ def rewrite_for_rank(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: i
             setattr(root, node.target, getattr(gm, node.target))
             new = graph.get_attr(node.target)
         elif node.op == "output":
-            new = graph.output(fx.map_arg(node.args[0], lambda n: _input(n, node, env, redistribute)))
+            new = graph.output(fx.map_arg(node.args[0], lambda n: read(n, node)))
         elif node.target is aten._assert_tensor_metadata.default:
             continue  # checks dtype/device of the capture-time tensors; inputs.checked_inputs covers users' ones
         else:
-            args = fx.map_arg(node.args, lambda n: _input(n, node, env, redistribute))
-            kwargs = fx.map_arg(node.kwargs, lambda n: _input(n, node, env, redistribute))
+            args = fx.map_arg(node.args, lambda n: read(n, node))
+            kwargs = fx.map_arg(node.kwargs, lambda n: read(n, node))
             rule, target = rule_for(node), node.target  # the rule propagation used, name-keyed ones too
             if rule.localize is not None:
                 args, kwargs = rule.localize(node, args, kwargs, node.meta[LAYOUT], rank)
             if rule.lower is not None:
-                target, args, kwargs = rule.lower(node, args, kwargs, lambda n: _read_layout(n, node), rank)
+                target, args, kwargs = rule.lower(node, args, kwargs, lambda n: _read_layout(n, node), rank, group_name)
             args = tuple(_on_device(a, device) for a in args)
             kwargs = {k: _on_device(v, device) for k, v in kwargs.items()}
             new = graph.call_function(device_ops.stand_in(target, device), args, kwargs)
@@ -185,9 +218,17 @@ def _read_layout(n: fx.Node, user: fx.Node) -> Layout:
     return user.meta.get(WANTS, {}).get(n, n.meta[LAYOUT])
 
 
-def _input(n: fx.Node, user: fx.Node, env, redistribute) -> fx.Node:
-    want = user.meta.get(WANTS, {}).get(n)
-    return env[n] if want is None else redistribute(n, want)
+def _splits(node: fx.Node) -> bool:
+    """Whether `node`'s output, before any all_reduce right after it, is sharded or Partial: each rank's
+    backward through it gives only a share of its replicated inputs' gradients."""
+    layout = Partial() if node.meta.get(REDUCE) else node.meta.get(LAYOUT)
+    layouts = layout if isinstance(layout, tuple) else (layout,)
+    return any(isinstance(x, (Shard, Partial)) for x in layouts)
+
+
+def _is_floating(node: fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dtype.is_floating_point
 
 
 def _emit_slice(graph: fx.Graph, x: fx.Node, shard: Shard, rank: int) -> fx.Node:

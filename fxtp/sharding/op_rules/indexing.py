@@ -28,7 +28,7 @@ def embedding(node: fx.Node, lay: LayoutOf) -> Decision:
     return replicate_all(node, lay, "embedding with both table and ids sharded, or vocab rows not contiguous")
 
 
-def vocab_parallel(node, args, kwargs, input_layout, rank):
+def vocab_parallel(node, args, kwargs, input_layout, rank, group_name):
     """Lowering of an embedding whose table is vocab-sharded: the rank's masked lookup
     (fxtp.rank_ops.vocab_parallel) from its first vocab row, with the padding row made local."""
     table = input_layout(node.args[0])

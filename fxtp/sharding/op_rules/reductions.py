@@ -51,7 +51,7 @@ def partial_mean(x: torch.Tensor, dims: list, keepdim: bool, count: int) -> torc
     return torch.sum(x, dims, keepdim) / count
 
 
-def mean_as_partial(node, args, kwargs, layout_of, rank):
+def mean_as_partial(node, args, kwargs, layout_of, rank, group_name):
     """mean.dim over the sharded dim: every rank divides its local sum by the global count."""
     layout = layout_of(node.args[0])
     dims = [norm_dim(d, ndim(node.args[0])) for d in node.args[1]]

@@ -24,6 +24,7 @@ class OpRule:
     propagate: Callable[[fx.Node, LayoutOf], Decision]
     # (node, args, kwargs, out_layout, rank) -> (args, kwargs) with per-rank constants
     localize: Optional[Callable] = None
-    # (node, args, kwargs, input_layout, rank) -> (target, args, kwargs) where a rank computes the
-    # node with another function (input_layout(n): the layout in which the node reads input n)
+    # (node, args, kwargs, input_layout, rank, group_name) -> (target, args, kwargs) where a rank computes
+    # the node with another function (input_layout(n): the layout in which the node reads input n;
+    # group_name: the process group of the rank's collectives, for a function that runs some itself)
     lower: Optional[Callable] = None

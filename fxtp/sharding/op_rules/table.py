@@ -11,6 +11,8 @@ import torch.fx as fx
 from fxtp.sharding.op_rules.along_dim import along_dim
 from fxtp.sharding.op_rules.attention import sdpa
 from fxtp.sharding.op_rules.contractions import GROUPED, GROUPED_MM_FALLBACK, LINEAR, baddbmm, matmul, projection
+from fxtp.sharding.op_rules.cross_entropy import cross_entropy, lower_cross_entropy
+from fxtp.sharding.op_rules.dropout import lower_attention, lower_dropout
 from fxtp.sharding.op_rules.cut_and_join import cat, cut_blocks, localize_cut, stack
 from fxtp.sharding.op_rules.factories import fresh, like
 from fxtp.sharding.op_rules.helpers import op_name, replicate_all, val
@@ -47,7 +49,8 @@ RULES: dict[object, OpRule] = {
     aten.detach.default: UNARY_LINEAR,
     aten.detach_.default: UNARY_LINEAR,
     aten.lift_fresh_copy.default: UNARY_LINEAR,
-    aten.dropout.default: UNARY_LINEAR,  # graphs are captured in eval mode: identity
+    # a dropout left in the graph is one of training (fxtp/capture/training.py): linear for a fixed mask
+    aten.dropout.default: OpRule(pointwise("unary"), lower=lower_dropout),
     aten.add.Tensor: SUM,
     aten.sub.Tensor: SUM,
     aten.add_.Tensor: SUM,
@@ -187,8 +190,10 @@ RULES: dict[object, OpRule] = {
     aten.mm.default: OpRule(matmul),
     aten.bmm.default: OpRule(matmul),
     aten.baddbmm.default: OpRule(baddbmm),
+    # the loss of a training graph: over a vocab-parallel lm_head's logits without gathering them
+    aten.cross_entropy_loss.default: OpRule(cross_entropy, lower=lower_cross_entropy),
     # attention
-    aten.scaled_dot_product_attention.default: OpRule(sdpa),
+    aten.scaled_dot_product_attention.default: OpRule(sdpa, lower=lower_attention),  # dropout: as dropout's
     # lookups and indexed writes
     aten.embedding.default: OpRule(embedding, lower=vocab_parallel),  # a vocab-sharded table masks ids it lacks
     aten.index.Tensor: OpRule(index),  # MoE token gathers: a Partial passes through
