@@ -12,10 +12,11 @@ import fxtp
 from fxtp.capture.export import Captured, capture
 from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
 from fxtp.runtime.program import TPProgram
+from fxtp.runtime.whole_state import whole_state
 from fxtp.capture.signatures import Forward, signature_of
 
 __all__ = ["architectures", "tiny_configs", "world_sizes", "token_batches", "assert_equivalent", "max_abs_diff",
-           "tiny_program", "padded_batch", "assert_generates_like_hf", "traced_targets"]
+           "tiny_program", "padded_batch", "assert_generates_like_hf", "traced_targets", "assert_trains_like_hf"]
 
 
 @lru_cache(maxsize=None)
@@ -152,3 +153,47 @@ def traced_targets(fn, *args) -> tuple:
     torch._dynamo.reset()
     out = torch.compile(fn, backend=record, dynamic=False)(*args)
     return out, [node.target for node in graphs[0].graph.nodes]
+
+
+def assert_trains_like_hf(model: torch.nn.Module, world_size: int, input_ids: torch.Tensor,
+                          attention_mask: Optional[torch.Tensor], labels: torch.Tensor, *, seed: int = 0,
+                          program: Optional["fxtp.TPProgram"] = None, rtol: float = 1e-5) -> tuple[float, float]:
+    """Check one training step of the sharded model (every rank simulated, each differentiating its own
+    loss) against the unsharded model in train mode under the same seed (dropout included): every rank's
+    loss within `rtol` of HF's, and every parameter's gradient, put together from the ranks, within
+    `rtol` of HF's, relative to that gradient's largest value, or to 1e-4 for a gradient smaller than that
+    (a key bias's gradient is zero in exact arithmetic, since softmax ignores it, and only rounding
+    noise in float). Returns (loss difference, largest gradient difference), both relative."""
+    tp = program if program is not None else fxtp.compile(model, world_size, training=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.train()
+    try:
+        torch.manual_seed(seed)
+        expected = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        expected_grads = dict(zip([n for n, p in model.named_parameters() if p.requires_grad],
+                                  torch.autograd.grad(expected, params, allow_unused=True)))
+    finally:
+        model.train(was_training)
+    modules = tp.lockstep_modules(input_ids.device)
+    for module in modules:
+        module.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    losses = [out[0] for out in tp.simulate_ranks(input_ids, attention_mask, labels)]
+    torch.autograd.backward(losses)
+    loss_diff = max(abs(loss.item() - expected.item()) for loss in losses) / abs(expected.item())
+    if not loss_diff <= rtol:
+        raise AssertionError(f"world_size={world_size}: losses {[loss.item() for loss in losses]} != {expected.item()}")
+    grads = whole_state(tp, [{name: p.grad for name, p in module.named_parameters()} for module in modules])
+    worst = 0.0
+    for name, expected_grad in expected_grads.items():
+        if expected_grad is None:
+            continue
+        if name not in grads:
+            raise AssertionError(f"world_size={world_size}: no rank has a gradient for {name}")
+        scale = max(expected_grad.abs().max().item(), 1e-4)
+        diff = max_abs_diff(grads[name], expected_grad) / scale
+        if not diff <= rtol:
+            raise AssertionError(f"world_size={world_size}: the gradient of {name} is {diff:.2e} off (relative)")
+        worst = max(worst, diff)
+    return loss_diff, worst

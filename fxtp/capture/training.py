@@ -13,6 +13,7 @@ import torch
 
 from fxtp.capture.export import Captured, CaptureError, export_model, flatten_model, max_positions, model_device
 from fxtp.capture.signatures import CAUSAL_LM, signature_of
+from fxtp.node_meta import LAYOUT, WANTS
 
 TRAINING_INPUTS = ("input_ids", "attention_mask", "labels")
 IGNORE_INDEX = -100  # HF's label for positions that take no part in the loss
@@ -55,3 +56,14 @@ def capture_training(model: torch.nn.Module, example_batch: int = 2, example_seq
         raise CaptureError(f"{type(model).__name__} returned no loss when given labels: fxtp trains models whose "
                            "forward computes the loss from labels=...")
     return captured
+
+
+def leave_logits_sharded(gm) -> None:
+    """Let a planned training graph return each rank's own logits, unsharded no more than the plan
+    made them: the loss needs no gathered logits (vocab-parallel cross entropy), so neither does the
+    output. Reads node.meta["fxtp.layout"] of the logits; writes the output node's meta["fxtp.wants"]
+    (drops the want that would all-gather them)."""
+    output = gm.graph.output_node()
+    logits = output.args[0][1]
+    output.meta[WANTS].pop(logits, None)
+    output.meta[LAYOUT] = None

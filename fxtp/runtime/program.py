@@ -32,7 +32,7 @@ from fxtp.runtime.generation import Generator, collecting_sources, forget_source
 from fxtp.capture.seq2seq_cache import capture_decoder, capture_encoder
 from fxtp.capture.signatures import SEQ2SEQ, signature_of
 from fxtp.capture.static_cache import capture_cached, is_cache_state
-from fxtp.capture.training import capture_training
+from fxtp.capture.training import capture_training, leave_logits_sharded
 
 __all__ = ["compile", "TPProgram"]
 
@@ -119,6 +119,8 @@ class TPProgram:
             self.graph: fx.GraphModule = captured.graph_module
             self.plan: Plan = auto_plan(self.graph, world_size) if spec == "auto" else \
                 manual_plan(self.graph, world_size, spec)
+            if training:
+                leave_logits_sharded(self.graph)
         self.world_size = world_size
         self.spec = spec
         self.training = training
