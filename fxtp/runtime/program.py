@@ -20,6 +20,8 @@ from fxtp.node_meta import STATE
 from fxtp.decode.options import DecodeOptions
 from fxtp.rank_ops.inputs import require_tensor
 from fxtp.runtime.checkpoint import RankLoader
+from fxtp.runtime.dtensor_module import DTensorRankModule
+from fxtp.runtime.whole_state import state_layouts
 from fxtp.runtime.fail_fast import failing_fast
 from fxtp.runtime.rank_agreement import check_ranks_agree
 from fxtp.passes.sharding.manual_plan import from_hf_tp_plan, from_injection_policy, manual_plan
@@ -277,6 +279,17 @@ class TPProgram:
         if self.world_size > 1:
             guard_rank_module(module, group_name, rank)
         return module
+
+    def dtensor_module(self, mesh: "DeviceMesh", checkpoint: Optional[str] = None) -> DTensorRankModule:
+        """This rank's training module with DTensor parameters on `mesh`: a 1-D DeviceMesh of world_size ranks,
+        or the tensor-parallel dim of a larger one (mesh["tp"]). clip_grad_norm_, torch.distributed.checkpoint
+        and optimizers then see global tensors (fxtp/runtime/dtensor_module.py)."""
+        if not self.training:
+            raise TypeError("dtensor_module holds trainable shards: compile with fxtp.compile(model, N, training=True)")
+        device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" \
+            else torch.device(mesh.device_type)
+        module = self.module(mesh.get_local_rank(), device, mesh.get_group(), checkpoint)
+        return DTensorRankModule(module, state_layouts(self.graph), mesh)
 
     def _default_device(self) -> torch.device:
         return torch.device("cpu") if self.device.type == "meta" else self.device
