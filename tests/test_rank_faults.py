@@ -10,7 +10,7 @@ import torch.distributed as dist
 from hypothesis import given, settings, strategies as st
 
 import fxtp
-from fxtp.runtime.program import guard_rank_module
+from fxtp.runtime.rank_guard import guard_rank_module
 from fxtp.runtime.rank_agreement import describe
 from fxtp.runtime.rank_processes import run_ranks
 from fxtp.tiny_configs import tiny_model

@@ -12,6 +12,7 @@ import fxtp
 from fxtp.capture.training import IGNORE_INDEX
 from fxtp.node_meta import COLLECTIVE
 from fxtp.passes.codegen.rewrite import slice_state
+from fxtp.runtime.rank_agreement import RanksDisagree
 from fxtp.runtime.rank_processes import run_ranks
 from fxtp.runtime.whole_state import state_layouts, whole_state
 from fxtp.sharding import collectives, training_collectives
@@ -285,3 +286,31 @@ def test_fused_blocks_refuse_a_checkpoint_by_dtensor():
     """GPT-2's c_attn holds q|k|v as blocks, each rank a part of each: state_dict() refuses, naming it."""
     for message in run_ranks(_blocked_state_dict_on_rank, 2, timeout=300):
         assert "c_attn" in message and "whole_state" in message
+
+
+def _seeded_step_on_rank(rank: int, seeds: tuple) -> str:
+    module = fxtp.compile(tiny_model("gpt2"), 2, training=True).module(rank)  # tiny_model seeds with 0
+    torch.manual_seed(seeds[rank])
+    try:
+        module(*training_batch())
+    except RanksDisagree as e:
+        return str(e)
+    return ""
+
+
+def test_ranks_seeded_differently_are_stopped_before_dropout():
+    """GPT-2 has dropout: ranks whose generators differ would drop different parts of replicated values,
+    a wrong step without an error; the rank module refuses it on every rank, and runs when seeded alike."""
+    refused = run_ranks(_seeded_step_on_rank, 2, (0, 1), timeout=300)
+    assert all("random generator state" in message for message in refused)
+    assert run_ranks(_seeded_step_on_rank, 2, (3, 3), timeout=300) == ["", ""]
+
+
+def test_one_rank_trains_on_its_own_process():
+    """At world size 1 the module needs no process group: the loss is ATen's, and equals HF's."""
+    model = tiny_model("llama")
+    module = _program("llama", 1).module(0)
+    ids, mask, labels = training_batch()
+    loss, logits = module(ids, mask, labels)
+    assert abs(loss.item() - model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()) <= 1e-6
+    assert logits.shape[-1] == model.config.vocab_size

@@ -1,7 +1,6 @@
 """`fxtp.compile` and the program it returns: the annotated graph, its plan and the per-rank modules."""
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import weakref
@@ -22,8 +21,7 @@ from fxtp.rank_ops.inputs import require_tensor
 from fxtp.runtime.checkpoint import RankLoader
 from fxtp.runtime.dtensor_module import DTensorRankModule
 from fxtp.runtime.whole_state import state_layouts
-from fxtp.runtime.fail_fast import failing_fast
-from fxtp.runtime.rank_agreement import check_ranks_agree
+from fxtp.runtime.rank_guard import guard_rank_module
 from fxtp.passes.sharding.manual_plan import from_hf_tp_plan, from_injection_policy, manual_plan
 from fxtp.passes.sharding.plan import Plan, plan as auto_plan
 from fxtp.passes.capture.clean_up import clean_up
@@ -358,25 +356,6 @@ class TPProgram:
         """A ValueError unless `rank` is one of the program's ranks."""
         if not isinstance(rank, int) or not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be an int in [0, {self.world_size}), got {rank!r}")
-
-
-def guard_rank_module(module: fx.GraphModule, group_name: str, rank: int) -> None:
-    """Make each call of `module` (a rank graph on a real process group) check that the ranks agree on
-    its inputs, and fail fast. Set on the module's own class (every GraphModule has one), so the module
-    stays a GraphModule; a later recompile() drops it."""
-    step = type(module).forward
-    names = [n.name for n in module.graph.nodes if n.op == "placeholder"]
-    # every rank graph of one program has the same nodes in the same order (one rewrite makes them all);
-    # a rank running another program (another config, another world size) would pair collectives wrongly
-    program = hashlib.sha1(" ".join(n.name for n in module.graph.nodes).encode()).hexdigest()[:16]
-
-    def forward(self, *args, **kwargs):
-        with failing_fast(group_name, rank):
-            check_ranks_agree(collectives.process_group_named(group_name), "inputs to the rank modules",
-                              {"program (its nodes in order)": program, **dict(zip(names, args)), **kwargs})
-            return step(self, *args, **kwargs)
-
-    type(module).forward = forward
 
 
 def owned_copy(part: torch.Tensor, entry: torch.Tensor) -> torch.Tensor:

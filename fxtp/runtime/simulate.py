@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from fxtp.sharding import collectives, training_collectives
 from fxtp.sharding.op_rules.cross_entropy import vocab_parallel_cross_entropy
-from fxtp.sharding.op_rules.dropout import DRAWS_RANDOM
+from fxtp.sharding.op_rules.dropout import draws_random
 
 aten = torch.ops.aten
 
@@ -78,7 +78,7 @@ def simulate(modules: list[fx.GraphModule], args: tuple, kwargs: dict) -> list:
             for rank, (env, node) in enumerate(zip(envs, nodes)):
                 logits = torch.cat(_own(parts, rank), dim=1)
                 env[node] = aten.cross_entropy_loss.default(logits, target, None, reduction, ignore_index)
-        elif head.target in DRAWS_RANDOM and _draws_random(head):
+        elif draws_random(head):
             generator_state = torch.random.get_rng_state(), _cuda_states()
             for env, node, ld in zip(envs, nodes, load):
                 torch.random.set_rng_state(generator_state[0])
@@ -94,14 +94,6 @@ def simulate(modules: list[fx.GraphModule], args: tuple, kwargs: dict) -> list:
 def _own(parts: list, rank: int) -> list:
     """`parts` with every rank's value but `rank`'s detached: what rank's own process differentiates."""
     return [p if r == rank or not isinstance(p, torch.Tensor) else p.detach() for r, p in enumerate(parts)]
-
-
-def _draws_random(node: fx.Node) -> bool:
-    """Whether a node of DRAWS_RANDOM draws: attention only with a dropout probability."""
-    if node.target is not aten.scaled_dot_product_attention.default:
-        return True
-    dropout_p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
-    return bool(dropout_p)
 
 
 def _cuda_states():

@@ -42,7 +42,7 @@ def cross_entropy(node: fx.Node, lay: LayoutOf) -> Decision:
 def lower_cross_entropy(node, args, kwargs, input_layout, rank, group_name):
     """A rank's cross entropy over its vocabulary columns: vocab_parallel_cross_entropy."""
     layout = input_layout(node.args[0])
-    if not isinstance(layout, Shard):
+    if not isinstance(layout, Shard) or len(layout.counts) == 1:  # one rank holds every class: ATen's own
         return node.target, args, kwargs
     _, reduction, ignore_index, _ = _options(node)
     reduction = MEAN if reduction is None else reduction

@@ -79,7 +79,18 @@ def lower_dropout(node, args, kwargs, input_layout, rank, group_name):
     return sharded_dropout, (x, p, train, *_shard_args(layout), rank), kwargs
 
 
-# the ops of rank graphs that draw random numbers (fxtp/runtime/simulate.py draws them alike on every rank)
-DRAWS_RANDOM = frozenset({aten.dropout.default, aten.native_dropout.default, aten.bernoulli.default,
-                          aten.bernoulli.p, aten.rand.default, aten.randn.default, sharded_dropout,
-                          attention_with_sharded_dropout, aten.scaled_dot_product_attention.default})
+# the ops of rank graphs that may draw random numbers
+_RANDOM_OPS = frozenset({aten.dropout.default, aten.native_dropout.default, aten.bernoulli.default,
+                         aten.bernoulli.p, aten.rand.default, aten.randn.default, sharded_dropout,
+                         attention_with_sharded_dropout, aten.scaled_dot_product_attention.default})
+
+
+def draws_random(node) -> bool:
+    """Whether a rank graph's node draws random numbers (attention only with a dropout probability):
+    fxtp/runtime/simulate.py draws them alike on every rank, and a rank module checks that its ranks'
+    generators agree before a call."""
+    if node.op != "call_function" or node.target not in _RANDOM_OPS:
+        return False
+    if node.target is not aten.scaled_dot_product_attention.default:
+        return True
+    return bool(node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0))
