@@ -6,6 +6,9 @@
 #                                             redesign and before it, in one call (needs .before/, made here with
 #                                             `git archive fa54aca | tar -x -C .before && cp -r .before/passes
 #                                             .before/fxtp/passes`, carried along)
+#   bash benchmarks/one_gpu_check.sh timing-train   one training step (forward, backward, AdamW) on the
+#                                             Llama-3-8B shape with 4 layers in bfloat16: HF eager and
+#                                             torch.compile'd against fxtp-n1, eager and torch.compile'd
 # Output goes under $OUT when it is set (the device tool), else under ./gpu-check/.
 set -u
 out="${OUT:-gpu-check}"
@@ -32,4 +35,9 @@ case "${1:-tests}" in
     echo "after rc=$?"; tail -6 "$out/after.log"
     PYTHONPATH="$PWD/.before" timeout 170 torchrun --nproc_per_node 1 .before/benchmarks/inference_test.py $args \
       > "$out/before.log" 2>&1; echo "before rc=$?"; tail -6 "$out/before.log" ;;
+  timing-train)
+    # training_speed.py's default: hf-eager, hf-compile, fxtp-n1 and fxtp-n1-compile at batch 4 x 1024 tokens
+    timeout 400 python3 -P benchmarks/training_speed.py --out "$out/training_speed.json" \
+      > "$out/training_speed.log" 2>&1
+    echo "training_speed rc=$?"; tail -6 "$out/training_speed.log" ;;
 esac
