@@ -36,8 +36,6 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 import fxtp
-from fxtp.sharding.collectives import SIMULATED_GROUP
-from fxtp.sharding.op_rules.cross_entropy import vocab_parallel_cross_entropy
 from fxtp.tiny_configs import real_config, tiny_config
 
 GB = 2**30
@@ -72,24 +70,6 @@ def parse_impl(name: str, world_size: int) -> tuple[str, bool]:
     return "fxtp", match.group(2) is not None
 
 
-def whole_vocab_cross_entropy(module: torch.fx.GraphModule) -> bool:
-    """Work around fxtp's rank module at N=1 for training: its loss is vocab_parallel_cross_entropy, whose
-    all_reduces name fxtp's simulated group, which no process holds (RuntimeError: Could not resolve the
-    process group registered under the name fxtp-simulated). One rank holds the whole vocabulary, so the
-    loss is ATen's cross_entropy_loss of its logits. True where a node was replaced (a fixed fxtp: none)."""
-    replaced = False
-    for node in module.graph.nodes:
-        if node.target is vocab_parallel_cross_entropy and node.args[5] == SIMULATED_GROUP:
-            x, target, reduction, ignore_index, vocab_start, _ = node.args
-            assert vocab_start == 0, node.args
-            node.target = torch.ops.aten.cross_entropy_loss.default
-            node.args = (x, target, None, reduction, ignore_index)
-            replaced = True
-    if replaced:
-        module.recompile()
-    return replaced
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -108,7 +88,6 @@ def setup(kind: str, compiled: bool, config, args, dtype, device, rank: int, wor
     module = tp.module(rank, device=device)
     del tp, model  # the rank module owns its weights
     gc.collect()
-    module.workaround = whole_vocab_cross_entropy(module) if world_size == 1 else False
     run = torch.compile(module) if compiled else module
 
     def forward(ids, mask, labels):
@@ -153,8 +132,7 @@ def measure(name: str, config, args, dtype, device, rank: int, world_size: int) 
                tokens_per_s=args.batch * args.seq / (ms / 1000), setup_s=setup_s, first_step_s=first_step_s,
                weights_gb=weights_gb,
                peak_memory_gb=torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None,
-               parameters=sum(p.numel() for p in module.parameters()), first_loss=losses[0], last_loss=losses[-1],
-               n1_cross_entropy_workaround=getattr(module, "workaround", None))
+               parameters=sum(p.numel() for p in module.parameters()), first_loss=losses[0], last_loss=losses[-1])
     del module, forward, optimizer
     gc.collect()
     if device.type == "cuda":
