@@ -314,3 +314,20 @@ def test_one_rank_trains_on_its_own_process():
     loss, logits = module(ids, mask, labels)
     assert abs(loss.item() - model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()) <= 1e-6
     assert logits.shape[-1] == model.config.vocab_size
+
+
+def test_a_model_on_meta_trains_from_its_checkpoint(tmp_path):
+    """Planned on meta, each rank's trainable shards read from the safetensors checkpoint alone."""
+    from transformers import AutoModelForCausalLM
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        on_meta = AutoModelForCausalLM.from_config(model.config)
+    program = fxtp.compile(on_meta, 2, training=True)
+    ids, mask, labels = training_batch()
+    losses = [out[0] for out in program.simulate_ranks(ids, mask, labels, checkpoint=str(tmp_path))]
+    torch.autograd.backward(losses)
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    assert all(abs(loss.item() - expected) <= 1e-6 for loss in losses)
+    modules = program.lockstep_modules(checkpoint=str(tmp_path))
+    assert all(p.grad is not None for m in modules for p in m.parameters())
