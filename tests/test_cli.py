@@ -89,11 +89,13 @@ def test_no_class_for_the_kind():
         model_class(AutoConfig.for_model("vit"), "vit")
 
 
-def test_t5_config_directory_dumps_its_decode_step_on_meta(tmp_path, capsys):
-    """--decode plans the decoder step with its sharded self-attention cache, without weights."""
-    tiny_config("t5").save_pretrained(tmp_path)
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_seq2seq_config_directory_dumps_its_decode_step_on_meta(arch, tmp_path, capsys):
+    """--decode plans the decoder step with its sharded self-attention cache, without weights (BART's
+    decoder reads its mask's values unless given a 4-D one)."""
+    tiny_config(arch).save_pretrained(tmp_path)
     from_directory = dump_output(["dump", str(tmp_path), "--world-size", "2", "--decode"], capsys)
-    with_weights = dump_output(["dump", "t5", "--world-size", "2", "--decode"], capsys)
+    with_weights = dump_output(["dump", arch, "--world-size", "2", "--decode"], capsys)
 
     def cache_lines(text: str) -> list[str]:  # the cache's layouts; the graphs differ in how constants are lifted
         return [line for line in text.splitlines() if "kv_cache." in line and "aten." not in line]

@@ -69,9 +69,12 @@ def self_attention_shapes(model: torch.nn.Module, batch_size: int, max_length: i
     dynamic cache: the configs name decoder layers, heads and head sizes differently."""
     ids = torch.ones(1, 2, dtype=torch.long, device=device)
     probe = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    # no encoder mask, and a 4-D decoder mask, which transformers takes as it is: it checks the values of
+    # a 2-D one on the host (is any position padded?), which a model on meta has not (BART's decoder)
+    decoder_mask = torch.zeros(1, 1, 1, 1, device=device)
     with torch.no_grad():
-        # no attention_mask: transformers checks a mask's values on the host, which a model on meta has not
-        model(input_ids=ids, decoder_input_ids=ids[:, :1], use_cache=True, **{cache_argument(model): probe})
+        model(input_ids=ids, decoder_input_ids=ids[:, :1], decoder_attention_mask=decoder_mask, use_cache=True,
+              **{cache_argument(model): probe})
     return [(batch_size, layer.keys.shape[1], max_length, layer.keys.shape[3])
             for layer in probe.self_attention_cache.layers]
 

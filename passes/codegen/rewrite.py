@@ -10,8 +10,9 @@ Writes: a new GraphModule whose state attributes hold only this rank's slices (n
         meta["fxtp.collective"] naming the value it moves. With `training`, the collectives are
         the differentiable ones (fxtp/sharding/training_collectives.py), and a floating value read
         as Replicate by a node whose output is sharded or Partial is read through reduce_gradient,
-        which all-reduces the rank's share of its gradient in backward (Megatron's f). User inputs that may be None (masks,
-        token types: fxtp/signatures.INPUTS) default to None and are checked and filled first.
+        which all-reduces the rank's share of its gradient in backward (Megatron's f). User inputs
+        that may be None (masks, token types: fxtp/signatures.INPUTS) default to None and are
+        checked and filled first.
         The clean-ups that follow (passes/codegen/rank_graph.py) are not part of it.
 
     before (global)                     after (rank r of 2)
