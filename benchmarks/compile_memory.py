@@ -19,12 +19,17 @@ from fxtp.runtime.generation import generated_sources
 from fxtp.tiny_configs import tiny_model
 from generate_memory import rss_mb  # run as a script: benchmarks/ is on the path
 
+EVERY = 10  # rounds between readings
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compiles", type=int, default=40)
     parser.add_argument("--out")
     args = parser.parse_args()
+    # readings are taken every EVERY rounds from round 0, so the growth needs a second one: round EVERY
+    if args.compiles < EVERY:
+        parser.error(f"--compiles must be at least {EVERY}")
     model = tiny_model("llama")
     readings = []
     for round_ in range(args.compiles + 1):
@@ -32,7 +37,7 @@ def main() -> None:
         tp.simulate(torch.tensor([[5, 6, 7]]))
         del tp
         gc.collect()
-        if round_ % 10 == 0:
+        if round_ % EVERY == 0:
             readings.append(dict(compiles=round_ + 1, rss_mb=round(rss_mb(), 1), fx_sources=len(generated_sources())))
             print(readings[-1], flush=True)
     per_compile = (readings[-1]["rss_mb"] - readings[0]["rss_mb"]) / (readings[-1]["compiles"] - readings[0]["compiles"])

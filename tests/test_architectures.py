@@ -59,9 +59,20 @@ def test_heads_merged_with_batch_are_sharded(arch, world_size):
     assert per_layer == {f"{prefix}.{i}": {"all_reduce": 2} for i in range(2)}
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(drawn=tiny_configs(), data=st.data())
 def test_random_tiny_configs(drawn, data):
+    exact_with_a_random_tiny_config(drawn, data)
+
+
+@pytest.mark.slow  # more draws of test_random_tiny_configs, which runs by default
+@settings(max_examples=12, deadline=None)
+@given(drawn=tiny_configs(), data=st.data())
+def test_random_tiny_configs_more_draws(drawn, data):
+    exact_with_a_random_tiny_config(drawn, data)
+
+
+def exact_with_a_random_tiny_config(drawn, data) -> None:
     arch, keywords = drawn
     model = tiny_model(arch, **keywords)
     world_size = data.draw(st.integers(1, keywords["heads"]), label="world_size")

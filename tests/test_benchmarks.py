@@ -2,11 +2,11 @@
 its rows (token check against HF eager, parameters per rank) and the interval arithmetic behind
 --profile's busy time; benchmarks/attention_latency.py in Triton's interpreter; benchmarks/mlp_latency.py
 and benchmarks/gemv_latency.py refusing a machine without a GPU, and the weight shapes gemv_latency.py
-times; benchmarks/nccl_check.py on two gloo processes and its bfloat16 verdict; benchmarks/training_memory.py
-on a tiny Llama (a rank's bytes at TP=2 against one process) and benchmarks/training_speed.py on the CPU
-(HF eager against fxtp's rank module at N=1). The GPU numbers in
-benchmarks/results/RESULTS.md come from the same scripts. (Its HF tp_plan and DeepSpeed peers need
-accelerate and deepspeed, which the test install leaves out.)"""
+times; benchmarks/nccl_check.py on two gloo processes and its bfloat16 verdict; benchmarks/compile_memory.py
+refusing too few --compiles to measure; benchmarks/training_memory.py on a tiny Llama (a rank's bytes at
+TP=2 against one process) and benchmarks/training_speed.py on the CPU (HF eager against fxtp's rank
+module at N=1). The GPU numbers in benchmarks/results/RESULTS.md come from the same scripts. (Its HF
+tp_plan and DeepSpeed peers need accelerate and deepspeed, which the test install leaves out.)"""
 import importlib
 import json
 import os
@@ -246,18 +246,25 @@ def test_rounding_verdict_passes_rounding_and_fails_a_missing_all_reduce(monkeyp
     assert not rounding_verdict(wrong_where_masked, one_device, exact, torch.ones_like(mask))["within_dtype_tolerance"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
-def test_mlp_latency_says_it_needs_a_gpu(tmp_path):
-    command = [sys.executable, os.path.join(BENCHMARKS, "mlp_latency.py"), "--ranks", "1"]
-    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert finished.returncode == 2 and "no GPU here" in finished.stderr
+def refusal(script: str, monkeypatch, capsys, *arguments: str) -> str:
+    """benchmarks/`script`.py's main() as the command line `script.py arguments` runs it (benchmarks/ on the
+    path), in this process: it must stop at its arguments (argparse's exit status 2). What it printed to stderr."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *arguments])
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(script).main()
+    assert stopped.value.code == 2
+    return capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
-def test_gemv_latency_says_it_needs_a_gpu(tmp_path):
-    command = [sys.executable, os.path.join(BENCHMARKS, "gemv_latency.py"), "--ranks", "2"]
-    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert finished.returncode == 2 and "no GPU here" in finished.stderr
+def test_mlp_latency_says_it_needs_a_gpu(monkeypatch, capsys):
+    assert "no GPU here" in refusal("mlp_latency", monkeypatch, capsys, "--ranks", "1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_gemv_latency_says_it_needs_a_gpu(monkeypatch, capsys):
+    assert "no GPU here" in refusal("gemv_latency", monkeypatch, capsys, "--ranks", "2")
 
 
 def test_gemv_latency_times_a_ranks_weights_as_the_step_merges_them(inference_test):
@@ -351,3 +358,22 @@ def test_training_speed_impls_fit_the_world_size(monkeypatch):
                                       ("fxtp", 1, "unknown impl")]:
         with pytest.raises(SystemExit, match=message):
             parse_impl(name, world_size)
+
+
+def test_compile_memory_refuses_too_few_compiles_to_measure(monkeypatch, capsys):
+    """benchmarks/compile_memory.py reads RSS every 10 rounds from round 0: under 10 compiles it has one
+    reading and no growth to divide, so it stops at its arguments; at 10 it goes on to build the model."""
+    for compiles in ("0", "9"):
+        assert "--compiles must be at least 10" in refusal("compile_memory", monkeypatch, capsys, "--compiles", compiles)
+
+    class Started(Exception):
+        pass
+
+    def started(arch):
+        raise Started(arch)
+
+    compile_memory = importlib.import_module("compile_memory")
+    monkeypatch.setattr(compile_memory, "tiny_model", started)
+    monkeypatch.setattr(sys, "argv", ["compile_memory.py", "--compiles", "10"])
+    with pytest.raises(Started):
+        compile_memory.main()

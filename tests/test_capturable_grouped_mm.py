@@ -9,6 +9,7 @@ from transformers.integrations import moe  # noqa: F401  registers torch.ops.tra
 import fxtp
 from fxtp.kernels.grouped_mm_by_rows import grouped_mm_by_rows
 from fxtp.passes.decode.retarget import with_capturable_grouped_mm
+from fxtp.testing import tiny_program
 from fxtp.tiny_configs import tiny_model
 from fxtp.decode.decode_graph import DecodeGraph
 from fxtp.decode.options import DecodeOptions, resolve
@@ -81,5 +82,5 @@ def test_the_decode_step_of_fp32_experts_calls_the_stand_in_and_compiles_to_the_
 
 
 def test_a_step_without_the_fallback_is_left_as_it_is():
-    module = fxtp.compile(tiny_model("llama"), 1).rank_graph(0)
+    module = tiny_program("llama", 1)[1].rank_graph(0)
     assert with_capturable_grouped_mm(module) is module

@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fxtp
 from fxtp.capture.static_cache import is_cache_state
 from fxtp.decode.decode_graph import DecodeGraph
 from fxtp.decode.options import DecodeOptions, resolve
@@ -29,7 +28,6 @@ from fxtp.passes.decode.retarget import with_decode_attention
 from fxtp.rank_ops.grouped_query import grouped_query_attention
 from fxtp.runtime.simulate import simulate
 from fxtp.testing import tiny_program
-from fxtp.tiny_configs import tiny_model
 
 op = torch.ops.fxtp.decode_attention
 
@@ -235,7 +233,7 @@ def test_shapes_the_kernel_does_not_cover_get_grouped_query_attention(device, la
 
 
 def test_rewrite_replaces_every_grouped_query_attention_and_shares_the_weights():
-    tp = fxtp.compile(tiny_model("llama"), 2)  # 4 heads over 2 kv heads: 2 over 1 on a rank
+    _, tp = tiny_program("llama", 2)  # 4 heads over 2 kv heads: 2 over 1 on a rank
     module = tp.rank_graph(0)
     rewritten = with_decode_attention(module)
     before = [n.target for n in module.graph.nodes]
@@ -253,7 +251,7 @@ def test_decode_graph_option_rewrites_the_step(monkeypatch, push):
     push all_reduce: the step it compiles calls the op, or the graph's attention."""
     compiled = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(module=module, **kwargs))
-    module = fxtp.compile(tiny_model("llama"), 2).rank_graph(0)
+    module = tiny_program("llama", 2)[1].rank_graph(0)
     for attention_on in (True, False):
         DecodeGraph(module, resolve(DecodeOptions(push_all_reduce=push, decode_attention=attention_on), 2, True))
         targets = [n.target for n in compiled["module"].graph.nodes]

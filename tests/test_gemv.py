@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fxtp
 from fxtp.decode.decode_graph import DecodeGraph
 from fxtp.decode.options import DecodeOptions, resolve
 from fxtp.kernels import gemv
@@ -17,8 +16,7 @@ from fxtp.passes.decode.merge_projections import merge_projections
 from fxtp.passes.decode.retarget import with_gemv
 from fxtp.passes.decode.shared_state_copy import twin
 from fxtp.runtime.simulate import simulate
-from fxtp.testing import traced_targets
-from fxtp.tiny_configs import tiny_model
+from fxtp.testing import traced_targets, tiny_program
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 aten = torch.ops.aten
@@ -102,7 +100,7 @@ def test_the_decode_step_launches_gemvs_that_preload_their_weights_by_default(mo
     context: under PDL the GEMV loads its first weights before its wait; without PDL there is no wait
     to load before."""
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
-    program = fxtp.compile(tiny_model("llama"), 1)
+    program = tiny_program("llama", 1)[1]
     for options, preload in ((DecodeOptions(), True), (DecodeOptions(gemv_preload=False), False)):
         with DecodeGraph(program.rank_graph(0), resolve(options, 1, False)).launching():
             assert preloads() is preload
@@ -128,7 +126,7 @@ def test_the_decode_step_launches_gemvs_that_preload_their_weights_by_default(mo
 
 def test_gemv_blocks_option_sets_the_block_sizes_the_step_launches(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
-    module = fxtp.compile(tiny_model("llama"), 1).rank_graph(0)
+    module = tiny_program("llama", 1)[1].rank_graph(0)
     assert DecodeGraph(module, resolve(DecodeOptions(), 1, False)).blocks == {}
     step = DecodeGraph(module, resolve(DecodeOptions(gemv_blocks={"8x16": [2, 16, 1]}), 1, False))
     assert step.blocks == {(8, 16): (2, 16, 1)}
@@ -170,7 +168,7 @@ def test_block_sizes_by_row_length_and_form():
 # qwen2: projections with biases and without (o, the MLP, lm_head), so Llama's run with FXTP_SLOW=1
 @pytest.mark.parametrize("arch", [pytest.param("llama", marks=pytest.mark.slow), "qwen2"])
 def test_with_gemv_rewrites_every_projection_and_keeps_the_logits(arch):
-    tp = fxtp.compile(tiny_model(arch), 2)
+    _, tp = tiny_program(arch, 2)
     graphs = [tp.rank_graph(rank) for rank in range(2)]
     rewritten = [with_gemv(gm, prefetch_bytes=0) for gm in graphs]
     linears = [node.target for node in graphs[0].graph.nodes].count(aten.linear.default)
@@ -195,7 +193,7 @@ def test_the_decode_step_takes_fxtps_gemv_and_its_prefetch_from_the_options(gemv
     prefetch `gemv_prefetch_bytes` gives every form."""
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module))
-    module = fxtp.compile(tiny_model("llama"), 1).rank_graph(0)
+    module = tiny_program("llama", 1)[1].rank_graph(0)
     DecodeGraph(module, resolve(DecodeOptions(gemv=gemv_on, gemv_prefetch_bytes=prefetch_bytes), 1, False))
     targets = [node.target for node in compiled[0].graph.nodes]
     calls = [node for node in compiled[0].graph.nodes if node.target in (gemv.projection, gemv.gated_projection)]
@@ -264,8 +262,7 @@ def test_gated_gemv_falls_back_to_the_unfused_ops_and_checks_its_arguments():
 @pytest.mark.parametrize("arch, activation", [("llama", "silu"), ("gemma", "gelu_tanh"), ("phi3", "silu"),
                                               ("qwen2", "silu")])
 def test_fuse_gated_gemv_fuses_every_mlp_and_keeps_the_logits(arch, activation):
-    model = tiny_model(arch)
-    tp = fxtp.compile(model, 2)
+    model, tp = tiny_program(arch, 2)
     graphs = [merge_projections(twin(tp.rank_graph(rank), "Merged")) for rank in range(2)]
     fused = [fuse_gated_gemv(twin(gm, "Gated"), prefetch_bytes=0) for gm in graphs]
     calls = [node for node in fused[0].graph.nodes if node.target is gemv.gated_projection]
@@ -287,9 +284,8 @@ def test_fuse_gated_gemv_fuses_every_mlp_and_keeps_the_logits(arch, activation):
 
 def test_fuse_gated_gemv_leaves_what_is_not_a_gated_projection():
     """Unmerged gate and up (two projections), an activation read twice, and unequal halves stay."""
-    model = tiny_model("llama")
+    model, tp = tiny_program("llama", 1)
     layers = model.config.num_hidden_layers
-    tp = fxtp.compile(model, 1)
     unmerged = fuse_gated_gemv(twin(tp.rank_graph(0), "Gated"), prefetch_bytes=0)
     assert gemv.gated_projection not in [node.target for node in unmerged.graph.nodes]
     merged = merge_projections(twin(tp.rank_graph(0), "Merged"))
@@ -309,8 +305,7 @@ def test_fuse_gated_gemv_leaves_what_is_not_a_gated_projection():
 def test_the_decode_step_fuses_gated_mlps_by_default(monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module))
-    model = tiny_model("llama")
-    program = fxtp.compile(model, 1)
+    model, program = tiny_program("llama", 1)
     for options in (DecodeOptions(), DecodeOptions(gemv=True, gemv_prefetch_bytes=8 << 20),
                     DecodeOptions(gated_gemv=False)):
         DecodeGraph(program.rank_graph(0), resolve(options, 1, False))

@@ -22,6 +22,7 @@ from fxtp.passes.decode.fuse_add_rms_norm import fuse_add_rms_norm
 from fxtp.passes.decode.fuse_gemv_push import fuse_gemv_push
 from fxtp.passes.decode.retarget import with_push_all_reduce
 from fxtp.runtime.rank_processes import run_ranks
+from fxtp.testing import tiny_program
 from fxtp.tiny_configs import tiny_model
 from push_harness import assert_rotated, interpreted_addresses, shared_workspaces
 
@@ -127,7 +128,7 @@ def fused(module, norm: bool):
 @pytest.mark.parametrize("norm", [True, False])
 def test_rewrite_fuses_each_layers_two_projections_into_their_all_reduces(norm):
     """o and down end in an all_reduce in each layer; the embedding's all_reduce reads no projection."""
-    module = fxtp.compile(tiny_model("llama"), 2).rank_graph(0)
+    module = tiny_program("llama", 2)[1].rank_graph(0)
     twin = fused(module, norm)
     layers = tiny_model("llama").config.num_hidden_layers
     targets = [n.target for n in twin.graph.nodes]
@@ -175,7 +176,7 @@ def test_gemv_push_option_fuses_the_decode_step(monkeypatch):
     fxtp's GEMV takes the other projections."""
     compiled = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(module=module, **kwargs))
-    module = fxtp.compile(tiny_model("llama"), 2).rank_graph(0)
+    module = tiny_program("llama", 2)[1].rank_graph(0)
     for options, norm_fused, plain_fused in [(DecodeOptions(gemv_push=True), 4, 0),
                                              (DecodeOptions(push_norm=False, gemv_push=True), 0, 4),
                                              (DecodeOptions(), 0, 0)]:

@@ -176,7 +176,7 @@ def test_the_prefill_drops_the_options_of_the_decode_step_alone(monkeypatch):
     without PDL, one-shot all_reduce, the post-grad pass or any of fxtp's rewrites, whatever they say."""
     compiled = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(module=module, **kwargs))
-    module = fxtp.compile(tiny_model("llama"), 1).rank_graph(0)
+    module = tiny_program("llama", 1)[1].rank_graph(0)
     every_option = resolve(DecodeOptions(coordinate_descent_tuning=False, inductor={"max_autotune": True},
                                          push_all_reduce=True, gemv=True, gemv_push=True,
                                          gemv_blocks={"8x16": [1, 16, 4]}), world_size=2, symmetric_memory=True)

@@ -9,7 +9,7 @@ from fxtp.tiny_configs import tiny_model
 from fxtp.sharding.layouts import Shard
 from fxtp.passes.sharding.manual_plan import PlanError
 from fxtp.stats import collectives_by_layer
-from fxtp.testing import assert_equivalent
+from fxtp.testing import assert_equivalent, tiny_program
 
 ATTENTION_ONLY = {"*.q_proj": "colwise", "*.k_proj": "colwise", "*.v_proj": "colwise", "*.o_proj": "rowwise"}
 
@@ -48,7 +48,7 @@ def test_hf_and_deepspeed_forms_match_the_automatic_plan(llama, spelling):
     kwargs = {"tp_plan": "auto"} if spelling == "tp_plan" else \
         {"injection_policy": {LlamaDecoderLayer: ("self_attn.o_proj", "mlp.down_proj")}}
     manual = fxtp.compile(llama, 2, **kwargs)
-    automatic = fxtp.compile(llama, 2)
+    automatic = tiny_program("llama", 2)[1]  # the llama fixture's automatic program
     assert layer_layouts(manual) == layer_layouts(automatic)
     assert_equivalent(llama, 2, *batch(), program=manual)
     assert "column-parallel" in fxtp.dump(manual)

@@ -5,6 +5,7 @@ import torch
 import torch.fx as fx
 
 import fxtp
+from fxtp.testing import tiny_program
 from fxtp.tiny_configs import CAUSAL_LMS, LLAMA_FAMILY, tiny_model
 from fxtp.decode.decode_graph import DecodeGraph
 from fxtp.decode.options import DecodeOptions, resolve
@@ -31,8 +32,7 @@ def linears(gm: fx.GraphModule) -> int:
     for world_size in (1, 2)
     for arch, before, after in [("llama", 7, 4), ("qwen2", 7, 4), ("phi3", 6, 4), ("mixtral", 5, 3), ("qwen2_moe", 9, 5)]])
 def test_merged_rank_graphs_compute_the_same_logits(arch, before, after, world_size):
-    model = tiny_model(arch)
-    tp = fxtp.compile(model, world_size)
+    model, tp = tiny_program(arch, world_size)  # shared; the rank graphs below own the weights the merge re-points
     graphs = [tp.rank_graph(rank) for rank in range(world_size)]
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -59,7 +59,7 @@ def test_every_causal_lm_computes_the_same_logits_merged(arch):
     rank graphs at 2 ranks: the same logits, merged or not, whatever the pass finds to merge (from
     nothing for GPT-2, Falcon, Bloom or GPT-NeoX, to q|k|v|gate|up in one for the
     parallel blocks of Cohere and Phi)."""
-    tp = fxtp.compile(tiny_model(arch), 2)
+    _, tp = tiny_program(arch, 2)
     graphs = [tp.rank_graph(rank) for rank in range(2)]
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -138,7 +138,7 @@ def test_merge_option_rewrites_the_decode_step(monkeypatch, others):
     """With fxtp's other rewrites of the step or without them, which start from the merged twin."""
     compiled = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(module=module, **kwargs))
-    module = fxtp.compile(tiny_model("llama"), 2).with_cache(1, 16).rank_graph(0)
+    module = tiny_program("llama", 2)[1].with_cache(1, 16).rank_graph(0)
     for merge, projections in [(True, 4 * 2 + 1), (False, 7 * 2 + 1)]:
         DecodeGraph(module, resolve(DecodeOptions(merge_projections=merge, **ONLY_MERGED, **others), 2, True))
         assert linears(compiled["module"]) == projections

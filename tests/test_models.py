@@ -27,9 +27,17 @@ def test_every_arch_and_world_size(arch, world_size):
         Role.COLUMN_GATHERED, Role.VOCAB_PARALLEL]), "attention and MLP of both layers are column-parallel, embedding and lm_head vocab-sharded"
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(arch=architectures(LLAMA_FAMILY), world_size=world_sizes(), batch=token_batches(max_batch=4, max_seq=64))
 def test_equivalence_property(arch, world_size, batch):
+    model, tp = program(arch, world_size)
+    assert_equivalent(model, world_size, *batch, program=tp)
+
+
+@pytest.mark.slow  # more draws of test_equivalence_property, which runs by default
+@settings(max_examples=60, deadline=None)
+@given(arch=architectures(LLAMA_FAMILY), world_size=world_sizes(), batch=token_batches(max_batch=4, max_seq=64))
+def test_equivalence_property_more_draws(arch, world_size, batch):
     model, tp = program(arch, world_size)
     assert_equivalent(model, world_size, *batch, program=tp)
 

@@ -21,6 +21,7 @@ from fxtp.kernels.launches import counting_launches
 from fxtp.passes.decode.fuse_add_rms_norm import FUSED, fuse_add_rms_norm
 from fxtp.passes.decode.retarget import with_push_all_reduce
 from fxtp.runtime.rank_processes import run_ranks
+from fxtp.testing import tiny_program
 from fxtp.tiny_configs import tiny_model
 from push_harness import assert_rotated, interpreted_addresses, shared_workspaces
 
@@ -124,8 +125,14 @@ def test_fake_gives_the_graph_dtypes():
     assert (hidden.shape, hidden.dtype, normed.shape, normed.dtype) == (x.shape, torch.bfloat16, x.shape, torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def program_in(arch: str, dtype: torch.dtype):
+    """The tiny model's program over 2 ranks in `dtype`, compiled once (each rank_graph call makes a new graph)."""
+    return tiny_program(arch, 2)[1] if dtype == torch.float32 else fxtp.compile(tiny_model(arch).to(dtype), 2)
+
+
 def pushed_rank_graph(arch: str, dtype: torch.dtype, cached: bool = False):
-    tp = fxtp.compile(tiny_model(arch).to(dtype), 2)
+    tp = program_in(arch, dtype)
     return with_push_all_reduce((tp.with_cache(1, 64) if cached else tp).rank_graph(0))
 
 
@@ -212,7 +219,7 @@ def test_push_norm_option_fuses_the_decode_step(monkeypatch):
     """On by default with push all_reduce (its default is tests/test_decode_options.py's)."""
     compiled = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(module=module, **kwargs))
-    module = fxtp.compile(tiny_model("llama"), 2).rank_graph(0)
+    module = tiny_program("llama", 2)[1].rank_graph(0)
     for options, fused in [(DecodeOptions(push_all_reduce=True), 4), (DecodeOptions(push_all_reduce=True, push_norm=False), 0),
                            (DecodeOptions(push_all_reduce=False), 0)]:
         DecodeGraph(module, resolve(options, 2, True))

@@ -20,7 +20,7 @@ from fxtp.passes.decode.fuse_gated_gemv import fuse_gated_gemv
 from fxtp.passes.decode.fuse_rotary_gemv import fuse_rotary_gemv
 from fxtp.passes.decode.merge_projections import merge_projections
 from fxtp.passes.decode.shared_state_copy import twin
-from fxtp.testing import assert_generates_like_hf, traced_targets
+from fxtp.testing import assert_generates_like_hf, traced_targets, tiny_program
 from fxtp.tiny_configs import tiny_config, tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -227,8 +227,8 @@ def test_fused_steps_generate_hf_tokens(arch, monkeypatch):
 def test_fuse_rotary_gemv_leaves_what_it_does_not_know():
     """Unmerged q, k and v; a rotated k read by more than its cache write; q/k norms (qwen3) and a
     partial rotation (phi3 with partial_rotary_factor 0.5) stay."""
-    model = tiny_model("llama")
-    cached = fxtp.compile(model, 1).with_cache(batch_size=1, max_length=32)
+    model, program = tiny_program("llama", 1)
+    cached = program.with_cache(batch_size=1, max_length=32)
     unmerged = fuse_rotary_gemv(twin(cached.rank_graph(0), "Rotary"), prefetch_bytes=0)
     assert rotary_projection not in [node.target for node in unmerged.graph.nodes]
     merged = merge_projections(twin(cached.rank_graph(0), "Merged"))
@@ -239,8 +239,9 @@ def test_fuse_rotary_gemv_leaves_what_it_does_not_know():
     assert [node.target for node in fused.graph.nodes].count(rotary_projection) == model.config.num_hidden_layers - 1
     partial = tiny_config("phi3")
     partial.rope_parameters["partial_rotary_factor"] = 0.5
-    for other in (tiny_model("qwen3"), AutoModelForCausalLM.from_config(partial)):  # q/k norms; half of D rotated
-        cached = fxtp.compile(other, 1).with_cache(batch_size=1, max_length=32)
+    # q/k norms; half of D rotated
+    for other in (tiny_program("qwen3", 1)[1], fxtp.compile(AutoModelForCausalLM.from_config(partial), 1)):
+        cached = other.with_cache(batch_size=1, max_length=32)
         kept = fuse_rotary_gemv(merge_projections(twin(cached.rank_graph(0), "Merged")), prefetch_bytes=0)
         assert rotary_projection not in [node.target for node in kept.graph.nodes], other.config.model_type
 
@@ -248,8 +249,8 @@ def test_fuse_rotary_gemv_leaves_what_it_does_not_know():
 def test_layers_share_one_position_unless_it_is_written_before_it_is_read():
     """HF's static cache computes each layer's write position anew; the pass keeps the first, and the
     others go, but a position whose input is written in place before it is read stays its own."""
-    model = tiny_model("llama")
-    cached = fxtp.compile(model, 1).with_cache(batch_size=1, max_length=32)
+    model, program = tiny_program("llama", 1)
+    cached = program.with_cache(batch_size=1, max_length=32)
     merged = merge_projections(twin(cached.rank_graph(0), "Merged"))
     positions = [node.args[2].name for node in merged.graph.nodes if node.target is aten.index_copy_.default][::2]
     assert len(set(positions)) == model.config.num_hidden_layers
@@ -268,8 +269,8 @@ def test_layers_share_one_position_unless_it_is_written_before_it_is_read():
 def test_the_decode_step_fuses_rotary_by_default_and_not_when_turned_off(monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module))
-    model = tiny_model("llama")
-    cached = fxtp.compile(model, 1).with_cache(batch_size=1, max_length=32)
+    model, program = tiny_program("llama", 1)
+    cached = program.with_cache(batch_size=1, max_length=32)
     for options in (DecodeOptions(gemv_prefetch_bytes=8 << 20), DecodeOptions(rotary_gemv=False)):
         DecodeGraph(cached.rank_graph(0), resolve(options, 1, False))
         calls = [node for node in compiled[-1].graph.nodes if node.target is rotary_projection]

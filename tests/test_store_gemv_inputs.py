@@ -6,8 +6,7 @@ from torch._inductor import config
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
-import fxtp
-from fxtp.tiny_configs import tiny_model
+from fxtp.testing import tiny_program
 from fxtp.decode.decode_graph import DecodeGraph
 from fxtp.decode.options import DecodeOptions, resolve
 from fxtp.node_meta import REALIZE
@@ -79,7 +78,7 @@ def test_store_option_hands_the_pass_to_inductor(monkeypatch):
     (tests/test_generation.py), and its default is tests/test_decode_options.py's."""
     compiled = {}
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(kwargs))
-    module = fxtp.compile(tiny_model("llama"), 1).with_cache(1, 16).rank_graph(0)
+    module = tiny_program("llama", 1)[1].with_cache(1, 16).rank_graph(0)
     DecodeGraph(module, resolve(DecodeOptions(store_gemv_inputs=True), 1, False))
     assert isinstance(compiled["options"].pop("post_grad_custom_post_pass"), StoreGemvInputs)
     assert compiled["options"] == {"coordinate_descent_tuning": True, "triton.enable_pdl": True,

@@ -1,5 +1,7 @@
 """Projections cut into unequal pieces (GQA/MQA q|k|v in one weight) are unfused at capture
 (passes/capture/unfuse_projections.py): q is sharded by heads, the few kv heads kept replicated."""
+from functools import lru_cache
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -40,6 +42,12 @@ def model_of(arch: str):
     return _models[arch]
 
 
+@lru_cache(maxsize=None)
+def program_of(arch: str, world_size: int):
+    """model_of(arch)'s program over `world_size` ranks, compiled once for the tests that read it."""
+    return fxtp.compile(model_of(arch), world_size)
+
+
 def batch():
     ids = torch.randint(1, 256, (3, 11), generator=torch.Generator().manual_seed(7))
     mask = torch.ones_like(ids)
@@ -51,7 +59,7 @@ def batch():
 @pytest.mark.parametrize("arch", list(EXPECTED))
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_equivalent(arch, world_size):
-    tp = fxtp.compile(model_of(arch), world_size)
+    tp = program_of(arch, world_size)
     assert_equivalent(model_of(arch), world_size, *batch(), program=tp)
     names = [n.meta[STATE] for n in tp.graph.graph.nodes if STATE in n.meta]
     assert EXPECTED[arch][1] in names, "the fused q|k|v weight is unfused into derived pieces"
@@ -59,7 +67,7 @@ def test_equivalent(arch, world_size):
 
 def assert_q_sharded(arch, world_size):
     prefix, q_weight, all_reduces = EXPECTED[arch]
-    tp = fxtp.compile(model_of(arch), world_size)
+    tp = program_of(arch, world_size)
     for rank, heads in enumerate(balanced_counts(HEADS, world_size)):
         gm = tp.rank_graph(rank)
         assert dict(gm.named_parameters())[q_weight].shape[0] == heads * HEAD_DIM
@@ -80,7 +88,7 @@ def test_falcon_q_sharded(world_size):
 
 
 def test_equal_pieces_stay_fused():
-    tp = fxtp.compile(model_of("phi3"), 2)
+    tp = program_of("phi3", 2)
     names = {n.meta[STATE] for n in tp.graph.graph.nodes if STATE in n.meta}
     assert "model.layers.0.mlp.gate_up_proj.weight" in names  # gate|up: two equal blocks
     assert "model.layers.0.self_attn.qkv_proj.weight" not in names
