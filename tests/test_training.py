@@ -62,6 +62,15 @@ def test_training_equivalence_holds_for_drawn_batches(world_size, batch, seq, se
     assert_trains_like_hf(model, world_size, *training_batch(batch, seq, seed), program=program)
 
 
+@SLOW
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=st.sampled_from(CAUSAL_LMS), world_size=st.integers(1, 4), batch=st.integers(1, 3),
+       seq=st.integers(4, 20), seed=st.integers(0, 2**16))
+def test_training_equivalence_holds_for_drawn_architectures_and_batches(arch, world_size, batch, seq, seed):
+    assert_trains_like_hf(tiny_model(arch), world_size, *training_batch(batch, seq, seed),
+                          program=_program(arch, world_size))
+
+
 _PROGRAMS: dict = {}
 
 
@@ -117,6 +126,7 @@ def test_the_loss_gathers_no_logits_and_halves_the_parameters():
     gathers = [n for n in module.graph.nodes if n.target in (training_collectives.gather_shard,
                                                                collectives.all_gather_shard)]
     assert gathers == []
+    assert "gathered" not in fxtp.dump(program)
     assert state_layouts(program.graph)["lm_head.weight"] != state_layouts(program.graph)["model.norm.weight"]
     ids, mask, labels = training_batch()
     outputs = program.simulate_ranks(ids, mask, labels)

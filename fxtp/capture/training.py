@@ -14,6 +14,7 @@ import torch
 from fxtp.capture.export import Captured, CaptureError, export_model, flatten_model, max_positions, model_device
 from fxtp.capture.signatures import CAUSAL_LM, signature_of
 from fxtp.node_meta import LAYOUT, WANTS
+from fxtp.sharding.roles import Role
 
 TRAINING_INPUTS = ("input_ids", "attention_mask", "labels")
 IGNORE_INDEX = -100  # HF's label for positions that take no part in the loss
@@ -58,11 +59,15 @@ def capture_training(model: torch.nn.Module, example_batch: int = 2, example_seq
     return captured
 
 
-def leave_logits_sharded(gm) -> None:
+def leave_logits_sharded(gm, groups) -> None:
     """Let a planned training graph return each rank's own logits, unsharded no more than the plan
     made them: the loss needs no gathered logits (vocab-parallel cross entropy), so neither does the
     output. Reads node.meta["fxtp.layout"] of the logits; writes the output node's meta["fxtp.wants"]
-    (drops the want that would all-gather them)."""
+    (drops the want that would all-gather them), and the plan's `groups` say so: a column-parallel
+    lm_head is no longer gathered."""
+    for group in groups:
+        if group.role is Role.COLUMN_GATHERED:
+            group.role = Role.COLUMN_PARALLEL
     output = gm.graph.output_node()
     logits = output.args[0][1]
     output.meta[WANTS].pop(logits, None)

@@ -120,7 +120,7 @@ class TPProgram:
             self.plan: Plan = auto_plan(self.graph, world_size) if spec == "auto" else \
                 manual_plan(self.graph, world_size, spec)
             if training:
-                leave_logits_sharded(self.graph)
+                leave_logits_sharded(self.graph, self.plan.groups)
         self.world_size = world_size
         self.spec = spec
         self.training = training
