@@ -993,3 +993,17 @@ def test_harness_catches_wrong_rules(monkeypatch):
         run_op(lambda x: F.silu(x), {"x": arg(g, [2, 3], P, 2)}, 2)
     with pytest.raises(AssertionError, match="Shard|S\\("):
         run_op(lambda x: x.transpose(0, 1), {"x": arg(g, [4, 3], Shard(0, (2, 2)), 2)}, 2)
+
+
+@SETTINGS
+@given(st.sampled_from([2, 4]), st.integers(1, 3), seeds)
+def test_a_split_into_groups_of_heads_shards_the_groups(ws, groups_per_rank, seed):
+    """[b, s, G*4 heads, d] -> [b, s, G, 4, d] (Falcon's q|k|v of kv-head groups) with whole groups per
+    rank: the groups' dim is sharded, one unit a group, and the ranks' parts reassemble exactly."""
+    g = gen(seed)
+    groups = ws * groups_per_rank
+    x = arg(g, [2, 3, groups * 4, 8], Shard(2, (4 * groups_per_rank,) * ws), ws)
+    run = run_op(lambda x: x.view(2, 3, groups, 4, 8) * 2, {"x": x}, ws)
+    assert_layout(run, aten.view.default, Shard(2, (groups_per_rank,) * ws))
+    if ws > 1:
+        assert (run.count("all_reduce"), run.count("all_gather")) == (0, 1)  # at the output only

@@ -77,13 +77,27 @@ def _reshape_shard(shard: Shard, ins: tuple, outs: tuple) -> Optional[Shard]:
         pos = gi.index(shard.dim)
         outer = as_expr(shard.outer) * sympy.Mul(*in_sizes[:pos])
         inner = as_expr(shard.inner) * sympy.Mul(*in_sizes[pos + 1:])
-        for k, d in enumerate(gj):
-            pre, post = sympy.Mul(*out_sizes[:k]), sympy.Mul(*out_sizes[k + 1:])
+        splits = [(d, sympy.Mul(*out_sizes[:k]), sympy.Mul(*out_sizes[k + 1:]), out_sizes[k])
+                  for k, d in enumerate(gj)]
+        for d, pre, post, size in splits:  # a dim holding whole units of the shard
             if _divides(pre, outer) and _divides(post, inner) and \
-                    sympy.cancel(out_sizes[k] - outer / pre * shard.units * inner / post) == 0:
+                    sympy.cancel(size - outer / pre * shard.units * inner / post) == 0:
                 return Shard(d, shard.counts, _plain(inner / post), _plain(outer / pre))
+        for d, pre, post, size in splits:  # else one holding groups of units, each rank whole groups
+            coarser = _coarser(shard, sympy.cancel(post / inner))
+            if _divides(pre, outer) and coarser is not None and sympy.cancel(size - outer / pre * coarser.units) == 0:
+                return Shard(d, coarser.counts, 1, _plain(outer / pre))
         return None
     return None
+
+
+def _coarser(shard: Shard, ratio: sympy.Expr) -> Optional[Shard]:
+    """`shard` in units `ratio` times as large, where every rank's count is a whole number of them:
+    [.., 8 heads, d] -> [.., 2 groups, 4 heads, d] with 4 heads a rank is one group a rank (Falcon's
+    fused q|k|v of kv-head groups)."""
+    if not ratio.is_Integer or int(ratio) < 2 or any(c % int(ratio) for c in shard.counts):
+        return None
+    return Shard(shard.dim, tuple(c // int(ratio) for c in shard.counts))
 
 
 def _plain(e: sympy.Expr):
