@@ -207,20 +207,28 @@ def regroup(draw, atoms):
 
 
 def view_oracle(shard: Shard, in_shape, out_shape):
-    """A Shard of the output with the input's counts that each rank's local view produces, if any."""
+    """A Shard of the output that each rank's local view produces, if any: with the input's counts, or
+    with whole groups of g units on every rank (counts / g, inner 1: fxtp.sharding.reshape's coarser
+    shards, Falcon's kv-head groups)."""
     idx = torch.arange(prod(in_shape)).reshape(in_shape)
     out_idx = idx.reshape(out_shape)
     local = [local_part(idx, shard.dim, shard.counts, shard.inner, shard.outer, r) for r in range(shard.world_size)]
+
+    def produced(cand: Shard) -> bool:
+        return all(torch.equal(local_part(out_idx, cand.dim, cand.counts, cand.inner, cand.outer, r),
+                               local[r].reshape([cand.local_size(r) if k == cand.dim else s for k, s in enumerate(out_shape)]))
+                   for r in range(shard.world_size))
+
+    groups = [g for g in range(2, min(shard.counts) + 1) if all(c % g == 0 for c in shard.counts)]
     for d, size in enumerate(out_shape):
         for outer in divisors(size):
             for inner in divisors(size // outer):
-                if outer * shard.units * inner != size:
-                    continue
-                cand = Shard(d, shard.counts, inner, outer)
-                if all(torch.equal(local_part(out_idx, d, cand.counts, inner, outer, r),
-                                   local[r].reshape([cand.local_size(r) if k == d else s for k, s in enumerate(out_shape)]))
-                       for r in range(shard.world_size)):
-                    return cand
+                if outer * shard.units * inner == size and produced(Shard(d, shard.counts, inner, outer)):
+                    return Shard(d, shard.counts, inner, outer)
+        for g in groups:
+            counts = tuple(c // g for c in shard.counts)
+            if size % sum(counts) == 0 and produced(Shard(d, counts, 1, size // sum(counts))):
+                return Shard(d, counts, 1, size // sum(counts))
     return None
 
 
