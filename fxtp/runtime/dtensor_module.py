@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate as ReplicatePlacement, Shard as ShardPlacement
 from torch.func import functional_call
 
+from fxtp.passes.codegen.rewrite import set_state
 from fxtp.sharding.layouts import Layout, Shard
 
 
@@ -74,13 +75,7 @@ class DTensorRankModule(torch.nn.Module):
         self.layouts = layouts
         for name, local in rank_module.named_parameters():
             local.requires_grad_(False)  # trained through the DTensor, whose .grad holds the gradient
-            *path, leaf = name.split(".")
-            owner = self
-            for part in path:
-                if not hasattr(owner, part):
-                    owner.add_module(part, torch.nn.Module())
-                owner = getattr(owner, part)
-            owner.register_parameter(leaf, torch.nn.Parameter(_global_dtensor(local.detach(), layouts[name], mesh)))
+            set_state(self, name, torch.nn.Parameter(_global_dtensor(local.detach(), layouts[name], mesh)))
 
     def forward(self, *args, **kwargs):
         local = {name: p.to_local() for name, p in self.named_parameters()}

@@ -45,10 +45,7 @@ def simulate(modules: list[fx.GraphModule], args: tuple, kwargs: dict) -> list:
         elif head.op == "output":
             outputs = [fx.map_arg(node.args[0], lambda n, env=env: env[n]) for env, node in zip(envs, nodes)]
         elif head.target is collectives.ALL_REDUCE:
-            parts = [env[node.args[0]] for env, node in zip(envs, nodes)]
-            total = parts[0].clone()
-            for p in parts[1:]:
-                total = total + p
+            total = _sum([env[node.args[0]] for env, node in zip(envs, nodes)])
             for env, node in zip(envs, nodes):
                 env[node] = total.clone()
         elif head.target is collectives.all_gather_shard:
@@ -59,11 +56,7 @@ def simulate(modules: list[fx.GraphModule], args: tuple, kwargs: dict) -> list:
         elif head.target is training_collectives.reduce_partial:
             parts = [env[node.args[0]] for env, node in zip(envs, nodes)]
             for rank, (env, node) in enumerate(zip(envs, nodes)):
-                own = _own(parts, rank)
-                total = own[0]
-                for p in own[1:]:
-                    total = total + p
-                env[node] = total
+                env[node] = _sum(_own(parts, rank))
         elif head.target is training_collectives.gather_shard:
             parts = [env[node.args[0]] for env, node in zip(envs, nodes)]
             for rank, (env, node) in enumerate(zip(envs, nodes)):
@@ -91,6 +84,14 @@ def simulate(modules: list[fx.GraphModule], args: tuple, kwargs: dict) -> list:
     return outputs
 
 
+def _sum(values: list):
+    """The sum of `values` in rank order, as a new tensor: the order an all_reduce is simulated in."""
+    total = values[0] + values[1] if len(values) > 1 else values[0].clone()
+    for value in values[2:]:
+        total = total + value
+    return total
+
+
 def _own(parts: list, rank: int) -> list:
     """`parts` with every rank's value but `rank`'s detached: what rank's own process differentiates."""
     return [p if r == rank or not isinstance(p, torch.Tensor) else p.detach() for r, p in enumerate(parts)]
@@ -109,10 +110,7 @@ class _SumOfGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        present = [g for g in grads if g is not None]
-        total = present[0]
-        for g in present[1:]:
-            total = total + g
+        total = _sum([g for g in grads if g is not None])
         return tuple(total for _ in grads)
 
 

@@ -9,8 +9,7 @@ import torch
 
 from fxtp.capture.state_names import parse_derived
 from fxtp.node_meta import LAYOUT, STATE
-from fxtp.passes.codegen.rewrite import shard_args
-from fxtp.sharding.collectives import assemble
+from fxtp.sharding.collectives import assemble, shard_args
 from fxtp.sharding.layouts import Shard
 
 

@@ -19,6 +19,18 @@ SIMULATED_GROUP = "fxtp-simulated"
 
 
 
+def all_reduce(x: torch.Tensor, op: str, group_name: str) -> torch.Tensor:
+    """all_reduce of `x` with `op` ("sum", "max", ...), waited for: for functions that run collectives
+    themselves (the training collectives, vocab-parallel cross entropy) rather than as graph nodes."""
+    return WAIT(ALL_REDUCE(x.contiguous(), op, group_name))
+
+
+def shard_args(s: Shard) -> tuple:
+    """Shard as the (dim, counts, inner, outer) arguments of local_part, assemble and all_gather_shard in a
+    rank graph's call; a symbolic inner/outer is -1 (read from the size)."""
+    return (s.dim, s.counts, s.inner if isinstance(s.inner, int) else -1, s.outer if isinstance(s.outer, int) else -1)
+
+
 def process_group_named(group_name: str) -> torch.distributed.ProcessGroup:
     """The process group a rank graph's collectives name (functional collectives take group names);
     raises where no such group exists in this process."""

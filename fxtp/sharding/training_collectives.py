@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from fxtp.sharding.collectives import ALL_REDUCE, WAIT, all_gather_shard, local_part
-
-
-def _all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    return WAIT(ALL_REDUCE(x.contiguous(), "sum", group_name))
+from fxtp.sharding.collectives import all_gather_shard, all_reduce, local_part
 
 
 class _ReducePartial(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group_name: str) -> torch.Tensor:
-        return _all_reduce(x, group_name)
+        return all_reduce(x, "sum", group_name)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -40,7 +36,7 @@ class _ReduceGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _all_reduce(grad, ctx.group_name), None
+        return all_reduce(grad, "sum", ctx.group_name), None
 
 
 class _GatherShard(torch.autograd.Function):

@@ -31,6 +31,7 @@ import torch.fx as fx
 
 from fxtp.rank_ops import device_ops, inputs
 from fxtp.sharding import collectives, training_collectives
+from fxtp.sharding.collectives import shard_args
 from fxtp.node_meta import COLLECTIVE, LAYOUT, REDUCE, STATE, WANTS, copy_origin
 from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard
 from fxtp.sharding.op_rules.table import rule_for
@@ -43,11 +44,6 @@ aten = torch.ops.aten
 
 class RewriteError(RuntimeError):
     pass
-
-
-def shard_args(s: Shard) -> tuple:
-    """Shard as arguments of a rank graph's call; a symbolic inner/outer is -1 (read from the size)."""
-    return (s.dim, s.counts, s.inner if isinstance(s.inner, int) else -1, s.outer if isinstance(s.outer, int) else -1)
 
 
 def slice_state(value: torch.Tensor, layout: Layout, rank: int) -> torch.Tensor:
@@ -63,7 +59,9 @@ def own_state(value: torch.Tensor, entry: torch.Tensor) -> torch.Tensor:
     return torch.nn.Parameter(value, requires_grad=False) if isinstance(entry, torch.nn.Parameter) else value
 
 
-def _set_state(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+def set_state(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Hold `value` in `root` under the dotted state name `name`, with a plain Module for each missing
+    level: a Parameter as a parameter, anything else as a buffer."""
     *path, leaf = name.split(".")
     module = root
     for part in path:
@@ -158,7 +156,7 @@ def rewrite_for_rank(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: i
                 value = load(name, node.meta[LAYOUT])
             else:
                 value = own_state(slice_state(state[name], node.meta[LAYOUT], rank).to(device).contiguous(), state[name])
-            _set_state(root, name, value)
+            set_state(root, name, value)
             new = graph.get_attr(name)
         elif node.op == "placeholder":
             spec = INPUTS.get(node.name) if checks_inputs else None

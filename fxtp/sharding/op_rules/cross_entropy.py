@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxtp.sharding.collectives import ALL_REDUCE, WAIT
+from fxtp.sharding.collectives import all_reduce
 from fxtp.sharding.layouts import Replicate, Shard
 from fxtp.sharding.op_rules.helpers import R, arg, ndim, replicate_all, shard_of
 from fxtp.sharding.op_rules.rule import Decision, LayoutOf
@@ -51,10 +51,6 @@ def lower_cross_entropy(node, args, kwargs, input_layout, rank, group_name):
                                           group_name), {}
 
 
-def _all_reduce(x: torch.Tensor, op: str, group_name: str) -> torch.Tensor:
-    return WAIT(ALL_REDUCE(x.contiguous(), op, group_name))
-
-
 def _reduce(losses: torch.Tensor, counted: torch.Tensor, reduction: int) -> torch.Tensor:
     if reduction == MEAN:
         return losses.sum() / counted.sum()
@@ -64,13 +60,13 @@ def _reduce(losses: torch.Tensor, counted: torch.Tensor, reduction: int) -> torc
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, reduction, ignore_index, vocab_start, group_name):
-        row_max = _all_reduce(x.detach().amax(1), "max", group_name)
+        row_max = all_reduce(x.detach().amax(1), "max", group_name)
         exp = (x - row_max.unsqueeze(1)).exp()
-        total = _all_reduce(exp.sum(1), "sum", group_name)
+        total = all_reduce(exp.sum(1), "sum", group_name)
         local = target - vocab_start
         owned = (local >= 0) & (local < x.size(1))
         index = local.masked_fill(~owned, 0).unsqueeze(1)
-        picked = _all_reduce(x.gather(1, index).squeeze(1).masked_fill(~owned, 0), "sum", group_name)
+        picked = all_reduce(x.gather(1, index).squeeze(1).masked_fill(~owned, 0), "sum", group_name)
         counted = target != ignore_index
         losses = ((total.log() + row_max) - picked).masked_fill(~counted, 0)
         ctx.save_for_backward(exp, total, index, owned, counted)

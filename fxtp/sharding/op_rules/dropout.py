@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from fxtp.sharding.collectives import local_part
+from fxtp.sharding.collectives import local_part, shard_args
 from fxtp.sharding.layouts import Shard
 
 aten = torch.ops.aten
@@ -61,13 +61,7 @@ def lower_attention(node, args, kwargs, input_layout, rank, group_name):
     given = {**dict(zip(names, args)), **kwargs}
     if not isinstance(layout, Shard) or not given.get("dropout_p", 0.0):
         return node.target, args, kwargs
-    return attention_with_sharded_dropout, (), {**given, "shard": _shard_args(layout), "rank": rank}
-
-
-def _shard_args(layout: Shard) -> tuple:
-    inner = layout.inner if isinstance(layout.inner, int) else -1
-    outer = layout.outer if isinstance(layout.outer, int) else -1
-    return layout.dim, layout.counts, inner, outer
+    return attention_with_sharded_dropout, (), {**given, "shard": shard_args(layout), "rank": rank}
 
 
 def lower_dropout(node, args, kwargs, input_layout, rank, group_name):
@@ -76,7 +70,7 @@ def lower_dropout(node, args, kwargs, input_layout, rank, group_name):
     if not isinstance(layout, Shard):
         return node.target, args, kwargs
     x, p, train = args
-    return sharded_dropout, (x, p, train, *_shard_args(layout), rank), kwargs
+    return sharded_dropout, (x, p, train, *shard_args(layout), rank), kwargs
 
 
 # the ops of rank graphs that may draw random numbers
