@@ -31,10 +31,10 @@ case "${1:-tests}" in
       --out "$out/hf_generate_speed.json" > "$out/hf_generate_speed.log" 2>&1
     echo "hf_generate_speed rc=$?"; tail -4 "$out/hf_generate_speed.log"
     args="--shape llama3-8b --dtype bfloat16 --prompt-len 128 --gen-len 64 --warmup 1 --trials 3 --batch 1 --impl fxtp-compile-n1"
-    timeout 170 torchrun --nproc_per_node 1 benchmarks/inference_test.py $args > "$out/after.log" 2>&1
+    timeout 170 torchrun --nproc_per_node 1 benchmarks/inference_test.py $args --out "$out/after.json" > "$out/after.log" 2>&1
     echo "after rc=$?"; tail -6 "$out/after.log"
     PYTHONPATH="$PWD/.before" timeout 170 torchrun --nproc_per_node 1 .before/benchmarks/inference_test.py $args \
-      > "$out/before.log" 2>&1; echo "before rc=$?"; tail -6 "$out/before.log" ;;
+      --out "$out/before.json" > "$out/before.log" 2>&1; echo "before rc=$?"; tail -6 "$out/before.log" ;;
   timing-train)
     # training_speed.py's default: hf-eager, hf-compile, fxtp-n1 and fxtp-n1-compile at batch 4 x 1024 tokens
     timeout 400 python3 -P benchmarks/training_speed.py --out "$out/training_speed.json" \

@@ -211,3 +211,15 @@ def test_hf_generate_drives_the_compiled_step_like_hf():
         got = sharded.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, **options)
         assert torch.equal(got, expected), (options, got.tolist(), expected.tolist())
     assert sharded.fxtp_runtime.generator.compile_options is not None
+
+
+# a bare "cuda" is the current GPU: inputs moved with .to("cuda") (which then say cuda:0) are accepted
+@needs_gpus(1)
+def test_a_bare_cuda_device_is_the_current_gpu():
+    model = tiny_model("llama", noise=0.05).cuda()
+    ids = torch.randint(3, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0)).to("cuda")
+    sharded = fxtp.parallelize(model, 1, device="cuda")
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(sharded.generate(ids, max_new_tokens=4, do_sample=False), expected)
+    generator = sharded.fxtp_runtime.program.generator(0, "cuda")
+    assert torch.equal(generator.generate(ids, max_new_tokens=4), expected)

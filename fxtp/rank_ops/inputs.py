@@ -14,6 +14,15 @@ def require_tensor(name: str, value) -> None:
                         f"wrap it, e.g. torch.tensor({name})")
 
 
+def exact_device(device) -> torch.device:
+    """`device` with its index: a bare 'cuda' means the current CUDA device, where `.to('cuda')` puts a
+    tensor and what that tensor's `.device` then names, so that the two compare equal."""
+    device = torch.device(device)
+    if device.index is None and device.type not in ("cpu", "meta"):
+        return torch.device(device.type, getattr(torch, device.type).current_device())
+    return device
+
+
 def checked_inputs(input_ids: torch.Tensor, attention_mask, device: torch.device,
                    names: tuple[str, str] = ("input_ids", "attention_mask"), fill: int = 1):
     """Validate token ids and a tensor of their shape (a mask, token types) on `device`, and

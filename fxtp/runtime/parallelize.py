@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from fxtp.decode.options import DecodeOptions
+from fxtp.rank_ops.inputs import exact_device
 from fxtp.runtime.hf_model import ParallelRuntime, hf_model
 from fxtp.runtime.program import compile as compile_program
 
@@ -53,7 +54,7 @@ def parallelize(model: torch.nn.Module, world_size: Optional[int] = None, *, pla
 
 def _device(model: torch.nn.Module, device) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        return exact_device(device)
     placed = next((p.device for p in model.parameters()), torch.device("cpu"))
     if placed.type != "meta":
         return placed

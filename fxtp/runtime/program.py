@@ -17,7 +17,7 @@ from fxtp.capture.export import Captured, capture
 from fxtp.capture.plain_module import ExampleInputs, attention_heads, capture_plain, is_hf_model
 from fxtp.node_meta import STATE
 from fxtp.decode.options import DecodeOptions
-from fxtp.rank_ops.inputs import require_tensor
+from fxtp.rank_ops.inputs import exact_device, require_tensor
 from fxtp.runtime.checkpoint import RankLoader
 from fxtp.runtime.dtensor_module import DTensorRankModule
 from fxtp.runtime.whole_state import state_layouts
@@ -205,7 +205,7 @@ class TPProgram:
         options, `fxtp.DecodeOptions` or a dict of its fields: fxtp/decode/options.py) runs decode steps compiled and
         captured as a CUDA graph (one rank per process, on CUDA)."""
         self.require_inference("generation")
-        device = torch.device(device) if device is not None else self._default_device()
+        device = exact_device(device) if device is not None else self._default_device()
         if rank is None:
             if compile is not False:
                 raise ValueError("compile=True needs one rank per process: pass rank=dist.get_rank() under torchrun")
@@ -231,7 +231,7 @@ class TPProgram:
         self.check_rank(rank)
         if checkpoint is not None:
             self.require_hf_model("checkpoint= (loading slices by HF state names)")
-        device = torch.device(device) if device is not None else self.device
+        device = exact_device(device) if device is not None else self.device
         if checkpoint is None and self.device.type == "meta":
             raise ValueError("the model is on the meta device, so it has no weights to shard: pass "
                              "checkpoint=<HF safetensors directory> (and device=...) to load this rank's slices")
@@ -271,7 +271,7 @@ class TPProgram:
         With several ranks each call first checks that every rank was given the same inputs
         (fxtp/runtime/rank_agreement.py), and a call that raises tears the group down so that the
         peers fail at once, naming this rank (fxtp/runtime/fail_fast.py)."""
-        device = torch.device(device) if device is not None else self._default_device()
+        device = exact_device(device) if device is not None else self._default_device()
         group_name = self._group_name(rank, device, process_group)
         module = self.rank_graph(rank, group_name, device, checkpoint)
         if self.world_size > 1:
@@ -339,7 +339,7 @@ class TPProgram:
         """Every rank's module on `device`, the ones simulate_ranks runs (made once per device and
         checkpoint). In a program for training they hold each rank's trainable shards: after
         `torch.autograd.backward([loss of each rank])` their .grad are what each rank's process gets."""
-        device = torch.device(device) if device is not None else self._default_device()
+        device = exact_device(device) if device is not None else self._default_device()
         key = (str(device), checkpoint)
         if key not in self._simulated:
             self._simulated[key] = [self.rank_graph(r, device=device, checkpoint=checkpoint)
