@@ -1,10 +1,12 @@
-"""MoE layers written as a Python loop over the experts (JetMoE).
+"""MoE layers written as a Python loop over the experts (JetMoE), and the expert loops torch.export
+cannot capture (DBRX's, transformers' eager experts: a loop over the experts that receive tokens).
 
 JetMoE runs each expert as linear(x_e, select(W, 0, e)) on its rows (a data-dependent split),
 joins them with cat and adds them back in token order with index_add, in its MLP and in its
 mixture-of-attention queries. The planner takes the loop's selects of one W as one projection:
 column-parallel on W's output features, row-parallel after, one all_reduce per block.
 """
+import re
 from functools import lru_cache
 
 import pytest
@@ -12,11 +14,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import fxtp
+from fxtp.capture.export import CaptureError
 from fxtp.node_meta import LAYOUT, STATE
 from fxtp.sharding.layouts import Shard
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, planned_state_bytes
 from fxtp.testing import assert_equivalent
-from fxtp.tiny_configs import generic_tiny_config
+from fxtp.tiny_configs import generic_tiny_config, tiny_model
 from op_harness import P, R, arg, aten, run_op
 
 # 4 kv heads of 16 (JetMoE-8B has 16 of 128): heads that divide over 2 and 4 ranks, 2+1+1 over 3
@@ -97,3 +100,26 @@ def test_index_add_of_partial_into_values():
     args = {"x": arg(g, [6, 4], P, 2), "base": arg(g, [5, 4], R, 2), "idx": arg(g, [6], R, 2, kind="int5")}
     run = run_op(lambda x, base, idx: base.index_add(0, idx, x), args, 2)
     assert run.layout(aten.index_add.default) == R, run.describe()
+
+
+def test_dbrx_refused_naming_its_loop():
+    """DBRX's experts loop over `expert_hit` (nonzero of the routed counts) and it has no experts
+    implementation to switch to: the refusal names the loop's line and says that no option avoids it."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(generic_tiny_config("dbrx"), dtype=torch.float32).float().eval()
+    with pytest.raises(CaptureError) as refused:
+        fxtp.compile(model, 2)
+    first = str(refused.value).splitlines()[0]
+    assert re.search(r"modeling_dbrx\.py:\d+ in forward: `for expert_idx in expert_hit:`", first), first
+    assert "DbrxForCausalLM has no option that avoids it" in first
+
+
+@pytest.mark.slow  # the default run keeps DBRX's refusal, the same check of the same loop
+def test_eager_experts_refused_naming_the_option():
+    """transformers' eager experts (the same loop) in a model that can switch: the refusal names the call."""
+    model = tiny_model("mixtral", layers=1)
+    model.set_experts_implementation("eager")
+    with pytest.raises(CaptureError) as refused:
+        fxtp.compile(model, 2)
+    first = str(refused.value).splitlines()[0]
+    assert 'call model.set_experts_implementation("grouped_mm")' in first and "modeling_mixtral.py" in first, first
