@@ -114,8 +114,10 @@ def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
                         frontier.append((user, gj[0]))
                     elif gi == (dim,):
                         return 1, int(prod(int(val(user).shape[d]) for d in gj[1:]))
-                    elif gi[-1] == dim and len(gj) > 1 and (unit := _heads_across(val(node), dim, val(user), gj)) > 1:
-                        return 1, unit
+                    elif gi and gi[-1] == dim and len(gj) > 1:
+                        unit = _heads_across(val(node), dim, val(user), gj)
+                        if unit > 1:
+                            return 1, unit
             elif user.target in _SQUEEZES and (moved := dim_after_squeeze(user, dim)) is not None:
                 frontier.append((user, moved))
             elif joins_rows(user, node, dim):
