@@ -188,7 +188,8 @@ _TYPE_FIXES = {
     "gemma3n_text": {"layer_types": ["sliding_attention", "full_attention"], "num_kv_shared_layers": 0,
                      "intermediate_size": [128, 128],  # per layer
                      "vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16},  # else 134M per-layer inputs
-    "cohere_compass_text": {"rope_parameters": {t: {"rope_type": "default", "rope_theta": 10000.0}
+    "cohere_compass_text": {"rope_parameters": {t: {"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [3, 3, 2]}  # of the 16-dim heads' 8 frequencies
                                                 for t in ("full_attention", "sliding_attention")}},
     "dots3_note_text": {"per_layer_config": {},  # keyed by the indices of layers past the first 2
                         "index_n_heads": 4, "index_head_dim": 32},
@@ -212,8 +213,15 @@ def generic_tiny_config(model_type: str):
     heads = next((default[k] for k in _HEAD_KEYS if isinstance(default.get(k), int)), None)
     shrunk = _shrunk(default, layers, heads)
     for key, value in fixes.items():
-        shrunk[key] = {**shrunk.get(key, default[key]), **value} if isinstance(value, dict) and value else value
+        shrunk[key] = _sub_config({**shrunk.get(key, default[key]), **value}) if isinstance(value, dict) and value \
+            else value
     return AutoConfig.for_model(model_type, **shrunk)
+
+
+def _sub_config(values: dict) -> dict:
+    """A sub-config's to_dict() as its class's keywords: without the bookkeeping every to_dict() writes at
+    its default, which transformers 5.17's DBRX sub-configs reject as unknown keywords."""
+    return {k: v for k, v in values.items() if not (k == "_name_or_path" and v == "" or k == "output_attentions" and v is False)}
 
 
 def _shrunk(values: dict, layers, heads) -> dict:
@@ -230,5 +238,5 @@ def _shrunk(values: dict, layers, heads) -> dict:
         elif isinstance(value, dict) and key not in MULTIMODAL_KEYS:
             inner = _shrunk(value, layers, heads)
             if inner:
-                changed[key] = {**value, **inner}
+                changed[key] = _sub_config({**value, **inner})
     return changed
