@@ -193,6 +193,8 @@ _TYPE_FIXES = {
                                                 for t in ("full_attention", "sliding_attention")}},
     "dots3_note_text": {"per_layer_config": {},  # keyed by the indices of layers past the first 2
                         "index_n_heads": 4, "index_head_dim": 32},
+    "blt": {"encoder_hash_byte_group_vocab": 256, **{f"{part}_config": {"hidden_size_global": 64}
+                                                      for part in ("encoder", "decoder")}},  # the global model's
     "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
 }
 _TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1}

@@ -18,20 +18,12 @@ from fxtp.capture.export import CaptureError
 from fxtp.node_meta import LAYOUT, STATE
 from fxtp.sharding.layouts import Shard
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, planned_state_bytes
-from fxtp.testing import assert_equivalent
+from fxtp.testing import assert_equivalent, padded_batch
 from fxtp.tiny_configs import generic_tiny_config, tiny_model
 from op_harness import P, R, arg, aten, run_op
 
 # 4 kv heads of 16 (JetMoE-8B has 16 of 128): heads that divide over 2 and 4 ranks, 2+1+1 over 3
 WIDE_HEADS = {"num_key_value_heads": 4, "kv_channels": 16}
-
-
-def left_padded_batch():
-    ids = torch.randint(3, 256, (3, 13), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones_like(ids)
-    mask[0, :6] = 0
-    mask[1, :1] = 0
-    return ids, mask
 
 
 @lru_cache(maxsize=None)
@@ -54,7 +46,7 @@ def test_jetmoe_expert_loops_sharded():
     attention's, are column- then row-parallel, kv_proj with the queries; one all_reduce closes each
     block; the routers alone stay replicated, for their top-k over every expert's logit."""
     model, tp = jetmoe(2, layers=1)
-    assert_equivalent(model, 2, *left_padded_batch(), program=tp)
+    assert_equivalent(model, 2, **padded_batch(model), program=tp, atol=1e-5)
     assert all(state_fraction(tp, r) <= 0.55 for r in range(2))
     by_layer = collectives_by_layer(tp.rank_graph(0))
     by_layer.pop(OUTSIDE_LAYERS, None)
@@ -79,7 +71,7 @@ def test_jetmoe_wide_heads(world_size):
     """With 4 kv heads every rank holds at most 1/N + 0.05 of the state (heads 2+1+1 at N=3: the
     queries' [top_k, heads * 16] -> [top_k * heads, 16] regroups whole heads)."""
     model, tp = jetmoe(world_size, layers=2, wide=True)
-    assert_equivalent(model, world_size, *left_padded_batch(), program=tp)
+    assert_equivalent(model, world_size, **padded_batch(model), program=tp, atol=1e-5)
     assert all(state_fraction(tp, r) <= 1 / world_size + 0.05 for r in range(world_size))
 
 
