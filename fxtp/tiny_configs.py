@@ -191,8 +191,8 @@ _TYPE_FIXES = {
     "cohere_compass_text": {"rope_parameters": {t: {"rope_type": "default", "rope_theta": 10000.0,
                                                     "mrope_section": [3, 3, 2]}  # of the 16-dim heads' 8 frequencies
                                                 for t in ("full_attention", "sliding_attention")}},
-    "dots3_note_text": {"per_layer_config": {},  # keyed by the indices of layers past the first 2
-                        "index_n_heads": 4, "index_head_dim": 32},
+    "dots3_note_text": {"index_n_heads": 4, "index_head_dim": 32},
+    "gemma4_text": {"vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16},  # else 134M
     "blt": {"encoder_hash_byte_group_vocab": 256, **{f"{part}_config": {"hidden_size_global": 64}
                                                       for part in ("encoder", "decoder")}},  # the global model's
     "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
@@ -204,8 +204,9 @@ MULTIMODAL_KEYS = ("text_config", "vision_config", "audio_config", "vq_config", 
 def generic_tiny_config(model_type: str):
     """A tiny config of any model type, from its defaults: every size attribute named in
     _TINY_SIZES (also inside sub-config dicts) shrunk, token ids kept inside the 256-word vocab
-    and per-layer lists cut to the first 2 layers; kv heads as many as the heads where the
-    default has as many (multi-head and MLA attention stay so); then the type's _TYPE_FIXES.
+    and per-layer lists and dicts (by layer index) cut to the first 2 layers; kv heads as many as the
+    heads where the default has as many or None (multi-head and MLA attention stay so); a head_dim
+    left None made explicit; then the type's _TYPE_FIXES.
     Raises what the config class raises if the shrunk sizes are inconsistent for it."""
     fixes = _TYPE_FIXES.get(model_type, {})
     # a sub-config's fixes apply to the default too: some defaults fail their own validation
@@ -229,14 +230,20 @@ def _sub_config(values: dict) -> dict:
 def _shrunk(values: dict, layers, heads) -> dict:
     changed = {}
     for key, value in values.items():
-        if key in _KV_HEAD_KEYS and value == heads:
+        if key in _KV_HEAD_KEYS and (value == heads or value is None):  # None: as many as the heads
             changed[key] = _TINY_OF["num_attention_heads"]
         elif key in _TINY_OF and isinstance(value, int) and not isinstance(value, bool):
             changed[key] = _TINY_OF[key]
         elif key in _TOKEN_IDS and isinstance(value, int) and value >= _TINY_OF["vocab_size"]:
             changed[key] = _TOKEN_IDS[key]
+        elif key == "head_dim" and value is None:  # None: hidden // heads, which the shrunk sizes make 16
+            changed[key] = _TINY_OF["head_dim"]
         elif isinstance(value, list) and layers and len(value) == layers > 2:
             changed[key] = value[:2]
+        elif isinstance(value, dict) and value and key != "id2label" and all(str(k).isdigit() for k in value):
+            # per layer index (Gemma 4's per_layer_config)
+            if any(int(k) >= 2 for k in value):
+                changed[key] = {k: v for k, v in value.items() if int(k) < 2}
         elif isinstance(value, dict) and key not in MULTIMODAL_KEYS:
             inner = _shrunk(value, layers, heads)
             if inner:

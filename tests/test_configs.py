@@ -25,10 +25,11 @@ def test_expert_sizes_and_token_ids_shrink():
     assert all(i is None or i < 256 for i in (config.pad_token_id, config.bos_token_id, config.eos_token_id))
 
 
-# model types whose defaults the generic shrinking alone left unbuildable (fxtp.tiny_configs._TYPE_FIXES,
-# and ernie4_5_moe's top-k `moe_k`); gemma4_assistant builds but runs only beside its target model
+# model types whose defaults the generic shrinking alone left unbuildable (fxtp.tiny_configs._TYPE_FIXES; ernie4_5_moe's
+# top-k `moe_k`; head_dim or kv heads left None; per-layer dicts by layer index); gemma4_assistant builds but runs only
+# beside its target model
 FIXED_TYPES = ("dbrx", "deepseek_v2", "dots1", "zaya", "lfm2_moe", "olmo_hybrid", "gemma3n_text", "cohere_compass_text",
-               "dots3_note_text", "ernie4_5_moe", "blt")
+               "dots3_note_text", "ernie4_5_moe", "blt", "hunyuan_v1_moe", "ministral", "nemotron", "gemma4_text")
 
 
 def installed(model_type: str) -> bool:
