@@ -224,7 +224,8 @@ def generic_tiny_config(model_type: str):
 def _sub_config(values: dict) -> dict:
     """A sub-config's to_dict() as its class's keywords: without the bookkeeping every to_dict() writes at
     its default, which transformers 5.17's DBRX sub-configs reject as unknown keywords."""
-    return {k: v for k, v in values.items() if not (k == "_name_or_path" and v == "" or k == "output_attentions" and v is False)}
+    at_default = {"_name_or_path": "", "output_attentions": False}
+    return {k: v for k, v in values.items() if k not in at_default or v != at_default[k]}
 
 
 def _shrunk(values: dict, layers, heads) -> dict:

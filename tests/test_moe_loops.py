@@ -31,7 +31,8 @@ def jetmoe(world_size: int, layers: int, experts: int = 4, wide: bool = False):
     """Tiny JetMoE (export is slow on its data-dependent splits, one per expert: the default test has
     one layer of 2 experts)."""
     config = generic_tiny_config("jetmoe")
-    for key, value in {"num_hidden_layers": layers, "num_local_experts": experts, **(WIDE_HEADS if wide else {})}.items():
+    sizes = {"num_hidden_layers": layers, "num_local_experts": experts, **(WIDE_HEADS if wide else {})}
+    for key, value in sizes.items():
         setattr(config, key, value)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).float().eval()
