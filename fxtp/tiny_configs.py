@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo", "helium", "stablelm")
 CAUSAL_LMS = LLAMA_FAMILY + (
@@ -162,17 +163,40 @@ _HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "attentio
 _KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_n_heads", "multi_query_group_num")
 _TINY_SIZES = {
     64: ("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "model_dim", "word_embed_proj_dim"),
-    2: _LAYER_KEYS + _KV_HEAD_KEYS + ("num_experts_per_tok", "moe_top_k", "moe_topk", "num_experts_per_token"),
+    2: _LAYER_KEYS + _KV_HEAD_KEYS + ("num_experts_per_tok", "moe_top_k", "moe_topk", "num_experts_per_token", "moe_k"),
     4: _HEAD_KEYS + ("num_experts",
         "num_local_experts", "n_routed_experts", "moe_num_experts"),
     16: ("head_dim", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
     32: ("kv_lora_rank", "q_lora_rank"),
     128: ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff"),
-    48: ("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size"),
+    48: ("moe_intermediate_size", "shared_expert_intermediate_size", "shared_experts_intermediate_size",
+         "expert_intermediate_size"),
     1: ("n_group", "topk_group", "n_shared_experts", "num_shared_experts"),
     256: ("vocab_size",),
 }
 _TINY_OF = {name: size for size, names in _TINY_SIZES.items() for name in names}
+# Per model type, what the shrinking cannot derive: sizes whose default is None, per-layer values the cut to
+# 2 layers leaves inconsistent, defaults the config class's own validation rejects (a dict merges into a
+# sub-config's).
+_TYPE_FIXES = {
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},  # DbrxAttention reads both; no defaults
+    "deepseek_v2": {"num_experts_per_tok": 2},
+    "dots1": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1},
+    "zaya": {"num_experts_per_tok": 1},  # the only top-k ZAYA supports
+    "lfm2_moe": {"layer_types": ["full_attention", "conv"], "num_dense_layers": 1},  # one attention, one MoE layer
+    "olmo_hybrid": {"layer_types": ["linear_attention", "full_attention"]},  # the first 2 are both linear
+    "gemma3n_text": {"layer_types": ["sliding_attention", "full_attention"], "num_kv_shared_layers": 0,
+                     "intermediate_size": [128, 128],  # per layer
+                     "vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16},  # else 134M per-layer inputs
+    "cohere_compass_text": {"rope_parameters": {t: {"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [3, 3, 2]}  # of the 16-dim heads' 8 frequencies
+                                                for t in ("full_attention", "sliding_attention")}},
+    "dots3_note_text": {"index_n_heads": 4, "index_head_dim": 32},
+    "gemma4_text": {"vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16},  # else 134M
+    "blt": {"encoder_hash_byte_group_vocab": 256, **{f"{part}_config": {"hidden_size_global": 64}
+                                                      for part in ("encoder", "decoder")}},  # the global model's
+    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
+}
 _TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1}
 MULTIMODAL_KEYS = ("text_config", "vision_config", "audio_config", "vq_config", "speech_config")
 
@@ -180,28 +204,49 @@ MULTIMODAL_KEYS = ("text_config", "vision_config", "audio_config", "vq_config", 
 def generic_tiny_config(model_type: str):
     """A tiny config of any model type, from its defaults: every size attribute named in
     _TINY_SIZES (also inside sub-config dicts) shrunk, token ids kept inside the 256-word vocab
-    and per-layer lists cut to the first 2 layers; kv heads as many as the heads where the
-    default has as many (multi-head and MLA attention stay so). Raises what the config class
-    raises if the shrunk sizes are inconsistent for it."""
-    default = AutoConfig.for_model(model_type).to_dict()
+    and per-layer lists and dicts (by layer index) cut to the first 2 layers; kv heads as many as the
+    heads where the default has as many or None (multi-head and MLA attention stay so); a head_dim
+    left None made explicit; then the type's _TYPE_FIXES.
+    Raises what the config class raises if the shrunk sizes are inconsistent for it."""
+    fixes = _TYPE_FIXES.get(model_type, {})
+    # a sub-config's fixes apply to the default too: some defaults fail their own validation
+    sub_configs = getattr(CONFIG_MAPPING[model_type], "sub_configs", {})
+    default = AutoConfig.for_model(model_type, **{k: v for k, v in fixes.items() if k in sub_configs}).to_dict()
     layers = next((default[k] for k in _LAYER_KEYS if isinstance(default.get(k), int)), None)
     heads = next((default[k] for k in _HEAD_KEYS if isinstance(default.get(k), int)), None)
-    return AutoConfig.for_model(model_type, **_shrunk(default, layers, heads))
+    shrunk = _shrunk(default, layers, heads)
+    for key, value in fixes.items():
+        shrunk[key] = _sub_config({**shrunk.get(key, default[key]), **value}) if isinstance(value, dict) and value \
+            else value
+    return AutoConfig.for_model(model_type, **shrunk)
+
+
+def _sub_config(values: dict) -> dict:
+    """A sub-config's to_dict() as its class's keywords: without the bookkeeping every to_dict() writes at
+    its default, which transformers 5.17's DBRX sub-configs reject as unknown keywords."""
+    at_default = {"_name_or_path": "", "output_attentions": False}
+    return {k: v for k, v in values.items() if k not in at_default or v != at_default[k]}
 
 
 def _shrunk(values: dict, layers, heads) -> dict:
     changed = {}
     for key, value in values.items():
-        if key in _KV_HEAD_KEYS and value == heads:
+        if key in _KV_HEAD_KEYS and (value == heads or value is None):  # None: as many as the heads
             changed[key] = _TINY_OF["num_attention_heads"]
         elif key in _TINY_OF and isinstance(value, int) and not isinstance(value, bool):
             changed[key] = _TINY_OF[key]
         elif key in _TOKEN_IDS and isinstance(value, int) and value >= _TINY_OF["vocab_size"]:
             changed[key] = _TOKEN_IDS[key]
+        elif key == "head_dim" and value is None:  # None: hidden // heads, which the shrunk sizes make 16
+            changed[key] = _TINY_OF["head_dim"]
         elif isinstance(value, list) and layers and len(value) == layers > 2:
             changed[key] = value[:2]
+        elif isinstance(value, dict) and value and key != "id2label" and all(str(k).isdigit() for k in value):
+            # per layer index (Gemma 4's per_layer_config)
+            if any(int(k) >= 2 for k in value):
+                changed[key] = {k: v for k, v in value.items() if int(k) < 2}
         elif isinstance(value, dict) and key not in MULTIMODAL_KEYS:
             inner = _shrunk(value, layers, heads)
             if inner:
-                changed[key] = {**value, **inner}
+                changed[key] = _sub_config({**value, **inner})
     return changed

@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.export.graph_signature import InputKind
 
+from fxtp.capture.data_dependent import data_dependent_reason
 from fxtp.capture.signatures import TOKEN_IDS, Forward, signature_of
 from fxtp.progress import stage
 from fxtp.capture.state_names import aliases
@@ -94,8 +95,11 @@ def export_model(model: torch.nn.Module, wrapper: torch.nn.Module, args: tuple, 
                 stage(f"torch.export of {type(model).__name__}{what}"):
             return torch.export.export(wrapper, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as e:  # export errors are long; keep them whole inside ours
-        raise CaptureError(f"torch.export could not capture {model_name(model)}{what}: "
-                           f"{type(e).__name__}: {e}" + (f"\n{hint}" if hint else "")) from e
+        failed = f"torch.export could not capture {model_name(model)}{what}: "
+        reason = data_dependent_reason(model, e)
+        if reason:  # first: torch's own message is long (it prints the graph traced so far)
+            raise CaptureError(f"{failed}{reason}\n\ntorch.export: {type(e).__name__}: {e}") from e
+        raise CaptureError(f"{failed}{type(e).__name__}: {e}" + (f"\n{hint}" if hint else "")) from e
     finally:
         model.train(was_training)
 

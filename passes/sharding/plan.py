@@ -38,7 +38,7 @@ import torch.fx as fx
 from fxtp.node_meta import LAYOUT, STATE, TOKENS
 from fxtp.sharding.layouts import Layout, Replicate, Shard, balanced_counts
 from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds, strided_slice_step
-from fxtp.sharding.op_rules.helpers import calls, norm_dim, val
+from fxtp.sharding.op_rules.helpers import calls, norm_dim, same_shape, val
 from fxtp.sharding.reshape import dim_groups
 from fxtp.sharding.roles import Role
 from fxtp.passes.sharding.projections import projection_groups, projection_site
@@ -106,7 +106,7 @@ def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
             if user in seen or user.op != "call_function":
                 continue
             seen.add(user)
-            if isinstance(val(user), torch.Tensor) and val(user).shape == val(node).shape:
+            if isinstance(val(user), torch.Tensor) and same_shape(val(user), val(node)):
                 frontier.append((user, dim))
             elif user.target in _RESHAPES:
                 for gi, gj in dim_groups(val(node).shape, val(user).shape) or ():
@@ -114,9 +114,36 @@ def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
                         frontier.append((user, gj[0]))
                     elif gi == (dim,):
                         return 1, int(prod(int(val(user).shape[d]) for d in gj[1:]))
+                    elif gi and gi[-1] == dim and len(gj) > 1:
+                        unit = _heads_across(val(node), dim, val(user), gj)
+                        if unit > 1:
+                            return 1, unit
             elif user.target in _SQUEEZES and (moved := dim_after_squeeze(user, dim)) is not None:
                 frontier.append((user, moved))
+            elif joins_rows(user, node, dim):
+                frontier.append((user, dim))
     return 1, 1
+
+
+def _heads_across(src: torch.Tensor, dim: int, out: torch.Tensor, out_dims: tuple[int, ...]) -> int:
+    """The head size where a reshape merges the features (last of the merged dims) with dims before
+    them and splits the result into heads: JetMoE's q [.., top_k, 2 * 64] -> [.., 2 * top_k, 64]. The
+    largest trailing product of the split that divides the features (a head lies within them)."""
+    features, unit, best = int(src.shape[dim]), 1, 1
+    for d in reversed(out_dims[1:]):
+        unit *= int(out.shape[d])
+        best = unit if features % unit == 0 else best
+    return best
+
+
+def joins_rows(node: fx.Node, source: fx.Node, dim: int) -> bool:
+    """Whether `node` joins `source` with other rows along a dim other than `dim`, so the features on
+    `dim` stay in place: cat (JetMoE's per-expert outputs) and index_add of `source` (back in token order)."""
+    if node.target is aten.cat.default:
+        return norm_dim(node.args[1] if len(node.args) > 1 else 0, val(node).dim()) != dim
+    if node.target is aten.index_add.default:
+        return node.args[3] is source and norm_dim(node.args[1], val(node).dim()) != dim
+    return False
 
 
 def dim_after_squeeze(node: fx.Node, dim: int) -> Optional[int]:
@@ -301,7 +328,8 @@ def _members_reaching(node: fx.Node, group: list[fx.Node]) -> list[fx.Node]:
 
 def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     groups = projection_groups(gm)
-    candidates = [([projection_site(n).weight.meta[STATE] for n in group], *column_seeds(group, world_size))
+    candidates = [(list(dict.fromkeys(projection_site(n).weight.meta[STATE] for n in group)),
+                   *column_seeds(group, world_size))
                   for group in groups]
 
     result = Plan()

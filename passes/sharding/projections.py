@@ -10,6 +10,8 @@ Rules work on ops, not modules, and one projection comes as several ops:
     bmm(W[ids][S, out, in], x[S, in, 1])       MoE experts, transformers' `batched_mm`: each routed row
     bmm(x[S, 1, in], W[ids][S, in, out])         multiplies its expert's weight, gathered by expert id
     bmm(x[E, T, in], W[E, in, out])            Llama 4's experts: the rows of each expert batched
+    linear(x_e, select(W, 0, e))               JetMoE's experts: a loop over the experts, each a linear on
+                                                 its rows (x split by expert) and its slice of W[E, out, in]
 The unit of an expert's features is one element of its intermediate, as in an MLP.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from fxtp.sharding.op_rules.views import PERMUTES, permutation
 aten = torch.ops.aten
 _BATCHED = (aten.bmm.default, aten.matmul.default)
 
-__all__ = ["ProjectionSite", "projection_site", "projection_groups"]
+__all__ = ["ProjectionSite", "projection_site", "projection_groups", "picks_expert"]
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,20 @@ def _site(node: fx.Node, weight_arg: int, weight_dims: int, out_dim: int, out: i
     while weight.op == "call_function":
         if weight.target in PERMUTES:
             out_dim = permutation(weight)[out_dim]
+        elif picks_expert(weight):
+            out_dim, weight_dims = out_dim + 1, weight_dims + 1
         elif not _gathers_experts(weight):
             return None
         weight = weight.args[0]
     if weight.op == "placeholder" and STATE in weight.meta and val(weight).dim() == weight_dims:
         return ProjectionSite(weight, out_dim, node.args[1 - weight_arg], out % val(node).dim())
     return None
+
+
+def picks_expert(node: fx.Node) -> bool:
+    """select(W, 0, e) of a 3-d W by a constant e: expert e's [a, b] of [E, a, b]."""
+    return node.target is aten.select.int and val(node.args[0]).dim() == 3 and node.args[1] == 0 \
+        and isinstance(node.args[2], int)
 
 
 def _gathers_experts(node: fx.Node) -> bool:
@@ -85,10 +95,12 @@ def _gathers_experts(node: fx.Node) -> bool:
 
 
 def projection_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
-    """Projections grouped by the activation they read, in graph order."""
+    """Projections grouped by the activation they read, in graph order; the experts of a loop over
+    them (each its own rows, its own select of one weight) by that weight, as one projection."""
     groups: dict[fx.Node, list[fx.Node]] = defaultdict(list)
     for node in gm.graph.nodes:
         site = projection_site(node)
         if site is not None:
-            groups[site.activation].append(node)
+            weight = node.args[1]
+            groups[site.weight if isinstance(weight, fx.Node) and picks_expert(weight) else site.activation].append(node)
     return list(groups.values())

@@ -29,7 +29,7 @@ from fxtp.sharding.redistribute import needs_gather, same_layout
 
 aten = torch.ops.aten
 # ops whose output is a view or a gather of their first input, through which a want reaches state
-_STATE_VIEWS = PERMUTES | {aten.index.Tensor}
+_STATE_VIEWS = PERMUTES | {aten.index.Tensor, aten.select.int}
 
 
 class PropagationError(RuntimeError):
@@ -94,9 +94,9 @@ def _propagate_once(gm, seeds, strict, reduce_at, gather_at_output) -> None:
 
 def _settle_state(gm: fx.GraphModule) -> None:
     """Store replicated state pre-sliced when every user wants the same Shard of it. A want on a
-    transpose of state (Falcon's matmul(x, W.T)) or on a gather of it (batched_mm's experts
-    W[ids]) moves to the state first, to the dim that the op's own rule carries to the wanted one;
-    views of views settle last first."""
+    transpose of state (Falcon's matmul(x, W.T)), on a gather of it (batched_mm's experts
+    W[ids]) or on one expert of it (JetMoE's select(W, 0, e)) moves to the state first, to the
+    dim that the op's own rule carries to the wanted one; views of views settle last first."""
     for node in reversed(gm.graph.nodes):
         if node.target in _STATE_VIEWS and _views_state(node):
             wanted = _common_want(node)

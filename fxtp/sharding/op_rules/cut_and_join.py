@@ -96,7 +96,9 @@ def cat(node: fx.Node, lay: LayoutOf) -> Decision:
     """Inputs sharded alike on a dim other than the cat dim stay so, replicated ones sliced to match
     (GPT-OSS's per-head attention sinks joined to head-sharded scores); all Partial stays Partial."""
     # torch.cat skips 1-D empty inputs (T5's empty position bias) whatever the others' shape: they take no part
-    inputs = [n for n in node.args[0] if is_tensor_node(n) and not (ndim(node) > 1 and tuple(val(n).shape) == (0,))]
+    # (dims first: a size of a data-dependent split, JetMoE's rows per expert, cannot be compared without a guard)
+    inputs = [n for n in node.args[0]
+              if is_tensor_node(n) and not (ndim(node) > 1 and ndim(n) == 1 and val(n).shape[0] == 0)]
     dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim(node))
     layouts = [lay(n) for n in inputs]
     if all(isinstance(x, Replicate) for x in layouts):

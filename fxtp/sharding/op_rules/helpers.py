@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxtp.sharding.layouts import Partial, Replicate, Shard
 from fxtp.sharding.op_rules.rule import Decision, LayoutOf
@@ -27,6 +28,12 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def ndim(n) -> int:
     return val(n).dim()
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Shapes known equal without guarding: sizes of data-dependent splits (JetMoE's rows per
+    expert, unbacked symbols) compare as unknown, so as different, instead of raising."""
+    return a.dim() == b.dim() and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
 
 
 def norm_dim(d: int, nd: int) -> int:

@@ -1,12 +1,12 @@
 """Lookups and writes by index: embedding (vocab-parallel tables), index (MoE token gathers),
-index_copy (static KV cache updates)."""
+index_copy (static KV cache updates), index_add (MoE outputs summed back into token order)."""
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
 from fxtp.rank_ops.vocab_parallel import local_padding_idx, vocab_parallel_embedding
-from fxtp.sharding.layouts import Replicate, Shard
+from fxtp.sharding.layouts import Partial, Replicate, Shard
 from fxtp.sharding.op_rules.helpers import P, R, ndim, norm_dim, replicate_all, shard_of, val
 from fxtp.sharding.op_rules.rule import Decision, LayoutOf
 
@@ -71,3 +71,24 @@ def index_copy(node: fx.Node, lay: LayoutOf) -> Decision:
         return Decision(R, {**wants, **{n: R for n in (target, source) if not isinstance(lay(n), Replicate)}},
                         "" if s is None else "index_copy along the sharded dim")
     return Decision(s, {**wants, target: s})
+
+
+_ZEROS = (torch.ops.aten.zeros.default, torch.ops.aten.new_zeros.default, torch.ops.aten.zeros_like.default)
+
+
+def index_add(node: fx.Node, lay: LayoutOf) -> Decision:
+    """index_add(self, dim, index, source): rows of `source` added into `self` along `dim` (JetMoE's
+    expert outputs back into token order). `source` sharded on another dim: `self` is sliced alike
+    and the output keeps the shard. A Partial `source` added into zeros (or into a Partial) is a
+    Partial: every rank adds its summand into its own zeros."""
+    target, dim, positions, source = node.args[:4]
+    wants = {positions: R} if not isinstance(lay(positions), Replicate) else {}
+    have, s = lay(target), shard_of(source, lay)
+    if s is not None and s.dim != norm_dim(dim, ndim(target)) and not isinstance(have, Partial):
+        return Decision(s, {**wants, target: s})
+    zeros = target.op == "call_function" and target.target in _ZEROS
+    if isinstance(lay(source), Partial) and (isinstance(have, Partial) or isinstance(have, Replicate) and zeros):
+        return Decision(P, wants)
+    if isinstance(lay(source), Replicate) and isinstance(have, Replicate):
+        return Decision(R, wants)
+    return replicate_all(node, lay, "index_add along the sharded dim, or of a Partial into values other than zeros")

@@ -16,7 +16,7 @@ from fxtp.sharding.op_rules.dropout import lower_attention, lower_dropout
 from fxtp.sharding.op_rules.cut_and_join import cat, cut_blocks, localize_cut, stack
 from fxtp.sharding.op_rules.factories import fresh, like
 from fxtp.sharding.op_rules.helpers import op_name, replicate_all, val
-from fxtp.sharding.op_rules.indexing import embedding, index, index_copy, vocab_parallel
+from fxtp.sharding.op_rules.indexing import embedding, index, index_add, index_copy, vocab_parallel
 from fxtp.sharding.op_rules.pointwise import cast, pointwise
 from fxtp.sharding.op_rules.reductions import mean_as_partial, norm, reduction
 from fxtp.sharding.op_rules.repeats import localize_output_size, repeat, repeat_interleave
@@ -199,6 +199,7 @@ RULES: dict[object, OpRule] = {
     aten.index.Tensor: OpRule(index),  # MoE token gathers: a Partial passes through
     aten.index_copy.default: OpRule(index_copy),
     aten.index_copy_.default: OpRule(index_copy),  # static KV cache updates
+    aten.index_add.default: OpRule(index_add),  # JetMoE: expert outputs added back in token order
     # factories
     aten.arange.default: FRESH,
     aten.arange.start: FRESH,
