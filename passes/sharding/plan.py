@@ -39,6 +39,7 @@ from fxtp.node_meta import LAYOUT, STATE, TOKENS
 from fxtp.sharding.layouts import Layout, Replicate, Shard, balanced_counts
 from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds, strided_slice_step
 from fxtp.sharding.op_rules.helpers import calls, norm_dim, val
+from fxtp.sharding.op_rules.views import PERMUTES, permutation
 from fxtp.sharding.reshape import dim_groups
 from fxtp.sharding.roles import Role
 from fxtp.passes.sharding.projections import projection_groups, projection_site
@@ -91,8 +92,9 @@ def aligned_units(proj: fx.Node, outer: int, unit: int) -> int:
 def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
     """(outer, unit) of the features on dim `start_dim` of `start`, as feature_structure (without its
     alignment). Follows ops that keep the shape (a bias, OPT's q scaling, a cast), reshapes that
-    keep the features whole (GPT-2's [b*s, 3h] -> [b, s, 3h]) and squeezes of other dims (batched_mm
-    experts' [S, 2I, 1] -> [S, 2I])."""
+    keep the features whole (GPT-2's [b*s, 3h] -> [b, s, 3h]), squeezes of other dims (batched_mm
+    experts' [S, 2I, 1] -> [S, 2I]) and transposes (Mamba's in_proj [b, s, 2I] -> [b, 2I, s] is cut
+    into x and z after one)."""
     frontier, seen = [(start, start_dim)], set()
     while frontier:
         node, dim = frontier.pop(0)
@@ -116,6 +118,8 @@ def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
                         return 1, int(prod(int(val(user).shape[d]) for d in gj[1:]))
             elif user.target in _SQUEEZES and (moved := dim_after_squeeze(user, dim)) is not None:
                 frontier.append((user, moved))
+            elif user.target in PERMUTES:
+                frontier.append((user, permutation(user).index(dim)))
     return 1, 1
 
 
@@ -261,7 +265,7 @@ def _try_column(gm: fx.GraphModule, group: list[fx.Node], names: list[str], seed
     Where the shard of some members alone meets what cannot stay sharded (a MoE router beside
     the shared expert's gate/up it reads the same value as: its top-k over the experts), those
     members are kept replicated, the note says why, and the others are tried again."""
-    if any(not isinstance(projection_site(n).activation.meta[LAYOUT], Replicate) for n in group):
+    if any(isinstance(projection_site(n).activation.meta[LAYOUT], Shard) for n in group):
         return GroupDecision(names, Role.ROW_PARALLEL, "its input is sharded by the region before it")
     notes, dropped = [note] if note else [], []
     while seeds:

@@ -118,7 +118,10 @@ def _product(node: fx.Node, lay: LayoutOf, a: fx.Node, b: fx.Node) -> Decision:
         return Decision(R)
     sa, sb = shard_of(a, lay), shard_of(b, lay)
     if isinstance(al, Partial) or isinstance(bl, Partial):
-        return replicate_all(node, lay, "matmul of a Partial and a Shard")
+        # the sum first (a row-parallel output read by a column-parallel W @ x: Mamba's dt_proj)
+        partial = a if isinstance(al, Partial) else b
+        summed = _product(node, lambda n: R if n is partial else lay(n), a, b)
+        return Decision(summed.out, {partial: R, **summed.wants}, summed.note)
     if sa is not None and sa.dim == na - 1 or sb is not None and sb.dim == nb - 2:
         need_a = sa if sa is not None and sa.dim == na - 1 else sb.with_dim(na - 1)
         need_b = sb if sb is not None and sb.dim == nb - 2 else sa.with_dim(nb - 2)

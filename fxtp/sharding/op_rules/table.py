@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from fxtp.sharding.op_rules.along_dim import along_dim
 from fxtp.sharding.op_rules.attention import sdpa
+from fxtp.sharding.op_rules.channels import depthwise_convolution, localize_groups, selective_scan
 from fxtp.sharding.op_rules.contractions import GROUPED, GROUPED_MM_FALLBACK, LINEAR, baddbmm, matmul, projection
 from fxtp.sharding.op_rules.cross_entropy import cross_entropy, lower_cross_entropy
 from fxtp.sharding.op_rules.dropout import lower_attention, lower_dropout
@@ -166,6 +167,7 @@ RULES: dict[object, OpRule] = {
     aten.split.Tensor: CUT,
     aten.split_with_sizes.default: CUT,
     aten.chunk.default: CUT,
+    aten.tensor_split.indices: OpRule(along_dim(2, tuple_out=True)),  # Mamba's scan splits the sequence
     aten.cat.default: OpRule(cat),
     aten.stack.default: OpRule(stack),
     # reductions and normalizations along one dim
@@ -190,6 +192,10 @@ RULES: dict[object, OpRule] = {
     aten.mm.default: OpRule(matmul),
     aten.bmm.default: OpRule(matmul),
     aten.baddbmm.default: OpRule(baddbmm),
+    # per channel: Mamba's causal conv and its scan (fxtp/rank_ops/selective_scan.py, by op_name)
+    aten.conv1d.default: OpRule(depthwise_convolution, localize_groups),
+    aten.conv2d.default: OpRule(depthwise_convolution, localize_groups),
+    "fxtp::selective_scan": OpRule(selective_scan),
     # the loss of a training graph: over a vocab-parallel lm_head's logits without gathering them
     aten.cross_entropy_loss.default: OpRule(cross_entropy, lower=lower_cross_entropy),
     # attention
