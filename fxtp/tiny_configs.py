@@ -7,6 +7,8 @@ names differ a lot between model types; the builders below are the one place tha
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
@@ -186,7 +188,13 @@ def generic_tiny_config(model_type: str):
     default = AutoConfig.for_model(model_type).to_dict()
     layers = next((default[k] for k in _LAYER_KEYS if isinstance(default.get(k), int)), None)
     heads = next((default[k] for k in _HEAD_KEYS if isinstance(default.get(k), int)), None)
-    return AutoConfig.for_model(model_type, **_shrunk(default, layers, heads))
+    shrunk = _shrunk(default, layers, heads)
+    if default.get("hidden_size", 0) * default.get("expand", 0) == default.get("num_heads", 0) * default.get("head_dim", 0) > 0:
+        # Mamba-2: the SSM heads tile the expanded hidden size
+        shrunk["head_dim"] = shrunk["hidden_size"] * default["expand"] // shrunk["num_heads"]
+        if default.get("n_groups", 1) > 1:  # groups of heads sharing B and C
+            shrunk["n_groups"] = math.gcd(default["n_groups"], shrunk["num_heads"])
+    return AutoConfig.for_model(model_type, **shrunk)
 
 
 def _shrunk(values: dict, layers, heads) -> dict:
