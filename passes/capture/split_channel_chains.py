@@ -70,7 +70,7 @@ def _chain(cut: fx.Node) -> Optional[tuple[fx.Node, int, list[tuple[fx.Node, int
             if dim != 1 or groups != weight.shape[0] or weight.shape[1] != 1 or groups != val(src).shape[1]:
                 return None
             dim_in = 1
-        elif val(node).shape[dim] == val(src).shape[dim] and val(node).dim() == val(src).dim() and \
+        elif val(node).dim() == val(src).dim() and val(node).shape[dim] == val(src).shape[dim] and \
                 _others_broadcast(node, src, dim):
             dim_in = dim
         else:

@@ -49,6 +49,8 @@ from fxtp.passes.sharding.propagate import PropagationError, propagate
 aten = torch.ops.aten
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int}
 _SQUEEZES = {aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
+# ops that cut one dim into a tuple of pieces -> the position of that dim's argument
+_CUTS = {aten.tensor_split.indices: 2, aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.chunk.default: 2}
 
 
 @dataclass
@@ -120,7 +122,28 @@ def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
                 frontier.append((user, moved))
             elif user.target in PERMUTES:
                 frontier.append((user, permutation(user).index(dim)))
+            elif _keeps_channels(user, node, dim):
+                frontier.append((user, dim))
+            elif user.target in _CUTS and norm_dim(_cut_dim(user), val(node).dim()) != dim:
+                frontier += [(piece, dim) for piece in user.users]  # a cut of other dims (Mamba's of the sequence)
     return 1, 1
+
+
+def _cut_dim(cut: fx.Node) -> int:
+    at = _CUTS[cut.target]
+    return cut.args[at] if len(cut.args) > at else cut.kwargs.get("dim", 0)
+
+
+def _keeps_channels(user: fx.Node, node: fx.Node, dim: int) -> bool:
+    """Whether `user` keeps dim `dim` of `node` whole and in place while other dims change: a slice of
+    another dim, a depthwise convolution of channels (Mamba's conv, which pads the sequence)."""
+    out, src = val(user), val(node)
+    if not isinstance(out, torch.Tensor) or out.dim() != src.dim() or out.shape[dim] != src.shape[dim]:
+        return False
+    if user.target is aten.slice.Tensor:
+        return norm_dim(user.args[1], src.dim()) != dim
+    groups = user.args[6] if len(user.args) > 6 else user.kwargs.get("groups", 1)
+    return user.target is aten.conv1d.default and user.args[0] is node and dim == 1 and groups == src.shape[1]
 
 
 def dim_after_squeeze(node: fx.Node, dim: int) -> Optional[int]:
