@@ -1,30 +1,37 @@
-"""State-space (Mamba) layers sharded per channel (tiny configs of transformers' defaults, simulated ranks).
+"""State-space (Mamba) layers sharded per channel or per head (tiny configs of transformers'
+defaults, simulated ranks).
 
 A Mamba mixer's in_proj is column-parallel over its [x|z] blocks of channels, the depthwise conv,
 A_log, D, dt_proj and the selective scan (fxtp::selective_scan, which keeps the sequence dynamic)
 are per channel, x_proj row-parallel (its dt|B|C all-reduced) and out_proj row-parallel. Jamba's
-mamba layers (with its MoE) are the same mixer.
+mamba layers (with its MoE) are the same mixer. A Mamba-2 mixer's in_proj is cut into z, x, B, C
+and dt (the conv over x|B|C split at the cut, passes/capture/split_channel_chains.py): z, x and dt
+by heads, B and C by groups of heads where the groups divide over the ranks, the chunked scan per
+head, out_proj row-parallel. Bamba, Falcon-H1, GraniteMoeHybrid and Zamba2 have the Mamba-2 mixer
+with one group (B and C whole) and a norm over all of z (z whole): exact, partly sharded.
 """
 import copy
 from functools import lru_cache
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxtp
 from fxtp.capture.export import CaptureError, capture
-from fxtp.node_meta import STATE
+from fxtp.node_meta import LAYOUT, STATE
+from fxtp.sharding.layouts import Shard
 from fxtp.runtime.program import TPProgram
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, held_state, planned_state_bytes
 from fxtp.testing import assert_equivalent
 from fxtp.tiny_configs import generic_tiny_config
 
-MAMBA_FAMILY = ("mamba", "falcon_mamba", "jamba")
-# every type at every world size; by default mamba at each, the others at one (a capture and a plan
+MAMBA_FAMILY = ("mamba", "falcon_mamba", "jamba", "mamba2")
+# every type at every world size; by default each world-size class once (2, uneven 3, 4), each type once (a capture and a plan
 # per world size is most of these tests' time)
-DEFAULT_CASES = {("mamba", 2), ("mamba", 3), ("mamba", 4), ("falcon_mamba", 3), ("jamba", 2)}
+DEFAULT_CASES = {("mamba", 2), ("mamba", 3), ("falcon_mamba", 3), ("jamba", 2), ("mamba2", 4)}
+MAMBA2_HYBRIDS = ("bamba", "falcon_h1", "granitemoehybrid", "zamba2")
 CASES = [pytest.param(t, n, marks=() if (t, n) in DEFAULT_CASES else pytest.mark.slow)  # slow: see DEFAULT_CASES
          for t in MAMBA_FAMILY for n in (2, 3, 4)]
 
@@ -70,10 +77,33 @@ def test_equivalent(model_type, world_size):
     assert_equivalent(model, world_size, *left_padded_batch(), program=tp, atol=1e-5)
 
 
+def head_bound(model_type: str, world_size: int) -> float:
+    """The share the largest rank may hold: 1/N + 0.05 (0.55 at 2 ranks), or where whole heads do not
+    split evenly (Mamba-2's 4 heads on 3 ranks: 2 on one), ceil(heads / N) / heads + 0.05."""
+    heads = getattr(generic_tiny_config(model_type), "num_heads", 0) if model_type == "mamba2" else 0
+    return max(1 / world_size, -(-heads // world_size) / heads if heads else 0) + 0.05
+
+
 @pytest.mark.parametrize("model_type, world_size", CASES)
 def test_state_split_over_ranks(model_type, world_size):
     _, tp = program(model_type, world_size)
-    assert largest_share(tp) <= (0.55 if world_size == 2 else 1 / world_size + 0.05)
+    assert largest_share(tp) <= head_bound(model_type, world_size)
+
+
+@pytest.mark.slow  # test_equivalent covers the Mamba-2 mixer these share; each hybrid plans slowly
+@pytest.mark.parametrize("model_type", MAMBA2_HYBRIDS)
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_mamba2_hybrids_equivalent(model_type, world_size):
+    model, tp = program(model_type, world_size)
+    assert_equivalent(model, world_size, *left_padded_batch(), program=tp, atol=1e-5)
+
+
+def test_mamba2_in_proj_cut_by_heads():
+    """z, x, B, C and dt are projections of their own, each sharded (4 groups of B/C over 2 ranks)."""
+    _, tp = program("mamba2", 2)
+    pieces = [n for n in held_state(tp.graph) if n.meta[STATE].startswith("backbone.layers.0.mixer.in_proj")]
+    assert len(pieces) == 5
+    assert all(isinstance(n.meta[LAYOUT], Shard) and n.meta[LAYOUT].dim == 0 for n in pieces)
 
 
 def test_other_sequence_lengths():
@@ -117,33 +147,43 @@ def test_generate_refuses_recurrent_layers():
 
 
 @st.composite
-def mamba_configs(draw):
-    """A one-layer Mamba with drawn state size, expansion, conv kernel and dt rank."""
+def mixer_configs(draw):
+    """A one-layer Mamba (drawn state size, expansion, conv kernel, dt rank) or Mamba-2 (drawn heads,
+    groups of heads dividing them, state size, conv kernel, chunk size)."""
     hidden = draw(st.sampled_from([16, 24, 32]))
+    common = dict(hidden_size=hidden, num_hidden_layers=1, vocab_size=64, state_size=draw(st.integers(1, 8)),
+                  expand=draw(st.integers(1, 3)), conv_kernel=draw(st.integers(2, 5)),
+                  use_conv_bias=draw(st.booleans()), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if draw(st.booleans()):
+        return AutoConfig.for_model("mamba", time_step_rank=draw(st.integers(1, 6)), **common)
+    heads = draw(st.sampled_from([h for h in (2, 3, 4, 6, 8) if hidden * common["expand"] % h == 0]))
     return AutoConfig.for_model(
-        "mamba", hidden_size=hidden, num_hidden_layers=1, vocab_size=64, state_size=draw(st.integers(1, 8)),
-        expand=draw(st.integers(1, 3)), conv_kernel=draw(st.integers(2, 5)),
-        time_step_rank=draw(st.integers(1, 6)), use_conv_bias=draw(st.booleans()), pad_token_id=0,
-        bos_token_id=1, eos_token_id=2)
+        "mamba2", num_heads=heads, head_dim=hidden * common["expand"] // heads,
+        n_groups=draw(st.sampled_from([g for g in range(1, heads + 1) if heads % g == 0])),
+        # chunks shorter than the sequence, of a size not dividing capture's example length (16): HF pads the
+        # sequence to whole chunks and cuts the padding off under `if pad_size > 0`, which export decides for
+        # the example length (a known limit: such a program is wrong for other lengths)
+        chunk_size=draw(st.sampled_from([3, 5, 6, 7])), **common)
 
 
-def check_mamba_mixer(config, world_size, seq):
+def check_mixer(config, world_size, seq):
+    assume(world_size <= getattr(config, "num_heads", world_size))  # fxtp refuses more ranks than heads
     model = tiny(config)
     ids = torch.randint(3, 64, (2, seq), generator=torch.Generator().manual_seed(seq))
     tp = fxtp.compile(model, world_size)
     assert_equivalent(model, world_size, ids, torch.ones_like(ids), program=tp, atol=1e-5)
-    if world_size > 1:  # the mixer's channels are split whatever their count
+    if world_size > 1 and config.model_type == "mamba":  # the mixer's channels are split whatever their count
         assert largest_share(tp) < 1 / world_size + 0.15
 
 
 @settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mamba_configs(), st.integers(1, 4), st.integers(1, 9))
-def test_random_mamba_mixers(config, world_size, seq):
-    check_mamba_mixer(config, world_size, seq)
+@given(mixer_configs(), st.integers(1, 4), st.integers(1, 9))
+def test_random_mixers(config, world_size, seq):
+    check_mixer(config, world_size, seq)
 
 
-@pytest.mark.slow  # more draws of test_random_mamba_mixers
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mamba_configs(), st.integers(1, 4), st.integers(1, 9))
-def test_random_mamba_mixers_more(config, world_size, seq):
-    check_mamba_mixer(config, world_size, seq)
+@pytest.mark.slow  # more draws of test_random_mixers
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mixer_configs(), st.integers(1, 4), st.integers(1, 9))
+def test_random_mixers_more(config, world_size, seq):
+    check_mixer(config, world_size, seq)
