@@ -7,6 +7,8 @@ names differ a lot between model types; the builders below are the one place tha
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -218,6 +220,12 @@ def generic_tiny_config(model_type: str):
     for key, value in fixes.items():
         shrunk[key] = _sub_config({**shrunk.get(key, default[key]), **value}) if isinstance(value, dict) and value \
             else value
+    sizes = {k: default.get(k) or 0 for k in ("hidden_size", "expand", "num_heads", "head_dim")}
+    if sizes["hidden_size"] * sizes["expand"] == sizes["num_heads"] * sizes["head_dim"] > 0:
+        # Mamba-2: the SSM heads tile the expanded hidden size
+        shrunk["head_dim"] = shrunk["hidden_size"] * default["expand"] // shrunk["num_heads"]
+        if default.get("n_groups", 1) > 1:  # groups of heads sharing B and C
+            shrunk["n_groups"] = math.gcd(default["n_groups"], shrunk["num_heads"])
     return AutoConfig.for_model(model_type, **shrunk)
 
 

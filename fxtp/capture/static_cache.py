@@ -16,7 +16,7 @@ from torch.export import Dim
 from torch.export.graph_signature import OutputKind
 from transformers.cache_utils import Cache, StaticLayer
 
-from fxtp.capture.export import Captured, CaptureError, export_model, flatten_model, model_device
+from fxtp.capture.export import Captured, CaptureError, export_model, flatten_model, model_device, model_name
 from fxtp.capture.signatures import CAUSAL_LM, signature_of
 
 CACHE_PREFIX = "kv_cache."  # the wrapper's submodule holding the cache buffers
@@ -25,6 +25,20 @@ CACHE_INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position")
 
 def is_cache_state(name: str) -> bool:
     return name.startswith(CACHE_PREFIX)
+
+
+# layer kinds (config.layer_types, Jamba's layers_block_type) that keep a recurrent state between
+# steps (Mamba's SSM and conv state, gated delta nets, short convolutions): not keys and values
+RECURRENT_LAYERS = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba"})
+
+
+def recurrent_layer_kinds(config) -> list[str]:
+    """The kinds of `config`'s layers whose state a KV cache cannot hold (all its layers where the
+    config has no attention heads: Mamba's at transformers 5.17), or []."""
+    text = config.get_text_config(decoder=True)
+    kinds = {*(getattr(text, "layer_types", None) or ()), *(getattr(text, "layers_block_type", None) or ())}
+    found = sorted(k for k in kinds if k in RECURRENT_LAYERS)
+    return found or ([] if hasattr(text, "num_attention_heads") else [text.model_type])
 
 
 def cache_shape(config, batch_size: int, max_length: int) -> tuple[int, int, int, int]:
@@ -87,6 +101,12 @@ def capture_cached(model: torch.nn.Module, batch_size: int, max_length: int) -> 
     """Export `model` with a static cache of `batch_size` x `max_length` tokens."""
     if signature_of(model).kind != CAUSAL_LM:
         raise TypeError(f"{type(model).__name__} is not a causal LM: fxtp generates with decoder-only models")
+    recurrent = recurrent_layer_kinds(model.config)
+    if recurrent:
+        raise CaptureError(f"fxtp generates with a static KV cache of attention layers, and {model_name(model)} has "
+                           f"layers that keep a recurrent state instead ({', '.join(recurrent)}): fxtp cannot "
+                           "generate with it yet. Its sharded forward works (run the program on whole sequences), "
+                           "and so does the unsharded model's generate.")
     device = model_device(model)
     wrapper = _CachedLogits(model, batch_size, max_length, device)
     seq = min(2, max_length)

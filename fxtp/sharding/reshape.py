@@ -67,7 +67,7 @@ def reshape_shard(shard: Shard, in_shape: Sequence, out_shape: Sequence) -> Opti
 def _reshape_shard(shard: Shard, ins: tuple, outs: tuple) -> Optional[Shard]:
     groups = _dim_groups(ins, outs)
     if groups is None:
-        return None
+        return _in_same_end(shard, ins, outs)
     for gi, gj in groups:
         if shard.dim not in gi:
             continue
@@ -88,6 +88,19 @@ def _reshape_shard(shard: Shard, ins: tuple, outs: tuple) -> Optional[Shard]:
             if _divides(pre, outer) and coarser is not None and sympy.cancel(size - outer / pre * coarser.units) == 0:
                 return Shard(d, coarser.counts, 1, _plain(outer / pre))
         return None
+    return None
+
+
+def _in_same_end(shard: Shard, ins: tuple, outs: tuple) -> Optional[Shard]:
+    """The shard where its dim and all dims after it (or before it) are the same in both shapes, which
+    pairs where the sizes between do not (Mamba-2's sequence padded to whole chunks, [b, s', h, d] ->
+    [b, s' // 256, 256, h, d]): an element's coordinates in those dims do not change."""
+    same = lambda a, b: len(a) == len(b) and all(sympy.cancel(x - y) == 0 for x, y in zip(a, b))  # noqa: E731
+    after = len(ins) - shard.dim
+    if after <= len(outs) and same(ins[shard.dim:], outs[len(outs) - after:]):
+        return shard.with_dim(len(outs) - after)
+    if shard.dim < len(outs) and same(ins[:shard.dim + 1], outs[:shard.dim + 1]):
+        return shard
     return None
 
 

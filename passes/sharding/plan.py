@@ -39,6 +39,7 @@ from fxtp.node_meta import LAYOUT, STATE, TOKENS
 from fxtp.sharding.layouts import Layout, Replicate, Shard, balanced_counts
 from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds, strided_slice_step
 from fxtp.sharding.op_rules.helpers import calls, norm_dim, same_shape, val
+from fxtp.sharding.op_rules.views import PERMUTES, permutation
 from fxtp.sharding.reshape import dim_groups
 from fxtp.sharding.roles import Role
 from fxtp.passes.sharding.projections import projection_groups, projection_site
@@ -48,6 +49,8 @@ from fxtp.passes.sharding.propagate import PropagationError, propagate
 aten = torch.ops.aten
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int}
 _SQUEEZES = {aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
+# ops that cut one dim into a tuple of pieces -> the position of that dim's argument
+_CUTS = {aten.tensor_split.indices: 2, aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.chunk.default: 2}
 
 
 @dataclass
@@ -91,8 +94,9 @@ def aligned_units(proj: fx.Node, outer: int, unit: int) -> int:
 def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
     """(outer, unit) of the features on dim `start_dim` of `start`, as feature_structure (without its
     alignment). Follows ops that keep the shape (a bias, OPT's q scaling, a cast), reshapes that
-    keep the features whole (GPT-2's [b*s, 3h] -> [b, s, 3h]) and squeezes of other dims (batched_mm
-    experts' [S, 2I, 1] -> [S, 2I])."""
+    keep the features whole (GPT-2's [b*s, 3h] -> [b, s, 3h]), squeezes of other dims (batched_mm
+    experts' [S, 2I, 1] -> [S, 2I]) and transposes (Mamba's in_proj [b, s, 2I] -> [b, 2I, s] is cut
+    into x and z after one)."""
     frontier, seen = [(start, start_dim)], set()
     while frontier:
         node, dim = frontier.pop(0)
@@ -122,6 +126,12 @@ def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
                 frontier.append((user, moved))
             elif joins_rows(user, node, dim):
                 frontier.append((user, dim))
+            elif user.target in PERMUTES:
+                frontier.append((user, permutation(user).index(dim)))
+            elif _keeps_channels(user, node, dim):
+                frontier.append((user, dim))
+            elif user.target in _CUTS and norm_dim(_cut_dim(user), val(node).dim()) != dim:
+                frontier += [(piece, dim) for piece in user.users]  # a cut of other dims (Mamba's of the sequence)
     return 1, 1
 
 
@@ -144,6 +154,23 @@ def joins_rows(node: fx.Node, source: fx.Node, dim: int) -> bool:
     if node.target is aten.index_add.default:
         return node.args[3] is source and norm_dim(node.args[1], val(node).dim()) != dim
     return False
+
+
+def _cut_dim(cut: fx.Node) -> int:
+    at = _CUTS[cut.target]
+    return cut.args[at] if len(cut.args) > at else cut.kwargs.get("dim", 0)
+
+
+def _keeps_channels(user: fx.Node, node: fx.Node, dim: int) -> bool:
+    """Whether `user` keeps dim `dim` of `node` whole and in place while other dims change: a slice of
+    another dim, a depthwise convolution of channels (Mamba's conv, which pads the sequence)."""
+    out, src = val(user), val(node)
+    if not isinstance(out, torch.Tensor) or out.dim() != src.dim() or out.shape[dim] != src.shape[dim]:
+        return False
+    if user.target is aten.slice.Tensor:
+        return norm_dim(user.args[1], src.dim()) != dim
+    groups = user.args[6] if len(user.args) > 6 else user.kwargs.get("groups", 1)
+    return user.target is aten.conv1d.default and user.args[0] is node and dim == 1 and groups == src.shape[1]
 
 
 def dim_after_squeeze(node: fx.Node, dim: int) -> Optional[int]:
@@ -288,7 +315,7 @@ def _try_column(gm: fx.GraphModule, group: list[fx.Node], names: list[str], seed
     Where the shard of some members alone meets what cannot stay sharded (a MoE router beside
     the shared expert's gate/up it reads the same value as: its top-k over the experts), those
     members are kept replicated, the note says why, and the others are tried again."""
-    if any(not isinstance(projection_site(n).activation.meta[LAYOUT], Replicate) for n in group):
+    if any(isinstance(projection_site(n).activation.meta[LAYOUT], Shard) for n in group):
         return GroupDecision(names, Role.ROW_PARALLEL, "its input is sharded by the region before it")
     notes, dropped = [note] if note else [], []
     while seeds:

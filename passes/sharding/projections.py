@@ -5,6 +5,7 @@ Reads:  node.meta["val"], node.meta["fxtp.state"] on placeholders.
 Rules work on ops, not modules, and one projection comes as several ops:
     linear(x, W[out, in])                      most projections
     mm(x, W[in, out])                          GPT-2's Conv1D
+    matmul(W[out, in], x[..., in, s])          Mamba's dt_proj, features in rows
     matmul(x, W.T)                             Falcon
     grouped_mm(x[S, in], W[E, in, out], offs)  MoE experts, transformers' `grouped_mm` (W often W[E, out, in].T)
     bmm(W[ids][S, out, in], x[S, in, 1])       MoE experts, transformers' `batched_mm`: each routed row
@@ -52,6 +53,8 @@ def projection_site(node: fx.Node) -> Optional[ProjectionSite]:
         return _site(node, weight_arg=1, weight_dims=3, out_dim=2, out=1)
     if node.target in (aten.linear.default, aten.mm.default) or node.target is aten.matmul.default and val(node.args[1]).dim() == 2:
         return _site(node, weight_arg=1, weight_dims=2, out_dim=0 if node.target is aten.linear.default else 1, out=-1)
+    if node.target is aten.matmul.default and val(node.args[0]).dim() == 2 and val(node).dim() >= 2:
+        return _site(node, weight_arg=0, weight_dims=2, out_dim=0, out=-2)
     if node.target in _BATCHED and val(node).dim() == 3:
         # the state is the right operand (x @ W, features last) or the left one (W @ x, features in rows)
         return _site(node, weight_arg=1, weight_dims=3, out_dim=2, out=-1) or \

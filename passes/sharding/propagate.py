@@ -28,8 +28,10 @@ from fxtp.sharding.op_rules.views import PERMUTES
 from fxtp.sharding.redistribute import needs_gather, same_layout
 
 aten = torch.ops.aten
-# ops whose output is a view or a gather of their first input, through which a want reaches state
-_STATE_VIEWS = PERMUTES | {aten.index.Tensor, aten.select.int}
+# ops whose output is a view, a gather or an elementwise map of their first input, through which a want
+# reaches state (Mamba's A = -exp(A_log) and the depthwise conv's weight W.squeeze(1).unsqueeze(1))
+_STATE_VIEWS = PERMUTES | {aten.index.Tensor, aten.select.int, aten.squeeze.dim, aten.unsqueeze.default,
+                           aten.exp.default, aten.neg.default}
 
 
 class PropagationError(RuntimeError):
@@ -95,8 +97,9 @@ def _propagate_once(gm, seeds, strict, reduce_at, gather_at_output) -> None:
 def _settle_state(gm: fx.GraphModule) -> None:
     """Store replicated state pre-sliced when every user wants the same Shard of it. A want on a
     transpose of state (Falcon's matmul(x, W.T)), on a gather of it (batched_mm's experts
-    W[ids]) or on one expert of it (JetMoE's select(W, 0, e)) moves to the state first, to the
-    dim that the op's own rule carries to the wanted one; views of views settle last first."""
+    W[ids]), on one expert of it (JetMoE's select(W, 0, e)) or on a map of its elements (-exp(A_log))
+    moves to the state first, to the dim that the op's own rule carries to the wanted one; views of
+    views settle last first."""
     for node in reversed(gm.graph.nodes):
         if node.target in _STATE_VIEWS and _views_state(node):
             wanted = _common_want(node)
@@ -137,10 +140,11 @@ def is_state(node) -> bool:
 
 
 def _common_want(node: fx.Node):
-    """The Shard every user of a replicated node wants, or None."""
+    """The Shard every user of a replicated node wants, or None. A check of its dtype (`.float()` of a
+    float parameter leaves one) reads no values."""
     if not isinstance(node.meta[LAYOUT], Replicate):
         return None
-    wanted = [u.meta[WANTS].get(node) for u in node.users]
+    wanted = [u.meta[WANTS].get(node) for u in node.users if u.target is not aten._assert_tensor_metadata.default]
     first = wanted[0] if wanted else None
     if not isinstance(first, Shard) or not all(w is not None and same_layout(w, first) for w in wanted):
         return None
@@ -150,4 +154,4 @@ def _common_want(node: fx.Node):
 def _drop_wants(node: fx.Node) -> None:
     """Forget the users' wants of `node`, once it is stored in the layout they want."""
     for u in node.users:
-        del u.meta[WANTS][node]
+        u.meta[WANTS].pop(node, None)

@@ -118,7 +118,10 @@ def _product(node: fx.Node, lay: LayoutOf, a: fx.Node, b: fx.Node) -> Decision:
         return Decision(R)
     sa, sb = shard_of(a, lay), shard_of(b, lay)
     if isinstance(al, Partial) or isinstance(bl, Partial):
-        return replicate_all(node, lay, "matmul of a Partial and a Shard")
+        # the sum first (a row-parallel output read by a column-parallel W @ x: Mamba's dt_proj)
+        partial = a if isinstance(al, Partial) else b
+        summed = _product(node, lambda n: R if n is partial else lay(n), a, b)
+        return Decision(summed.out, {partial: R, **summed.wants}, summed.note)
     if sa is not None and sa.dim == na - 1 or sb is not None and sb.dim == nb - 2:
         need_a = sa if sa is not None and sa.dim == na - 1 else sb.with_dim(na - 1)
         need_b = sb if sb is not None and sb.dim == nb - 2 else sa.with_dim(nb - 2)
@@ -146,3 +149,37 @@ def _product(node: fx.Node, lay: LayoutOf, a: fx.Node, b: fx.Node) -> Decision:
         elif d >= 0 and val(n).shape[d] != 1:
             wants[n] = target.with_dim(d)
     return Decision(target, wants)
+
+
+def einsum(node: fx.Node, lay: LayoutOf) -> Decision:
+    """einsum(equation, operands) without '...' (Mamba-2's chunked scan): shards of one index that
+    every operand holding it shares (replicated ones sliced to match) pass to the output where it
+    is there, and give a Partial where it is summed over; one Partial operand among replicated
+    ones stays Partial (linear in each operand)."""
+    equation, operands = node.args[0], list(node.args[1])
+    inputs, _, output = equation.replace(" ", "").partition("->")
+    subscripts = inputs.split(",")
+    layouts = [lay(n) for n in operands]
+    if "." in equation or not output and "->" not in equation or len(subscripts) != len(operands):
+        return replicate_all(node, lay, "einsum with '...' or an implicit output")
+    partials = [n for n, x in zip(operands, layouts) if isinstance(x, Partial)]
+    shards = [(s, x) for s, x in zip(subscripts, layouts) if isinstance(x, Shard)]
+    if not shards:
+        if len(partials) == 1:
+            return Decision(P)
+        return Decision(R, {n: R for n in partials}, "einsum of several Partials" if partials else "")
+    index, shard = shards[0][0][shards[0][1].dim], shards[0][1]
+    wants = {n: R for n in partials}
+    for n, s, x in zip(operands, subscripts, layouts):
+        if index not in s:
+            if isinstance(x, Shard):
+                return replicate_all(node, lay, "einsum operands sharded on different indices")
+            continue
+        need = shard.with_dim(s.index(index))
+        if isinstance(x, Replicate) or isinstance(x, Partial):
+            wants[n] = need
+        elif not same_placement(x, need):
+            return replicate_all(node, lay, "einsum operands sharded on different indices")
+    if index in output:
+        return Decision(shard.with_dim(output.index(index)), wants)
+    return Decision(P, wants)

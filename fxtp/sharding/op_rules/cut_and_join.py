@@ -123,3 +123,21 @@ def stack(node: fx.Node, lay: LayoutOf) -> Decision:
     if isinstance(first, Shard) and all(isinstance(x, Shard) and same_placement(x, first) for x in layouts):
         return Decision(first.with_dim(first.dim + (1 if first.dim >= dim else 0)))
     return replicate_all(node, lay, "stack of differently laid out inputs")
+
+
+def pad(node: fx.Node, lay: LayoutOf) -> Decision:
+    """pad / constant_pad_nd (Mamba-2 pads the sequence to whole chunks): a shard passes where its dim
+    gets no padding; a Partial passes a zero constant padding (the sum is padded with zeros)."""
+    src, widths = node.args[0], list(node.args[1])
+    layout = lay(src)
+    mode = node.args[2] if len(node.args) > 2 and node.target is not aten.constant_pad_nd.default else "constant"
+    value = node.args[-1] if len(node.args) > 2 and node.target is aten.constant_pad_nd.default else \
+        (node.args[3] if len(node.args) > 3 else node.kwargs.get("value"))
+    if isinstance(layout, Shard):
+        at = 2 * (ndim(src) - 1 - layout.dim)
+        if widths[at:at + 2] in ([], [0, 0]):
+            return Decision(layout)
+        return replicate_all(node, lay, "pad of the sharded dim")
+    if isinstance(layout, Partial) and (mode != "constant" or value not in (None, 0, 0.0)):
+        return replicate_all(node, lay, "pad of a Partial with a nonzero value")
+    return Decision(layout)

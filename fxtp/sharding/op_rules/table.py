@@ -10,10 +10,11 @@ import torch.fx as fx
 
 from fxtp.sharding.op_rules.along_dim import along_dim
 from fxtp.sharding.op_rules.attention import sdpa
-from fxtp.sharding.op_rules.contractions import GROUPED, GROUPED_MM_FALLBACK, LINEAR, baddbmm, matmul, projection
+from fxtp.sharding.op_rules.channels import depthwise_convolution, localize_groups, selective_scan
+from fxtp.sharding.op_rules.contractions import GROUPED, GROUPED_MM_FALLBACK, LINEAR, baddbmm, einsum, matmul, projection
 from fxtp.sharding.op_rules.cross_entropy import cross_entropy, lower_cross_entropy
 from fxtp.sharding.op_rules.dropout import lower_attention, lower_dropout
-from fxtp.sharding.op_rules.cut_and_join import cat, cut_blocks, localize_cut, stack
+from fxtp.sharding.op_rules.cut_and_join import cat, cut_blocks, localize_cut, pad, stack
 from fxtp.sharding.op_rules.factories import fresh, like
 from fxtp.sharding.op_rules.helpers import op_name, replicate_all, val
 from fxtp.sharding.op_rules.indexing import embedding, index, index_add, index_copy, vocab_parallel
@@ -166,8 +167,11 @@ RULES: dict[object, OpRule] = {
     aten.split.Tensor: CUT,
     aten.split_with_sizes.default: CUT,
     aten.chunk.default: CUT,
+    aten.tensor_split.indices: OpRule(along_dim(2, tuple_out=True)),  # Mamba's scan splits the sequence
     aten.cat.default: OpRule(cat),
     aten.stack.default: OpRule(stack),
+    aten.pad.default: OpRule(pad),
+    aten.constant_pad_nd.default: OpRule(pad),
     # reductions and normalizations along one dim
     aten.softmax.int: SOFTMAX,
     aten._softmax.default: SOFTMAX,
@@ -190,6 +194,11 @@ RULES: dict[object, OpRule] = {
     aten.mm.default: OpRule(matmul),
     aten.bmm.default: OpRule(matmul),
     aten.baddbmm.default: OpRule(baddbmm),
+    aten.einsum.default: OpRule(einsum),
+    # per channel: Mamba's causal conv and its scan (fxtp/rank_ops/selective_scan.py, by op_name)
+    aten.conv1d.default: OpRule(depthwise_convolution, localize_groups),
+    aten.conv2d.default: OpRule(depthwise_convolution, localize_groups),
+    "fxtp::selective_scan": OpRule(selective_scan),
     # the loss of a training graph: over a vocab-parallel lm_head's logits without gathering them
     aten.cross_entropy_loss.default: OpRule(cross_entropy, lower=lower_cross_entropy),
     # attention

@@ -1,0 +1,141 @@
+"""Split a chain of per-channel ops, a depthwise convolution among them, at the channel cuts after it.
+
+Reads:  node.meta["val"]; split / split_with_sizes along channels, the chain of ops before it back
+        to a projection: transposes, a depthwise conv1d, slices of other dims, unary ops and
+        elementwise ops whose other operands broadcast along the channels (a padding mask), and
+        unfuse_projections' flatten(unflatten(x)) (dropped).
+Writes: per piece, the chain replayed on that piece's channels: a slice of the projection output,
+        the conv on the slice of its weight and bias (groups = the piece's channels); each node
+        gets meta["val"] (the op on fake values) and the origin keys of the node it replays. The
+        cut's getitems read the replays; the old chain is left to dead code elimination.
+
+    before (Mamba-2: in_proj's x|B|C piece, conv'd as one)   after
+    p = linear(h, W_xBC); c = conv1d(p.T, w, b, groups=1152)  x = silu(conv1d(p[.., 0:128].T, w[0:128], b[0:128], groups=128)).T
+    x, B, C = split(silu(c).T, [128, 512, 512])               B = ... p[.., 128:640] ..., C = ... p[.., 640:1152] ...
+
+Why: x is sharded by heads and B, C by groups of heads (or kept whole); one tensor holding all three
+has no Shard. Once the cut is at the projection, unfuse_projections makes three projections of it.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from fxtp.node_meta import copy_origin
+from fxtp.sharding.op_rules.cut_and_join import piece_bounds
+from fxtp.sharding.op_rules.helpers import is_tensor_node, norm_dim, val
+from fxtp.sharding.op_rules.views import PERMUTES, permutation
+from fxtp.passes.sharding.projections import projection_site
+
+aten = torch.ops.aten
+_CUTS = (aten.split.Tensor, aten.split_with_sizes.default)
+_CONVS = (aten.conv1d.default, aten.conv2d.default)
+
+
+def split_channel_chains(gm: fx.GraphModule) -> fx.GraphModule:
+    for cut in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CUTS]:
+        chain = _chain(cut)
+        if chain is not None:
+            _split(gm, cut, *chain)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _chain(cut: fx.Node) -> Optional[tuple[fx.Node, int, list[tuple[fx.Node, int]]]]:
+    """(projection, its channel dim, [(chain node, channel dim of its input)] in graph order) for a cut
+    along channels whose input comes from a projection through one depthwise conv and per-channel ops."""
+    node = cut.args[0]
+    dim = norm_dim(cut.args[2] if len(cut.args) > 2 else 0, val(node).dim())
+    if piece_bounds(cut, dim) is None or any(u.target is not operator.getitem for u in cut.users):
+        return None
+    chain = []
+    while projection_site(node) is None:
+        if node.op != "call_function" or _reader(node) is None or not is_tensor_node(node.args[0]):
+            return None
+        src = node.args[0]
+        if _round_trip(node):  # unfuse_projections' hint of head size: the replay goes without it
+            node = src.args[0]
+            continue
+        if node.target in PERMUTES:
+            dim_in = permutation(node)[dim]
+        elif node.target in _CONVS:
+            weight = val(node.args[1])
+            groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+            if dim != 1 or groups != weight.shape[0] or weight.shape[1] != 1 or groups != val(src).shape[1]:
+                return None
+            dim_in = 1
+        elif val(node).dim() == val(src).dim() and val(node).shape[dim] == val(src).shape[dim] and \
+                _others_broadcast(node, src, dim):
+            dim_in = dim
+        else:
+            return None
+        chain.append((node, dim_in))
+        node, dim = src, dim_in
+    if not any(n.target in _CONVS for n, _ in chain) or _reader(node) is None:
+        return None
+    return node, dim, chain[::-1]
+
+
+def _reader(node: fx.Node) -> Optional[fx.Node]:
+    """The one node reading `node`'s values (dtype checks aside), or None."""
+    readers = [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
+    return readers[0] if len(readers) == 1 else None
+
+
+def _round_trip(node: fx.Node) -> bool:
+    """flatten(unflatten(x)) back to x's shape."""
+    src = node.args[0]
+    return node.target is aten.flatten.using_ints and src.op == "call_function" and \
+        src.target is aten.unflatten.int and _reader(src) is node and val(src.args[0]).shape == val(node).shape
+
+
+def _others_broadcast(node: fx.Node, src: fx.Node, dim: int) -> bool:
+    """Whether every operand of `node` but `src` is size 1 (or absent) along `dim` of the output."""
+    if node.target is aten.slice.Tensor:
+        return norm_dim(node.args[1], val(src).dim()) != dim
+    for other in node.all_input_nodes:
+        if other is src or not is_tensor_node(other):
+            continue
+        d = dim - (val(node).dim() - val(other).dim())
+        if d >= 0 and val(other).shape[d] != 1:
+            return False
+    return True
+
+
+def _split(gm: fx.GraphModule, cut: fx.Node, projection: fx.Node, dim: int, chain: list) -> None:
+    graph, fake_mode = gm.graph, detect_fake_mode([val(projection)])
+    bounds = piece_bounds(cut, norm_dim(cut.args[2] if len(cut.args) > 2 else 0, val(cut.args[0]).dim()))
+    pieces = []
+    for start, end in bounds:
+        with graph.inserting_before(cut):
+            value = _replay(graph, fake_mode, chain[0][0], aten.slice.Tensor, (projection, dim, start, end), {})
+            for node, _ in chain:
+                args, kwargs = (value, *node.args[1:]), dict(node.kwargs)
+                if node.target in _CONVS:
+                    args = list(args) + [1] * (7 - len(args))
+                    for i in (1, 2):
+                        if isinstance(args[i], fx.Node):
+                            args[i] = _replay(graph, fake_mode, node, aten.slice.Tensor, (args[i], 0, start, end), {})
+                    args[6] = end - start
+                value = _replay(graph, fake_mode, node, node.target, tuple(args), kwargs)
+        pieces.append(value)
+    for user in list(cut.users):
+        user.replace_all_uses_with(pieces[user.args[1]])
+    for node, _ in chain:  # the dtype checks of the old chain would keep it alive
+        for user in [u for u in node.users if u.target is aten._assert_tensor_metadata.default]:
+            graph.erase_node(user)
+
+
+def _replay(graph: fx.Graph, fake_mode, origin: fx.Node, target, args: tuple, kwargs: dict) -> fx.Node:
+    new = graph.call_function(target, args, kwargs)
+    copy_origin(origin, new)
+    fake_args, fake_kwargs = fx.map_arg((args, kwargs), val)
+    with fake_mode:
+        new.meta["val"] = target(*fake_args, **fake_kwargs)
+    return new
