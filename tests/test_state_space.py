@@ -160,10 +160,9 @@ def mixer_configs(draw):
     return AutoConfig.for_model(
         "mamba2", num_heads=heads, head_dim=hidden * common["expand"] // heads,
         n_groups=draw(st.sampled_from([g for g in range(1, heads + 1) if heads % g == 0])),
-        # chunks shorter than the sequence, of a size not dividing capture's example length (16): HF pads the
-        # sequence to whole chunks and cuts the padding off under `if pad_size > 0`, which export decides for
-        # the example length (a known limit: such a program is wrong for other lengths)
-        chunk_size=draw(st.sampled_from([3, 5, 6, 7])), **common)
+        # chunks shorter than the sequence, 4 and 8 dividing capture's default example length (16): HF cuts the
+        # padding to whole chunks off under `if pad_size > 0`, so capture takes an example no chunk divides
+        chunk_size=draw(st.sampled_from([3, 4, 5, 6, 7, 8])), **common)
 
 
 def check_mixer(config, world_size, seq):
@@ -174,6 +173,16 @@ def check_mixer(config, world_size, seq):
     assert_equivalent(model, world_size, ids, torch.ones_like(ids), program=tp, atol=1e-5)
     if world_size > 1 and config.model_type == "mamba":  # the mixer's channels are split whatever their count
         assert largest_share(tp) < 1 / world_size + 0.15
+
+
+def test_a_chunk_dividing_the_example_length_serves_every_length():
+    """Mamba-2 with chunks of 8: an example of 16 tokens would capture no cut of the chunk padding."""
+    config = generic_tiny_config("mamba2")
+    config.chunk_size = 8
+    tp = fxtp.compile(tiny(config), 2)
+    for seq in (5, 16, 19):
+        ids = torch.randint(3, 256, (2, seq), generator=torch.Generator().manual_seed(seq))
+        assert_equivalent(tp.model, 2, ids, torch.ones_like(ids), program=tp, atol=1e-5)
 
 
 @settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])

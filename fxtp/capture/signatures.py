@@ -52,6 +52,7 @@ class Signature:
     def example_inputs(self, model: torch.nn.Module, batch: int, seq: int, device: torch.device) -> dict:
         """Inputs to export with: random token ids (ones on meta), masks of ones, token types of
         zeros. The decoder's sequence is shorter than the encoder's so export never unifies them."""
+        seq = example_length(model.config, seq)
         lengths = {"input_ids": seq, "decoder_input_ids": max(2, seq - 3)}
         vocab = model.config.vocab_size
         values = {}
@@ -120,3 +121,18 @@ def signature_of(model) -> Signature:
     raise TypeError(f"{type(model).__name__} ({config.model_type}) has no language-model head and is not an "
                     f"encoder or encoder-decoder model. {supported}; load a decoder-only model with "
                     "AutoModelForCausalLM.from_config/from_pretrained.")
+
+
+# config sizes of chunked scans that pad the sequence to whole chunks (Mamba-2 and its hybrids)
+SCAN_CHUNK_KEYS = ("chunk_size", "mamba_chunk_size")
+
+
+def example_length(config, wanted: int) -> int:
+    """`wanted`, or the next length that no scan chunk size of `config` divides. A chunked scan cuts
+    the padding off again under `if pad_size > 0`, which export decides for the example: from a length
+    that a chunk divides it would capture no cut, and the program would refuse every other length."""
+    chunks = [size for key in SCAN_CHUNK_KEYS if isinstance(size := getattr(config, key, None), int) and size > 1]
+    length = wanted
+    while any(length % size == 0 for size in chunks):
+        length += 1
+    return length
