@@ -377,3 +377,113 @@ def test_compile_memory_refuses_too_few_compiles_to_measure(monkeypatch, capsys)
     monkeypatch.setattr(sys, "argv", ["compile_memory.py", "--compiles", "10"])
     with pytest.raises(Started):
         compile_memory.main()
+
+
+@pytest.fixture
+def sweep(monkeypatch):
+    monkeypatch.syspath_prepend(BENCHMARKS)  # it imports benchmarks/sweep_report.py from beside it
+    return importlib.import_module("sweep_model_types")
+
+
+def exact_size(params_per_rank: float) -> dict:
+    return {"result": "exact", "max_abs_diff": 2e-7, "params_per_rank": params_per_rank,
+            "params_mean": params_per_rank, "biggest_replicated": "", "all_reduce_per_layer": "2"}
+
+
+def sweep_row(model_type: str, **sizes: dict) -> dict:
+    return {"model_type": model_type, "heads": 4, "skipped": "", "sizes": {ws[1:]: s for ws, s in sizes.items()}}
+
+
+def test_sweep_row_at_two_three_and_four_ranks(sweep):
+    """A Llama-like type of the sweep (arcee: 4 heads, every projection sharded) is exact at N = 2, 3
+    and 4, its parameters per rank halve at 2 and quarter at 4 (norms stay whole); at 3 the fullest
+    rank holds 2 of the 4 heads, above 1/3 + 0.05, and the row's reason says so."""
+    row = sweep.measure("arcee")
+    sizes = row["sizes"]
+    assert (row["heads"], {ws: s["result"] for ws, s in sizes.items()}) == (4, {"2": "exact", "3": "exact", "4": "exact"})
+    assert all(s["max_abs_diff"] <= 1e-5 for s in sizes.values())
+    assert 0.5 < sizes["2"]["params_per_rank"] < 0.51 and 0.25 < sizes["4"]["params_per_rank"] < 0.26
+    assert sizes["3"]["params_per_rank"] > sweep.sweep_report.bound(3) >= sizes["3"]["params_mean"]
+    assert sizes["2"]["biggest_replicated"].endswith("in no projection group")  # a norm weight
+    goal, why = sweep.sweep_report.verdict(row)
+    assert goal == "no (N=3)" and "uneven split" in why and "(4 heads over 3 ranks)" in why
+
+
+def test_sweep_reports_a_wrong_result_loudly(sweep, monkeypatch, tmp_path):
+    """Logits that differ from the unsharded model's are a WRONG row: in the markdown, its summary,
+    and the run's exit status."""
+    import fxtp.testing
+
+    def differs(model, world_size, *batch, **kwargs):
+        raise AssertionError(f"world_size={world_size}: max abs diff 3.000e-01 > 1.0e-04")
+
+    monkeypatch.setattr(fxtp.testing, "assert_equivalent", differs)
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (2, 5))
+    size = sweep.measure_size(model, 2, ids, torch.ones_like(ids))
+    assert size["result"] == "wrong" and "3.000e-01" in size["detail"] and size["params_per_rank"] < 0.51
+
+    row = sweep_row("llama", N2=size, N3=exact_size(0.36), N4=exact_size(0.26))
+    monkeypatch.setattr(sweep, "run_one", lambda model_type, timeout, experts: row)
+    results = str(tmp_path / "sweep.json")
+    monkeypatch.setattr(sys, "argv", ["sweep_model_types.py", "--types", "llama", "--results", results])
+    with pytest.raises(SystemExit, match="WRONG results .*: llama N=2"):
+        sweep.main()
+    data = sweep.sweep_report.load(results)
+    text = sweep.sweep_report.markdown(data)
+    assert "| llama | 4 | **WRONG** | exact | exact |" in text and "**WRONG: llama N=2**" in text
+    assert sweep.sweep_report.verdict(row) == ("no (N=2)", f"N=2 wrong: {size['detail']}")
+
+
+def test_sweep_rows_merge_by_type_and_versions_stay_apart(sweep, tmp_path):
+    """Runs over parts of the list (--types) replace only their types' rows; each transformers
+    version keeps its own section."""
+    report = sweep.sweep_report
+    path = str(tmp_path / "sweep.json")
+    new, old = report.Section("5.25.0", "2.13.0"), report.Section("5.17.0", "2.11.0")
+    built = sweep_row("b", N2=exact_size(0.50), N3=exact_size(0.36), N4=exact_size(0.26))
+    report.merge(path, new, [sweep_row("a", N2=exact_size(0.50)), {**sweep_row("b"), "build_failure": "model: KeyError: 'x'"}])
+    report.merge(path, old, [sweep_row("a", N2={"result": "refused", "detail": "CaptureError: no"})])
+    report.merge(path, new, [built])
+    data = report.load(path)
+    assert list(data) == ["transformers 5.17", "transformers 5.25"]
+    assert data["transformers 5.25"]["types"] == {"a": sweep_row("a", N2=exact_size(0.50)), "b": built}
+    assert data["transformers 5.17"]["torch"] == "2.11.0"
+    assert data["transformers 5.17"]["types"]["a"]["sizes"]["2"]["result"] == "refused"
+    assert report.verdict(built) == ("yes", "")
+    assert report.verdict(data["transformers 5.17"]["types"]["a"]) == ("no (N=2)", "N=2 refused: CaptureError: no")
+
+
+def test_sweep_writes_the_markdown_and_readme_paragraph_from_the_json(sweep, tmp_path):
+    """--write-markdown: one section per version in the markdown; README's sweep paragraph names
+    both versions and the rest of README stays as it was."""
+    report = sweep.sweep_report
+    path, readme = str(tmp_path / "sweep.json"), tmp_path / "README.md"
+    readme.write_text(f"# fxtp\n\n{report.README_HEADING}\n\nold numbers\n\n## Performance\n\nfast\n")
+    over = {**exact_size(0.70), "params_mean": 0.70, "biggest_replicated": "model.layers.0.mixer.in_proj.weight "
+            "(0.40 of parameters): attention with q replicated"}
+    report.merge(path, report.Section("5.25.0", "2.13.0"), [sweep_row("a", N2=over, N3=exact_size(0.36))])
+    report.merge(path, report.Section("5.17.0", "2.11.0"), [{**sweep_row("a"), "skipped": "encoder-decoder"}])
+    report.write_markdown(path, str(readme))
+    text = (tmp_path / "sweep.md").read_text()
+    assert "## transformers 5.25" in text and "## transformers 5.17" in text and "Skipped: encoder-decoder: a." in text
+    assert ("| a | 4 | exact | exact |  | 2.0e-07 | 0.70, 0.36, - | 2 | no (N=2) | N=2 params/rank 0.70, replicated "
+            "model.layers.0.mixer.in_proj.weight (0.40 of parameters): attention with q replicated |") in text
+    lines = readme.read_text().split("\n")
+    assert lines[:4] == ["# fxtp", "", report.README_HEADING, ""] and lines[-5:] == ["", "## Performance", "", "fast", ""]
+    paragraph = " ".join(lines[4:-5])
+    assert "transformers 5.25.0, torch 2.13.0: of 1 types tried" in paragraph and "old numbers" not in paragraph
+    assert "transformers 5.17.0, torch 2.11.0: of 0 types tried (1 skipped)" in paragraph
+
+
+def test_sweep_keeps_the_world_sizes_a_timed_out_type_finished(sweep, monkeypatch):
+    """A type that hangs at N=3 keeps its N=2 row; N=3 and 4 say it timed out."""
+    partial = json.dumps(sweep_row("slow", N2=exact_size(0.5)))
+
+    def hangs(command, **kwargs):
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"], output=f"noise\n{sweep.ROW}{partial}\n".encode())
+
+    monkeypatch.setattr(subprocess, "run", hangs)
+    row = sweep.run_one("slow", 7)
+    assert row["sizes"] == {"2": exact_size(0.5), "3": {"result": "error", "detail": "process: timed out after 7 s"},
+                            "4": {"result": "error", "detail": "process: timed out after 7 s"}}

@@ -41,7 +41,8 @@ __all__ = ["compile", "TPProgram"]
 PROGRAMS_PER_SHAPE = 32
 
 
-def _attention_heads(config) -> Optional[int]:
+def attention_heads(config) -> Optional[int]:
+    """The attention heads of a layer, where the config names them: the most ranks fxtp can use."""
     for key in ("num_attention_heads", "n_head", "num_heads", "n_heads"):
         value = getattr(config, key, None)
         if isinstance(value, int):
@@ -82,7 +83,7 @@ def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=Non
     if not hf and tp_plan == "auto":
         raise ValueError(f"tp_plan='auto' reads the plan a HF model declares; {type(model).__name__} is a plain "
                          "nn.Module: pass plan={pattern: 'colwise' | 'rowwise' | 'replicate'} or use the automatic plan")
-    heads = _attention_heads(getattr(model, "config", None))
+    heads = attention_heads(getattr(model, "config", None))
     if heads is not None and world_size > heads:
         raise ValueError(f"world_size={world_size} is larger than the model's {heads} attention heads; fxtp never "
                          f"splits inside a head, so use world_size <= {heads}")
