@@ -8,7 +8,8 @@ Candidates: the model types of transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES t
 fxtp.tiny_configs.CAUSAL_LMS (those have the architecture table, benchmarks/arch_table.py). Each is
 built from fxtp.tiny_configs.generic_tiny_config (hidden 64, 4 heads, 2 kv heads, 2 layers, vocab
 256, 4 experts), in float32, and compiled at each world size; each rank's simulated logits are
-compared with the unsharded model (max abs diff <= 1e-4, left-padded batch). Per world size the
+compared with the unsharded model (max abs diff <= 1e-4, left-padded batch); the type is
+captured once and planned per world size, as fxtp.compile would. Per world size the
 row says exact, refused (fxtp's CaptureError or ValueError: the reason it gives the user), error
 (the stage and message) or WRONG (the difference; the run then exits with status 1), and the
 parameters-only fraction per rank: the most parameter bytes a rank holds over the unsharded
@@ -103,16 +104,15 @@ def biggest_replicated(tp, model) -> str:
     return f"{name} ({share:.2f} of parameters): {reason}"[:MESSAGE_CHARS]
 
 
-def measure_size(model, world_size: int, ids, mask) -> dict:
-    """One world size: compile, then every rank's logits against the unsharded model's."""
-    import fxtp
-    from fxtp.capture.export import CaptureError
+def measure_size(model, captured, world_size: int, ids, mask) -> dict:
+    """One world size: the program from the type's capture (fxtp.compile's plan, without its export
+    again), then every rank's logits against the unsharded model's."""
     from fxtp.stats import collectives_per_layer_text
-    from fxtp.testing import assert_equivalent
+    from fxtp.testing import assert_equivalent, program_of_capture
 
     try:
-        tp = fxtp.compile(model, world_size)
-    except (CaptureError, ValueError) as e:  # fxtp's refusals: the reason and what to do
+        tp = program_of_capture(captured, world_size, model)
+    except ValueError as e:  # fxtp's refusals: the reason and what to do
         return {"result": "refused", "detail": short(e)}
     except Exception as e:
         return {"result": "error", "detail": f"compile: {short(e)}"}
@@ -132,6 +132,7 @@ def measure(model_type: str, experts_implementation: str = "", emit=lambda row: 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from fxtp.capture.export import CaptureError, capture
     from fxtp.runtime.program import attention_heads
     from fxtp.tiny_configs import generic_tiny_config
 
@@ -157,9 +158,18 @@ def measure(model_type: str, experts_implementation: str = "", emit=lambda row: 
     except Exception as e:  # the shrunk config does not fit the type: the row says where
         row["build_failure"] = f"{stage}: {short(e)}"
         return row
+    emit(row)
+    try:
+        captured = capture(model)  # once for every world size: export is most of fxtp.compile's time
+    except CaptureError as e:  # fxtp's refusal at every world size
+        row["sizes"] = {str(ws): {"result": "refused", "detail": short(e)} for ws in WORLD_SIZES}
+        return row
+    except Exception as e:
+        row["sizes"] = {str(ws): {"result": "error", "detail": f"capture: {short(e)}"} for ws in WORLD_SIZES}
+        return row
     for ws in WORLD_SIZES:
+        row["sizes"][str(ws)] = measure_size(model, captured, ws, ids, mask)
         emit(row)
-        row["sizes"][str(ws)] = measure_size(model, ws, ids, mask)
     return row
 
 

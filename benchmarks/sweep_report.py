@@ -13,6 +13,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RESULTS_JSON = os.path.join(RESULTS, "model_types_sweep.json")
@@ -20,6 +21,8 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 README_HEADING = "### Every other causal-LM model type (sweep)"
 GOAL_SLACK = 0.05  # parameters per rank may exceed 1/N by this much (norms, biases, the router stay whole)
 MIN_HEADS = 4
+WORLD_SIZES = ("2", "3", "4")  # as the JSON's keys
+NOT_MEASURED = {"result": "error", "detail": "not measured"}  # a row's world size missing from the JSON
 RESULTS_ORDER = ("wrong", "error", "refused", "exact")  # the first that a row has is the one its reason names
 
 
@@ -70,26 +73,34 @@ def meets_goal(world_size: str, size: dict) -> bool:
     return size["result"] == "exact" and size["params_per_rank"] <= bound(int(world_size)) + 1e-9
 
 
-def verdict(row: dict) -> tuple[str, str]:
-    """("yes" | "no (N=...)" | "-", the reason in one phrase) for a row that is not skipped."""
+class Verdict(NamedTuple):
+    goal: str    # "yes", "no (N=...)", or "-" where the type does not build
+    cause: str   # what keeps the goal from holding, as the summary counts it
+    reason: str  # the row's "why not": the cause with its details
+
+
+def verdict(row: dict) -> Verdict:
+    """Whether the goal holds for a row that is not skipped, and why not."""
     if row.get("build_failure"):
-        return "-", f"does not build: {row['build_failure']}"
-    failing = {ws: s for ws, s in row["sizes"].items() if not meets_goal(ws, s)}
+        return Verdict("-", "does not build", f"does not build: {row['build_failure']}")
+    sizes = {ws: row["sizes"].get(ws, NOT_MEASURED) for ws in WORLD_SIZES}
+    failing = {ws: s for ws, s in sizes.items() if not meets_goal(ws, s)}
     if not failing:
-        return "yes", ""
-    worst = min(failing.items(), key=lambda item: RESULTS_ORDER.index(item[1]["result"]))
-    ws, size = worst
+        return Verdict("yes", "", "")
+    ws, size = min(failing.items(), key=lambda item: RESULTS_ORDER.index(item[1]["result"]))
     if size["result"] != "exact":
-        reason = f"N={ws} {size['result']}: {size['detail']}"
+        cause, reason = size["result"], f"N={ws} {size['result']}: {size['detail']}"
     elif size["params_mean"] <= bound(int(ws)) + 1e-9:
+        cause = f"uneven split at N={ws}"
         reason = (f"N={ws} uneven split: the fullest rank holds {size['params_per_rank']:.2f}, the mean "
                   f"{size['params_mean']:.2f} ({row.get('heads')} heads over {ws} ranks)")
     else:
+        cause = f"parameters replicated at N={ws}"
         reason = f"N={ws} params/rank {size['params_per_rank']:.2f}, replicated {size['biggest_replicated']}"
     heads = row.get("heads")
     if heads is not None and heads < MIN_HEADS:
-        reason = f"fewer than {MIN_HEADS} heads ({heads}); {reason}"
-    return f"no (N={', '.join(failing)})", reason
+        cause, reason = f"fewer than {MIN_HEADS} heads", f"fewer than {MIN_HEADS} heads ({heads}); {reason}"
+    return Verdict(f"no (N={', '.join(failing)})", cause, reason)
 
 
 COLUMNS = ("model type", "heads", "N=2", "N=3", "N=4", "max abs diff", "params / rank (N=2, 3, 4)",
@@ -98,11 +109,11 @@ COLUMNS = ("model type", "heads", "N=2", "N=3", "N=4", "max abs diff", "params /
 
 def cells(row: dict) -> list[str]:
     sizes = row["sizes"]
-    results = [sizes.get(ws, {}).get("result", "") for ws in ("2", "3", "4")]
+    results = [sizes.get(ws, {}).get("result", "") for ws in WORLD_SIZES]
     diffs = [s["max_abs_diff"] for s in sizes.values() if "max_abs_diff" in s]
     fractions = [f"{sizes[ws]['params_per_rank']:.2f}" if "params_per_rank" in sizes.get(ws, {}) else "-"
-                 for ws in ("2", "3", "4")]
-    goal, why = verdict(row)
+                 for ws in WORLD_SIZES]
+    goal, _, why = verdict(row)
     return [row["model_type"], str(row.get("heads") or "-"),
             *[f"**{r.upper()}**" if r == "wrong" else r for r in results],
             f"{max(diffs):.1e}" if diffs else "", ", ".join(fractions) if diffs else "",
@@ -125,11 +136,13 @@ def summary(entry: dict) -> dict:
         "skipped": sum(bool(r.get("skipped")) for r in rows),
         "build failures": Counter(r["build_failure"].split(":")[0] for r in rows if r.get("build_failure")),
         "built": len(built),
-        "exact at every N": sum(all(s["result"] == "exact" for s in r["sizes"].values()) for r in built),
-        "per N": {ws: Counter(r["sizes"].get(ws, {}).get("result", "missing") for r in built) for ws in ("2", "3", "4")},
+        "exact at every N": sum(all(r["sizes"].get(ws, NOT_MEASURED)["result"] == "exact" for ws in WORLD_SIZES)
+                                for r in built),
+        "per N": {ws: Counter(r["sizes"].get(ws, NOT_MEASURED)["result"] for r in built) for ws in WORLD_SIZES},
         "wrong": [f"{r['model_type']} N={ws}" for r in built for ws, s in r["sizes"].items() if s["result"] == "wrong"],
         "goal applies": len(with_heads),
-        "goal holds": sum(verdict(r)[0] == "yes" for r in with_heads),
+        "goal holds": sum(verdict(r).goal == "yes" for r in with_heads),
+        "goal fails": Counter(verdict(r).cause for r in with_heads if verdict(r).goal != "yes"),
     }
 
 
@@ -137,17 +150,19 @@ def _counts(counter: Counter) -> str:
     return ", ".join(f"{k} {v}" for k, v in counter.most_common())
 
 
-def summary_sentence(entry: dict) -> str:
+def summary_sentence(entry: dict, per_n: bool = True) -> str:
+    """A section's outcome in one sentence; `per_n` adds each world size's counts (the markdown's)."""
     s = summary(entry)
     tried = s["types"] - s["skipped"]
     wrong = f"**WRONG: {', '.join(s['wrong'])}**" if s["wrong"] else "none wrong"
-    per_n = "; ".join(f"N={ws}: {_counts(c)}" for ws, c in s["per N"].items())
+    counts = " (" + "; ".join(f"N={ws}: {_counts(c)}" for ws, c in s["per N"].items()) + ")" if per_n else ""
+    failures = f": {_counts(s['build failures'])}" if per_n and s["build failures"] else ""
     return (f"transformers {entry['transformers']}, torch {entry['torch']}"
             f"{', experts ' + entry['experts_implementation'] if entry['experts_implementation'] else ''}: "
-            f"of {tried} types tried ({s['skipped']} skipped), {s['built']} build "
-            f"({tried - s['built']} do not: {_counts(s['build failures']) or 'none'}); "
-            f"{s['exact at every N']} are exact at N=2, 3 and 4, {wrong} ({per_n}); "
-            f"the goal holds for {s['goal holds']} of the {s['goal applies']} with >= {MIN_HEADS} heads.")
+            f"of {tried} types tried ({s['skipped']} skipped), {s['built']} build ({tried - s['built']} do not"
+            f"{failures}); {s['exact at every N']} are exact at N=2, 3 and 4, {wrong}{counts}; "
+            f"the goal holds for {s['goal holds']} of the {s['goal applies']} with >= {MIN_HEADS} heads"
+            f"{' (not: ' + _counts(s['goal fails']) + ')' if s['goal fails'] else ''}.")
 
 
 def section_markdown(key: str, entry: dict) -> list[str]:
@@ -189,7 +204,7 @@ def markdown(data: dict) -> str:
 
 
 def readme_paragraph(data: dict) -> str:
-    sentences = " ".join(summary_sentence(entry).replace("**", "") for entry in data.values())
+    sentences = " ".join(summary_sentence(entry, per_n=False) for entry in data.values())
     return (f"`python benchmarks/sweep_model_types.py` tries every other model type of transformers' "
             f"`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` on a tiny config shrunk from its defaults, at 2, 3 and 4 ranks "
             f"(CPU); goal: exact with parameters per rank <= 1/N + 0.05. {sentences} Each type, with the reason "

@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from fxtp.capture.export import capture
 from fxtp.tiny_configs import tiny_model
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -405,8 +406,8 @@ def test_sweep_row_at_two_three_and_four_ranks(sweep):
     assert 0.5 < sizes["2"]["params_per_rank"] < 0.51 and 0.25 < sizes["4"]["params_per_rank"] < 0.26
     assert sizes["3"]["params_per_rank"] > sweep.sweep_report.bound(3) >= sizes["3"]["params_mean"]
     assert sizes["2"]["biggest_replicated"].endswith("in no projection group")  # a norm weight
-    goal, why = sweep.sweep_report.verdict(row)
-    assert goal == "no (N=3)" and "uneven split" in why and "(4 heads over 3 ranks)" in why
+    goal, cause, why = sweep.sweep_report.verdict(row)
+    assert (goal, cause) == ("no (N=3)", "uneven split at N=3") and "uneven split" in why and "(4 heads over 3 ranks)" in why
 
 
 def test_sweep_reports_a_wrong_result_loudly(sweep, monkeypatch, tmp_path):
@@ -420,7 +421,7 @@ def test_sweep_reports_a_wrong_result_loudly(sweep, monkeypatch, tmp_path):
     monkeypatch.setattr(fxtp.testing, "assert_equivalent", differs)
     model = tiny_model("llama")
     ids = torch.randint(3, 256, (2, 5))
-    size = sweep.measure_size(model, 2, ids, torch.ones_like(ids))
+    size = sweep.measure_size(model, capture(model), 2, ids, torch.ones_like(ids))
     assert size["result"] == "wrong" and "3.000e-01" in size["detail"] and size["params_per_rank"] < 0.51
 
     row = sweep_row("llama", N2=size, N3=exact_size(0.36), N4=exact_size(0.26))
@@ -432,7 +433,7 @@ def test_sweep_reports_a_wrong_result_loudly(sweep, monkeypatch, tmp_path):
     data = sweep.sweep_report.load(results)
     text = sweep.sweep_report.markdown(data)
     assert "| llama | 4 | **WRONG** | exact | exact |" in text and "**WRONG: llama N=2**" in text
-    assert sweep.sweep_report.verdict(row) == ("no (N=2)", f"N=2 wrong: {size['detail']}")
+    assert sweep.sweep_report.verdict(row) == ("no (N=2)", "wrong", f"N=2 wrong: {size['detail']}")
 
 
 def test_sweep_rows_merge_by_type_and_versions_stay_apart(sweep, tmp_path):
@@ -443,15 +444,17 @@ def test_sweep_rows_merge_by_type_and_versions_stay_apart(sweep, tmp_path):
     new, old = report.Section("5.25.0", "2.13.0"), report.Section("5.17.0", "2.11.0")
     built = sweep_row("b", N2=exact_size(0.50), N3=exact_size(0.36), N4=exact_size(0.26))
     report.merge(path, new, [sweep_row("a", N2=exact_size(0.50)), {**sweep_row("b"), "build_failure": "model: KeyError: 'x'"}])
-    report.merge(path, old, [sweep_row("a", N2={"result": "refused", "detail": "CaptureError: no"})])
+    assert report.verdict(sweep_row("a", N2=exact_size(0.50))) == ("no (N=3, 4)", "error", "N=3 error: not measured")
+    refused = sweep_row("a", N2={"result": "refused", "detail": "CaptureError: no"}, N3=exact_size(0.36), N4=exact_size(0.26))
+    report.merge(path, old, [refused])
     report.merge(path, new, [built])
     data = report.load(path)
     assert list(data) == ["transformers 5.17", "transformers 5.25"]
     assert data["transformers 5.25"]["types"] == {"a": sweep_row("a", N2=exact_size(0.50)), "b": built}
     assert data["transformers 5.17"]["torch"] == "2.11.0"
     assert data["transformers 5.17"]["types"]["a"]["sizes"]["2"]["result"] == "refused"
-    assert report.verdict(built) == ("yes", "")
-    assert report.verdict(data["transformers 5.17"]["types"]["a"]) == ("no (N=2)", "N=2 refused: CaptureError: no")
+    assert report.verdict(built) == ("yes", "", "")
+    assert report.verdict(data["transformers 5.17"]["types"]["a"]) == ("no (N=2)", "refused", "N=2 refused: CaptureError: no")
 
 
 def test_sweep_writes_the_markdown_and_readme_paragraph_from_the_json(sweep, tmp_path):
@@ -462,17 +465,19 @@ def test_sweep_writes_the_markdown_and_readme_paragraph_from_the_json(sweep, tmp
     readme.write_text(f"# fxtp\n\n{report.README_HEADING}\n\nold numbers\n\n## Performance\n\nfast\n")
     over = {**exact_size(0.70), "params_mean": 0.70, "biggest_replicated": "model.layers.0.mixer.in_proj.weight "
             "(0.40 of parameters): attention with q replicated"}
-    report.merge(path, report.Section("5.25.0", "2.13.0"), [sweep_row("a", N2=over, N3=exact_size(0.36))])
+    report.merge(path, report.Section("5.25.0", "2.13.0"), [sweep_row("a", N2=over, N3=exact_size(0.36), N4=exact_size(0.26))])
     report.merge(path, report.Section("5.17.0", "2.11.0"), [{**sweep_row("a"), "skipped": "encoder-decoder"}])
     report.write_markdown(path, str(readme))
     text = (tmp_path / "sweep.md").read_text()
     assert "## transformers 5.25" in text and "## transformers 5.17" in text and "Skipped: encoder-decoder: a." in text
-    assert ("| a | 4 | exact | exact |  | 2.0e-07 | 0.70, 0.36, - | 2 | no (N=2) | N=2 params/rank 0.70, replicated "
+    assert ("| a | 4 | exact | exact | exact | 2.0e-07 | 0.70, 0.36, 0.26 | 2 | no (N=2) | N=2 params/rank 0.70, replicated "
             "model.layers.0.mixer.in_proj.weight (0.40 of parameters): attention with q replicated |") in text
     lines = readme.read_text().split("\n")
     assert lines[:4] == ["# fxtp", "", report.README_HEADING, ""] and lines[-5:] == ["", "## Performance", "", "fast", ""]
     paragraph = " ".join(lines[4:-5])
-    assert "transformers 5.25.0, torch 2.13.0: of 1 types tried" in paragraph and "old numbers" not in paragraph
+    assert ("transformers 5.25.0, torch 2.13.0: of 1 types tried (0 skipped), 1 build (0 do not); 1 are exact at N=2, 3 "
+            "and 4, none wrong; the goal holds for 0 of the 1 with >= 4 heads (not: parameters replicated at N=2 1).") \
+        in paragraph and "old numbers" not in paragraph
     assert "transformers 5.17.0, torch 2.11.0: of 0 types tried (1 skipped)" in paragraph
 
 

@@ -50,6 +50,14 @@ def attention_heads(config) -> Optional[int]:
     return None
 
 
+def check_heads(model: torch.nn.Module, world_size: int) -> None:
+    """Refuse more ranks than the heads the model's config names."""
+    heads = attention_heads(getattr(model, "config", None))
+    if heads is not None and world_size > heads:
+        raise ValueError(f"world_size={world_size} is larger than the model's {heads} attention heads; fxtp never "
+                         f"splits inside a head, so use world_size <= {heads}")
+
+
 def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=None,
             injection_policy: Optional[dict] = None, example_inputs: Optional[ExampleInputs] = None,
             dynamic_shapes=None, training: bool = False) -> "TPProgram":
@@ -83,10 +91,7 @@ def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=Non
     if not hf and tp_plan == "auto":
         raise ValueError(f"tp_plan='auto' reads the plan a HF model declares; {type(model).__name__} is a plain "
                          "nn.Module: pass plan={pattern: 'colwise' | 'rowwise' | 'replicate'} or use the automatic plan")
-    heads = attention_heads(getattr(model, "config", None))
-    if heads is not None and world_size > heads:
-        raise ValueError(f"world_size={world_size} is larger than the model's {heads} attention heads; fxtp never "
-                         f"splits inside a head, so use world_size <= {heads}")
+    check_heads(model, world_size)
     sources: set[str] = set()
     with collecting_sources(sources):
         captured = capture_training(model) if training else capture(model) if hf else \
