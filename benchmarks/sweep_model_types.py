@@ -219,6 +219,7 @@ def main() -> None:
     import torch
     import transformers
     section = sweep_report.Section(transformers.__version__, torch.__version__, args.experts_implementation)
+    sweep_report.merge(args.results, section, [], candidates())
     wrong = []
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = pool.map(lambda t: run_one(t, args.timeout, args.experts_implementation), args.types or candidates())

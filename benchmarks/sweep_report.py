@@ -13,7 +13,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RESULTS_JSON = os.path.join(RESULTS, "model_types_sweep.json")
@@ -46,9 +46,10 @@ def load(path: str) -> dict:
         return json.load(f)
 
 
-def merge(path: str, section: Section, rows: list[dict]) -> dict:
+def merge(path: str, section: Section, rows: list[dict], candidates: Optional[list[str]] = None) -> dict:
     """Put `rows` into `section` of the JSON at `path`, replacing those of the same model types and
-    keeping every other row and section; returns the whole. Runs of two transformers versions may
+    keeping every other row and section, and the section's `candidates` (every type its version
+    has to sweep: the ones without a row are listed as not run); returns the whole. Runs of two transformers versions may
     merge into the same file at once: the lock makes each read-modify-write whole."""
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -56,6 +57,8 @@ def merge(path: str, section: Section, rows: list[dict]) -> dict:
         entry = data.setdefault(section.key, {"types": {}})
         entry.update(transformers=section.transformers, torch=section.torch,
                      experts_implementation=section.experts_implementation)
+        if candidates is not None:
+            entry["candidates"] = sorted(candidates)
         entry["types"].update({row["model_type"]: row for row in rows})
         entry["types"] = dict(sorted(entry["types"].items()))
         with open(path + ".tmp", "w") as f:
@@ -133,6 +136,7 @@ def summary(entry: dict) -> dict:
     with_heads = [r for r in built if (r.get("heads") or MIN_HEADS) >= MIN_HEADS]
     return {
         "types": len(rows),
+        "not run": sorted(set(entry.get("candidates", ())) - set(entry["types"])),
         "skipped": sum(bool(r.get("skipped")) for r in rows),
         "build failures": Counter(r["build_failure"].split(":")[0] for r in rows if r.get("build_failure")),
         "built": len(built),
@@ -150,19 +154,36 @@ def _counts(counter: Counter) -> str:
     return ", ".join(f"{k} {v}" for k, v in counter.most_common())
 
 
-def summary_sentence(entry: dict, per_n: bool = True) -> str:
-    """A section's outcome in one sentence; `per_n` adds each world size's counts (the markdown's)."""
+def summary_sentence(entry: dict) -> str:
+    """A section's outcome, with each world size's counts and the types not run yet."""
     s = summary(entry)
     tried = s["types"] - s["skipped"]
-    wrong = f"**WRONG: {', '.join(s['wrong'])}**" if s["wrong"] else "none wrong"
-    counts = " (" + "; ".join(f"N={ws}: {_counts(c)}" for ws, c in s["per N"].items()) + ")" if per_n else ""
-    failures = f": {_counts(s['build failures'])}" if per_n and s["build failures"] else ""
-    return (f"transformers {entry['transformers']}, torch {entry['torch']}"
-            f"{', experts ' + entry['experts_implementation'] if entry['experts_implementation'] else ''}: "
-            f"of {tried} types tried ({s['skipped']} skipped), {s['built']} build ({tried - s['built']} do not"
-            f"{failures}); {s['exact at every N']} are exact at N=2, 3 and 4, {wrong}{counts}; "
-            f"the goal holds for {s['goal holds']} of the {s['goal applies']} with >= {MIN_HEADS} heads"
-            f"{' (not: ' + _counts(s['goal fails']) + ')' if s['goal fails'] else ''}.")
+    not_run = f"{len(s['not run'])} types not run yet ({', '.join(s['not run'])}); " if s["not run"] else ""
+    failures = f": {_counts(s['build failures'])}" if s["build failures"] else ""
+    per_n = "; ".join(f"N={ws}: {_counts(c)}" for ws, c in s["per N"].items())
+    return (f"{_software(entry)}: {not_run}of {tried} types tried ({s['skipped']} skipped), {s['built']} build "
+            f"({tried - s['built']} do not{failures}); {s['exact at every N']} are exact at N=2, 3 and 4, "
+            f"{_wrong(s)} ({per_n}); the goal holds for {s['goal holds']} of the {s['goal applies']} with "
+            f">= {MIN_HEADS} heads{' (not: ' + _counts(s['goal fails']) + ')' if s['goal fails'] else ''}.")
+
+
+def short_summary(entry: dict) -> str:
+    """A section's outcome in README's few words."""
+    s = summary(entry)
+    not_run = f", {len(s['not run'])} not run yet" if s["not run"] else ""
+    causes = ", ".join(f"{k} {v}" for k, v in s["goal fails"].most_common(2))
+    return (f"{_software(entry)}: {s['types'] - s['skipped']} types tried{not_run}, {s['built']} build, "
+            f"{s['exact at every N']} exact at N=2, 3 and 4, {_wrong(s)}; goal met by {s['goal holds']} of "
+            f"{s['goal applies']}{' (not: ' + causes + ', ...)' if causes else ''}.")
+
+
+def _software(entry: dict) -> str:
+    experts = f", experts {entry['experts_implementation']}" if entry["experts_implementation"] else ""
+    return f"transformers {entry['transformers']} (torch {entry['torch']}{experts})"
+
+
+def _wrong(s: dict) -> str:
+    return f"**WRONG: {', '.join(s['wrong'])}**" if s["wrong"] else "none wrong"
 
 
 def section_markdown(key: str, entry: dict) -> list[str]:
@@ -171,9 +192,11 @@ def section_markdown(key: str, entry: dict) -> list[str]:
     lines = [f"## {key}", "", summary_sentence(entry), "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += [row_line(r) for r in rows if not r.get("skipped")]
-    lines += ["", "Skipped: " + "; ".join(
-        f"{reason}: {', '.join(r['model_type'] for r in rows if r.get('skipped') == reason)}"
-        for reason in skipped) + ".", ""]
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(
+            f"{reason}: {', '.join(r['model_type'] for r in rows if r.get('skipped') == reason)}"
+            for reason in skipped) + "."]
+    lines.append("")
     return lines
 
 
@@ -204,11 +227,10 @@ def markdown(data: dict) -> str:
 
 
 def readme_paragraph(data: dict) -> str:
-    sentences = " ".join(summary_sentence(entry, per_n=False) for entry in data.values())
-    return (f"`python benchmarks/sweep_model_types.py` tries every other model type of transformers' "
-            f"`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` on a tiny config shrunk from its defaults, at 2, 3 and 4 ranks "
-            f"(CPU); goal: exact with parameters per rank <= 1/N + 0.05. {sentences} Each type, with the reason "
-            f"where the goal fails: [benchmarks/results/model_types_sweep.md](benchmarks/results/model_types_sweep.md).")
+    return (f"`python benchmarks/sweep_model_types.py` runs every other model type of transformers' "
+            f"`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, shrunk from its defaults, at 2, 3 and 4 ranks (CPU). Goal: exact, "
+            f"parameters per rank <= 1/N + 0.05. {' '.join(short_summary(e) for e in data.values())} "
+            f"[Every row, and why the goal fails](benchmarks/results/model_types_sweep.md).")
 
 
 def wrap(text: str, width: int = 110) -> list[str]:

@@ -458,27 +458,28 @@ def test_sweep_rows_merge_by_type_and_versions_stay_apart(sweep, tmp_path):
 
 
 def test_sweep_writes_the_markdown_and_readme_paragraph_from_the_json(sweep, tmp_path):
-    """--write-markdown: one section per version in the markdown; README's sweep paragraph names
-    both versions and the rest of README stays as it was."""
+    """--write-markdown: one section per version in the markdown, naming the candidates not run yet;
+    README's sweep paragraph names both versions and the rest of README stays as it was."""
     report = sweep.sweep_report
     path, readme = str(tmp_path / "sweep.json"), tmp_path / "README.md"
     readme.write_text(f"# fxtp\n\n{report.README_HEADING}\n\nold numbers\n\n## Performance\n\nfast\n")
     over = {**exact_size(0.70), "params_mean": 0.70, "biggest_replicated": "model.layers.0.mixer.in_proj.weight "
             "(0.40 of parameters): attention with q replicated"}
-    report.merge(path, report.Section("5.25.0", "2.13.0"), [sweep_row("a", N2=over, N3=exact_size(0.36), N4=exact_size(0.26))])
+    report.merge(path, report.Section("5.25.0", "2.13.0"), [sweep_row("a", N2=over, N3=exact_size(0.36), N4=exact_size(0.26))],
+                 candidates=["a", "z"])
     report.merge(path, report.Section("5.17.0", "2.11.0"), [{**sweep_row("a"), "skipped": "encoder-decoder"}])
     report.write_markdown(path, str(readme))
     text = (tmp_path / "sweep.md").read_text()
+    assert "transformers 5.25.0 (torch 2.13.0): 1 types not run yet (z); of 1 types tried" in text
     assert "## transformers 5.25" in text and "## transformers 5.17" in text and "Skipped: encoder-decoder: a." in text
     assert ("| a | 4 | exact | exact | exact | 2.0e-07 | 0.70, 0.36, 0.26 | 2 | no (N=2) | N=2 params/rank 0.70, replicated "
             "model.layers.0.mixer.in_proj.weight (0.40 of parameters): attention with q replicated |") in text
     lines = readme.read_text().split("\n")
     assert lines[:4] == ["# fxtp", "", report.README_HEADING, ""] and lines[-5:] == ["", "## Performance", "", "fast", ""]
     paragraph = " ".join(lines[4:-5])
-    assert ("transformers 5.25.0, torch 2.13.0: of 1 types tried (0 skipped), 1 build (0 do not); 1 are exact at N=2, 3 "
-            "and 4, none wrong; the goal holds for 0 of the 1 with >= 4 heads (not: parameters replicated at N=2 1).") \
-        in paragraph and "old numbers" not in paragraph
-    assert "transformers 5.17.0, torch 2.11.0: of 0 types tried (1 skipped)" in paragraph
+    assert ("transformers 5.25.0 (torch 2.13.0): 1 types tried, 1 not run yet, 1 build, 1 exact at N=2, 3 and 4, "
+            "none wrong; goal met by 0 of 1 (not: parameters replicated at N=2 1, ...).") in paragraph
+    assert "transformers 5.17.0 (torch 2.11.0): 0 types tried, 0 build" in paragraph and "old numbers" not in paragraph
 
 
 def test_sweep_keeps_the_world_sizes_a_timed_out_type_finished(sweep, monkeypatch):
