@@ -15,8 +15,8 @@ row says exact, refused (fxtp's CaptureError or ValueError: the reason it gives 
 parameters-only fraction per rank: the most parameter bytes a rank holds over the unsharded
 model's (buffers excluded), with the biggest parameter the plan keeps replicated and why.
 Skipped, with the reason: encoder-decoder models, encoders (their causal LM head is a decoder of
-an encoder-decoder) and multimodal wrappers. Each type runs in its own process (a crash or a hang
-costs one row; the world sizes it finished before a timeout are kept). fxtp is this checkout's,
+an encoder-decoder) and multimodal wrappers. Types run in worker processes (benchmarks/sweep_worker.py):
+a crash or a hang costs one row, and the world sizes it finished before a timeout are kept. fxtp is this checkout's,
 whichever the environment has installed (benchmarks/this_checkout.py).
 
 Rows merge by model type into benchmarks/results/model_types_sweep.json, one section per
@@ -30,21 +30,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import subprocess
+import queue
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the modules beside it
 import sweep_report  # noqa: E402
+import sweep_worker  # noqa: E402
 import this_checkout  # noqa: E402
 
 this_checkout.use()  # this checkout's fxtp, here and in the children
 WORLD_SIZES = (2, 3, 4)
-ROW = "ROW "  # the child's stdout lines that carry its row so far
-MESSAGE_CHARS = 160
+MESSAGE_CHARS = sweep_worker.MESSAGE_CHARS
 
 
 def candidates() -> list[str]:
@@ -173,27 +171,24 @@ def measure(model_type: str, experts_implementation: str = "", emit=lambda row: 
     return row
 
 
-def run_one(model_type: str, timeout: int, experts_implementation: str = "") -> dict:
-    """measure(model_type, experts_implementation) in a fresh process; the world sizes it did not
-    finish are errors saying why."""
-    command = [sys.executable, __file__, "--one", model_type, "--experts-implementation", experts_implementation]
-    start = time.monotonic()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-        stdout, failure = done.stdout, f"process exited with {done.returncode}: " + \
-            " ".join(done.stderr.strip().splitlines()[-1:])[:MESSAGE_CHARS]
-    except subprocess.TimeoutExpired as e:
-        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
-        failure = f"timed out after {timeout} s"
-    rows = [json.loads(line[len(ROW):]) for line in stdout.splitlines() if line.startswith(ROW)]
-    row = rows[-1] if rows else {"model_type": model_type, "run_on": datetime.date.today().isoformat(),
-                                 "build_failure": f"process: {failure}", "sizes": {}}
-    if rows and not row.get("done"):
-        for ws in WORLD_SIZES:
-            row["sizes"].setdefault(str(ws), {"result": "error", "detail": f"process: {failure}"})
-    row.pop("done", None)
-    row["seconds"] = round(time.monotonic() - start, 1)
-    return row
+def sweep(model_types: list[str], jobs: int, timeout: int, experts_implementation: str):
+    """Each type's row, in order, from `jobs` worker processes (benchmarks/sweep_worker.py)."""
+    command = [sys.executable, __file__, "--worker", "--experts-implementation", experts_implementation]
+    idle: queue.Queue = queue.Queue()
+    for _ in range(jobs):
+        idle.put(sweep_worker.Worker(command))
+
+    def one(model_type: str) -> dict:
+        worker = idle.get()
+        try:
+            return worker.measure(model_type, timeout, WORLD_SIZES)
+        finally:
+            idle.put(worker)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        yield from pool.map(one, model_types)
+    while not idle.empty():
+        idle.get().close()
 
 
 def main() -> None:
@@ -206,12 +201,10 @@ def main() -> None:
     parser.add_argument("--results", default=sweep_report.RESULTS_JSON, help="the JSON the rows merge into")
     parser.add_argument("--write-markdown", action="store_true",
                         help="write the markdown table and README's sweep paragraph from the JSON, run nothing")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: its row as ROW lines
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a child: types on stdin
     args = parser.parse_args()
-    if args.one:
-        def emit(row):
-            print(ROW + json.dumps(row), flush=True)
-        emit({**measure(args.one, args.experts_implementation, emit), "done": True})
+    if args.worker:
+        sweep_worker.serve(lambda model_type, emit: measure(model_type, args.experts_implementation, emit))
         return
     if args.write_markdown:
         sweep_report.write_markdown(args.results)
@@ -221,12 +214,10 @@ def main() -> None:
     section = sweep_report.Section(transformers.__version__, torch.__version__, args.experts_implementation)
     sweep_report.merge(args.results, section, [], candidates())
     wrong = []
-    with ThreadPoolExecutor(args.jobs) as pool:
-        rows = pool.map(lambda t: run_one(t, args.timeout, args.experts_implementation), args.types or candidates())
-        for row in rows:
-            sweep_report.merge(args.results, section, [row])  # each row as it comes: a stopped run keeps them
-            print(sweep_report.row_line(row), flush=True)
-            wrong += [f"{row['model_type']} N={ws}" for ws, r in row["sizes"].items() if r["result"] == "wrong"]
+    for row in sweep(args.types or candidates(), args.jobs, args.timeout, args.experts_implementation):
+        sweep_report.merge(args.results, section, [row])  # each row as it comes: a stopped run keeps them
+        print(sweep_report.row_line(row), flush=True)
+        wrong += [f"{row['model_type']} N={ws}" for ws, r in row["sizes"].items() if r["result"] == "wrong"]
     if wrong:
         sys.exit(f"WRONG results (a rank's logits differ from the unsharded model's): {', '.join(wrong)}")
 

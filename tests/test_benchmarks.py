@@ -482,14 +482,18 @@ def test_sweep_writes_the_markdown_and_readme_paragraph_from_the_json(sweep, tmp
     assert "transformers 5.17.0 (torch 2.11.0): 0 types tried, 0 build" in paragraph and "old numbers" not in paragraph
 
 
-def test_sweep_keeps_the_world_sizes_a_timed_out_type_finished(sweep, monkeypatch):
-    """A type that hangs at N=3 keeps its N=2 row; N=3 and 4 say it timed out."""
+def test_sweep_keeps_the_world_sizes_a_timed_out_or_crashed_type_finished(sweep):
+    """A type that hangs or crashes its worker after N=2 keeps its N=2 row; N=3 and 4 say why they
+    are missing, and the next type gets a fresh worker."""
     partial = json.dumps(sweep_row("slow", N2=exact_size(0.5)))
-
-    def hangs(command, **kwargs):
-        raise subprocess.TimeoutExpired(command, kwargs["timeout"], output=f"noise\n{sweep.ROW}{partial}\n".encode())
-
-    monkeypatch.setattr(subprocess, "run", hangs)
-    row = sweep.run_one("slow", 7)
-    assert row["sizes"] == {"2": exact_size(0.5), "3": {"result": "error", "detail": "process: timed out after 7 s"},
-                            "4": {"result": "error", "detail": "process: timed out after 7 s"}}
+    child = ("import sys, time\n"
+             "for line in sys.stdin:\n"
+             f"    print({sweep.sweep_worker.ROW!r} + {partial!r}, flush=True)\n"
+             "    if line.strip() == 'crash': sys.exit('boom')\n"
+             "    time.sleep(60)\n")
+    worker = sweep.sweep_worker.Worker([sys.executable, "-c", child])
+    missing = {"result": "error", "detail": "process: timed out after 1 s"}
+    assert worker.measure("slow", 1, sweep.WORLD_SIZES)["sizes"] == {"2": exact_size(0.5), "3": missing, "4": missing}
+    crashed = {"result": "error", "detail": "process: exited with 1: boom"}
+    assert worker.measure("crash", 30, sweep.WORLD_SIZES)["sizes"] == {"2": exact_size(0.5), "3": crashed, "4": crashed}
+    worker.close()
