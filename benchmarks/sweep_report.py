@@ -36,7 +36,8 @@ class Section:
     @property
     def key(self) -> str:
         minor = ".".join(self.transformers.split(".")[:2])
-        return f"transformers {minor}" + (f", experts {self.experts_implementation}" if self.experts_implementation else "")
+        experts = f", experts {self.experts_implementation}" if self.experts_implementation else ""
+        return f"transformers {minor}{experts}"
 
 
 def load(path: str) -> dict:
@@ -49,8 +50,9 @@ def load(path: str) -> dict:
 def merge(path: str, section: Section, rows: list[dict], candidates: Optional[list[str]] = None) -> dict:
     """Put `rows` into `section` of the JSON at `path`, replacing those of the same model types and
     keeping every other row and section, and the section's `candidates` (every type its version
-    has to sweep: the ones without a row are listed as not run); returns the whole. Runs of two transformers versions may
-    merge into the same file at once: the lock makes each read-modify-write whole."""
+    has to sweep: the ones without a row are listed as not run); returns the whole. Runs of two
+    transformers versions may merge into the same file at once: the lock makes each
+    read-modify-write whole."""
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = load(path)

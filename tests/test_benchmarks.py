@@ -5,7 +5,9 @@ and benchmarks/gemv_latency.py refusing a machine without a GPU, and the weight 
 times; benchmarks/nccl_check.py on two gloo processes and its bfloat16 verdict; benchmarks/compile_memory.py
 refusing too few --compiles to measure; benchmarks/training_memory.py on a tiny Llama (a rank's bytes at
 TP=2 against one process) and benchmarks/training_speed.py on the CPU (HF eager against fxtp's rank
-module at N=1). The GPU numbers in benchmarks/results/RESULTS.md come from the same scripts. (Its HF
+module at N=1); benchmarks/sweep_model_types.py on one tiny type at 2, 3 and 4 ranks, its WRONG rows,
+its worker processes' timeouts and crashes, and the JSON its rows merge into, with the markdown and
+README paragraph made from it. The GPU numbers in benchmarks/results/RESULTS.md come from the same scripts. (Its HF
 tp_plan and DeepSpeed peers need accelerate and deepspeed, which the test install leaves out.)"""
 import importlib
 import json
@@ -401,13 +403,14 @@ def test_sweep_row_at_two_three_and_four_ranks(sweep):
     rank holds 2 of the 4 heads, above 1/3 + 0.05, and the row's reason says so."""
     row = sweep.measure("arcee")
     sizes = row["sizes"]
-    assert (row["heads"], {ws: s["result"] for ws, s in sizes.items()}) == (4, {"2": "exact", "3": "exact", "4": "exact"})
+    assert row["heads"] == 4
+    assert {ws: s["result"] for ws, s in sizes.items()} == {"2": "exact", "3": "exact", "4": "exact"}
     assert all(s["max_abs_diff"] <= 1e-5 for s in sizes.values())
     assert 0.5 < sizes["2"]["params_per_rank"] < 0.51 and 0.25 < sizes["4"]["params_per_rank"] < 0.26
     assert sizes["3"]["params_per_rank"] > sweep.sweep_report.bound(3) >= sizes["3"]["params_mean"]
     assert sizes["2"]["biggest_replicated"].endswith("in no projection group")  # a norm weight
     goal, cause, why = sweep.sweep_report.verdict(row)
-    assert (goal, cause) == ("no (N=3)", "uneven split at N=3") and "uneven split" in why and "(4 heads over 3 ranks)" in why
+    assert (goal, cause) == ("no (N=3)", "uneven split at N=3") and "(4 heads over 3 ranks)" in why
 
 
 def test_sweep_reports_a_wrong_result_loudly(sweep, monkeypatch, tmp_path):
@@ -443,9 +446,11 @@ def test_sweep_rows_merge_by_type_and_versions_stay_apart(sweep, tmp_path):
     path = str(tmp_path / "sweep.json")
     new, old = report.Section("5.25.0", "2.13.0"), report.Section("5.17.0", "2.11.0")
     built = sweep_row("b", N2=exact_size(0.50), N3=exact_size(0.36), N4=exact_size(0.26))
-    report.merge(path, new, [sweep_row("a", N2=exact_size(0.50)), {**sweep_row("b"), "build_failure": "model: KeyError: 'x'"}])
+    unbuilt = {**sweep_row("b"), "build_failure": "model: KeyError: 'x'"}
+    report.merge(path, new, [sweep_row("a", N2=exact_size(0.50)), unbuilt])
     assert report.verdict(sweep_row("a", N2=exact_size(0.50))) == ("no (N=3, 4)", "error", "N=3 error: not measured")
-    refused = sweep_row("a", N2={"result": "refused", "detail": "CaptureError: no"}, N3=exact_size(0.36), N4=exact_size(0.26))
+    refused = sweep_row("a", N2={"result": "refused", "detail": "CaptureError: no"},
+                        N3=exact_size(0.36), N4=exact_size(0.26))
     report.merge(path, old, [refused])
     report.merge(path, new, [built])
     data = report.load(path)
@@ -454,7 +459,7 @@ def test_sweep_rows_merge_by_type_and_versions_stay_apart(sweep, tmp_path):
     assert data["transformers 5.17"]["torch"] == "2.11.0"
     assert data["transformers 5.17"]["types"]["a"]["sizes"]["2"]["result"] == "refused"
     assert report.verdict(built) == ("yes", "", "")
-    assert report.verdict(data["transformers 5.17"]["types"]["a"]) == ("no (N=2)", "refused", "N=2 refused: CaptureError: no")
+    assert report.verdict(refused) == ("no (N=2)", "refused", "N=2 refused: CaptureError: no")
 
 
 def test_sweep_writes_the_markdown_and_readme_paragraph_from_the_json(sweep, tmp_path):
@@ -465,17 +470,19 @@ def test_sweep_writes_the_markdown_and_readme_paragraph_from_the_json(sweep, tmp
     readme.write_text(f"# fxtp\n\n{report.README_HEADING}\n\nold numbers\n\n## Performance\n\nfast\n")
     over = {**exact_size(0.70), "params_mean": 0.70, "biggest_replicated": "model.layers.0.mixer.in_proj.weight "
             "(0.40 of parameters): attention with q replicated"}
-    report.merge(path, report.Section("5.25.0", "2.13.0"), [sweep_row("a", N2=over, N3=exact_size(0.36), N4=exact_size(0.26))],
-                 candidates=["a", "z"])
+    row = sweep_row("a", N2=over, N3=exact_size(0.36), N4=exact_size(0.26))
+    report.merge(path, report.Section("5.25.0", "2.13.0"), [row], candidates=["a", "z"])
     report.merge(path, report.Section("5.17.0", "2.11.0"), [{**sweep_row("a"), "skipped": "encoder-decoder"}])
     report.write_markdown(path, str(readme))
     text = (tmp_path / "sweep.md").read_text()
     assert "transformers 5.25.0 (torch 2.13.0): 1 types not run yet (z); of 1 types tried" in text
     assert "## transformers 5.25" in text and "## transformers 5.17" in text and "Skipped: encoder-decoder: a." in text
-    assert ("| a | 4 | exact | exact | exact | 2.0e-07 | 0.70, 0.36, 0.26 | 2 | no (N=2) | N=2 params/rank 0.70, replicated "
+    assert ("| a | 4 | exact | exact | exact | 2.0e-07 | 0.70, 0.36, 0.26 | 2 | no (N=2) | "
+            "N=2 params/rank 0.70, replicated "
             "model.layers.0.mixer.in_proj.weight (0.40 of parameters): attention with q replicated |") in text
     lines = readme.read_text().split("\n")
-    assert lines[:4] == ["# fxtp", "", report.README_HEADING, ""] and lines[-5:] == ["", "## Performance", "", "fast", ""]
+    assert lines[:4] == ["# fxtp", "", report.README_HEADING, ""]
+    assert lines[-5:] == ["", "## Performance", "", "fast", ""]
     paragraph = " ".join(lines[4:-5])
     assert ("transformers 5.25.0 (torch 2.13.0): 1 types tried, 1 not run yet, 1 build, 1 exact at N=2, 3 and 4, "
             "none wrong; goal met by 0 of 1 (not: parameters replicated at N=2 1, ...).") in paragraph
