@@ -135,7 +135,7 @@ def summary(entry: dict) -> dict:
     """Counts over a section: the types tried, skipped, built, and per outcome."""
     rows = list(entry["types"].values())
     built = [r for r in rows if not r.get("skipped") and not r.get("build_failure")]
-    with_heads = [r for r in built if (r.get("heads") or MIN_HEADS) >= MIN_HEADS]
+    with_heads = [r for r in built if (r.get("heads") or 0) >= MIN_HEADS]  # the goal is for these
     return {
         "types": len(rows),
         "not run": sorted(set(entry.get("candidates", ())) - set(entry["types"])),

@@ -19,6 +19,7 @@ from typing import Optional
 ROW = "ROW "
 DONE = "DONE"
 MESSAGE_CHARS = 160
+MEMORY_LIMIT = 8 << 30  # bytes of address space a worker may map: a tiny model's measurement maps about 2 GiB
 
 
 def row_from_output(model_type: str, rows: list[dict], finished: bool, failure: str, world_sizes) -> dict:
@@ -102,8 +103,14 @@ class Worker:
 
 
 def serve(measure) -> None:
-    """The child's loop: measure(model_type, emit) for each line of stdin, its rows on stdout."""
+    """The child's loop: measure(model_type, emit) for each line of stdin, its rows on stdout. Its
+    address space is capped: a type whose shrunk config still allocates gigabytes fails alone (an
+    allocation error in its row) instead of waking the kernel's OOM killer, which may pick any
+    process of the machine."""
+    import resource
     import sys
+
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
     def emit(row: dict) -> None:
         print(ROW + json.dumps(row), flush=True)
