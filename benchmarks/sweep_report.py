@@ -163,7 +163,7 @@ def summary_sentence(entry: dict) -> str:
     not_run = f"{len(s['not run'])} types not run yet ({', '.join(s['not run'])}); " if s["not run"] else ""
     failures = f": {_counts(s['build failures'])}" if s["build failures"] else ""
     per_n = "; ".join(f"N={ws}: {_counts(c)}" for ws, c in s["per N"].items())
-    return (f"{_software(entry)}: {not_run}of {tried} types tried ({s['skipped']} skipped), {s['built']} build "
+    return (f"{_software(entry)}: {not_run}{s['types']} types, {s['skipped']} skipped; of the {tried} tried, {s['built']} build "
             f"({tried - s['built']} do not{failures}); {s['exact at every N']} are exact at N=2, 3 and 4, "
             f"{_wrong(s)} ({per_n}); the goal holds for {s['goal holds']} of the {s['goal applies']} with "
             f">= {MIN_HEADS} heads{' (not: ' + _counts(s['goal fails']) + ')' if s['goal fails'] else ''}.")
@@ -185,7 +185,11 @@ def _software(entry: dict) -> str:
 
 
 def _wrong(s: dict) -> str:
-    return f"**WRONG: {', '.join(s['wrong'])}**" if s["wrong"] else "none wrong"
+    by_type: dict[str, list[str]] = {}
+    for model_type, world_size in (w.split(" N=") for w in s["wrong"]):
+        by_type.setdefault(model_type, []).append(world_size)
+    listed = "; ".join(f"{t} (N={', '.join(sizes)})" for t, sizes in by_type.items())
+    return f"**WRONG: {listed}**" if s["wrong"] else "none wrong"
 
 
 def section_markdown(key: str, entry: dict) -> list[str]:

@@ -428,14 +428,14 @@ def test_sweep_reports_a_wrong_result_loudly(sweep, monkeypatch, tmp_path):
     assert size["result"] == "wrong" and "3.000e-01" in size["detail"] and size["params_per_rank"] < 0.51
 
     row = sweep_row("llama", N2=size, N3=exact_size(0.36), N4=exact_size(0.26))
-    monkeypatch.setattr(sweep, "run_one", lambda model_type, timeout, experts: row)
+    monkeypatch.setattr(sweep, "sweep", lambda model_types, jobs, timeout, experts: iter([row]))
     results = str(tmp_path / "sweep.json")
     monkeypatch.setattr(sys, "argv", ["sweep_model_types.py", "--types", "llama", "--results", results])
     with pytest.raises(SystemExit, match="WRONG results .*: llama N=2"):
         sweep.main()
     data = sweep.sweep_report.load(results)
     text = sweep.sweep_report.markdown(data)
-    assert "| llama | 4 | **WRONG** | exact | exact |" in text and "**WRONG: llama N=2**" in text
+    assert "| llama | 4 | **WRONG** | exact | exact |" in text and "**WRONG: llama (N=2)**" in text
     assert sweep.sweep_report.verdict(row) == ("no (N=2)", "wrong", f"N=2 wrong: {size['detail']}")
 
 
@@ -475,7 +475,7 @@ def test_sweep_writes_the_markdown_and_readme_paragraph_from_the_json(sweep, tmp
     report.merge(path, report.Section("5.17.0", "2.11.0"), [{**sweep_row("a"), "skipped": "encoder-decoder"}])
     report.write_markdown(path, str(readme))
     text = (tmp_path / "sweep.md").read_text()
-    assert "transformers 5.25.0 (torch 2.13.0): 1 types not run yet (z); of 1 types tried" in text
+    assert "transformers 5.25.0 (torch 2.13.0): 1 types not run yet (z); 1 types, 0 skipped; of the 1 tried" in text
     assert "## transformers 5.25" in text and "## transformers 5.17" in text and "Skipped: encoder-decoder: a." in text
     assert ("| a | 4 | exact | exact | exact | 2.0e-07 | 0.70, 0.36, 0.26 | 2 | no (N=2) | "
             "N=2 params/rank 0.70, replicated "
