@@ -13,7 +13,7 @@ import argparse
 
 import fxtp
 from fxtp.tiny_configs import LLAMA_FAMILY, tiny_model
-from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, state_bytes
+from fxtp.stats import collectives_per_layer_text, state_bytes
 from fxtp.testing import assert_equivalent, padded_batch
 
 
@@ -31,8 +31,7 @@ def measure(arch: str, world_sizes: list[int]) -> str:
         passing.append(ws)
         if ws == 2:
             rank0 = tp.rank_graph(0)
-            counts = {sum(c.values()) for layer, c in collectives_by_layer(rank0).items() if layer != OUTSIDE_LAYERS}
-            per_layer = ",".join(map(str, sorted(counts)))
+            per_layer = collectives_per_layer_text(rank0)
             share = f"{state_bytes(rank0, layers_only=True) / state_bytes(model, layers_only=True):.3f}"
     return f"| {arch} | {', '.join(map(str, passing))} | {worst:.1e} | {per_layer} | {share} |"
 

@@ -1,32 +1,48 @@
-"""Sweep every other decoder-only model type of the installed transformers; print a markdown table.
+"""Sweep every other decoder-only model type of the installed transformers at 2, 3 and 4 ranks.
 
-    PYTHONPATH=. python benchmarks/sweep_model_types.py [--types T ...] [--jobs 2] [--timeout 300]
+    python benchmarks/sweep_model_types.py [--types T ...] [--jobs 1] [--timeout 600]
         [--experts-implementation batched_mm]
+    python benchmarks/sweep_model_types.py --write-markdown
 
 Candidates: the model types of transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES that are not in
-fxtp.tiny_configs.CAUSAL_LMS (those have the architecture table). Each is built from
-fxtp.tiny_configs.generic_tiny_config (hidden 64, 4 heads, 2 kv heads, 2 layers, vocab 256, 4
-experts), in float32, and compiled at world sizes 2 and 4; each rank's simulated logits are
-compared with the unsharded model (max abs diff <= 1e-4, left-padded batch). Skipped, with the
-reason: encoder-decoder models, encoders (their causal LM head is a decoder of an
-encoder-decoder) and multimodal wrappers. Each type runs in its own process (a crash or a
-hang costs one row). `--experts-implementation` runs MoE experts through another of transformers'
-implementations than its default `grouped_mm` (`batched_mm`: what HF's generate and the
-executorch exporter switch to; `eager`: the model's own loop), for the types that can set one.
+fxtp.tiny_configs.CAUSAL_LMS (those have the architecture table, benchmarks/arch_table.py). Each is
+built from fxtp.tiny_configs.generic_tiny_config (hidden 64, 4 heads, 2 kv heads, 2 layers, vocab
+256, 4 experts), in float32, and compiled at each world size; each rank's simulated logits are
+compared with the unsharded model (max abs diff <= 1e-4, left-padded batch); the type is
+captured once and planned per world size, as fxtp.compile would. Per world size the
+row says exact, refused (fxtp's CaptureError or ValueError: the reason it gives the user), error
+(the stage and message) or WRONG (the difference; the run then exits with status 1), and the
+parameters-only fraction per rank: the most parameter bytes a rank holds over the unsharded
+model's (buffers excluded), with the biggest parameter the plan keeps replicated and why.
+Skipped, with the reason: encoder-decoder models, encoders (their causal LM head is a decoder of
+an encoder-decoder) and multimodal wrappers. Types run in worker processes (benchmarks/sweep_worker.py):
+a crash or a hang costs one row, and the world sizes it finished before a timeout are kept. fxtp is this checkout's,
+whichever the environment has installed (benchmarks/this_checkout.py).
+
+Rows merge by model type into benchmarks/results/model_types_sweep.json, one section per
+transformers version (and experts implementation), so runs over parts of the list (`--types`)
+add up and versions stay apart. `--write-markdown` writes model_types_sweep.md and README's sweep
+paragraph from that JSON (benchmarks/sweep_report.py). `--experts-implementation` runs MoE experts
+through another of transformers' implementations than its default `grouped_mm` (`batched_mm`: what
+HF's generate and the executorch exporter switch to), for the types that can set one.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import datetime
 import os
-import subprocess
+import queue
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's fxtp, in the children
-WORLD_SIZES = (2, 4)
-COLUMNS = ("model type", "exported", "world sizes exact", "max abs diff", "all_reduce / layer (N=2)",
-           "state sharded (N=2)", "failure")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the modules beside it
+import sweep_report  # noqa: E402
+import sweep_worker  # noqa: E402
+import this_checkout  # noqa: E402
+
+this_checkout.use()  # this checkout's fxtp, here and in the children
+WORLD_SIZES = (2, 3, 4)
+MESSAGE_CHARS = sweep_worker.MESSAGE_CHARS
 
 
 def candidates() -> list[str]:
@@ -41,46 +57,90 @@ def skip_reason(model_type: str, config) -> str:
 
     from fxtp.tiny_configs import MULTIMODAL_KEYS
     if getattr(config, "is_encoder_decoder", False):
-        return "skipped: encoder-decoder"
+        return "encoder-decoder"
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", True):
-        return "skipped: encoder (causal LM head only as the decoder of an encoder-decoder)"
+        return "encoder (causal LM head only as the decoder of an encoder-decoder)"
     present = [k for k in MULTIMODAL_KEYS if getattr(config, k, None) is not None]
-    return f"skipped: multimodal wrapper ({', '.join(present)})" if present else ""
+    return f"multimodal wrapper ({', '.join(present)})" if present else ""
 
 
-def sharded_fraction(tp) -> float:
-    """Bytes of state the plan shards, over all state the graph reads."""
+def short(e: BaseException) -> str:
+    """An exception as one line of the table: its type and the start of its message."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:MESSAGE_CHARS]}"
+
+
+def parameter_shares(tp, model) -> dict:
+    """Parameter bytes per rank over the unsharded model's (buffers excluded): the fullest rank's,
+    and the mean over ranks (what an even split of the same shards would give each rank)."""
+    from fxtp.stats import planned_state_bytes
+
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_rank = [planned_state_bytes(tp, rank, names=names) / whole for rank in range(tp.world_size)]
+    return {"params_per_rank": round(max(per_rank), 4), "params_mean": round(sum(per_rank) / len(per_rank), 4)}
+
+
+def biggest_replicated(tp, model) -> str:
+    """The biggest parameter the plan keeps whole on every rank, its share of the parameters, and
+    the plan's reason for it."""
     from fxtp.node_meta import LAYOUT, STATE
     from fxtp.sharding.layouts import Shard
+    from fxtp.sharding.roles import Role
+    from fxtp.stats import held_state
 
-    sharded = total = 0
-    for node in tp.graph.graph.nodes:
-        if node.op == "placeholder" and STATE in node.meta and node.users:
-            value = tp.captured.state[node.meta[STATE]]
-            size = value.numel() * value.element_size()
-            total += size
-            sharded += size if isinstance(node.meta[LAYOUT], Shard) else 0
-    return sharded / total
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    replicated = [n.meta[STATE] for n in held_state(tp.graph)
+                  if n.meta[STATE] in names and not isinstance(n.meta[LAYOUT], Shard)]
+    if not replicated:
+        return ""
+    name = max(replicated, key=lambda s: tp.captured.state[s].numel())
+    share = tp.captured.state[name].numel() / sum(p.numel() for p in model.parameters())
+    reason = "in no projection group"
+    for group in (g for g in tp.plan.groups if name in g.weights):
+        whole = group.role is Role.REPLICATED or name in group.dropped  # the plan says why in its reason
+        reason = group.reason.splitlines()[0] if whole else f"in a {group.role} group, left whole by the rules"
+    return f"{name} ({share:.2f} of parameters): {reason}"[:MESSAGE_CHARS]
 
 
-def measure(model_type: str, experts_implementation: str = "") -> dict:
-    """One row: which stage failed (config, model, forward, export, fxtp, exact) and why, or the numbers."""
+def measure_size(model, captured, world_size: int, ids, mask) -> dict:
+    """One world size: the program from the type's capture (fxtp.compile's plan, without its export
+    again), then every rank's logits against the unsharded model's."""
+    from fxtp.stats import collectives_per_layer_text
+    from fxtp.testing import assert_equivalent, program_of_capture
+
+    try:
+        tp = program_of_capture(captured, world_size, model)
+    except ValueError as e:  # fxtp's refusals: the reason and what to do
+        return {"result": "refused", "detail": short(e)}
+    except Exception as e:
+        return {"result": "error", "detail": f"compile: {short(e)}"}
+    found = {**parameter_shares(tp, model), "biggest_replicated": biggest_replicated(tp, model)}
+    try:
+        found["max_abs_diff"] = assert_equivalent(model, world_size, ids, mask, program=tp)
+    except AssertionError as e:  # a rank's logits differ from the unsharded model's
+        return {**found, "result": "wrong", "detail": short(e)}
+    except Exception as e:
+        return {**found, "result": "error", "detail": f"simulate: {short(e)}"}
+    return {**found, "result": "exact", "all_reduce_per_layer": collectives_per_layer_text(tp.rank_graph(0))}
+
+
+def measure(model_type: str, experts_implementation: str = "", emit=lambda row: None) -> dict:
+    """One row: why the type is skipped or does not build (config, model, forward), or each world
+    size's result; `emit` gets the row after each step (the parent keeps it if a later one hangs)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    import fxtp
-    from fxtp.capture.export import CaptureError
+    from fxtp.capture.export import CaptureError, capture
+    from fxtp.runtime.program import attention_heads
     from fxtp.tiny_configs import generic_tiny_config
-    from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer
-    from fxtp.testing import assert_equivalent
 
-    row = {"model type": model_type, "exported": "", "world sizes exact": "", "max abs diff": "",
-           "all_reduce / layer (N=2)": "", "state sharded (N=2)": "", "failure": ""}
-    stage, exact, worst = "config", [], 0.0
+    row = {"model_type": model_type, "run_on": datetime.date.today().isoformat(), "sizes": {}}
+    stage = "config"
     try:
         config = generic_tiny_config(model_type)
-        row["failure"] = skip_reason(model_type, config)
-        if row["failure"]:
+        row["heads"] = attention_heads(config)
+        row["skipped"] = skip_reason(model_type, config)
+        if row["skipped"]:
             return row
         stage = "model"
         torch.manual_seed(0)
@@ -93,63 +153,73 @@ def measure(model_type: str, experts_implementation: str = "") -> dict:
         stage = "forward"
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-        for ws in WORLD_SIZES:
-            stage = f"fxtp N={ws}"
-            try:
-                tp = fxtp.compile(model, ws)
-            except CaptureError:
-                stage = "export"
-                raise
-            row["exported"] = "yes"
-            stage = f"exact N={ws}"
-            worst = max(worst, assert_equivalent(model, ws, ids, mask, program=tp))
-            exact.append(ws)
-            if ws == 2:
-                counts = {sum(c.values()) for layer, c in collectives_by_layer(tp.rank_graph(0)).items()
-                          if layer != OUTSIDE_LAYERS}
-                row["all_reduce / layer (N=2)"] = ",".join(map(str, sorted(counts)))
-                row["state sharded (N=2)"] = f"{sharded_fraction(tp):.2f}"
-        row["world sizes exact"], row["max abs diff"] = ", ".join(map(str, exact)), f"{worst:.1e}"
-    except Exception as e:  # the table reports failures instead of stopping
-        row["exported"] = row["exported"] or ("no" if stage == "export" else "")
-        row["world sizes exact"] = ", ".join(map(str, exact))
-        message = " ".join(str(e).split())[:160].replace("|", "/")
-        row["failure"] = f"{stage}: {type(e).__name__}: {message}"
+    except Exception as e:  # the shrunk config does not fit the type: the row says where
+        row["build_failure"] = f"{stage}: {short(e)}"
+        return row
+    emit(row)
+    try:
+        captured = capture(model)  # once for every world size: export is most of fxtp.compile's time
+    except CaptureError as e:  # fxtp's refusal at every world size
+        row["sizes"] = {str(ws): {"result": "refused", "detail": short(e)} for ws in WORLD_SIZES}
+        return row
+    except Exception as e:
+        row["sizes"] = {str(ws): {"result": "error", "detail": f"capture: {short(e)}"} for ws in WORLD_SIZES}
+        return row
+    for ws in WORLD_SIZES:
+        row["sizes"][str(ws)] = measure_size(model, captured, ws, ids, mask)
+        emit(row)
     return row
 
 
-def run_one(model_type: str, timeout: int, experts_implementation: str = "") -> dict:
-    """measure(model_type, experts_implementation) in a fresh process."""
-    try:
-        done = subprocess.run([sys.executable, __file__, "--one", model_type,
-                               "--experts-implementation", experts_implementation], capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, "PYTHONPATH": REPO})
-    except subprocess.TimeoutExpired:
-        return {"model type": model_type, "failure": f"timed out after {timeout} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = " ".join(done.stderr.strip().splitlines()[-1:])[:160].replace("|", "/")
-        return {"model type": model_type, "failure": f"process exited with {done.returncode}: {tail}"}
-    return json.loads(lines[-1])
+def sweep(model_types: list[str], jobs: int, timeout: int, experts_implementation: str):
+    """Each type's row, in order, from `jobs` worker processes (benchmarks/sweep_worker.py)."""
+    command = [sys.executable, __file__, "--worker", "--experts-implementation", experts_implementation]
+    idle: queue.Queue = queue.Queue()
+    for _ in range(jobs):
+        idle.put(sweep_worker.Worker(command))
+
+    def one(model_type: str) -> dict:
+        worker = idle.get()
+        try:
+            return worker.measure(model_type, timeout, WORLD_SIZES)
+        finally:
+            idle.put(worker)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        yield from pool.map(one, model_types)
+    while not idle.empty():
+        idle.get().close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", nargs="*", help="model types (default: every candidate)")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--timeout", type=int, default=300, help="seconds per model type")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per model type")
     parser.add_argument("--experts-implementation", default="",
                         help="transformers' experts implementation for MoE types (default: the model's own default)")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one JSON row
+    parser.add_argument("--results", default=sweep_report.RESULTS_JSON, help="the JSON the rows merge into")
+    parser.add_argument("--write-markdown", action="store_true",
+                        help="write the markdown table and README's sweep paragraph from the JSON, run nothing")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a child: types on stdin
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(measure(args.one, args.experts_implementation)))
+    if args.worker:
+        sweep_worker.serve(lambda model_type, emit: measure(model_type, args.experts_implementation, emit))
         return
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for row in pool.map(lambda t: run_one(t, args.timeout, args.experts_implementation), args.types or candidates()):
-            print("| " + " | ".join(row.get(c, "") for c in COLUMNS) + " |", flush=True)
+    if args.write_markdown:
+        sweep_report.write_markdown(args.results)
+        return
+    import torch
+    import transformers
+    section = sweep_report.Section(transformers.__version__, torch.__version__, args.experts_implementation)
+    sweep_report.merge(args.results, section, [], candidates())
+    wrong = []
+    for row in sweep(args.types or candidates(), args.jobs, args.timeout, args.experts_implementation):
+        sweep_report.merge(args.results, section, [row])  # each row as it comes: a stopped run keeps them
+        print(sweep_report.row_line(row), flush=True)
+        wrong += [f"{row['model_type']} N={ws}" for ws, r in row["sizes"].items() if r["result"] == "wrong"]
+    if wrong:
+        sys.exit(f"WRONG results (a rank's logits differ from the unsharded model's): {', '.join(wrong)}")
 
 
 if __name__ == "__main__":

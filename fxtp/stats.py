@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Collection
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -37,6 +39,13 @@ def collectives_by_layer(gm: fx.GraphModule) -> dict[str, Counter]:
     return found
 
 
+def collectives_per_layer_text(gm: fx.GraphModule) -> str:
+    """The distinct numbers of collectives in a layer of a rank graph, as the benchmark tables show
+    them ("2"; "3,8" where layers differ, hybrid models; "" where no layer has one)."""
+    counts = {sum(c.values()) for layer, c in collectives_by_layer(gm).items() if layer != OUTSIDE_LAYERS}
+    return ",".join(map(str, sorted(counts)))
+
+
 def in_layer(name: str) -> bool:
     """Whether a state name belongs to an item of a ModuleList (a decoder layer, an expert)."""
     return re.search(r"\.\d+\.", name) is not None
@@ -55,12 +64,13 @@ def held_state(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder" and STATE in n.meta and n.users]
 
 
-def planned_state_bytes(tp, rank: int, prefix: str = "") -> int:
-    """Bytes of state under `prefix` that `rank` will hold, from the plan's layouts and the global
-    shapes alone: no rank graph is built and no weight read, so it works for models on meta."""
+def planned_state_bytes(tp, rank: int, prefix: str = "", names: Optional[Collection[str]] = None) -> int:
+    """Bytes of state under `prefix` (and among `names`, where given: parameters only, say) that
+    `rank` will hold, from the plan's layouts and the global shapes alone: no rank graph is built
+    and no weight read, so it works for models on meta."""
     total = 0
     for node in held_state(tp.graph):
-        if node.meta[STATE].startswith(prefix):
+        if node.meta[STATE].startswith(prefix) and (names is None or node.meta[STATE] in names):
             value, layout = tp.captured.state[node.meta[STATE]], node.meta[LAYOUT]
             numel = value.numel()
             if isinstance(layout, Shard):

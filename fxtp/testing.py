@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import fxtp
 from fxtp.capture.export import Captured, capture
 from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
-from fxtp.runtime.program import TPProgram
+from fxtp.runtime.program import TPProgram, check_heads
 from fxtp.runtime.whole_state import whole_state
 from fxtp.capture.signatures import Forward, signature_of
 
@@ -35,9 +35,17 @@ def tiny_program(arch: str, world_size: int) -> tuple[torch.nn.Module, "fxtp.TPP
     property tests draw many inputs for the same few programs. The model is captured once for
     all world sizes (export is most of fxtp.compile's time); each plans its own copy of the
     graph, since planning annotates it."""
-    captured = copy.copy(_captured(arch))
+    return _tiny(arch), program_of_capture(_captured(arch), world_size, _tiny(arch))
+
+
+def program_of_capture(captured: Captured, world_size: int, model: torch.nn.Module) -> "fxtp.TPProgram":
+    """fxtp.compile's automatic program from a capture of `model` made once for several world sizes
+    (export is most of compile's time): each plans its own copy of the graph, since planning
+    annotates it."""
+    check_heads(model, world_size)
+    captured = copy.copy(captured)
     captured.graph_module = copy.deepcopy(captured.graph_module)
-    return _tiny(arch), TPProgram(captured, world_size, "auto", _tiny(arch))
+    return TPProgram(captured, world_size, "auto", model)
 
 
 def architectures(family: tuple = CAUSAL_LMS) -> st.SearchStrategy[str]:

@@ -41,12 +41,21 @@ __all__ = ["compile", "TPProgram"]
 PROGRAMS_PER_SHAPE = 32
 
 
-def _attention_heads(config) -> Optional[int]:
+def attention_heads(config) -> Optional[int]:
+    """The attention heads of a layer, where the config names them: the most ranks fxtp can use."""
     for key in ("num_attention_heads", "n_head", "num_heads", "n_heads"):
         value = getattr(config, key, None)
         if isinstance(value, int):
             return value
     return None
+
+
+def check_heads(model: torch.nn.Module, world_size: int) -> None:
+    """Refuse more ranks than the heads the model's config names."""
+    heads = attention_heads(getattr(model, "config", None))
+    if heads is not None and world_size > heads:
+        raise ValueError(f"world_size={world_size} is larger than the model's {heads} attention heads; fxtp never "
+                         f"splits inside a head, so use world_size <= {heads}")
 
 
 def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=None,
@@ -82,10 +91,7 @@ def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=Non
     if not hf and tp_plan == "auto":
         raise ValueError(f"tp_plan='auto' reads the plan a HF model declares; {type(model).__name__} is a plain "
                          "nn.Module: pass plan={pattern: 'colwise' | 'rowwise' | 'replicate'} or use the automatic plan")
-    heads = _attention_heads(getattr(model, "config", None))
-    if heads is not None and world_size > heads:
-        raise ValueError(f"world_size={world_size} is larger than the model's {heads} attention heads; fxtp never "
-                         f"splits inside a head, so use world_size <= {heads}")
+    check_heads(model, world_size)
     sources: set[str] = set()
     with collecting_sources(sources):
         captured = capture_training(model) if training else capture(model) if hf else \
