@@ -2,11 +2,11 @@
 1, 2, 4 with padding, collectives per layer, and DeepSpeed's T5 injection_policy."""
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForSequenceClassification
+from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 from transformers.models.t5.modeling_t5 import T5Block
 
 import fxtp
-from fxtp.tiny_configs import ENCODERS, SEQ2SEQ_LMS, tiny_model
+from fxtp.tiny_configs import ENCODERS, SEQ2SEQ_LMS, generic_tiny_config, tiny_model
 from fxtp.sharding.layouts import Replicate, Shard
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, in_layer
 from fxtp.testing import assert_equivalent, padded_batch, tiny_program
@@ -83,3 +83,15 @@ def test_rank_module_takes_the_inputs_by_name(arch):
     with pytest.raises(ValueError, match="must be an integer tensor"):
         gm(batch["input_ids"], decoder_input_ids=batch["input_ids"].float()) if arch == "t5" \
             else gm(batch["input_ids"].float())
+
+
+def test_token_types_are_read_only_where_the_model_has_a_vocabulary_of_them():
+    """XLM (a masked LM without type_vocab_size) adds its word embedding of any token type ids it is
+    given, so ids of zeros are not its default: the program takes none and refuses them, naming them."""
+    torch.manual_seed(0)
+    model = AutoModelForMaskedLM.from_config(generic_tiny_config("xlm")).eval()
+    tp = fxtp.compile(model, 2)
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert_equivalent(model, 2, ids, torch.ones_like(ids), program=tp, atol=1e-5)
+    with pytest.raises((TypeError, ValueError), match="token_type_ids"):
+        tp.simulate(ids, torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))

@@ -113,7 +113,10 @@ def signature_of(model) -> Signature:
     if getattr(config, "is_encoder_decoder", False):
         return Signature(SEQ2SEQ, ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"))
     if _is_encoder(model):
-        takes_types = "token_type_ids" in inspect.signature(model.forward).parameters
+        # token types of zeros are what no token types mean only with a vocabulary of types (BERT's);
+        # XLM adds its word embedding of each type id when given any, so it gets none
+        takes_types = "token_type_ids" in inspect.signature(model.forward).parameters and \
+            getattr(config, "type_vocab_size", None) is not None
         return Signature(ENCODER, ("input_ids", "attention_mask") + (("token_type_ids",) if takes_types else ()),
                          use_cache=None)
     if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
