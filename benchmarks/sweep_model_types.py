@@ -69,12 +69,26 @@ def short(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:MESSAGE_CHARS]}"
 
 
+def parameter_state_names(tp, model) -> set[str]:
+    """The program's state names that hold parameters: the model's, and the pieces capture cut out of
+    them (fxtp.capture.state_names.derived_name: an unfused q|k|v, Mamba-2's in_proj cut in five)."""
+    from fxtp.capture.state_names import parse_derived
+
+    def source(name: str) -> str:  # a piece of a piece names its piece
+        while (derived := parse_derived(name)) is not None:
+            name = derived[0]
+        return name
+
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return {name for name in tp.captured.state if source(name) in names}
+
+
 def parameter_shares(tp, model) -> dict:
     """Parameter bytes per rank over the unsharded model's (buffers excluded): the fullest rank's,
     and the mean over ranks (what an even split of the same shards would give each rank)."""
     from fxtp.stats import planned_state_bytes
 
-    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    names = parameter_state_names(tp, model)
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
     per_rank = [planned_state_bytes(tp, rank, names=names) / whole for rank in range(tp.world_size)]
     return {"params_per_rank": round(max(per_rank), 4), "params_mean": round(sum(per_rank) / len(per_rank), 4)}
@@ -88,7 +102,7 @@ def biggest_replicated(tp, model) -> str:
     from fxtp.sharding.roles import Role
     from fxtp.stats import held_state
 
-    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    names = parameter_state_names(tp, model)
     replicated = [n.meta[STATE] for n in held_state(tp.graph)
                   if n.meta[STATE] in names and not isinstance(n.meta[LAYOUT], Shard)]
     if not replicated:

@@ -20,6 +20,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import fxtp
 from fxtp.capture.export import capture
 from fxtp.tiny_configs import tiny_model
 
@@ -411,6 +412,16 @@ def test_sweep_row_at_two_three_and_four_ranks(sweep):
     assert sizes["2"]["biggest_replicated"].endswith("in no projection group")  # a norm weight
     goal, cause, why = sweep.sweep_report.verdict(row)
     assert (goal, cause) == ("no (N=3)", "uneven split at N=3") and "(4 heads over 3 ranks)" in why
+
+
+def test_sweep_counts_the_pieces_capture_cut_out_of_parameters(sweep):
+    """Mamba-2's in_proj is cut into pieces, some cut again (names like w[128:1280][0:128]): every
+    parameter byte is on some rank, so the ranks' shares add up to at least the whole."""
+    from fxtp.tiny_configs import generic_tiny_config
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(generic_tiny_config("mamba2")).eval()
+    shares = sweep.parameter_shares(fxtp.compile(model, 2), model)
+    assert 2 * shares["params_mean"] >= 1 and 0.5 <= shares["params_per_rank"] < 0.55
 
 
 def test_sweep_reports_a_wrong_result_loudly(sweep, monkeypatch, tmp_path):
