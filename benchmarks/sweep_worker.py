@@ -19,7 +19,7 @@ from typing import Optional
 ROW = "ROW "
 DONE = "DONE"
 MESSAGE_CHARS = 160
-MEMORY_LIMIT = 8 << 30  # bytes of address space a worker may map: a tiny model's measurement maps about 2 GiB
+MEMORY_LIMIT = 12 << 30  # bytes of address space a worker may map: a tiny model's measurement maps about 2 GiB, a worker grows over its types
 
 
 def row_from_output(model_type: str, rows: list[dict], finished: bool, failure: str, world_sizes) -> dict:
