@@ -9,6 +9,7 @@ from functools import lru_cache
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 import transformers.integrations.moe  # noqa: F401  registers torch.ops.transformers.grouped_mm_fallback
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -286,3 +287,43 @@ def test_gpt_oss_equivalent(world_size, experts_implementation):
         by_layer = collectives_by_layer(tp.rank_graph(0))
         by_layer.pop(OUTSIDE_LAYERS, None)
         assert by_layer == {f"model.layers.{i}": {"all_reduce": 2} for i in range(2)}
+
+
+# drawn MoE configs through each experts implementation that captures (transformers' eager loop is
+# refused instead: tests/test_moe_loops.py)
+MOE_TYPES = ("mixtral", "qwen2_moe", "olmoe")
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
+
+
+@st.composite
+def moe_models(draw):
+    model_type = draw(st.sampled_from(MOE_TYPES))
+    config = generic_tiny_config(model_type)
+    experts = draw(st.integers(2, 5))
+    sizes = dict(num_local_experts=experts, num_experts=experts, num_experts_per_tok=draw(st.integers(1, 2)),
+                 intermediate_size=draw(st.sampled_from([16, 24, 40])),
+                 moe_intermediate_size=draw(st.sampled_from([8, 24])), num_hidden_layers=1)
+    for key, value in sizes.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    torch.manual_seed(draw(st.integers(0, 3)))
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    model.set_experts_implementation(draw(st.sampled_from(EXPERTS_IMPLEMENTATIONS)))
+    return model
+
+
+def check_drawn_moe(model, world_size: int):
+    assert_equivalent(model, world_size, *left_padded_batch(), atol=1e-5)
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(moe_models(), st.integers(1, 4))
+def test_drawn_moe_configs_and_experts_implementations(model, world_size):
+    check_drawn_moe(model, world_size)
+
+
+@pytest.mark.slow  # more draws of the test above
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(moe_models(), st.integers(1, 4))
+def test_drawn_moe_configs_and_experts_implementations_more(model, world_size):
+    check_drawn_moe(model, world_size)
