@@ -145,14 +145,14 @@ def measure(model_type: str, experts_implementation: str = "", emit=lambda row: 
     from transformers import AutoModelForCausalLM
 
     from fxtp.capture.export import CaptureError, capture
-    from fxtp.runtime.program import attention_heads
+    from fxtp.runtime.program import config_heads
     from fxtp.tiny_configs import generic_tiny_config
 
     row = {"model_type": model_type, "run_on": datetime.date.today().isoformat(), "sizes": {}}
     stage = "config"
     try:
         config = generic_tiny_config(model_type)
-        row["heads"] = attention_heads(config)
+        row["heads"] = config_heads(config)
         row["skipped"] = skip_reason(model_type, config)
         if row["skipped"]:
             return row

@@ -99,7 +99,8 @@ def export_model(model: torch.nn.Module, wrapper: torch.nn.Module, args: tuple, 
         failed = f"torch.export could not capture {model_name(model)}{what}: "
         reason = data_dependent_reason(model, e)
         if reason:  # first: torch's own message is long (it prints the graph traced so far)
-            raise CaptureError(f"{failed}{reason}\n\ntorch.export: {type(e).__name__}: {e}") from e
+            raise CaptureError(f"{failed}{reason}" + (f" {hint}" if hint else "") +
+                               f"\n\ntorch.export: {type(e).__name__}: {e}") from e
         raise CaptureError(f"{failed}{type(e).__name__}: {e}" + (f"\n{hint}" if hint else "")) from e
     finally:
         model.train(was_training)

@@ -41,7 +41,7 @@ __all__ = ["compile", "TPProgram"]
 PROGRAMS_PER_SHAPE = 32
 
 
-def attention_heads(config) -> Optional[int]:
+def config_heads(config) -> Optional[int]:
     """The attention heads of a layer, where the config names them: the most ranks fxtp can use."""
     for key in ("num_attention_heads", "n_head", "num_heads", "n_heads"):
         value = getattr(config, key, None)
@@ -52,7 +52,7 @@ def attention_heads(config) -> Optional[int]:
 
 def check_heads(model: torch.nn.Module, world_size: int) -> None:
     """Refuse more ranks than the heads the model's config names."""
-    heads = attention_heads(getattr(model, "config", None))
+    heads = config_heads(getattr(model, "config", None))
     if heads is not None and world_size > heads:
         raise ValueError(f"world_size={world_size} is larger than the model's {heads} attention heads; fxtp never "
                          f"splits inside a head, so use world_size <= {heads}")
