@@ -4,7 +4,7 @@ sequence length dynamic.
 transformers runs it as a Python loop over the sequence when exporting, which torch.export unrolls
 for the example length: the graph then fits that length only. As one op the loop runs at call
 time. Each channel (dim 1) is its own recurrence, which is what lets the sharding rule split the
-channels over ranks (fxtp/sharding/op_rules/scan.py).
+channels over ranks (fxtp/sharding/op_rules/channels.py).
 """
 from __future__ import annotations
 
