@@ -70,15 +70,15 @@ def main() -> None:
     ids = torch.randint(3, min(model.config.vocab_size, 32000), (args.batch, args.prompt_len),
                         generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
-    rows = {}
+    rows, first_calls = {}, {}  # first_calls: the first generate of each loop, which compiles and captures
     for name, options in (("greedy", dict(do_sample=False)), ("top-p 0.9", dict(do_sample=True, top_p=0.9))):
         loops = {
             "fxtp generator": lambda n, o=options: generator.generate(ids, mask, max_new_tokens=n, eos_token_id=[], **o),
             "HF generate": lambda n, o=options: sharded.generate(ids, attention_mask=mask, max_new_tokens=n,
                                                                  min_new_tokens=n, pad_token_id=0, **o),
         }
-        for loop in loops.values():  # compile and capture outside the timing
-            loop(1 + args.new_tokens)
+        for loop, run in loops.items():  # compile and capture outside the timing
+            first_calls[f"{name}, {loop}"] = seconds(lambda: run(1 + args.new_tokens))
         row = {loop: per_token_ms(run, args.new_tokens, args.trials) for loop, run in loops.items()}
         row["ratio"] = row["HF generate"] / row["fxtp generator"]
         rows[name] = row
@@ -86,6 +86,7 @@ def main() -> None:
               f"{row['HF generate']:.3f} ms/token, ratio {row['ratio']:.3f}", flush=True)
     result = dict(shape=args.shape, dtype=args.dtype, batch=args.batch, prompt_len=args.prompt_len,
                   new_tokens=args.new_tokens, compile=args.compile, setup_s=setup, rows=rows,
+                  first_generate_s=first_calls, compile_times=torch._dynamo.utils.compile_times(repr="str"),
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   torch=torch.__version__, transformers=__import__("transformers").__version__)
     if args.out:
