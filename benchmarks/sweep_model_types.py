@@ -74,13 +74,8 @@ def parameter_state_names(tp, model) -> set[str]:
     them (fxtp.capture.state_names.derived_name: an unfused q|k|v, Mamba-2's in_proj cut in five)."""
     from fxtp.capture.state_names import parse_derived
 
-    def source(name: str) -> str:  # a piece of a piece names its piece
-        while (derived := parse_derived(name)) is not None:
-            name = derived[0]
-        return name
-
     names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    return {name for name in tp.captured.state if source(name) in names}
+    return {name for name in tp.captured.state if (parse_derived(name) or (name,))[0] in names}
 
 
 def parameter_shares(tp, model) -> dict:

@@ -23,6 +23,7 @@ from fxtp.capture.export import CaptureError, capture
 from fxtp.node_meta import LAYOUT, STATE
 from fxtp.sharding.layouts import Shard
 from fxtp.runtime.program import TPProgram
+from fxtp.runtime.simulate import simulate
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, held_state, planned_state_bytes
 from fxtp.testing import assert_equivalent
 from fxtp.tiny_configs import generic_tiny_config
@@ -104,6 +105,22 @@ def test_mamba2_in_proj_cut_by_heads():
     pieces = [n for n in held_state(tp.graph) if n.meta[STATE].startswith("backbone.layers.0.mixer.in_proj")]
     assert len(pieces) == 5
     assert all(isinstance(n.meta[LAYOUT], Shard) and n.meta[LAYOUT].dim == 0 for n in pieces)
+
+
+def test_mamba2_from_a_checkpoint_on_meta(tmp_path):
+    """in_proj's pieces (x|B|C cut out of in_proj, then cut again) are named as blocks of the stored
+    in_proj, which a program compiled on meta reads from the checkpoint: the model's logits."""
+    model, _ = _captured("mamba2")
+    model.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        tp = fxtp.compile(AutoModelForCausalLM.from_config(generic_tiny_config("mamba2")), 2)
+    pieces = [n.meta[STATE] for n in held_state(tp.graph) if n.meta[STATE].startswith("backbone.layers.0.mixer.in_proj")]
+    assert len(pieces) == 5 and all(name.count("[") == 1 for name in pieces), pieces
+    ranks = [tp.rank_graph(r, device="cpu", checkpoint=str(tmp_path)) for r in range(2)]
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        assert max((out - expected).abs().max().item() for out in simulate(ranks, (ids, mask), {})) <= 1e-5
 
 
 def test_other_sequence_lengths():

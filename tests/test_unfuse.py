@@ -98,6 +98,13 @@ def test_derived_names():
     assert derived_name("a.w", 0, 64, 96) == "a.w[64:96]"
     assert parse_derived("a.w[:, 64:96]") == ("a.w", 1, 64, 96)
     assert parse_derived("a.w") is None
+    # a block of a block along the same dim is one block of the stored tensor: loaders read one level
+    assert derived_name("a.w[128:1280]", 0, 0, 128) == "a.w[128:256]"
+    assert derived_name("a.w[:, 8:40]", 1, 4, 12) == "a.w[:, 12:20]"
+    with pytest.raises(ValueError, match="along dim 0; a block of it along dim 1"):
+        derived_name("a.w[128:1280]", 1, 0, 8)
+    with pytest.raises(ValueError, match="outside"):
+        derived_name("a.w[128:256]", 0, 100, 200)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

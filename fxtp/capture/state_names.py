@@ -16,7 +16,20 @@ _DERIVED = re.compile(r"^(?P<source>.+)\[(?P<lead>(?::, )*)(?P<start>\d+):(?P<en
 def derived_name(source: str, dim: int, start: int, end: int) -> str:
     """The state name of the block start:end of `source` along `dim`, in numpy indexing:
     "w[0:64]" on dim 0, "w[:, 0:64]" on dim 1 (HF names never end in "]").
-    passes/capture/unfuse_projections.py names the weight pieces it cuts out this way."""
+    passes/capture/unfuse_projections.py names the weight pieces it cuts out this way.
+
+    A block of a block along the same dim is named as one block of the stored tensor ("w[128:1280]"
+    cut at 0:128 is "w[128:256]"): the checkpoint loader and `whole_state` read names one block deep.
+    A block of a block along another dim would need two, and is refused."""
+    parent = parse_derived(source)
+    if parent is not None:
+        root, parent_dim, parent_start, parent_end = parent
+        if parent_dim != dim:
+            raise ValueError(f"{source!r} is a block along dim {parent_dim}; a block of it along dim {dim} has no "
+                             f"state name (a name holds one block of a stored tensor)")
+        if not 0 <= start <= end <= parent_end - parent_start:
+            raise ValueError(f"block {start}:{end} lies outside {source!r}, {parent_end - parent_start} long")
+        return derived_name(root, dim, parent_start + start, parent_start + end)
     return f"{source}[{':, ' * dim}{start}:{end}]"
 
 

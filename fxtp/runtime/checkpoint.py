@@ -160,7 +160,7 @@ class RankLoader:
         if stored is None:
             if not isinstance(expected, torch.nn.Parameter) and self.model is not None:
                 return _read(recompute_buffer(self.model, source), block, layout, self.rank).to(expected.dtype)
-            near = [n for n in self.files if n.rsplit(".", 1)[-1] == source.rsplit(".", 1)[-1]][:3]
+            near = [n for n in self.files if n.rsplit(".", 1)[-1] == source.rsplit(".", 1)[-1]][:3] or list(self.files)[:3]
             raise CheckpointError(f"checkpoint {self.path} has no tensor {source!r}"
                                   f"{' (or ' + ', '.join(self.aliases[source]) + ')' if self.aliases.get(source) else ''}; "
                                   f"it has e.g. {near}: is it a checkpoint of this model?")
