@@ -353,6 +353,11 @@ def _members_reaching(node: fx.Node, group: list[fx.Node]) -> list[fx.Node]:
     return found
 
 
+def _output_features(group: list[fx.Node]) -> int:
+    """The features a candidate group's projections produce, the dim column-parallel splits."""
+    return sum(val(n).shape[-1] for n in group if isinstance(val(n).shape[-1], int))
+
+
 def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     groups = projection_groups(gm)
     candidates = [(list(dict.fromkeys(projection_site(n).weight.meta[STATE] for n in group)),
@@ -362,7 +367,13 @@ def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     result = Plan()
     propagate(gm, {})
     plan_vocab_parallel(gm, world_size, result)
-    decisions = [_try_column(gm, group, *candidate, result) for group, candidate in zip(groups, candidates)]
+    # Two groups conflict where one's shard would flow into the other's projections: a low-rank
+    # bottleneck, MLA's q_a (hidden -> rank) before q_b (rank -> heads). Only one can be column-parallel,
+    # and it should be the one that splits more features (q_b, by heads; the rank is small), so groups
+    # are tried widest first; groups that meet no other are decided the same in any order.
+    decisions: list = [None] * len(groups)
+    for i in sorted(range(len(groups)), key=lambda i: -_output_features(groups[i])):
+        decisions[i] = _try_column(gm, groups[i], *candidates[i], result)
     # A group can meet projections decided after it: the k/v of every cross-attention read the
     # encoder output, which comes before any decoder layer's q. Rejected groups, and groups that
     # kept members replicated, are tried once more whole with every other decision in place.
