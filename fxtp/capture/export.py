@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.export.graph_signature import InputKind
 
 from fxtp.capture.data_dependent import data_dependent_reason
-from fxtp.capture.selective_scan import loop_free_scans
+from fxtp.capture.loop_free import loop_free
 from fxtp.capture.signatures import TOKEN_IDS, Forward, signature_of
 from fxtp.progress import stage
 from fxtp.capture.state_names import aliases
@@ -91,8 +91,8 @@ def export_model(model: torch.nn.Module, wrapper: torch.nn.Module, args: tuple, 
     try:
         # CUDA's fused attention kernels make export guard seq to a multiple of 8 (mask alignment);
         # the math backend has no such guard, and the graph keeps the one SDPA op either way, so at
-        # run time the fastest kernel is still chosen. Mamba's scan loop would fix the sequence length.
-        with sdpa_kernel([SDPBackend.MATH]), constants_on_cpu(device), loop_free_scans(model), \
+        # run time the fastest kernel is still chosen. Recurrences' loops would fix the sequence length (fxtp/capture/loop_free.py).
+        with sdpa_kernel([SDPBackend.MATH]), constants_on_cpu(device), loop_free(model), \
                 stage(f"torch.export of {type(model).__name__}{what}"):
             return torch.export.export(wrapper, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as e:  # export errors are long; keep them whole inside ours

@@ -1,13 +1,7 @@
-"""Capture Mamba layers with the sequence length dynamic: transformers' `mamba_selective_scan`
-(mamba, falcon_mamba, jamba, zamba: each modeling module has its own copy) loops over the
-sequence in Python when exporting, which torch.export unrolls for the example length. During an
-export, `loop_free_scans` puts in its place the same computation with the loop inside one op
-(fxtp.rank_ops.selective_scan)."""
+"""Mamba's recurrence for capture: transformers' `mamba_selective_scan` (mamba, falcon_mamba, jamba,
+zamba) with its loop over the sequence in one op (fxtp.rank_ops.selective_scan), which
+fxtp/capture/loop_free.py puts in its place during an export."""
 from __future__ import annotations
-
-import inspect
-import sys
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +10,7 @@ import fxtp.rank_ops.selective_scan  # noqa: F401  (registers torch.ops.fxtp.sel
 
 SCAN_FUNCTION = "mamba_selective_scan"
 # the parameters the replacement reads; a copy that lacks one computes something else and is kept
-_PARAMETERS = ("hidden_states", "dt", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "return_last_state")
+SCAN_PARAMETERS = ("hidden_states", "dt", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "return_last_state")
 
 
 def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -39,31 +33,3 @@ def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, 
     if z is not None:
         out = out * F.silu(z)
     return out
-
-
-def _replaceable(function) -> bool:
-    """Whether `function` takes _PARAMETERS (through the hub-kernel wrapper `kernels` makes of it, an
-    nn.Module whose forward wraps it)."""
-    if isinstance(function, torch.nn.Module):
-        function = function.forward
-    try:
-        names = inspect.signature(inspect.unwrap(function)).parameters
-    except (TypeError, ValueError):
-        return False
-    return all(name in names for name in _PARAMETERS)
-
-
-@contextmanager
-def loop_free_scans(model: torch.nn.Module):
-    """Within the context, the modeling modules of `model`'s layers call `selective_scan` for
-    their mamba_selective_scan."""
-    modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
-    saved = {m: getattr(m, SCAN_FUNCTION) for m in modules
-             if m is not None and _replaceable(getattr(m, SCAN_FUNCTION, None))}
-    try:
-        for module in saved:
-            setattr(module, SCAN_FUNCTION, selective_scan)
-        yield
-    finally:
-        for module, function in saved.items():
-            setattr(module, SCAN_FUNCTION, function)

@@ -36,3 +36,13 @@ def along_dim(dim_arg: int = 1, removes_dim: bool = False, tuple_out: bool = Fal
 def _along_out(node, layout, tuple_out, wants, note=""):
     out = tuple(layout for _ in range(out_count(node))) if tuple_out else layout
     return Decision(out, wants, note)
+
+
+def triangle(node: fx.Node, lay: LayoutOf) -> Decision:
+    """tril / triu keep a triangle of the last two dims: a shard of another dim passes, and so does
+    a Partial (zeroing entries is linear)."""
+    src = node.args[0]
+    layout = lay(src)
+    if isinstance(layout, Shard) and layout.dim >= ndim(src) - 2:
+        return Decision(R, {src: R}, f"{node.target} of the sharded dim")
+    return Decision(layout)

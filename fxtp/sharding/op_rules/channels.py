@@ -1,5 +1,6 @@
-"""Ops that keep channels apart: a depthwise convolution (each channel its own filter) and the
-selective scan of a Mamba layer (each channel its own recurrence). A shard of the channels passes
+"""Ops that keep channels apart: a depthwise convolution (each channel its own filter), the
+selective scan of a Mamba layer (each channel its own recurrence) and the gated delta rule of a
+linear-attention layer (each head its own recurrence). A shard of the channels passes
 through them with the per-channel operands sliced alike; a shard of the batch passes too."""
 from __future__ import annotations
 
@@ -71,3 +72,12 @@ def selective_scan(node: fx.Node, lay: LayoutOf) -> Decision:
     if all(isinstance(lay(n), Replicate) for n in (decay, increment, readout)):
         return Decision(R)
     return _per_channel(node, lay, {decay: 1, increment: 1}, [readout], "selective scan")
+
+
+def chunk_gated_delta_rule(node: fx.Node, lay: LayoutOf) -> Decision:
+    """fxtp::chunk_gated_delta_rule(query, key, value [b, H, L, d], g, beta [b, H, L]) -> [b, H, L, d_v]
+    (fxtp/rank_ops/delta_rule.py): every head its own recurrence."""
+    inputs = node.args[:5]
+    if all(isinstance(lay(n), Replicate) for n in inputs):
+        return Decision(R)
+    return _per_channel(node, lay, {n: 1 for n in inputs}, [], "gated delta rule")

@@ -6,8 +6,8 @@ import torch
 import torch.fx as fx
 
 from fxtp.rank_ops.vocab_parallel import local_padding_idx, vocab_parallel_embedding
-from fxtp.sharding.layouts import Partial, Replicate, Shard
-from fxtp.sharding.op_rules.helpers import P, R, ndim, norm_dim, replicate_all, shard_of, val
+from fxtp.sharding.layouts import Partial, Replicate, Shard, same_placement
+from fxtp.sharding.op_rules.helpers import P, R, ndim, norm_dim, replicate_all, same_shape, shard_of, val
 from fxtp.sharding.op_rules.rule import Decision, LayoutOf
 
 
@@ -92,3 +92,23 @@ def index_add(node: fx.Node, lay: LayoutOf) -> Decision:
     if isinstance(lay(source), Replicate) and isinstance(have, Replicate):
         return Decision(R, wants)
     return replicate_all(node, lay, "index_add along the sharded dim, or of a Partial into values other than zeros")
+
+
+def copy_into(node: fx.Node, lay: LayoutOf) -> Decision:
+    """copy_(dst, src): `src` written in place into `dst`, a view of a tensor the forward made (the
+    gated delta rule's chunk loop writes rows of its buffers). `dst` must keep its layout, since a
+    write into a moved copy of it would be lost: a sharded `dst` takes `src` sharded alike, or
+    replicated and sliced (free) where it has `dst`'s shape, or broadcast along the sharded dim."""
+    dst, src = node.args[:2]
+    into, source = lay(dst), lay(src)
+    if isinstance(into, Replicate) and not isinstance(source, Replicate):
+        return Decision(R, {src: R})
+    if isinstance(into, Shard) and isinstance(source, Shard) and same_placement(source, into):
+        return Decision(into)
+    if isinstance(into, Shard) and isinstance(source, Replicate):
+        lead = ndim(dst) - ndim(src)
+        if same_shape(val(src), val(dst)):
+            return Decision(into, {src: into})
+        if into.dim < lead or isinstance(val(src).shape[into.dim - lead], int) and val(src).shape[into.dim - lead] == 1:  # broadcast along the sharded dim
+            return Decision(into)
+    return replicate_all(node, lay, "copy_ of differently laid out values")

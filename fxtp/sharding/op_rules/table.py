@@ -8,16 +8,16 @@ import operator
 import torch
 import torch.fx as fx
 
-from fxtp.sharding.op_rules.along_dim import along_dim
+from fxtp.sharding.op_rules.along_dim import along_dim, triangle
 from fxtp.sharding.op_rules.attention import sdpa
-from fxtp.sharding.op_rules.channels import depthwise_convolution, localize_groups, selective_scan
+from fxtp.sharding.op_rules.channels import chunk_gated_delta_rule, depthwise_convolution, localize_groups, selective_scan
 from fxtp.sharding.op_rules.contractions import GROUPED, GROUPED_MM_FALLBACK, LINEAR, baddbmm, einsum, matmul, projection
 from fxtp.sharding.op_rules.cross_entropy import cross_entropy, lower_cross_entropy
 from fxtp.sharding.op_rules.dropout import lower_attention, lower_dropout
 from fxtp.sharding.op_rules.cut_and_join import cat, cut_blocks, localize_cut, pad, stack
 from fxtp.sharding.op_rules.factories import fresh, like
 from fxtp.sharding.op_rules.helpers import op_name, replicate_all, val
-from fxtp.sharding.op_rules.indexing import embedding, index, index_add, index_copy, vocab_parallel
+from fxtp.sharding.op_rules.indexing import copy_into, embedding, index, index_add, index_copy, vocab_parallel
 from fxtp.sharding.op_rules.pointwise import cast, pointwise
 from fxtp.sharding.op_rules.reductions import mean_as_partial, norm, reduction
 from fxtp.sharding.op_rules.repeats import localize_output_size, repeat, repeat_interleave
@@ -177,6 +177,8 @@ RULES: dict[object, OpRule] = {
     aten._softmax.default: SOFTMAX,
     aten.log_softmax.int: SOFTMAX,
     aten.cumsum.default: OpRule(along_dim(1)),
+    aten.tril.default: OpRule(triangle),
+    aten.triu.default: OpRule(triangle),
     aten.topk.default: OpRule(along_dim(2, tuple_out=True, keeps_partial=False, default_dim=-1)),
     aten.sort.default: OpRule(along_dim(1, tuple_out=True, keeps_partial=False, default_dim=-1)),
     aten.sum.dim_IntList: OpRule(reduction("sum")),
@@ -195,10 +197,11 @@ RULES: dict[object, OpRule] = {
     aten.bmm.default: OpRule(matmul),
     aten.baddbmm.default: OpRule(baddbmm),
     aten.einsum.default: OpRule(einsum),
-    # per channel: Mamba's causal conv and its scan (fxtp/rank_ops/selective_scan.py, by op_name)
+    # per channel: Mamba's causal conv and its scan, the gated delta rule per head (fxtp/rank_ops/, by op_name)
     aten.conv1d.default: OpRule(depthwise_convolution, localize_groups),
     aten.conv2d.default: OpRule(depthwise_convolution, localize_groups),
     "fxtp::selective_scan": OpRule(selective_scan),
+    "fxtp::chunk_gated_delta_rule": OpRule(chunk_gated_delta_rule),
     # the loss of a training graph: over a vocab-parallel lm_head's logits without gathering them
     aten.cross_entropy_loss.default: OpRule(cross_entropy, lower=lower_cross_entropy),
     # attention
@@ -208,6 +211,7 @@ RULES: dict[object, OpRule] = {
     aten.index.Tensor: OpRule(index),  # MoE token gathers: a Partial passes through
     aten.index_copy.default: OpRule(index_copy),
     aten.index_copy_.default: OpRule(index_copy),  # static KV cache updates
+    aten.copy_.default: OpRule(copy_into),  # rows written into a buffer (the gated delta rule's chunk loop)
     aten.index_add.default: OpRule(index_add),  # JetMoE: expert outputs added back in token order
     # factories
     aten.arange.default: FRESH,
