@@ -48,7 +48,7 @@ case "${1:-tests}" in
         --out "$out/hf_generate_speed-$run.json" > "$out/hf_generate_speed-$run.log" 2>&1
       echo "hf_generate_speed $run rc=$?"; grep -E "^fxtp:|ratio" "$out/hf_generate_speed-$run.log" | tail -14
     done
-    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-hf timeout 200 python3 -P benchmarks/inference_test.py --shape llama3-8b \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-hf PYTHONPATH=benchmarks timeout 200 python3 -P benchmarks/inference_test.py --shape llama3-8b \
       --dtype bfloat16 --prompt-len 128 --gen-len 32 --warmup 1 --trials 2 --batch 1 --impl hf-compile \
       --checkpoint-dir /tmp/checkpoint --out "$out/hf-compile-cold.json" > "$out/hf-compile-cold.log" 2>&1
     echo "hf-compile cold rc=$?"; tail -6 "$out/hf-compile-cold.log" ;;

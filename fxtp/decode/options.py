@@ -32,7 +32,7 @@ class InductorOption(NamedTuple):
     decode_only: bool  # left out of the prefill's options
 
 
-INDUCTOR_FIELDS = (InductorOption("coordinate_descent_tuning", "coordinate_descent_tuning", False),
+INDUCTOR_FIELDS = (InductorOption("coordinate_descent_tuning", "coordinate_descent_tuning", True),
                    InductorOption("pdl", "triton.enable_pdl", True),
                    InductorOption("one_shot_all_reduce", "_collective.auto_select", True))
 
@@ -45,7 +45,9 @@ class DecodeOptions:
     coordinate_descent_tuning: bool = True
     """Inductor's `coordinate_descent_tuning`: at one row inductor turns every matmul into a Triton
     reduction and tunes its block sizes, as gpt-fast does. On: a batch-1 step streams every weight
-    once, and the tuned reductions stream them near HBM bandwidth where cuBLAS's GEMMs do not."""
+    once, and the tuned reductions stream them near HBM bandwidth where cuBLAS's GEMMs do not. The
+    prefill is compiled without it: its projections are cuBLAS GEMMs, and tuning its other kernels at
+    a symbolic prompt length took most of a cold start."""
 
     pdl: bool = True
     """Programmatic dependent launch (inductor's `triton.enable_pdl`; Hopper and later, ignored on
@@ -174,7 +176,7 @@ class DecodeOptions:
 
     def inductor_options(self, decode: bool = True) -> dict:
         """torch.compile's `options=` for the decode step (resolved options only), or with
-        `decode=False` for the prefill, which leaves out PDL, one-shot all_reduce (a prefill's
+        `decode=False` for the prefill, which leaves out coordinate descent tuning, PDL, one-shot all_reduce (a prefill's
         all_reduces are over the whole prompt, above its threshold, and of symbolic sizes) and the
         post-grad pass (a prefill's projections are no GEMVs)."""
         if decode and self.unresolved():
