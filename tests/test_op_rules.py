@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fxtp.node_meta import LAYOUT, REDUCE
+from fxtp.passes.sharding.propagate import PropagationError
 from fxtp.sharding.collectives import local_part
 from fxtp.sharding.layouts import Partial, Replicate, Shard, same_placement
 from fxtp.sharding.redistribute import same_layout
@@ -478,6 +479,47 @@ def test_along_one_dim(name, shape, ws, data, seed):
         assert got == R if layout.dim == acts_on else same_layout(got, layout), run.describe()
     else:
         assert got == (layout if keeps_partial else R), run.describe()
+
+
+@SETTINGS
+@given(shapes_st(2, 4, sizes=(2, 3, 4)), st.sampled_from(["tril", "triu"]), st.integers(-1, 1), world_sizes,
+       st.data(), seeds)
+def test_triangle(shape, name, diagonal, ws, data, seed):
+    """tril/triu: a shard of a dim before the last two passes, and a Partial (zeroing is linear)."""
+    layout = data.draw(layout_st(shape, ws, partial=True))
+    run = run_op(lambda x: getattr(torch, name)(x, diagonal), {"x": arg(gen(seed), shape, layout, ws)}, ws)
+    got = run.layout(getattr(aten, name).default)
+    if isinstance(layout, Shard) and layout.dim >= len(shape) - 2:
+        assert got == R, run.describe()
+    else:
+        assert same_layout(got, layout) if isinstance(layout, Shard) else got == layout, run.describe()
+
+
+@SETTINGS
+@given(st.booleans(), world_sizes, st.data(), seeds)
+def test_copy_into_rows_of_a_buffer(broadcast, ws, data, seed):
+    """copy_ into a row of a buffer made like x (the gated delta rule's chunk loop): whatever the layouts
+    of x and of the rows written (a row broadcast over a dim too), every node equals the unsharded
+    graph's on every rank (run_op's check), and a buffer sharded on a dim the rows have stays sharded
+    when the rows are replicated (they are sliced). A buffer sharded on the dim the rows are cut from
+    would be gathered into a copy before the write, which would miss it: refused."""
+    shape, row = (2, 4, 3, 5), ((2, 1, 5) if broadcast else (2, 4, 5))
+    x_layout, y_layout = data.draw(layout_st(shape, ws)), data.draw(layout_st(row, ws))
+
+    def fill(x, y):
+        out = torch.zeros_like(x)
+        out[:, :, 1] = y
+        out[:, :, 2] = 2 * y
+        return out + x
+
+    args = {"x": arg(gen(seed), shape, x_layout, ws), "y": arg(gen(seed + 1), row, y_layout, ws)}
+    if isinstance(x_layout, Shard) and x_layout.dim == 2:  # the rows are cut out of the sharded dim
+        with pytest.raises(PropagationError, match="copy_ writes through select.*the write would be lost"):
+            run_op(fill, args, ws)
+        return
+    run = run_op(fill, args, ws)
+    if isinstance(x_layout, Shard) and x_layout.dim in (0, 1) and isinstance(y_layout, Replicate):
+        assert all(isinstance(n.meta[LAYOUT], Shard) for n in run.nodes(aten.copy_.default)), run.describe()
 
 
 # ---------------------------------------------------------------------------- repeats

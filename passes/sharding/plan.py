@@ -314,7 +314,8 @@ def _try_column(gm: fx.GraphModule, group: list[fx.Node], names: list[str], seed
     """The decision on one group given the seeds accepted so far (added to when it is accepted).
     Where the shard of some members alone meets what cannot stay sharded (a MoE router beside
     the shared expert's gate/up it reads the same value as: its top-k over the experts), those
-    members are kept replicated, the note says why, and the others are tried again."""
+    members are kept replicated, the note says why, and the others are tried again; where the
+    shards of all of them meet there, the narrower ones are kept replicated first."""
     if any(isinstance(projection_site(n).activation.meta[LAYOUT], Shard) for n in group):
         return GroupDecision(names, Role.ROW_PARALLEL, "its input is sharded by the region before it")
     notes, dropped = [note] if note else [], []
@@ -324,7 +325,9 @@ def _try_column(gm: fx.GraphModule, group: list[fx.Node], names: list[str], seed
         except PropagationError as e:
             culprits = {projection_site(n).weight.meta[STATE] for n in _members_reaching(e.node, group)} & set(seeds)
             propagate(gm, result.seeds)
-            if not culprits or culprits == set(seeds):
+            if culprits == set(seeds):  # all of them meet there: the narrowest are kept replicated first
+                culprits = _narrower(group, culprits)
+            if not culprits:
                 return GroupDecision(names, Role.REPLICATED, "; ".join(notes + [e.reason]))
             seeds = {name: layout for name, layout in seeds.items() if name not in culprits}
             notes.append(f"{', '.join(sorted(culprits))} kept replicated: {e.reason}")
@@ -353,9 +356,19 @@ def _members_reaching(node: fx.Node, group: list[fx.Node]) -> list[fx.Node]:
     return found
 
 
-def _output_features(group: list[fx.Node]) -> int:
-    """The features a candidate group's projections produce, the dim column-parallel splits."""
-    return sum(val(n).shape[-1] for n in group if isinstance(val(n).shape[-1], int))
+def _narrower(group: list[fx.Node], names: set[str]) -> set[str]:
+    """Of the members named `names`, those whose output is narrower than the widest one's (MLA's
+    low-rank kv_a beside q_proj, both meeting at the attention): none where all are as wide."""
+    width = {projection_site(n).weight.meta[STATE]: _widest_output([n]) for n in group}
+    widest = max(width[name] for name in names)
+    return {name for name in names if width[name] < widest}
+
+
+def _widest_output(group: list[fx.Node]) -> int:
+    """The most features one of a candidate group's projections produces (the dim column-parallel
+    splits): the widest, not their sum, since a group of several narrow projections (MLA's q_a and
+    kv_a, both low-rank) splits no more usefully for having several."""
+    return max((val(n).shape[-1] for n in group if isinstance(val(n).shape[-1], int)), default=0)
 
 
 def plan(gm: fx.GraphModule, world_size: int) -> Plan:
@@ -372,7 +385,7 @@ def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     # and it should be the one that splits more features (q_b, by heads; the rank is small), so groups
     # are tried widest first; groups that meet no other are decided the same in any order.
     decisions: list = [None] * len(groups)
-    for i in sorted(range(len(groups)), key=lambda i: -_output_features(groups[i])):
+    for i in sorted(range(len(groups)), key=lambda i: -_widest_output(groups[i])):
         decisions[i] = _try_column(gm, groups[i], *candidates[i], result)
     # A group can meet projections decided after it: the k/v of every cross-attention read the
     # encoder output, which comes before any decoder layer's q. Rejected groups, and groups that

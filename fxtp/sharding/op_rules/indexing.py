@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fxtp.node_meta import WANTS
 from fxtp.rank_ops.vocab_parallel import local_padding_idx, vocab_parallel_embedding
 from fxtp.sharding.layouts import Partial, Replicate, Shard, same_placement
 from fxtp.sharding.op_rules.helpers import P, R, ndim, norm_dim, replicate_all, same_shape, shard_of, val
@@ -96,19 +97,41 @@ def index_add(node: fx.Node, lay: LayoutOf) -> Decision:
 
 def copy_into(node: fx.Node, lay: LayoutOf) -> Decision:
     """copy_(dst, src): `src` written in place into `dst`, a view of a tensor the forward made (the
-    gated delta rule's chunk loop writes rows of its buffers). `dst` must keep its layout, since a
-    write into a moved copy of it would be lost: a sharded `dst` takes `src` sharded alike, or
-    replicated and sliced (free) where it has `dst`'s shape, or broadcast along the sharded dim."""
+    gated delta rule's chunk loop writes rows of its buffers). `dst` keeps its layout, since a write
+    into a moved copy of it would be lost; `src` is moved to match it: to `dst`'s layout where it has
+    `dst`'s shape, replicated where it is broadcast along `dst`'s sharded dim, else sharded on that dim.
+    A Partial `dst` (a write into a sum not yet taken), or a `dst` that is a view of a value the plan
+    moves first (a copy, which the write would miss), cannot be expressed: the plan is refused there."""
     dst, src = node.args[:2]
-    into, source = lay(dst), lay(src)
-    if isinstance(into, Replicate) and not isinstance(source, Replicate):
-        return Decision(R, {src: R})
-    if isinstance(into, Shard) and isinstance(source, Shard) and same_placement(source, into):
-        return Decision(into)
-    if isinstance(into, Shard) and isinstance(source, Replicate):
-        lead = ndim(dst) - ndim(src)
-        if same_shape(val(src), val(dst)):
-            return Decision(into, {src: into})
-        if into.dim < lead or isinstance(val(src).shape[into.dim - lead], int) and val(src).shape[into.dim - lead] == 1:  # broadcast along the sharded dim
-            return Decision(into)
-    return replicate_all(node, lay, "copy_ of differently laid out values")
+    moved = next((view for view in _view_chain(dst) if view.args[0] in view.meta.get(WANTS, {})), None)
+    if moved is not None:  # propagation turns what a rule raises into a PropagationError naming the node
+        raise ValueError(f"copy_ writes through {moved.name}, a view of a value the plan moves first "
+                         f"({moved.args[0].name}, to {moved.meta[WANTS][moved.args[0]]}): the write would be lost")
+    into = lay(dst)
+    if isinstance(into, Replicate):
+        return Decision(R, {} if isinstance(lay(src), Replicate) else {src: R})
+    if not isinstance(into, Shard):
+        raise ValueError("copy_ into a Partial (a write into a sum not yet taken)")
+    lead = ndim(dst) - ndim(src)
+    along = None if into.dim < lead else val(src).shape[into.dim - lead]
+    if same_shape(val(src), val(dst)):
+        need = into
+    elif along is None or isinstance(along, int) and along == 1:  # src broadcast along the sharded dim
+        need = R
+    else:
+        need = into.with_dim(into.dim - lead)
+    have = lay(src)
+    moves = not (isinstance(have, Replicate) and need == R or isinstance(have, Shard) and isinstance(need, Shard)
+                 and same_placement(have, need))
+    return Decision(into, {src: need} if moves else {})
+
+
+def _view_chain(node: fx.Node) -> list[fx.Node]:
+    """`node` and the views it is of, back to the first value that is no view (ATen ops whose schema
+    returns an alias of their first input)."""
+    chain = []
+    while isinstance(node, fx.Node) and isinstance(node.target, torch._ops.OpOverload) and node.args \
+            and any(r.alias_info is not None and not r.alias_info.is_write for r in node.target._schema.returns):
+        chain.append(node)
+        node = node.args[0]
+    return chain
