@@ -44,7 +44,7 @@ from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds
 from fxtp.sharding.op_rules.helpers import norm_dim, val
 from fxtp.sharding.op_rules.views import permutation
 from fxtp.passes.node_match import only_user
-from fxtp.passes.sharding.plan import structure_along
+from fxtp.passes.sharding.feature_units import structure_along
 from fxtp.passes.sharding.projections import projection_site
 from fxtp.sharding.reshape import dim_groups
 

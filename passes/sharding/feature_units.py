@@ -1,0 +1,199 @@
+"""How a projection's output features divide over ranks: the units that must stay whole (a head,
+where a reshape splits the features into heads; one element where nothing does), the fused blocks
+(GPT-2's [q|k|v]) each rank takes its part of, and the shard counts per rank that follow.
+
+The planner (passes/sharding/plan.py) seeds column-parallel weights with these counts; the unfusing
+of unequal pieces (passes/capture/unfuse_projections.py) reads `structure_along` too. Nothing here
+writes node.meta: it reads node.meta["val"] and the graph's reshapes, cuts and permutes.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from math import gcd, prod
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from fxtp.node_meta import STATE
+from fxtp.sharding.layouts import balanced_counts
+from fxtp.sharding.op_rules.cut_and_join import PIECES, piece_bounds, strided_slice_step
+from fxtp.sharding.op_rules.helpers import calls, norm_dim, same_shape, val
+from fxtp.sharding.op_rules.views import PERMUTES, permutation
+from fxtp.sharding.reshape import dim_groups
+from fxtp.passes.sharding.projections import projection_site
+
+aten = torch.ops.aten
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int}
+_SQUEEZES = {aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
+# ops that cut one dim into a tuple of pieces -> the position of that dim's argument
+_CUTS = {aten.tensor_split.indices: 2, aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.chunk.default: 2}
+
+
+def feature_structure(proj: fx.Node) -> tuple[int, int]:
+    """(outer, unit) of a projection's output features: `outer` fused blocks (GPT-2's [q|k|v],
+    Phi-3's [gate|up]), each of units of `unit` elements: head_dim where a reshape splits them
+    into heads, 1 where nothing does (an MLP's intermediate), times aligned_units."""
+    outer, unit = structure_along(proj, projection_site(proj).out)
+    return outer, unit * aligned_units(proj, outer, unit)
+
+
+def aligned_units(proj: fx.Node, outer: int, unit: int) -> int:
+    """Units that make one unit for the kernel: aten._grouped_mm (MoE experts in bf16) needs
+    16-byte rows, and the row-parallel one after `proj` reads each rank's features as rows, so
+    they come in 16 bytes (8 bf16 elements). 1 for other ops or features that do not divide."""
+    if not calls(proj, (aten._grouped_mm.default,)):
+        return 1
+    elements = 16 // val(proj).element_size()
+    step = elements // gcd(elements, unit)
+    return step if (val(proj).shape[-1] // outer) % (unit * step) == 0 else 1
+
+
+def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
+    """(outer, unit) of the features on dim `start_dim` of `start`, as feature_structure (without its
+    alignment). Follows ops that keep the shape (a bias, OPT's q scaling, a cast), reshapes that
+    keep the features whole (GPT-2's [b*s, 3h] -> [b, s, 3h]), squeezes of other dims (batched_mm
+    experts' [S, 2I, 1] -> [S, 2I]) and transposes (Mamba's in_proj [b, s, 2I] -> [b, 2I, s] is cut
+    into x and z after one)."""
+    frontier, seen = [(start, start_dim)], set()
+    while frontier:
+        node, dim = frontier.pop(0)
+        pieces = [u for u in node.users if u.target in PIECES and piece_bounds(u, dim) is not None]
+        if pieces:
+            return _fused(node, dim, pieces)
+        steps = {strided_slice_step(u, dim) for u in node.users if u.target is aten.slice.Tensor}
+        if len(steps) == 1 and None not in steps:
+            return 1, steps.pop()  # interleaved pieces (GPT-OSS's gate|up): a unit holds one of each
+        for user in node.users:
+            if user in seen or user.op != "call_function":
+                continue
+            seen.add(user)
+            if isinstance(val(user), torch.Tensor) and same_shape(val(user), val(node)):
+                frontier.append((user, dim))
+            elif user.target in RESHAPES:
+                for gi, gj in dim_groups(val(node).shape, val(user).shape) or ():
+                    if gi == (dim,) and len(gj) == 1:
+                        frontier.append((user, gj[0]))
+                    elif gi == (dim,):
+                        return 1, int(prod(int(val(user).shape[d]) for d in gj[1:]))
+                    elif gi and gi[-1] == dim and len(gj) > 1:
+                        unit = _heads_across(val(node), dim, val(user), gj)
+                        if unit > 1:
+                            return 1, unit
+            elif user.target in _SQUEEZES and (moved := dim_after_squeeze(user, dim)) is not None:
+                frontier.append((user, moved))
+            elif joins_rows(user, node, dim):
+                frontier.append((user, dim))
+            elif user.target in PERMUTES:
+                frontier.append((user, permutation(user).index(dim)))
+            elif _keeps_channels(user, node, dim):
+                frontier.append((user, dim))
+            elif user.target in _CUTS and norm_dim(_cut_dim(user), val(node).dim()) != dim:
+                frontier += [(piece, dim) for piece in user.users]  # a cut of other dims (Mamba's of the sequence)
+    return 1, 1
+
+
+def _heads_across(src: torch.Tensor, dim: int, out: torch.Tensor, out_dims: tuple[int, ...]) -> int:
+    """The head size where a reshape merges the features (last of the merged dims) with dims before
+    them and splits the result into heads: JetMoE's q [.., top_k, 2 * 64] -> [.., 2 * top_k, 64]. The
+    largest trailing product of the split that divides the features (a head lies within them)."""
+    features, unit, best = int(src.shape[dim]), 1, 1
+    for d in reversed(out_dims[1:]):
+        unit *= int(out.shape[d])
+        best = unit if features % unit == 0 else best
+    return best
+
+
+def joins_rows(node: fx.Node, source: fx.Node, dim: int) -> bool:
+    """Whether `node` joins `source` with other rows along a dim other than `dim`, so the features on
+    `dim` stay in place: cat (JetMoE's per-expert outputs) and index_add of `source` (back in token order)."""
+    if node.target is aten.cat.default:
+        return norm_dim(node.args[1] if len(node.args) > 1 else 0, val(node).dim()) != dim
+    if node.target is aten.index_add.default:
+        return node.args[3] is source and norm_dim(node.args[1], val(node).dim()) != dim
+    return False
+
+
+def _cut_dim(cut: fx.Node) -> int:
+    at = _CUTS[cut.target]
+    return cut.args[at] if len(cut.args) > at else cut.kwargs.get("dim", 0)
+
+
+def _keeps_channels(user: fx.Node, node: fx.Node, dim: int) -> bool:
+    """Whether `user` keeps dim `dim` of `node` whole and in place while other dims change: a slice of
+    another dim, a depthwise convolution of channels (Mamba's conv, which pads the sequence)."""
+    out, src = val(user), val(node)
+    if not isinstance(out, torch.Tensor) or out.dim() != src.dim() or out.shape[dim] != src.shape[dim]:
+        return False
+    if user.target is aten.slice.Tensor:
+        return norm_dim(user.args[1], src.dim()) != dim
+    groups = user.args[6] if len(user.args) > 6 else user.kwargs.get("groups", 1)
+    return user.target is aten.conv1d.default and user.args[0] is node and dim == 1 and groups == src.shape[1]
+
+
+def dim_after_squeeze(node: fx.Node, dim: int) -> Optional[int]:
+    """Where dim `dim` of a squeeze's or unsqueeze's input lands in its output; None if it is squeezed
+    away. (dim_groups pairs size-1 dims ambiguously, so these are followed by their dim arguments.)"""
+    src = val(node.args[0])
+    if node.target is aten.unsqueeze.default:
+        return dim + (norm_dim(node.args[1], src.dim() + 1) <= dim)
+    dims = [node.args[1]] if node.target is aten.squeeze.dim else node.args[1]
+    removed = {d for d in (norm_dim(d, src.dim()) for d in dims) if src.shape[d] == 1}
+    return None if dim in removed else dim - sum(d < dim for d in removed)
+
+
+def _fused(node: fx.Node, dim: int, pieces: list[fx.Node]) -> tuple[int, int]:
+    """Equal pieces that tile the features are blocks; each piece's own structure gives the unit."""
+    bounds = sorted(b for p in pieces for b in piece_bounds(p, dim))
+    size = int(val(node).shape[dim])
+    lengths = {end - begin for begin, end in bounds}
+    if len(lengths) != 1 or bounds[0][0] != 0 or bounds[-1][1] != size or \
+            any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+        return 1, 1  # unequal parts (e.g. GQA q|k|v in one weight): planned as one block
+    outputs = [(g, dim) for p in pieces for g in (p.users if p.target is not aten.slice.Tensor else [p])]
+    structures = {structure_along(out, d) for out, d in outputs}
+    if len(structures) != 1:
+        return 1, 1
+    outer, unit = structures.pop()
+    return len(bounds) * outer, unit
+
+
+def counts_by_unit(structure: dict[fx.Node, tuple[int, int]], world_size: int) -> tuple[dict, str]:
+    """choose_counts for each set of a group's projections with the same unit size: only
+    projections cut into the same units meet later (q and GQA k/v in attention, gate and up);
+    Falcon's parallel attention puts q (heads) and the MLP (elements) in one group, and the MLP
+    must not force q's head counts. A set whose counts are no multiples is split further."""
+    by_unit: dict[int, list[fx.Node]] = defaultdict(list)
+    for n, (outer, unit) in structure.items():
+        by_unit[unit].append(n)
+    counts, notes = {}, []
+    for members in by_unit.values():
+        units = {n: val(n).shape[projection_site(n).out] // (structure[n][0] * structure[n][1]) for n in members}
+        chosen, note = choose_counts(units, world_size)
+        if not chosen and len(members) > 1:
+            for n in members:
+                chosen_one, note = choose_counts({n: units[n]}, world_size)
+                chosen.update(chosen_one)
+        counts.update(chosen)
+        notes += [note] if note else []
+    return counts, "; ".join(notes)
+
+
+def choose_counts(units: dict[fx.Node, int], world_size: int) -> tuple[dict[fx.Node, tuple[int, ...]], str]:
+    """Per-rank unit counts for each projection of a group, or ({}, reason)."""
+    active, note = dict(units), ""
+    while active:
+        fewest = min(active.values())
+        if any(u % fewest for u in active.values()):
+            return {}, f"unit counts {sorted(set(active.values()))} are not multiples of each other"
+        larger = any(u > fewest for u in active.values())
+        if fewest % world_size == 0 or (not larger and fewest >= world_size):
+            base = balanced_counts(fewest, world_size)
+            return {n: tuple(c * (u // fewest) for c in base) for n, u in active.items()}, note
+        if not larger:
+            return {}, f"{fewest} units cannot be split over {world_size} ranks"
+        dropped = [n for n, u in active.items() if u == fewest]
+        note = (f"{', '.join(projection_site(n).weight.meta[STATE] for n in dropped)} kept replicated: "
+                f"{fewest} heads do not divide over {world_size} ranks")
+        active = {n: u for n, u in active.items() if u != fewest}
+    return {}, "no projections"
