@@ -341,3 +341,17 @@ def test_a_model_on_meta_trains_from_its_checkpoint(tmp_path):
     assert all(abs(loss.item() - expected) <= 1e-6 for loss in losses)
     modules = program.lockstep_modules(checkpoint=str(tmp_path))
     assert all(p.grad is not None for m in modules for p in m.parameters())
+
+
+@pytest.mark.parametrize("model_type, layer", [("mamba", "selective scan"), ("qwen3_5_text", "gated delta rule")])
+def test_recurrent_layers_are_refused_for_training(model_type, layer):
+    """fxtp's one-op recurrences have no backward: a clear refusal at compile, not an autograd error at
+    the first backward."""
+    from transformers import AutoModelForCausalLM
+
+    from fxtp.capture.export import CaptureError
+    from fxtp.tiny_configs import generic_tiny_config
+
+    model = AutoModelForCausalLM.from_config(generic_tiny_config(model_type), dtype=torch.float32)
+    with pytest.raises(CaptureError, match=f"recurrent layers .*{layer}.* no backward yet: training=True cannot"):
+        fxtp.compile(model, 2, training=True)

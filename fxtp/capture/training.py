@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from fxtp.capture.export import Captured, CaptureError, export_model, flatten_model, max_positions, model_device
+from fxtp.capture.export import (Captured, CaptureError, export_model, flatten_model, max_positions, model_device,
+                                 model_name)
 from fxtp.capture.signatures import CAUSAL_LM, signature_of
 from fxtp.node_meta import LAYOUT, WANTS
 from fxtp.sharding.roles import Role
@@ -33,6 +34,11 @@ class TrainingForward(torch.nn.Module):
         return out.loss, out.logits
 
 
+# fxtp's one-op recurrences (fxtp/capture/loop_free.py), which have a forward only
+LOOP_OPS = {"fxtp.selective_scan.default": "Mamba's selective scan",
+            "fxtp.chunk_gated_delta_rule.default": "the gated delta rule of linear attention"}
+
+
 def capture_training(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 16) -> Captured:
     """Export `model` (a HF causal LM, real or meta weights) in train mode as a graph of
     TRAINING_INPUTS with dynamic batch and sequence lengths, whose output is (loss, logits)."""
@@ -52,6 +58,11 @@ def capture_training(model: torch.nn.Module, example_batch: int = 2, example_seq
                       "check that model.train(); model(input_ids, attention_mask=..., labels=...) runs.",
                       training=True)
     captured = flatten_model(ep, model, TRAINING_INPUTS, outputs=2)
+    recurrences = sorted({str(n.target) for n in captured.graph_module.graph.nodes if str(n.target) in LOOP_OPS})
+    if recurrences:
+        raise CaptureError(f"{model_name(model)} has recurrent layers ({', '.join(LOOP_OPS[r] for r in recurrences)}) "
+                           "that fxtp captures as one op with no backward yet: training=True cannot train them; "
+                           "compile without training=True for the sharded forward")
     loss = captured.graph_module.graph.output_node().args[0][0]
     if loss is None:
         raise CaptureError(f"{type(model).__name__} returned no loss when given labels: fxtp trains models whose "
