@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from fxtp.node_meta import LAYOUT, STATE
 from fxtp.sharding import collectives
-from fxtp.sharding.layouts import Shard
+from fxtp.sharding.layouts import local_numel
 
 COLLECTIVE_TARGETS = {
     collectives.ALL_REDUCE: "all_reduce",
@@ -72,8 +72,5 @@ def planned_state_bytes(tp, rank: int, prefix: str = "", names: Optional[Collect
     for node in held_state(tp.graph):
         if node.meta[STATE].startswith(prefix) and (names is None or node.meta[STATE] in names):
             value, layout = tp.captured.state[node.meta[STATE]], node.meta[LAYOUT]
-            numel = value.numel()
-            if isinstance(layout, Shard):
-                numel = numel // layout.global_size * layout.local_size(rank)
-            total += numel * value.element_size()
+            total += local_numel(value.numel(), layout, rank) * value.element_size()
     return total

@@ -17,6 +17,10 @@ import torch
 from fxtp.capture.delta_rule import DELTA_RULE_FUNCTION, DELTA_RULE_PARAMETERS, delta_rule_for
 from fxtp.capture.selective_scan import SCAN_FUNCTION, SCAN_PARAMETERS, selective_scan
 
+# the one-op recurrences `loop_free` puts in a graph, which have a forward only: op -> what it computes
+LOOP_OPS = {torch.ops.fxtp.selective_scan.default: "Mamba's selective scan",
+            torch.ops.fxtp.chunk_gated_delta_rule.default: "the gated delta rule of linear attention"}
+
 
 def _takes(function, parameters: tuple) -> bool:
     """Whether `function` takes `parameters` (through the hub-kernel wrapper `kernels` makes of it, an

@@ -13,6 +13,7 @@ import torch
 
 from fxtp.capture.export import (Captured, CaptureError, export_model, flatten_model, max_positions, model_device,
                                  model_name)
+from fxtp.capture.loop_free import LOOP_OPS
 from fxtp.capture.signatures import CAUSAL_LM, signature_of
 from fxtp.node_meta import LAYOUT, WANTS
 from fxtp.sharding.roles import Role
@@ -34,11 +35,6 @@ class TrainingForward(torch.nn.Module):
         return out.loss, out.logits
 
 
-# fxtp's one-op recurrences (fxtp/capture/loop_free.py), which have a forward only
-LOOP_OPS = {"fxtp.selective_scan.default": "Mamba's selective scan",
-            "fxtp.chunk_gated_delta_rule.default": "the gated delta rule of linear attention"}
-
-
 def capture_training(model: torch.nn.Module, example_batch: int = 2, example_seq: int = 16) -> Captured:
     """Export `model` (a HF causal LM, real or meta weights) in train mode as a graph of
     TRAINING_INPUTS with dynamic batch and sequence lengths, whose output is (loss, logits)."""
@@ -58,9 +54,9 @@ def capture_training(model: torch.nn.Module, example_batch: int = 2, example_seq
                       "check that model.train(); model(input_ids, attention_mask=..., labels=...) runs.",
                       training=True)
     captured = flatten_model(ep, model, TRAINING_INPUTS, outputs=2)
-    recurrences = sorted({str(n.target) for n in captured.graph_module.graph.nodes if str(n.target) in LOOP_OPS})
+    recurrences = sorted({LOOP_OPS[n.target] for n in captured.graph_module.graph.nodes if n.target in LOOP_OPS})
     if recurrences:
-        raise CaptureError(f"{model_name(model)} has recurrent layers ({', '.join(LOOP_OPS[r] for r in recurrences)}) "
+        raise CaptureError(f"{model_name(model)} has recurrent layers ({', '.join(recurrences)}) "
                            "that fxtp captures as one op with no backward yet: training=True cannot train them; "
                            "compile without training=True for the sharded forward")
     loss = captured.graph_module.graph.output_node().args[0][0]

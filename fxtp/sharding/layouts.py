@@ -94,6 +94,11 @@ class Shard:
 Layout = Union[Replicate, Shard, Partial]
 
 
+def local_numel(numel: int, layout, rank: int) -> int:
+    """Elements of a tensor of `numel` elements that `rank` holds under `layout`."""
+    return numel // layout.global_size * layout.local_size(rank) if isinstance(layout, Shard) else numel
+
+
 def balanced_counts(units: int, world_size: int) -> tuple[int, ...]:
     """Split `units` over ranks as evenly as possible, larger parts first (14 on 4 -> 4,4,3,3)."""
     base, extra = divmod(units, world_size)

@@ -27,21 +27,23 @@ END = 2 ** 63 - 1  # `x[..., a:]` ends at this in aten.slice
 
 
 def fills_as_cat(gm: fx.GraphModule) -> fx.GraphModule:
+    order = None  # each node's place in the graph, counted again only after a rewrite
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in EMPTY:
-            fills = _tiling_fills(node)
+            order = order or {n: i for i, n in enumerate(gm.graph.nodes)}
+            fills = _tiling_fills(node, order)
             if fills is not None:
-                _as_cat(gm.graph, node, *fills)
+                _as_cat(gm.graph, node, *fills, order)
+                order = None
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def _tiling_fills(buffer: fx.Node) -> Optional[tuple[int, list[tuple[fx.Node, fx.Node]]]]:
+def _tiling_fills(buffer: fx.Node, order: dict) -> Optional[tuple[int, list[tuple[fx.Node, fx.Node]]]]:
     """(dim, [(slice, copy_)] in order along dim) when the buffer's first uses are copy_s into
     slices of one dim that cover it once, with sources of its dtype; None otherwise."""
     shape = buffer.meta["val"].shape
-    order = {n: i for i, n in enumerate(buffer.graph.nodes)}
     fills, reads = [], []
     for user in buffer.users:
         copy = next(iter(user.users)) if user.target is aten.slice.Tensor and len(user.users) == 1 else None
@@ -85,8 +87,7 @@ def _expanded_shape(copy: fx.Node):
     return shape if all(isinstance(size, int) for size in shape) else False
 
 
-def _as_cat(graph: fx.Graph, buffer: fx.Node, dim: int, fills: list[tuple[fx.Node, fx.Node]]) -> None:
-    order = {n: i for i, n in enumerate(graph.nodes)}
+def _as_cat(graph: fx.Graph, buffer: fx.Node, dim: int, fills: list[tuple[fx.Node, fx.Node]], order: dict) -> None:
     after_fills = max((copy for _, copy in fills), key=order.__getitem__).next
     pieces = []
     with graph.inserting_before(after_fills):

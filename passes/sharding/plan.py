@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from fxtp.node_meta import LAYOUT, STATE, TOKENS
-from fxtp.sharding.layouts import Layout, Replicate, Shard, balanced_counts
+from fxtp.sharding.layouts import Layout, Replicate, Shard, balanced_counts, local_numel
 from fxtp.sharding.op_rules.helpers import val
 from fxtp.sharding.roles import Role
 from fxtp.passes.sharding.feature_units import RESHAPES, counts_by_unit, feature_structure
@@ -246,7 +246,5 @@ def _held_bytes(gm: fx.GraphModule, seeds: dict) -> int:
     total = 0
     for node in gm.graph.nodes:
         if node.op == "placeholder" and STATE in node.meta and node.users:
-            value, layout = val(node), node.meta[LAYOUT]
-            share = layout.local_size(0) / layout.global_size if isinstance(layout, Shard) else 1
-            total += int(value.numel() * share) * value.element_size()
+            total += local_numel(val(node).numel(), node.meta[LAYOUT], 0) * val(node).element_size()
     return total

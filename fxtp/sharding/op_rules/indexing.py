@@ -7,7 +7,7 @@ import torch.fx as fx
 
 from fxtp.node_meta import WANTS
 from fxtp.rank_ops.vocab_parallel import local_padding_idx, vocab_parallel_embedding
-from fxtp.sharding.layouts import Partial, Replicate, Shard, same_placement
+from fxtp.sharding.layouts import Partial, Replicate, Shard
 from fxtp.sharding.op_rules.helpers import P, R, ndim, norm_dim, replicate_all, same_shape, shard_of, val
 from fxtp.sharding.op_rules.rule import Decision, LayoutOf
 
@@ -109,7 +109,7 @@ def copy_into(node: fx.Node, lay: LayoutOf) -> Decision:
                          f"({moved.args[0].name}, to {moved.meta[WANTS][moved.args[0]]}): the write would be lost")
     into = lay(dst)
     if isinstance(into, Replicate):
-        return Decision(R, {} if isinstance(lay(src), Replicate) else {src: R})
+        return Decision(R, {src: R})  # propagation drops a want the value already meets
     if not isinstance(into, Shard):
         raise ValueError("copy_ into a Partial (a write into a sum not yet taken)")
     lead = ndim(dst) - ndim(src)
@@ -120,10 +120,7 @@ def copy_into(node: fx.Node, lay: LayoutOf) -> Decision:
         need = R
     else:
         need = into.with_dim(into.dim - lead)
-    have = lay(src)
-    moves = not (isinstance(have, Replicate) and need == R or isinstance(have, Shard) and isinstance(need, Shard)
-                 and same_placement(have, need))
-    return Decision(into, {src: need} if moves else {})
+    return Decision(into, {src: need})
 
 
 def _view_chain(node: fx.Node) -> list[fx.Node]:
