@@ -6,11 +6,14 @@
 #                                             redesign and before it, in one call (needs .before/, made here with
 #                                             `git archive fa54aca | tar -x -C .before && cp -r .before/passes
 #                                             .before/fxtp/passes`, carried along)
-#   bash benchmarks/one_gpu_check.sh first-token  the bare-"cuda" test; then hf_generate_speed.py twice, in a
-#                                             fresh process with an empty inductor cache (cold start, with
-#                                             fxtp's stage times and dynamo's compile times) and in a second
-#                                             one that finds the caches the first left (warm); then HF
-#                                             compiled's cold first generate (inference_test.py --impl hf-compile)
+#   bash benchmarks/one_gpu_check.sh first-token  the compiled-generation tests (llama's default options,
+#                                             gemma, mixtral, HF's generate, bare "cuda"); then
+#                                             hf_generate_speed.py twice, in a fresh process with an empty
+#                                             inductor cache (cold start, with fxtp's stage times and dynamo's
+#                                             compile times) and in a second one that finds the caches the
+#                                             first left (warm)
+#   bash benchmarks/one_gpu_check.sh hf-cold  HF compiled's cold first generate (inference_test.py
+#                                             --impl hf-compile), the baseline of first-token
 #   bash benchmarks/one_gpu_check.sh timing-train   one training step (forward, backward, AdamW) on the
 #                                             Llama-3-8B shape with 4 layers in bfloat16: HF eager and
 #                                             torch.compile'd against fxtp-n1, eager and torch.compile'd
@@ -41,13 +44,15 @@ case "${1:-tests}" in
     PYTHONPATH="$PWD/.before" timeout 170 torchrun --nproc_per_node 1 .before/benchmarks/inference_test.py $args \
       --out "$out/before.json" > "$out/before.log" 2>&1; echo "before rc=$?"; tail -6 "$out/before.log" ;;
   first-token)
-    timeout 90 python3 -P -m pytest -q tests/test_cuda.py -k bare_cuda -p no:cacheprovider 2>&1 | tail -3
+    timeout 200 python3 -P -m pytest -q tests/test_cuda.py -p no:cacheprovider \
+      -k "default or gemma or mixtral or drives or bare_cuda" 2>&1 | tee "$out/test_cuda.log" | tail -5
     export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-fxtp FXTP_VERBOSITY=debug  # empty on a fresh machine
     for run in cold warm; do
-      timeout 240 python3 -P benchmarks/hf_generate_speed.py --shape llama3-8b --dtype bfloat16 --compile \
+      timeout 180 python3 -P benchmarks/hf_generate_speed.py --shape llama3-8b --dtype bfloat16 --compile \
         --out "$out/hf_generate_speed-$run.json" > "$out/hf_generate_speed-$run.log" 2>&1
       echo "hf_generate_speed $run rc=$?"; grep -E "^fxtp:|ratio" "$out/hf_generate_speed-$run.log" | tail -14
-    done
+    done ;;
+  hf-cold)
     TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-hf PYTHONPATH=benchmarks timeout 200 python3 -P benchmarks/inference_test.py --shape llama3-8b \
       --dtype bfloat16 --prompt-len 128 --gen-len 32 --warmup 1 --trials 2 --batch 1 --impl hf-compile \
       --checkpoint-dir /tmp/checkpoint --out "$out/hf-compile-cold.json" > "$out/hf-compile-cold.log" 2>&1

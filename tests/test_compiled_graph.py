@@ -23,10 +23,17 @@ class Step(torch.nn.Module):
         return torch.ops.fxtp_test.refuses(x) + 1
 
 
+@torch.compiler.disable
+def not_traced(x):
+    return x + 1
+
+
+torch.fx.wrap("not_traced")
+
+
 class BreakingStep(torch.nn.Module):
     def forward(self, x):
-        torch._dynamo.graph_break()
-        return x + 1
+        return not_traced(x)
 
 
 def test_the_call_raises_the_error_its_step_raised():
@@ -37,6 +44,6 @@ def test_the_call_raises_the_error_its_step_raised():
 
 
 def test_dynamo_errors_of_its_own_pass_through():
-    compiled = compile_graph(BreakingStep(), fullgraph=True, dynamic=False, backend="eager")
-    with pytest.raises(torch._dynamo.exc.Unsupported, match="graph_break"):
+    compiled = compile_graph(fx.symbolic_trace(BreakingStep()), fullgraph=True, dynamic=False, backend="eager")
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="disable"):
         compiled(torch.ones(3))

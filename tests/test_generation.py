@@ -175,16 +175,17 @@ def test_the_prefill_drops_the_options_of_the_decode_step_alone(monkeypatch):
     """fxtp/decode/prefill_graph.py is compiled with the user's inductor options, without coordinate
     descent tuning, PDL, one-shot all_reduce, the post-grad pass or any of fxtp's rewrites, whatever
     they say."""
-    compiled = {}
-    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.update(module=module, **kwargs))
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(dict(module=module, **kwargs)))
     module = tiny_program("llama", 1)[1].rank_graph(0)
     every_option = resolve(DecodeOptions(coordinate_descent_tuning=True, inductor={"max_autotune": True},
                                          push_all_reduce=True, gemv=True, gemv_push=True,
                                          gemv_blocks={"8x16": [1, 16, 4]}), world_size=2, symmetric_memory=True)
     PrefillGraph(module, every_option)
-    assert compiled["options"] == {"max_autotune": True}
-    assert compiled["dynamic"] is True
-    assert [node.target for node in compiled["module"].graph.nodes] == [node.target for node in module.graph.nodes]
+    assert compiled  # one call per kind of layer region (fxtp/decode/layer_regions.py)
+    assert all(call["options"] == {"max_autotune": True} and call["dynamic"] is True for call in compiled)
+    ops = {node.target for call in compiled for node in call["module"].graph.nodes if node.op == "call_function"}
+    assert ops <= {node.target for node in module.graph.nodes}
 
 
 def test_generation_errors_say_what_to_do():

@@ -12,6 +12,8 @@ import transformers
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import fxtp
+import fxtp.runtime.program as program
+from fxtp.capture.export import capture
 from fxtp.runtime.rank_agreement import RanksDisagree
 from fxtp.runtime.rank_processes import RankFailure, run_ranks
 from fxtp.runtime.sharded_cache import CacheTakenOver
@@ -156,6 +158,22 @@ def test_forward_without_a_cache_gives_the_full_logits():
     out = sharded(ids, attention_mask=mask)
     assert out.logits.shape == (2, 7, 256)
     assert (out.logits - model(ids, attention_mask=mask).logits).abs().max() < 1e-5
+
+
+def test_generating_never_captures_the_forward_without_a_cache(monkeypatch):
+    """fxtp.parallelize checks its arguments at once, but exports only what is run: generate() captures
+    the step with a KV cache, and the forward without one is captured at its first call."""
+    captures = []
+    monkeypatch.setattr(program, "capture", lambda model: captures.append(model) or capture(model))
+    with pytest.raises(ValueError, match="larger than the model's 4 attention heads"):
+        fxtp.parallelize(tiny_model("llama"), 8)
+    model = tiny_model("llama", noise=0.05)
+    sharded = fxtp.parallelize(model, 2)
+    generated_alike(model, sharded, max_new_tokens=4)
+    assert captures == []
+    ids, mask = prompts()
+    assert (sharded(ids, attention_mask=mask).logits - model(ids, attention_mask=mask).logits).abs().max() < 1e-5
+    assert captures == [model]
 
 
 def test_options_fxtp_cannot_honour_are_refused():

@@ -1,4 +1,7 @@
-"""torch.compile for a rank's GraphModule, whose calls raise the error the step itself raised.
+"""torch.compile for a rank's GraphModule, layer by layer, whose calls raise the error the step itself raised.
+
+The step is compiled region by region (fxtp/decode/layer_regions.py), so a 32-layer model compiles
+its repeated layer once.
 
 When code a compiled GraphModule runs raises (a custom op; a CUDA graph capture that refuses a host
 sync), torch.fx's GraphModule walks the error's traceback with a generator while dynamo's frame
@@ -13,13 +16,15 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from fxtp.decode.layer_regions import compile_by_layer
+
 DYNAMO_GENERATOR_ERROR = "Attempt to trace generator"
 
 
 def compile_graph(module: fx.GraphModule, **options) -> Callable[..., torch.Tensor]:
-    """`torch.compile(module, **options)`; where dynamo's generator error hides the error a call's
-    step raised, the call raises that error."""
-    compiled = torch.compile(module, **options)
+    """`module` compiled by layer regions, each with `torch.compile(region, **options)`; where dynamo's
+    generator error hides the error a call's step raised, the call raises that error."""
+    compiled = compile_by_layer(module, lambda region: torch.compile(region, **options))
 
     def call(*args: torch.Tensor) -> torch.Tensor:
         try:

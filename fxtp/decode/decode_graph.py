@@ -1,8 +1,9 @@
 """A rank's decode step compiled by inductor and replayed as one CUDA graph (`compile=True`).
 
 The step is rewritten for the GPU first (passes/decode/: fxtp's kernels and fusions, as the
-options of fxtp/decode/options.py turn them on), then compiled, then captured with
-`torch.cuda.graph` for each new set of input shapes. At batch 1 a step is hundreds of kernels of a
+options of fxtp/decode/options.py turn them on), then compiled layer by layer
+(fxtp/decode/layer_regions.py), then captured with `torch.cuda.graph` for each new set of input
+shapes. At batch 1 a step is hundreds of kernels of a
 few microseconds each, so what decides its time is what runs between them: a replay runs the whole
 step with no Python, no guards and no CUDA-graph-tree bookkeeping per token (`mode="reduce-overhead"`
 would add those), and it does not depend on whether the installed torch's CUDA-graph trees accept
@@ -16,8 +17,6 @@ most 128 KB per all_reduce) stay allocated for the life of the process.
 from __future__ import annotations
 
 import contextlib
-import itertools
-import random
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -38,7 +37,6 @@ from fxtp.passes.decode.retarget import (with_capturable_grouped_mm, with_decode
 from fxtp.passes.decode.shared_state_copy import twin
 
 WARMUP_STEPS = 2  # compiles, then runs once more so NCCL and symmetric-memory buffers exist before capture
-_CAPTURES = itertools.count()
 
 
 class StepRewrite(NamedTuple):
@@ -95,18 +93,9 @@ class DecodeGraph:
         inputs = [a.clone() for a in args]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        user_random = random.getstate()
-        # inductor names each symmetric-memory buffer by a random.randint drawn while it compiles, and
-        # torch.compile restores Python's random state afterwards: without a new seed the next
-        # compilation (another batch size) draws the same ids for buffers of other sizes, which fails.
-        # The seed is the same on every rank, which captures its graphs in the same order.
-        random.seed(f"fxtp-decode-graph-{next(_CAPTURES)}")
-        try:
-            with torch.cuda.stream(side), self.launching():
-                for _ in range(WARMUP_STEPS):
-                    self.compiled(*inputs)
-        finally:
-            random.setstate(user_random)
+        with torch.cuda.stream(side), self.launching():
+            for _ in range(WARMUP_STEPS):
+                self.compiled(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: NCCL's watchdog thread queries events while this thread captures

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from fxtp.decode.options import DecodeOptions
 from fxtp.rank_ops.inputs import exact_device
 from fxtp.runtime.hf_model import ParallelRuntime, hf_model
-from fxtp.runtime.program import compile as compile_program
+from fxtp.runtime.program import compile_on_first_use
 
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)  # a rank that never arrives ends the run, not hangs it for 30
 
@@ -39,13 +39,16 @@ def parallelize(model: torch.nn.Module, world_size: Optional[int] = None, *, pla
     - `compile`: run decode steps compiled as a CUDA graph (True, or fxtp.DecodeOptions); one rank
       per process, on CUDA.
     - plan / tp_plan / injection_policy: as for fxtp.compile.
+
+    Arguments are checked here; the model is captured at the first call that needs it: generate()
+    captures the step with a KV cache, and only a forward without a cache captures the plain forward.
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "generation_config"):
         raise TypeError(f"fxtp.parallelize takes a HF model that can generate (a ...ForCausalLM or an "
                         f"encoder-decoder ...ForConditionalGeneration), got {type(model).__name__}")
     device = _device(model, device)
     group, world_size = _process_group(world_size, device)
-    program = compile_program(model, world_size, plan=plan, tp_plan=tp_plan, injection_policy=injection_policy)
+    program = compile_on_first_use(model, world_size, plan=plan, tp_plan=tp_plan, injection_policy=injection_policy)
     rank = dist.get_rank(group) if group is not None else (0 if world_size == 1 else None)
     generator = program.generator(rank, device, group, checkpoint=checkpoint, compile=compile)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

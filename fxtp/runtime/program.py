@@ -5,7 +5,8 @@ import os
 import sys
 import weakref
 from collections import OrderedDict
-from typing import Optional, Union
+from functools import cached_property
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -70,6 +71,39 @@ def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=Non
     With `training`, a HF causal LM is captured in train mode as (input_ids, attention_mask, labels) ->
     (loss, logits) (fxtp/capture/training.py), and its rank modules hold trainable shards: each rank's
     backward leaves in every parameter's .grad its part of the unsharded model's gradient."""
+    spec = checked_spec(model, world_size, plan, tp_plan, injection_policy, example_inputs, dynamic_shapes, training)
+    hf = is_hf_model(model)
+    sources: set[str] = set()
+    with collecting_sources(sources):
+        captured = capture_training(model) if training else capture(model) if hf else \
+            capture_plain(model, example_inputs, dynamic_shapes)
+        heads = None if hf else attention_heads(captured.graph_module)
+        if heads is not None and world_size > heads:
+            raise ValueError(f"world_size={world_size} is larger than the {heads} attention heads fxtp finds in "
+                             f"{type(model).__name__}'s graph (its scaled_dot_product_attention queries); fxtp never "
+                             f"splits inside a head, so use world_size <= {heads}")
+        program = TPProgram(captured, world_size, spec, model, training)
+    program.sources.update(sources)
+    if os.environ.get("FXTP_DEBUG", "0") != "0":
+        for group in program.plan.groups:
+            reason = f": {group.reason.splitlines()[0]}" if group.reason else ""
+            print(f"fxtp: {group.role:15s} {', '.join(group.weights)}{reason}", file=sys.stderr)
+    return program
+
+
+def compile_on_first_use(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=None,
+                         injection_policy: Optional[dict] = None) -> "TPProgram":
+    """fxtp.compile's program of a HF model, checked now, whose forward is captured and planned when
+    something first reads its graph (simulate, module, dump, a forward without a KV cache). Generation
+    captures step programs of its own, so a model that only generates (fxtp.parallelize's) never
+    exports the cacheless forward, which for a 32-layer model takes seconds of every start."""
+    spec = checked_spec(model, world_size, plan, tp_plan, injection_policy, None, None, False)
+    return TPProgram(lambda: capture(model), world_size, spec, model)
+
+
+def checked_spec(model: torch.nn.Module, world_size: int, plan, tp_plan, injection_policy: Optional[dict],
+                 example_inputs: Optional[ExampleInputs], dynamic_shapes, training: bool):
+    """fxtp.compile's arguments checked, and the plan in fxtp's own form: "auto" or {pattern: role}."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if sum(x is not None for x in (tp_plan, injection_policy)) + (plan != "auto") > 1:
@@ -92,41 +126,21 @@ def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=Non
         raise ValueError(f"tp_plan='auto' reads the plan a HF model declares; {type(model).__name__} is a plain "
                          "nn.Module: pass plan={pattern: 'colwise' | 'rowwise' | 'replicate'} or use the automatic plan")
     check_heads(model, world_size)
-    sources: set[str] = set()
-    with collecting_sources(sources):
-        captured = capture_training(model) if training else capture(model) if hf else \
-            capture_plain(model, example_inputs, dynamic_shapes)
-        heads = None if hf else attention_heads(captured.graph_module)
-        if heads is not None and world_size > heads:
-            raise ValueError(f"world_size={world_size} is larger than the {heads} attention heads fxtp finds in "
-                             f"{type(model).__name__}'s graph (its scaled_dot_product_attention queries); fxtp never "
-                             f"splits inside a head, so use world_size <= {heads}")
-        if tp_plan is not None:
-            plan = from_hf_tp_plan(tp_plan, model)
-        elif injection_policy is not None:
-            plan = from_injection_policy(injection_policy, model)
-        program = TPProgram(captured, world_size, plan, model, training)
-    program.sources.update(sources)
-    if os.environ.get("FXTP_DEBUG", "0") != "0":
-        for group in program.plan.groups:
-            reason = f": {group.reason.splitlines()[0]}" if group.reason else ""
-            print(f"fxtp: {group.role:15s} {', '.join(group.weights)}{reason}", file=sys.stderr)
-    return program
+    if tp_plan is not None:
+        return from_hf_tp_plan(tp_plan, model)
+    if injection_policy is not None:
+        return from_injection_policy(injection_policy, model)
+    return plan
 
 
 class TPProgram:
-    """A model sharded over `world_size` ranks. `graph` is the global graph annotated with layouts."""
+    """A model sharded over `world_size` ranks: its global graph annotated with layouts, and its plan."""
 
-    def __init__(self, captured: Captured, world_size: int, spec, model: torch.nn.Module, training: bool = False):
-        """`spec`: "auto" or fxtp's manual form {module pattern: colwise/rowwise/replicate}; `training`:
-        the capture is fxtp.capture.training's, and rank graphs are differentiable."""
-        with stage(f"plan over {world_size} ranks"):
-            self.captured = clean_up(captured)
-            self.graph: fx.GraphModule = captured.graph_module
-            self.plan: Plan = auto_plan(self.graph, world_size) if spec == "auto" else \
-                manual_plan(self.graph, world_size, spec)
-            if training:
-                leave_logits_sharded(self.graph, self.plan.groups)
+    def __init__(self, captured: Union[Captured, Callable[[], Captured]], world_size: int, spec, model: torch.nn.Module,
+                 training: bool = False):
+        """`captured`, or what captures it when the graph is first read; `spec`: "auto" or fxtp's manual
+        form {module pattern: colwise/rowwise/replicate}; `training`: the capture is fxtp.capture.training's,
+        and rank graphs are differentiable."""
         self.world_size = world_size
         self.spec = spec
         self.training = training
@@ -140,6 +154,36 @@ class TPProgram:
         # evicts it; the sources made for this program (its capture, clean-ups, rank graphs) go with it
         self.sources: set[str] = set()
         weakref.finalize(self, forget_sources, self.sources)
+        self._capture = captured if callable(captured) else lambda: captured
+        if not callable(captured):
+            self._planned  # plans now: a plan that fails fails fxtp.compile
+
+    @cached_property
+    def _planned(self) -> tuple[Captured, Plan]:
+        """The capture, cleaned up, with its graph annotated by the plan."""
+        with collecting_sources(self.sources):
+            captured = self._capture()
+            with stage(f"plan over {self.world_size} ranks"):
+                captured = clean_up(captured)
+                graph = captured.graph_module
+                plan = auto_plan(graph, self.world_size) if self.spec == "auto" else \
+                    manual_plan(graph, self.world_size, self.spec)
+                if self.training:
+                    leave_logits_sharded(graph, plan.groups)
+        return captured, plan
+
+    @property
+    def captured(self) -> Captured:
+        return self._planned[0]
+
+    @property
+    def graph(self) -> fx.GraphModule:
+        """The global graph annotated with layouts."""
+        return self._planned[0].graph_module
+
+    @property
+    def plan(self) -> Plan:
+        return self._planned[1]
 
     @property
     def device(self) -> torch.device:

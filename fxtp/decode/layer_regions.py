@@ -1,0 +1,156 @@
+"""A rank's step cut into one region per layer, so that torch.compile compiles each kind of layer once.
+
+Compiling a whole 32-layer step makes inductor trace, lower and tune 32 copies of the same layer;
+that is most of a cold start. Here the step's nodes are cut, in graph order, into contiguous runs:
+a run ends where the first node reading a later layer's state (a weight, a KV-cache buffer) comes.
+Each run becomes a graph of its own that takes the state it reads as arguments, so the runs of
+layers built alike are the same code, and they share one compiled function. The step that calls the
+runs stays an fx GraphModule: a few dozen calls a prefill, and nothing in a decode step, which is
+replayed as a CUDA graph.
+
+Runs keep the graph's order, so every in-place write (a KV cache's `index_copy_`) happens where it
+did, and a layer whose graph differs from its neighbours' (the first one, the one with the final
+norm and the LM head, a sliding-window layer) is just another region compiled on its own. Which
+layer a state belongs to is read off its name; a wrong guess only costs sharing, never correctness.
+"""
+from __future__ import annotations
+
+import itertools
+import operator
+import random
+import re
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+# the first number that is a whole component of a state's name: "model.layers.3.mlp.up_proj.weight",
+# "transformer.h.3.attn.c_attn.weight", a KV cache's "kv_cache.key_3", a merged projection's
+# "merged_model_layers_3_self_attn_q_proj_weight" (passes/decode/merge_projections.py)
+LAYER_NUMBER = re.compile(r"(?:^|[._])(\d+)(?=[._]|$)")
+_COMPILATIONS = itertools.count()
+
+
+def state_layer(name: str) -> int:
+    """The layer whose state `name` is, or -1 for state of no layer (embeddings, the final norm)."""
+    match = LAYER_NUMBER.search(name)
+    return int(match.group(1)) if match else -1
+
+
+def layer_runs(graph: fx.Graph) -> list[list[fx.Node]]:
+    """The graph's computing nodes (all but placeholders, get_attr and the output) in order, cut
+    before every node that reads a later layer's state than any node before it (read directly or
+    through the values it takes)."""
+    layer: dict[fx.Node, int] = {}
+    runs: list[list[fx.Node]] = [[]]
+    last = -1
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            layer[node] = state_layer(node.target)
+        elif node.op in ("placeholder", "output"):
+            layer[node] = -1
+        else:
+            layer[node] = max((layer[n] for n in node.all_input_nodes), default=-1)
+            if layer[node] > last and runs[-1]:
+                runs.append([])
+            last = max(last, layer[node])
+            runs[-1].append(node)
+    return [run for run in runs if run]
+
+
+class Region:
+    """One run as a GraphModule (`module`) of the values it reads from outside it (`inputs`, in the
+    order of first use), returning those it computes that later nodes read (`outputs`)."""
+
+    def __init__(self, run: list[fx.Node], read_later: set[fx.Node]):
+        members = set(run)
+        self.inputs = list(dict.fromkeys(n for node in run for n in node.all_input_nodes if n not in members))
+        graph = fx.Graph()
+        env = {n: graph.placeholder(f"input_{i}") for i, n in enumerate(self.inputs)}
+        for node in run:
+            # a name from the target only, so that the runs of layers built alike are the same code
+            env[node] = graph.create_node(node.op, node.target, fx.map_arg(node.args, env.__getitem__),
+                                          fx.map_arg(node.kwargs, env.__getitem__))
+        self.outputs = [node for node in run if node in read_later]
+        graph.output(tuple(env[n] for n in self.outputs))
+        self.module = fx.GraphModule(torch.nn.Module(), graph, class_name="LayerRegion")
+
+    def key(self, module: fx.GraphModule) -> tuple:
+        """What regions share a compiled function by: their code, and the shape, strides and dtype of
+        the state they read (state is static; the other inputs may change shape from call to call)."""
+        state = tuple((i, tuple(t.shape), t.stride(), t.dtype) for i, n in enumerate(self.inputs)
+                      if n.op == "get_attr" for t in [_state(module, n.target)])
+        return self.module.code, state
+
+
+def compile_by_layer(module: fx.GraphModule, compile_region: Callable[[fx.GraphModule], Callable]) -> fx.GraphModule:
+    """A GraphModule computing what `module` computes (and writing the same state in place), by
+    calling its layer regions, each compiled with `compile_region` once per kind (Region.key). The
+    state stays `module`'s tensors, so what updates them in place (a KV cache's reorder) is seen.
+    State is marked static for dynamo: under dynamic=True only the inputs' sizes vary."""
+    graph = module.graph
+    runs = layer_runs(graph)
+    members = {node: i for i, run in enumerate(runs) for node in run}
+    read_later = {n for node in graph.nodes for n in node.all_input_nodes
+                  if n in members and members.get(node, len(runs)) != members[n]}
+    parent = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    root: dict[str, object] = {}
+    for node in graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            env[node] = parent.node_copy(node)
+            if node.op == "get_attr":
+                root[node.target] = _state(module, node.target)
+                torch._dynamo.mark_static(root[node.target])
+    compiled: dict[tuple, Callable] = {}
+    for i, run in enumerate(runs):
+        region = Region(run, read_later)
+        key = region.key(module)
+        if key not in compiled:
+            compiled[key] = _Seeded(compile_region(region.module))
+        root[f"region_{i}"] = compiled[key]
+        call = parent.call_module(f"region_{i}", tuple(env[n] for n in region.inputs))
+        for j, out in enumerate(region.outputs):
+            env[out] = parent.call_function(operator.getitem, (call, j))
+    output = next(n for n in graph.nodes if n.op == "output")
+    parent.output(fx.map_arg(output.args[0], env.__getitem__))
+    step = fx.GraphModule(root, parent, class_name=f"{type(module).__name__}ByLayer")
+    step.regions = len(runs)
+    step.compiled_regions = len(compiled)
+    return step
+
+
+def _state(module: fx.GraphModule, target: str) -> torch.Tensor:
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"get_attr {target} is a {type(value).__name__}, not state: fxtp compiles a step whose "
+                        "attributes are its weights and KV cache")
+    return value
+
+
+class _Seeded(torch.nn.Module):
+    """A compiled region whose calls with inputs of a new shape (those that may compile) draw from
+    Python's random state seeded for them alone. Inductor names symmetric-memory buffers by a
+    random.randint drawn while compiling, and torch.compile restores the random state afterwards, so
+    without a seed of their own two compilations in a row draw the same names for buffers of other
+    sizes, which fails. The seeds follow the order of such calls, the same on every rank."""
+
+    def __init__(self, compiled: Callable):
+        super().__init__()
+        self.compiled = compiled
+        self.shapes: set[tuple] = set()
+
+    def forward(self, *args):
+        shapes = tuple((a.shape, a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+        if shapes in self.shapes:
+            return self.compiled(*args)
+        user_random = random.getstate()
+        random.seed(f"fxtp-layer-region-{next(_COMPILATIONS)}")
+        try:
+            out = self.compiled(*args)
+        finally:
+            random.setstate(user_random)
+        self.shapes.add(shapes)
+        return out

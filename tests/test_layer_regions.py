@@ -1,0 +1,128 @@
+"""fxtp/decode/layer_regions.py: a rank's step cut into layer regions computes what the step computes,
+writes its KV cache the same, and compiles each kind of layer once."""
+from functools import lru_cache
+
+import pytest
+import torch
+import torch.fx as fx
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import fxtp
+from fxtp.decode.layer_regions import compile_by_layer, layer_runs, state_layer
+from fxtp.capture.static_cache import is_cache_state
+from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
+
+LAYERS = 5
+
+
+@pytest.mark.parametrize("name, layer", [
+    ("model.layers.3.mlp.up_proj.weight", 3), ("transformer.h.12.attn.c_attn.weight", 12),
+    ("model.layers.3.mlp.experts.7.w1", 3), ("kv_cache.key_3", 3),
+    ("merged_model_layers_3_self_attn_q_proj_weight", 3), ("model.embed_tokens.weight", -1),
+    ("lm_head.weight", -1), ("model.rotary_emb.inv_freq", -1), ("model.layers3.weight", -1)])
+def test_the_layer_of_a_state_name(name, layer):
+    assert state_layer(name) == layer
+
+
+@lru_cache(maxsize=None)
+def cached_program(arch: str, world_size: int) -> "fxtp.TPProgram":
+    """The program with a static cache (2 rows of 32 tokens) of a tiny `arch` of LAYERS layers."""
+    return fxtp.compile(tiny_model(arch, layers=LAYERS), world_size).with_cache(2, 32)
+
+
+def cached_rank_graphs(arch: str, world_size: int = 1):
+    """Two copies of rank 0's graph with a static cache: one to cut, one to compare with."""
+    program = cached_program(arch, world_size)
+    return program.rank_graph(0), program.rank_graph(0)
+
+
+def steps(batch: int, prompt: int, length: int):
+    """A prefill's inputs, then two decode steps' (input_ids, mask, positions, cache positions)."""
+    gen = torch.Generator().manual_seed(prompt)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    yield (torch.randint(3, 100, (batch, prompt), generator=gen), mask, torch.arange(prompt).expand(batch, prompt),
+           torch.arange(prompt))
+    for i in range(prompt, prompt + 2):
+        yield torch.randint(3, 100, (batch, 1), generator=gen), mask, torch.full((batch, 1), i), torch.tensor([i])
+
+
+def assert_same_runs(step, module, reference, exact: bool):
+    with torch.no_grad():
+        for args in steps(2, 7, 32):
+            got, want = step(*args), reference(*args)
+            assert torch.equal(got, want) if exact else torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    caches = {name: t for name, t in reference.named_buffers() if is_cache_state(name)}
+    assert caches
+    for name, cache in module.named_buffers():
+        if is_cache_state(name):
+            assert torch.equal(cache, caches[name]) if exact else torch.allclose(cache, caches[name], atol=1e-5), name
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=st.sampled_from(CAUSAL_LMS))
+def test_the_regions_compute_the_step_and_write_its_cache(arch):
+    """Uncompiled regions run the step's own ops in its order: bit for bit the same logits and cache."""
+    module, reference = cached_rank_graphs(arch)
+    step = compile_by_layer(module, lambda region: region)
+    assert step.regions >= LAYERS
+    assert_same_runs(step, module, reference, exact=True)
+
+
+def test_alike_layers_share_one_compiled_function_and_compile_once():
+    """Llama's layers are one kind but the last (it has the LM head): the prologue, a layer and the
+    last one compile, three graphs whatever the depth."""
+    module, reference = cached_rank_graphs("llama")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    step = compile_by_layer(module, lambda region: torch.compile(region, backend="aot_eager", dynamic=True,
+                                                                 fullgraph=True))
+    assert (step.regions, step.compiled_regions) == (LAYERS + 1, 3)
+    assert_same_runs(step, module, reference, exact=False)
+    # the prefill, then the decode length (1, specialized): one graph of each kind each, not one per layer
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * step.compiled_regions
+
+
+def test_the_cut_is_the_same_at_every_world_size():
+    one, _ = cached_rank_graphs("llama")
+    two, _ = cached_rank_graphs("llama", world_size=2)
+    assert len(layer_runs(one.graph)) == len(layer_runs(two.graph)) == LAYERS + 1
+
+
+class WritesAfterALaterLayerRead(torch.nn.Module):
+    """Layer 1 reads the buffer, then a node of no layer writes it in place, then layer 0's weight
+    is used: a cut by data dependence alone would run the write before the read."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ParameterList([torch.nn.Parameter(torch.full((3,), 2.0)) for _ in range(2)])
+        self.register_buffer("buffer", torch.ones(3))
+
+    def forward(self, x):
+        read = x * self.layers[1] + self.buffer
+        self.buffer.add_(x)
+        return read + self.buffer * self.layers[0]
+
+
+def test_in_place_writes_keep_their_place_among_the_reads():
+    module, reference = fx.symbolic_trace(WritesAfterALaterLayerRead()), WritesAfterALaterLayerRead()
+    step = compile_by_layer(module, lambda region: region)
+    x = torch.arange(3.0)
+    assert torch.equal(step(x), reference(x))
+    assert torch.equal(module.buffer, reference.buffer)
+
+
+def test_attributes_must_be_state():
+    class HoldsAModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.inner(x)
+
+    traced = fx.symbolic_trace(HoldsAModule())
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(torch.add, (x, graph.get_attr("inner"))))
+    with pytest.raises(TypeError, match="not state"):
+        compile_by_layer(fx.GraphModule(traced, graph), lambda region: region)
