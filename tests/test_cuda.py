@@ -146,12 +146,13 @@ def hf_tokens(model, batches: list) -> list:
                            pad_token_id=0) for ids, mask in batches]
 
 
-def compiled_generate_on_rank(rank, arch, world_size, batches, compile):
+def compiled_generate_on_rank(rank, arch, world_size, batches, compile, model=None):
     """Rank body: the compiled generator's greedy tokens for each prompt batch, twice (the second
     request replays the captured graph), the options it chose and fxtp's kernels it launched."""
     device = torch.device("cuda", rank)
     with counting_launches() as launches:
-        generator = fxtp.compile(tiny_model(arch), world_size).generator(rank, device=device, compile=compile)
+        model = tiny_model(arch) if model is None else model
+        generator = fxtp.compile(model, world_size).generator(rank, device=device, compile=compile)
         tokens = [[generator.generate(ids.to(device), mask.to(device), max_new_tokens=NEW_TOKENS, eos_token_id=[]).cpu()
                    for _ in range(2)] for ids, mask in batches]
     return tokens, generator.compile_options, launches
@@ -195,6 +196,19 @@ def test_compiled_decode_on_one_gpu_generates_like_hf_beyond_llama(arch):
     results = [compiled_generate_on_rank(0, arch, 1, batches, True)]
     assert_generates(results, hf_tokens(model, batches))
     assert "decode_attention" in results[0][2]
+
+
+# 6 layers: the prefill and the decode step compile by layer regions (fxtp/decode/layer_regions.py), the
+# prologue, a layer and the last layer (with the LM head) once each, and are called for every layer
+@needs_gpus(1)
+def test_the_step_compiled_by_layer_regions_generates_like_hf():
+    model = tiny_model("llama", layers=6)
+    batches = [prompts(model.config.vocab_size, batch) for batch in (1, 3)]
+    results = [compiled_generate_on_rank(0, "llama", 1, batches, True, model)]
+    assert_generates(results, hf_tokens(model, batches))
+    generator = fxtp.compile(model, 1).generator(0, device="cuda", compile=True)
+    generator.generate(batches[0][0].cuda(), max_new_tokens=2)
+    assert generator._decode.compiled.regions == generator._prefill.compiled.regions == (7, 3)
 
 
 # HF's generate driving fxtp's compiled step (fxtp.parallelize): beam search reorders the cache that

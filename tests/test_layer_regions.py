@@ -64,7 +64,7 @@ def test_the_regions_compute_the_step_and_write_its_cache(arch):
     """Uncompiled regions run the step's own ops in its order: bit for bit the same logits and cache."""
     module, reference = cached_rank_graphs(arch)
     step = compile_by_layer(module, lambda region: region)
-    assert step.regions >= LAYERS
+    assert step.regions in (1, len(layer_runs(module.graph)))  # 1: too few alike layers to share
     assert_same_runs(step, module, reference, exact=True)
 
 

@@ -23,7 +23,8 @@ DYNAMO_GENERATOR_ERROR = "Attempt to trace generator"
 
 def compile_graph(module: fx.GraphModule, **options) -> Callable[..., torch.Tensor]:
     """`module` compiled by layer regions, each with `torch.compile(region, **options)`; where dynamo's
-    generator error hides the error a call's step raised, the call raises that error."""
+    generator error hides the error a call's step raised, the call raises that error. The call's
+    `regions` is (regions, compiled kinds of them)."""
     compiled = compile_by_layer(module, lambda region: torch.compile(region, **options))
 
     def call(*args: torch.Tensor) -> torch.Tensor:
@@ -34,4 +35,5 @@ def compile_graph(module: fx.GraphModule, **options) -> Callable[..., torch.Tens
                 raise
             raise error.__context__ from None
 
+    call.regions = (compiled.regions, compiled.compiled_regions)
     return call

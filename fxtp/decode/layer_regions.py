@@ -83,16 +83,21 @@ class Region:
         return self.module.code, state
 
 
+def read_later(graph: fx.Graph, runs: list[list[fx.Node]]) -> set[fx.Node]:
+    """The nodes of `runs` that a node of another run (or the output) reads."""
+    members = {node: i for i, run in enumerate(runs) for node in run}
+    return {n for node in graph.nodes for n in node.all_input_nodes
+            if n in members and members.get(node, len(runs)) != members[n]}
+
+
 def compile_by_layer(module: fx.GraphModule, compile_region: Callable[[fx.GraphModule], Callable]) -> fx.GraphModule:
     """A GraphModule computing what `module` computes (and writing the same state in place), by
-    calling its layer regions, each compiled with `compile_region` once per kind (Region.key). The
+    calling its layer regions, each compiled with `compile_region` once per kind (Region.key); a step
+    with fewer than two regions per kind (a 2-layer model) is one region. The
     state stays `module`'s tensors, so what updates them in place (a KV cache's reorder) is seen.
     State is marked static for dynamo: under dynamic=True only the inputs' sizes vary."""
     graph = module.graph
     runs = layer_runs(graph)
-    members = {node: i for i, run in enumerate(runs) for node in run}
-    read_later = {n for node in graph.nodes for n in node.all_input_nodes
-                  if n in members and members.get(node, len(runs)) != members[n]}
     parent = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     root: dict[str, object] = {}
@@ -102,9 +107,14 @@ def compile_by_layer(module: fx.GraphModule, compile_region: Callable[[fx.GraphM
             if node.op == "get_attr":
                 root[node.target] = _state(module, node.target)
                 torch._dynamo.mark_static(root[node.target])
+    later = read_later(graph, runs)
+    regions = [Region(run, later) for run in runs]
+    if len(runs) < 2 * len({region.key(module) for region in regions}):
+        # too few alike layers to pay for a compilation per kind: one region (the whole step)
+        runs = [[node for run in runs for node in run]]
+        regions = [Region(runs[0], read_later(graph, runs))]
     compiled: dict[tuple, Callable] = {}
-    for i, run in enumerate(runs):
-        region = Region(run, read_later)
+    for i, region in enumerate(regions):
         key = region.key(module)
         if key not in compiled:
             compiled[key] = _Seeded(compile_region(region.module))

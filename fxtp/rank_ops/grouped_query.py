@@ -2,7 +2,10 @@
 passes/codegen/fold_grouped_query.py puts in rank graphs in place of HF's repeat_kv + SDPA.
 
 The n query heads of a group become n times as many query rows of one head: the same scores and
-softmax rows, but attention reads the KV cache in place instead of a copy n times as large.
+softmax rows, but attention reads the KV cache in place instead of a copy n times as large. That
+pays for a few query rows (decode). A long prompt's mask, [s, cache length] per row, would be copied
+n times for the folded rows, far more than the copy of k and v it saves; there k and v are repeated,
+as HF does.
 """
 from __future__ import annotations
 
@@ -11,16 +14,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+FOLDED_ROWS = 16  # the most query rows a call folds: a decode step's, or a few speculated tokens'
+
 
 def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
     """`scaled_dot_product_attention(query, k, v, attn_mask, scale=scale)` with k and v the
     [b, hkv, 1, l, d] `key` and `value` repeated to query's hq heads (head h reads kv head
-    h // (hq / hkv)), computed on the hkv heads with hq / hkv times as many query rows."""
+    h // (hq / hkv)), computed on the hkv heads with hq / hkv times as many query rows (for up to
+    FOLDED_ROWS rows; more are computed over k and v repeated)."""
     heads, groups = query.size(1), key.size(1)
     repeats = heads // groups
     mask_heads = attn_mask.size(1) if attn_mask is not None and attn_mask.dim() == 4 else None
-    if key.size(2) != 1 or heads != groups * repeats or (attn_mask is not None and mask_heads not in (1, heads)):
+    if key.size(2) != 1 or heads != groups * repeats or (attn_mask is not None and mask_heads not in (1, heads)) \
+            or query.size(2) > FOLDED_ROWS:
         k, v = (t.expand(-1, -1, repeats, -1, -1).flatten(1, 2) for t in (key, value))
         return F.scaled_dot_product_attention(query, k, v, attn_mask, scale=scale)
     rows = query.size(2)
