@@ -111,6 +111,29 @@ def test_in_place_writes_keep_their_place_among_the_reads():
     assert torch.equal(module.buffer, reference.buffer)
 
 
+def reads_after_a_write() -> fx.GraphModule:
+    """out = y + buffer * 2 after buffer += y, y = x * layers.0 * layers.1, in ATen ops: `buffer * 2`
+    reads no layer's state, but moving it up to the first run would read the buffer unwritten."""
+    root = torch.nn.Module()
+    root.layers = torch.nn.ParameterList([torch.nn.Parameter(torch.full((3,), 2.0)) for _ in range(2)])
+    root.register_buffer("buffer", torch.ones(3))
+    graph, aten = fx.Graph(), torch.ops.aten
+    x, first, second, buffer = graph.placeholder("x"), *map(graph.get_attr, ("layers.0", "layers.1", "buffer"))
+    y = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.mul.Tensor, (x, first)), second))
+    graph.call_function(aten.add_.Tensor, (buffer, y))
+    graph.output(graph.call_function(aten.add.Tensor, (y, graph.call_function(aten.mul.Tensor, (buffer, 2)))))
+    return fx.GraphModule(root, graph)
+
+
+def test_nodes_of_no_layer_move_up_only_past_no_write_of_what_they_read():
+    module, reference = reads_after_a_write(), reads_after_a_write()
+    aten = torch.ops.aten
+    assert [n.target for n in layer_runs(module.graph)[-1]][-3:] == [aten.add_.Tensor, aten.mul.Tensor, aten.add.Tensor]
+    x = torch.arange(3.0)
+    assert torch.equal(compile_by_layer(module, lambda region: region)(x), reference(x))
+    assert torch.equal(module.buffer, reference.buffer)
+
+
 def test_attributes_must_be_state():
     class HoldsAModule(torch.nn.Module):
         def __init__(self):
@@ -126,3 +149,16 @@ def test_attributes_must_be_state():
     graph.output(graph.call_function(torch.add, (x, graph.get_attr("inner"))))
     with pytest.raises(TypeError, match="not state"):
         compile_by_layer(fx.GraphModule(traced, graph), lambda region: region)
+
+
+@pytest.mark.parametrize("world_size, kinds", [(1, 3), (2, 4)])
+def test_the_decode_step_rewritten_for_the_gpu_still_cuts_into_alike_layers(world_size, kinds):
+    """fxtp's decode rewrites (merged projections, fused rotary and gated GEMVs, decode attention; at
+    2 ranks push all_reduce fused with the next layer's norm, which layer 0 has not) move nodes that
+    read no layer's state across the cuts in some layers: they are put back, so the layers stay one
+    kind. Built on the CPU; the regions compile when the step is first called, on the GPU."""
+    from fxtp.decode.decode_graph import DecodeGraph
+    from fxtp.decode.options import DecodeOptions, resolve
+    program = fxtp.compile(tiny_model("llama", layers=2 * kinds), world_size).with_cache(1, 32)
+    options = resolve(DecodeOptions(), world_size=world_size, symmetric_memory=world_size > 1)
+    assert DecodeGraph(program.rank_graph(0), options).compiled.regions == (2 * kinds + 1, kinds)

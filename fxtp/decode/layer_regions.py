@@ -40,7 +40,10 @@ def state_layer(name: str) -> int:
 def layer_runs(graph: fx.Graph) -> list[list[fx.Node]]:
     """The graph's computing nodes (all but placeholders, get_attr and the output) in order, cut
     before every node that reads a later layer's state than any node before it (read directly or
-    through the values it takes)."""
+    through the values it takes). Then a node that reads no layer's state and writes nothing moves
+    to the end of the first run after its inputs' runs, unless a node between there and it writes
+    what it reads: a rewrite that moved such nodes (a layer's positions, its rotary angles) across
+    a cut in some layers and not others no longer makes those layers' runs differ."""
     layer: dict[fx.Node, int] = {}
     runs: list[list[fx.Node]] = [[]]
     last = -1
@@ -55,7 +58,48 @@ def layer_runs(graph: fx.Graph) -> list[list[fx.Node]]:
                 runs.append([])
             last = max(last, layer[node])
             runs[-1].append(node)
-    return [run for run in runs if run]
+    runs = [run for run in runs if run]
+    run_of = {node: i for i, run in enumerate(runs) for node in run}
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    writes = {node: {_root(n) for n in written} for node in run_of for written in [_written(node)] if written}
+    for node in list(run_of):
+        if layer[node] != -1 or node in writes:
+            continue
+        earliest = max((run_of[n] for n in node.all_input_nodes if n in run_of), default=0)
+        reads = {_root(n) for n in node.all_input_nodes}
+        if earliest < run_of[node] and not any(position[m] < position[node] and run_of[m] > earliest and roots & reads
+                                               for m, roots in writes.items()):
+            runs[run_of[node]].remove(node)
+            runs[earliest].append(node)
+            run_of[node] = earliest
+    return runs
+
+
+# ops whose output may share its input's memory: a write to either is a write to both
+VIEWS = frozenset({"view", "_unsafe_view", "reshape", "slice", "select", "unsqueeze", "squeeze", "transpose", "t",
+                   "permute", "expand", "alias", "as_strided", "narrow", "unflatten", "flatten", "split",
+                   "split_with_sizes", "chunk", "unbind", "diagonal", "view_as", "detach", "contiguous"})
+
+
+def _root(node: fx.Node) -> fx.Node:
+    """The node whose memory `node` may be a view of."""
+    while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node) and (
+            node.target is operator.getitem or getattr(node.target, "__name__", "").split(".")[0] in VIEWS):
+        node = node.args[0]
+    return node
+
+
+def _written(node: fx.Node) -> list[fx.Node]:
+    """The values `node` may write in place: an ATen op's arguments its schema marks written; none for
+    operator's functions (on sizes); every value anything else takes (fxtp's kernels, methods)."""
+    if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        return []
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        schema = node.target._schema.arguments
+        values = [node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+                  for i, a in enumerate(schema) if a.alias_info is not None and a.alias_info.is_write]
+        return [v for v in values if isinstance(v, fx.Node)]
+    return node.all_input_nodes
 
 
 class Region:
