@@ -33,8 +33,11 @@ class _SizeText:
                 batch, seq = node.meta["val"].shape
                 tokens = INPUTS[node.name].tokens if node.name in INPUTS else "input_ids"
                 for size, name in ((batch, "batch"), (seq, tokens.replace("input_ids", "seq"))):
-                    if not as_expr(size).is_Integer:
-                        self.symbols[as_expr(size)] = sympy.Symbol(name)
+                    if as_expr(size).is_Integer or as_expr(size) in self.symbols:
+                        continue
+                    if name != "batch" and sympy.Symbol(name) in self.symbols.values():  # a step's mask spans its KV cache
+                        name = f"{node.name}_length"
+                    self.symbols[as_expr(size)] = sympy.Symbol(name)
         self.texts: dict[sympy.Expr, str] = {}
 
     def size(self, size) -> str:
@@ -102,7 +105,7 @@ def dump(tp, rank: int = 0) -> str:
     states = held_state(gm)
     for node in states:
         layout = node.meta[LAYOUT]
-        shape = node.meta["val"].shape
+        shape = tp.captured.state[node.meta[STATE]].shape  # a step program's KV cache at its size
         lines.append(f"  {node.meta[STATE]:55s} {sizes.shape(shape):14s} {layout}{_fmt_local(shape, layout, ws, sizes)}")
 
     total = sum(tp.captured.state[n.meta[STATE]].numel() * tp.captured.state[n.meta[STATE]].element_size() for n in states)

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, S
 
 from fxtp.capture.export import Captured, export_model, flatten_model, max_positions, model_device
 from fxtp.capture.signatures import ENCODER, SEQ2SEQ, Signature, signature_of
-from fxtp.capture.static_cache import bind_cache, cache_argument, cache_buffers, with_cache_state
+from fxtp.capture.static_cache import bind_cache, buffered_cache, cache_argument, cache_buffers, with_cache_state
 
 ENCODER_INPUTS = ("input_ids", "attention_mask")
 DECODER_INPUTS = ("decoder_input_ids", "encoder_hidden_states", "attention_mask", "cache_position")
@@ -56,7 +56,7 @@ class _DecodedLogits(torch.nn.Module):
         self.kv_cache = cache_buffers(shapes, model, device)
 
     def forward(self, decoder_input_ids, encoder_hidden_states, attention_mask, cache_position):
-        bind_cache(self.cache, self.kv_cache, cache_position)
+        bind_cache(self.cache, *buffered_cache(self.kv_cache, len(self.cache.layers)), cache_position)
         cache = EncoderDecoderCache(self.cache, DynamicCache())  # cross-attention k/v: recomputed each step
         out = self.model(attention_mask=attention_mask, encoder_outputs=(encoder_hidden_states,),
                          decoder_input_ids=decoder_input_ids, use_cache=True, **{self.cache_argument: cache})

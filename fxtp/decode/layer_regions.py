@@ -29,6 +29,7 @@ import torch.fx as fx
 # "merged_model_layers_3_self_attn_q_proj_weight" (passes/decode/merge_projections.py)
 LAYER_NUMBER = re.compile(r"(?:^|[._])(\d+)(?=[._]|$)")
 _COMPILATIONS = itertools.count()
+SIZE_QUERIES = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default)
 
 
 def state_layer(name: str) -> int:
@@ -40,7 +41,7 @@ def state_layer(name: str) -> int:
 def layer_runs(graph: fx.Graph) -> list[list[fx.Node]]:
     """The graph's computing nodes (all but placeholders, get_attr and the output) in order, cut
     before every node that reads a later layer's state than any node before it (read directly or
-    through the values it takes). Then a node that reads no layer's state and writes nothing moves
+    through the values it takes; a size query reads none). Then a node that reads no layer's state and writes nothing moves
     to the end of the first run after its inputs' runs, unless a node between there and it writes
     what it reads: a rewrite that moved such nodes (a layer's positions, its rotary angles) across
     a cut in some layers and not others no longer makes those layers' runs differ."""
@@ -53,7 +54,8 @@ def layer_runs(graph: fx.Graph) -> list[list[fx.Node]]:
         elif node.op in ("placeholder", "output"):
             layer[node] = -1
         else:
-            layer[node] = max((layer[n] for n in node.all_input_nodes), default=-1)
+            reads_values = node.target not in SIZE_QUERIES  # a size read off state is no layer's
+            layer[node] = max((layer[n] for n in node.all_input_nodes if reads_values), default=-1)
             if layer[node] > last and runs[-1]:
                 runs.append([])
             last = max(last, layer[node])

@@ -5,6 +5,7 @@ import os
 import sys
 import weakref
 from collections import OrderedDict
+from dataclasses import replace
 from functools import cached_property
 from typing import Callable, Optional, Union
 
@@ -32,13 +33,13 @@ from fxtp.runtime.simulate import simulate as run_lockstep
 from fxtp.runtime.generation import Generator, collecting_sources, forget_sources
 from fxtp.capture.seq2seq_cache import capture_decoder, capture_encoder
 from fxtp.capture.signatures import SEQ2SEQ, signature_of
-from fxtp.capture.static_cache import capture_cached, is_cache_state
+from fxtp.capture.static_cache import capture_cached, is_cache_state, sized_cache_state
 from fxtp.capture.training import capture_training, leave_logits_sharded
 
 __all__ = ["compile", "TPProgram"]
 
-# step programs kept per (batch size, cache length), least recently used dropped first: each is a graph
-# and its plan (its KV cache is on meta), and capturing one again costs a torch.export
+# step programs kept per (batch size, cache length), least recently used dropped first: a causal LM's
+# share one graph and plan; an encoder-decoder's decoder step is a graph and plan of its own
 PROGRAMS_PER_SHAPE = 32
 
 
@@ -137,10 +138,10 @@ class TPProgram:
     """A model sharded over `world_size` ranks: its global graph annotated with layouts, and its plan."""
 
     def __init__(self, captured: Union[Captured, Callable[[], Captured]], world_size: int, spec, model: torch.nn.Module,
-                 training: bool = False):
+                 training: bool = False, plan: Optional[Plan] = None):
         """`captured`, or what captures it when the graph is first read; `spec`: "auto" or fxtp's manual
         form {module pattern: colwise/rowwise/replicate}; `training`: the capture is fxtp.capture.training's,
-        and rank graphs are differentiable."""
+        and rank graphs are differentiable; `plan`: the plan of `captured`'s graph, made already."""
         self.world_size = world_size
         self.spec = spec
         self.training = training
@@ -155,7 +156,9 @@ class TPProgram:
         self.sources: set[str] = set()
         weakref.finalize(self, forget_sources, self.sources)
         self._capture = captured if callable(captured) else lambda: captured
-        if not callable(captured):
+        if plan is not None:
+            self.__dict__["_planned"] = (captured, plan)  # the cached property's value
+        elif not callable(captured):
             self._planned  # plans now: a plan that fails fails fxtp.compile
 
     @cached_property
@@ -212,26 +215,34 @@ class TPProgram:
 
     def with_cache(self, batch_size: int, max_length: int) -> "TPProgram":
         """The program of one generation step with a static KV cache of `batch_size` sequences of
-        up to `max_length` tokens (fxtp/capture/static_cache.py; an encoder-decoder's decoder step,
-        fxtp/capture/seq2seq_cache.py), planned the same way as this one."""
+        up to `max_length` tokens, planned the same way as this one. A causal LM's step is captured
+        and planned once for every size (fxtp/capture/static_cache.py), and this program is it with
+        its cache at this size; an encoder-decoder's decoder step (fxtp/capture/seq2seq_cache.py) is
+        captured per size."""
         self.require_inference("with_cache")
         key = (batch_size, max_length)
         if key not in self._with_cache:
-            capture_step = capture_decoder if self.is_seq2seq else capture_cached
-            sources: set[str] = set()
-            with collecting_sources(sources):
-                captured = capture_step(self.model, batch_size, max_length)
-                # the capture's KV cache is the unsharded model's, zeros: only its shape and dtype are read
-                # (each rank graph allocates its own part), so it is kept on meta
-                for name, value in captured.state.items():
-                    if is_cache_state(name):
-                        captured.state[name] = torch.empty_like(value, device="meta")
-                self._with_cache[key] = TPProgram(captured, self.world_size, self.spec, self.model)
-            self._with_cache[key].sources.update(sources)
+            if self.is_seq2seq:
+                sources: set[str] = set()
+                with collecting_sources(sources):
+                    program = TPProgram(capture_decoder(self.model, batch_size, max_length), self.world_size,
+                                        self.spec, self.model)
+                program.sources.update(sources)
+            else:
+                step = self._cached_step
+                program = TPProgram(replace(step.captured, state=sized_cache_state(step.captured.state, batch_size,
+                                                                                  max_length)),
+                                    self.world_size, self.spec, self.model, plan=step.plan)
+            self._with_cache[key] = program
             while len(self._with_cache) > PROGRAMS_PER_SHAPE:
                 self._with_cache.popitem(last=False)
         self._with_cache.move_to_end(key)
         return self._with_cache[key]
+
+    @cached_property
+    def _cached_step(self) -> "TPProgram":
+        """The causal LM's step with a static KV cache of symbolic size, captured and planned when first used."""
+        return TPProgram(lambda: capture_cached(self.model), self.world_size, self.spec, self.model)
 
     @property
     def is_seq2seq(self) -> bool:

@@ -141,12 +141,17 @@ def is_state(node) -> bool:
 
 def _common_want(node: fx.Node):
     """The Shard every user of a replicated node wants, or None. A check of its dtype (`.float()` of a
-    float parameter leaves one) reads no values."""
+    float parameter leaves one) reads no values, and nor does the size of a dim the Shard keeps whole
+    (a KV cache's length, which a step with a cache of any length reads from the cache)."""
     if not isinstance(node.meta[LAYOUT], Replicate):
         return None
-    wanted = [u.meta[WANTS].get(node) for u in node.users if u.target is not aten._assert_tensor_metadata.default]
+    sizes = [u for u in node.users if u.target is aten.sym_size.int]
+    wanted = [u.meta[WANTS].get(node) for u in node.users
+              if u.target is not aten._assert_tensor_metadata.default and u not in sizes]
     first = wanted[0] if wanted else None
     if not isinstance(first, Shard) or not all(w is not None and same_layout(w, first) for w in wanted):
+        return None
+    if any(u.args[1] % node.meta["val"].dim() == first.dim for u in sizes):
         return None
     return first
 
