@@ -11,6 +11,7 @@ from fxtp.kernels.grouped_mm_by_rows import grouped_mm_by_rows
 from fxtp.passes.decode.retarget import with_capturable_grouped_mm
 from fxtp.testing import tiny_program
 from fxtp.tiny_configs import tiny_model
+from fxtp.decode import decode_graph
 from fxtp.decode.decode_graph import DecodeGraph
 from fxtp.decode.options import DecodeOptions, resolve
 
@@ -62,10 +63,10 @@ def test_grouped_mm_by_rows_reads_nothing_on_the_host(rows):
 
 def decode_step(model, monkeypatch) -> tuple:
     """The rank graph of `model` at world size 1 with a cache, and the step DecodeGraph compiles
-    from it with the default options (torch.compile intercepted: nothing runs on a GPU)."""
+    from it with the default options (its compilation intercepted: nothing runs on a GPU)."""
     compiled = []
     with monkeypatch.context() as patch:
-        patch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module))
+        patch.setattr(decode_graph, "compile_graph", lambda module, **kwargs: compiled.append(module))
         module = fxtp.compile(model, 1).with_cache(batch_size=1, max_length=16).rank_graph(0)
         DecodeGraph(module, resolve(DecodeOptions(), 1, False))
     return module, compiled[-1]

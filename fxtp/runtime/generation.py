@@ -33,8 +33,9 @@ CACHE_GRANULE = 256  # cache lengths are rounded up to this, so nearby requests 
 
 class Generator:
     """Generates on the ranks `ranks` of `program`, all in this process (one rank under torchrun).
-    The weights are placed on `device` once; a static-cache program is built per batch size and
-    cache length, and only the latest one's cache is kept. `compile` (True, a DecodeOptions or a
+    The weights are placed on `device` once; the step with a static cache is captured and planned
+    once, and its rank graphs are made per batch size and cache length, of which only the latest
+    one's cache is kept. `compile` (True, a DecodeOptions or a
     dict of its fields: fxtp/decode/options.py) runs decode steps as a compiled CUDA graph
     (fxtp/decode/decode_graph.py) and prefills with the step compiled for any prompt length
     (fxtp/decode/prefill_graph.py); it is a collective when there are several ranks, so every rank
