@@ -140,7 +140,7 @@ def measure(model_type: str, experts_implementation: str = "", emit=lambda row: 
     from transformers import AutoModelForCausalLM
 
     from fxtp.capture.export import CaptureError, capture
-    from fxtp.runtime.program import config_heads
+    from fxtp.runtime.compile_arguments import config_heads
     from fxtp.tiny_configs import generic_tiny_config
 
     row = {"model_type": model_type, "run_on": datetime.date.today().isoformat(), "sizes": {}}

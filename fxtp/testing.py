@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 import fxtp
 from fxtp.capture.export import Captured, capture
 from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
-from fxtp.runtime.program import TPProgram, check_heads
+from fxtp.runtime.compile_arguments import check_heads
+from fxtp.runtime.program import TPProgram
 from fxtp.runtime.whole_state import whole_state
 from fxtp.capture.signatures import Forward, signature_of
 
