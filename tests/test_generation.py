@@ -126,23 +126,17 @@ def test_sampling_is_seeded():
     assert torch.equal(tp.generate(ids, mask, seed=3, top_p=1e-6, **kwargs), greedy)
 
 
-def test_every_batch_size_and_cache_length_shares_one_capture(monkeypatch):
+def test_every_batch_size_and_cache_length_shares_one_capture():
     """The step with a KV cache is exported and planned once; another batch size and a longer cache
     only allocate their cache (fxtp/capture/static_cache.py), and generate HF's tokens."""
-    import fxtp.runtime.program as program
-    from fxtp.capture.static_cache import capture_cached
-    captures = []
-    monkeypatch.setattr(program, "capture_cached", lambda model: captures.append(model) or capture_cached(model))
-    model = tiny_model("llama", noise=0.05)
-    tp = fxtp.compile(model, 2)
+    model, tp = tiny_program("llama", 2)
     ids, mask = left_padded(model.config.vocab_size, batch=3)
-    for rows, new_tokens in ((3, 6), (1, 300)):  # caches of 256 and 512 tokens
-        expected = model.generate(ids[-rows:], attention_mask=mask[-rows:], max_new_tokens=new_tokens,
-                                  do_sample=False)
-        assert torch.equal(tp.generate(ids[-rows:], mask[-rows:], max_new_tokens=new_tokens), expected)
-    assert captures == [model]
-    sizes = [p.captured.state[f"{CACHE_PREFIX}key_0"].shape[::2] for p in tp._with_cache.values()]
-    assert sizes == [(3, 256), (1, 512)]
+    for rows, length in ((3, None), (1, 512)):
+        expected = model.generate(ids[-rows:], attention_mask=mask[-rows:], max_new_tokens=6, do_sample=False)
+        assert torch.equal(tp.generate(ids[-rows:], mask[-rows:], max_new_tokens=6, max_length=length), expected)
+    sizes = {key: (program.graph is tp._cached_step.graph, program.captured.state[f"{CACHE_PREFIX}key_0"].shape)
+             for key, program in tp._with_cache.items() if key in ((3, 256), (1, 512))}
+    assert sizes == {(3, 256): (True, (3, 2, 256, 16)), (1, 512): (True, (1, 2, 512, 16))}
 
 
 def test_decode_graph_in_the_dump():

@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import fxtp
+from fxtp.runtime.program import compile_on_first_use
 from fxtp.decode.layer_regions import compile_by_layer, layer_runs, state_layer
 from fxtp.capture.static_cache import is_cache_state
 from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
@@ -25,9 +25,9 @@ def test_the_layer_of_a_state_name(name, layer):
 
 
 @lru_cache(maxsize=None)
-def cached_program(arch: str, world_size: int) -> "fxtp.TPProgram":
+def cached_program(arch: str, world_size: int):
     """The program with a static cache (2 rows of 32 tokens) of a tiny `arch` of LAYERS layers."""
-    return fxtp.compile(tiny_model(arch, layers=LAYERS), world_size).with_cache(2, 32)
+    return compile_on_first_use(tiny_model(arch, layers=LAYERS), world_size).with_cache(2, 32)
 
 
 def cached_rank_graphs(arch: str, world_size: int = 1):
@@ -58,6 +58,7 @@ def assert_same_runs(step, module, reference, exact: bool):
             assert torch.equal(cache, caches[name]) if exact else torch.allclose(cache, caches[name], atol=1e-5), name
 
 
+@pytest.mark.slow  # by default the llama step below, compiled
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=st.sampled_from(CAUSAL_LMS))
 def test_the_regions_compute_the_step_and_write_its_cache(arch):
@@ -80,35 +81,6 @@ def test_alike_layers_share_one_compiled_function_and_compile_once():
     assert_same_runs(step, module, reference, exact=False)
     # the prefill, then the decode length (1, specialized): one graph of each kind each, not one per layer
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * step.compiled_regions
-
-
-def test_the_cut_is_the_same_at_every_world_size():
-    one, _ = cached_rank_graphs("llama")
-    two, _ = cached_rank_graphs("llama", world_size=2)
-    assert len(layer_runs(one.graph)) == len(layer_runs(two.graph)) == LAYERS + 1
-
-
-class WritesAfterALaterLayerRead(torch.nn.Module):
-    """Layer 1 reads the buffer, then a node of no layer writes it in place, then layer 0's weight
-    is used: a cut by data dependence alone would run the write before the read."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.ParameterList([torch.nn.Parameter(torch.full((3,), 2.0)) for _ in range(2)])
-        self.register_buffer("buffer", torch.ones(3))
-
-    def forward(self, x):
-        read = x * self.layers[1] + self.buffer
-        self.buffer.add_(x)
-        return read + self.buffer * self.layers[0]
-
-
-def test_in_place_writes_keep_their_place_among_the_reads():
-    module, reference = fx.symbolic_trace(WritesAfterALaterLayerRead()), WritesAfterALaterLayerRead()
-    step = compile_by_layer(module, lambda region: region)
-    x = torch.arange(3.0)
-    assert torch.equal(step(x), reference(x))
-    assert torch.equal(module.buffer, reference.buffer)
 
 
 def reads_after_a_write() -> fx.GraphModule:
@@ -159,6 +131,6 @@ def test_the_decode_step_rewritten_for_the_gpu_still_cuts_into_alike_layers(worl
     kind. Built on the CPU; the regions compile when the step is first called, on the GPU."""
     from fxtp.decode.decode_graph import DecodeGraph
     from fxtp.decode.options import DecodeOptions, resolve
-    program = fxtp.compile(tiny_model("llama", layers=2 * kinds), world_size).with_cache(1, 32)
+    program = compile_on_first_use(tiny_model("llama", layers=2 * kinds), world_size).with_cache(1, 32)
     options = resolve(DecodeOptions(), world_size=world_size, symmetric_memory=world_size > 1)
     assert DecodeGraph(program.rank_graph(0), options).compiled.regions == (2 * kinds + 1, kinds)
