@@ -290,6 +290,7 @@ def test_gemv_latency_chase_gap_makes_dependent_loads(inference_test):
     assert gap.out.item() == 5 * 128 // 4  # 5 lines of 128 bytes on
 
 
+@pytest.mark.slow  # by default test_training.py checks the shards, their gradients and the optimizer over DTensors
 def test_training_memory_halves_each_ranks_bytes_at_two_ranks(tmp_path):
     """benchmarks/training_memory.py at a tiny Llama: one AdamW step at TP=2 on gloo processes against the
     HF model on one process. Each rank's parameters, gradients and AdamW state are about half of the one
@@ -322,6 +323,7 @@ def test_training_memory_halves_each_ranks_bytes_at_two_ranks(tmp_path):
     assert f"largest rank / 1 process: {result['max_ratio']:.4f}" in finished.stdout
 
 
+@pytest.mark.slow  # by default test_training.py checks the rank module's losses and gradients against HF's
 def test_training_speed_on_the_cpu(tmp_path):
     """benchmarks/training_speed.py on the CPU, a tiny Llama in float32, HF eager and fxtp's rank module at
     N=1: the same weights and batch give the same losses over the steps; the JSON's timing fields."""

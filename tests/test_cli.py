@@ -91,7 +91,7 @@ def test_no_class_for_the_kind():
         model_class(AutoConfig.for_model("vit"), "vit")
 
 
-@pytest.mark.parametrize("arch", ["t5", "bart"])
+@pytest.mark.parametrize("arch", ["t5", pytest.param("bart", marks=pytest.mark.slow)])  # bart's step: T5's path
 def test_seq2seq_config_directory_dumps_its_decode_step_on_meta(arch, tmp_path, capsys):
     """--decode plans the decoder step with its sharded self-attention cache, without weights (BART's
     decoder reads its mask's values unless given a 4-D one)."""

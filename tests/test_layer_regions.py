@@ -12,7 +12,7 @@ from fxtp.decode.layer_regions import compile_by_layer, layer_runs, state_layer
 from fxtp.capture.static_cache import is_cache_state
 from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
 
-LAYERS = 5
+LAYERS = 7  # enough alike layers to share at 2 ranks, where layer 0 and the last are kinds of their own
 
 
 @pytest.mark.parametrize("name, layer", [
@@ -75,7 +75,7 @@ def test_alike_layers_share_one_compiled_function_and_compile_once():
     module, reference = cached_rank_graphs("llama")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    step = compile_by_layer(module, lambda region: torch.compile(region, backend="aot_eager", dynamic=True,
+    step = compile_by_layer(module, lambda region: torch.compile(region, backend="eager", dynamic=True,
                                                                  fullgraph=True))
     assert (step.regions, step.compiled_regions) == (LAYERS + 1, 3)
     assert_same_runs(step, module, reference, exact=False)
@@ -131,6 +131,6 @@ def test_the_decode_step_rewritten_for_the_gpu_still_cuts_into_alike_layers(worl
     kind. Built on the CPU; the regions compile when the step is first called, on the GPU."""
     from fxtp.decode.decode_graph import DecodeGraph
     from fxtp.decode.options import DecodeOptions, resolve
-    program = compile_on_first_use(tiny_model("llama", layers=2 * kinds), world_size).with_cache(1, 32)
     options = resolve(DecodeOptions(), world_size=world_size, symmetric_memory=world_size > 1)
-    assert DecodeGraph(program.rank_graph(0), options).compiled.regions == (2 * kinds + 1, kinds)
+    step = DecodeGraph(cached_program("llama", world_size).rank_graph(0), options)
+    assert step.compiled.regions == (LAYERS + 1, kinds)
