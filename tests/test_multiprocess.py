@@ -44,6 +44,7 @@ def llama():
     return tiny_model("llama")
 
 
+@pytest.mark.slow  # `fxtp demo`, which CI runs before the tests, checks 2 real processes against the model
 def test_real_processes_match_the_unsharded_model(llama):
     ids, mask = left_padded_batch()
     with torch.no_grad():

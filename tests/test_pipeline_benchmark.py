@@ -86,6 +86,7 @@ def check_result(result: dict, printed: dict[str, float], world_size: int, unsha
         assert texts == unsharded_texts
 
 
+@pytest.mark.slow  # by default test_hf_generate.py runs the README's torchrun + pipeline snippet on 2 CPU processes
 def test_two_cpu_processes_under_torchrun(tmp_path, unsharded_texts):
     """The brief's command: fxtp.parallelize starts the gloo group itself, each process runs its
     rank, and both ranks generate the unsharded model's text from the same weights."""
