@@ -24,6 +24,9 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from fxtp.passes.node_match import writes
+from fxtp.sharding.op_rules.helpers import view_chain
+
 # the first number that is a whole component of a state's name: "model.layers.3.mlp.up_proj.weight",
 # "transformer.h.3.attn.c_attn.weight", a KV cache's "kv_cache.key_3", a merged projection's
 # "merged_model_layers_3_self_attn_q_proj_weight" (passes/decode/merge_projections.py)
@@ -77,31 +80,24 @@ def layer_runs(graph: fx.Graph) -> list[list[fx.Node]]:
     return runs
 
 
-# ops whose output may share its input's memory: a write to either is a write to both
-VIEWS = frozenset({"view", "_unsafe_view", "reshape", "slice", "select", "unsqueeze", "squeeze", "transpose", "t",
-                   "permute", "expand", "alias", "as_strided", "narrow", "unflatten", "flatten", "split",
-                   "split_with_sizes", "chunk", "unbind", "diagonal", "view_as", "detach", "contiguous"})
-
-
 def _root(node: fx.Node) -> fx.Node:
-    """The node whose memory `node` may be a view of."""
-    while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node) and (
-            node.target is operator.getitem or getattr(node.target, "__name__", "").split(".")[0] in VIEWS):
-        node = node.args[0]
-    return node
+    """The value whose memory `node` may share: back through getitem of multi-output ops and views."""
+    while True:
+        chain = view_chain(node)
+        if chain:
+            node = chain[-1].args[0]
+        elif node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        else:
+            return node
 
 
 def _written(node: fx.Node) -> list[fx.Node]:
-    """The values `node` may write in place: an ATen op's arguments its schema marks written; none for
-    operator's functions (on sizes); every value anything else takes (fxtp's kernels, methods)."""
+    """The values `node` may write in place (passes/node_match.py's `writes`), none for operator's
+    functions (on sizes and multi-output ops' items)."""
     if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
         return []
-    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-        schema = node.target._schema.arguments
-        values = [node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
-                  for i, a in enumerate(schema) if a.alias_info is not None and a.alias_info.is_write]
-        return [v for v in values if isinstance(v, fx.Node)]
-    return node.all_input_nodes
+    return [n for n in node.all_input_nodes if writes(node, n)]
 
 
 class Region:
@@ -155,13 +151,14 @@ def compile_by_layer(module: fx.GraphModule, compile_region: Callable[[fx.GraphM
                 torch._dynamo.mark_static(root[node.target])
     later = read_later(graph, runs)
     regions = [Region(run, later) for run in runs]
-    if len(runs) < 2 * len({region.key(module) for region in regions}):
+    keys = [region.key(module) for region in regions]
+    if len(runs) < 2 * len(set(keys)):
         # too few alike layers to pay for a compilation per kind: one region (the whole step)
         runs = [[node for run in runs for node in run]]
         regions = [Region(runs[0], read_later(graph, runs))]
+        keys = [regions[0].key(module)]
     compiled: dict[tuple, Callable] = {}
-    for i, region in enumerate(regions):
-        key = region.key(module)
+    for i, (region, key) in enumerate(zip(regions, keys)):
         if key not in compiled:
             compiled[key] = _Seeded(compile_region(region.module))
         root[f"region_{i}"] = compiled[key]

@@ -73,3 +73,14 @@ def op_name(target) -> Optional[str]:
 def calls(node: fx.Node, ops) -> bool:
     """Whether `node` calls one of `ops`, given as overloads or by op_name."""
     return node.op == "call_function" and (node.target in ops or op_name(node.target) in ops)
+
+
+def view_chain(node: fx.Node) -> list[fx.Node]:
+    """`node` and the views it is of, back to the first value that is no view (ATen ops whose schema
+    returns an alias of their first input)."""
+    chain = []
+    while isinstance(node, fx.Node) and isinstance(node.target, torch._ops.OpOverload) and node.args \
+            and any(r.alias_info is not None and not r.alias_info.is_write for r in node.target._schema.returns):
+        chain.append(node)
+        node = node.args[0]
+    return chain

@@ -8,7 +8,7 @@ import torch.fx as fx
 from fxtp.node_meta import WANTS
 from fxtp.rank_ops.vocab_parallel import local_padding_idx, vocab_parallel_embedding
 from fxtp.sharding.layouts import Partial, Replicate, Shard
-from fxtp.sharding.op_rules.helpers import P, R, ndim, norm_dim, replicate_all, same_shape, shard_of, val
+from fxtp.sharding.op_rules.helpers import P, R, ndim, norm_dim, replicate_all, same_shape, shard_of, val, view_chain
 from fxtp.sharding.op_rules.rule import Decision, LayoutOf
 
 
@@ -103,7 +103,7 @@ def copy_into(node: fx.Node, lay: LayoutOf) -> Decision:
     A Partial `dst` (a write into a sum not yet taken), or a `dst` that is a view of a value the plan
     moves first (a copy, which the write would miss), cannot be expressed: the plan is refused there."""
     dst, src = node.args[:2]
-    moved = next((view for view in _view_chain(dst) if view.args[0] in view.meta.get(WANTS, {})), None)
+    moved = next((view for view in view_chain(dst) if view.args[0] in view.meta.get(WANTS, {})), None)
     if moved is not None:  # propagation turns what a rule raises into a PropagationError naming the node
         raise ValueError(f"copy_ writes through {moved.name}, a view of a value the plan moves first "
                          f"({moved.args[0].name}, to {moved.meta[WANTS][moved.args[0]]}): the write would be lost")
@@ -121,14 +121,3 @@ def copy_into(node: fx.Node, lay: LayoutOf) -> Decision:
     else:
         need = into.with_dim(into.dim - lead)
     return Decision(into, {src: need})
-
-
-def _view_chain(node: fx.Node) -> list[fx.Node]:
-    """`node` and the views it is of, back to the first value that is no view (ATen ops whose schema
-    returns an alias of their first input)."""
-    chain = []
-    while isinstance(node, fx.Node) and isinstance(node.target, torch._ops.OpOverload) and node.args \
-            and any(r.alias_info is not None and not r.alias_info.is_write for r in node.target._schema.returns):
-        chain.append(node)
-        node = node.args[0]
-    return chain
