@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from fxtp.node_meta import LAYOUT, NOTE, REDUCE, STATE, WANTS
 from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard
+from fxtp.sharding.op_rules.helpers import norm_dim
 from fxtp.sharding.op_rules.rule import Decision
 from fxtp.sharding.op_rules.table import rule_for
 from fxtp.sharding.op_rules.views import PERMUTES
@@ -151,7 +152,7 @@ def _common_want(node: fx.Node):
     first = wanted[0] if wanted else None
     if not isinstance(first, Shard) or not all(w is not None and same_layout(w, first) for w in wanted):
         return None
-    if any(u.args[1] % node.meta["val"].dim() == first.dim for u in sizes):
+    if any(norm_dim(u.args[1], node.meta["val"].dim()) == first.dim for u in sizes):
         return None
     return first
 
