@@ -58,13 +58,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="fxtp's compiled CUDA-graph decode step")
+    parser.add_argument("--compile-options", type=json.loads, default=None, metavar="JSON",
+                        help='with --compile: DecodeOptions fields as a JSON dict, e.g. \'{"gemv": true}\'')
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if args.compile_options is not None and not args.compile:
+        parser.error("--compile-options are the compiled step's: add --compile")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model = build(args.shape, dtype, device)
     model.generation_config.eos_token_id = None  # every row runs to max_new_tokens
     started = time.perf_counter()
-    sharded = fxtp.parallelize(model, 1, device=device, compile=args.compile)
+    sharded = fxtp.parallelize(model, 1, device=device, compile=args.compile_options or args.compile)
     setup = time.perf_counter() - started
     generator = sharded.fxtp_runtime.generator
     ids = torch.randint(3, min(model.config.vocab_size, 32000), (args.batch, args.prompt_len),
@@ -85,7 +89,7 @@ def main() -> None:
         print(f"{name:10s} fxtp generator {row['fxtp generator']:.3f} ms/token, HF generate through fxtp "
               f"{row['HF generate']:.3f} ms/token, ratio {row['ratio']:.3f}", flush=True)
     result = dict(shape=args.shape, dtype=args.dtype, batch=args.batch, prompt_len=args.prompt_len,
-                  new_tokens=args.new_tokens, compile=args.compile, setup_s=setup, rows=rows,
+                  new_tokens=args.new_tokens, compile=args.compile_options or args.compile, setup_s=setup, rows=rows,
                   first_generate_s=first_calls, compile_times=torch._dynamo.utils.compile_times(repr="str"),
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   torch=torch.__version__, transformers=__import__("transformers").__version__)

@@ -12,6 +12,12 @@
 #                                             inductor cache (cold start, with fxtp's stage times and dynamo's
 #                                             compile times) and in a second one that finds the caches the
 #                                             first left (warm)
+#   bash benchmarks/one_gpu_check.sh cold-start  the compiled-generation tests (llama's default options,
+#                                             layer regions, HF's generate); then hf_generate_speed.py cold
+#                                             (fresh inductor and Triton caches) and warm, with the default
+#                                             options and with coordinate descent off and fxtp's GEMV on
+#   bash benchmarks/one_gpu_check.sh prefill-profile  prefill_profile.py: the kernels of an 8192-token
+#                                             prefill, fxtp compiled against HF
 #   bash benchmarks/one_gpu_check.sh hf-cold  HF compiled's cold first generate (inference_test.py
 #                                             --impl hf-compile), the baseline of first-token
 #   bash benchmarks/one_gpu_check.sh timing-train   one training step (forward, backward, AdamW) on the
@@ -52,6 +58,24 @@ case "${1:-tests}" in
         --out "$out/hf_generate_speed-$run.json" > "$out/hf_generate_speed-$run.log" 2>&1
       echo "hf_generate_speed $run rc=$?"; grep -E "^fxtp:|ratio" "$out/hf_generate_speed-$run.log" | tail -14
     done ;;
+  cold-start)
+    timeout 200 python3 -P -m pytest -q tests/test_cuda.py -p no:cacheprovider \
+      -k "default or regions or drives" 2>&1 | tee "$out/test_cuda.log" | tail -5
+    export FXTP_VERBOSITY=debug
+    for variant in 'default:{}' 'fixed-gemv:{"coordinate_descent_tuning": false, "gemv": true}'; do
+      name="${variant%%:*}"
+      export TORCHINDUCTOR_CACHE_DIR="/tmp/inductor-$name" TRITON_CACHE_DIR="/tmp/triton-$name"  # fresh: cold
+      for run in cold warm; do
+        timeout 150 python3 -P benchmarks/hf_generate_speed.py --shape llama3-8b --dtype bfloat16 --compile \
+          --compile-options "${variant#*:}" --out "$out/hf_generate_speed-$name-$run.json" \
+          > "$out/hf_generate_speed-$name-$run.log" 2>&1
+        echo "$name $run rc=$?"; grep -E "^fxtp:.*[0-9] s$|ratio" "$out/hf_generate_speed-$name-$run.log" | tail -8
+      done
+    done ;;
+  prefill-profile)
+    PYTHONPATH=benchmarks timeout 300 python3 -P benchmarks/prefill_profile.py --prompt-len 8192 \
+      --out "$out/prefill_profile.json" > "$out/prefill_profile.log" 2>&1
+    echo "prefill_profile rc=$?"; tail -40 "$out/prefill_profile.log" ;;
   hf-cold)
     TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-hf PYTHONPATH=benchmarks timeout 200 python3 -P benchmarks/inference_test.py --shape llama3-8b \
       --dtype bfloat16 --prompt-len 128 --gen-len 32 --warmup 1 --trials 2 --batch 1 --impl hf-compile \

@@ -199,7 +199,7 @@ def test_compiled_decode_on_one_gpu_generates_like_hf_beyond_llama(arch):
 
 
 # 6 layers: the prefill and the decode step compile by layer regions (fxtp/decode/layer_regions.py), the
-# prologue, a layer and the last layer (with the LM head) once each, and are called for every layer
+# prologue, a layer and the head (the final norm and the LM head) once each, and are called for every layer
 @needs_gpus(1)
 def test_the_step_compiled_by_layer_regions_generates_like_hf():
     model = tiny_model("llama", layers=6)
@@ -208,7 +208,7 @@ def test_the_step_compiled_by_layer_regions_generates_like_hf():
     assert_generates(results, hf_tokens(model, batches))
     generator = fxtp.compile(model, 1).generator(0, device="cuda", compile=True)
     generator.generate(batches[0][0].cuda(), max_new_tokens=2)
-    assert generator._decode.compiled.regions == generator._prefill.compiled.regions == (7, 3)
+    assert generator._decode.compiled.regions == generator._prefill.compiled.regions == (8, 3)
 
 
 # HF's generate driving fxtp's compiled step (fxtp.parallelize): beam search reorders the cache that

@@ -12,7 +12,7 @@ from fxtp.decode.layer_regions import compile_by_layer, layer_runs, state_layer
 from fxtp.capture.static_cache import is_cache_state
 from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
 
-LAYERS = 7  # enough alike layers to share at 2 ranks, where layer 0 and the last are kinds of their own
+LAYERS = 7  # enough alike layers to share at 2 ranks, where layer 0 and the head are kinds of their own
 
 
 @pytest.mark.parametrize("name, layer", [
@@ -70,14 +70,14 @@ def test_the_regions_compute_the_step_and_write_its_cache(arch):
 
 
 def test_alike_layers_share_one_compiled_function_and_compile_once():
-    """Llama's layers are one kind but the last (it has the LM head): the prologue, a layer and the
-    last one compile, three graphs whatever the depth."""
+    """Llama's layers are one kind, the last included: the prologue, a layer and the head (the final
+    norm and the LM head) compile, three graphs whatever the depth."""
     module, reference = cached_rank_graphs("llama")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     step = compile_by_layer(module, lambda region: torch.compile(region, backend="eager", dynamic=True,
                                                                  fullgraph=True))
-    assert (step.regions, step.compiled_regions) == (LAYERS + 1, 3)
+    assert (step.regions, step.compiled_regions) == (LAYERS + 2, 3)
     assert_same_runs(step, module, reference, exact=False)
     # the prefill, then the decode length (1, specialized): one graph of each kind each, not one per layer
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * step.compiled_regions
@@ -133,4 +133,4 @@ def test_the_decode_step_rewritten_for_the_gpu_still_cuts_into_alike_layers(worl
     from fxtp.decode.options import DecodeOptions, resolve
     options = resolve(DecodeOptions(), world_size=world_size, symmetric_memory=world_size > 1)
     step = DecodeGraph(cached_program("llama", world_size).rank_graph(0), options)
-    assert step.compiled.regions == (LAYERS + 1, kinds)
+    assert step.compiled.regions == (LAYERS + 2, kinds)

@@ -21,6 +21,17 @@ from fxtp.decode.layer_regions import compile_by_layer
 DYNAMO_GENERATOR_ERROR = "Attempt to trace generator"
 
 
+def start_compile_workers() -> None:
+    """Start inductor's Triton compile workers now, as its own backend does at the first compile.
+    Until they are up, inductor compiles each kernel in this process, one after another
+    (`AsyncCompile.use_process_pool`); started when a compiled generator is made, they come up while
+    the model is exported and planned instead of during the first compilation. Inductor's own
+    switches (TORCH_WARM_POOL=0, TORCHINDUCTOR_COMPILE_THREADS=1) still turn them off."""
+    from torch._inductor.async_compile import maybe_warm_pool
+
+    maybe_warm_pool()
+
+
 def compile_graph(module: fx.GraphModule, **options) -> Callable[..., torch.Tensor]:
     """`module` compiled by layer regions, each with `torch.compile(region, **options)`; where dynamo's
     generator error hides the error a call's step raised, the call raises that error. The call's

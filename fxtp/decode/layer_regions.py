@@ -9,8 +9,9 @@ runs stays an fx GraphModule: a few dozen calls a prefill, and nothing in a deco
 replayed as a CUDA graph.
 
 Runs keep the graph's order, so every in-place write (a KV cache's `index_copy_`) happens where it
-did, and a layer whose graph differs from its neighbours' (the first one, the one with the final
-norm and the LM head, a sliding-window layer) is just another region compiled on its own. Which
+did, and a layer whose graph differs from its neighbours' (the first one, a sliding-window layer) is
+just another region compiled on its own; the final norm and the LM head are a region of their own, so
+the last layer is one of its kind. Which
 layer a state belongs to is read off its name; a wrong guess only costs sharing, never correctness.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import itertools
 import operator
 import random
 import re
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -44,13 +45,15 @@ def state_layer(name: str) -> int:
 def layer_runs(graph: fx.Graph) -> list[list[fx.Node]]:
     """The graph's computing nodes (all but placeholders, get_attr and the output) in order, cut
     before every node that reads a later layer's state than any node before it (read directly or
-    through the values it takes; a size query reads none). Then a node that reads no layer's state and writes nothing moves
+    through the values it takes; a size query reads none), and before the first node after a layer
+    that reads state of no layer itself (the final norm's weight, the LM head), so the last layer is
+    a run like the others and the head one of its own. Then a node that reads no layer's state and writes nothing moves
     to the end of the first run after its inputs' runs, unless a node between there and it writes
     what it reads: a rewrite that moved such nodes (a layer's positions, its rotary angles) across
     a cut in some layers and not others no longer makes those layers' runs differ."""
     layer: dict[fx.Node, int] = {}
     runs: list[list[fx.Node]] = [[]]
-    last = -1
+    last, tail = -1, False  # tail: the current run began at state of no layer, read after a layer's
     for node in graph.nodes:
         if node.op == "get_attr":
             layer[node] = state_layer(node.target)
@@ -59,8 +62,10 @@ def layer_runs(graph: fx.Graph) -> list[list[fx.Node]]:
         else:
             reads_values = node.target not in SIZE_QUERIES  # a size read off state is no layer's
             layer[node] = max((layer[n] for n in node.all_input_nodes if reads_values), default=-1)
-            if layer[node] > last and runs[-1]:
+            reads_no_layer = any(n.op == "get_attr" and layer[n] == -1 for n in node.all_input_nodes)
+            if runs[-1] and (layer[node] > last or reads_no_layer and last >= 0 and not tail):
                 runs.append([])
+                tail = layer[node] <= last
             last = max(last, layer[node])
             runs[-1].append(node)
     runs = [run for run in runs if run]
@@ -102,9 +107,10 @@ def _written(node: fx.Node) -> list[fx.Node]:
 
 class Region:
     """One run as a GraphModule (`module`) of the values it reads from outside it (`inputs`, in the
-    order of first use), returning those it computes that later nodes read (`outputs`)."""
+    order of first use), returning the values it computes at positions `returned` of the run
+    (`outputs`)."""
 
-    def __init__(self, run: list[fx.Node], read_later: set[fx.Node]):
+    def __init__(self, run: list[fx.Node], returned: Iterable[int]):
         members = set(run)
         self.inputs = list(dict.fromkeys(n for node in run for n in node.all_input_nodes if n not in members))
         graph = fx.Graph()
@@ -113,7 +119,7 @@ class Region:
             # a name from the target only, so that the runs of layers built alike are the same code
             env[node] = graph.create_node(node.op, node.target, fx.map_arg(node.args, env.__getitem__),
                                           fx.map_arg(node.kwargs, env.__getitem__))
-        self.outputs = [node for node in run if node in read_later]
+        self.outputs = [run[i] for i in sorted(returned)]
         graph.output(tuple(env[n] for n in self.outputs))
         self.module = fx.GraphModule(torch.nn.Module(), graph, class_name="LayerRegion")
 
@@ -149,14 +155,17 @@ def compile_by_layer(module: fx.GraphModule, compile_region: Callable[[fx.GraphM
             if node.op == "get_attr":
                 root[node.target] = _state(module, node.target)
                 torch._dynamo.mark_static(root[node.target])
-    later = read_later(graph, runs)
-    regions = [Region(run, later) for run in runs]
-    keys = [region.key(module) for region in regions]
-    if len(runs) < 2 * len(set(keys)):
+    if len(runs) < 2 * len(set(_keys(module, runs))):
         # too few alike layers to pay for a compilation per kind: one region (the whole step)
         runs = [[node for run in runs for node in run]]
-        regions = [Region(runs[0], read_later(graph, runs))]
-        keys = [regions[0].key(module)]
+    keys = _keys(module, runs)
+    # alike runs return what any of them returns: the last layer's residual, which only the other
+    # layers' successors read, so that their code stays one
+    returned: dict[tuple, set[int]] = {}
+    later = read_later(graph, runs)
+    for run, key in zip(runs, keys):
+        returned.setdefault(key, set()).update(i for i, node in enumerate(run) if node in later)
+    regions = [Region(run, returned[key]) for run, key in zip(runs, keys)]
     compiled: dict[tuple, Callable] = {}
     for i, (region, key) in enumerate(zip(regions, keys)):
         if key not in compiled:
@@ -171,6 +180,12 @@ def compile_by_layer(module: fx.GraphModule, compile_region: Callable[[fx.GraphM
     step.regions = len(runs)
     step.compiled_regions = len(compiled)
     return step
+
+
+def _keys(module: fx.GraphModule, runs: list[list[fx.Node]]) -> list[tuple]:
+    """Each run's Region.key with every value it computes returned: alike runs' keys are equal
+    whichever of their values later nodes read."""
+    return [Region(run, range(len(run))).key(module) for run in runs]
 
 
 def _state(module: fx.GraphModule, target: str) -> torch.Tensor:

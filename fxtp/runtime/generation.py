@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from fxtp.decode.compiled_graph import start_compile_workers
 from fxtp.decode.decode_graph import DecodeGraph
 from fxtp.sharding.collectives import process_group_named
 from fxtp.decode.options import DecodeOptions, decode_options
@@ -48,6 +49,8 @@ class Generator:
         self.checkpoint = checkpoint
         self.compile_options = None if compile is False else \
             decode_options(compile, group_name, program.world_size, device)
+        if self.compile_options is not None:
+            start_compile_workers()
         self._weights: list[dict] = [{} for _ in ranks]  # per rank: reused by every cache program
         self._key: Optional[tuple[int, int]] = None
         self._modules: list[fx.GraphModule] = []
