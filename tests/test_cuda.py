@@ -199,7 +199,8 @@ def test_compiled_decode_on_one_gpu_generates_like_hf_beyond_llama(arch):
 
 
 # 6 layers: the prefill and the decode step compile by layer regions (fxtp/decode/layer_regions.py), the
-# prologue, a layer and the head (the final norm and the LM head) once each, and are called for every layer
+# prologue, a layer and the head (the final norm and the LM head) once each, and are called for every
+# layer; the prefill's regions serve the next cache size too (batch 2 of 512 tokens after 3 of 256)
 @needs_gpus(1)
 def test_the_step_compiled_by_layer_regions_generates_like_hf():
     model = tiny_model("llama", layers=6)
@@ -207,8 +208,13 @@ def test_the_step_compiled_by_layer_regions_generates_like_hf():
     results = [compiled_generate_on_rank(0, "llama", 1, batches, True, model)]
     assert_generates(results, hf_tokens(model, batches))
     generator = fxtp.compile(model, 1).generator(0, device="cuda", compile=True)
-    generator.generate(batches[0][0].cuda(), max_new_tokens=2)
+    ids, mask = batches[1]
+    generator.generate(ids.cuda(), mask.cuda(), max_new_tokens=2)
     assert generator._decode.compiled.regions == generator._prefill.compiled.regions == (8, 3)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    generator.generate(ids[:2].cuda(), mask[:2].cuda(), max_new_tokens=300)
+    assert generator._key == (2, 512) and generator._prefill.new_kinds == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 3  # the decode step's kinds only
 
 
 # HF's generate driving fxtp's compiled step (fxtp.parallelize): beam search reorders the cache that

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fxtp.runtime.program import compile_on_first_use
 from fxtp.decode.layer_regions import compile_by_layer, layer_runs, state_layer
-from fxtp.capture.static_cache import is_cache_state
+from fxtp.capture.static_cache import is_cache_state, sized_dims
 from fxtp.tiny_configs import CAUSAL_LMS, tiny_model
 
 LAYERS = 7  # enough alike layers to share at 2 ranks, where layer 0 and the head are kinds of their own
@@ -46,9 +46,9 @@ def steps(batch: int, prompt: int, length: int):
         yield torch.randint(3, 100, (batch, 1), generator=gen), mask, torch.full((batch, 1), i), torch.tensor([i])
 
 
-def assert_same_runs(step, module, reference, exact: bool):
+def assert_same_runs(step, module, reference, exact: bool, batch: int = 2, length: int = 32):
     with torch.no_grad():
-        for args in steps(2, 7, 32):
+        for args in steps(batch, 7, length):
             got, want = step(*args), reference(*args)
             assert torch.equal(got, want) if exact else torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     caches = {name: t for name, t in reference.named_buffers() if is_cache_state(name)}
@@ -81,6 +81,27 @@ def test_alike_layers_share_one_compiled_function_and_compile_once():
     assert_same_runs(step, module, reference, exact=False)
     # the prefill, then the decode length (1, specialized): one graph of each kind each, not one per layer
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * step.compiled_regions
+
+
+def test_a_cache_of_another_size_reuses_the_compiled_regions():
+    """The prefill's regions are kept by the generator (compile_by_layer's `compiled`) with the KV
+    cache's sizes dynamic (`sized`): the program for 3 rows of 64 tokens runs on the regions compiled
+    for 2 rows of 32, recompiling none, and computes what its own step does."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = {}
+
+    def by_layer(module):
+        return compile_by_layer(module, lambda region: torch.compile(region, backend="eager", dynamic=True,
+                                                                     fullgraph=True), compiled, sized_dims)
+
+    module, reference = cached_rank_graphs("llama")
+    assert_same_runs(by_layer(module), module, reference, exact=False)
+    kinds, graphs = len(compiled), torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    program = compile_on_first_use(tiny_model("llama", layers=LAYERS), 1).with_cache(3, 64)
+    module, reference = program.rank_graph(0), program.rank_graph(0)
+    assert_same_runs(by_layer(module), module, reference, exact=False, batch=3, length=64)
+    assert (len(compiled), torch._dynamo.utils.counters["stats"]["unique_graphs"]) == (kinds, graphs)
 
 
 def reads_after_a_write() -> fx.GraphModule:

@@ -36,6 +36,15 @@ def is_cache_state(name: str) -> bool:
     return name.startswith(CACHE_PREFIX)
 
 
+CACHE_SIZED_DIMS = (0, 2)  # a key or value cache's [batch, heads, length, head dim]: the dims capture_cached leaves free
+
+
+def sized_dims(name: str) -> tuple[int, ...]:
+    """The dims of state `name` whose sizes differ from one program of the cached step to another
+    (TPProgram.with_cache): a KV cache's batch and length; none of other state."""
+    return CACHE_SIZED_DIMS if is_cache_state(name) else ()
+
+
 # layer kinds (config.layer_types, Jamba's layers_block_type) that keep a recurrent state between
 # steps (Mamba's SSM and conv state, gated delta nets, short convolutions): not keys and values
 RECURRENT_LAYERS = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba"})
@@ -134,7 +143,7 @@ def capture_cached(model: torch.nn.Module) -> Captured:
     longest = max(max_positions(model), 1 << 16)
     rows, columns = Dim("batch", min=1, max=MAX_BATCH), Dim("cache_length", min=2, max=longest)
     tokens = Dim.DYNAMIC(min=1, max=longest)
-    cache_dims = [{0: rows, 2: columns}] * len(keys)
+    cache_dims = [dict(zip(CACHE_SIZED_DIMS, (rows, columns)))] * len(keys)
     ep = export_model(model, wrapper, (ids, mask, positions, cache_position, keys, values), None,
                       ({0: rows, 1: tokens}, {0: rows, 1: columns}, {0: rows, 1: tokens}, {0: tokens}, cache_dims,
                        cache_dims), " with a static KV cache",

@@ -11,7 +11,7 @@ what to fix. The call here raises that error instead.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -32,19 +32,20 @@ def start_compile_workers() -> None:
     maybe_warm_pool()
 
 
-def compile_graph(module: fx.GraphModule, **options) -> Callable[..., torch.Tensor]:
-    """`module` compiled by layer regions, each with `torch.compile(region, **options)`; where dynamo's
-    generator error hides the error a call's step raised, the call raises that error. The call's
-    `regions` is (regions, compiled kinds of them)."""
-    compiled = compile_by_layer(module, lambda region: torch.compile(region, **options))
+def compile_graph(module: fx.GraphModule, compiled: Optional[dict] = None,
+                  sized: Callable[[str], tuple[int, ...]] = lambda name: (), **options) -> Callable[..., torch.Tensor]:
+    """`module` compiled by layer regions, each with `torch.compile(region, **options)` (`compiled`
+    and `sized`: compile_by_layer's); where dynamo's generator error hides the error a call's step
+    raised, the call raises that error. The call's `regions` is (regions, compiled kinds of them)."""
+    step = compile_by_layer(module, lambda region: torch.compile(region, **options), compiled, sized)
 
     def call(*args: torch.Tensor) -> torch.Tensor:
         try:
-            return compiled(*args)
+            return step(*args)
         except torch._dynamo.exc.Unsupported as error:
             if DYNAMO_GENERATOR_ERROR not in str(error) or error.__context__ is None:
                 raise
             raise error.__context__ from None
 
-    call.regions = (compiled.regions, compiled.compiled_regions)
+    call.regions = (step.regions, step.compiled_regions)
     return call

@@ -20,7 +20,7 @@ import itertools
 import operator
 import random
 import re
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -123,11 +123,13 @@ class Region:
         graph.output(tuple(env[n] for n in self.outputs))
         self.module = fx.GraphModule(torch.nn.Module(), graph, class_name="LayerRegion")
 
-    def key(self, module: fx.GraphModule) -> tuple:
-        """What regions share a compiled function by: their code, and the shape, strides and dtype of
-        the state they read (state is static; the other inputs may change shape from call to call)."""
-        state = tuple((i, tuple(t.shape), t.stride(), t.dtype) for i, n in enumerate(self.inputs)
-                      if n.op == "get_attr" for t in [_state(module, n.target)])
+    def key(self, module: fx.GraphModule, sized: Callable[[str], tuple[int, ...]]) -> tuple:
+        """What regions share a compiled function by: their code, and the dtype and shape of the
+        state they read, less the dims that `sized` says change from program to program (the other
+        inputs may change shape from call to call), and its strides where no dim is sized."""
+        state = tuple((i, t.dtype, tuple(None if d in sized(n.target) else size for d, size in enumerate(t.shape)),
+                       None if sized(n.target) else t.stride())
+                      for i, n in enumerate(self.inputs) if n.op == "get_attr" for t in [_state(module, n.target)])
         return self.module.code, state
 
 
@@ -138,12 +140,17 @@ def read_later(graph: fx.Graph, runs: list[list[fx.Node]]) -> set[fx.Node]:
             if n in members and members.get(node, len(runs)) != members[n]}
 
 
-def compile_by_layer(module: fx.GraphModule, compile_region: Callable[[fx.GraphModule], Callable]) -> fx.GraphModule:
+def compile_by_layer(module: fx.GraphModule, compile_region: Callable[[fx.GraphModule], Callable],
+                     compiled: Optional[dict[tuple, Callable]] = None,
+                     sized: Callable[[str], tuple[int, ...]] = lambda name: ()) -> fx.GraphModule:
     """A GraphModule computing what `module` computes (and writing the same state in place), by
     calling its layer regions, each compiled with `compile_region` once per kind (Region.key); a step
     with fewer than two regions per kind (a 2-layer model) is one region. The
     state stays `module`'s tensors, so what updates them in place (a KV cache's reorder) is seen.
-    State is marked static for dynamo: under dynamic=True only the inputs' sizes vary."""
+    State is marked static for dynamo, so under dynamic=True only the inputs' sizes vary, but for
+    the dims `sized(name)` of state sized per program (a KV cache's batch and length).
+    `compiled` holds the compiled regions by kind, and keeps them for the next program: a program
+    of the same graph with a cache of another size then compiles nothing new (under dynamic=True)."""
     graph = module.graph
     runs = layer_runs(graph)
     parent = fx.Graph()
@@ -154,11 +161,13 @@ def compile_by_layer(module: fx.GraphModule, compile_region: Callable[[fx.GraphM
             env[node] = parent.node_copy(node)
             if node.op == "get_attr":
                 root[node.target] = _state(module, node.target)
-                torch._dynamo.mark_static(root[node.target])
-    if len(runs) < 2 * len(set(_keys(module, runs))):
+                for dim in range(root[node.target].dim()):
+                    if dim not in sized(node.target):
+                        torch._dynamo.mark_static(root[node.target], dim)
+    if len(runs) < 2 * len(set(_keys(module, runs, sized))):
         # too few alike layers to pay for a compilation per kind: one region (the whole step)
         runs = [[node for run in runs for node in run]]
-    keys = _keys(module, runs)
+    keys = _keys(module, runs, sized)
     # alike runs return what any of them returns: the last layer's residual, which only the other
     # layers' successors read, so that their code stays one
     returned: dict[tuple, set[int]] = {}
@@ -166,7 +175,7 @@ def compile_by_layer(module: fx.GraphModule, compile_region: Callable[[fx.GraphM
     for run, key in zip(runs, keys):
         returned.setdefault(key, set()).update(i for i, node in enumerate(run) if node in later)
     regions = [Region(run, returned[key]) for run, key in zip(runs, keys)]
-    compiled: dict[tuple, Callable] = {}
+    compiled = {} if compiled is None else compiled
     for i, (region, key) in enumerate(zip(regions, keys)):
         if key not in compiled:
             compiled[key] = _Seeded(compile_region(region.module))
@@ -178,14 +187,14 @@ def compile_by_layer(module: fx.GraphModule, compile_region: Callable[[fx.GraphM
     parent.output(fx.map_arg(output.args[0], env.__getitem__))
     step = fx.GraphModule(root, parent, class_name=f"{type(module).__name__}ByLayer")
     step.regions = len(runs)
-    step.compiled_regions = len(compiled)
+    step.compiled_regions = len(set(keys))
     return step
 
 
-def _keys(module: fx.GraphModule, runs: list[list[fx.Node]]) -> list[tuple]:
+def _keys(module: fx.GraphModule, runs: list[list[fx.Node]], sized: Callable[[str], tuple[int, ...]]) -> list[tuple]:
     """Each run's Region.key with every value it computes returned: alike runs' keys are equal
     whichever of their values later nodes read."""
-    return [Region(run, range(len(run))).key(module) for run in runs]
+    return [Region(run, range(len(run))).key(module, sized) for run in runs]
 
 
 def _state(module: fx.GraphModule, target: str) -> torch.Tensor:

@@ -56,6 +56,7 @@ class Generator:
         self._modules: list[fx.GraphModule] = []
         self._sources: set[str] = set()  # torch.fx's generated sources of _modules, dropped with them
         self._decode = self._prefill = None
+        self._prefill_regions: dict = {}  # compiled once, for the caches of every batch size and length
         self._encoders: list[fx.GraphModule] = []  # an encoder-decoder's encoder, run once per request
         self.current_cache = None  # the HF-facing cache whose tokens the buffers hold (fxtp/runtime/sharded_cache.py)
 
@@ -191,7 +192,7 @@ class Generator:
         self._sources = generated_sources() - sources  # the rank graphs' and their clean-ups' recompiles
         if self.compile_options is not None:
             self._decode = DecodeGraph(self._modules[0], self.compile_options)
-            self._prefill = PrefillGraph(self._modules[0], self.compile_options)
+            self._prefill = PrefillGraph(self._modules[0], self.compile_options, self._prefill_regions)
         self._key = (batch, length)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
