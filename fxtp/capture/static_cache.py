@@ -131,6 +131,11 @@ def capture_cached(model: torch.nn.Module) -> Captured:
                            f"layers that keep a recurrent state instead ({', '.join(recurrent)}): fxtp cannot "
                            "generate with it yet. Its sharded forward works (run the program on whole sequences), "
                            "and so does the unsharded model's generate.")
+    if getattr(type(model), "_can_compile_fullgraph", True) is False:
+        # transformers' own flag: its static cache and compiled generate are off for this class too
+        raise CaptureError(f"{model_name(model)} does not support transformers' StaticCache (its class sets "
+                           "_can_compile_fullgraph = False), which fxtp's generation captures. Its sharded forward "
+                           "works (run the program on whole sequences), and so does the unsharded model's generate.")
     device = model_device(model)
     wrapper = _CachedLogits(model)
     batch, seq, length = EXAMPLE_BATCH, 2, EXAMPLE_LENGTH
@@ -141,13 +146,15 @@ def capture_cached(model: torch.nn.Module) -> Captured:
     caches = cache_buffers([cache_shape(model.config, batch, length)] * len(wrapper.cache.layers), model, device)
     keys, values = buffered_cache(caches, len(wrapper.cache.layers))
     longest = max(max_positions(model), 1 << 16)
-    rows, columns = Dim("batch", min=1, max=MAX_BATCH), Dim("cache_length", min=2, max=longest)
+    # the length is no named Dim: torch 2.11 cannot prove guards on the cache's symbolic strides
+    # (Min(16*L, 32*L) == 16*L) and refuses one; a model that fixes the length was refused above
+    rows, columns = Dim("batch", min=1, max=MAX_BATCH), Dim.DYNAMIC(min=2, max=longest)
     tokens = Dim.DYNAMIC(min=1, max=longest)
     cache_dims = [dict(zip(CACHE_SIZED_DIMS, (rows, columns)))] * len(keys)
+    hint = "Generation needs a model that supports transformers' StaticCache."
     ep = export_model(model, wrapper, (ids, mask, positions, cache_position, keys, values), None,
                       ({0: rows, 1: tokens}, {0: rows, 1: columns}, {0: rows, 1: tokens}, {0: tokens}, cache_dims,
-                       cache_dims), " with a static KV cache",
-                      "Generation needs a model that supports transformers' StaticCache.")
+                       cache_dims), " with a static KV cache", hint)
     # export names the tuple inputs' tensors keys_<i> and values_<i>
     inputs = CACHE_INPUTS + tuple(f"{kind}s_{i}" for kind in ("key", "value") for i in range(len(keys)))
     cache = {f"{CACHE_PREFIX}{kind}_{i}": tensor for kind, tensors in (("key", keys), ("value", values))
