@@ -8,7 +8,9 @@ mamba layers (with its MoE) are the same mixer. A Mamba-2 mixer's in_proj is cut
 and dt (the conv over x|B|C split at the cut, passes/capture/split_channel_chains.py): z, x and dt
 by heads, B and C by groups of heads where the groups divide over the ranks, the chunked scan per
 head, out_proj row-parallel. Bamba, Falcon-H1, GraniteMoeHybrid and Zamba2 have the Mamba-2 mixer
-with one group (B and C whole) and a norm over all of z (z whole): exact, partly sharded.
+with one group: B and C whole, z, x and dt by heads as in Mamba-2 (z takes the unit of the heads it
+gates, so the gated norm's one group is split and its mean all-reduced; Falcon-H1's µP multipliers
+between in_proj and its cut are cut with it).
 """
 import copy
 from functools import lru_cache
@@ -21,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import fxtp
 from fxtp.capture.export import CaptureError, capture
 from fxtp.node_meta import LAYOUT, STATE
-from fxtp.sharding.layouts import Shard
+from fxtp.sharding.layouts import Shard, local_numel
 from fxtp.runtime.program import TPProgram
 from fxtp.runtime.simulate import simulate
 from fxtp.stats import OUTSIDE_LAYERS, collectives_by_layer, held_state, planned_state_bytes
@@ -97,6 +99,29 @@ def test_state_split_over_ranks(model_type, world_size):
 def test_mamba2_hybrids_equivalent(model_type, world_size):
     model, tp = program(model_type, world_size)
     assert_equivalent(model, world_size, *left_padded_batch(), program=tp, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", [pytest.param(t, marks=() if t in ("bamba", "falcon_h1") else pytest.mark.slow)
+                                        for t in MAMBA2_HYBRIDS])  # bamba: the grouped gated norm; falcon_h1: µP
+def test_mamba2_hybrid_mixers_sharded(model_type):
+    """At 2 ranks z, x and dt are sharded by heads and out_proj row-parallel; of in_proj only B and C (one
+    group) stay whole, so a rank holds half of the rest of the parameters, within 0.03 (the conv, norms)."""
+    model, tp = program(model_type, 2)
+    assert_equivalent(model, 2, *left_padded_batch(), program=tp, atol=1e-5)
+    state = {n.meta[STATE]: n.meta[LAYOUT] for n in held_state(tp.graph)}
+    mixer = next(m for name, m in model.named_modules() if name.endswith("layers.0.mamba"))
+    in_proj = {name: layout for name, layout in state.items() if ".mamba.in_proj.weight" in name}
+    whole = [name for name, layout in in_proj.items() if not isinstance(layout, Shard)]
+    groups, layers = mixer.n_groups * mixer.ssm_state_size, len({name.split(".mamba")[0] for name in in_proj})
+    assert len(in_proj) == 5 * layers and len(whole) == 2 * layers, in_proj
+    assert all(tp.captured.state[name].shape[0] == groups for name in whole), whole
+    assert isinstance(state["model.layers.0.mamba.out_proj.weight"], Shard)
+    parameters = dict(model.named_parameters())
+    total = sum(p.numel() for p in parameters.values())
+    whole_share = sum(tp.captured.state[name].numel() for name in whole) / total
+    held = max(sum(local_numel(tp.captured.state[name].numel(), layout, r) for name, layout in state.items()
+                   if name.split("[")[0] in parameters) for r in range(2)) / total
+    assert held <= whole_share + (1 - whole_share) / 2 + 0.03, (held, whole_share)
 
 
 def test_mamba2_in_proj_cut_by_heads():

@@ -2,10 +2,12 @@
 
 Reads:  node.meta["val"]; split / split_with_sizes along channels, the chain of ops before it back
         to a projection: transposes, a depthwise conv1d, slices of other dims, unary ops and
-        elementwise ops whose other operands broadcast along the channels (a padding mask), and
-        unfuse_projections' flatten(unflatten(x)) (dropped).
+        elementwise ops whose other operands broadcast along the channels (a padding mask), adds and
+        multiplies by a value per channel (Falcon-H1's µP multipliers), and unfuse_projections'
+        flatten(unflatten(x)) (dropped).
 Writes: per piece, the chain replayed on that piece's channels: a slice of the projection output,
-        the conv on the slice of its weight and bias (groups = the piece's channels); each node
+        the conv on the slice of its weight and bias (groups = the piece's channels), a per-channel
+        operand sliced alike; each node
         gets meta["val"] (the op on fake values) and the origin keys of the node it replays. The
         cut's getitems read the replays; the old chain is left to dead code elimination.
 
@@ -34,6 +36,7 @@ from fxtp.passes.sharding.projections import projection_site
 aten = torch.ops.aten
 _CUTS = (aten.split.Tensor, aten.split_with_sizes.default)
 _CONVS = (aten.conv1d.default, aten.conv2d.default)
+_PER_CHANNEL = (aten.add.Tensor, aten.mul.Tensor)  # elementwise ops whose operand per channel is sliced per piece
 
 
 def split_channel_chains(gm: fx.GraphModule) -> fx.GraphModule:
@@ -96,16 +99,24 @@ def _round_trip(node: fx.Node) -> bool:
 
 
 def _others_broadcast(node: fx.Node, src: fx.Node, dim: int) -> bool:
-    """Whether every operand of `node` but `src` is size 1 (or absent) along `dim` of the output."""
+    """Whether every operand of `node` but `src` is size 1 (or absent) along `dim` of the output, or one
+    value per channel there where `node` is in _PER_CHANNEL (sliced per piece by `_split`)."""
     if node.target is aten.slice.Tensor:
         return norm_dim(node.args[1], val(src).dim()) != dim
     for other in node.all_input_nodes:
         if other is src or not is_tensor_node(other):
             continue
-        d = dim - (val(node).dim() - val(other).dim())
-        if d >= 0 and val(other).shape[d] != 1:
+        along = _aligned_dim(node, other, dim)
+        if along is not None and val(other).shape[along] != 1 and \
+                not (node.target in _PER_CHANNEL and val(other).shape[along] == val(node).shape[dim]):
             return False
     return True
+
+
+def _aligned_dim(node: fx.Node, operand: fx.Node, dim: int) -> Optional[int]:
+    """The dim of `operand` that broadcasting lines up with dim `dim` of `node`'s output; None if it has none."""
+    d = dim - (val(node).dim() - val(operand).dim())
+    return d if d >= 0 else None
 
 
 def _split(gm: fx.GraphModule, cut: fx.Node, projection: fx.Node, dim: int, chain: list) -> None:
@@ -115,8 +126,10 @@ def _split(gm: fx.GraphModule, cut: fx.Node, projection: fx.Node, dim: int, chai
     for start, end in bounds:
         with graph.inserting_before(cut):
             value = _replay(graph, fake_mode, chain[0][0], aten.slice.Tensor, (projection, dim, start, end), {})
-            for node, _ in chain:
+            for node, dim_in in chain:
                 args, kwargs = (value, *node.args[1:]), dict(node.kwargs)
+                if node.target in _PER_CHANNEL:
+                    args = (value, *(_per_channel_slice(graph, fake_mode, node, a, dim_in, start, end) for a in args[1:]))
                 if node.target in _CONVS:
                     args = list(args) + [1] * (7 - len(args))
                     for i in (1, 2):
@@ -130,6 +143,17 @@ def _split(gm: fx.GraphModule, cut: fx.Node, projection: fx.Node, dim: int, chai
     for node, _ in chain:  # the dtype checks of the old chain would keep it alive
         for user in [u for u in node.users if u.target is aten._assert_tensor_metadata.default]:
             graph.erase_node(user)
+
+
+def _per_channel_slice(graph: fx.Graph, fake_mode, node: fx.Node, operand, dim: int, start: int, end: int):
+    """An operand of `node` (an op on the channels `dim` of its first input) as the piece start:end needs
+    it: its slice where it holds a value per channel, else itself."""
+    if not is_tensor_node(operand):
+        return operand
+    along = _aligned_dim(node, operand, dim)
+    if along is None or val(operand).shape[along] == 1:
+        return operand
+    return _replay(graph, fake_mode, node, aten.slice.Tensor, (operand, along, start, end), {})
 
 
 def _replay(graph: fx.Graph, fake_mode, origin: fx.Node, target, args: tuple, kwargs: dict) -> fx.Node:

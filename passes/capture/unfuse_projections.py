@@ -4,9 +4,10 @@ Reads:  projections (passes/sharding/projections.py: linear(x, W[out, in]), mm(x
         matmul(x, W.T)) with a state weight, node.meta["val"], node.meta["fxtp.state"], and the
         values of constant index tensors in `state`.
 Writes: for each unfused projection, per piece: a new state placeholder for the weight's block
-        (and the bias's), named `state_names.derived_name` ("W[64:96]" rows of a [out, in]
+        (and of each per-feature state it is added to or scaled by: a bias, Falcon-H1's µP
+        multipliers), named `state_names.derived_name` ("W[64:96]" rows of a [out, in]
         weight, "W[:, 64:96]" columns of a [in, out] one), its tensor in `state` (a view of
-        the source tensor, real or meta), and the projection, bias add and reshapes replayed on
+        the source tensor, real or meta), and the projection, bias add, scaling and reshapes replayed on
         it with node.meta["val"] and the origin keys (fxtp.node_meta.ORIGIN) of the nodes they replace.
         The fused nodes and the state placeholders left without users are removed; `state`
         keeps the source tensors (checkpoint loading checks their shapes).
@@ -22,8 +23,8 @@ Writes: for each unfused projection, per piece: a new state placeholder for the 
 
 Why: a Shard cannot hold "q sharded by heads, the one kv head replicated" in one tensor; as
 separate projections the planner shards q and keeps k/v replicated (or shards them) exactly as
-for a model with unfused q/k/v. The cuts recognized, along the features (after an optional bias
-add, unsqueezes of other dims and one reshape that splits the features into [heads, head_dim]):
+for a model with unfused q/k/v. The cuts recognized, along the features (after optional bias
+adds and scalings by per-feature state, unsqueezes of other dims and one reshape that splits the features into [heads, head_dim]):
 slice, split, split_with_sizes, chunk, and index.Tensor with a constant index tensor of
 consecutive values. Every use of the output must be such a cut and the pieces must not all have
 the same size: equal pieces (GPT-2's q|k|v, gate|up) are planned as fused blocks instead.
@@ -37,6 +38,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxtp.node_meta import STATE, copy_origin
 from fxtp.capture.state_names import derived_name
@@ -50,6 +52,7 @@ from fxtp.sharding.reshape import dim_groups
 
 aten = torch.ops.aten
 _CONSTANT_COPIES = (aten.lift_fresh_copy.default, aten.detach_.default, aten.detach.default)
+_PER_FEATURE = (aten.add.Tensor, aten.mul.Tensor)  # a bias, a scaling by per-feature state
 
 
 @dataclass
@@ -90,9 +93,9 @@ def _cuts(proj: fx.Node, state: dict) -> Optional[tuple[list[_Step], list[_Piece
     if val(projection_site(proj).weight).dim() != 2:
         return None  # MoE experts (a grouped or batched GEMM): its experts are not pieces
     steps = [_Step(proj, val(proj).dim() - 1, 1)]
-    bias = only_user(proj)
-    if bias is not None and bias.target is aten.add.Tensor and bias.args[0] is proj and _is_bias(bias.args[1], proj):
-        steps.append(_Step(bias, steps[-1].dim, 1))
+    while (user := only_user(steps[-1].node)) is not None and user.target in _PER_FEATURE \
+            and user.args[0] is steps[-1].node and _is_per_feature(user.args[1], proj):
+        steps.append(_Step(user, steps[-1].dim, 1))
     while (nxt := _carried(steps[-1])) is not None:
         steps.append(nxt)
     last = steps[-1]
@@ -112,20 +115,49 @@ def _cuts(proj: fx.Node, state: dict) -> Optional[tuple[list[_Step], list[_Piece
 def _mark_heads(pieces: list[_Piece], dim: int) -> None:
     """GPT-BigCode's single kv head is used as [b, 1, s, head_dim] without a reshape that splits
     its features, so the planner would see 16 units of one element; when the other pieces all
-    split into heads of one size that divides it, the piece is marked as heads of that size."""
+    split into heads of one size that divides it, the piece is marked as heads of that size; not
+    one whose features each scale a vector (Mamba-2's dt: one value per head of x)."""
     units = {p.output: structure_along(p.output, dim)[1] for p in pieces}
     heads = {u for u in units.values() if u > 1}
     if len(heads) != 1:
         return
     head = heads.pop()
     for piece in pieces:
-        if units[piece.output] == 1 and (piece.end - piece.start) % head == 0:
+        if units[piece.output] == 1 and (piece.end - piece.start) % head == 0 \
+                and not _scales_vectors(piece.output, dim):
             piece.head = head
 
 
-def _is_bias(node, proj: fx.Node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "placeholder" and STATE in node.meta \
-        and tuple(val(node).shape) == (val(proj).shape[-1],)
+def _scales_vectors(node: fx.Node, dim: int) -> bool:
+    """Whether the features on `dim` of `node`, through ops that keep them there (cuts of the sequence
+    among them), are unsqueezed after that dim and broadcast there by a product: each scales a vector."""
+    shape = val(node).shape
+    frontier, seen = [node], {node}
+    while frontier:
+        for user in frontier.pop().users:
+            out = val(user)
+            if user in seen:
+                continue
+            seen.add(user)
+            if isinstance(out, (tuple, list)):
+                frontier.append(user)  # its pieces are checked as the values they are
+            elif not isinstance(out, torch.Tensor):
+                continue
+            elif user.target is aten.unsqueeze.default and norm_dim(user.args[1], out.dim()) > dim:
+                if any(u.target is aten.mul.Tensor and val(u).shape[dim + 1] != 1 for u in user.users):
+                    return True
+            elif out.dim() == len(shape) and statically_known_true(out.shape[dim] == shape[dim]):
+                frontier.append(user)
+    return False
+
+
+def _is_per_feature(node, proj: fx.Node) -> bool:
+    """Whether `node` is state with one value per output feature of `proj`, broadcast along its other dims:
+    a bias [F], Falcon-H1's µP multipliers [1, 1, F]."""
+    if not (isinstance(node, fx.Node) and node.op == "placeholder" and STATE in node.meta):
+        return False
+    shape = tuple(val(node).shape)
+    return len(shape) <= val(proj).dim() and shape[-1] == val(proj).shape[-1] and all(s == 1 for s in shape[:-1])
 
 
 def _carried(step: _Step) -> Optional[_Step]:
@@ -193,8 +225,8 @@ def _constant_chain(node) -> list:
 
 
 def _unfuse(gm: fx.GraphModule, state: dict, proj: fx.Node, steps: list[_Step], pieces: list[_Piece]) -> list[fx.Node]:
-    """Replay `steps` once per piece on the piece's block of the weight (and bias); returns the
-    state placeholders the fused nodes read (and the copies of index constants, users first),
+    """Replay `steps` once per piece on the piece's block of the weight (and of its per-feature state);
+    returns the state placeholders the fused nodes read (and the copies of index constants, users first),
     to drop once nothing uses them."""
     graph = gm.graph
     site = projection_site(proj)
@@ -204,13 +236,14 @@ def _unfuse(gm: fx.GraphModule, state: dict, proj: fx.Node, steps: list[_Step], 
     while node is not weight:
         permutes.insert(0, node)
         node = node.args[0]
-    bias = steps[1].node.args[1] if len(steps) > 1 and steps[1].node.target is aten.add.Tensor else None
+    per_feature = [step.node for step in steps[1:] if step.node.target in _PER_FEATURE]  # right after proj
     first_input = next(n for n in graph.nodes if n.op == "placeholder" and STATE not in n.meta)
     for piece in pieces:
         lo, hi = piece.start * steps[-1].unit, piece.end * steps[-1].unit
         with graph.inserting_before(first_input):  # state placeholders come before the inputs
             new_weight = _block_placeholder(graph, state, weight, out_dim, lo, hi)
-            new_bias = _block_placeholder(graph, state, bias, 0, lo, hi) if bias is not None else None
+            blocks = {n: _block_placeholder(graph, state, n.args[1], val(n.args[1]).dim() - 1, lo, hi)
+                      for n in per_feature}
         with graph.inserting_before(piece.output):
             w, w_dim = new_weight, out_dim
             for permute in permutes:
@@ -221,8 +254,8 @@ def _unfuse(gm: fx.GraphModule, state: dict, proj: fx.Node, steps: list[_Step], 
                 size = (hi - lo) // step.unit
                 if step.node is proj:
                     args = (proj.args[0], w, *proj.args[2:])
-                elif step.node.target is aten.add.Tensor:
-                    args = (x, new_bias)
+                elif step.node in blocks:
+                    args = (x, blocks[step.node])
                 elif step.node.target is aten.unsqueeze.default:
                     d = norm_dim(step.node.args[1], val(step.node).dim())
                     x = _copy(graph, step.node, (x, d, [1, -1]), _resized(val(step.node), step.dim, size),
@@ -233,12 +266,12 @@ def _unfuse(gm: fx.GraphModule, state: dict, proj: fx.Node, steps: list[_Step], 
                     shape[step.dim] = shape[step.dim] if shape[step.dim] == -1 else size
                     args = (x, shape)
                 x = _copy(graph, step.node, args, _resized(val(step.node), step.dim, size))
-                if piece.head > 1 and step is steps[1 if bias is not None else 0]:
+                if piece.head > 1 and step is steps[len(per_feature)]:
                     x = _as_heads(graph, step.node, x, piece.head)
         piece.output.replace_all_uses_with(x)
         x.meta["val"] = val(piece.output)
     constants = [n for p in pieces if p.output.target is aten.index.Tensor for n in _constant_chain(p.output.args[1][-1])]
-    return [weight] + ([bias] if bias is not None else []) + constants
+    return [weight] + [n.args[1] for n in per_feature] + constants
 
 
 def _block_placeholder(graph: fx.Graph, state: dict, source: fx.Node, dim: int, lo: int, hi: int) -> fx.Node:

@@ -54,7 +54,8 @@ def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
     alignment). Follows ops that keep the shape (a bias, OPT's q scaling, a cast), reshapes that
     keep the features whole (GPT-2's [b*s, 3h] -> [b, s, 3h]), squeezes of other dims (batched_mm
     experts' [S, 2I, 1] -> [S, 2I]) and transposes (Mamba's in_proj [b, s, 2I] -> [b, 2I, s] is cut
-    into x and z after one)."""
+    into x and z after one). A value the features multiply elementwise gives its unit where a reshape merged
+    its features from heads (`_unit_of_partner`)."""
     frontier, seen = [(start, start_dim)], set()
     while frontier:
         node, dim = frontier.pop(0)
@@ -69,6 +70,9 @@ def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
                 continue
             seen.add(user)
             if isinstance(val(user), torch.Tensor) and same_shape(val(user), val(node)):
+                unit = _unit_of_partner(user, node, dim)
+                if unit is not None:
+                    return 1, unit
                 frontier.append((user, dim))
             elif user.target in RESHAPES:
                 for gi, gj in dim_groups(val(node).shape, val(user).shape) or ():
@@ -91,6 +95,45 @@ def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
             elif user.target in _CUTS and norm_dim(_cut_dim(user), val(node).dim()) != dim:
                 frontier += [(piece, dim) for piece in user.users]  # a cut of other dims (Mamba's of the sequence)
     return 1, 1
+
+
+def _unit_of_partner(user: fx.Node, node: fx.Node, dim: int) -> Optional[int]:
+    """The unit of the features where `user` multiplies `node` elementwise with a value of the same shape whose
+    features a reshape merged from [heads, unit]: both are sharded alike, so `node` takes that unit. Mamba-2's
+    gate z multiplies the scan's heads flattened; the gated norm then views them as [groups, group size],
+    which is no unit: its mean over a group split across ranks is a Partial (all-reduced), as vLLM's does."""
+    if user.target not in (aten.mul.Tensor, aten.div.Tensor):
+        return None
+    for partner in user.all_input_nodes:
+        if partner is not node and same_shape(val(partner), val(node)):
+            return _merged_unit(partner, dim)
+    return None
+
+
+def _merged_unit(value: fx.Node, dim: int) -> Optional[int]:
+    """The elements per index of the first dim that a reshape merged into dim `dim` of `value` ([.., h, d] ->
+    [.., h * d]: d; [.., h, 1] -> [.., h]: 1), looking back through ops that keep `value`'s shape and joins of
+    other dims; None where no such reshape made the features."""
+    while value.op == "call_function":
+        src = value.args[0] if value.args and isinstance(value.args[0], fx.Node) else None
+        if value.target is aten.cat.default and len(value.args[0]) == 1:
+            src = value.args[0][0]  # a cat of one value (a cache's prefix of nothing) is that value
+        if value.target in RESHAPES and src is not None and val(src).dim() > val(value).dim():
+            groups = dim_groups(val(src).shape, val(value).shape) or ()
+            merged = next((gi for gi, gj in groups if gj == (dim,)), None)
+            if merged is None or any(not gj and any(val(src).shape[d] != 1 for d in gi) for gi, gj in groups):
+                return None
+            if len(merged) == 1 and not any(not gj and gi[0] == merged[0] + 1 for gi, gj in groups):
+                return None  # the features were one dim before: nothing merged into them
+            inner = [val(src).shape[d] for d in range(merged[0] + 1, val(src).dim())]
+            outer = [val(value).shape[d] for d in range(dim + 1, val(value).dim())]
+            if not all(isinstance(s, int) for s in inner + outer):
+                return None
+            return prod(inner) // prod(outer)
+        if src is None or not isinstance(val(src), torch.Tensor) or not same_shape(val(src), val(value)):
+            return None
+        value = src
+    return None
 
 
 def _heads_across(src: torch.Tensor, dim: int, out: torch.Tensor, out_dims: tuple[int, ...]) -> int:
