@@ -121,6 +121,12 @@ class _CachedLogits(torch.nn.Module):
         return out.logits[:, -1]
 
 
+def supports_static_cache(model_class: type) -> bool:
+    """transformers' own flag: a class whose forward cannot be compiled whole has its static cache
+    and compiled generate turned off (GPT-Neo, MPT; XGLM in transformers 5.17)."""
+    return getattr(model_class, "_can_compile_fullgraph", True) is not False
+
+
 def capture_cached(model: torch.nn.Module) -> Captured:
     """Export `model` with a static cache of symbolic batch size and length."""
     if signature_of(model).kind != CAUSAL_LM:
@@ -131,8 +137,7 @@ def capture_cached(model: torch.nn.Module) -> Captured:
                            f"layers that keep a recurrent state instead ({', '.join(recurrent)}): fxtp cannot "
                            "generate with it yet. Its sharded forward works (run the program on whole sequences), "
                            "and so does the unsharded model's generate.")
-    if getattr(type(model), "_can_compile_fullgraph", True) is False:
-        # transformers' own flag: its static cache and compiled generate are off for this class too
+    if not supports_static_cache(type(model)):
         raise CaptureError(f"{model_name(model)} does not support transformers' StaticCache (its class sets "
                            "_can_compile_fullgraph = False), which fxtp's generation captures. Its sharded forward "
                            "works (run the program on whole sequences), and so does the unsharded model's generate.")
@@ -147,7 +152,9 @@ def capture_cached(model: torch.nn.Module) -> Captured:
     keys, values = buffered_cache(caches, len(wrapper.cache.layers))
     longest = max(max_positions(model), 1 << 16)
     # the length is no named Dim: torch 2.11 cannot prove guards on the cache's symbolic strides
-    # (Min(16*L, 32*L) == 16*L) and refuses one; a model that fixes the length was refused above
+    # (Min(16*L, 32*L) == 16*L) and refuses one. A Dim.DYNAMIC accepts what a named Dim would have
+    # refused (GPT-Neo's cache longer than its causal-mask buffer), so models that transformers says
+    # its static cache does not serve were refused above
     rows, columns = Dim("batch", min=1, max=MAX_BATCH), Dim.DYNAMIC(min=2, max=longest)
     tokens = Dim.DYNAMIC(min=1, max=longest)
     cache_dims = [dict(zip(CACHE_SIZED_DIMS, (rows, columns)))] * len(keys)
