@@ -164,13 +164,14 @@ def assert_generates(results: list, expected: list) -> None:
             assert torch.equal(first, reference_tokens) and torch.equal(second, reference_tokens)
 
 
-# llama: every kernel fxtp has for one GPU (fxtp's GEMV is off there by default)
+# llama: every kernel fxtp has for one GPU, and inductor's tuned reductions in place of fxtp's GEMV
 @needs_gpus(1)
-@pytest.mark.parametrize("compile", [True, {"pdl": False}, {"gemv": True}, {"gemv": True, "gemv_prefetch_bytes": 8 << 20},
+@pytest.mark.parametrize("compile", [True, {"pdl": False}, {"gemv": False, "coordinate_descent_tuning": True},
+                                     {"gemv_prefetch_bytes": 8 << 20},
                                      {"decode_attention": False}, {"merge_projections": False},
                                      {"store_gemv_inputs": False}, {"gated_gemv": False, "rotary_gemv": False}],
-                         ids=["default", "without_pdl", "fxtp_gemv", "prefetching_gemv", "cudnn_attention", "unmerged",
-                              "unstored", "unfused_gemvs"])
+                         ids=["default", "without_pdl", "inductor_gemv", "prefetching_gemv", "cudnn_attention",
+                              "unmerged", "unstored", "unfused_gemvs"])
 def test_compiled_decode_on_one_gpu_generates_like_hf(compile):
     model = tiny_model("llama")
     batches = [prompts(model.config.vocab_size, batch) for batch in (1, 3)]  # batch 1: matmuls become reductions

@@ -11,34 +11,33 @@ import fxtp
 from fxtp.decode.options import DecodeOptions, decode_options, requested, resolve
 from fxtp.passes.decode.store_gemv_inputs import StoreGemvInputs
 
-ON_BY_DEFAULT = ("coordinate_descent_tuning", "pdl", "decode_attention", "merge_projections", "gated_gemv",
-                 "rotary_gemv", "gemv_preload")
+ON_BY_DEFAULT = ("pdl", "decode_attention", "merge_projections", "gemv", "gated_gemv", "rotary_gemv", "gemv_preload")
 
 
 @pytest.mark.parametrize("world_size, symmetric_memory", [(1, False), (1, True), (2, False), (2, True), (4, True)])
 def test_defaults_by_world_size_and_symmetric_memory(world_size, symmetric_memory):
     """Symmetric-memory all_reduces (one-shot, push, push's norm) only with more than one rank where
-    symmetric memory works; fxtp's GEMV for every projection only with more than one rank."""
+    symmetric memory works; inductor's coordinate descent tuning only with more than one rank."""
     options = resolve(DecodeOptions(), world_size, symmetric_memory)
     several = world_size > 1
     assert options.unresolved() == []
     assert (options.one_shot_all_reduce, options.push_all_reduce, options.push_norm) == (several and symmetric_memory,) * 3
-    assert options.gemv is several and options.store_gemv_inputs is True
+    assert options.coordinate_descent_tuning is several and options.store_gemv_inputs is True
     assert all(getattr(options, name) is True for name in ON_BY_DEFAULT)
     assert (options.gemv_push, options.gemv_prefetch_bytes, options.gemv_blocks, options.inductor) == (False, 0, {}, {})
 
 
 def test_explicit_choices_win_and_the_defaults_that_follow_them_follow():
-    assert DecodeOptions().unresolved() == ["one_shot_all_reduce", "push_all_reduce", "push_norm", "store_gemv_inputs",
-                                            "gemv"]
+    assert DecodeOptions().unresolved() == ["coordinate_descent_tuning", "one_shot_all_reduce", "push_all_reduce",
+                                            "push_norm", "store_gemv_inputs"]
     nccl = resolve(DecodeOptions(one_shot_all_reduce=False), 2, True)  # push needs what one-shot does: NCCL throughout
     assert (nccl.one_shot_all_reduce, nccl.push_all_reduce, nccl.push_norm) == (False, False, False)
     one_shot = resolve(DecodeOptions(push_all_reduce=False), 2, True)
     assert (one_shot.one_shot_all_reduce, one_shot.push_all_reduce, one_shot.push_norm) == (True, False, False)
     unnormed = resolve(DecodeOptions(push_norm=False), 2, True)
     assert (unnormed.push_all_reduce, unnormed.push_norm) == (True, False)
-    assert resolve(DecodeOptions(gemv=True), 1, False).gemv is True
-    assert resolve(DecodeOptions(gemv=False), 2, True).gemv is False
+    assert resolve(DecodeOptions(coordinate_descent_tuning=True), 1, False).coordinate_descent_tuning is True
+    assert resolve(DecodeOptions(coordinate_descent_tuning=False), 2, True).coordinate_descent_tuning is False
     assert resolve(DecodeOptions(one_shot_all_reduce=True), 1, False).one_shot_all_reduce is True  # no collectives
     users_pass = StoreGemvInputs()  # the user's own post-grad pass takes the place of store_gemv_inputs
     assert resolve(DecodeOptions(inductor={"post_grad_custom_post_pass": users_pass}), 1, False).store_gemv_inputs is False
@@ -54,7 +53,9 @@ def test_symmetric_memory_all_reduces_where_it_does_not_work_are_an_error(name):
 @pytest.mark.parametrize("fields, message", [
     ({"gemv_preload": "yes"}, r"DecodeOptions.gemv_preload is True or False, got 'yes'"),
     ({"gated_gemv": 1}, r"DecodeOptions.gated_gemv is True or False, got 1"),
-    ({"gemv": 1}, r"DecodeOptions.gemv is True or False \(or None, chosen by resolve\), got 1"),
+    ({"gemv": 1}, r"DecodeOptions.gemv is True or False, got 1"),
+    ({"coordinate_descent_tuning": 1},
+     r"DecodeOptions.coordinate_descent_tuning is True or False \(or None, chosen by resolve\), got 1"),
     ({"gemv_prefetch_bytes": -1}, r"gemv_prefetch_bytes is the bytes of each weight .* 0 or more, got -1"),
     ({"gemv_prefetch_bytes": 1.5}, r"gemv_prefetch_bytes is the bytes .* got 1.5"),
     ({"gemv_prefetch_bytes": True}, r"gemv_prefetch_bytes is the bytes .* got True"),
@@ -122,11 +123,11 @@ def test_inductor_options_of_the_decode_step_and_of_the_prefill():
                       "max_autotune": True}
     assert options.inductor_options(decode=False) == {"max_autotune": True}
     unstored = resolve(DecodeOptions(store_gemv_inputs=False, pdl=False), 1, False)
-    assert unstored.inductor_options() == {"coordinate_descent_tuning": True, "triton.enable_pdl": False,
+    assert unstored.inductor_options() == {"coordinate_descent_tuning": False, "triton.enable_pdl": False,
                                            "_collective.auto_select": False}
     assert DecodeOptions().inductor_options(decode=False) == {}  # the prefill's GEMMs are cuBLAS's: nothing to tune
-    with pytest.raises(ValueError, match="the decode step's options one_shot_all_reduce, push_all_reduce, push_norm, "
-                                         "store_gemv_inputs, gemv are None: choose them with"):
+    with pytest.raises(ValueError, match="the decode step's options coordinate_descent_tuning, one_shot_all_reduce, "
+                                         "push_all_reduce, push_norm, store_gemv_inputs are None: choose them with"):
         DecodeOptions().inductor_options()
 
 

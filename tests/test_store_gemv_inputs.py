@@ -81,7 +81,7 @@ def test_store_option_hands_the_pass_to_inductor(monkeypatch):
     module = tiny_program("llama", 1)[1].with_cache(1, 16).rank_graph(0)
     DecodeGraph(module, resolve(DecodeOptions(store_gemv_inputs=True), 1, False))
     assert isinstance(compiled["options"].pop("post_grad_custom_post_pass"), StoreGemvInputs)
-    assert compiled["options"] == {"coordinate_descent_tuning": True, "triton.enable_pdl": True,
+    assert compiled["options"] == {"coordinate_descent_tuning": False, "triton.enable_pdl": True,
                                    "_collective.auto_select": False}
     DecodeGraph(module, resolve(DecodeOptions(store_gemv_inputs=False), 1, False))
     assert "post_grad_custom_post_pass" not in compiled["options"]

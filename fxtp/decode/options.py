@@ -42,12 +42,14 @@ class DecodeOptions:
     """A compiled decode step's options; each field says what it does and why it is on or off by
     default. None (a default only) means "chosen by `resolve`"."""
 
-    coordinate_descent_tuning: bool = True
-    """Inductor's `coordinate_descent_tuning`: at one row inductor turns every matmul into a Triton
-    reduction and tunes its block sizes, as gpt-fast does. On: a batch-1 step streams every weight
-    once, and the tuned reductions stream them near HBM bandwidth where cuBLAS's GEMMs do not. The
-    prefill is compiled without it: its projections are cuBLAS GEMMs, and tuning its other kernels at
-    a symbolic prompt length took most of a cold start."""
+    coordinate_descent_tuning: Optional[bool] = None
+    """Inductor's `coordinate_descent_tuning`: inductor tunes the block sizes of the kernels it
+    generates (at one row, as gpt-fast does, the matmuls it turns into Triton reductions), each by
+    compiling and timing its neighbours one after another. None: on with more than one rank, off with
+    one, where fxtp's GEMVs (`gemv`) run every one-row projection and tuning the few kernels left
+    cost a cold start more seconds than it saved microseconds a token. The prefill is compiled
+    without it: its projections are cuBLAS GEMMs, and tuning its other kernels at a symbolic prompt
+    length took most of a cold start."""
 
     pdl: bool = True
     """Programmatic dependent launch (inductor's `triton.enable_pdl`; Hopper and later, ignored on
@@ -95,12 +97,12 @@ class DecodeOptions:
     where inductor would recompute it in every program of the GEMV. None: on unless `inductor` names
     its own `post_grad_custom_post_pass`, whose place this takes."""
 
-    gemv: Optional[bool] = None
+    gemv: bool = True
     """The step's other one-row projections (`aten.linear`) run on fxtp's GEMV kernel
     (fxtp/kernels/gemv.py) at fixed block sizes, not as inductor's tuned reductions. Inductor tunes
     each GEMV by timing it alone, on each rank apart: the ranks of one step, and two compilations of
-    it, then choose different blocks, and every all_reduce waits for the slower rank. None: on with
-    more than one rank; with one, no rank waits for another, and inductor's tuning is kept."""
+    it, then choose different blocks, and every all_reduce waits for the slower rank. On with one
+    rank too: fixed kernels need no tuning at start-up (see `coordinate_descent_tuning`)."""
 
     gemv_prefetch_bytes: int = 0
     """Launched with PDL, each of fxtp's GEMVs (every form: plain, gated, rotary, pushing) asks L2
@@ -199,8 +201,8 @@ def resolve(options: DecodeOptions, world_size: int, symmetric_memory: bool) -> 
                                f"(symmetric_memory_works warned why); leave {name} out to use NCCL")
     one_shot = several and symmetric_memory if options.one_shot_all_reduce is None else options.one_shot_all_reduce
     push = one_shot if options.push_all_reduce is None else options.push_all_reduce
-    chosen = {"one_shot_all_reduce": one_shot, "push_all_reduce": push, "push_norm": push,
-              "store_gemv_inputs": POST_GRAD not in options.inductor, "gemv": several}
+    chosen = {"coordinate_descent_tuning": several, "one_shot_all_reduce": one_shot, "push_all_reduce": push,
+              "push_norm": push, "store_gemv_inputs": POST_GRAD not in options.inductor}
     return dataclasses.replace(options, **{name: value if getattr(options, name) is None else getattr(options, name)
                                            for name, value in chosen.items()})
 
