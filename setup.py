@@ -19,7 +19,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "transformers>=5.17", "sympy", "safetensors"],
     # triton: tests run fxtp's push_all_reduce kernel in its interpreter on the CPU (on CUDA builds torch brings it);
-    # expecttest: torch.testing._internal imports it, and tests/test_plain_modules.py shards torch's own TP test model
-    extras_require={"test": ["pytest", "hypothesis", "expecttest", "triton; platform_system == 'Linux'"]},
+    # expecttest: torch.testing._internal imports it, and tests/test_plain_modules.py shards torch's own TP test model;
+    # pytest-xdist: the suite runs its files on two worker processes (README's test command)
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "expecttest", "triton; platform_system == 'Linux'"]},
     entry_points={"console_scripts": ["fxtp=fxtp.cli:main"]},
 )

@@ -14,7 +14,8 @@ import sys
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# README's command runs two pytest-xdist workers, which share the cores
+torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else max(1, min(2, os.cpu_count() or 1)))
 if not torch.cuda.is_available() and "triton.language" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
