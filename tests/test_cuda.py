@@ -201,7 +201,8 @@ def test_compiled_decode_on_one_gpu_generates_like_hf_beyond_llama(arch):
 
 # 6 layers: the prefill and the decode step compile by layer regions (fxtp/decode/layer_regions.py), the
 # prologue, a layer and the head (the final norm and the LM head) once each, and are called for every
-# layer; the prefill's regions serve the next cache size too (batch 2 of 512 tokens after 3 of 256)
+# layer; after the first size (captured at its size), the prefill's regions serve every cache size:
+# batch 3 of 768 tokens compiles only its decode step after batch 2 of 512
 @needs_gpus(1)
 def test_the_step_compiled_by_layer_regions_generates_like_hf():
     model = tiny_model("llama", layers=6)
@@ -212,9 +213,10 @@ def test_the_step_compiled_by_layer_regions_generates_like_hf():
     ids, mask = batches[1]
     generator.generate(ids.cuda(), mask.cuda(), max_new_tokens=2)
     assert generator._decode.compiled.regions == generator._prefill.compiled.regions == (8, 3)
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     generator.generate(ids[:2].cuda(), mask[:2].cuda(), max_new_tokens=300)
-    assert generator._key == (2, 512) and generator._prefill.new_kinds == 0
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    generator.generate(ids.cuda(), mask.cuda(), max_new_tokens=600)
+    assert generator._key == (3, 768) and generator._prefill.new_kinds == 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 3  # the decode step's kinds only
 
 

@@ -128,17 +128,20 @@ def test_sampling_is_seeded():
     assert torch.equal(tp.generate(ids, mask, seed=3, top_p=1e-6, **kwargs), greedy)
 
 
-def test_every_batch_size_and_cache_length_shares_one_capture():
-    """The step with a KV cache is exported and planned once; another batch size and a longer cache
-    only allocate their cache (fxtp/capture/static_cache.py), and generate HF's tokens."""
-    model, tp = tiny_program("llama", 2)
+def test_the_first_cache_is_captured_at_its_size_and_every_other_size_shares_one_capture():
+    """The first batch size and cache length are exported at their size (fastest); the step for
+    every other size is exported and planned once, and each of them only allocates its cache
+    (fxtp/capture/static_cache.py). All generate HF's tokens."""
+    model = tiny_model("llama")
+    tp = fxtp.compile(model, 2)
     ids, mask = left_padded(model.config.vocab_size, batch=3)
-    for rows, length in ((3, None), (1, 512)):
+    for rows, length in ((3, None), (1, 512), (2, 768)):
         expected = model.generate(ids[-rows:], attention_mask=mask[-rows:], max_new_tokens=6, do_sample=False)
         assert torch.equal(tp.generate(ids[-rows:], mask[-rows:], max_new_tokens=6, max_length=length), expected)
     sizes = {key: (program.graph is tp._cached_step.graph, program.captured.state[f"{CACHE_PREFIX}key_0"].shape)
-             for key, program in tp._with_cache.items() if key in ((3, 256), (1, 512))}
-    assert sizes == {(3, 256): (True, (3, 2, 256, 16)), (1, 512): (True, (1, 2, 512, 16))}
+             for key, program in tp._with_cache.items()}
+    assert sizes == {(3, 256): (False, (3, 2, 256, 16)), (1, 512): (True, (1, 2, 512, 16)),
+                     (2, 768): (True, (2, 2, 768, 16))}
 
 
 def test_decode_graph_in_the_dump():

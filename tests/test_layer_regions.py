@@ -95,11 +95,12 @@ def test_a_cache_of_another_size_reuses_the_compiled_regions():
         return compile_by_layer(module, lambda region: torch.compile(region, backend="eager", dynamic=True,
                                                                      fullgraph=True), compiled, sized_dims)
 
-    module, reference = cached_rank_graphs("llama")
+    programs = compile_on_first_use(tiny_model("llama", layers=LAYERS), 1)
+    programs.with_cache(1, 16)  # the first size is captured at its size (and never used here)
+    module, reference = programs.with_cache(2, 32).rank_graph(0), programs.with_cache(2, 32).rank_graph(0)
     assert_same_runs(by_layer(module), module, reference, exact=False)
     kinds, graphs = len(compiled), torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    program = compile_on_first_use(tiny_model("llama", layers=LAYERS), 1).with_cache(3, 64)
-    module, reference = program.rank_graph(0), program.rank_graph(0)
+    module, reference = programs.with_cache(3, 64).rank_graph(0), programs.with_cache(3, 64).rank_graph(0)
     assert_same_runs(by_layer(module), module, reference, exact=False, batch=3, length=64)
     assert (len(compiled), torch._dynamo.utils.counters["stats"]["unique_graphs"]) == (kinds, graphs)
 

@@ -9,7 +9,8 @@ op). They are exported as inputs, so that their B and L stay symbolic, and then 
 placeholders named "kv_cache.key_<layer>" / "kv_cache.value_<layer>": the planner shards them on
 the kv-head dim like any state a sharded value is written into, and each rank graph allocates them
 at the batch size and length it is made for (`sized_cache_state`). So a new batch size or cache
-length needs no new export or plan.
+length needs no new export or plan. The first size a program generates at is exported at that size
+instead (TPProgram.with_cache): a symbolic B and L cost export about three times as long.
 """
 from __future__ import annotations
 
@@ -127,8 +128,11 @@ def supports_static_cache(model_class: type) -> bool:
     return getattr(model_class, "_can_compile_fullgraph", True) is not False
 
 
-def capture_cached(model: torch.nn.Module) -> Captured:
-    """Export `model` with a static cache of symbolic batch size and length."""
+def capture_cached(model: torch.nn.Module, size: Optional[tuple[int, int]] = None) -> Captured:
+    """Export `model` with a static cache of symbolic batch size and length, or of `size` (batch,
+    length): symbolic sizes make export reason about every stride of every cache and activation
+    (about three times as long on Llama-3-8B's 32 layers), which the first cache of a process need
+    not wait for."""
     if signature_of(model).kind != CAUSAL_LM:
         raise TypeError(f"{type(model).__name__} is not a causal LM: fxtp generates with decoder-only models")
     recurrent = recurrent_layer_kinds(model.config)
@@ -143,7 +147,7 @@ def capture_cached(model: torch.nn.Module) -> Captured:
                            "works (run the program on whole sequences), and so does the unsharded model's generate.")
     device = model_device(model)
     wrapper = _CachedLogits(model)
-    batch, seq, length = EXAMPLE_BATCH, 2, EXAMPLE_LENGTH
+    (batch, length), seq = size or (EXAMPLE_BATCH, EXAMPLE_LENGTH), 2
     ids = torch.ones(batch, seq, dtype=torch.long, device=device)
     mask = torch.ones(batch, length, dtype=torch.long, device=device)
     positions = torch.arange(seq, device=device).expand(batch, seq)
@@ -155,7 +159,7 @@ def capture_cached(model: torch.nn.Module) -> Captured:
     # (Min(16*L, 32*L) == 16*L) and refuses one. A Dim.DYNAMIC accepts what a named Dim would have
     # refused (GPT-Neo's cache longer than its causal-mask buffer), so models that transformers says
     # its static cache does not serve were refused above
-    rows, columns = Dim("batch", min=1, max=MAX_BATCH), Dim.DYNAMIC(min=2, max=longest)
+    rows, columns = (None, None) if size else (Dim("batch", min=1, max=MAX_BATCH), Dim.DYNAMIC(min=2, max=longest))
     tokens = Dim.DYNAMIC(min=1, max=longest)
     cache_dims = [dict(zip(CACHE_SIZED_DIMS, (rows, columns)))] * len(keys)
     hint = "Generation needs a model that supports transformers' StaticCache."

@@ -167,9 +167,10 @@ class TPProgram:
 
     def with_cache(self, batch_size: int, max_length: int) -> "TPProgram":
         """The program of one generation step with a static KV cache of `batch_size` sequences of
-        up to `max_length` tokens, planned the same way as this one. A causal LM's step is captured
-        and planned once for every size (fxtp/capture/static_cache.py), and this program is it with
-        its cache at this size; an encoder-decoder's decoder step (fxtp/capture/seq2seq_cache.py) is
+        up to `max_length` tokens, planned the same way as this one. A causal LM's first size is
+        captured at that size, which exports fastest; from the second on, its step is captured and
+        planned once for every size (fxtp/capture/static_cache.py), and this program is it with its
+        cache at this size. An encoder-decoder's decoder step (fxtp/capture/seq2seq_cache.py) is
         captured per size."""
         self.require_inference("with_cache")
         key = (batch_size, max_length)
@@ -180,6 +181,8 @@ class TPProgram:
                     program = TPProgram(capture_decoder(self.model, batch_size, max_length), self.world_size,
                                         self.spec, self.model)
                 program.sources.update(sources)
+            elif not self._with_cache and "_cached_step" not in self.__dict__:  # the first size
+                program = TPProgram(lambda: capture_cached(self.model, key), self.world_size, self.spec, self.model)
             else:
                 step = self._cached_step
                 program = TPProgram(replace(step.captured, state=sized_cache_state(step.captured.state, batch_size,
