@@ -59,8 +59,8 @@ case "${1:-tests}" in
       echo "hf_generate_speed $run rc=$?"; grep -E "^fxtp:|ratio" "$out/hf_generate_speed-$run.log" | tail -14
     done ;;
   cold-start)
-    timeout 200 python3 -P -m pytest -q tests/test_cuda.py -p no:cacheprovider \
-      -k "default or regions or drives" 2>&1 | tee "$out/test_cuda.log" | tail -5
+    timeout 300 python3 -P -m pytest -q -rf tests/test_cuda.py -p no:cacheprovider \
+      -k "default or regions or drives" 2>&1 | tee "$out/test_cuda.log" | tail -8
     export FXTP_VERBOSITY=debug
     for variant in 'default:{}' 'fixed-gemv:{"coordinate_descent_tuning": false, "gemv": true}'; do
       name="${variant%%:*}"
@@ -87,3 +87,7 @@ case "${1:-tests}" in
       > "$out/training_speed.log" 2>&1
     echo "training_speed rc=$?"; tail -6 "$out/training_speed.log" ;;
 esac
+# the device tool brings back a few files a call: more than that go back as one archive
+if [ "$(find "$out" -type f | wc -l)" -gt 6 ]; then
+  tar czf /tmp/gpu-check.tgz -C "$out" . && find "$out" -mindepth 1 -delete && mv /tmp/gpu-check.tgz "$out/"
+fi
