@@ -168,7 +168,10 @@ _TINY_SIZES = {
     2: _LAYER_KEYS + _KV_HEAD_KEYS + ("num_experts_per_tok", "moe_top_k", "moe_topk", "num_experts_per_token", "moe_k"),
     4: _HEAD_KEYS + ("num_experts",
         "num_local_experts", "n_routed_experts", "moe_num_experts"),
-    16: ("head_dim", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
+    # an SSM's state size too: left at its default (64-256) against an expanded hidden size of 128,
+    # Mamba-2's B and C (whole where one group shares them) outweighed what shards
+    16: ("head_dim", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "state_size", "ssm_state_size",
+         "mamba_d_state"),
     32: ("kv_lora_rank", "q_lora_rank"),
     128: ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff"),
     48: ("moe_intermediate_size", "shared_expert_intermediate_size", "shared_experts_intermediate_size",
