@@ -164,10 +164,11 @@ def compile_by_layer(module: fx.GraphModule, compile_region: Callable[[fx.GraphM
                 for dim in range(root[node.target].dim()):
                     if dim not in sized(node.target):
                         torch._dynamo.mark_static(root[node.target], dim)
-    if len(runs) < 2 * len(set(_keys(module, runs, sized))):
+    keys = _keys(module, runs, sized)
+    if len(runs) < 2 * len(set(keys)):
         # too few alike layers to pay for a compilation per kind: one region (the whole step)
         runs = [[node for run in runs for node in run]]
-    keys = _keys(module, runs, sized)
+        keys = _keys(module, runs, sized)
     # alike runs return what any of them returns: the last layer's residual, which only the other
     # layers' successors read, so that their code stays one
     returned: dict[tuple, set[int]] = {}
