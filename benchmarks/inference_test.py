@@ -203,7 +203,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--find-max-batch", metavar="IMPL", default=None,
                         help=f"instead of timing: double the batch from the largest --batch until IMPL runs out of "
-                             f"memory (at most {MAX_BATCH_LIMIT})")
+                             f"memory (at most {MAX_BATCH_LIMIT}), then bisect (--max-batch-halvings)")
+    parser.add_argument("--max-batch-halvings", type=int, default=3,
+                        help="with --find-max-batch: bisections after the first batch that does not fit")
     parser.add_argument("--compile-options", type=json.loads, default=[], metavar="JSON",
                         help="fxtp-compile's and fxtp-compile-n1's options over their defaults: fields of "
                              "fxtp.DecodeOptions (fxtp/decode/options.py), e.g. '{\"push_all_reduce\": false}' or "
@@ -610,32 +612,51 @@ def versions() -> dict:
 
 
 def find_max_batch(name: str, ctx: Context, args) -> int | None:
-    """Largest batch (doubling from the largest --batch) that generates without running out of memory.
-    All ranks of a TP impl hold the same shapes, so they run out together; one that failed alone would
-    leave the others waiting in a collective."""
+    """Largest batch that generates without running out of memory: doubling from the largest --batch
+    until one fails, then --max-batch-halvings bisections between the last that fit and the first that
+    did not (to within 1/2**halvings of it). All ranks of a TP impl hold the same shapes, so they run out
+    together; one that failed alone would leave the others waiting in a collective."""
     setup, single = IMPLS[name]
     if single and ctx.rank != 0:
         return None
-    runner, best, batch = setup(ctx), None, max(args.batch)
+    runner = setup(ctx)
+    best, too_big, batch = None, None, max(args.batch)
     while batch <= MAX_BATCH_LIMIT:
-        ids, mask = make_prompt(batch, args.prompt_len, ctx.config.vocab_size, args.seed, ctx.device)
-        try:
-            runner.generate(ids, mask, args.gen_len)
-            fits = 1
-        except torch.cuda.OutOfMemoryError:
-            fits = 0
-        del ids, mask
-        gc.collect()
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()
-        if not single:
-            flag = torch.tensor(fits, device=ctx.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            fits = int(flag)
-        if not fits:
+        if generates(runner, batch, ctx, args, single):
+            best, batch = batch, batch * 2
+        else:
+            too_big = batch
             break
-        best, batch = batch, batch * 2
+    for _ in range(args.max_batch_halvings if best and too_big else 0):
+        batch = (best + too_big) // 2
+        if batch == best:
+            break
+        if generates(runner, batch, ctx, args, single):
+            best = batch
+        else:
+            too_big = batch
     return best
+
+
+def generates(runner: Runner, batch: int, ctx: Context, args, single: bool) -> bool:
+    """Whether `runner` generates --gen-len tokens for `batch` prompts without running out of memory."""
+    ids, mask = make_prompt(batch, args.prompt_len, ctx.config.vocab_size, args.seed, ctx.device)
+    try:
+        runner.generate(ids, mask, args.gen_len)
+        fits = 1
+    except torch.cuda.OutOfMemoryError:
+        fits = 0
+    del ids, mask
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not single:
+        flag = torch.tensor(fits, device=ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        fits = int(flag)
+    print(f"[inference_test] {args.find_max_batch} batch {batch}: {'fits' if fits else 'out of memory'}",
+          file=sys.stderr, flush=True)
+    return bool(fits)
 
 
 def error_rows(name: str, labels: list[str], world_size: int, error: Exception) -> list[dict]:

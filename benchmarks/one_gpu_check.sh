@@ -1,17 +1,13 @@
 #!/usr/bin/env bash
 # The one-GPU checks of the package redesign, for a machine with one GPU and no network (the device tool):
 #   bash benchmarks/one_gpu_check.sh tests    the README's offline install, then every test that needs one GPU
-#   bash benchmarks/one_gpu_check.sh timing   HF's generate through fxtp against fxtp's generator, then
-#                                             fxtp-compile-n1 at batch 1 on the Llama-3-8B shape, after the
-#                                             redesign and before it, in one call (needs .before/, made here with
-#                                             `git archive fa54aca | tar -x -C .before && cp -r .before/passes
-#                                             .before/fxtp/passes`, carried along)
-#   bash benchmarks/one_gpu_check.sh first-token  the compiled-generation tests (llama's default options,
-#                                             gemma, mixtral, HF's generate, bare "cuda"); then
-#                                             hf_generate_speed.py twice, in a fresh process with an empty
-#                                             inductor cache (cold start, with fxtp's stage times and dynamo's
-#                                             compile times) and in a second one that finds the caches the
-#                                             first left (warm)
+#   bash benchmarks/one_gpu_check.sh first-token  issue 35's table, part 1 (inference_test.py on the
+#                                             Llama-3-8B shape, fxtp-compile-n1 and hf-compile): each impl's
+#                                             first generate in a fresh process with empty inductor and
+#                                             Triton caches (cold), then in a second one that finds them
+#                                             (warm); then decode at batch 1, 8, 32, 64 and 128 (prompt 128)
+#   bash benchmarks/one_gpu_check.sh prefill-batch  part 2: prefill of 2048 and 8192 tokens at batch 1
+#                                             and 8; the largest batch of each impl at cache length 1024
 #   bash benchmarks/one_gpu_check.sh cold-start  the compiled-generation tests (llama's default options,
 #                                             layer regions, HF's generate); then hf_generate_speed.py cold
 #                                             (fresh inductor and Triton caches) and warm, with the default
@@ -38,25 +34,33 @@ case "${1:-tests}" in
     # -P: import the installed fxtp, not the source folder (which has no fxtp/passes)
     timeout 560 python3 -P -m pytest -q -rs tests/test_cuda.py tests/test_cuda_two_gpus.py -p no:cacheprovider 2>&1 \
       | tee "$out/test_cuda.log" | tail -40 ;;
-  timing)
-    # HF's generate through fxtp against fxtp's own generator first (it compiles cold), then the decode
-    # step after the redesign and before it, which find inductor's caches warm
-    timeout 220 python3 -P benchmarks/hf_generate_speed.py --shape llama3-8b --dtype bfloat16 --compile \
-      --out "$out/hf_generate_speed.json" > "$out/hf_generate_speed.log" 2>&1
-    echo "hf_generate_speed rc=$?"; tail -4 "$out/hf_generate_speed.log"
-    args="--shape llama3-8b --dtype bfloat16 --prompt-len 128 --gen-len 64 --warmup 1 --trials 3 --batch 1 --impl fxtp-compile-n1"
-    timeout 170 torchrun --nproc_per_node 1 benchmarks/inference_test.py $args --out "$out/after.json" > "$out/after.log" 2>&1
-    echo "after rc=$?"; tail -6 "$out/after.log"
-    PYTHONPATH="$PWD/.before" timeout 170 torchrun --nproc_per_node 1 .before/benchmarks/inference_test.py $args \
-      --out "$out/before.json" > "$out/before.log" 2>&1; echo "before rc=$?"; tail -6 "$out/before.log" ;;
   first-token)
-    timeout 200 python3 -P -m pytest -q tests/test_cuda.py -p no:cacheprovider \
-      -k "default or gemma or mixtral or drives or bare_cuda" 2>&1 | tee "$out/test_cuda.log" | tail -5
-    export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-fxtp FXTP_VERBOSITY=debug  # empty on a fresh machine
-    for run in cold warm; do
-      timeout 180 python3 -P benchmarks/hf_generate_speed.py --shape llama3-8b --dtype bfloat16 --compile \
-        --out "$out/hf_generate_speed-$run.json" > "$out/hf_generate_speed-$run.log" 2>&1
-      echo "hf_generate_speed $run rc=$?"; grep -E "^fxtp:|ratio" "$out/hf_generate_speed-$run.log" | tail -14
+    bench="python3 -P benchmarks/inference_test.py --shape llama3-8b --dtype bfloat16 --checkpoint-dir /tmp/checkpoint"
+    export PYTHONPATH=benchmarks FXTP_VERBOSITY=debug
+    for impl in fxtp-compile-n1 hf-compile; do
+      export TORCHINDUCTOR_CACHE_DIR="/tmp/inductor-$impl" TRITON_CACHE_DIR="/tmp/triton-$impl"  # fresh: cold
+      for run in cold warm; do
+        timeout 200 $bench --impl $impl --no-reference --batch 1 --prompt-len 128 --gen-len 32 --warmup 1 \
+          --trials 2 --out "$out/$impl-$run.json" > "$out/$impl-$run.log" 2>&1
+        echo "$impl $run rc=$?"; grep -E "^fxtp:.*[0-9] s$|setup|^ *$impl" "$out/$impl-$run.log" | tail -12
+      done
+    done
+    unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR FXTP_VERBOSITY
+    timeout 320 $bench --impl hf-compile,fxtp-compile-n1 --batch 1,8,32,64,128 --prompt-len 128 --gen-len 64 \
+      --warmup 1 --trials 3 --out "$out/decode-batches.json" > "$out/decode-batches.log" 2>&1
+    echo "decode batches rc=$?"; tail -20 "$out/decode-batches.log" ;;
+  prefill-batch)
+    bench="python3 -P benchmarks/inference_test.py --shape llama3-8b --dtype bfloat16 --checkpoint-dir /tmp/checkpoint"
+    export PYTHONPATH=benchmarks
+    for length in 2048 8192; do
+      timeout 150 $bench --impl hf-compile,fxtp-compile-n1 --batch 1,8 --prompt-len $length --gen-len 4 \
+        --check-tokens 4 --warmup 1 --trials 3 --out "$out/prefill-$length.json" > "$out/prefill-$length.log" 2>&1
+      echo "prefill $length rc=$?"; tail -12 "$out/prefill-$length.log"
+    done
+    for impl in fxtp-compile-n1 hf-compile; do  # cache length 1024: a prompt of 896 and 128 new tokens
+      timeout 150 $bench --find-max-batch $impl --batch 128 --prompt-len 896 --gen-len 128 \
+        --out "$out/max-batch-$impl.json" > "$out/max-batch-$impl.log" 2>&1
+      echo "max batch $impl rc=$?"; grep -E "fits|out of memory|max_batch" "$out/max-batch-$impl.log" | cut -c1-300
     done ;;
   cold-start)
     timeout 300 python3 -P -m pytest -q -rf tests/test_cuda.py -p no:cacheprovider \
