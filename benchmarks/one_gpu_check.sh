@@ -7,7 +7,8 @@
 #                                             Triton caches (cold), then in a second one that finds them
 #                                             (warm); then decode at batch 1, 8, 32, 64 and 128 (prompt 128)
 #   bash benchmarks/one_gpu_check.sh prefill-batch  part 2: prefill of 2048 and 8192 tokens at batch 1
-#                                             and 8; the largest batch of each impl at cache length 1024
+#                                             and 8; the largest batch of each impl at cache length 1024;
+#                                             with time left, prefill-profile's kernels
 #   bash benchmarks/one_gpu_check.sh cold-start  the compiled-generation tests (llama's default options,
 #                                             layer regions, HF's generate); then hf_generate_speed.py cold
 #                                             (fresh inductor and Triton caches) and warm, with the default
@@ -61,7 +62,13 @@ case "${1:-tests}" in
       timeout 150 $bench --find-max-batch $impl --batch 128 --prompt-len 896 --gen-len 128 \
         --out "$out/max-batch-$impl.json" > "$out/max-batch-$impl.log" 2>&1
       echo "max batch $impl rc=$?"; grep -E "fits|out of memory|max_batch" "$out/max-batch-$impl.log" | cut -c1-300
-    done ;;
+    done
+    left=$((560 - SECONDS))  # the rest of the device's 10 minutes: the 8192-token prefill's kernels
+    if [ $left -gt 60 ]; then
+      timeout $left python3 -P benchmarks/prefill_profile.py --prompt-len 8192 --out "$out/prefill_profile.json" \
+        > "$out/prefill_profile.log" 2>&1
+      echo "prefill_profile rc=$?"; tail -34 "$out/prefill_profile.log"
+    fi ;;
   cold-start)
     timeout 300 python3 -P -m pytest -q -rf tests/test_cuda.py -p no:cacheprovider \
       -k "default or regions or drives" 2>&1 | tee "$out/test_cuda.log" | tail -8
