@@ -25,6 +25,8 @@ set -u
 out="${OUT:-gpu-check}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# at most $1 seconds, and never past 570 s of the call (the device tool stops a command at 600 s)
+budget() { local left=$((570 - SECONDS)); [ $left -lt $1 ] && echo $((left > 1 ? left : 1)) || echo $1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -m pip install --no-deps --no-build-isolation --no-index . > "$out/install.log" 2>&1
 echo "install rc=$?" | tee -a "$out/gpu.txt"
@@ -41,31 +43,32 @@ case "${1:-tests}" in
     for impl in fxtp-compile-n1 hf-compile; do
       export TORCHINDUCTOR_CACHE_DIR="/tmp/inductor-$impl" TRITON_CACHE_DIR="/tmp/triton-$impl"  # fresh: cold
       for run in cold warm; do
-        timeout 200 $bench --impl $impl --no-reference --batch 1 --prompt-len 128 --gen-len 32 --warmup 1 \
+        timeout $(budget 200) $bench --impl $impl --no-reference --batch 1 --prompt-len 128 --gen-len 32 --warmup 1 \
           --trials 2 --out "$out/$impl-$run.json" > "$out/$impl-$run.log" 2>&1
         echo "$impl $run rc=$?"; grep -E "^fxtp:.*[0-9] s$|setup|^ *$impl" "$out/$impl-$run.log" | tail -12
       done
     done
     unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR FXTP_VERBOSITY
-    timeout 320 $bench --impl hf-compile,fxtp-compile-n1 --batch 1,8,32,64,128 --prompt-len 128 --gen-len 64 \
-      --warmup 1 --trials 3 --out "$out/decode-batches.json" > "$out/decode-batches.log" 2>&1
-    echo "decode batches rc=$?"; tail -20 "$out/decode-batches.log" ;;
+    for batches in 1,8,32 64,128; do  # two processes: one cut short by the call's end loses only its own
+      timeout $(budget 250) $bench --impl hf-compile,fxtp-compile-n1 --batch $batches --prompt-len 128 --gen-len 64 \
+        --warmup 1 --trials 3 --out "$out/decode-$batches.json" > "$out/decode-$batches.log" 2>&1
+      echo "decode batches $batches rc=$?"; tail -14 "$out/decode-$batches.log"
+    done ;;
   prefill-batch)
     bench="python3 -P benchmarks/inference_test.py --shape llama3-8b --dtype bfloat16 --checkpoint-dir /tmp/checkpoint"
     export PYTHONPATH=benchmarks
     for length in 2048 8192; do
-      timeout 150 $bench --impl hf-compile,fxtp-compile-n1 --batch 1,8 --prompt-len $length --gen-len 4 \
+      timeout $(budget 150) $bench --impl hf-compile,fxtp-compile-n1 --batch 1,8 --prompt-len $length --gen-len 4 \
         --check-tokens 4 --warmup 1 --trials 3 --out "$out/prefill-$length.json" > "$out/prefill-$length.log" 2>&1
       echo "prefill $length rc=$?"; tail -12 "$out/prefill-$length.log"
     done
     for impl in fxtp-compile-n1 hf-compile; do  # cache length 1024: a prompt of 896 and 128 new tokens
-      timeout 150 $bench --find-max-batch $impl --batch 128 --prompt-len 896 --gen-len 128 \
+      timeout $(budget 150) $bench --find-max-batch $impl --batch 128 --prompt-len 896 --gen-len 128 \
         --out "$out/max-batch-$impl.json" > "$out/max-batch-$impl.log" 2>&1
       echo "max batch $impl rc=$?"; grep -E "fits|out of memory|max_batch" "$out/max-batch-$impl.log" | cut -c1-300
     done
-    left=$((560 - SECONDS))  # the rest of the device's 10 minutes: the 8192-token prefill's kernels
-    if [ $left -gt 60 ]; then
-      timeout $left python3 -P benchmarks/prefill_profile.py --prompt-len 8192 --out "$out/prefill_profile.json" \
+    if [ $(budget 300) -gt 60 ]; then  # the call's time left: the 8192-token prefill's kernels
+      timeout $(budget 300) python3 -P benchmarks/prefill_profile.py --prompt-len 8192 --out "$out/prefill_profile.json" \
         > "$out/prefill_profile.log" 2>&1
       echo "prefill_profile rc=$?"; tail -34 "$out/prefill_profile.log"
     fi ;;
