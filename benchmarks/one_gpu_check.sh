@@ -5,9 +5,10 @@
 #                                             Llama-3-8B shape, fxtp-compile-n1 and hf-compile): each impl's
 #                                             first generate in a fresh process with empty inductor and
 #                                             Triton caches (cold), then in a second one that finds them
-#                                             (warm); then decode at batch 1, 8, 32, 64 and 128 (prompt 128)
+#                                             (warm), fxtp also with its prefill eager; then decode at batch
+#                                             1, 8, 32, 64 and 128 (prompt 128)
 #   bash benchmarks/one_gpu_check.sh prefill-batch  part 2: prefill of 2048 and 8192 tokens at batch 1
-#                                             and 8; the largest batch of each impl at cache length 1024;
+#                                             and 8 (fxtp's prefill compiled and eager); the largest batch of each impl at cache length 1024;
 #                                             with time left, prefill-profile's kernels
 #   bash benchmarks/one_gpu_check.sh cold-start  the compiled-generation tests (llama's default options,
 #                                             layer regions, HF's generate); then hf_generate_speed.py cold
@@ -40,12 +41,14 @@ case "${1:-tests}" in
   first-token)
     bench="python3 -P benchmarks/inference_test.py --shape llama3-8b --dtype bfloat16 --checkpoint-dir /tmp/checkpoint"
     export PYTHONPATH=benchmarks FXTP_VERBOSITY=debug
-    for impl in fxtp-compile-n1 hf-compile; do
-      export TORCHINDUCTOR_CACHE_DIR="/tmp/inductor-$impl" TRITON_CACHE_DIR="/tmp/triton-$impl"  # fresh: cold
+    for variant in 'fxtp-compile-n1:{}' 'hf-compile:{}' 'fxtp-compile-n1-eager-prefill:{"compile_prefill": false}'; do
+      name="${variant%%:*}"
+      export TORCHINDUCTOR_CACHE_DIR="/tmp/inductor-$name" TRITON_CACHE_DIR="/tmp/triton-$name"  # fresh: cold
       for run in cold warm; do
-        timeout $(budget 200) $bench --impl $impl --no-reference --batch 1 --prompt-len 128 --gen-len 32 --warmup 1 \
-          --trials 2 --out "$out/$impl-$run.json" > "$out/$impl-$run.log" 2>&1
-        echo "$impl $run rc=$?"; grep -E "^fxtp:.*[0-9] s$|setup|^ *$impl" "$out/$impl-$run.log" | tail -12
+        timeout $(budget 200) $bench --impl "${name%-eager-prefill}" --compile-options "${variant#*:}" --no-reference \
+          --batch 1 --prompt-len 128 --gen-len 32 --warmup 1 --trials 2 --out "$out/$name-$run.json" \
+          > "$out/$name-$run.log" 2>&1
+        echo "$name $run rc=$?"; grep -E "^fxtp:.*[0-9] s$|setup|^ *fxtp|^ *hf" "$out/$name-$run.log" | tail -12
       done
     done
     unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR FXTP_VERBOSITY
@@ -59,7 +62,7 @@ case "${1:-tests}" in
     export PYTHONPATH=benchmarks
     for length in 2048 8192; do
       timeout $(budget 150) $bench --impl hf-compile,fxtp-compile-n1 --batch 1,8 --prompt-len $length --gen-len 4 \
-        --check-tokens 4 --warmup 1 --trials 3 --out "$out/prefill-$length.json" > "$out/prefill-$length.log" 2>&1
+        --compile-options '[{}, {"compile_prefill": false}]' --check-tokens 4 --warmup 1 --trials 3 --out "$out/prefill-$length.json" > "$out/prefill-$length.log" 2>&1
       echo "prefill $length rc=$?"; tail -12 "$out/prefill-$length.log"
     done
     for impl in fxtp-compile-n1 hf-compile; do  # cache length 1024: a prompt of 896 and 128 new tokens

@@ -169,9 +169,10 @@ def assert_generates(results: list, expected: list) -> None:
 @pytest.mark.parametrize("compile", [True, {"pdl": False}, {"gemv": False, "coordinate_descent_tuning": True},
                                      {"gemv_prefetch_bytes": 8 << 20},
                                      {"decode_attention": False}, {"merge_projections": False},
-                                     {"store_gemv_inputs": False}, {"gated_gemv": False, "rotary_gemv": False}],
+                                     {"store_gemv_inputs": False}, {"gated_gemv": False, "rotary_gemv": False},
+                                     {"compile_prefill": False}],
                          ids=["default", "without_pdl", "inductor_gemv", "prefetching_gemv", "cudnn_attention",
-                              "unmerged", "unstored", "unfused_gemvs"])
+                              "unmerged", "unstored", "unfused_gemvs", "eager_prefill"])
 def test_compiled_decode_on_one_gpu_generates_like_hf(compile):
     model = tiny_model("llama")
     batches = [prompts(model.config.vocab_size, batch) for batch in (1, 3)]  # batch 1: matmuls become reductions

@@ -111,7 +111,7 @@ def test_compile_takes_true_a_dict_of_fields_or_the_options():
 ])
 def test_an_unknown_key_names_the_closest_field(key, hint):
     with pytest.raises(TypeError, match=rf"DecodeOptions has no field '{key}'; {hint}\. Its fields: "
-                                        r"coordinate_descent_tuning, pdl, .*, inductor$"):
+                                        r"coordinate_descent_tuning, compile_prefill, pdl, .*, inductor$"):
         requested({key: True})
 
 

@@ -51,6 +51,12 @@ class DecodeOptions:
     without it: its projections are cuBLAS GEMMs, and tuning its other kernels at a symbolic prompt
     length took most of a cold start."""
 
+    compile_prefill: bool = True
+    """The prompt's step (the prefill, any prompt length) is compiled by inductor as well
+    (fxtp/decode/prefill_graph.py), once for every cache size. Off, it runs the rank's captured graph
+    eagerly: no prefill compilation at start-up, for cuBLAS GEMMs and SDPA launched one by one. On:
+    the compiled prefill fuses the norms, rotary embeddings and activations between the GEMMs."""
+
     pdl: bool = True
     """Programmatic dependent launch (inductor's `triton.enable_pdl`; Hopper and later, ignored on
     older GPUs): each kernel is scheduled while the kernel before it is still finishing and waits for

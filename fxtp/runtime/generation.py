@@ -192,7 +192,8 @@ class Generator:
         self._sources = generated_sources() - sources  # the rank graphs' and their clean-ups' recompiles
         if self.compile_options is not None:
             self._decode = DecodeGraph(self._modules[0], self.compile_options)
-            self._prefill = PrefillGraph(self._modules[0], self.compile_options, self._prefill_regions)
+            if self.compile_options.compile_prefill:
+                self._prefill = PrefillGraph(self._modules[0], self.compile_options, self._prefill_regions)
         self._key = (batch, length)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
