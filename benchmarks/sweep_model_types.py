@@ -107,7 +107,9 @@ def biggest_replicated(tp, model) -> str:
     reason = "in no projection group"
     for group in (g for g in tp.plan.groups if name in g.weights):
         whole = group.role is Role.REPLICATED or name in group.dropped  # the plan says why in its reason
-        reason = group.reason.splitlines()[0] if whole else f"in a {group.role} group, left whole by the rules"
+        kept = [line.strip() for line in group.reason.splitlines() if name in line and "kept replicated" in line]
+        reason = (group.reason.splitlines()[0] if whole else kept[0] if kept
+                  else f"in a {group.role} group, left whole by the rules")
     return f"{name} ({share:.2f} of parameters): {reason}"[:MESSAGE_CHARS]
 
 

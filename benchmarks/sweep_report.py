@@ -99,8 +99,9 @@ def verdict(row: dict) -> Verdict:
         cause = f"uneven split at N={ws}"
         reason = (f"N={ws} uneven split: the fullest rank holds {size['params_per_rank']:.2f}, the mean "
                   f"{size['params_mean']:.2f} ({row.get('heads')} heads over {ws} ranks)")
-    else:
-        cause = f"parameters replicated at N={ws}"
+    else:  # heads that do not divide over the ranks stay whole (a tiny config's 2 kv heads at N=3 and 4)
+        undivided = "heads do not divide over" in size["biggest_replicated"]
+        cause = f"{'heads undivided' if undivided else 'parameters replicated'} at N={ws}"
         reason = f"N={ws} params/rank {size['params_per_rank']:.2f}, replicated {size['biggest_replicated']}"
     heads = row.get("heads")
     if heads is not None and heads < MIN_HEADS:
