@@ -1,11 +1,13 @@
 """Each long stage logs its time under the "fxtp" logger (fxtp/progress.py)."""
 import io
 import logging
+import re
+import time
 
 import pytest
 
 import fxtp
-from fxtp.progress import LOGGER, configure_logger
+from fxtp.progress import LOGGER, configure_logger, stage
 from fxtp.tiny_configs import tiny_model
 
 
@@ -57,3 +59,27 @@ def test_an_unknown_verbosity_says_what_to_use(fresh_logger, monkeypatch):
     monkeypatch.setenv("FXTP_VERBOSITY", "loud")
     with pytest.raises(ValueError, match="FXTP_VERBOSITY='loud': use one of error, warning, info, debug"):
         configure_logger()
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("verbosity, terminal, shown", [("info", True, True), ("warning", True, False),
+                                                       ("info", False, False)])
+def test_a_terminal_shows_the_stage_under_way_with_its_time(fresh_logger, monkeypatch, verbosity, terminal, shown):
+    monkeypatch.setenv("FXTP_VERBOSITY", verbosity)
+    monkeypatch.delenv("RANK", raising=False)
+    logger = configure_logger()
+    stream = Terminal() if terminal else io.StringIO()
+    logger.handlers[0].setStream(stream)
+    with stage("a slow stage"):
+        time.sleep(0.7)  # the clock ticks every 0.5 s
+    text = stream.getvalue()
+    clock = re.findall(r"fxtp: a slow stage \[(\d\d:\d\d)\]", text)
+    assert bool(clock) == shown, text
+    if shown:
+        assert len(clock) >= 2  # drawn at the start, then ticked
+        assert text.rstrip().endswith("fxtp: a slow stage: 0.7 s")  # the line cleared, then the log line
+    assert ("fxtp: a slow stage: 0.7 s" in text) == (verbosity == "info")
