@@ -27,26 +27,28 @@ from fxtp.tiny_configs import tiny_model
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
-@pytest.fixture
-def inference_test(monkeypatch):
-    monkeypatch.syspath_prepend(BENCHMARKS)  # it imports benchmarks/peers.py from beside it
-    return importlib.import_module("inference_test")
+def benchmark_module(monkeypatch, name: str):
+    """benchmarks/`name`.py as a module, with benchmarks/ on the path for this test: the scripts
+    import their sibling modules (peers.py, kernel_timing.py, ...) from beside them."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    return importlib.import_module(name)
 
 
-def test_busy_time_counts_overlapping_kernels_once(inference_test):
-    union_length = inference_test.union_length
+def test_busy_time_counts_overlapping_kernels_once(monkeypatch):
+    union_length = benchmark_module(monkeypatch, "kernel_profile").union_length
     assert union_length([]) == 0
     assert union_length([(5, 6), (0, 2), (1, 3), (5.5, 5.75)]) == 4  # [0, 3) and [5, 6)
     assert union_length([(0, 10), (2, 3)]) == 10
 
 
-def test_kernel_table_gives_every_rank_its_own_lines(inference_test):
+def test_kernel_table_gives_every_rank_its_own_lines(monkeypatch):
     """--profile keeps every rank's kernels: at N=2 the rank that waits in its all_reduces for the
     other shows a longer push kernel and less time between kernels."""
     ranks = [{"count": 448.0, "busy_ms": busy, "top": [["push_all_reduce_kernel", 65.0, push]]}
              for busy, push in ((3.80, 0.44), (3.50, 0.20))]
     row = {"impl": "fxtp-compile", "world_size": 2, "batch": 1, "decode_ms": {"p50": 3.75}, "kernels": ranks}
-    lines = inference_test.kernel_table([row, {**row, "impl": "hf", "kernels": []}]).splitlines()
+    kernel_table = benchmark_module(monkeypatch, "kernel_profile").kernel_table
+    lines = kernel_table([row, {**row, "impl": "hf", "kernels": []}]).splitlines()
     assert lines == [
         "fxtp-compile N=2 batch 1 rank 0: 448.0 kernels a decode step, busy 3.800 of 3.750 ms "
         "(between kernels -0.050 ms)",
@@ -56,14 +58,15 @@ def test_kernel_table_gives_every_rank_its_own_lines(inference_test):
         "       200.0 us   65.00x  push_all_reduce_kernel"]
 
 
-def test_interleave_times_the_variants_in_turns(inference_test, monkeypatch):
+def test_interleave_times_the_variants_in_turns(monkeypatch):
     """--interleave: every --compile-options variant in one run, warmed up first, then timed trial by
     trial in turns; each keeps its own rows."""
-    ctx = inference_test.Context("checkpoint", None, torch.float32, torch.device("cpu"), 0, 1)
+    peers, impl_rows = benchmark_module(monkeypatch, "peers"), benchmark_module(monkeypatch, "impl_rows")
+    ctx = peers.Context("checkpoint", None, torch.float32, torch.device("cpu"), 0, 1)
     variants = [{}, {"fxtp.decode_attention": False}]
     impls = ["fxtp", "fxtp-compile", "fxtp-compile-n1"]
-    separate = inference_test.impl_runs(impls, ctx, variants, interleave=False)
-    together = inference_test.impl_runs(impls, ctx, variants, interleave=True)
+    separate = impl_rows.impl_runs(impls, ctx, variants, interleave=False)
+    together = impl_rows.impl_runs(impls, ctx, variants, interleave=True)
     assert [(name, [label for label, _ in runs]) for name, runs in separate] == [
         ("fxtp", ["fxtp"]), ("fxtp-compile", ["fxtp-compile"]),
         ("fxtp-compile", ['fxtp-compile {"fxtp.decode_attention":false}']),
@@ -74,11 +77,12 @@ def test_interleave_times_the_variants_in_turns(inference_test, monkeypatch):
         ("fxtp-compile-n1", ["fxtp-compile-n1", 'fxtp-compile-n1 {"fxtp.decode_attention":false}'])]
     assert [run_ctx.compile_options for _, run_ctx in together[1][1]] == variants
     assert [run_ctx.compile_options for _, run_ctx in together[2][1]] == variants
-    monkeypatch.setattr(inference_test, "fxtp_runner", lambda run_ctx, compile: (run_ctx.world_size, compile))
+    decode_impls = benchmark_module(monkeypatch, "decode_impls")
+    monkeypatch.setattr(decode_impls, "fxtp_runner", lambda run_ctx, compile: (run_ctx.world_size, compile))
     for name, runs in together[1:]:
-        setup = inference_test.IMPLS[name][0]
+        setup = decode_impls.IMPLS[name][0]
         assert [setup(run_ctx)[1] for _, run_ctx in runs] == [True, {"fxtp.decode_attention": False}]
-    repeated = inference_test.impl_runs(["fxtp-compile"], ctx, [{}, {}], interleave=True)
+    repeated = impl_rows.impl_runs(["fxtp-compile"], ctx, [{}, {}], interleave=True)
     assert [label for label, _ in repeated[0][1]] == ["fxtp-compile", "fxtp-compile (2)"]  # rows keep their tokens
 
     calls = []
@@ -89,12 +93,12 @@ def test_interleave_times_the_variants_in_turns(inference_test, monkeypatch):
             for _ in range(new_tokens + 1):  # the prompt's put, then one a token
                 streamer.put(ids)
             return torch.cat([ids, torch.full((1, new_tokens), new_token(len(calls)))], dim=1)
-        return inference_test.Runner(generate, lambda: {"parameters": 0, "cache": None})
+        return peers.Runner(generate, lambda: {"parameters": 0, "cache": None})
 
     args = type("Args", (), {"warmup": 1, "trials": 3, "gen_len": 4})()
     ids = torch.zeros(1, 2, dtype=torch.long)
     runners = [runner("a", lambda call: 1), runner("b", lambda call: 2), runner("c", lambda call: call)]
-    measured = inference_test.measure(runners, ids, None, args, torch.device("cpu"))
+    measured = benchmark_module(monkeypatch, "decode_timing").measure(runners, ids, None, args, torch.device("cpu"))
     assert calls == ["a", "b", "c"] + ["a", "b", "c"] * 3
     assert [tokens[0, 2:].tolist() for tokens, _ in measured] == [[1] * 4, [2] * 4, [12] * 4]  # the last trial's
     assert [numbers["decode_steps"] for _, numbers in measured] == [9, 9, 9]  # 3 trials of 3 intervals
@@ -102,7 +106,7 @@ def test_interleave_times_the_variants_in_turns(inference_test, monkeypatch):
     assert [numbers["tuned"] for _, numbers in measured] == [{}, {}, {}]  # eager: inductor compiled nothing
 
 
-def test_tuned_kernels_gives_the_configs_of_the_kernels_loaded_since(inference_test, monkeypatch):
+def test_tuned_kernels_gives_the_configs_of_the_kernels_loaded_since(monkeypatch):
     """The Triton kernels inductor loaded for an impl, with the config each runs (after tuning); a
     module read before is not read again, and other attributes are not kernels."""
     from torch._inductor.codecache import PyCodeCache
@@ -117,15 +121,16 @@ def test_tuned_kernels_gives_the_configs_of_the_kernels_loaded_since(inference_t
     first = module(triton_red_fused_mm_1=kernel(16, XBLOCK=2, R0_BLOCK=2048), triton_poi_fused_2=kernel(4, XBLOCK=256))
     second = module(triton_red_fused_mm_1=kernel(8, XBLOCK=1, R0_BLOCK=4096), triton_unloaded=kernel(4))
     second.triton_unloaded.launchers = []  # not run yet: nothing tuned
+    tuned_kernels = benchmark_module(monkeypatch, "kernel_profile").tuned_kernels
     monkeypatch.setattr(PyCodeCache, "modules", [first])
     loaded = set()
-    assert inference_test.tuned_kernels(loaded) == {
+    assert tuned_kernels(loaded) == {
         "triton_red_fused_mm_1": {"XBLOCK": 2, "R0_BLOCK": 2048, "num_warps": 16, "num_stages": 1},
         "triton_poi_fused_2": {"XBLOCK": 256, "num_warps": 4, "num_stages": 1}}
     PyCodeCache.modules.append(second)
-    assert inference_test.tuned_kernels(loaded) == {
+    assert tuned_kernels(loaded) == {
         "triton_red_fused_mm_1": {"XBLOCK": 1, "R0_BLOCK": 4096, "num_warps": 8, "num_stages": 1}}
-    assert inference_test.tuned_kernels(loaded) == {}
+    assert tuned_kernels(loaded) == {}
 
 
 def on_two_cpu_processes(tmp_path, script: str, *arguments: str) -> str:
@@ -159,7 +164,7 @@ def test_without_the_hf_reference_the_first_row_is_the_reference(tmp_path):
     assert "reference: fxtp;" in stdout
 
 
-def test_inference_test_on_two_cpu_processes(tmp_path, inference_test):
+def test_inference_test_on_two_cpu_processes(tmp_path, monkeypatch):
     """fxtp on both ranks, and fxtp compiled for one device on rank 0 (--single-too), in one run: the
     2-rank rows are also given over the 1-device rows."""
     result, stdout = fxtp_on_two_cpu_processes(tmp_path, "--batch", "1,2")
@@ -170,8 +175,9 @@ def test_inference_test_on_two_cpu_processes(tmp_path, inference_test):
         assert row["ranks_identical"]
         assert row["match"] == row["checked"] == 8  # float32: token-exact against HF eager on one process
         assert row["decode_steps"] == 7 and 0 < row["decode_ms"]["p50"] <= row["decode_ms"]["p99"]
+    model_config = benchmark_module(monkeypatch, "random_model").model_config
     with torch.device("meta"):
-        whole = AutoModelForCausalLM.from_config(inference_test.model_config("tiny:llama", None))
+        whole = AutoModelForCausalLM.from_config(model_config("tiny:llama", None))
     whole_bytes = sum(p.numel() for p in whole.parameters()) * 4
     sharded, single = rows[:2], rows[2:]
     for row in sharded:  # each rank holds about half (norms and the like are replicated)
@@ -271,20 +277,20 @@ def test_gemv_latency_says_it_needs_a_gpu(monkeypatch, capsys):
     assert "no GPU here" in refusal("gemv_latency", monkeypatch, capsys, "--ranks", "2")
 
 
-def test_gemv_latency_times_a_ranks_weights_as_the_step_merges_them(inference_test):
+def test_gemv_latency_times_a_ranks_weights_as_the_step_merges_them(monkeypatch):
     """Llama-3-8B's weights on one of 2 ranks as the compiled decode step holds them: q|k|v and gate|up
     merged, so each GEMV timed alone reads what the step's GEMV reads."""
-    gemv_latency = importlib.import_module("gemv_latency")
-    config = inference_test.model_config("llama3-8b", None)
+    gemv_latency = benchmark_module(monkeypatch, "gemv_latency")
+    config = benchmark_module(monkeypatch, "random_model").model_config("llama3-8b", None)
     assert gemv_latency.projections(config, 2) == {"q|k|v": (3072, 4096), "o": (4096, 2048), "gate|up": (14336, 4096),
                                                   "down": (4096, 7168), "lm_head": (64128, 4096)}
 
 
-def test_gemv_latency_chase_gap_makes_dependent_loads(inference_test):
+def test_gemv_latency_chase_gap_makes_dependent_loads(monkeypatch):
     """The gap kernel that stands in for push's polling: each load's address is the value before
     (in Triton's interpreter here)."""
     pytest.importorskip("triton")
-    gemv_latency = importlib.import_module("gemv_latency")
+    gemv_latency = benchmark_module(monkeypatch, "gemv_latency")
     gap = gemv_latency.Gap("chase", 5, torch.device("cpu"))
     gap()
     assert gap.out.item() == 5 * 128 // 4  # 5 lines of 128 bytes on
