@@ -12,8 +12,9 @@ import json
 import torch
 import torch.distributed as dist
 
+from decode_floor import ModelStats, allreduce_ms  # benchmarks/, beside this script
 from fxtp.kernels import push_all_reduce
-from inference_test import ModelStats, allreduce_ms, init_distributed  # benchmarks/, beside this script
+from process_group import init_distributed
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fxtp.kernels import decode_attention
-from inference_test import as_cuda_graph, synchronizer, time_ms  # benchmarks/, beside this script
+from kernel_timing import as_cuda_graph, synchronizer, time_ms  # benchmarks/, beside this script
 
 
 def attention_inputs(batch: int, heads: int, groups: int, cache: int, dim: int, dtype: torch.dtype,

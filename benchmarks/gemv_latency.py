@@ -23,10 +23,11 @@ import json
 import torch
 import torch.nn.functional as F
 
+from decode_floor import hbm_bandwidth  # benchmarks/, beside this script
 from fxtp.kernels import gemv
 from fxtp.kernels.dependent_launch import launching_with_pdl, uses_pdl
-from inference_test import (add_turn_arguments, as_cuda_graph, fastest_in_turns, hbm_bandwidth,  # benchmarks/
-                            model_config, step_inductor_options)
+from kernel_timing import add_turn_arguments, as_cuda_graph, fastest_in_turns, step_inductor_options
+from random_model import model_config
 
 # (BLOCK_N, BLOCK_K, num_warps); inductor's reduction heuristics start its GEMVs at 16 warps (XBLOCK 2 or 1,
 # R0_BLOCK 2048 at N=2's o and down) before coordinate descent moves them

@@ -16,8 +16,8 @@ import json
 import torch
 import torch.nn.functional as F
 
-from inference_test import (add_turn_arguments, as_cuda_graph, fastest_in_turns, hbm_bandwidth,  # benchmarks/
-                            step_inductor_options)
+from decode_floor import hbm_bandwidth  # benchmarks/, beside this script
+from kernel_timing import add_turn_arguments, as_cuda_graph, fastest_in_turns, step_inductor_options
 
 VARIANTS = {"inlined": False, "stored": True}  # DecodeOptions.store_gemv_inputs
 
