@@ -2,22 +2,14 @@
 # The one-GPU checks of the package redesign, for a machine with one GPU and no network (the device tool):
 #   bash benchmarks/one_gpu_check.sh tests    the README's offline install, then every test that needs one GPU
 #   bash benchmarks/one_gpu_check.sh first-token  issue 35's table, part 1 (inference_test.py on the
-#                                             Llama-3-8B shape, fxtp-compile-n1 and hf-compile): each impl's
-#                                             first generate in a fresh process with empty inductor and
+#                                             Llama-3-8B shape, fxtp-compile-n1 against hf-compile): each
+#                                             impl's first generate in a fresh process with empty inductor and
 #                                             Triton caches (cold), then in a second one that finds them
-#                                             (warm), fxtp also with its prefill eager; then decode at batch
-#                                             1, 8, 32, 64 and 128 (prompt 128)
-#   bash benchmarks/one_gpu_check.sh prefill-batch  part 2: prefill of 2048 and 8192 tokens at batch 1
-#                                             and 8 (fxtp's prefill compiled and eager); the largest batch of each impl at cache length 1024;
-#                                             with time left, prefill-profile's kernels
-#   bash benchmarks/one_gpu_check.sh cold-start  the compiled-generation tests (llama's default options,
-#                                             layer regions, HF's generate); then hf_generate_speed.py cold
-#                                             (fresh inductor and Triton caches) and warm, with the default
-#                                             options and with coordinate descent off and fxtp's GEMV on
-#   bash benchmarks/one_gpu_check.sh prefill-profile  prefill_profile.py: the kernels of an 8192-token
-#                                             prefill, fxtp compiled against HF
-#   bash benchmarks/one_gpu_check.sh hf-cold  HF compiled's cold first generate (inference_test.py
-#                                             --impl hf-compile), the baseline of first-token
+#                                             (warm), fxtp also with its prefill eager; then prefill of 2048
+#                                             and 8192 tokens at batch 1 and 8 (fxtp's prefill compiled and eager)
+#   bash benchmarks/one_gpu_check.sh batches  part 2: decode at batch 1, 8, 32, 64 and 128 (prompt 128); the
+#                                             largest batch of each impl at cache length 1024; with the call's
+#                                             time left, the kernels of an 8192-token prefill (prefill_profile.py)
 #   bash benchmarks/one_gpu_check.sh timing-train   one training step (forward, backward, AdamW) on the
 #                                             Llama-3-8B shape with 4 layers in bfloat16: HF eager and
 #                                             torch.compile'd against fxtp-n1, eager and torch.compile'd
@@ -45,59 +37,37 @@ case "${1:-tests}" in
       name="${variant%%:*}"
       export TORCHINDUCTOR_CACHE_DIR="/tmp/inductor-$name" TRITON_CACHE_DIR="/tmp/triton-$name"  # fresh: cold
       for run in cold warm; do
-        timeout $(budget 200) $bench --impl "${name%-eager-prefill}" --compile-options "${variant#*:}" --no-reference \
+        timeout $(budget 150) $bench --impl "${name%-eager-prefill}" --compile-options "${variant#*:}" --no-reference \
           --batch 1 --prompt-len 128 --gen-len 32 --warmup 1 --trials 2 --out "$out/$name-$run.json" \
           > "$out/$name-$run.log" 2>&1
-        echo "$name $run rc=$?"; grep -E "^fxtp:.*[0-9] s$|setup|^ *fxtp|^ *hf" "$out/$name-$run.log" | tail -12
+        echo "$name $run rc=$?"; grep -E "^fxtp:.*[0-9] s$|^ *fxtp|^ *hf" "$out/$name-$run.log" | tail -12
       done
     done
     unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR FXTP_VERBOSITY
-    for batches in 1,8,32 64,128; do  # two processes: one cut short by the call's end loses only its own
-      timeout $(budget 250) $bench --impl hf-compile,fxtp-compile-n1 --batch $batches --prompt-len 128 --gen-len 64 \
-        --warmup 1 --trials 3 --out "$out/decode-$batches.json" > "$out/decode-$batches.log" 2>&1
-      echo "decode batches $batches rc=$?"; tail -14 "$out/decode-$batches.log"
-    done ;;
-  prefill-batch)
-    bench="python3 -P benchmarks/inference_test.py --shape llama3-8b --dtype bfloat16 --checkpoint-dir /tmp/checkpoint"
-    export PYTHONPATH=benchmarks
     for length in 2048 8192; do
       timeout $(budget 150) $bench --impl hf-compile,fxtp-compile-n1 --batch 1,8 --prompt-len $length --gen-len 4 \
-        --compile-options '[{}, {"compile_prefill": false}]' --check-tokens 4 --warmup 1 --trials 3 --out "$out/prefill-$length.json" > "$out/prefill-$length.log" 2>&1
+        --compile-options '[{}, {"compile_prefill": false}]' --check-tokens 4 --warmup 1 --trials 3 \
+        --out "$out/prefill-$length.json" > "$out/prefill-$length.log" 2>&1
       echo "prefill $length rc=$?"; tail -12 "$out/prefill-$length.log"
+    done ;;
+  batches)
+    bench="python3 -P benchmarks/inference_test.py --shape llama3-8b --dtype bfloat16 --checkpoint-dir /tmp/checkpoint"
+    export PYTHONPATH=benchmarks
+    for batches in 1,8,32 64,128; do  # two processes: one cut short by the call's end loses only its own
+      timeout $(budget 200) $bench --impl hf-compile,fxtp-compile-n1 --batch $batches --prompt-len 128 --gen-len 64 \
+        --warmup 1 --trials 3 --out "$out/decode-$batches.json" > "$out/decode-$batches.log" 2>&1
+      echo "decode batches $batches rc=$?"; tail -14 "$out/decode-$batches.log"
     done
     for impl in fxtp-compile-n1 hf-compile; do  # cache length 1024: a prompt of 896 and 128 new tokens
-      timeout $(budget 150) $bench --find-max-batch $impl --batch 128 --prompt-len 896 --gen-len 128 \
+      timeout $(budget 120) $bench --find-max-batch $impl --batch 128 --prompt-len 896 --gen-len 128 \
         --out "$out/max-batch-$impl.json" > "$out/max-batch-$impl.log" 2>&1
       echo "max batch $impl rc=$?"; grep -E "fits|out of memory|max_batch" "$out/max-batch-$impl.log" | cut -c1-300
     done
-    if [ $(budget 300) -gt 60 ]; then  # the call's time left: the 8192-token prefill's kernels
+    if [ $(budget 300) -gt 60 ]; then
       timeout $(budget 300) python3 -P benchmarks/prefill_profile.py --prompt-len 8192 --out "$out/prefill_profile.json" \
         > "$out/prefill_profile.log" 2>&1
       echo "prefill_profile rc=$?"; tail -34 "$out/prefill_profile.log"
     fi ;;
-  cold-start)
-    timeout 300 python3 -P -m pytest -q -rf tests/test_cuda.py -p no:cacheprovider \
-      -k "default or regions or drives" 2>&1 | tee "$out/test_cuda.log" | tail -8
-    export FXTP_VERBOSITY=debug
-    for variant in 'default:{}' 'fixed-gemv:{"coordinate_descent_tuning": false, "gemv": true}'; do
-      name="${variant%%:*}"
-      export TORCHINDUCTOR_CACHE_DIR="/tmp/inductor-$name" TRITON_CACHE_DIR="/tmp/triton-$name"  # fresh: cold
-      for run in cold warm; do
-        timeout 150 python3 -P benchmarks/hf_generate_speed.py --shape llama3-8b --dtype bfloat16 --compile \
-          --compile-options "${variant#*:}" --out "$out/hf_generate_speed-$name-$run.json" \
-          > "$out/hf_generate_speed-$name-$run.log" 2>&1
-        echo "$name $run rc=$?"; grep -E "^fxtp:.*[0-9] s$|ratio" "$out/hf_generate_speed-$name-$run.log" | tail -8
-      done
-    done ;;
-  prefill-profile)
-    PYTHONPATH=benchmarks timeout 300 python3 -P benchmarks/prefill_profile.py --prompt-len 8192 \
-      --out "$out/prefill_profile.json" > "$out/prefill_profile.log" 2>&1
-    echo "prefill_profile rc=$?"; tail -40 "$out/prefill_profile.log" ;;
-  hf-cold)
-    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-hf PYTHONPATH=benchmarks timeout 200 python3 -P benchmarks/inference_test.py --shape llama3-8b \
-      --dtype bfloat16 --prompt-len 128 --gen-len 32 --warmup 1 --trials 2 --batch 1 --impl hf-compile \
-      --checkpoint-dir /tmp/checkpoint --out "$out/hf-compile-cold.json" > "$out/hf-compile-cold.log" 2>&1
-    echo "hf-compile cold rc=$?"; tail -6 "$out/hf-compile-cold.log" ;;
   timing-train)
     # training_speed.py's default: hf-eager, hf-compile, fxtp-n1 and fxtp-n1-compile at batch 4 x 1024 tokens
     timeout 400 python3 -P benchmarks/training_speed.py --out "$out/training_speed.json" \
