@@ -202,6 +202,12 @@ _TYPE_FIXES = {
                                                       for part in ("encoder", "decoder")}},  # the global model's
     "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
 }
+# Mamba-2 mixers' SSM heads by the names each model type gives them: (heads, head dim, expansion of the
+# hidden size, groups sharing B and C, the SSM's inner width where the config has one)
+_SSM_HEADS = (("num_heads", "head_dim", "expand", "n_groups", None),                                # mamba2
+              ("mamba_n_heads", "mamba_d_head", "mamba_expand", "mamba_n_groups", "mamba_d_ssm"),   # bamba, falcon_h1, granitemoehybrid
+              ("mamba_num_heads", "mamba_head_dim", "expand", "n_groups", None),                    # nemotron_h
+              ("n_mamba_heads", "mamba_headdim", "mamba_expand", "mamba_ngroups", None))            # zamba2
 _TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1}
 MULTIMODAL_KEYS = ("text_config", "vision_config", "audio_config", "vq_config", "speech_config")
 
@@ -223,12 +229,21 @@ def generic_tiny_config(model_type: str):
     for key, value in fixes.items():
         shrunk[key] = _sub_config({**shrunk.get(key, default[key]), **value}) if isinstance(value, dict) and value \
             else value
-    sizes = {k: default.get(k) or 0 for k in ("hidden_size", "expand", "num_heads", "head_dim")}
-    if sizes["hidden_size"] * sizes["expand"] == sizes["num_heads"] * sizes["head_dim"] > 0:
-        # Mamba-2: the SSM heads tile the expanded hidden size
-        shrunk["head_dim"] = shrunk["hidden_size"] * default["expand"] // shrunk["num_heads"]
-        if default.get("n_groups", 1) > 1:  # groups of heads sharing B and C
-            shrunk["n_groups"] = math.gcd(default["n_groups"], shrunk["num_heads"])
+    for heads, head_dim, expand, groups, inner in _SSM_HEADS:
+        sizes = [default.get(k) for k in ("hidden_size", expand, heads, head_dim)]
+        if not all(type(size) is int and size > 0 for size in sizes):
+            continue
+        hidden, factor, count, dim = sizes
+        if hidden * factor != count * dim and default.get(inner) != count * dim:
+            continue  # the SSM heads tile the expanded hidden size (Falcon-H1: a mamba_d_ssm of its own)
+        # as many SSM heads as attention heads, of the width that tiles the shrunk expanded hidden size:
+        # 128 heads of 1 feature would make the reference scan's [chunk, chunk, heads, state] products huge
+        shrunk[heads] = _TINY_OF["num_attention_heads"]
+        shrunk[head_dim] = shrunk["hidden_size"] * factor // shrunk[heads]
+        if inner in default:
+            shrunk[inner] = shrunk[heads] * shrunk[head_dim]
+        if default.get(groups, 1) > 1:  # groups of heads sharing B and C
+            shrunk[groups] = math.gcd(default[groups], shrunk[heads])
     return AutoConfig.for_model(model_type, **shrunk)
 
 
