@@ -18,8 +18,9 @@ set -u
 out="${OUT:-gpu-check}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-# at most $1 seconds, and never past 570 s of the call (the device tool stops a command at 600 s)
-budget() { local left=$((570 - SECONDS)); [ $left -lt $1 ] && echo $((left > 1 ? left : 1)) || echo $1; }
+# at most $1 seconds, and never past $CALL_SECONDS (default 570) of the call: the device tool stops a
+# command at 600 s or where the session's device time ends, and results packed at the end must be written
+budget() { local left=$((${CALL_SECONDS:-570} - SECONDS)); [ $left -lt $1 ] && echo $((left > 1 ? left : 1)) || echo $1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -m pip install --no-deps --no-build-isolation --no-index . > "$out/install.log" 2>&1
 echo "install rc=$?" | tee -a "$out/gpu.txt"
@@ -33,15 +34,17 @@ case "${1:-tests}" in
   first-token)
     bench="python3 -P benchmarks/inference_test.py --shape llama3-8b --dtype bfloat16 --checkpoint-dir /tmp/checkpoint"
     export PYTHONPATH=benchmarks FXTP_VERBOSITY=debug
-    for variant in 'fxtp-compile-n1:{}' 'hf-compile:{}' 'fxtp-compile-n1-eager-prefill:{"compile_prefill": false}'; do
-      name="${variant%%:*}"
-      export TORCHINDUCTOR_CACHE_DIR="/tmp/inductor-$name" TRITON_CACHE_DIR="/tmp/triton-$name"  # fresh: cold
-      for run in cold warm; do
-        timeout $(budget 150) $bench --impl "${name%-eager-prefill}" --compile-options "${variant#*:}" --no-reference \
-          --batch 1 --prompt-len 128 --gen-len 32 --warmup 1 --trials 2 --out "$out/$name-$run.json" \
-          > "$out/$name-$run.log" 2>&1
-        echo "$name $run rc=$?"; grep -E "^fxtp:.*[0-9] s$|^ *fxtp|^ *hf" "$out/$name-$run.log" | tail -12
-      done
+    # the cold runs first: a call cut short keeps the goals' numbers
+    for run in fxtp-compile-n1:cold hf-compile:cold fxtp-compile-n1:warm fxtp-compile-n1-eager-prefill:cold \
+               fxtp-compile-n1-eager-prefill:warm hf-compile:warm; do
+      name="${run%%:*}"
+      options='{}'; [ "$name" != "${name%-eager-prefill}" ] && options='{"compile_prefill": false}'
+      # empty on a fresh machine: the first run of each name is cold, the second finds its caches
+      export TORCHINDUCTOR_CACHE_DIR="/tmp/inductor-$name" TRITON_CACHE_DIR="/tmp/triton-$name"
+      timeout $(budget 150) $bench --impl "${name%-eager-prefill}" --compile-options "$options" --no-reference \
+        --batch 1 --prompt-len 128 --gen-len 32 --warmup 1 --trials 2 --out "$out/${run/:/-}.json" \
+        > "$out/${run/:/-}.log" 2>&1
+      echo "$run rc=$?"; grep -E "^fxtp:.*[0-9] s$|^ *fxtp|^ *hf" "$out/${run/:/-}.log" | tail -12
     done
     unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR FXTP_VERBOSITY
     for length in 2048 8192; do
