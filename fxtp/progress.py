@@ -26,7 +26,8 @@ LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.IN
 
 def configure_logger() -> logging.Logger:
     """The "fxtp" logger, given fxtp's handler and level from FXTP_VERBOSITY the first time."""
-    if LOGGER.handlers:
+    # pytest (>= 9.2) attaches its log capture to every logger that does not propagate: not the user's
+    if any(type(handler).__module__ != "_pytest.logging" for handler in LOGGER.handlers):
         return LOGGER
     verbosity = os.environ.get("FXTP_VERBOSITY", "info").lower()
     if verbosity not in LEVELS:

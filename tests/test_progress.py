@@ -20,9 +20,13 @@ def fresh_logger():
     LOGGER.handlers[:], LOGGER.level = saved
 
 
+def own_handler(logger) -> logging.Handler:
+    return next(handler for handler in logger.handlers if getattr(handler, "fxtp_own", False))
+
+
 def stream_into(logger) -> io.StringIO:
     stream = io.StringIO()
-    logger.handlers[0].setStream(stream)
+    own_handler(logger).setStream(stream)
     return stream
 
 
@@ -52,7 +56,9 @@ def test_a_logger_the_user_configured_is_left_alone(fresh_logger, monkeypatch):
     fresh_logger.addHandler(handler)
     fresh_logger.setLevel(logging.ERROR)
     monkeypatch.setenv("FXTP_VERBOSITY", "debug")
-    assert configure_logger().handlers == [handler] and fresh_logger.level == logging.ERROR
+    configure_logger()
+    assert not any(getattr(h, "fxtp_own", False) for h in fresh_logger.handlers) and handler in fresh_logger.handlers
+    assert fresh_logger.level == logging.ERROR
 
 
 def test_an_unknown_verbosity_says_what_to_use(fresh_logger, monkeypatch):
@@ -73,7 +79,7 @@ def test_a_terminal_shows_the_stage_under_way_with_its_time(fresh_logger, monkey
     monkeypatch.delenv("RANK", raising=False)
     logger = configure_logger()
     stream = Terminal() if terminal else io.StringIO()
-    logger.handlers[0].setStream(stream)
+    own_handler(logger).setStream(stream)
     with stage("a slow stage"):
         time.sleep(0.7)  # the clock ticks every 0.5 s
     text = stream.getvalue()
