@@ -1,22 +1,29 @@
 """Split a chain of per-channel ops, a depthwise convolution among them, at the channel cuts after it.
 
 Reads:  node.meta["val"]; split / split_with_sizes along channels, the chain of ops before it back
-        to a projection: transposes, a depthwise conv1d, slices of other dims, unary ops and
-        elementwise ops whose other operands broadcast along the channels (a padding mask), adds and
-        multiplies by a value per channel (Falcon-H1's µP multipliers), and unfuse_projections'
-        flatten(unflatten(x)) (dropped).
-Writes: per piece, the chain replayed on that piece's channels: a slice of the projection output,
-        the conv on the slice of its weight and bias (groups = the piece's channels), a per-channel
-        operand sliced alike; each node
-        gets meta["val"] (the op on fake values) and the origin keys of the node it replays. The
-        cut's getitems read the replays; the old chain is left to dead code elimination.
+        to a projection or to a cat of the pieces the cut takes apart again: transposes, a depthwise
+        conv1d, slices of other dims, unary ops and elementwise ops whose other operands broadcast
+        along the channels (a padding mask), adds and multiplies by a value per channel (Falcon-H1's
+        µP multipliers), and unfuse_projections' flatten(unflatten(x)) (dropped).
+Writes: per piece, the chain replayed on that piece's channels: a slice of the projection output
+        (or the cat's input), the conv on the slice of its weight and bias (groups = the piece's
+        channels), a per-channel operand sliced alike; each node gets meta["val"] (the op on fake
+        values) and the origin keys of the node it replays. The cut's getitems read the replays;
+        the old chain is left to dead code elimination.
 
     before (Mamba-2: in_proj's x|B|C piece, conv'd as one)   after
     p = linear(h, W_xBC); c = conv1d(p.T, w, b, groups=1152)  x = silu(conv1d(p[.., 0:128].T, w[0:128], b[0:128], groups=128)).T
     x, B, C = split(silu(c).T, [128, 512, 512])               B = ... p[.., 128:640] ..., C = ... p[.., 640:1152] ...
 
+    before (Qwen3-Next: q, k, v cut per key-head group from in_proj_qkvz, joined for the conv)
+    c = cat([q, k, v]); x = silu(conv1d(c.T, w, groups=8192)).T; q2, k2, v2 = split(x, [2048, 2048, 4096])
+    after
+    q2 = silu(conv1d(q.T, w[0:2048], groups=2048)).T; k2 = ... k ... w[2048:4096] ...; v2 = ... v ...
+
 Why: x is sharded by heads and B, C by groups of heads (or kept whole); one tensor holding all three
 has no Shard. Once the cut is at the projection, unfuse_projections makes three projections of it.
+Qwen3-Next's q, k and v are each sharded by key-head groups, but their cat, 16 + 16 + 32 heads, is no
+Shard either: split per piece, each keeps its own.
 """
 from __future__ import annotations
 
@@ -51,14 +58,16 @@ def split_channel_chains(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _chain(cut: fx.Node) -> Optional[tuple[fx.Node, int, list[tuple[fx.Node, int]]]]:
-    """(projection, its channel dim, [(chain node, channel dim of its input)] in graph order) for a cut
-    along channels whose input comes from a projection through one depthwise conv and per-channel ops."""
+    """(start, its channel dim, [(chain node, channel dim of its input)] in graph order) for a cut
+    along channels whose input comes from a start through one depthwise conv and per-channel ops: a
+    projection, or a cat of the very pieces the cut makes (`_joins_pieces`)."""
     node = cut.args[0]
     dim = norm_dim(cut.args[2] if len(cut.args) > 2 else 0, val(node).dim())
-    if piece_bounds(cut, dim) is None or any(u.target is not operator.getitem for u in cut.users):
+    bounds = piece_bounds(cut, dim)
+    if bounds is None or any(u.target is not operator.getitem for u in cut.users):
         return None
     chain = []
-    while projection_site(node) is None:
+    while projection_site(node) is None and not _joins_pieces(node, dim, bounds):
         if node.op != "call_function" or _reader(node) is None or not is_tensor_node(node.args[0]):
             return None
         src = node.args[0]
@@ -83,6 +92,14 @@ def _chain(cut: fx.Node) -> Optional[tuple[fx.Node, int, list[tuple[fx.Node, int
     if not any(n.target in _CONVS for n, _ in chain) or _reader(node) is None:
         return None
     return node, dim, chain[::-1]
+
+
+def _joins_pieces(node: fx.Node, dim: int, bounds: list[tuple[int, int]]) -> bool:
+    """Whether `node` is a cat along `dim` of pieces with exactly `bounds`."""
+    if node.target is not aten.cat.default or norm_dim(node.args[1] if len(node.args) > 1 else 0, val(node).dim()) != dim:
+        return False
+    sizes = [val(piece).shape[dim] for piece in node.args[0]]
+    return [(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))] == bounds
 
 
 def _reader(node: fx.Node) -> Optional[fx.Node]:
@@ -119,13 +136,14 @@ def _aligned_dim(node: fx.Node, operand: fx.Node, dim: int) -> Optional[int]:
     return d if d >= 0 else None
 
 
-def _split(gm: fx.GraphModule, cut: fx.Node, projection: fx.Node, dim: int, chain: list) -> None:
-    graph, fake_mode = gm.graph, detect_fake_mode([val(projection)])
+def _split(gm: fx.GraphModule, cut: fx.Node, start_node: fx.Node, dim: int, chain: list) -> None:
+    graph, fake_mode = gm.graph, detect_fake_mode([val(start_node)])
     bounds = piece_bounds(cut, norm_dim(cut.args[2] if len(cut.args) > 2 else 0, val(cut.args[0]).dim()))
     pieces = []
-    for start, end in bounds:
+    for i, (start, end) in enumerate(bounds):
         with graph.inserting_before(cut):
-            value = _replay(graph, fake_mode, chain[0][0], aten.slice.Tensor, (projection, dim, start, end), {})
+            value = start_node.args[0][i] if start_node.target is aten.cat.default else \
+                _replay(graph, fake_mode, chain[0][0], aten.slice.Tensor, (start_node, dim, start, end), {})
             for node, dim_in in chain:
                 args, kwargs = (value, *node.args[1:]), dict(node.kwargs)
                 if node.target in _PER_CHANNEL:
