@@ -3,8 +3,8 @@
 Qwen3-Next's gated delta net, Kimi Linear's delta attention, the Bailing hybrid's and OLMo hybrid's
 linear attention all join their q, k and v for one depthwise conv and cut them apart after it. The
 conv is split at that cut (passes/capture/split_channel_chains.py), so q, k and v each keep their
-heads' shard: the projections are column-parallel by (key-)heads, the conv and the delta rule per
-head, out_proj row-parallel. Qwen3-Next cuts q, k, v and z out of one in_proj_qkvz per key-head
+heads' shard: the projections are column-parallel by (key-)heads, the conv (its weight cut alike) and
+the delta rule per head, out_proj row-parallel. Qwen3-Next cuts q, k, v and z out of one in_proj_qkvz per key-head
 group, so its rows are sharded by those groups.
 """
 from functools import lru_cache
@@ -45,12 +45,13 @@ def _captured(model_type: str):
     return model, capture(model)
 
 
-def mixer_projections(model: torch.nn.Module) -> list[str]:
-    """The weights of the linear layers of every linear-attention mixer (a module with a depthwise conv1d)."""
+def mixer_weights(model: torch.nn.Module) -> list[str]:
+    """The weights of the linear layers and of the conv of every linear-attention mixer (a module with a
+    depthwise conv1d)."""
     mixers = [name for name, m in model.named_modules()
               if isinstance(getattr(m, "conv1d", None), torch.nn.Conv1d) and m.conv1d.groups == m.conv1d.in_channels]
-    return [f"{name}.weight" for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and any(name.startswith(mixer + ".") for mixer in mixers)]
+    return [f"{name}.weight" for name, m in model.named_modules() if any(name.startswith(mixer + ".") for mixer in mixers)
+            and (isinstance(m, torch.nn.Linear) or name.endswith(".conv1d"))]
 
 
 def largest_parameter_share(tp, model: torch.nn.Module) -> float:
@@ -63,15 +64,15 @@ def largest_parameter_share(tp, model: torch.nn.Module) -> float:
 
 @pytest.mark.parametrize("model_type, world_size", CASES)
 def test_mixers_sharded_by_heads(model_type, world_size):
-    """Exact; every projection of the mixers sharded but those of KEPT_WHOLE; a rank holds at most 1/N + 0.05
+    """Exact; every projection of the mixers and their conv's weight sharded but those of KEPT_WHOLE; a rank holds at most 1/N + 0.05
     of the parameters, or where the 4 attention heads do not divide, ceil(4 / N) / 4 + 0.05."""
     model, captured = _captured(model_type)
     tp = program_of_capture(captured, world_size, model)
     assert_equivalent(model, world_size, *left_padded_batch(), program=tp, atol=1e-5)
     layouts = {n.meta[STATE]: n.meta[LAYOUT] for n in held_state(tp.graph)}
-    projections = mixer_projections(model)
-    assert projections
-    for name in (p for p in projections if not p.endswith(KEPT_WHOLE.get((model_type, world_size), "-"))):
+    weights = mixer_weights(model)
+    assert weights
+    for name in (w for w in weights if not w.endswith(KEPT_WHOLE.get((model_type, world_size), "-"))):
         pieces = [layout for state, layout in layouts.items() if state.split("[")[0] == name]
         assert pieces and all(isinstance(layout, Shard) for layout in pieces), (name, pieces)
     assert largest_parameter_share(tp, model) <= max(1 / world_size, -(-4 // world_size) / 4) + 0.05

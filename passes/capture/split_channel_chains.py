@@ -6,10 +6,13 @@ Reads:  node.meta["val"]; split / split_with_sizes along channels, the chain of 
         along the channels (a padding mask), adds and multiplies by a value per channel (Falcon-H1's
         µP multipliers), and unfuse_projections' flatten(unflatten(x)) (dropped).
 Writes: per piece, the chain replayed on that piece's channels: a slice of the projection output
-        (or the cat's input), the conv on the slice of its weight and bias (groups = the piece's
+        (or the cat's input), the conv on the block of its weight and bias (groups = the piece's
         channels), a per-channel operand sliced alike; each node gets meta["val"] (the op on fake
-        values) and the origin keys of the node it replays. The cut's getitems read the replays;
-        the old chain is left to dead code elimination.
+        values) and the origin keys of the node it replays. A conv weight or bias that is state (read
+        through squeezes of other dims) gets a state placeholder per block, as unfuse_projections
+        makes them ("conv1d.weight[0:128]", its tensor added to `state`), so a rank can hold its
+        block sharded; the whole one is removed. The cut's getitems read the replays; the old chain
+        is left to dead code elimination.
 
     before (Mamba-2: in_proj's x|B|C piece, conv'd as one)   after
     p = linear(h, W_xBC); c = conv1d(p.T, w, b, groups=1152)  x = silu(conv1d(p[.., 0:128].T, w[0:128], b[0:128], groups=128)).T
@@ -38,20 +41,27 @@ from fxtp.node_meta import copy_origin
 from fxtp.sharding.op_rules.cut_and_join import piece_bounds
 from fxtp.sharding.op_rules.helpers import is_tensor_node, norm_dim, val
 from fxtp.sharding.op_rules.views import PERMUTES, permutation
+from fxtp.passes.capture.unfuse_projections import block_placeholder
 from fxtp.passes.sharding.projections import projection_site
+from fxtp.passes.sharding.propagate import is_state
 
 aten = torch.ops.aten
 _CUTS = (aten.split.Tensor, aten.split_with_sizes.default)
 _CONVS = (aten.conv1d.default, aten.conv2d.default)
 _PER_CHANNEL = (aten.add.Tensor, aten.mul.Tensor)  # elementwise ops whose operand per channel is sliced per piece
+_OTHER_DIM_VIEWS = (aten.squeeze.dim, aten.unsqueeze.default)
 
 
-def split_channel_chains(gm: fx.GraphModule) -> fx.GraphModule:
+def split_channel_chains(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> fx.GraphModule:
+    cut_into_blocks: list[fx.Node] = []
     for cut in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CUTS]:
         chain = _chain(cut)
         if chain is not None:
-            _split(gm, cut, *chain)
+            cut_into_blocks += _split(gm, state, cut, *chain)
     gm.graph.eliminate_dead_code()
+    for node in dict.fromkeys(cut_into_blocks):
+        if not node.users:
+            gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -136,8 +146,10 @@ def _aligned_dim(node: fx.Node, operand: fx.Node, dim: int) -> Optional[int]:
     return d if d >= 0 else None
 
 
-def _split(gm: fx.GraphModule, cut: fx.Node, start_node: fx.Node, dim: int, chain: list) -> None:
+def _split(gm: fx.GraphModule, state: dict, cut: fx.Node, start_node: fx.Node, dim: int, chain: list) -> list[fx.Node]:
+    """Replays the chain per piece; returns the state whose blocks the replayed convs read."""
     graph, fake_mode = gm.graph, detect_fake_mode([val(start_node)])
+    sources = []
     bounds = piece_bounds(cut, norm_dim(cut.args[2] if len(cut.args) > 2 else 0, val(cut.args[0]).dim()))
     pieces = []
     for i, (start, end) in enumerate(bounds):
@@ -152,7 +164,8 @@ def _split(gm: fx.GraphModule, cut: fx.Node, start_node: fx.Node, dim: int, chai
                     args = list(args) + [1] * (7 - len(args))
                     for i in (1, 2):
                         if isinstance(args[i], fx.Node):
-                            args[i] = _replay(graph, fake_mode, node, aten.slice.Tensor, (args[i], 0, start, end), {})
+                            args[i], source = _channels(graph, state, fake_mode, node, args[i], start, end)
+                            sources += [source] if source is not None else []
                     args[6] = end - start
                 value = _replay(graph, fake_mode, node, node.target, tuple(args), kwargs)
         pieces.append(value)
@@ -161,6 +174,25 @@ def _split(gm: fx.GraphModule, cut: fx.Node, start_node: fx.Node, dim: int, chai
     for node, _ in chain:  # the dtype checks of the old chain would keep it alive
         for user in [u for u in node.users if u.target is aten._assert_tensor_metadata.default]:
             graph.erase_node(user)
+    return sources
+
+
+def _channels(graph: fx.Graph, state: dict, fake_mode, conv: fx.Node, operand: fx.Node, start: int,
+              end: int) -> tuple[fx.Node, Optional[fx.Node]]:
+    """Channels start:end (dim 0) of a conv's weight or bias, and the state they are a block of: where it is
+    state read through squeezes and unsqueezes of other dims (transformers' W.squeeze(1).unsqueeze(1)), those
+    views replayed on a block of that state; else a slice of it (and None)."""
+    views, source = [], operand
+    while source.op == "call_function" and source.target in _OTHER_DIM_VIEWS and \
+            norm_dim(source.args[1], val(source if source.target is aten.unsqueeze.default else source.args[0]).dim()) > 0:
+        views.insert(0, source)
+        source = source.args[0]
+    if not is_state(source):
+        return _replay(graph, fake_mode, conv, aten.slice.Tensor, (operand, 0, start, end), {}), None
+    value = block_placeholder(graph, state, source, 0, start, end)
+    for view in views:
+        value = _replay(graph, fake_mode, view, view.target, (value, *view.args[1:]), dict(view.kwargs))
+    return value, source
 
 
 def _per_channel_slice(graph: fx.Graph, fake_mode, node: fx.Node, operand, dim: int, start: int, end: int):
