@@ -109,7 +109,8 @@ def _joins_pieces(node: fx.Node, dim: int, bounds: list[tuple[int, int]]) -> boo
     if node.target is not aten.cat.default or norm_dim(node.args[1] if len(node.args) > 1 else 0, val(node).dim()) != dim:
         return False
     sizes = [val(piece).shape[dim] for piece in node.args[0]]
-    return [(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))] == bounds
+    return all(isinstance(size, int) for size in sizes) and \
+        [(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))] == bounds
 
 
 def _reader(node: fx.Node) -> Optional[fx.Node]:
