@@ -51,13 +51,13 @@ def test_prompts_of_several_chunks(world_size):
 
 
 def test_heads_sharded():
-    """in_proj_qkv's q, k and v pieces, in_proj_z and out_proj are sharded at N=2 (the conv's weight, 4
-    numbers a channel, stays whole: the conv runs on each rank's channels, sliced from it)."""
+    """in_proj_qkv's q, k and v pieces, in_proj_z, out_proj and the conv's weight, cut at q, k and v too, are
+    sharded at N=2."""
     model, captured = qwen3_5()
     tp = TPProgram(captured, 2, "auto", model)
     layer = {n.meta[STATE]: n.meta[LAYOUT] for n in held_state(tp.graph)
              if n.meta[STATE].startswith("model.layers.0.linear_attn.")}
-    for name in ("in_proj_qkv.weight", "out_proj.weight", "in_proj_z.weight"):
+    for name in ("in_proj_qkv.weight", "out_proj.weight", "in_proj_z.weight", "conv1d.weight"):
         pieces = [layout for state, layout in layer.items() if state.startswith("model.layers.0.linear_attn." + name)]
         assert pieces and all(isinstance(layout, Shard) for layout in pieces), (name, pieces)
 

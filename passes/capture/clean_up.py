@@ -24,7 +24,7 @@ def clean_up(captured: Captured) -> Captured:
     gm = captured.graph_module
     fills_as_cat(split_bias(remove_identities(inline_wrappers(gm))))
     unfuse_projections(gm, captured.state)
-    unfuse_projections(split_channel_chains(gm), captured.state)
+    unfuse_projections(split_channel_chains(gm, captured.state), captured.state)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return captured

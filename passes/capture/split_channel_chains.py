@@ -1,22 +1,32 @@
 """Split a chain of per-channel ops, a depthwise convolution among them, at the channel cuts after it.
 
 Reads:  node.meta["val"]; split / split_with_sizes along channels, the chain of ops before it back
-        to a projection: transposes, a depthwise conv1d, slices of other dims, unary ops and
-        elementwise ops whose other operands broadcast along the channels (a padding mask), adds and
-        multiplies by a value per channel (Falcon-H1's µP multipliers), and unfuse_projections'
-        flatten(unflatten(x)) (dropped).
-Writes: per piece, the chain replayed on that piece's channels: a slice of the projection output,
-        the conv on the slice of its weight and bias (groups = the piece's channels), a per-channel
-        operand sliced alike; each node
-        gets meta["val"] (the op on fake values) and the origin keys of the node it replays. The
-        cut's getitems read the replays; the old chain is left to dead code elimination.
+        to a projection or to a cat of the pieces the cut takes apart again: transposes, a depthwise
+        conv1d, slices of other dims, unary ops and elementwise ops whose other operands broadcast
+        along the channels (a padding mask), adds and multiplies by a value per channel (Falcon-H1's
+        µP multipliers), and unfuse_projections' flatten(unflatten(x)) (dropped).
+Writes: per piece, the chain replayed on that piece's channels: a slice of the projection output
+        (or the cat's input), the conv on the block of its weight and bias (groups = the piece's
+        channels), a per-channel operand sliced alike; each node gets meta["val"] (the op on fake
+        values) and the origin keys of the node it replays. A conv weight or bias that is state (read
+        through squeezes of other dims) gets a state placeholder per block, as unfuse_projections
+        makes them ("conv1d.weight[0:128]", its tensor added to `state`), so a rank can hold its
+        block sharded; the whole one is removed. The cut's getitems read the replays; the old chain
+        is left to dead code elimination.
 
     before (Mamba-2: in_proj's x|B|C piece, conv'd as one)   after
     p = linear(h, W_xBC); c = conv1d(p.T, w, b, groups=1152)  x = silu(conv1d(p[.., 0:128].T, w[0:128], b[0:128], groups=128)).T
     x, B, C = split(silu(c).T, [128, 512, 512])               B = ... p[.., 128:640] ..., C = ... p[.., 640:1152] ...
 
+    before (Qwen3-Next: q, k, v cut per key-head group from in_proj_qkvz, joined for the conv)
+    c = cat([q, k, v]); x = silu(conv1d(c.T, w, groups=8192)).T; q2, k2, v2 = split(x, [2048, 2048, 4096])
+    after
+    q2 = silu(conv1d(q.T, w[0:2048], groups=2048)).T; k2 = ... k ... w[2048:4096] ...; v2 = ... v ...
+
 Why: x is sharded by heads and B, C by groups of heads (or kept whole); one tensor holding all three
 has no Shard. Once the cut is at the projection, unfuse_projections makes three projections of it.
+Qwen3-Next's q, k and v are each sharded by key-head groups, but their cat, 16 + 16 + 32 heads, is no
+Shard either: split per piece, each keeps its own.
 """
 from __future__ import annotations
 
@@ -31,34 +41,43 @@ from fxtp.node_meta import copy_origin
 from fxtp.sharding.op_rules.cut_and_join import piece_bounds
 from fxtp.sharding.op_rules.helpers import is_tensor_node, norm_dim, val
 from fxtp.sharding.op_rules.views import PERMUTES, permutation
+from fxtp.passes.capture.unfuse_projections import block_placeholder
 from fxtp.passes.sharding.projections import projection_site
+from fxtp.passes.sharding.propagate import is_state
 
 aten = torch.ops.aten
 _CUTS = (aten.split.Tensor, aten.split_with_sizes.default)
 _CONVS = (aten.conv1d.default, aten.conv2d.default)
 _PER_CHANNEL = (aten.add.Tensor, aten.mul.Tensor)  # elementwise ops whose operand per channel is sliced per piece
+_OTHER_DIM_VIEWS = (aten.squeeze.dim, aten.unsqueeze.default)
 
 
-def split_channel_chains(gm: fx.GraphModule) -> fx.GraphModule:
+def split_channel_chains(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> fx.GraphModule:
+    cut_into_blocks: list[fx.Node] = []
     for cut in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CUTS]:
         chain = _chain(cut)
         if chain is not None:
-            _split(gm, cut, *chain)
+            cut_into_blocks += _split(gm, state, cut, *chain)
     gm.graph.eliminate_dead_code()
+    for node in dict.fromkeys(cut_into_blocks):
+        if not node.users:
+            gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
 def _chain(cut: fx.Node) -> Optional[tuple[fx.Node, int, list[tuple[fx.Node, int]]]]:
-    """(projection, its channel dim, [(chain node, channel dim of its input)] in graph order) for a cut
-    along channels whose input comes from a projection through one depthwise conv and per-channel ops."""
+    """(start, its channel dim, [(chain node, channel dim of its input)] in graph order) for a cut
+    along channels whose input comes from a start through one depthwise conv and per-channel ops: a
+    projection, or a cat of the very pieces the cut makes (`_joins_pieces`)."""
     node = cut.args[0]
     dim = norm_dim(cut.args[2] if len(cut.args) > 2 else 0, val(node).dim())
-    if piece_bounds(cut, dim) is None or any(u.target is not operator.getitem for u in cut.users):
+    bounds = piece_bounds(cut, dim)
+    if bounds is None or any(u.target is not operator.getitem for u in cut.users):
         return None
     chain = []
-    while projection_site(node) is None:
+    while projection_site(node) is None and not _joins_pieces(node, dim, bounds):
         if node.op != "call_function" or _reader(node) is None or not is_tensor_node(node.args[0]):
             return None
         src = node.args[0]
@@ -83,6 +102,15 @@ def _chain(cut: fx.Node) -> Optional[tuple[fx.Node, int, list[tuple[fx.Node, int
     if not any(n.target in _CONVS for n, _ in chain) or _reader(node) is None:
         return None
     return node, dim, chain[::-1]
+
+
+def _joins_pieces(node: fx.Node, dim: int, bounds: list[tuple[int, int]]) -> bool:
+    """Whether `node` is a cat along `dim` of pieces with exactly `bounds`."""
+    if node.target is not aten.cat.default or norm_dim(node.args[1] if len(node.args) > 1 else 0, val(node).dim()) != dim:
+        return False
+    sizes = [val(piece).shape[dim] for piece in node.args[0]]
+    return all(isinstance(size, int) for size in sizes) and \
+        [(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))] == bounds
 
 
 def _reader(node: fx.Node) -> Optional[fx.Node]:
@@ -119,13 +147,16 @@ def _aligned_dim(node: fx.Node, operand: fx.Node, dim: int) -> Optional[int]:
     return d if d >= 0 else None
 
 
-def _split(gm: fx.GraphModule, cut: fx.Node, projection: fx.Node, dim: int, chain: list) -> None:
-    graph, fake_mode = gm.graph, detect_fake_mode([val(projection)])
+def _split(gm: fx.GraphModule, state: dict, cut: fx.Node, start_node: fx.Node, dim: int, chain: list) -> list[fx.Node]:
+    """Replays the chain per piece; returns the state whose blocks the replayed convs read."""
+    graph, fake_mode = gm.graph, detect_fake_mode([val(start_node)])
+    sources = []
     bounds = piece_bounds(cut, norm_dim(cut.args[2] if len(cut.args) > 2 else 0, val(cut.args[0]).dim()))
     pieces = []
-    for start, end in bounds:
+    for i, (start, end) in enumerate(bounds):
         with graph.inserting_before(cut):
-            value = _replay(graph, fake_mode, chain[0][0], aten.slice.Tensor, (projection, dim, start, end), {})
+            value = start_node.args[0][i] if start_node.target is aten.cat.default else \
+                _replay(graph, fake_mode, chain[0][0], aten.slice.Tensor, (start_node, dim, start, end), {})
             for node, dim_in in chain:
                 args, kwargs = (value, *node.args[1:]), dict(node.kwargs)
                 if node.target in _PER_CHANNEL:
@@ -134,7 +165,8 @@ def _split(gm: fx.GraphModule, cut: fx.Node, projection: fx.Node, dim: int, chai
                     args = list(args) + [1] * (7 - len(args))
                     for i in (1, 2):
                         if isinstance(args[i], fx.Node):
-                            args[i] = _replay(graph, fake_mode, node, aten.slice.Tensor, (args[i], 0, start, end), {})
+                            args[i], source = _channels(graph, state, fake_mode, node, args[i], start, end)
+                            sources += [source] if source is not None else []
                     args[6] = end - start
                 value = _replay(graph, fake_mode, node, node.target, tuple(args), kwargs)
         pieces.append(value)
@@ -143,6 +175,25 @@ def _split(gm: fx.GraphModule, cut: fx.Node, projection: fx.Node, dim: int, chai
     for node, _ in chain:  # the dtype checks of the old chain would keep it alive
         for user in [u for u in node.users if u.target is aten._assert_tensor_metadata.default]:
             graph.erase_node(user)
+    return sources
+
+
+def _channels(graph: fx.Graph, state: dict, fake_mode, conv: fx.Node, operand: fx.Node, start: int,
+              end: int) -> tuple[fx.Node, Optional[fx.Node]]:
+    """Channels start:end (dim 0) of a conv's weight or bias, and the state they are a block of: where it is
+    state read through squeezes and unsqueezes of other dims (transformers' W.squeeze(1).unsqueeze(1)), those
+    views replayed on a block of that state; else a slice of it (and None)."""
+    views, source = [], operand
+    while source.op == "call_function" and source.target in _OTHER_DIM_VIEWS and \
+            norm_dim(source.args[1], val(source if source.target is aten.unsqueeze.default else source.args[0]).dim()) > 0:
+        views.insert(0, source)
+        source = source.args[0]
+    if not is_state(source):
+        return _replay(graph, fake_mode, conv, aten.slice.Tensor, (operand, 0, start, end), {}), None
+    value = block_placeholder(graph, state, source, 0, start, end)
+    for view in views:
+        value = _replay(graph, fake_mode, view, view.target, (value, *view.args[1:]), dict(view.kwargs))
+    return value, source
 
 
 def _per_channel_slice(graph: fx.Graph, fake_mode, node: fx.Node, operand, dim: int, start: int, end: int):

@@ -237,13 +237,10 @@ def _unfuse(gm: fx.GraphModule, state: dict, proj: fx.Node, steps: list[_Step], 
         permutes.insert(0, node)
         node = node.args[0]
     per_feature = [step.node for step in steps[1:] if step.node.target in _PER_FEATURE]  # right after proj
-    first_input = next(n for n in graph.nodes if n.op == "placeholder" and STATE not in n.meta)
     for piece in pieces:
         lo, hi = piece.start * steps[-1].unit, piece.end * steps[-1].unit
-        with graph.inserting_before(first_input):  # state placeholders come before the inputs
-            new_weight = _block_placeholder(graph, state, weight, out_dim, lo, hi)
-            blocks = {n: _block_placeholder(graph, state, n.args[1], val(n.args[1]).dim() - 1, lo, hi)
-                      for n in per_feature}
+        new_weight = block_placeholder(graph, state, weight, out_dim, lo, hi)
+        blocks = {n: block_placeholder(graph, state, n.args[1], val(n.args[1]).dim() - 1, lo, hi) for n in per_feature}
         with graph.inserting_before(piece.output):
             w, w_dim = new_weight, out_dim
             for permute in permutes:
@@ -274,9 +271,13 @@ def _unfuse(gm: fx.GraphModule, state: dict, proj: fx.Node, steps: list[_Step], 
     return [weight] + [n.args[1] for n in per_feature] + constants
 
 
-def _block_placeholder(graph: fx.Graph, state: dict, source: fx.Node, dim: int, lo: int, hi: int) -> fx.Node:
+def block_placeholder(graph: fx.Graph, state: dict, source: fx.Node, dim: int, lo: int, hi: int) -> fx.Node:
+    """A state placeholder for the block lo:hi along `dim` of the state `source`, named by `derived_name`, its
+    tensor (a view of the source's) added to `state`; placed before the graph's inputs, as state is."""
     name = derived_name(source.meta[STATE], dim, lo, hi)
-    node = graph.placeholder(f"{source.name}_{lo}_{hi}")
+    first_input = next(n for n in graph.nodes if n.op == "placeholder" and STATE not in n.meta)
+    with graph.inserting_before(first_input):
+        node = graph.placeholder(f"{source.name}_{lo}_{hi}")
     node.meta[STATE] = name
     node.meta["val"] = _resized(val(source), dim, hi - lo)
     copy_origin(source, node)
