@@ -163,9 +163,9 @@ def _split(gm: fx.GraphModule, state: dict, cut: fx.Node, start_node: fx.Node, d
                     args = (value, *(_per_channel_slice(graph, fake_mode, node, a, dim_in, start, end) for a in args[1:]))
                 if node.target in _CONVS:
                     args = list(args) + [1] * (7 - len(args))
-                    for i in (1, 2):
-                        if isinstance(args[i], fx.Node):
-                            args[i], source = _channels(graph, state, fake_mode, node, args[i], start, end)
+                    for operand in (1, 2):  # the conv's weight and bias
+                        if isinstance(args[operand], fx.Node):
+                            args[operand], source = _channels(graph, state, fake_mode, node, args[operand], start, end)
                             sources += [source] if source is not None else []
                     args[6] = end - start
                 value = _replay(graph, fake_mode, node, node.target, tuple(args), kwargs)
