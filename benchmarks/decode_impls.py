@@ -18,7 +18,7 @@ def fxtp_runner(ctx: Context, compile) -> Runner:
     attention = {"attn_implementation": ctx.attn_implementation} if ctx.attn_implementation else {}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(ctx.config, dtype=ctx.dtype, **attention).eval()
-    tp = fxtp.compile(model, ctx.world_size)
+    tp = fxtp.compile(model, ctx.world_size, capture_on_first_use=True)  # it generates only: no forward export
     gen = tp.generator(ctx.rank, device=ctx.device, checkpoint=ctx.checkpoint, compile=compile)
     if compile is not False and ctx.rank == 0:
         print(f"[inference_test] fxtp-compile options: {gen.compile_options}", file=sys.stderr, flush=True)

@@ -313,3 +313,22 @@ def test_ranks_compare_generate_arguments_by_value():
             generation_config=config, streamer=object(), logits_processor=transformers.LogitsProcessorList()))
     assert str(arguments(3)) == str(arguments(3)) and str(arguments(3)) != str(arguments(4))
     assert "streamer" not in arguments(3)
+
+
+def test_a_program_compiled_to_capture_on_first_use_generates_without_the_forward(monkeypatch):
+    """fxtp.compile(..., capture_on_first_use=True) checks its arguments at once; its generator captures
+    only the step with a KV cache, and dump or simulate capture the forward when first called."""
+    captures = []
+    monkeypatch.setattr(program, "capture", lambda model: captures.append(model) or capture(model))
+    with pytest.raises(ValueError, match="larger than the model's 4 attention heads"):
+        fxtp.compile(tiny_model("llama"), 8, capture_on_first_use=True)
+    with pytest.raises(ValueError, match="training is captured now"):
+        fxtp.compile(tiny_model("llama"), 2, training=True, capture_on_first_use=True)
+    model = tiny_model("llama", noise=0.05)
+    tp = fxtp.compile(model, 2, capture_on_first_use=True)
+    ids, mask = prompts()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(tp.generate(ids, attention_mask=mask, max_new_tokens=4), expected)
+    assert captures == []
+    assert "column-parallel" in fxtp.dump(tp) and captures == [model]
+    assert (tp.simulate(ids, attention_mask=mask) - model(ids, attention_mask=mask).logits).abs().max() < 1e-5

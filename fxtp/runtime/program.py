@@ -46,7 +46,7 @@ PROGRAMS_PER_SHAPE = 32
 
 def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=None,
             injection_policy: Optional[dict] = None, example_inputs: Optional[ExampleInputs] = None,
-            dynamic_shapes=None, training: bool = False) -> "TPProgram":
+            dynamic_shapes=None, training: bool = False, capture_on_first_use: bool = False) -> "TPProgram":
     """Capture `model`, plan its sharding over `world_size` ranks and return the program.
     `plan` is "auto" or {module pattern: "colwise" | "rowwise" | "replicate"}; an HF `tp_plan`
     (dict or "auto") or a DeepSpeed `injection_policy` may be given instead (passes/sharding/manual_plan.py).
@@ -55,7 +55,18 @@ def compile(model: torch.nn.Module, world_size: int, *, plan="auto", tp_plan=Non
     (torch.export's form) says otherwise (fxtp/capture/plain_module.py); a HF model needs neither.
     With `training`, a HF causal LM is captured in train mode as (input_ids, attention_mask, labels) ->
     (loss, logits) (fxtp/capture/training.py), and its rank modules hold trainable shards: each rank's
-    backward leaves in every parameter's .grad its part of the unsharded model's gradient."""
+    backward leaves in every parameter's .grad its part of the unsharded model's gradient.
+    With `capture_on_first_use` (a HF model, not for training), the arguments are checked now and the
+    forward is captured and planned when something first reads its graph (simulate, module, dump):
+    a program that only generates never exports it (`compile_on_first_use`)."""
+    if type(capture_on_first_use) is not bool:
+        raise TypeError(f"capture_on_first_use is True or False, got {capture_on_first_use!r}")
+    if capture_on_first_use:
+        if training or not is_hf_model(model):
+            raise ValueError("capture_on_first_use=True defers the capture of a HF model's forward for inference; "
+                             f"{'training' if training else 'a plain module (its example_inputs)'} is captured now: "
+                             "leave capture_on_first_use out")
+        return compile_on_first_use(model, world_size, plan=plan, tp_plan=tp_plan, injection_policy=injection_policy)
     spec = checked_spec(model, world_size, plan, tp_plan, injection_policy, example_inputs, dynamic_shapes, training)
     hf = is_hf_model(model)
     sources: set[str] = set()
