@@ -159,7 +159,7 @@ def capture_cached(model: torch.nn.Module, size: Optional[tuple[int, int]] = Non
     # (Min(16*L, 32*L) == 16*L) and refuses one. A Dim.DYNAMIC accepts what a named Dim would have
     # refused (GPT-Neo's cache longer than its causal-mask buffer), so models that transformers says
     # its static cache does not serve were refused above
-    rows, columns = (None, None) if size else (Dim("batch", min=1, max=MAX_BATCH), Dim.DYNAMIC(min=2, max=longest))
+    rows, columns = (Dim.STATIC, Dim.STATIC) if size else (Dim("batch", min=1, max=MAX_BATCH), Dim.DYNAMIC(min=2, max=longest))
     tokens = Dim.DYNAMIC(min=1, max=longest)
     cache_dims = [dict(zip(CACHE_SIZED_DIMS, (rows, columns)))] * len(keys)
     hint = "Generation needs a model that supports transformers' StaticCache."
