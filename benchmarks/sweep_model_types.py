@@ -105,12 +105,26 @@ def biggest_replicated(tp, model) -> str:
     name = max(replicated, key=lambda s: tp.captured.state[s].numel())
     share = tp.captured.state[name].numel() / sum(p.numel() for p in model.parameters())
     reason = "in no projection group"
+    if looked_up_by_position(tp.graph, name):
+        reason = "a table looked up by positions or token types, not token ids: whole on every rank, as Megatron keeps it"
     for group in (g for g in tp.plan.groups if name in g.weights):
         whole = group.role is Role.REPLICATED or name in group.dropped  # the plan says why in its reason
         kept = [line.strip() for line in group.reason.splitlines() if name in line and "kept replicated" in line]
         reason = (group.reason.splitlines()[0] if whole else kept[0] if kept
                   else f"in a {group.role} group, left whole by the rules")
     return f"{name} ({share:.2f} of parameters): {reason}"[:MESSAGE_CHARS]
+
+
+def looked_up_by_position(graph, name: str) -> bool:
+    """Whether state `name` is an embedding table that no token ids index (fxtp plans token tables only)."""
+    import torch
+    from fxtp.node_meta import STATE
+    from fxtp.passes.sharding.plan import token_embeddings
+
+    tokens = {node.args[0] for node in token_embeddings(graph)}
+    return any(node.op == "placeholder" and node.meta.get(STATE) == name and node not in tokens
+               and any(user.target is torch.ops.aten.embedding.default for user in node.users)
+               for node in graph.graph.nodes)
 
 
 def measure_size(model, captured, world_size: int, ids, mask) -> dict:

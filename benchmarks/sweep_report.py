@@ -99,9 +99,12 @@ def verdict(row: dict) -> Verdict:
         cause = f"uneven split at N={ws}"
         reason = (f"N={ws} uneven split: the fullest rank holds {size['params_per_rank']:.2f}, the mean "
                   f"{size['params_mean']:.2f} ({row.get('heads')} heads over {ws} ranks)")
-    else:  # heads that do not divide over the ranks stay whole (a tiny config's 2 kv heads at N=3 and 4)
-        undivided = "heads do not divide over" in size["biggest_replicated"]
-        cause = f"{'heads undivided' if undivided else 'parameters replicated'} at N={ws}"
+    else:  # heads that do not divide over the ranks stay whole (a tiny config's 2 kv heads at N=3 and 4), and so
+        # do position tables, which tiny configs make a large share of the parameters
+        replicated = size["biggest_replicated"]
+        kind = "heads undivided" if "heads do not divide over" in replicated else \
+            "position table whole" if "looked up by positions" in replicated else "parameters replicated"
+        cause = f"{kind} at N={ws}"
         reason = f"N={ws} params/rank {size['params_per_rank']:.2f}, replicated {size['biggest_replicated']}"
     heads = row.get("heads")
     if heads is not None and heads < MIN_HEADS:
