@@ -247,3 +247,22 @@ def test_a_bare_cuda_device_is_the_current_gpu():
     assert torch.equal(sharded.generate(ids, max_new_tokens=4, do_sample=False), expected)
     generator = sharded.fxtp_runtime.program.generator(0, "cuda")
     assert torch.equal(generator.generate(ids, max_new_tokens=4), expected)
+
+
+# a checkpoint read onto the GPU (copied from the file's pages straight to the device) holds what the
+# CPU's reading holds, at every rank of an uneven split and for a checkpoint of another float dtype
+@needs_gpus(1)
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_a_checkpoint_read_onto_the_gpu_holds_what_the_cpu_reads(tmp_path, stored):
+    model = tiny_model("llama", noise=0.05)
+    model.to(stored).save_pretrained(tmp_path)
+    with torch.device("meta"):
+        meta = type(model)(model.config).to(torch.float32).eval()
+    tp = fxtp.compile(meta, 3)
+    for rank in range(3):
+        on_gpu = dict(tp.rank_graph(rank, device="cuda", checkpoint=str(tmp_path)).state_dict())
+        on_cpu = dict(tp.rank_graph(rank, device="cpu", checkpoint=str(tmp_path)).state_dict())
+        assert on_gpu.keys() == on_cpu.keys() and len(on_cpu) > 10
+        for name, tensor in on_cpu.items():
+            assert on_gpu[name].device.type == "cuda" and on_gpu[name].dtype == torch.float32
+            assert torch.equal(on_gpu[name].cpu(), tensor), name

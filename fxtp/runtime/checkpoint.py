@@ -116,12 +116,13 @@ def leftover_tensors(model: torch.nn.Module, names, conversions: "Conversions") 
 
 
 class RankLoader:
-    """`loader(name, layout)`: this rank's part of a state tensor, read from the checkpoint and
-    cast to the model's dtype."""
+    """`loader(name, layout)`: this rank's part of a state tensor, read from the checkpoint onto
+    `device` and cast to the model's dtype there."""
 
     def __init__(self, path: str, rank: int, state: dict[str, torch.Tensor], aliases: dict[str, list[str]],
-                 model: Optional[torch.nn.Module]):
+                 model: Optional[torch.nn.Module], device: torch.device = torch.device("cpu")):
         self.path, self.rank, self.state, self.aliases, self.model = path, rank, state, aliases, model
+        self.device = device
         self.files = tensor_files(path)
         self.conversions: Optional[Conversions] = None  # indexed on the first tensor not found by name
         if model is not None:
@@ -174,10 +175,11 @@ class RankLoader:
                                       f"{source!r} is {list(self.state[source].shape)}: the config does not match "
                                       "the checkpoint")
             # copied out, so nothing keeps the file mapped: pages read for a column slice (which
-            # touches every row of the tensor) are released with it instead of staying resident
+            # touches every row of the tensor) are released with it instead of staying resident. A
+            # GPU's copy is that copy: a clone first would pass over every byte once more
             value = _read(view, block, layout, self.rank) if isinstance(layout, Shard) or block is not None \
                 else handle.get_tensor(stored)
-            return _cast(value.clone(), expected, stored)
+            return _cast(value.clone() if self.device.type == "cpu" else value.to(self.device), expected, stored)
 
     def _read_whole(self, name: str) -> torch.Tensor:
         """A whole checkpoint tensor (a source of a converted one), copied out of the file."""

@@ -265,8 +265,8 @@ class TPProgram:
         if device.type == "meta":
             raise ValueError("device='meta' holds no data: pass device='cpu' or f'cuda:{local_rank}'")
         state = self.captured.state
-        loader = RankLoader(checkpoint, rank, state, self.captured.aliases, self.model) if checkpoint is not None \
-            else None
+        loader = RankLoader(checkpoint, rank, state, self.captured.aliases, self.model, device) \
+            if checkpoint is not None else None
 
         def read(name, layout):  # export's lifted constants hold their values; no checkpoint has them
             if loader is None or name in self.captured.constants:
