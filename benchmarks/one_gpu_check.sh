@@ -5,7 +5,7 @@
 #                                             Llama-3-8B shape, fxtp-compile-n1 against hf-compile): each
 #                                             impl's first generate in a fresh process with empty inductor and
 #                                             Triton caches (cold), then in a second one that finds them
-#                                             (warm), fxtp also with its prefill eager; then prefill of 2048
+#                                             (warm); then prefill of 2048
 #                                             and 8192 tokens at batch 1 and 8 (fxtp's prefill compiled and eager)
 #   bash benchmarks/one_gpu_check.sh batches  part 2: decode at batch 1, 8, 32, 64 and 128 (prompt 128); the
 #                                             largest batch of each impl at cache length 1024; with the call's
@@ -35,15 +35,12 @@ case "${1:-tests}" in
     bench="python3 -P benchmarks/inference_test.py --shape llama3-8b --dtype bfloat16 --checkpoint-dir /tmp/checkpoint"
     export PYTHONPATH=benchmarks FXTP_VERBOSITY=debug
     # the cold runs first: a call cut short keeps the goals' numbers
-    for run in fxtp-compile-n1:cold hf-compile:cold fxtp-compile-n1:warm fxtp-compile-n1-eager-prefill:cold \
-               fxtp-compile-n1-eager-prefill:warm hf-compile:warm; do
+    for run in fxtp-compile-n1:cold hf-compile:cold fxtp-compile-n1:warm hf-compile:warm; do
       name="${run%%:*}"
-      options='{}'; [ "$name" != "${name%-eager-prefill}" ] && options='{"compile_prefill": false}'
       # empty on a fresh machine: the first run of each name is cold, the second finds its caches
       export TORCHINDUCTOR_CACHE_DIR="/tmp/inductor-$name" TRITON_CACHE_DIR="/tmp/triton-$name"
-      timeout $(budget 150) $bench --impl "${name%-eager-prefill}" --compile-options "$options" --no-reference \
-        --batch 1 --prompt-len 128 --gen-len 32 --warmup 1 --trials 2 --out "$out/${run/:/-}.json" \
-        > "$out/${run/:/-}.log" 2>&1
+      timeout $(budget 150) $bench --impl "$name" --no-reference --batch 1 --prompt-len 128 --gen-len 32 \
+        --warmup 1 --trials 2 --out "$out/${run/:/-}.json" > "$out/${run/:/-}.log" 2>&1
       echo "$run rc=$?"; grep -E "^fxtp:.*[0-9] s$|^ *fxtp|^ *hf" "$out/${run/:/-}.log" | tail -12
     done
     unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR FXTP_VERBOSITY
