@@ -5,11 +5,12 @@
 #                                             Llama-3-8B shape, fxtp-compile-n1 against hf-compile): each
 #                                             impl's first generate in a fresh process with empty inductor and
 #                                             Triton caches (cold), then in a second one that finds them
-#                                             (warm); then prefill of 2048
-#                                             and 8192 tokens at batch 1 and 8 (fxtp's prefill compiled and eager)
-#   bash benchmarks/one_gpu_check.sh batches  part 2: decode at batch 1, 8, 32, 64 and 128 (prompt 128); the
-#                                             largest batch of each impl at cache length 1024; with the call's
-#                                             time left, the kernels of an 8192-token prefill (prefill_profile.py)
+#                                             (warm); then decode at batch 1, 8 and 32 (prompt 128)
+#   bash benchmarks/one_gpu_check.sh prefill  part 2: prefill of 2048 and 8192 tokens at batch 1 and 8 (fxtp's
+#                                             prefill compiled and eager)
+#   bash benchmarks/one_gpu_check.sh batches  part 3: decode at batch 64 and 128; the largest batch of each
+#                                             impl at cache length 1024; with the call's time left, the kernels
+#                                             of an 8192-token prefill (prefill_profile.py)
 #   bash benchmarks/one_gpu_check.sh timing-train   one training step (forward, backward, AdamW) on the
 #                                             Llama-3-8B shape with 4 layers in bfloat16: HF eager and
 #                                             torch.compile'd against fxtp-n1, eager and torch.compile'd
@@ -24,6 +25,12 @@ budget() { local left=$((${CALL_SECONDS:-570} - SECONDS)); [ $left -lt $1 ] && e
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -m pip install --no-deps --no-build-isolation --no-index . > "$out/install.log" 2>&1
 echo "install rc=$?" | tee -a "$out/gpu.txt"
+bench="python3 -P benchmarks/inference_test.py --shape llama3-8b --dtype bfloat16 --checkpoint-dir /tmp/checkpoint"
+decode_batches() {  # HF compiled and fxtp at the batch sizes $1, prompt 128
+  timeout $(budget 250) $bench --impl hf-compile,fxtp-compile-n1 --batch $1 --prompt-len 128 \
+    --gen-len 64 --warmup 1 --trials 3 --out "$out/decode-$1.json" > "$out/decode-$1.log" 2>&1
+  echo "decode batches $1 rc=$?"; tail -14 "$out/decode-$1.log"
+}
 case "${1:-tests}" in
   tests)
     (cd /tmp && python3 -c "import fxtp, fxtp.passes.sharding.plan, fxtp.decode.options; print('installed fxtp at', fxtp.__file__)") \
@@ -32,7 +39,6 @@ case "${1:-tests}" in
     timeout 560 python3 -P -m pytest -q -rs tests/test_cuda.py tests/test_cuda_two_gpus.py -p no:cacheprovider 2>&1 \
       | tee "$out/test_cuda.log" | tail -40 ;;
   first-token)
-    bench="python3 -P benchmarks/inference_test.py --shape llama3-8b --dtype bfloat16 --checkpoint-dir /tmp/checkpoint"
     export PYTHONPATH=benchmarks FXTP_VERBOSITY=debug
     # the cold runs first: a call cut short keeps the goals' numbers
     for run in fxtp-compile-n1:cold hf-compile:cold fxtp-compile-n1:warm hf-compile:warm; do
@@ -44,20 +50,19 @@ case "${1:-tests}" in
       echo "$run rc=$?"; grep -E "^fxtp:.*[0-9] s$|^ *fxtp|^ *hf" "$out/${run/:/-}.log" | tail -12
     done
     unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR FXTP_VERBOSITY
+    decode_batches 1,8,32 ;;
+  prefill)
+    export PYTHONPATH=benchmarks
+    # each length's second batch size is a new cache size: the step's symbolic export, then its decode step
     for length in 2048 8192; do
-      timeout $(budget 150) $bench --impl hf-compile,fxtp-compile-n1 --batch 1,8 --prompt-len $length --gen-len 4 \
+      timeout $(budget 270) $bench --impl hf-compile,fxtp-compile-n1 --batch 1,8 --prompt-len $length --gen-len 4 \
         --compile-options '[{}, {"compile_prefill": false}]' --check-tokens 4 --warmup 1 --trials 3 \
         --out "$out/prefill-$length.json" > "$out/prefill-$length.log" 2>&1
       echo "prefill $length rc=$?"; tail -12 "$out/prefill-$length.log"
     done ;;
   batches)
-    bench="python3 -P benchmarks/inference_test.py --shape llama3-8b --dtype bfloat16 --checkpoint-dir /tmp/checkpoint"
     export PYTHONPATH=benchmarks
-    for batches in 1,8,32 64,128; do  # two processes: one cut short by the call's end loses only its own
-      timeout $(budget 200) $bench --impl hf-compile,fxtp-compile-n1 --batch $batches --prompt-len 128 --gen-len 64 \
-        --warmup 1 --trials 3 --out "$out/decode-$batches.json" > "$out/decode-$batches.log" 2>&1
-      echo "decode batches $batches rc=$?"; tail -14 "$out/decode-$batches.log"
-    done
+    decode_batches 64,128
     for impl in fxtp-compile-n1 hf-compile; do  # cache length 1024: a prompt of 896 and 128 new tokens
       timeout $(budget 120) $bench --find-max-batch $impl --batch 128 --prompt-len 896 --gen-len 128 \
         --out "$out/max-batch-$impl.json" > "$out/max-batch-$impl.log" 2>&1
