@@ -11,7 +11,8 @@ from functools import lru_cache
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from fxtp.capture.export import capture
@@ -76,3 +77,46 @@ def test_mixers_sharded_by_heads(model_type, world_size):
         pieces = [layout for state, layout in layouts.items() if state.split("[")[0] == name]
         assert pieces and all(isinstance(layout, Shard) for layout in pieces), (name, pieces)
     assert largest_parameter_share(tp, model) <= max(1 / world_size, -(-4 // world_size) / 4) + 0.05
+
+
+@st.composite
+def gated_delta_configs(draw):
+    """A Qwen3-Next of two layers (linear attention then full, or both linear) with drawn key heads, value
+    heads per key head, key and value head sizes and conv kernel."""
+    key_heads = draw(st.sampled_from([1, 2, 3, 4, 6]))
+    config = generic_tiny_config("qwen3_next").to_dict()
+    del config["model_type"]
+    return AutoConfig.for_model(
+        "qwen3_next", **{**config,
+                         "linear_num_key_heads": key_heads,
+                         "linear_num_value_heads": key_heads * draw(st.sampled_from([1, 2, 3])),
+                         "linear_key_head_dim": draw(st.sampled_from([4, 8, 16])),
+                         "linear_value_head_dim": draw(st.sampled_from([4, 8, 16])),
+                         "linear_conv_kernel_dim": draw(st.integers(2, 4)),
+                         "layer_types": draw(st.sampled_from([["linear_attention", "full_attention"],
+                                                              ["linear_attention"] * 2]))})
+
+
+def check_gated_delta(config, world_size, seq):
+    assume(world_size <= config.linear_num_key_heads)  # fxtp splits between key-head groups, never inside one
+    torch.manual_seed(seq)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    assert_equivalent(model, world_size, *left_padded_batch(seq), atol=1e-5)
+
+
+needs_qwen3_next = pytest.mark.skipif("qwen3_next" not in CONFIG_MAPPING_NAMES, reason="no qwen3_next here")
+
+
+@needs_qwen3_next
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(gated_delta_configs(), st.integers(1, 4), st.integers(5, 13))
+def test_random_gated_delta_nets(config, world_size, seq):
+    check_gated_delta(config, world_size, seq)
+
+
+@needs_qwen3_next
+@pytest.mark.slow  # more draws of test_random_gated_delta_nets
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(gated_delta_configs(), st.integers(1, 4), st.integers(5, 13))
+def test_random_gated_delta_nets_more(config, world_size, seq):
+    check_gated_delta(config, world_size, seq)
