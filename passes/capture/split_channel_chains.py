@@ -41,7 +41,7 @@ from fxtp.node_meta import copy_origin
 from fxtp.sharding.op_rules.cut_and_join import piece_bounds
 from fxtp.sharding.op_rules.helpers import is_tensor_node, norm_dim, val
 from fxtp.sharding.op_rules.views import PERMUTES, permutation
-from fxtp.passes.capture.unfuse_projections import block_placeholder
+from fxtp.passes.capture.unfuse_projections import block_placeholder, erase_orphans
 from fxtp.passes.sharding.projections import projection_site
 from fxtp.passes.sharding.propagate import is_state
 
@@ -58,19 +58,14 @@ def split_channel_chains(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> 
         chain = _chain(cut)
         if chain is not None:
             cut_into_blocks += _split(gm, state, cut, *chain)
-    gm.graph.eliminate_dead_code()
-    for node in dict.fromkeys(cut_into_blocks):
-        if not node.users:
-            gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
+    erase_orphans(gm, cut_into_blocks)
     return gm
 
 
-def _chain(cut: fx.Node) -> Optional[tuple[fx.Node, int, list[tuple[fx.Node, int]]]]:
-    """(start, its channel dim, [(chain node, channel dim of its input)] in graph order) for a cut
-    along channels whose input comes from a start through one depthwise conv and per-channel ops: a
-    projection, or a cat of the very pieces the cut makes (`_joins_pieces`)."""
+def _chain(cut: fx.Node) -> Optional[tuple[fx.Node, int, list[tuple[fx.Node, int]], list[tuple[int, int]]]]:
+    """(start, its channel dim, [(chain node, channel dim of its input)] in graph order, the pieces'
+    channel bounds) for a cut along channels whose input comes from a start through one depthwise conv
+    and per-channel ops: a projection, or a cat of the very pieces the cut makes (`_joins_pieces`)."""
     node = cut.args[0]
     dim = norm_dim(cut.args[2] if len(cut.args) > 2 else 0, val(node).dim())
     bounds = piece_bounds(cut, dim)
@@ -101,7 +96,7 @@ def _chain(cut: fx.Node) -> Optional[tuple[fx.Node, int, list[tuple[fx.Node, int
         node, dim = src, dim_in
     if not any(n.target in _CONVS for n, _ in chain) or _reader(node) is None:
         return None
-    return node, dim, chain[::-1]
+    return node, dim, chain[::-1], bounds
 
 
 def _joins_pieces(node: fx.Node, dim: int, bounds: list[tuple[int, int]]) -> bool:
@@ -147,11 +142,11 @@ def _aligned_dim(node: fx.Node, operand: fx.Node, dim: int) -> Optional[int]:
     return d if d >= 0 else None
 
 
-def _split(gm: fx.GraphModule, state: dict, cut: fx.Node, start_node: fx.Node, dim: int, chain: list) -> list[fx.Node]:
+def _split(gm: fx.GraphModule, state: dict, cut: fx.Node, start_node: fx.Node, dim: int, chain: list,
+           bounds: list[tuple[int, int]]) -> list[fx.Node]:
     """Replays the chain per piece; returns the state whose blocks the replayed convs read."""
     graph, fake_mode = gm.graph, detect_fake_mode([val(start_node)])
     sources = []
-    bounds = piece_bounds(cut, norm_dim(cut.args[2] if len(cut.args) > 2 else 0, val(cut.args[0]).dim()))
     pieces = []
     for i, (start, end) in enumerate(bounds):
         with graph.inserting_before(cut):

@@ -78,6 +78,13 @@ def unfuse_projections(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> fx
         found = _cuts(proj, state)
         if found is not None:
             orphans += _unfuse(gm, state, proj, *found)
+    erase_orphans(gm, orphans)
+    return gm
+
+
+def erase_orphans(gm: fx.GraphModule, orphans: list[fx.Node]) -> None:
+    """Dead code elimination, then `orphans` (the whole state placeholders, and their copies, that
+    blocks replaced) erased where nothing reads them any more; the graph linted and recompiled."""
     gm.graph.eliminate_dead_code()
     alive = set(gm.graph.nodes)  # dead code elimination may have erased the pure copies already
     for node in dict.fromkeys(orphans):  # in order, once: a constant's copies before the constant
@@ -85,7 +92,6 @@ def unfuse_projections(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> fx
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
-    return gm
 
 
 def _cuts(proj: fx.Node, state: dict) -> Optional[tuple[list[_Step], list[_Piece]]]:
