@@ -54,7 +54,7 @@ def main() -> None:
     ids = torch.randint(3, min(model.config.vocab_size, 32000), (args.batch, args.prompt_len),
                         generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
-    generator = fxtp.compile(model, 1).generator(0, device=device, compile=True)
+    generator = fxtp.compile(model, 1, capture_on_first_use=True).generator(0, device=device, compile=True)
     result = {"fxtp-compile-n1": kernels(lambda: generator.generate(ids, mask, max_new_tokens=1, eos_token_id=[]),
                                          args.top)}
     del generator

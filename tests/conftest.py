@@ -18,6 +18,9 @@ import torch
 torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else max(1, min(2, os.cpu_count() or 1)))
 if not torch.cuda.is_available() and "triton.language" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# fxtp's step cache off (fxtp/runtime/step_cache.py): every test exports and plans as a user's first process
+# does, and nothing is written to the home directory; tests/test_step_cache.py turns it on in a temporary one
+os.environ.setdefault("FXTP_CACHE_DIR", "")
 
 
 def pytest_configure(config):

@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import fxtp
 from fxtp.node_meta import LAYOUT, STATE
 from fxtp.runtime.program import TPProgram
 from fxtp.sharding.layouts import Shard

@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import fxtp
 from fxtp.capture.training import IGNORE_INDEX
 from fxtp.node_meta import COLLECTIVE
-from fxtp.passes.codegen.rewrite import slice_state
 from fxtp.runtime.rank_agreement import RanksDisagree
 from fxtp.runtime.rank_processes import run_ranks
 from fxtp.runtime.whole_state import state_layouts, whole_state

@@ -7,7 +7,6 @@ from typing import Callable
 
 import torch
 
-from fxtp.rank_ops.delta_rule import FUNCTION as DELTA_RULE_FUNCTION
 
 # the parameters the replacement reads; a copy that lacks one computes something else and is kept
 DELTA_RULE_PARAMETERS = ("query", "key", "value", "g", "beta", "chunk_size", "initial_state", "output_final_state",

@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from fxtp.capture.delta_rule import DELTA_RULE_FUNCTION, DELTA_RULE_PARAMETERS, delta_rule_for
+from fxtp.capture.delta_rule import DELTA_RULE_PARAMETERS, delta_rule_for
+from fxtp.rank_ops.delta_rule import FUNCTION as DELTA_RULE_FUNCTION
 from fxtp.capture.selective_scan import SCAN_FUNCTION, SCAN_PARAMETERS, selective_scan
 
 # the one-op recurrences `loop_free` puts in a graph, which have a forward only: op -> what it computes

@@ -157,10 +157,10 @@ class RankLoader:
                                           f"tensors {_few(self.conversions.sources(built))} has shape "
                                           f"{list(full.shape)} but the model's is {list(self.state[source].shape)}: "
                                           "the config does not match the checkpoint")
-                return _cast(_read(full, block, layout, self.rank).clone(), expected, source)
+                return _cast(read_part(full, block, layout, self.rank).clone(), expected, source)
         if stored is None:
             if not isinstance(expected, torch.nn.Parameter) and self.model is not None:
-                return _read(recompute_buffer(self.model, source), block, layout, self.rank).to(expected.dtype)
+                return read_part(recompute_buffer(self.model, source), block, layout, self.rank).to(expected.dtype)
             near = [n for n in self.files if n.rsplit(".", 1)[-1] == source.rsplit(".", 1)[-1]][:3] or list(self.files)[:3]
             raise CheckpointError(f"checkpoint {self.path} has no tensor {source!r}"
                                   f"{' (or ' + ', '.join(self.aliases[source]) + ')' if self.aliases.get(source) else ''}; "
@@ -177,7 +177,7 @@ class RankLoader:
             # copied out, so nothing keeps the file mapped: pages read for a column slice (which
             # touches every row of the tensor) are released with it instead of staying resident. A
             # GPU's copy is that copy: a clone first would pass over every byte once more
-            value = _read(view, block, layout, self.rank) if isinstance(layout, Shard) or block is not None \
+            value = read_part(view, block, layout, self.rank) if isinstance(layout, Shard) or block is not None \
                 else handle.get_tensor(stored)
             return _cast(value.clone() if self.device.type == "cpu" else value.to(self.device), expected, stored)
 
@@ -287,7 +287,7 @@ def _few(names: list[str], most: int = 3) -> str:
     return str(names[:most])[:-1] + (f", ... ({len(names)} in all)]" if len(names) > most else "]")
 
 
-def _read(view, block: Optional[tuple[int, int, int]], layout: Layout, rank: int) -> torch.Tensor:
+def read_part(view, block: Optional[tuple[int, int, int]], layout: Layout, rank: int) -> torch.Tensor:
     """The rank's part of a safetensors slice (or a tensor), within `block` = (dim, start, end)
     for a derived state: a Shard on the block's dim is read at its ranges offset by `start`."""
     if block is None:

@@ -15,26 +15,27 @@ import torch.fx as fx
 
 from fxtp.progress import stage
 from fxtp.sharding import collectives
-from fxtp.capture.export import Captured, capture
+from fxtp.capture.export import Captured, capture, model_device
 from fxtp.capture.plain_module import ExampleInputs, attention_heads, capture_plain, is_hf_model
 from fxtp.node_meta import STATE
 from fxtp.decode.options import DecodeOptions
 from fxtp.rank_ops.inputs import exact_device, require_tensor
-from fxtp.runtime.checkpoint import RankLoader
 from fxtp.runtime.dtensor_module import DTensorRankModule
 from fxtp.runtime.whole_state import state_layouts
+from fxtp.runtime import step_cache
+from fxtp.runtime.rank_state import readable_from_model, state_loader
+from fxtp.runtime.step_cache import saved_rank_graph
 from fxtp.runtime.rank_guard import guard_rank_module
 from fxtp.passes.sharding.manual_plan import manual_plan
 from fxtp.runtime.compile_arguments import checked_spec
 from fxtp.passes.sharding.plan import Plan, plan as auto_plan
 from fxtp.passes.capture.clean_up import clean_up
 from fxtp.passes.codegen.rank_graph import rank_graph
-from fxtp.passes.codegen.rewrite import own_state, slice_state
 from fxtp.runtime.simulate import simulate as run_lockstep
 from fxtp.runtime.generation import Generator, collecting_sources, forget_sources
 from fxtp.capture.seq2seq_cache import capture_decoder, capture_encoder
 from fxtp.capture.signatures import SEQ2SEQ, signature_of
-from fxtp.capture.static_cache import capture_cached, is_cache_state, sized_cache_state
+from fxtp.capture.static_cache import capture_cached, sized_cache_state
 from fxtp.capture.training import capture_training, leave_logits_sharded
 
 __all__ = ["compile", "TPProgram"]
@@ -100,14 +101,19 @@ def compile_on_first_use(model: torch.nn.Module, world_size: int, *, plan="auto"
 class TPProgram:
     """A model sharded over `world_size` ranks: its global graph annotated with layouts, and its plan."""
 
-    def __init__(self, captured: Union[Captured, Callable[[], Captured]], world_size: int, spec, model: torch.nn.Module,
-                 training: bool = False, plan: Optional[Plan] = None):
+    def __init__(self, captured: Union[Captured, Callable[[], Captured], None], world_size: int, spec, model: torch.nn.Module,
+                 training: bool = False, planned: Optional[Callable[[], tuple[Captured, Plan]]] = None,
+                 step_size: Optional[tuple[int, int]] = None):
         """`captured`, or what captures it when the graph is first read; `spec`: "auto" or fxtp's manual
         form {module pattern: colwise/rowwise/replicate}; `training`: the capture is fxtp.capture.training's,
-        and rank graphs are differentiable; `plan`: the plan of `captured`'s graph, made already."""
+        and rank graphs are differentiable; `planned`: what gives the capture and its plan, made by another
+        program (`captured` is then None);
+        `step_size`: (batch, length) of the static cache of a causal LM's step, whose rank graphs are
+        kept in the step cache (fxtp/runtime/step_cache.py)."""
         self.world_size = world_size
         self.spec = spec
         self.training = training
+        self.step_size = step_size
         self.model = model  # on meta when loading from a checkpoint: it holds no weights then
         self.config = getattr(model, "config", None) if is_hf_model(model) else None  # None: a plain nn.Module
         self._simulated: dict[tuple[str, Optional[str]], list[fx.GraphModule]] = {}
@@ -119,14 +125,15 @@ class TPProgram:
         self.sources: set[str] = set()
         weakref.finalize(self, forget_sources, self.sources)
         self._capture = captured if callable(captured) else lambda: captured
-        if plan is not None:
-            self.__dict__["_planned"] = (captured, plan)  # the cached property's value
-        elif not callable(captured):
+        self._planned_elsewhere = planned
+        if planned is None and not callable(captured):
             self._planned  # plans now: a plan that fails fails fxtp.compile
 
     @cached_property
     def _planned(self) -> tuple[Captured, Plan]:
         """The capture, cleaned up, with its graph annotated by the plan."""
+        if self._planned_elsewhere is not None:
+            return self._planned_elsewhere()
         with collecting_sources(self.sources):
             captured = self._capture()
             with stage(f"plan over {self.world_size} ranks"):
@@ -153,7 +160,8 @@ class TPProgram:
 
     @property
     def device(self) -> torch.device:
-        return self.captured.device
+        """The model's device (as the capture's), known without capturing."""
+        return model_device(self.model)
 
     @property
     def model_type(self) -> str:
@@ -193,12 +201,13 @@ class TPProgram:
                                         self.spec, self.model)
                 program.sources.update(sources)
             elif not self._with_cache and "_cached_step" not in self.__dict__:  # the first size
-                program = TPProgram(lambda: capture_cached(self.model, key), self.world_size, self.spec, self.model)
+                program = TPProgram(lambda: capture_cached(self.model, key), self.world_size, self.spec, self.model,
+                                    step_size=key)
             else:
-                step = self._cached_step
-                program = TPProgram(replace(step.captured, state=sized_cache_state(step.captured.state, batch_size,
-                                                                                  max_length)),
-                                    self.world_size, self.spec, self.model, plan=step.plan)
+                def sized() -> tuple[Captured, Plan]:  # the symbolic step, captured and planned when first read
+                    step = self._cached_step
+                    return replace(step.captured, state=sized_cache_state(step.captured.state, *key)), step.plan
+                program = TPProgram(None, self.world_size, self.spec, self.model, planned=sized, step_size=key)
             self._with_cache[key] = program
             while len(self._with_cache) > PROGRAMS_PER_SHAPE:
                 self._with_cache.popitem(last=False)
@@ -264,31 +273,32 @@ class TPProgram:
                              "checkpoint=<HF safetensors directory> (and device=...) to load this rank's slices")
         if device.type == "meta":
             raise ValueError("device='meta' holds no data: pass device='cpu' or f'cuda:{local_rank}'")
-        state = self.captured.state
-        loader = RankLoader(checkpoint, rank, state, self.captured.aliases, self.model, device) \
-            if checkpoint is not None else None
-
-        def read(name, layout):  # export's lifted constants hold their values; no checkpoint has them
-            if loader is None or name in self.captured.constants:
-                return slice_state(state[name], layout, rank)
-            return loader(name, layout)
-        shared = {} if shared is None else shared
-
-        def load(name, layout):
-            if is_cache_state(name):  # a KV cache starts as zeros, allocated at its local size
-                return torch.zeros(slice_state(state[name], layout, rank).shape, dtype=state[name].dtype, device=device)
-            key = (name, str(layout))
-            if key not in shared:
-                # every graph of the rank holds this object, so a compiled step that merges projections
-                # (passes/decode/merge_projections.py) re-points it for all of them
-                shared[key] = own_state(owned_copy(read(name, layout).to(device).contiguous(), state[name]), state[name])
-                if self.training and isinstance(shared[key], torch.nn.Parameter) and shared[key].is_floating_point():
-                    shared[key].requires_grad_(True)  # this rank's shard, trained where it is
-            return shared[key]
-
+        key = self._step_key(rank, group_name, device)
+        saved = step_cache.read(key) if key is not None else None
+        graph = saved.graph() if saved is not None else None
+        captured = self.captured if graph is None else None  # captured and planned first, stages of their own
         source = f"from {checkpoint}" if checkpoint is not None else "from the model"
-        with stage(f"rank {rank}'s graph and weights ({source}, on {device})"), collecting_sources(self.sources):
-            return rank_graph(self.graph, state, rank, self.world_size, group_name, device, load, self.training)
+        made = " (from the step cache)" if graph is not None else ""
+        with stage(f"rank {rank}'s graph{made} and weights ({source}, on {device})"), collecting_sources(self.sources):
+            if graph is not None:  # made by an earlier process: no export or plan, and only the weights to read
+                load = state_loader(saved.state_meta(), rank, device, model=self.model, aliases=saved.aliases,
+                                    checkpoint=checkpoint, shared=shared, from_model=checkpoint is None)
+                return saved.module(graph, load)
+            load = state_loader(captured.state, rank, device, model=self.model, aliases=captured.aliases,
+                                constants=captured.constants, checkpoint=checkpoint, shared=shared,
+                                training=self.training)
+            module = rank_graph(self.graph, captured.state, rank, self.world_size, group_name, device, load,
+                                self.training)
+        if key is not None and readable_from_model(self.model, captured.state.keys() - captured.constants):
+            step_cache.write(key, lambda: saved_rank_graph(module, captured.state, captured.aliases, captured.constants))
+        return module
+
+    def _step_key(self, rank: int, group_name: str, device: torch.device) -> Optional[str]:
+        """The step cache's key of this rank's graph (fxtp/runtime/step_cache.py), for a causal LM's step
+        with a static cache of one size (`step_size`); None for other programs."""
+        if self.step_size is None or self.training:
+            return None
+        return step_cache.step_key(self.model, self.spec, self.world_size, rank, group_name, device, self.step_size)
 
     def module(self, rank: int, device=None, process_group: Optional[dist.ProcessGroup] = None,
                checkpoint: Optional[str] = None) -> fx.GraphModule:
@@ -383,13 +393,3 @@ class TPProgram:
         """A ValueError unless `rank` is one of the program's ranks."""
         if not isinstance(rank, int) or not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be an int in [0, {self.world_size}), got {rank!r}")
-
-
-def owned_copy(part: torch.Tensor, entry: torch.Tensor) -> torch.Tensor:
-    """`part` (a rank's slice of the model's tensor `entry`), copied where it still shares the model's memory.
-    A program owns its weights: changing the model after fxtp.compile (an in-place update, a fine-tune
-    step) never reaches a rank graph made before, whatever the slice's layout. Compile again to see it."""
-    if part.device == entry.device and entry.device.type != "meta" and \
-            part.untyped_storage().data_ptr() == entry.untyped_storage().data_ptr():
-        return part.clone()
-    return part
