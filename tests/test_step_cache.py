@@ -92,6 +92,15 @@ def test_weights_come_from_the_checkpoint_of_a_meta_model(cache_dir, tmp_path):
     assert torch.equal(again, first) and torch.equal(first, generated(model, 2)) and len(captured_steps) == 2
 
 
+def test_the_same_model_saved_and_loaded_again_reads_them(cache_dir, tmp_path):
+    """save_pretrained writes where the config came from (its `architectures`): not part of the key."""
+    model = tiny_model("llama", noise=0.05)
+    first = generated(model, 2)
+    model.save_pretrained(tmp_path / "checkpoint")
+    again = generated(AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint"), 2)
+    assert len(captured_steps) == 1 and torch.equal(again, first)
+
+
 def test_new_weights_of_the_same_model_are_read_not_cached(cache_dir):
     first_model, second_model = tiny_model("llama", noise=0.05), tiny_model("llama", seed=1, noise=0.05)
     first, second = generated(first_model, 2), generated(second_model, 2)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import logging
 import os
 import pickle
@@ -110,6 +111,19 @@ def _code_digest(code: types.CodeType, digest) -> None:
             digest.update(repr(constant).encode())
 
 
+# what save_pretrained and from_pretrained write into a config about where it came from: no graph reads it
+PROVENANCE = ("architectures", "_name_or_path", "transformers_version", "_commit_hash")
+
+
+def _config_fields(config) -> str:
+    """The config's fields as JSON, less PROVENANCE: the same model saved once (which sets its
+    `architectures`) and the same model not saved are one key."""
+    fields = json.loads(config.to_json_string(use_diff=False))
+    for key in PROVENANCE:
+        fields.pop(key, None)
+    return json.dumps(fields, sort_keys=True)
+
+
 def _implementations(config) -> list:
     """The config's private choices of implementation (attention, experts), which its JSON leaves out."""
     configs = [config, config.get_text_config(decoder=True)]
@@ -124,7 +138,7 @@ def step_key(model: torch.nn.Module, spec, world_size: int, rank: int, group_nam
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     parts = [
         FORMAT, source_digest(), torch.__version__, transformers.__version__, model_code_digest(model),
-        type(model).__qualname__, config.to_json_string(use_diff=False), _implementations(config),
+        type(model).__qualname__, _config_fields(config), _implementations(config),
         [(name, tuple(t.shape), str(t.dtype), isinstance(t, torch.nn.Parameter), t.device.type) for name, t in tensors],
         repr(spec), world_size, rank, group_name, str(device), tuple(size),
     ]
