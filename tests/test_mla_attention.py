@@ -67,9 +67,12 @@ def left_padded_batch():
     return ids, mask
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_deepseek_v2_attention_sharded_by_heads(world_size):
-    model = deepseek_v2()
+@pytest.mark.parametrize("model_type, world_size", [("deepseek_v2", 2), ("deepseek_v2", 3), ("minicpm3", 2)])
+def test_mla_attention_sharded_by_heads(model_type, world_size):
+    """MiniCPM3's tiny q_a and kv_a (rank 32, as wide as 2 of its 4 heads) hold about as many bytes
+    sharded as q_b and kv_b: the plan with fewer all_reduces, q_b's and kv_b's by heads, is kept."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(generic_tiny_config(model_type)).eval()
     tp = fxtp.compile(model, world_size)
     roles = {weight: group.role for group in tp.plan.groups for weight in group.weights}
     for layer in range(model.config.num_hidden_layers):

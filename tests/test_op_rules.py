@@ -360,6 +360,24 @@ def test_expand_broadcast_dim(ws, data, seed):
     assert_layout(run, aten.expand.default, layout.with_dim(1))
 
 
+@FEW
+@given(world_sizes, st.data(), seeds)
+def test_expand_as_a_sharded_shape_and_masked_fill_in_place(ws, data, seed):
+    """XLM's attention: a mask [b, 1, s, k] (whole, Partial, or sharded where it broadcasts not) expanded
+    as the head-sharded scores [b, h, s, k] and written into a copy of them in place."""
+    heads = data.draw(st.integers(max(2, ws), 5))
+    scores_layout = data.draw(layout_st([2, heads, 3, 4], ws, dims=[1]))
+    broadcast = data.draw(st.booleans())
+    mask_shape = [2, 1 if broadcast else heads, 3, 4]
+    mask_layout = data.draw(st.sampled_from([R, P] + ([] if broadcast or scores_layout == R else [scores_layout])))
+    run = run_op(lambda scores, mask: (scores * 1).masked_fill_(mask.expand_as(scores) > 0.5, -3.0),
+                 {"scores": arg(gen(seed), [2, heads, 3, 4], scores_layout, ws),
+                  "mask": arg(gen(seed + 1), mask_shape, mask_layout, ws)}, ws)
+    if isinstance(scores_layout, Shard):
+        assert_layout(run, aten.expand_as.default, scores_layout)
+        assert_layout(run, aten.masked_fill_.Scalar, scores_layout)
+
+
 # ---------------------------------------------------------------------------- permutations
 
 @SETTINGS

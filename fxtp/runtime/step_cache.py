@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -56,12 +57,12 @@ def cache_directory() -> Optional[Path]:
 @cache
 def source_digest() -> str:
     """A digest of fxtp's Python source (the package and its passes): a changed pass makes other graphs."""
-    import fxtp
-    import fxtp.passes
-
+    # the folders holding this module's package and the passes' (installed as fxtp.passes, found apart
+    # in an editable install)
+    roots = {Path(__file__).resolve().parents[1], Path(inspect.getfile(set_state)).resolve().parents[1]}
     digest = hashlib.sha256()
-    for root in sorted({*fxtp.__path__, *fxtp.passes.__path__}):
-        for path in sorted(Path(root).rglob("*.py")):
+    for root in sorted(roots):
+        for path in sorted(root.rglob("*.py")):
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()

@@ -27,7 +27,8 @@ k/v) are sharded when their units divide evenly over the ranks and otherwise kep
 then takes uneven head-aligned shards.
 
 Groups are tried widest first; where that leaves one replicated, the graph's order is planned too,
-and the plan whose ranks hold fewer bytes is kept (`plan`).
+and the plan whose ranks hold fewer bytes is kept, or where both hold about as many, the one with
+fewer all_reduces (`plan`, `_cheaper`).
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from fxtp.node_meta import LAYOUT, STATE, TOKENS
-from fxtp.sharding.layouts import Layout, Replicate, Shard, balanced_counts, local_numel
+from fxtp.node_meta import LAYOUT, REDUCE, STATE, TOKENS, WANTS
+from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard, balanced_counts, local_numel
 from fxtp.sharding.op_rules.helpers import val
 from fxtp.sharding.roles import Role
 from fxtp.passes.sharding.feature_units import RESHAPES, counts_by_unit, feature_structure
@@ -209,13 +210,12 @@ def plan(gm: fx.GraphModule, world_size: int) -> Plan:
     # bottleneck, MLA's q_a (hidden -> rank) before q_b (rank -> heads). Only one can be column-parallel,
     # and it should be the one that splits more features (q_b, by heads; the rank is small), so groups
     # are tried widest first. Where that leaves a group replicated, the graph's order may do better
-    # (a hybrid's mixer output column-parallel before its MLP): both are planned, and the plan whose
-    # ranks hold fewer bytes is kept.
+    # (a hybrid's mixer output column-parallel before its MLP): both are planned, and the cheaper is kept.
     widest_first = sorted(range(len(groups)), key=lambda i: -_widest_output(groups[i]))
     result = _decide(gm, groups, candidates, vocab, widest_first)
     if any(d.role is Role.REPLICATED or d.dropped for d in result.groups):
         in_graph_order = _decide(gm, groups, candidates, vocab, list(range(len(groups))))
-        if _held_bytes(gm, in_graph_order.seeds) < _held_bytes(gm, result.seeds):
+        if _cheaper(_cost(gm, in_graph_order.seeds), _cost(gm, result.seeds)):
             result = in_graph_order
     propagate(gm, result.seeds)
     if reassociate_partials(gm):
@@ -240,11 +240,25 @@ def _decide(gm: fx.GraphModule, groups: list, candidates: list, vocab: Plan, ord
     return result
 
 
-def _held_bytes(gm: fx.GraphModule, seeds: dict) -> int:
-    """The bytes of state rank 0 holds under `seeds`, propagated."""
+def _cost(gm: fx.GraphModule, seeds: dict) -> tuple[int, int]:
+    """(bytes of state rank 0 holds, all_reduces) under `seeds`, propagated."""
     propagate(gm, seeds)
-    total = 0
+    held, reduces = 0, 0
     for node in gm.graph.nodes:
         if node.op == "placeholder" and STATE in node.meta and node.users:
-            total += local_numel(val(node).numel(), node.meta[LAYOUT], 0) * val(node).element_size()
-    return total
+            held += local_numel(val(node).numel(), node.meta[LAYOUT], 0) * val(node).element_size()
+        reduces += bool(node.meta.get(REDUCE)) + sum(
+            isinstance(n.meta.get(LAYOUT), Partial) and isinstance(want, Replicate)
+            for n, want in node.meta.get(WANTS, {}).items())
+    return held, reduces
+
+
+def _cheaper(cost: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Whether a plan of `cost` beats one of `other`: fewer bytes held (what a decode step reads), and
+    where both hold within 1% of each other, fewer all_reduces. MLA's low-rank q_a and kv_a sharded in
+    place of q_b and kv_b hold about as much where the rank is near the heads' width (a tiny config),
+    but then q_b's and kv_b's outputs are all-reduced and attention and o_proj run whole."""
+    (held, reduces), (other_held, other_reduces) = cost, other
+    if abs(held - other_held) > 0.01 * max(held, other_held):
+        return held < other_held
+    return reduces < other_reduces

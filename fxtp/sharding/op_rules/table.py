@@ -23,7 +23,8 @@ from fxtp.sharding.op_rules.reductions import mean_as_partial, norm, reduction
 from fxtp.sharding.op_rules.repeats import localize_output_size, repeat, repeat_interleave
 from fxtp.sharding.op_rules.rule import OpRule
 from fxtp.sharding.op_rules.structural import getitem, no_output, sym_size
-from fxtp.sharding.op_rules.views import complex_view, expand, localize_shape_list, localize_unflatten, permute, reshape
+from fxtp.sharding.op_rules.views import (complex_view, expand, expand_as, localize_shape_list, localize_unflatten,
+                                          permute, reshape)
 
 aten = torch.ops.aten
 
@@ -133,6 +134,8 @@ RULES: dict[object, OpRule] = {
     aten.where.ScalarSelf: ELEMENTWISE,
     aten.masked_fill.Tensor: ELEMENTWISE,
     aten.masked_fill.Scalar: OpRule(pointwise("zero_fill")),  # MoE zeroes unrouted rows of a Partial
+    aten.masked_fill_.Scalar: OpRule(pointwise("zero_fill")),  # XLM masks its scores in place
+    aten.masked_fill_.Tensor: ELEMENTWISE,
     # casts
     aten.to.dtype: CAST,
     aten.to.device: CAST,
@@ -150,6 +153,7 @@ RULES: dict[object, OpRule] = {
     aten.unsqueeze.default: RESHAPE,
     aten.expand.default: EXPAND,
     aten.broadcast_to.default: EXPAND,
+    aten.expand_as.default: OpRule(expand_as),
     aten.transpose.int: PERMUTE,
     aten.permute.default: PERMUTE,
     aten.t.default: PERMUTE,

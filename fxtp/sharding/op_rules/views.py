@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from fxtp.sharding.layouts import Partial, Shard
+from fxtp.sharding.layouts import Partial, Replicate, Shard, same_placement
 from fxtp.sharding.reshape import reshape_shard
 from fxtp.sharding.op_rules.helpers import R, ndim, norm_dim, val
 from fxtp.sharding.op_rules.rule import Decision, LayoutOf
@@ -72,6 +72,24 @@ def expand(node: fx.Node, lay: LayoutOf) -> Decision:
     if val(node).shape[out.dim] != val(src).shape[layout.dim]:
         return Decision(R, {src: R}, "expand broadcasts a sharded dim")
     return Decision(out)
+
+
+def expand_as(node: fx.Node, lay: LayoutOf) -> Decision:
+    """expand_as(x, other): other's shape, which a rank reads off its local `other`. Where `other` is
+    sharded and x broadcasts along that dim (or is sharded there the same way), each rank's piece is
+    its shard of the global expansion (XLM's mask expanded to its head-sharded scores); where `other`
+    is whole, x is expanded as by `expand`, a sharded dim of x made whole first."""
+    src, other = node.args[0], node.args[1]
+    layout, shape = lay(src), lay(other)
+    if not isinstance(shape, Shard):
+        return Decision(layout) if not isinstance(layout, Shard) else \
+            Decision(R, {src: R}, "expand_as to a whole tensor's shape from a sharded one")
+    dim = shape.dim - (ndim(node) - ndim(src))  # of x, where other is sharded
+    if isinstance(layout, Shard) and layout.dim == dim and same_placement(layout.with_dim(shape.dim), shape):
+        return Decision(shape)
+    if dim < 0 or val(src).shape[dim] == 1:  # copies along the sharded dim: any rank's piece is its shard
+        return Decision(shape, {src: R} if not isinstance(layout, Replicate) else {})
+    return Decision(shape, {src: shape.with_dim(dim)})
 
 
 def permutation(node: fx.Node) -> list[int]:
