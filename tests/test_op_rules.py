@@ -99,6 +99,7 @@ NARY = {
     "sub": (lambda a, b: a - b, ("any", "any"), "sum"),
     "add_alpha": (lambda a, b: torch.add(a, b, alpha=2.0), ("any", "any"), "sum"),
     "mul": (lambda a, b: a * b, ("any", "any"), "scale"),
+    "multiply": (torch.multiply, ("any", "any"), "scale"),  # aten.multiply, kept by export
     "div": (lambda a, b: a / b, ("any", "pos"), "div"),
     "maximum": (torch.maximum, ("any", "any"), "none"),
     "gt": (lambda a, b: a > b, ("any", "any"), "none"),
@@ -754,16 +755,17 @@ def test_max_min_over_a_dim(shape, kind, ws, data, seed):
 
 
 @SETTINGS
-@given(shapes_st(1, 4), st.sampled_from(["sum", "mean", "amax"]), world_sizes, st.data(), seeds)
+@given(shapes_st(1, 4), st.sampled_from(["sum", "mean", "amax", "logsumexp"]), world_sizes, st.data(), seeds)
 def test_reductions(shape, kind, ws, data, seed):
     nd = len(shape)
     layout = data.draw(layout_st(shape, ws, partial=True))
     dims = sorted(data.draw(st.sets(st.integers(0, nd - 1), min_size=1)))
     signed = [d - nd if data.draw(st.booleans()) else d for d in dims]
     keepdim = data.draw(st.booleans())
-    fn = {"sum": torch.sum, "mean": torch.mean, "amax": torch.amax}[kind]
+    fn = {"sum": torch.sum, "mean": torch.mean, "amax": torch.amax, "logsumexp": torch.logsumexp}[kind]
     run = run_op(lambda x: fn(x, signed, keepdim=keepdim), {"x": arg(gen(seed), shape, layout, ws)}, ws)
-    got = run.layout({"sum": aten.sum.dim_IntList, "mean": aten.mean.dim, "amax": aten.amax.default}[kind])
+    got = run.layout({"sum": aten.sum.dim_IntList, "mean": aten.mean.dim, "amax": aten.amax.default,
+                      "logsumexp": aten.logsumexp.default}[kind])
     if isinstance(layout, Shard) and layout.dim in dims:
         want = P if kind in ("sum", "mean") else R  # local sums (a mean: over the global count) are summands
     elif isinstance(layout, Shard):

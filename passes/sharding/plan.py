@@ -44,7 +44,7 @@ from fxtp.sharding.roles import Role
 from fxtp.passes.sharding.feature_units import RESHAPES, counts_by_unit, feature_structure
 from fxtp.passes.sharding.projections import projection_groups, projection_site
 from fxtp.passes.sharding.reassociate import reassociate_partials
-from fxtp.passes.sharding.propagate import PropagationError, propagate
+from fxtp.passes.sharding.propagate import PropagationError, propagate, reusing_decisions
 
 aten = torch.ops.aten
 
@@ -199,6 +199,11 @@ def _widest_output(group: list[fx.Node]) -> int:
 
 
 def plan(gm: fx.GraphModule, world_size: int) -> Plan:
+    with reusing_decisions():  # one propagation per group tried: most nodes keep their inputs' layouts
+        return _plan(gm, world_size)
+
+
+def _plan(gm: fx.GraphModule, world_size: int) -> Plan:
     groups = projection_groups(gm)
     candidates = [(list(dict.fromkeys(projection_site(n).weight.meta[STATE] for n in group)),
                    *column_seeds(group, world_size))

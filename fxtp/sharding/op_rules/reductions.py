@@ -1,4 +1,4 @@
-"""Reductions over dims (sum, mean, amax, max/min) and normalizations (layer_norm, rms_norm).
+"""Reductions over dims (sum, mean, amax, logsumexp, max/min) and normalizations (layer_norm, rms_norm).
 
 A sum (or mean) over the sharded dim gives a Partial; other reductions and norms need that dim whole.
 """
@@ -15,8 +15,8 @@ from fxtp.sharding.op_rules.rule import Decision, LayoutOf
 
 
 def reduction(kind: str):
-    """sum/mean/amax over `dims` (max/min over a dim: values and indices alike): sum over the sharded
-    dim gives a Partial; others need it whole."""
+    """sum/mean/amax/logsumexp over `dims` (max/min over a dim: values and indices alike): sum over the
+    sharded dim gives a Partial; others need it whole."""
 
     def rule(node: fx.Node, lay: LayoutOf) -> Decision:
         decision = _reduce(node, lay, kind)

@@ -57,6 +57,7 @@ RULES: dict[object, OpRule] = {
     aten.sub.Tensor: SUM,
     aten.add_.Tensor: SUM,
     aten.mul.Tensor: SCALE,
+    aten.multiply.Tensor: SCALE,  # mul's alias, which export keeps
     aten.div.Tensor: SCALE,
     aten.div_.Tensor: SCALE,
     aten.silu.default: ELEMENTWISE,
@@ -188,6 +189,7 @@ RULES: dict[object, OpRule] = {
     aten.sum.dim_IntList: OpRule(reduction("sum")),
     aten.mean.dim: OpRule(reduction("mean"), lower=mean_as_partial),  # over the sharded dim: local sum / global count
     aten.amax.default: OpRule(reduction("amax")),
+    aten.logsumexp.default: OpRule(reduction("logsumexp")),  # attention sinks' normalizer (Granite's sliding window)
     aten.max.dim: OpRule(reduction("max")),  # GPT-OSS attention: the row max beside the sinks
     aten.min.dim: OpRule(reduction("min")),
     aten.layer_norm.default: OpRule(norm),
