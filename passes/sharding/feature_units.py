@@ -79,7 +79,9 @@ def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
                     if gi == (dim,) and len(gj) == 1:
                         frontier.append((user, gj[0]))
                     elif gi == (dim,):
-                        return 1, int(prod(int(val(user).shape[d]) for d in gj[1:]))
+                        head = int(prod(int(val(user).shape[d]) for d in gj[1:]))
+                        blocks = _axis_blocks(user, gj[0], gj[1], head, head // int(val(user).shape[gj[1]]))
+                        return blocks if blocks is not None else (1, head)
                     elif gi and gi[-1] == dim and len(gj) > 1:
                         unit = _heads_across(val(node), dim, val(user), gj)
                         if unit > 1:
@@ -95,6 +97,43 @@ def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
             elif user.target in _CUTS and norm_dim(_cut_dim(user), val(node).dim()) != dim:
                 frontier += [(piece, dim) for piece in user.users]  # a cut of other dims (Mamba's of the sequence)
     return 1, 1
+
+
+def _axis_blocks(reshaped: fx.Node, axis: int, rest: int, head: int, trailing: int) -> Optional[tuple[int, int]]:
+    """(outer, unit) where a reshape split the features into `axis` (first) and the rest (from dim
+    `rest` on: `head` elements an index of `axis`, `trailing` an index of `rest`) and `axis` is then
+    cut into equal pieces: each piece is a block, as GPT-2's [q|k|v] pieces are. DiffLlama chunks its
+    heads in two (a block of heads, unit `head`); Moshi views gate|up as [2, I] and selects each (a
+    block of one index, whose unit is what structure_along finds on `rest` in the piece, times
+    `trailing`). None where `axis` is not cut so (it holds heads)."""
+    frontier, cuts, selects = [(reshaped, axis, rest)], [], []
+    while frontier:  # every view of the axis: `qkv[:, :, i]` selects through slices of its own
+        node, at, after = frontier.pop(0)
+        for user in node.users:
+            if user.target in PIECES and piece_bounds(user, at) is not None:
+                cuts.append((user, at, after))
+            elif user.target is aten.select.int and norm_dim(user.args[1], val(node).dim()) == at:
+                selects.append((user, at, after))
+            elif user.target in PERMUTES:
+                order = permutation(user)
+                frontier.append((user, order.index(at), order.index(after)))
+            elif user.op == "call_function" and isinstance(val(user), torch.Tensor) and same_shape(val(user), val(node)):
+                frontier.append((user, at, after))
+    size = val(reshaped).shape[axis]
+    bounds = sorted({b for cut, at, _ in cuts for b in piece_bounds(cut, at)} |
+                    {(i % size, i % size + 1) for i in (select.args[2] for select, _, _ in selects) if isinstance(i, int)})
+    if len(bounds) < 2 or len({end - begin for begin, end in bounds}) != 1 or bounds[0][0] != 0 or \
+            bounds[-1][1] != size or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+        return None
+    if bounds[0][1] > 1:  # pieces of several heads
+        return len(bounds), head
+    pieces = [(g, after) for cut, _, after in cuts for g in (cut.users if cut.target is not aten.slice.Tensor else [cut])] + \
+        [(select, after - (after > at)) for select, at, after in selects]  # a select drops the axis
+    inner = {structure_along(piece, d) for piece, d in pieces}
+    if len(inner) != 1:
+        return None
+    outer, unit = inner.pop()
+    return len(bounds) * outer, unit * trailing
 
 
 def _unit_of_partner(user: fx.Node, node: fx.Node, dim: int) -> Optional[int]:

@@ -1,0 +1,84 @@
+"""passes/sharding/plan.py: which of two plans is kept, and planning with reused rule decisions
+(passes/sharding/propagate.py's `reusing_decisions`) annotates the graph as fresh propagations do."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import fxtp
+import fxtp.passes.sharding.propagate as propagate
+from fxtp.node_meta import LAYOUT, NOTE, REDUCE, WANTS
+from fxtp.passes.sharding.plan import _cheaper
+from fxtp.sharding.layouts import Shard, balanced_counts
+from fxtp.sharding.roles import Role
+from fxtp.tiny_configs import generic_tiny_config, tiny_model
+
+
+def annotations(model, world_size: int) -> tuple[list, list]:
+    """Every node's layout, wants, all_reduce and note, and every group's decision."""
+    tp = fxtp.compile(model, world_size)
+    nodes = [(n.name, str(n.meta.get(LAYOUT)), sorted((k.name, str(v)) for k, v in n.meta.get(WANTS, {}).items()),
+              n.meta.get(REDUCE), n.meta.get(NOTE)) for n in tp.graph.graph.nodes]
+    return nodes, [(g.weights, g.role, g.reason, g.dropped) for g in tp.plan.groups]
+
+
+@pytest.mark.parametrize("model_type, world_size", [("mixtral", 3), ("gpt2", 2), ("qwen3_next", 2)])
+def test_reused_decisions_annotate_as_fresh_propagations(model_type, world_size, monkeypatch):
+    """A MoE at uneven ranks, a fused q|k|v, a hybrid with linear attention: groups are accepted,
+    rejected and partly kept replicated, and every node ends as rules run afresh leave it."""
+    torch.manual_seed(0)
+    model = tiny_model(model_type) if model_type != "qwen3_next" else \
+        AutoModelForCausalLM.from_config(generic_tiny_config(model_type)).eval()
+    reused = annotations(model, world_size)
+    monkeypatch.setattr(propagate, "_KEPT_DECISIONS", 0)  # every decision made again
+    assert annotations(model, world_size) == reused
+
+
+def test_the_plan_kept_holds_fewer_bytes_or_about_as_many_with_fewer_all_reduces():
+    assert _cheaper((1000, 9), (1100, 2))  # 9% fewer bytes: bytes decide
+    assert not _cheaper((1100, 2), (1000, 9))
+    assert _cheaper((1005, 2), (1000, 3))  # within 1%: fewer all_reduces
+    assert not _cheaper((1000, 3), (1005, 2))
+    assert not _cheaper((1000, 3), (1000, 3))  # a tie keeps the first plan (widest groups first)
+
+
+class ViewedBlocks(torch.nn.Module):
+    """A fused q|k|v viewed as [3, heads, head size] and a gate|up viewed as [2, I] (Moshi's MLP), each
+    cut by selecting its blocks."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 32, heads: int = 4, intermediate: int = 24):
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.qkv = torch.nn.Linear(hidden, 3 * hidden, bias=False)
+        self.o = torch.nn.Linear(hidden, hidden, bias=False)
+        self.fc1 = torch.nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.fc2 = torch.nn.Linear(intermediate, hidden, bias=False)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, 3, self.heads, -1)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, s, -1))
+        gate_up = self.fc1(x).view(b, s, 2, -1)
+        return self.head(x + self.fc2(torch.nn.functional.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_blocks_cut_off_a_viewed_axis_are_sharded_block_by_block(world_size):
+    torch.manual_seed(0)
+    model = ViewedBlocks().eval()
+    ids = torch.randint(0, 64, (2, 7))
+    tp = fxtp.compile(model, world_size, example_inputs=(ids,))
+    roles = {weight: group.role for group in tp.plan.groups for weight in group.weights}
+    assert roles["fc1.weight"] is Role.COLUMN_PARALLEL and roles["fc2.weight"] is Role.ROW_PARALLEL
+    assert tp.plan.seeds["fc1.weight"] == Shard(0, balanced_counts(24, world_size), 1, 2)  # gate's and up's part
+    assert roles["qkv.weight"] is Role.COLUMN_PARALLEL and roles["o.weight"] is Role.ROW_PARALLEL
+    counts = {2: (2, 2), 3: (2, 1, 1)}[world_size]  # heads: whole ones, the same of q, k and v
+    assert tp.plan.seeds["qkv.weight"] == Shard(0, counts, 8, 3)
+    with torch.no_grad():
+        expected = model(ids)
+    for out in tp.simulate_ranks(ids):
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
