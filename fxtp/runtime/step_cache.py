@@ -14,8 +14,9 @@ experts implementations), the names, shapes and dtypes of its state, the plan's 
 size and rank, the process group's name, the device and the cache's size.
 
 FXTP_CACHE_DIR names the directory (default: $XDG_CACHE_HOME/fxtp, else ~/.cache/fxtp); an empty
-value turns the cache off. A file that cannot be read is logged, ignored and written anew; a graph
-with a node the cache cannot name (a function it cannot import back) is not saved.
+value turns the cache off. Its files are pickles, as inductor's are: the directory must be one only its
+user writes. A file that cannot be read is logged, ignored and written anew; a graph with a node the
+cache cannot name (a function it cannot import back) is not saved.
 """
 from __future__ import annotations
 
