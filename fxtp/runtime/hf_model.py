@@ -28,6 +28,7 @@ from fxtp.runtime.fail_fast import failing_fast
 from fxtp.runtime.generation import CACHE_GRANULE, Generator
 from fxtp.runtime.rank_agreement import check_ranks_agree
 from fxtp.runtime.sharded_cache import ShardedCache
+from fxtp.sharding.collectives import process_group_named
 
 # forward keywords HF's loop passes that change nothing here (cache_position: transformers < 5.2x)
 IGNORED_INPUTS = ("use_cache", "return_dict", "cache_position", "logits_to_keep")
@@ -48,10 +49,16 @@ class ParallelRuntime:
     program: Any  # fxtp.TPProgram
     generator: Generator
     rank: Optional[int]
-    group: Optional[dist.ProcessGroup]
+    # the group by name, not the object: a model kept to the end of the process must not keep the group
+    # alive past its destroy_process_group, or gloo's threads are torn down at interpreter exit (SIGABRT)
+    group_name: Optional[str]
     device: torch.device
     dtype: torch.dtype
     cacheless: Any = None  # this rank's module without a cache, made at the first call that needs it
+
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        return None if self.group_name is None else process_group_named(self.group_name)
 
 
 class ParallelModel:

@@ -5,6 +5,7 @@ It takes the place of DeepSpeed's `init_inference(model, mp_size=N)` and of load
 """
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 from typing import Optional, Union
@@ -52,7 +53,8 @@ def parallelize(model: torch.nn.Module, world_size: Optional[int] = None, *, pla
     rank = dist.get_rank(group) if group is not None else (0 if world_size == 1 else None)
     generator = program.generator(rank, device, group, checkpoint=checkpoint, compile=compile)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return hf_model(ParallelRuntime(program, generator, rank, group, device, dtype))
+    return hf_model(ParallelRuntime(program, generator, rank, group.group_name if group is not None else None, device,
+                                    dtype))
 
 
 def _device(model: torch.nn.Module, device) -> torch.device:
@@ -74,6 +76,7 @@ def _process_group(world_size: Optional[int], device: torch.device) -> tuple[Opt
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)
+        atexit.register(_destroy_started_group)
     processes = dist.get_world_size()
     if world_size is not None and world_size != processes:
         raise ValueError(f"world_size={world_size}, but {processes} processes were launched: leave world_size out "
@@ -81,3 +84,12 @@ def _process_group(world_size: Optional[int], device: torch.device) -> tuple[Opt
     if processes == 1:
         return None, 1
     return dist.group.WORLD, processes
+
+
+def _destroy_started_group() -> None:
+    """At exit, the default group fxtp started is destroyed while the interpreter is whole, as torch asks
+    of whoever starts one: torn down at interpreter exit instead, gloo's threads can end a process whose
+    work is all done with "terminate called without an active exception" (SIGABRT), which torchrun
+    reports as a failure."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
