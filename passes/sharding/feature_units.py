@@ -122,12 +122,11 @@ def _axis_blocks(reshaped: fx.Node, axis: int, rest: int, head: int, trailing: i
     size = val(reshaped).shape[axis]
     bounds = sorted({b for cut, at, _ in cuts for b in piece_bounds(cut, at)} |
                     {(i % size, i % size + 1) for i in (select.args[2] for select, _, _ in selects) if isinstance(i, int)})
-    if len(bounds) < 2 or len({end - begin for begin, end in bounds}) != 1 or bounds[0][0] != 0 or \
-            bounds[-1][1] != size or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+    if len(bounds) < 2 or not _equal_tiles(bounds, size):
         return None
     if bounds[0][1] > 1:  # pieces of several heads
         return len(bounds), head
-    pieces = [(g, after) for cut, _, after in cuts for g in (cut.users if cut.target is not aten.slice.Tensor else [cut])] + \
+    pieces = [(value, after) for cut, _, after in cuts for value in _piece_values(cut)] + \
         [(select, after - (after > at)) for select, at, after in selects]  # a select drops the axis
     inner = {structure_along(piece, d) for piece, d in pieces}
     if len(inner) != 1:
@@ -224,15 +223,24 @@ def dim_after_squeeze(node: fx.Node, dim: int) -> Optional[int]:
     return None if dim in removed else dim - sum(d < dim for d in removed)
 
 
+def _equal_tiles(bounds: list[tuple[int, int]], size: int) -> bool:
+    """Whether sorted (start, end) pieces are all as long and tile [0, size) end to end."""
+    return len({end - begin for begin, end in bounds}) == 1 and bounds[0][0] == 0 and bounds[-1][1] == size and \
+        all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+
+
+def _piece_values(cut: fx.Node) -> list[fx.Node]:
+    """The values a cut makes: a slice is its piece; a split's or chunk's are its getitems."""
+    return [cut] if cut.target is aten.slice.Tensor else list(cut.users)
+
+
 def _fused(node: fx.Node, dim: int, pieces: list[fx.Node]) -> tuple[int, int]:
     """Equal pieces that tile the features are blocks; each piece's own structure gives the unit."""
     bounds = sorted(b for p in pieces for b in piece_bounds(p, dim))
     size = int(val(node).shape[dim])
-    lengths = {end - begin for begin, end in bounds}
-    if len(lengths) != 1 or bounds[0][0] != 0 or bounds[-1][1] != size or \
-            any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+    if not _equal_tiles(bounds, size):
         return 1, 1  # unequal parts (e.g. GQA q|k|v in one weight): planned as one block
-    outputs = [(g, dim) for p in pieces for g in (p.users if p.target is not aten.slice.Tensor else [p])]
+    outputs = [(value, dim) for p in pieces for value in _piece_values(p)]
     structures = {structure_along(out, d) for out, d in outputs}
     if len(structures) != 1:
         return 1, 1
