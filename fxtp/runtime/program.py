@@ -295,9 +295,9 @@ class TPProgram:
 
     def _step_key(self, rank: int, group_name: str, device: torch.device) -> Optional[str]:
         """The step cache's key of this rank's graph (fxtp/runtime/step_cache.py), for a causal LM's step
-        with a static cache of one size (`step_size`); None for other programs."""
-        if self.step_size is None or self.training:
-            return None
+        with a static cache of one size (`step_size`); None for other programs, and where the cache is off."""
+        if self.step_size is None or self.training or step_cache.cache_directory() is None:
+            return None  # the key hashes the model's code and state: not done where nothing is kept
         return step_cache.step_key(self.model, self.spec, self.world_size, rank, group_name, device, self.step_size)
 
     def module(self, rank: int, device=None, process_group: Optional[dist.ProcessGroup] = None,

@@ -42,7 +42,7 @@ import transformers
 from fxtp.node_meta import COLLECTIVE, LAYOUT
 from fxtp.passes.codegen.rewrite import set_state
 
-FORMAT = 1  # bumped when SavedRankGraph changes: files of another format are not read
+FORMAT = 2  # bumped when SavedRankGraph changes: files of another format are not read
 LOGGER = logging.getLogger("fxtp")
 KEPT_META = (LAYOUT, COLLECTIVE)  # what the dump and the decode passes may read of a rank graph's nodes
 
@@ -182,7 +182,6 @@ class SavedRankGraph:
     attributes: dict[str, Any]
     stored: dict[str, torch.Tensor]
     aliases: dict[str, list[str]]
-    constants: frozenset
 
     def state_meta(self) -> dict[str, torch.Tensor]:
         """The state as meta tensors, as a capture of a model on meta holds it."""
@@ -237,7 +236,7 @@ def saved_rank_graph(module: fx.GraphModule, state: dict[str, torch.Tensor], ali
     nodes = [(node.op, node.name, _target_ref(node), _node_refs(node.args), _node_refs(node.kwargs),
               {key: node.meta[key] for key in KEPT_META if key in node.meta}) for node in module.graph.nodes]
     entries = {name: StateEntry(tuple(t.shape), t.dtype, isinstance(t, torch.nn.Parameter)) for name, t in state.items()}
-    return SavedRankGraph(FORMAT, type(module).__name__, nodes, entries, attributes, stored, aliases, constants)
+    return SavedRankGraph(FORMAT, type(module).__name__, nodes, entries, attributes, stored, aliases)
 
 
 def read(key: str) -> Optional[SavedRankGraph]:

@@ -99,7 +99,7 @@ def _propagate_once(gm, seeds, strict, reduce_at, gather_at_output) -> None:
 
 # The planner propagates once per candidate group, and most nodes see the same layouts each time:
 # inside `reusing_decisions`, a rule's decision is kept per node with the layouts it read, and reused
-# while they are unchanged, which makes a plan about twice as fast (a rule reads only its node,
+# while they are unchanged, which makes a plan several times as fast (a rule reads only its node,
 # static meta and layouts through `lay`; copy_'s rule also reads the wants of its view chain, so it
 # is always run).
 _DECISIONS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("fxtp_rule_decisions", default=None)
