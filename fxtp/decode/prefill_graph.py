@@ -17,20 +17,21 @@ from fxtp.capture.static_cache import sized_dims
 from fxtp.decode.compiled_graph import compile_graph
 from fxtp.decode.options import DecodeOptions
 from fxtp.progress import stage
-from fxtp.passes.decode.shared_state_copy import twin
+from fxtp.passes.decode.retarget import with_prompt_attention
 
 
 class PrefillGraph:
     """`module` compiled with a dynamic prompt length and the decode step's inductor options less
     those of the decode step alone (`DecodeOptions.inductor_options(decode=False)`); none of fxtp's
-    rewrites of the decode step, which are for one row. The KV cache's sizes are dynamic too, and
+    rewrites of the decode step, which are for one row, but attention causal where the prompt's mask
+    is (passes/decode/retarget.py's `with_prompt_attention`). The KV cache's sizes are dynamic too, and
     `compiled` (a dict the caller keeps) holds the compiled layer regions for the next program of
     the same step: a cache of another batch size or length then compiles nothing new."""
 
     def __init__(self, module: fx.GraphModule, options: DecodeOptions, compiled: Optional[dict] = None):
         compiled = {} if compiled is None else compiled
         kinds = len(compiled)
-        self.compiled = compile_graph(twin(module, "Prefill"), compiled, sized_dims, fullgraph=True,
+        self.compiled = compile_graph(with_prompt_attention(module), compiled, sized_dims, fullgraph=True,
                                       dynamic=True, options=options.inductor_options(decode=False))
         self.new_kinds = len(compiled) - kinds  # compiled at the first call; 0: the earlier programs' serve
         self.called = False

@@ -6,7 +6,8 @@ Reads:  call_function nodes by target: transformers' `grouped_mm_fallback`, `gro
 Writes: in a twin, calls of fxtp/kernels/'s op with the same arguments:
 
     grouped_mm_fallback(x, w, offs)      -> grouped_mm_by_rows(x, w, offs)        (CUDA-graph capturable)
-    grouped_query_attention(q, k, v, m)  -> fxtp::decode_attention(q, k, v, m)
+    grouped_query_attention(q, k, v, m)  -> fxtp::decode_attention(q, k, v, m)   (the decode step)
+    grouped_query_attention(q, k, v, m)  -> fxtp::prompt_attention(q, k, v, m)   (the prefill)
     linear(x, w, b)                      -> gemv.projection(x, w, b, prefetch_bytes=...)
     wait_tensor(all_reduce(x, "sum", g)) -> fxtp::push_all_reduce(x, g)
 """
@@ -16,6 +17,7 @@ import torch
 import torch.fx as fx
 
 import fxtp.kernels.decode_attention  # noqa: F401 - registers fxtp::decode_attention, which a twin calls
+import fxtp.rank_ops.prompt_attention  # noqa: F401 - registers fxtp::prompt_attention, which a twin calls
 from fxtp.kernels.gemv import PREFETCH_BYTES, projection
 from fxtp.kernels.grouped_mm_by_rows import grouped_mm_by_rows
 from fxtp.passes.decode.shared_state_copy import retargeted, twin
@@ -42,6 +44,13 @@ def with_decode_attention(module: fx.GraphModule) -> fx.GraphModule:
     passes/codegen/fold_grouped_query.py) are `fxtp::decode_attention` calls with the same arguments.
     `module` is left as it was."""
     return retargeted(module, "DecodeAttention", grouped_query_attention, torch.ops.fxtp.decode_attention.default)
+
+
+def with_prompt_attention(module: fx.GraphModule) -> fx.GraphModule:
+    """A twin of `module` whose `grouped_query_attention` calls are `fxtp::prompt_attention` calls
+    (fxtp/rank_ops/prompt_attention.py: causal attention where the mask is the plain causal one), for
+    the prefill. `module` is left as it was."""
+    return retargeted(module, "Prefill", grouped_query_attention, torch.ops.fxtp.prompt_attention.default)
 
 
 def with_gemv(module: fx.GraphModule, prefetch_bytes: int = PREFETCH_BYTES) -> fx.GraphModule:
