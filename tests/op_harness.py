@@ -26,7 +26,7 @@ from fxtp.sharding import collectives
 from fxtp.capture.export import flatten
 from fxtp.node_meta import LAYOUT, REDUCE, STATE, WANTS
 from fxtp.passes.capture.clean_up import clean_up
-from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard, balanced_counts
+from fxtp.sharding.layouts import Layout, OnRank, Partial, Replicate, Shard, balanced_counts, held_by
 from fxtp.passes.sharding.propagate import propagate
 from fxtp.passes.codegen.rank_graph import rank_graph
 from fxtp.runtime.simulate import simulate
@@ -210,23 +210,31 @@ def run_op(fn: Callable, args: dict[str, Arg], world_size: int) -> Run:
         ranked.recompile()
         ranks.append(ranked)
         probed.append(list(probes))
-    assert all(p == probed[0] for p in probed), "rank graphs differ"
+    # a node computed on one rank alone (OnRank) is in that rank's graph only; a replicated value that only
+    # such nodes read is left out of the others' graphs (nothing there reads it)
+    by_name = {n.name: n for n in gm.graph.nodes}  # nodes first: a failure names the node
+    everywhere = [n.name for n in gm.graph.nodes if any(n.name in p for p in probed)]
+    for name in everywhere:
+        layout = by_name[name].meta[LAYOUT]
+        on = [r for r, p in enumerate(probed) if name in p]
+        assert all(held_by(layout, r) for r in on), f"{name}, {layout}, is in the graphs of ranks {on}"
+        assert on == list(range(world_size)) or isinstance(layout, (Replicate, OnRank, tuple)), \
+            f"{name}, {layout}, is in the graphs of ranks {on} only"
     # rank_graph may fuse nodes (a bias add into its GEMM), but the result must stay traceable
     last = gm.graph.find_nodes(op="output")[0].args[0]
-    assert last.name in probed[0], f"rank graphs lost track of {last.name} (rank_graph keeps meta['stack_trace'])"
+    assert last.name in everywhere, f"rank graphs lost track of {last.name} (rank_graph keeps meta['stack_trace'])"
 
     with torch.no_grad():
         results = simulate(ranks, (), {})
         expected = module()
     run = Run(gm, ranks, [res[0] for res in results], expected)
-    by_name = {n.name: n for n in gm.graph.nodes}  # nodes first: a failure names the node
-    for k, name in enumerate(probed[0]):
+    for name in everywhere:
         node = by_name[name]
         # a Partial that propagate chose to all_reduce right where it is made is still a Partial
         # in the rank graph's node for it (the all_reduce follows it)
         layout = P if node.meta.get(REDUCE) else node.meta[LAYOUT]
-        check_parts([res[1 + k] for res in results], recorder.values[name], layout,
-                    f"node {node.format_node()}\n{run.describe()}")
+        check_parts([res[1 + p.index(name)] for res, p in zip(results, probed) if name in p], recorder.values[name],
+                    layout, f"node {node.format_node()}\n{run.describe()}")
     for r, output in enumerate(run.outputs):
         assert_close(output, expected, f"output of rank {r}\n{run.describe()}")
     return run
@@ -258,6 +266,9 @@ def check_parts(parts: list, full, layout, what: str) -> None:
     if isinstance(layout, Replicate):
         for r, p in enumerate(parts):
             assert_close(p, full, f"rank {r} of a Replicate {what}")
+    elif isinstance(layout, OnRank):  # `parts` holds the one rank's value
+        assert len(parts) == 1, f"{what}: {layout} computed on {len(parts)} ranks"
+        assert_close(parts[0], full, f"{layout} {what}")
     elif isinstance(layout, Partial):
         total = parts[0].clone()
         for p in parts[1:]:

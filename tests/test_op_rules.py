@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fxtp.node_meta import LAYOUT, REDUCE
+from fxtp.node_meta import LAYOUT, REDUCE, WANTS
 from fxtp.passes.sharding.propagate import PropagationError
 from fxtp.sharding.collectives import local_part
-from fxtp.sharding.layouts import Partial, Replicate, Shard, same_placement
+from fxtp.sharding.layouts import OnRank, Partial, Replicate, Shard, balanced_counts, same_placement
 from fxtp.sharding.redistribute import same_layout
 from fxtp.sharding.reshape import reshape_shard
 from op_harness import P, R, arg, aten, counts_st, divisors, layout_st, run_op, seeds, shard_st, world_sizes
@@ -466,6 +466,33 @@ def test_slice_select_split_chunk(shape, ws, data, seed):
         assert got == layout, run.describe()
 
 
+@FEW
+@given(st.integers(1, 5), world_sizes, st.sampled_from(["cat", "stack", "reversed"]), seeds)
+def test_loop_over_sharded_heads(heads, ws, join, seed):
+    """A loop over the heads of a head-sharded x, unrolled (Zamba's Mamba mixer scans head by head):
+    x[i] with replicated per-head operands, the heads joined again. Each iteration runs on the rank
+    that owns head i alone (OnRank) and the join in head order is the head shard again, with no
+    collective; joined out of order it cannot be: the heads are gathered first, as before. Every node
+    equals the unsharded graph's on every rank that computes it (run_op's check)."""
+    assume(heads >= ws)  # a rank with no head would hold an empty part of the join
+
+    def fn(x, w):
+        ys = [torch.tanh(x[i] * w[i]).sum(-1, keepdim=True) + x[i] for i in range(heads)]
+        return torch.stack(ys, 1) if join == "stack" else torch.cat(ys[::-1] if join == "reversed" else ys, 1)
+
+    layout = Shard(0, balanced_counts(heads, ws))
+    args = {"x": arg(gen(seed), (heads, 2, 3), layout, ws), "w": arg(gen(seed + 1), (heads, 3))}
+    run = run_op(fn, args, ws)
+    selects = [n for n in run.nodes(aten.select.int) if tuple(n.args[0].meta["val"].shape) == (heads, 2, 3)]
+    joined = run.layout(aten.stack.default if join == "stack" else aten.cat.default)
+    if join == "reversed" and ws > 1:
+        assert joined == R and all(n.meta[LAYOUT] == R for n in selects), run.describe()
+        return
+    assert all(n.meta[LAYOUT] == OnRank(layout.owner(n.args[2])[0], ws) for n in selects), run.describe()
+    assert same_layout(joined, Shard(1, layout.counts, inner=1 if join == "stack" else 3)), run.describe()
+    assert not any(n.meta.get(WANTS) for n in run.gm.graph.nodes if n.op != "output"), run.describe()
+
+
 # name -> (fn of (x, d), target, a Partial input stays Partial)
 ALONG = {
     "cumsum": (lambda x, d: x.cumsum(d), aten.cumsum.default, True),
@@ -521,7 +548,8 @@ def test_copy_into_rows_of_a_buffer(broadcast, ws, data, seed):
     of x and of the rows written (a row broadcast over a dim too), every node equals the unsharded
     graph's on every rank (run_op's check), and a buffer sharded on a dim the rows have stays sharded
     when the rows are replicated (they are sliced). A buffer sharded on the dim the rows are cut from
-    would be gathered into a copy before the write, which would miss it: refused."""
+    has each row written by the one rank that owns it, from replicated rows; from sharded rows it would be
+    gathered into a copy before the write, which would miss it: refused."""
     shape, row = (2, 4, 3, 5), ((2, 1, 5) if broadcast else (2, 4, 5))
     x_layout, y_layout = data.draw(layout_st(shape, ws)), data.draw(layout_st(row, ws))
 
@@ -532,11 +560,14 @@ def test_copy_into_rows_of_a_buffer(broadcast, ws, data, seed):
         return out + x
 
     args = {"x": arg(gen(seed), shape, x_layout, ws), "y": arg(gen(seed + 1), row, y_layout, ws)}
-    if isinstance(x_layout, Shard) and x_layout.dim == 2:  # the rows are cut out of the sharded dim
+    cut_from_shard = isinstance(x_layout, Shard) and x_layout.dim == 2  # the rows are cut out of the sharded dim
+    if cut_from_shard and not isinstance(y_layout, Replicate):
         with pytest.raises(PropagationError, match="copy_ writes through select.*the write would be lost"):
             run_op(fill, args, ws)
         return
     run = run_op(fill, args, ws)
+    if cut_from_shard:
+        assert all(isinstance(n.meta[LAYOUT], OnRank) for n in run.nodes(aten.copy_.default)), run.describe()
     if isinstance(x_layout, Shard) and x_layout.dim in (0, 1) and isinstance(y_layout, Replicate):
         assert all(isinstance(n.meta[LAYOUT], Shard) for n in run.nodes(aten.copy_.default)), run.describe()
 

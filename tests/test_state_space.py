@@ -7,7 +7,8 @@ are per channel, x_proj row-parallel (its dt|B|C all-reduced) and out_proj row-p
 mamba layers (with its MoE) are the same mixer. A Mamba-2 mixer's in_proj is cut into z, x, B, C
 and dt (the conv over x|B|C split at the cut, passes/capture/split_channel_chains.py): z, x and dt
 by heads, B and C by groups of heads where the groups divide over the ranks, the chunked scan per
-head, out_proj row-parallel. Bamba, Falcon-H1, GraniteMoeHybrid and Zamba2 have the Mamba-2 mixer
+head, out_proj row-parallel. Zamba's mixer is Mamba's with heads, scanned one by one: each rank runs its
+heads' iterations. Bamba, Falcon-H1, GraniteMoeHybrid and Zamba2 have the Mamba-2 mixer
 with one group: B and C whole, z, x and dt by heads as in Mamba-2 (z takes the unit of the heads it
 gates, so the gated norm's one group is split and its mean all-reduced; Falcon-H1's µP multipliers
 between in_proj and its cut are cut with it).
@@ -180,6 +181,22 @@ def test_all_reduces_per_layer():
     by_layer = collectives_by_layer(tp.rank_graph(0))
     by_layer.pop(OUTSIDE_LAYERS, None)
     assert by_layer == {f"backbone.layers.{i}": {"all_reduce": 4} for i in range(2)}
+
+
+def test_zamba_loop_over_heads_sharded():
+    """Zamba's Mamba mixer scans head by head (a loop unrolled in the graph, each head with its own x_proj,
+    dt_proj, A_log and D) and joins the heads' outputs: each rank runs the iterations of the heads it owns
+    (fxtp/sharding/op_rules/on_rank.py), so in_proj is column-parallel, the per-head weights sharded by
+    heads, out_proj row-parallel, one all_reduce per layer, and a rank holds about half of the parameters."""
+    model, tp = program("zamba", 2)
+    assert_equivalent(model, 2, *left_padded_batch(), program=tp, atol=1e-5)
+    state = {n.meta[STATE]: n.meta[LAYOUT] for n in held_state(tp.graph)}
+    for name in ("in_proj.weight", "x_proj_weight", "dt_proj_weight", "conv1d.weight", "out_proj.weight"):
+        assert isinstance(state[f"model.layers.0.mamba.{name}"], Shard), (name, state)
+    by_layer = collectives_by_layer(tp.rank_graph(0))
+    by_layer.pop(OUTSIDE_LAYERS, None)
+    assert by_layer == {f"model.layers.{i}": {"all_reduce": 1} for i in range(2)}
+    assert largest_share(tp) <= 0.55
 
 
 def test_generate_refuses_recurrent_layers():

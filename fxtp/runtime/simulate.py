@@ -1,8 +1,9 @@
 """Run every rank's graph in one process, in lockstep, with collectives computed exactly.
 
-All rank graphs come from one rewrite, so they have the same nodes in the same order; only
-shapes and constants differ. The simulator walks them together: ordinary nodes run per rank,
-a collective node combines the values of all ranks (sum in rank order, or reassembly).
+All rank graphs come from one rewrite, so they have the same collectives in the same order; shapes
+and constants differ, and so may the nodes between two collectives (a rank skips what another
+computes alone). The simulator runs each rank up to its next collective, then the collective
+combines the values of all ranks (sum in rank order, or reassembly).
 
 Rank graphs that train (fxtp/sharding/training_collectives.py) run here with autograd as they
 would on their own processes: rank r's output of a sum or a gather depends on its own input only
@@ -29,59 +30,80 @@ def simulate(modules: list[fx.GraphModule], args: tuple, kwargs: dict) -> list:
     """Outputs of every rank for the same inputs."""
     envs: list[dict[fx.Node, object]] = [{} for _ in modules]
     graphs = [list(m.graph.nodes) for m in modules]
-    if len({len(g) for g in graphs}) != 1:
-        raise RuntimeError("rank graphs differ in structure; cannot simulate them in lockstep")
-    outputs = []
-    for nodes in zip(*graphs):
+    at = [0] * len(graphs)
+    while True:
+        for env, nodes, module, r in zip(envs, graphs, modules, range(len(graphs))):
+            while not _joint(nodes[at[r]]):  # a rank's own nodes up to its next collective
+                _run_own(nodes[at[r]], env, module, args, kwargs, nodes)
+                at[r] += 1
+        nodes = [g[i] for g, i in zip(graphs, at)]
         head = nodes[0]
-        load = [lambda a, env=env: fx.map_arg(a, lambda n: env[n]) for env in envs]
-        if head.op == "placeholder":
-            value = _placeholder_value(head, args, kwargs, graphs[0])
-            for env, node in zip(envs, nodes):
-                env[node] = value
-        elif head.op == "get_attr":
-            for env, node, module in zip(envs, nodes, modules):
-                env[node] = operator.attrgetter(node.target)(module)
-        elif head.op == "output":
-            outputs = [fx.map_arg(node.args[0], lambda n, env=env: env[n]) for env, node in zip(envs, nodes)]
-        elif head.target is collectives.ALL_REDUCE:
-            total = _sum([env[node.args[0]] for env, node in zip(envs, nodes)])
-            for env, node in zip(envs, nodes):
-                env[node] = total.clone()
-        elif head.target is collectives.all_gather_shard:
-            parts = [env[node.args[0]] for env, node in zip(envs, nodes)]
-            full = collectives.assemble(parts, *head.args[1:5])
-            for env, node in zip(envs, nodes):
-                env[node] = full.clone()
-        elif head.target is training_collectives.reduce_partial:
-            parts = [env[node.args[0]] for env, node in zip(envs, nodes)]
-            for rank, (env, node) in enumerate(zip(envs, nodes)):
-                env[node] = _sum(_own(parts, rank))
-        elif head.target is training_collectives.gather_shard:
-            parts = [env[node.args[0]] for env, node in zip(envs, nodes)]
-            for rank, (env, node) in enumerate(zip(envs, nodes)):
-                env[node] = collectives.assemble(_own(parts, rank), *head.args[1:5])
-        elif head.target is training_collectives.reduce_gradient:
-            values = _SumOfGradients.apply(*[env[node.args[0]] for env, node in zip(envs, nodes)])
-            for env, node, value in zip(envs, nodes, values):
-                env[node] = value
-        elif head.target is vocab_parallel_cross_entropy:
-            parts = [env[node.args[0]] for env, node in zip(envs, nodes)]
-            target, reduction, ignore_index = (envs[0][head.args[1]], *head.args[2:4])
-            for rank, (env, node) in enumerate(zip(envs, nodes)):
-                logits = torch.cat(_own(parts, rank), dim=1)
-                env[node] = aten.cross_entropy_loss.default(logits, target, None, reduction, ignore_index)
-        elif draws_random(head):
-            generator_state = torch.random.get_rng_state(), _cuda_states()
-            for env, node, ld in zip(envs, nodes, load):
-                torch.random.set_rng_state(generator_state[0])
-                if generator_state[1] is not None:
-                    torch.cuda.set_rng_state_all(generator_state[1])
-                env[node] = node.target(*ld(node.args), **ld(node.kwargs))
-        else:
-            for env, node, ld in zip(envs, nodes, load):
-                env[node] = node.target(*ld(node.args), **ld(node.kwargs))
-    return outputs
+        if any(n.op != head.op or n.target != head.target for n in nodes):
+            raise RuntimeError(f"rank graphs differ in structure: their next collectives are "
+                               f"{[n.format_node() for n in nodes]}; cannot simulate them in lockstep")
+        if head.op == "output":
+            return [fx.map_arg(node.args[0], lambda n, env=env: env[n]) for env, node in zip(envs, nodes)]
+        _run_joint(head, nodes, envs)
+        at = [i + 1 for i in at]
+
+
+def _joint(node: fx.Node) -> bool:
+    """Whether every rank runs `node` together: a collective, an op drawing random numbers (drawn alike
+    on every rank), the output. Other nodes a rank runs alone (some a rank has alone: an iteration over
+    heads only it owns, fxtp/sharding/op_rules/on_rank.py)."""
+    return node.op == "output" or node.op == "call_function" and (node.target in _COLLECTIVES or draws_random(node))
+
+
+def _run_own(node: fx.Node, env: dict, module: fx.GraphModule, args: tuple, kwargs: dict, nodes: list) -> None:
+    if node.op == "placeholder":
+        env[node] = _placeholder_value(node, args, kwargs, nodes)
+    elif node.op == "get_attr":
+        env[node] = operator.attrgetter(node.target)(module)
+    else:
+        env[node] = node.target(*fx.map_arg(node.args, lambda n: env[n]), **fx.map_arg(node.kwargs, lambda n: env[n]))
+
+
+def _run_joint(head: fx.Node, nodes: list[fx.Node], envs: list[dict]) -> None:
+    """A collective (or a random op) of every rank at once: `nodes`, one per rank, are its calls."""
+    load = [lambda a, env=env: fx.map_arg(a, lambda n: env[n]) for env in envs]
+    if head.target is collectives.ALL_REDUCE:
+        total = _sum([env[node.args[0]] for env, node in zip(envs, nodes)])
+        for env, node in zip(envs, nodes):
+            env[node] = total.clone()
+    elif head.target is collectives.all_gather_shard:
+        parts = [env[node.args[0]] for env, node in zip(envs, nodes)]
+        full = collectives.assemble(parts, *head.args[1:5])
+        for env, node in zip(envs, nodes):
+            env[node] = full.clone()
+    elif head.target is training_collectives.reduce_partial:
+        parts = [env[node.args[0]] for env, node in zip(envs, nodes)]
+        for rank, (env, node) in enumerate(zip(envs, nodes)):
+            env[node] = _sum(_own(parts, rank))
+    elif head.target is training_collectives.gather_shard:
+        parts = [env[node.args[0]] for env, node in zip(envs, nodes)]
+        for rank, (env, node) in enumerate(zip(envs, nodes)):
+            env[node] = collectives.assemble(_own(parts, rank), *head.args[1:5])
+    elif head.target is training_collectives.reduce_gradient:
+        values = _SumOfGradients.apply(*[env[node.args[0]] for env, node in zip(envs, nodes)])
+        for env, node, value in zip(envs, nodes, values):
+            env[node] = value
+    elif head.target is vocab_parallel_cross_entropy:
+        parts = [env[node.args[0]] for env, node in zip(envs, nodes)]
+        target, reduction, ignore_index = (envs[0][head.args[1]], *head.args[2:4])
+        for rank, (env, node) in enumerate(zip(envs, nodes)):
+            logits = torch.cat(_own(parts, rank), dim=1)
+            env[node] = aten.cross_entropy_loss.default(logits, target, None, reduction, ignore_index)
+    else:  # draws random numbers
+        generator_state = torch.random.get_rng_state(), _cuda_states()
+        for env, node, ld in zip(envs, nodes, load):
+            torch.random.set_rng_state(generator_state[0])
+            if generator_state[1] is not None:
+                torch.cuda.set_rng_state_all(generator_state[1])
+            env[node] = node.target(*ld(node.args), **ld(node.kwargs))
+
+
+_COLLECTIVES = (collectives.ALL_REDUCE, collectives.all_gather_shard, training_collectives.reduce_partial,
+                training_collectives.gather_shard, training_collectives.reduce_gradient, vocab_parallel_cross_entropy)
 
 
 def _sum(values: list):

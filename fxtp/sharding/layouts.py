@@ -1,4 +1,4 @@
-"""Tensor layouts across ranks: Replicate, Shard (uneven, structured), Partial.
+"""Tensor layouts across ranks: Replicate, Shard (uneven, structured), Partial, OnRank.
 
 A `Shard` splits one dimension that is structured as ``outer x n x inner``: the n axis holds
 units (a head, or one element of an MLP intermediate), ``counts[r]`` of them belong to rank r,
@@ -10,6 +10,10 @@ both this one shape, so no layout needs to know what a "head" is.
 XGLM's attention reshape [batch, heads, s, d] to [batch*heads, s, d], whose head shard is
 ``Shard(0, counts, outer=batch)``. Such a shard is never a stored tensor (state has static
 shapes); rank graphs slice it by its structure (fxtp.sharding.collectives.local_part).
+
+`OnRank(r)` is one element of a sharded dim selected away (head i of a loop over heads): it lies in
+the part one rank owns, so rank r computes it and every value made from it, and the other ranks
+skip those nodes. A join of such values in unit order (the loop's cat) is a Shard again.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from typing import Union
 
 import sympy
 
-__all__ = ["Replicate", "Shard", "Partial", "Layout", "balanced_counts", "same_placement"]
+__all__ = ["Replicate", "Shard", "Partial", "OnRank", "Layout", "balanced_counts", "same_placement", "held_by",
+           "on_one_rank"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,13 @@ class Shard:
                 ranges.append((start, end))
         return tuple(ranges)
 
+    def owner(self, index: int) -> tuple[int, int]:
+        """(the rank that owns element `index` of the global dim, its position in that rank's part)."""
+        block = self.units * self.inner
+        outer, unit, within = index // block, index % block // self.inner, index % self.inner
+        rank = next(r for r in range(self.world_size) if self.unit_start(r) + self.counts[r] > unit)
+        return rank, (outer * self.counts[rank] + unit - self.unit_start(rank)) * self.inner + within
+
     def with_dim(self, dim: int) -> "Shard":
         return Shard(dim, self.counts, self.inner, self.outer)
 
@@ -91,7 +103,29 @@ class Shard:
         return f"S({', '.join(parts)})"
 
 
-Layout = Union[Replicate, Shard, Partial]
+@dataclass(frozen=True)
+class OnRank:
+    """The whole tensor on rank `rank` alone; no other rank computes it (see the module docstring)."""
+    rank: int
+    world_size: int
+
+    def __str__(self) -> str:
+        return f"on rank {self.rank}"
+
+
+Layout = Union[Replicate, Shard, Partial, OnRank]
+
+
+def on_one_rank(layout) -> bool:
+    """Whether a value of `layout` (a Layout, a tuple of them, or None) is held on one rank alone."""
+    return any(isinstance(x, OnRank) for x in (layout if isinstance(layout, tuple) else (layout,)))
+
+
+def held_by(layout, rank: int) -> bool:
+    """Whether `rank` computes a value of `layout` (a Layout, a tuple of them, or None): all but
+    values on another rank alone."""
+    layouts = layout if isinstance(layout, tuple) else (layout,)
+    return not layouts or not all(isinstance(x, OnRank) and x.rank != rank for x in layouts)
 
 
 def local_numel(numel: int, layout, rank: int) -> int:

@@ -7,7 +7,8 @@ Writes: a new GraphModule whose state attributes hold only this rank's slices (n
         torch.device constants name the target device, with ops the device lacks replaced
         (fxtp/rank_ops/device_ops.py), and with a redistribution before every node that
         wanted one. Each new node carries meta["fxtp.layout"] and, for collectives,
-        meta["fxtp.collective"] naming the value it moves. With `training`, the collectives are
+        meta["fxtp.collective"] naming the value it moves. A node held on another rank alone
+        (OnRank: an iteration over heads that rank owns) is left out, and a join reads only its own pieces. With `training`, the collectives are
         the differentiable ones (fxtp/sharding/training_collectives.py), and a floating value read
         as Replicate by a node whose output is sharded or Partial is read through reduce_gradient,
         which all-reduces the rank's share of its gradient in backward (Megatron's f). User inputs
@@ -33,8 +34,8 @@ from fxtp.rank_ops import device_ops, inputs
 from fxtp.sharding import collectives, training_collectives
 from fxtp.sharding.collectives import shard_args
 from fxtp.node_meta import COLLECTIVE, LAYOUT, REDUCE, STATE, WANTS, copy_origin
-from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard
-from fxtp.sharding.op_rules.table import rule_for
+from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard, held_by, on_one_rank
+from fxtp.sharding.op_rules.table import rule_under
 from fxtp.passes.sharding.propagate import is_state
 from fxtp.sharding.redistribute import steps
 from fxtp.capture.signatures import INPUTS
@@ -86,6 +87,9 @@ def rewrite_for_rank(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: i
     rank's part of a state tensor, on `device` and contiguous, instead of slicing `state`: a
     Parameter it returns is held as it is, so the graphs of one rank can share their parameters."""
     _check_in_place_updates(gm)
+    if training and any(on_one_rank(n.meta.get(LAYOUT)) for n in gm.graph.nodes):
+        raise RewriteError("values held on one rank alone (a loop over sharded heads) have no training "
+                           "collectives: plan the graph for inference, or keep those heads replicated")
     # graphs of user-facing inputs check them; fxtp.runtime.generation feeds the static-cache step graph itself
     checks_inputs = all(n.name in INPUTS for n in gm.graph.nodes if n.op == "placeholder" and STATE not in n.meta)
     graph = fx.Graph()
@@ -108,7 +112,9 @@ def rewrite_for_rank(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: i
             copy_origin(src, moved[key])
         return moved[key]
 
-    def read(n: fx.Node, user: fx.Node) -> fx.Node:
+    def read(n: fx.Node, user: fx.Node) -> Optional[fx.Node]:
+        if not held_by(n.meta.get(LAYOUT), rank):
+            return None  # computed on another rank alone: only a join reads it (op_rules/on_rank.py drops it)
         want = user.meta.get(WANTS, {}).get(n)
         if want is not None:
             return redistribute(n, want)
@@ -148,6 +154,8 @@ def rewrite_for_rank(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: i
         return x
 
     for node in gm.graph.nodes:
+        if not held_by(node.meta.get(LAYOUT), rank):
+            continue  # on another rank alone (an iteration of a loop over heads this rank does not own)
         if node.op == "placeholder" and STATE in node.meta and not node.users:
             continue  # state the graph never reads, e.g. a tied table's other name: not stored
         if node.op == "placeholder" and STATE in node.meta:
@@ -175,7 +183,7 @@ def rewrite_for_rank(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: i
         else:
             args = fx.map_arg(node.args, lambda n: read(n, node))
             kwargs = fx.map_arg(node.kwargs, lambda n: read(n, node))
-            rule, target = rule_for(node), node.target  # the rule propagation used, name-keyed ones too
+            rule, target = rule_under(node, lambda n: n.meta[LAYOUT]), node.target  # the one propagation used
             if rule.localize is not None:
                 args, kwargs = rule.localize(node, args, kwargs, node.meta[LAYOUT], rank)
             if rule.lower is not None:

@@ -9,7 +9,8 @@ Writes: node.meta["fxtp.layout"]  Layout, tuple of Layouts, or None for non-tens
         node.meta["fxtp.reduce"]  True where a Partial output is all-reduced right after the node
                                   (its layout is then Replicate)
 Ensures: every want is reachable (see fxtp.sharding.redistribute), a symbolic Shard (merged with batch,
-        fxtp.sharding.layouts) is never all-gathered; in strict mode no want needs an
+        fxtp.sharding.layouts) is never all-gathered, a value held on one rank alone (OnRank) never
+        moves; in strict mode no want needs an
         all_gather, so sharded regions close with all_reduce only (the Megatron pattern),
         except at the graph output when `gather_at_output` is set.
 Replicated state whose users all want the same Shard becomes that Shard: the planner seeds
@@ -25,10 +26,11 @@ import torch
 import torch.fx as fx
 
 from fxtp.node_meta import LAYOUT, NOTE, REDUCE, STATE, WANTS
-from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard
-from fxtp.sharding.op_rules.helpers import norm_dim
+from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard, on_one_rank
+from fxtp.sharding.op_rules.helpers import norm_dim, replicate_all
+from fxtp.sharding.op_rules.on_rank import select_whole
 from fxtp.sharding.op_rules.rule import Decision
-from fxtp.sharding.op_rules.table import rule_for
+from fxtp.sharding.op_rules.table import rule_for, rule_under
 from fxtp.sharding.op_rules.views import PERMUTES
 from fxtp.sharding.redistribute import needs_gather, same_layout
 
@@ -52,8 +54,12 @@ def propagate(gm: fx.GraphModule, seeds: dict[str, Layout], strict: bool = False
     Gemma2's post-norms read the o_proj output twice). With `gather_at_output`, strict mode
     still lets the graph output all_gather a shard (a column-parallel lm_head's logits)."""
     reduce_at: set[fx.Node] = set()
+    whole: set[fx.Node] = set()
     while True:
-        _propagate_once(gm, seeds, strict, reduce_at, gather_at_output)
+        stuck = _propagate_once(gm, seeds, strict, reduce_at, whole, gather_at_output)
+        if stuck:
+            whole |= stuck
+            continue
         more = {n for n in gm.graph.nodes if n.meta.get(LAYOUT) == Partial()
                 and any(isinstance(u.meta[WANTS].get(n), Replicate) for u in n.users)
                 and any(n not in u.meta[WANTS] for u in n.users)}
@@ -64,8 +70,14 @@ def propagate(gm: fx.GraphModule, seeds: dict[str, Layout], strict: bool = False
     return gm
 
 
-def _propagate_once(gm, seeds, strict, reduce_at, gather_at_output) -> None:
+def _propagate_once(gm, seeds, strict, reduce_at, whole, gather_at_output) -> set[fx.Node]:
+    """One pass; the selects in `whole` gather their input rather than leave a value on one rank alone
+    (fxtp/sharding/op_rules/on_rank.py). Returns the selects whose values on one rank alone a node could not
+    use as they are (it needed one moved, or its rule refused it): the next pass adds them to `whole`.
+    Once one is found, the pass goes on only to find more: it raises nothing, and such a node is given
+    replicated stand-ins."""
     decisions = _DECISIONS.get()
+    stuck: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             node.meta[LAYOUT] = seeds.get(node.meta.get(STATE), Replicate()) \
@@ -76,16 +88,24 @@ def _propagate_once(gm, seeds, strict, reduce_at, gather_at_output) -> None:
             decision = Decision(None, {n: Replicate() for n in node.all_input_nodes})
         else:
             try:
-                decision = _decided(node, decisions)
+                decision = _decided(node, decisions, whole)
             except Exception as e:
-                raise PropagationError(node, f"propagation rule for {node.target} failed: {e!r}") from e
-        wants = {n: w for n, w in decision.wants.items() if not same_layout(n.meta[LAYOUT], w)}
+                if not (stuck or _on_one_rank(node.all_input_nodes)):
+                    raise PropagationError(node, f"propagation rule for {node.target} failed: {e!r}") from e
+                decision = None
+        wants = {} if decision is None else \
+            {n: w for n, w in decision.wants.items() if not same_layout(n.meta[LAYOUT], w)}
+        if decision is None or _on_one_rank(wants):  # a value on one rank alone that cannot serve here
+            stuck |= _selects_making(_on_one_rank(node.all_input_nodes if decision is None else wants))
+            node.meta[LAYOUT], node.meta[WANTS], node.meta[NOTE], node.meta[REDUCE] = \
+                replicate_all(node, lambda n: n.meta[LAYOUT]).out, {}, "", False
+            continue
         for n, w in wants.items():
             have = n.meta[LAYOUT]
-            if isinstance(have, Shard) and have.symbolic and needs_gather(have, w):
+            if not stuck and isinstance(have, Shard) and have.symbolic and needs_gather(have, w):
                 raise PropagationError(node, f"{n.name} is {have}, merged with batch or sequence, and cannot "
                                              f"be all-gathered: {decision.note or 'a rule needs it whole'}")
-        if strict and not (gather_at_output and node.op == "output"):
+        if strict and not stuck and not (gather_at_output and node.op == "output"):
             for n, w in wants.items():
                 if needs_gather(n.meta[LAYOUT], w):
                     why = decision.note or ("a sharded value reaches the graph output" if node.op == "output"
@@ -95,6 +115,28 @@ def _propagate_once(gm, seeds, strict, reduce_at, gather_at_output) -> None:
         node.meta[REDUCE] = (node in reduce_at or decision.reduce_now) and isinstance(decision.out, Partial)
         if node.meta[REDUCE]:
             node.meta[LAYOUT] = Replicate()
+    return stuck
+
+
+def _on_one_rank(nodes) -> list[fx.Node]:
+    """Those of `nodes` held on one rank alone (OnRank, or a tuple of such values)."""
+    return [n for n in nodes if on_one_rank(n.meta.get(LAYOUT))]
+
+
+def _selects_making(values: list[fx.Node]) -> set[fx.Node]:
+    """The nodes that first put `values` on one rank alone (the selects of one head of a head shard)."""
+    found, seen, frontier = set(), set(), list(values)
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        on_one_rank = _on_one_rank(n.all_input_nodes)
+        if on_one_rank:
+            frontier += on_one_rank
+        else:
+            found.add(n)
+    return found
 
 
 # The planner propagates once per candidate group, and most nodes see the same layouts each time:
@@ -117,10 +159,13 @@ def reusing_decisions():
         _DECISIONS.reset(token)
 
 
-def _decided(node: fx.Node, decisions: Optional[dict]) -> Decision:
+def _decided(node: fx.Node, decisions: Optional[dict], whole: set[fx.Node]) -> Decision:
     """The rule's decision on `node` under the layouts its inputs hold now."""
+    if node in whole:
+        return select_whole(node, lambda n: n.meta[LAYOUT])
     if decisions is None:
-        return rule_for(node).propagate(node, lambda n: n.meta[LAYOUT])
+        lay = lambda n: n.meta[LAYOUT]  # noqa: E731
+        return rule_under(node, lay).propagate(node, lay)
     kept = decisions.setdefault(node, [])
     for read, decision in kept:
         if all(n.meta[LAYOUT] == layout for n, layout in read):
@@ -131,7 +176,7 @@ def _decided(node: fx.Node, decisions: Optional[dict]) -> Decision:
         read.append((n, n.meta[LAYOUT]))
         return n.meta[LAYOUT]
 
-    decision = rule_for(node).propagate(node, recording)
+    decision = rule_under(node, recording).propagate(node, recording)
     if node.target not in _ALWAYS_RUN:
         kept.insert(0, (tuple(read), decision))
         del kept[_KEPT_DECISIONS:]

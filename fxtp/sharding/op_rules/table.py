@@ -18,10 +18,11 @@ from fxtp.sharding.op_rules.cut_and_join import cat, cut_blocks, localize_cut, p
 from fxtp.sharding.op_rules.factories import fresh, like
 from fxtp.sharding.op_rules.helpers import op_name, replicate_all, val
 from fxtp.sharding.op_rules.indexing import copy_into, embedding, index, index_add, index_copy, vocab_parallel
+from fxtp.sharding.op_rules.on_rank import joining, localize_join, localize_select, rank_local, reads_on_rank, select_one
 from fxtp.sharding.op_rules.pointwise import cast, pointwise
 from fxtp.sharding.op_rules.reductions import mean_as_partial, norm, reduction
 from fxtp.sharding.op_rules.repeats import localize_output_size, repeat, repeat_interleave
-from fxtp.sharding.op_rules.rule import OpRule
+from fxtp.sharding.op_rules.rule import LayoutOf, OpRule
 from fxtp.sharding.op_rules.structural import getitem, no_output, sym_size
 from fxtp.sharding.op_rules.views import (complex_view, expand, expand_as, localize_shape_list, localize_unflatten,
                                           permute, reshape)
@@ -161,7 +162,7 @@ RULES: dict[object, OpRule] = {
     aten.numpy_T.default: PERMUTE,
     aten.view_as_complex.default: OpRule(complex_view),
     aten.view_as_real.default: OpRule(complex_view),
-    aten.select.int: OpRule(along_dim(1, removes_dim=True)),
+    aten.select.int: OpRule(select_one, localize_select),  # one head of a head shard: on its rank alone
     aten.unbind.int: OpRule(along_dim(1, removes_dim=True, tuple_out=True)),
     aten.index_select.default: OpRule(along_dim(1)),
     # repeats
@@ -173,8 +174,8 @@ RULES: dict[object, OpRule] = {
     aten.split_with_sizes.default: CUT,
     aten.chunk.default: CUT,
     aten.tensor_split.indices: OpRule(along_dim(2, tuple_out=True)),  # Mamba's scan splits the sequence
-    aten.cat.default: OpRule(cat),
-    aten.stack.default: OpRule(stack),
+    aten.cat.default: OpRule(joining(cat), localize_join),  # joins heads on their ranks into a head shard
+    aten.stack.default: OpRule(joining(stack), localize_join),
     aten.pad.default: OpRule(pad),
     aten.constant_pad_nd.default: OpRule(pad),
     # reductions and normalizations along one dim
@@ -241,6 +242,16 @@ RULES: dict[object, OpRule] = {
     aten.sym_size.int: OpRule(sym_size),
     operator.getitem: OpRule(getitem),
 }
+
+
+RANK_LOCAL = OpRule(rank_local)
+
+
+def rule_under(node: fx.Node, lay: LayoutOf) -> OpRule:
+    """The rule deciding `node` under the layouts `lay` gives its inputs: rank_local where it reads a
+    value held on one rank alone (but for the joins, whose rules make a shard of such values), else
+    the table's (rule_for)."""
+    return RANK_LOCAL if reads_on_rank(node, lay) else rule_for(node)
 
 
 def rule_for(node: fx.Node) -> OpRule:
