@@ -493,6 +493,21 @@ def test_loop_over_sharded_heads(heads, ws, join, seed):
     assert not any(n.meta.get(WANTS) for n in run.gm.graph.nodes if n.op != "output"), run.describe()
 
 
+def test_a_training_plan_keeps_no_value_on_one_rank():
+    """Planned for training (no_values_on_one_rank), the loop's selects gather their heads: every rank
+    runs every iteration, as a training graph's collectives need every rank."""
+    from fxtp.sharding.op_rules.on_rank import no_values_on_one_rank
+
+    def fn(x, w):
+        return torch.cat([x[i] * w[i] for i in range(4)], 1)
+
+    args = {"x": arg(gen(0), (4, 2, 3), Shard(0, (2, 2)), 2), "w": arg(gen(1), (4, 3))}
+    with no_values_on_one_rank():
+        run = run_op(fn, args, 2)
+    assert all(n.meta[LAYOUT] == R for n in run.nodes(aten.select.int)), run.describe()
+    assert isinstance(run_op(fn, args, 2).nodes(aten.select.int)[0].meta[LAYOUT], OnRank)
+
+
 # name -> (fn of (x, d), target, a Partial input stays Partial)
 ALONG = {
     "cumsum": (lambda x, d: x.cumsum(d), aten.cumsum.default, True),

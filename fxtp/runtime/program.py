@@ -1,6 +1,7 @@
 """`fxtp.compile` and the program it returns: the annotated graph, its plan and the per-rank modules."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import weakref
@@ -32,6 +33,7 @@ from fxtp.passes.sharding.plan import Plan, plan as auto_plan
 from fxtp.passes.capture.clean_up import clean_up
 from fxtp.passes.codegen.rank_graph import rank_graph
 from fxtp.runtime.simulate import simulate as run_lockstep
+from fxtp.sharding.op_rules.on_rank import no_values_on_one_rank
 from fxtp.runtime.generation import Generator, collecting_sources, forget_sources
 from fxtp.capture.seq2seq_cache import capture_decoder, capture_encoder
 from fxtp.capture.signatures import SEQ2SEQ, signature_of
@@ -136,7 +138,8 @@ class TPProgram:
             return self._planned_elsewhere()
         with collecting_sources(self.sources):
             captured = self._capture()
-            with stage(f"plan over {self.world_size} ranks"):
+            with stage(f"plan over {self.world_size} ranks"), \
+                    no_values_on_one_rank() if self.training else contextlib.nullcontext():
                 captured = clean_up(captured)
                 graph = captured.graph_module
                 plan = auto_plan(graph, self.world_size) if self.spec == "auto" else \

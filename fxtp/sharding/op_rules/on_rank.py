@@ -14,6 +14,9 @@ made it as select_whole instead (their input gathered, as for any op along a sha
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.fx as fx
 
@@ -28,11 +31,26 @@ select_whole = along_dim(1, removes_dim=True)  # where the one rank's value coul
 _JOINS = (aten.cat.default, aten.stack.default)  # their rules are `joining`
 
 
+_ALLOWED = contextvars.ContextVar("fxtp_values_on_one_rank", default=True)
+
+
+@contextlib.contextmanager
+def no_values_on_one_rank():
+    """Plans made inside never hold a value on one rank alone (select_one is select_whole): a training
+    graph's collectives (fxtp/sharding/training_collectives.py) are joined by every rank, and a rank
+    skipping a loop's iteration would never join its backward's."""
+    token = _ALLOWED.set(False)
+    try:
+        yield
+    finally:
+        _ALLOWED.reset(token)
+
+
 def select_one(node: fx.Node, lay: LayoutOf) -> Decision:
     """select(x, dim, i): one element of the sharded dim is on the rank that owns it; elsewhere as along_dim."""
     src, dim, index = node.args[:3]
     layout = lay(src)
-    if isinstance(layout, Shard) and norm_dim(dim, ndim(src)) == layout.dim and isinstance(index, int) \
+    if _ALLOWED.get() and isinstance(layout, Shard) and norm_dim(dim, ndim(src)) == layout.dim and isinstance(index, int) \
             and not layout.symbolic:
         size = layout.global_size
         return Decision(OnRank(layout.owner(index + size if index < 0 else index)[0], layout.world_size))
