@@ -125,3 +125,19 @@ def test_a_grouped_linear_is_planned_and_its_weight_sharded(groups, world_size, 
         expected = model(ids)
     for out in tp.simulate_ranks(ids):
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_a_grouped_linear_kept_whole_is_listed_with_its_reason():
+    """One output feature a group (a features dim of one element the reshape after it drops) cannot be
+    split over 4 ranks: o_a stays whole, and the plan and the dump say so beside its name."""
+    torch.manual_seed(0)
+    model = GroupedOutput(2, rank=1).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    tp = fxtp.compile(model, 4, example_inputs=(ids,))
+    decision = next(group for group in tp.plan.groups if group.weights == ["o_a.weight"])
+    assert decision.role is Role.REPLICATED and decision.reason == "1 units cannot be split over 4 ranks"
+    assert "replicated       o_a.weight\n                     1 units cannot be split over 4 ranks" in fxtp.dump(tp)
+    with torch.no_grad():
+        expected = model(ids)
+    for out in tp.simulate_ranks(ids):
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
