@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import fxtp
 import fxtp.passes.sharding.propagate as propagate
-from fxtp.node_meta import LAYOUT, NOTE, REDUCE, WANTS
+from fxtp.node_meta import LAYOUT, NOTE, REDUCE, STATE, WANTS
 from fxtp.passes.sharding.plan import _cheaper
 from fxtp.sharding.layouts import Shard, balanced_counts
 from fxtp.sharding.roles import Role
@@ -78,6 +78,65 @@ def test_blocks_cut_off_a_viewed_axis_are_sharded_block_by_block(world_size):
     assert roles["qkv.weight"] is Role.COLUMN_PARALLEL and roles["o.weight"] is Role.ROW_PARALLEL
     counts = {2: (2, 2), 3: (2, 1, 1)}[world_size]  # heads: whole ones, the same of q, k and v
     assert tp.plan.seeds["qkv.weight"] == Shard(0, counts, 8, 3)
+    with torch.no_grad():
+        expected = model(ids)
+    for out in tp.simulate_ranks(ids):
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+class GroupedOutput(torch.nn.Module):
+    """Attention whose output projection is grouped (DeepSeek-V4's o_a_proj, then o_b_proj): the heads'
+    features in `groups` groups, group g multiplied by rows g*rank:(g+1)*rank of one weight in a bmm."""
+
+    def __init__(self, groups: int, vocab: int = 64, hidden: int = 32, heads: int = 4, rank: int = 6):
+        super().__init__()
+        self.heads, self.groups = heads, groups
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.q, self.k, self.v = (torch.nn.Linear(hidden, hidden, bias=False) for _ in range(3))
+        self.o_a = torch.nn.Linear(hidden // groups, groups * rank, bias=False)
+        self.o_b = torch.nn.Linear(groups * rank, hidden, bias=False)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, s, h = x.shape
+        q, k, v = (p(x).view(b, s, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        a = a.transpose(1, 2).reshape(b * s, self.groups, -1).transpose(0, 1)
+        w = self.o_a.weight.view(self.groups, -1, h // self.groups).transpose(1, 2)
+        return self.head(x + self.o_b(torch.bmm(a, w).transpose(0, 1).reshape(b, s, -1)))
+
+
+@pytest.mark.parametrize("groups, world_size, o_a", [
+    (4, 2, Shard(0, (2, 2), 6)),        # whole groups a rank, as its heads: by group, o_b row-parallel
+    (4, 3, Shard(0, (2, 1, 1), 6)),     # 4 heads over 3 ranks: their groups alike
+    (1, 2, Shard(1, (2, 2), 8)),        # one group of all heads: row-parallel over the heads, o_b linear in its sum
+    (2, 4, Shard(0, (2, 2, 1, 1), 1, 2)),  # a group spans ranks, attention whole: column-parallel in each group
+])
+def test_a_grouped_linear_is_planned_and_its_weight_sharded(groups, world_size, o_a):
+    torch.manual_seed(0)
+    model = GroupedOutput(groups).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    tp = fxtp.compile(model, world_size, example_inputs=(ids,))
+    assert any(group.weights == ["o_a.weight"] for group in tp.plan.groups)  # a projection the dump lists
+    layouts = {n.meta[STATE]: n.meta[LAYOUT] for n in tp.graph.graph.nodes if STATE in n.meta}
+    assert layouts["o_a.weight"] == o_a
+    with torch.no_grad():
+        expected = model(ids)
+    for out in tp.simulate_ranks(ids):
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_a_grouped_linear_kept_whole_is_listed_with_its_reason():
+    """One output feature a group (a features dim of one element the reshape after it drops) cannot be
+    split over 4 ranks: o_a stays whole, and the plan and the dump say so beside its name."""
+    torch.manual_seed(0)
+    model = GroupedOutput(2, rank=1).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    tp = fxtp.compile(model, 4, example_inputs=(ids,))
+    decision = next(group for group in tp.plan.groups if group.weights == ["o_a.weight"])
+    assert decision.role is Role.REPLICATED and decision.reason == "1 units cannot be split over 4 ranks"
+    assert "replicated       o_a.weight\n                     1 units cannot be split over 4 ranks" in fxtp.dump(tp)
     with torch.no_grad():
         expected = model(ids)
     for out in tp.simulate_ranks(ids):

@@ -96,8 +96,9 @@ def erase_orphans(gm: fx.GraphModule, orphans: list[fx.Node]) -> None:
 
 def _cuts(proj: fx.Node, state: dict) -> Optional[tuple[list[_Step], list[_Piece]]]:
     """The steps from `proj` to the node its cuts read, and the pieces, when `proj` qualifies."""
-    if val(projection_site(proj).weight).dim() != 2:
-        return None  # MoE experts (a grouped or batched GEMM): its experts are not pieces
+    site = projection_site(proj)
+    if val(site.weight).dim() != 2 or site.groups > 1:
+        return None  # MoE experts (a grouped or batched GEMM), a grouped linear: its experts or groups are not pieces
     steps = [_Step(proj, val(proj).dim() - 1, 1)]
     while (user := only_user(steps[-1].node)) is not None and user.target in _PER_FEATURE \
             and user.args[0] is steps[-1].node and _is_per_feature(user.args[1], proj):

@@ -78,7 +78,7 @@ def structure_along(start: fx.Node, start_dim: int) -> tuple[int, int]:
                 for gi, gj in dim_groups(val(node).shape, val(user).shape) or ():
                     if gi == (dim,) and len(gj) == 1:
                         frontier.append((user, gj[0]))
-                    elif gi == (dim,):
+                    elif gi == (dim,) and gj:  # not a features dim of one element that the reshape drops
                         head = int(prod(int(val(user).shape[d]) for d in gj[1:]))
                         blocks = _axis_blocks(user, gj[0], gj[1], head, head // int(val(user).shape[gj[1]]))
                         return blocks if blocks is not None else (1, head)

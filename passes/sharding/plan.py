@@ -132,7 +132,7 @@ def column_seeds(projections: list[fx.Node], world_size: int) -> tuple[dict[str,
     for n, c in counts.items():
         site = projection_site(n)
         outer, unit = structure[n]
-        seeds[site.weight.meta[STATE]] = Shard(site.weight_out, c, unit, outer)
+        seeds[site.weight.meta[STATE]] = Shard(site.weight_out, c, unit, outer * site.groups)  # each group's part
     return seeds, note
 
 

@@ -11,9 +11,13 @@ Rules work on ops, not modules, and one projection comes as several ops:
     bmm(W[ids][S, out, in], x[S, in, 1])       MoE experts, transformers' `batched_mm`: each routed row
     bmm(x[S, 1, in], W[ids][S, in, out])         multiplies its expert's weight, gathered by expert id
     bmm(x[E, T, in], W[E, in, out])            Llama 4's experts: the rows of each expert batched
+    bmm(x[G, T, in], W.view(G, out, in).T)     a grouped linear (DeepSeek-V4's o_a_proj): group g of the
+                                                 features multiplies its rows g*out:(g+1)*out of W[G*out, in]
     linear(x_e, select(W, 0, e))               JetMoE's experts: a loop over the experts, each a linear on
                                                  its rows (x split by expert) and its slice of W[E, out, in]
-The unit of an expert's features is one element of its intermediate, as in an MLP.
+The unit of an expert's features is one element of its intermediate, as in an MLP. A grouped linear's
+output features are those of one group, and its weight's rows hold them for every group in turn
+(`ProjectionSite.groups`), so a column-parallel shard of them is an `outer` x G structure of W's rows.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ class ProjectionSite:
     weight_out: int      # the weight's dim of output features
     activation: fx.Node  # the activation multiplied by it
     out: int             # the node's own dim of output features
+    groups: int = 1      # weight_out holds the output features of this many groups, one group after another
 
 
 def projection_site(node: fx.Node) -> Optional[ProjectionSite]:
@@ -64,21 +69,36 @@ def projection_site(node: fx.Node) -> Optional[ProjectionSite]:
 
 def _site(node: fx.Node, weight_arg: int, weight_dims: int, out_dim: int, out: int) -> Optional[ProjectionSite]:
     """`out_dim`: the output-feature dim of the operand at `weight_arg`, followed back to the state through
-    transposes and a gather of whole experts (W[ids]); `out`: the node's output-feature dim (-1: its last)."""
+    transposes, a gather of whole experts (W[ids]) and a view of W's rows as groups; `out`: the node's
+    output-feature dim (-1: its last)."""
     weight = node.args[weight_arg]
     if not isinstance(weight, fx.Node) or val(weight).dim() != weight_dims:
         return None
+    batch, groups = 0, 1  # the dim of the operand that a bmm batches over, followed back like out_dim
     while weight.op == "call_function":
         if weight.target in PERMUTES:
-            out_dim = permutation(weight)[out_dim]
+            out_dim, batch = permutation(weight)[out_dim], permutation(weight)[batch]
+        elif weight_dims == 3 and batch == 0 and out_dim == 1 and _groups_rows(weight):
+            out_dim, weight_dims, groups = 0, 2, val(weight).shape[0]
         elif picks_expert(weight):
             out_dim, weight_dims = out_dim + 1, weight_dims + 1
         elif not _gathers_experts(weight):
             return None
         weight = weight.args[0]
     if weight.op == "placeholder" and STATE in weight.meta and val(weight).dim() == weight_dims:
-        return ProjectionSite(weight, out_dim, node.args[1 - weight_arg], out % val(node).dim())
+        return ProjectionSite(weight, out_dim, node.args[1 - weight_arg], out % val(node).dim(), groups)
     return None
+
+
+def _groups_rows(node: fx.Node) -> bool:
+    """A view of a 2-d W[G*a, b] as [G, a, b]: its rows in G groups, each group's rows in a row of the
+    batch that a bmm multiplies by the group's features."""
+    src = node.args[0]
+    if node.target not in (aten.view.default, aten.reshape.default) or not isinstance(src, fx.Node) \
+            or val(src).dim() != 2 or val(node).dim() != 3:
+        return False
+    (rows, b), (groups, a, b_out) = val(src).shape, val(node).shape
+    return b == b_out and groups * a == rows
 
 
 def picks_expert(node: fx.Node) -> bool:

@@ -33,12 +33,15 @@ from fxtp.sharding.op_rules.rule import Decision
 from fxtp.sharding.op_rules.table import rule_for, rule_under
 from fxtp.sharding.op_rules.views import PERMUTES
 from fxtp.sharding.redistribute import needs_gather, same_layout
+from fxtp.sharding.reshape import reshape_shard
 
 aten = torch.ops.aten
 # ops whose output is a view, a gather or an elementwise map of their first input, through which a want
-# reaches state (Mamba's A = -exp(A_log) and the depthwise conv's weight W.squeeze(1).unsqueeze(1))
-_STATE_VIEWS = PERMUTES | {aten.index.Tensor, aten.select.int, aten.squeeze.dim, aten.unsqueeze.default,
-                           aten.exp.default, aten.neg.default}
+# reaches state (Mamba's A = -exp(A_log), the depthwise conv's weight W.squeeze(1).unsqueeze(1) and a
+# grouped linear's W.view(groups, out, in))
+_RESHAPES = frozenset({aten.view.default, aten.reshape.default})
+_STATE_VIEWS = PERMUTES | _RESHAPES | {aten.index.Tensor, aten.select.int, aten.squeeze.dim, aten.unsqueeze.default,
+                                       aten.exp.default, aten.neg.default}
 
 
 class PropagationError(RuntimeError):
@@ -214,10 +217,17 @@ def _views_state(node: fx.Node) -> bool:
 
 
 def _source_shard(node: fx.Node, wanted: Shard):
-    """The Shard of node's (replicated) first input from which node's rule gives `wanted`, or None."""
+    """The Shard of node's (replicated) first input from which node's rule gives `wanted`, or None. A
+    reshape's is the wanted one reshaped back (its units regrouped: [G*out, in] -> [G, out, in]); the
+    other ops keep the units, and the rule says on which dim."""
     source, rule = node.args[0], rule_for(node)
-    for dim in range(source.meta["val"].dim()):
-        held = wanted.with_dim(dim)
+    shape = source.meta["val"].shape
+    held_on = [wanted.with_dim(dim) for dim in range(len(shape))]
+    if node.target in _RESHAPES:
+        held_on = [reshape_shard(wanted, node.meta["val"].shape, shape)]
+    for held in held_on:
+        if held is None:
+            continue
         decision = rule.propagate(node, lambda n: held if n is source else n.meta[LAYOUT])
         if not decision.wants and isinstance(decision.out, Shard) and same_layout(decision.out, wanted):
             return held
