@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-from contextlib import contextmanager
 from typing import Any, Callable, Optional
 
 import torch
@@ -51,19 +50,19 @@ def exported(module: torch.nn.Module, args: tuple, kwargs: Optional[dict], dynam
     def export(shapes):
         return torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes)
 
-    with _guard_sites() as sites:
-        try:
-            return export(dynamic_shapes)
-        except Exception as e:
-            violation = _constraint_violation(e)
-            refined = None if violation is None or _SPECIALIZED.search(violation.msg) else \
-                _refined(violation.msg, dynamic_shapes)
-            if refined is None:
-                raise _in_words(violation, sites) or e
-        try:  # outside the first error's handler: this one's context is not the first violation
-            return export(refined)
-        except Exception as again:  # the fixes were not all: say what is left
-            raise _in_words(_constraint_violation(again), sites) or again
+    try:
+        return export(dynamic_shapes)
+    except Exception as e:
+        violation = _constraint_violation(e)
+        if violation is not None and _SPECIALIZED.search(violation.msg):
+            raise _in_words(violation, _guard_sites(lambda: export(dynamic_shapes)))
+        refined = None if violation is None else _refined(violation.msg, dynamic_shapes)
+        if refined is None:
+            raise _in_words(violation, []) or e
+    try:  # outside the first error's handler: this one's context is not the first violation
+        return export(refined)
+    except Exception as again:  # the fixes were not all: say what is left
+        raise _in_words(_constraint_violation(again), []) or again
 
 
 def _constraint_violation(error: BaseException) -> Optional[UserError]:
@@ -131,11 +130,11 @@ def _in_words(violation: Optional[UserError], sites: list[tuple[int, str]]) -> O
     return error
 
 
-@contextmanager
-def _guard_sites():
-    """Within the context, the list of (value, "file.py:line in function") of each guard that fixes a
-    dim to one value, read from the INFO lines ShapeEnv logs where the forward's code adds a guard
-    (what TORCH_LOGS="+dynamic" prints): the model's line that fixed a dim."""
+def _guard_sites(export: Callable[[], Any]) -> list[tuple[int, str]]:
+    """(value, "file.py:line in function") of each guard that fixes a dim to one value while `export()`
+    runs (again: it failed once), read from the INFO lines ShapeEnv logs where the forward's code adds a
+    guard (what TORCH_LOGS="+dynamic" prints): the model's line that fixed a dim. Only a failed capture
+    pays for them: at INFO, ShapeEnv records the user's stack of every guard."""
     sites: list[tuple[int, str]] = []
 
     class Record(logging.Handler):
@@ -152,8 +151,11 @@ def _guard_sites():
         _SHAPE_LOG.handlers, _SHAPE_LOG.propagate = [handler], False
         _SHAPE_LOG.setLevel(logging.INFO)
     try:
-        yield sites
+        export()
+    except Exception:
+        pass  # the same failure as the first time: only its guards' sites are wanted
     finally:
         _SHAPE_LOG.removeHandler(handler)
         _SHAPE_LOG.handlers, _SHAPE_LOG.propagate = saved[0], saved[2]
         _SHAPE_LOG.setLevel(saved[1])  # not the attribute: setLevel clears the loggers' cached levels
+    return sites
