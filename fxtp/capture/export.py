@@ -21,6 +21,7 @@ from torch.export.graph_signature import InputKind
 
 from fxtp.capture.data_dependent import data_dependent_reason
 from fxtp.capture.loop_free import loop_free
+from fxtp.capture.shape_constraints import ShapeConstraintError, exported
 from fxtp.capture.signatures import TOKEN_IDS, Forward, signature_of
 from fxtp.progress import stage
 from fxtp.capture.state_names import aliases
@@ -83,8 +84,9 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def export_model(model: torch.nn.Module, wrapper: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes,
                  what: str, hint: str = "", training: bool = False):
     """torch.export (non-strict) of `wrapper`, a module calling `model`, with the model in eval mode (in
-    train mode with `training`: dropout stays in the graph); a failure is a CaptureError naming the
-    model, `what` was captured of it, and `hint`."""
+    train mode with `training`: dropout stays in the graph), and with the bounds and multiples its forward
+    requires of the dynamic dims (fxtp/capture/shape_constraints.py); a failure is a CaptureError naming
+    the model, `what` was captured of it, and `hint`."""
     device = model_device(model)
     was_training = model.training
     model.train(training)
@@ -94,10 +96,13 @@ def export_model(model: torch.nn.Module, wrapper: torch.nn.Module, args: tuple, 
         # run time the fastest kernel is still chosen. Recurrences' loops would fix the sequence length (fxtp/capture/loop_free.py).
         with sdpa_kernel([SDPBackend.MATH]), constants_on_cpu(device), loop_free(model), \
                 stage(f"torch.export of {type(model).__name__}{what}"):
-            return torch.export.export(wrapper, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+            return exported(wrapper, args, kwargs, dynamic_shapes)
     except Exception as e:  # export errors are long; keep them whole inside ours
         failed = f"torch.export could not capture {model_name(model)}{what}: "
-        reason = data_dependent_reason(model, e)
+        if isinstance(e, ShapeConstraintError):  # in words; torch's error is its cause
+            reason, e = str(e), e.__cause__
+        else:
+            reason = data_dependent_reason(model, e)
         if reason:  # first: torch's own message is long (it prints the graph traced so far)
             raise CaptureError(f"{failed}{reason}" + (f" {hint}" if hint else "") +
                                f"\n\ntorch.export: {type(e).__name__}: {e}") from e
