@@ -123,6 +123,20 @@ def test_split_rule():
         assert splits == 1 or programs * (splits - 1) < attention.TARGET_PROGRAMS
 
 
+def test_the_split_target_follows_the_gpus_sm_count(monkeypatch):
+    """About one program per SM: the largest power of two within the SM count (H100 and H200: 132 SMs,
+    the 128 the rule was timed with; A100: 108 SMs, 64), the same 128 where there are none."""
+    from types import SimpleNamespace
+    for sms, target in ((132, 128), (108, 64), (58, 32), (256, 256)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=sms))
+        attention.target_programs.cache_clear()
+        assert attention.target_programs(torch.device("cuda", 0)) == target
+    attention.target_programs.cache_clear()
+    assert attention.target_programs(torch.device("cpu")) == attention.TARGET_PROGRAMS
+    assert attention.split_keys(8192, programs=8, target=64) == (1024, 8)  # 8 splits make 64 programs
+    assert attention.split_keys(8192, programs=8) == (512, 16)
+
+
 def test_one_split_walks_several_blocks_of_keys(device, launches):
     """128 programs already (batch 64 * 2 kv heads): one split, whose program walks 4 blocks."""
     args = inputs(64, 2, 2, 1, 256, 16, "bool", seed=3)

@@ -44,7 +44,9 @@ MAX_ROWS = 16  # query rows of one kv-head group; also tl.dot's smallest M
 MAX_HEAD_DIM = 256
 BLOCK_KEYS = 64
 # the split rule (`split_keys`), fit to split counts timed on H100 at batch 1 to 64 over 256 to 8192
-# keys (benchmarks/results/decode_step_history.md): a few programs per SM, none with too few keys
+# keys (benchmarks/results/decode_step_history.md): about one program per SM, none with too few keys.
+# TARGET_PROGRAMS is H100's and H200's (132 SMs); other GPUs get theirs from their SM count
+# (`target_programs`), where the Triton interpreter (no SMs) keeps this one
 TARGET_PROGRAMS = 128
 SHORT_SPLITS = 4
 KEYS_PER_SPLIT = 128
@@ -84,12 +86,21 @@ def _kernel_applies(query, key, value, attn_mask) -> bool:
             and (attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.is_floating_point()))
 
 
-def split_keys(length: int, programs: int) -> tuple[int, int]:
+def split_keys(length: int, programs: int, target: int = TARGET_PROGRAMS) -> tuple[int, int]:
     """(keys per split, a multiple of BLOCK_KEYS; splits) for `programs` (batch * kv heads) over a cache
-    of `length` keys: enough splits to bring the programs to TARGET_PROGRAMS, but beyond SHORT_SPLITS
+    of `length` keys: enough splits to bring the programs to `target`, but beyond SHORT_SPLITS
     none shorter than KEYS_PER_SPLIT, and at most MAX_SPLITS; none empty."""
-    wanted = min(-(-TARGET_PROGRAMS // programs), max(SHORT_SPLITS, length // KEYS_PER_SPLIT), MAX_SPLITS)
+    wanted = min(-(-target // programs), max(SHORT_SPLITS, length // KEYS_PER_SPLIT), MAX_SPLITS)
     return chunk_keys(length, wanted)
+
+
+@functools.lru_cache(maxsize=None)
+def target_programs(device: torch.device) -> int:
+    """split_keys's target on `device`: the largest power of two of at most its SM count (a GPU's
+    property, not its name), TARGET_PROGRAMS where it has none (the Triton interpreter on a CPU)."""
+    if device.type != "cuda":
+        return TARGET_PROGRAMS
+    return 1 << (torch.cuda.get_device_properties(device).multi_processor_count.bit_length() - 1)
 
 
 def chunk_keys(length: int, splits: int) -> tuple[int, int]:
@@ -113,7 +124,8 @@ def launch(query, key, value, attn_mask, scale, splits: Optional[int] = None) ->
     groups, length = key.size(1), key.size(3)
     block_dim = max(16, 1 << (dim - 1).bit_length())  # a power of two, and tl.dot's smallest K
     programs = batch * groups
-    chunk, splits = split_keys(length, programs) if splits is None else chunk_keys(length, splits)
+    chunk, splits = split_keys(length, programs, target_programs(query.device)) if splits is None \
+        else chunk_keys(length, splits)
     out = query.new_empty(query.shape)
     if attn_mask is None:
         mask, mask_kind, mask_strides = query, "none", (0, 0, 0, 0)  # query only stands in for the pointer
