@@ -101,6 +101,7 @@ NARY = {
     "mul": (lambda a, b: a * b, ("any", "any"), "scale"),
     "multiply": (torch.multiply, ("any", "any"), "scale"),  # aten.multiply, kept by export
     "div": (lambda a, b: a / b, ("any", "pos"), "div"),
+    "div_in_place": (lambda a, b: a.clone().div_(b), ("any", "pos"), "div"),  # a Partial divisor needs its sum
     "maximum": (torch.maximum, ("any", "any"), "none"),
     "gt": (lambda a, b: a > b, ("any", "any"), "none"),
     "le": (lambda a, b: a <= b, ("any", "any"), "none"),
@@ -112,6 +113,16 @@ NARY = {
     "masked_fill": (lambda a, m: a.masked_fill(m, -0.5), ("any", "bool"), "none"),
     "masked_fill_zero": (lambda a, m: a.masked_fill(m, 0), ("any", "bool"), "zero_fill"),
 }
+
+
+def test_an_in_place_division_by_a_partial_sums_the_divisor_first():
+    """x.div_(y) with y a Partial: the quotient of the sum is not the sum of quotients, so y is
+    all-reduced first (as for x / y); x.div_(y) with x Partial and y replicated stays Partial."""
+    g = gen(0)
+    run = run_op(lambda x, y: x.clone().div_(y), {"x": arg(g, [3, 4], R, 2), "y": arg(g, [3, 4], P, 2)}, 2)
+    assert run.layout(aten.div_.Tensor) == R, run.describe()
+    run = run_op(lambda x, y: x.clone().div_(y.abs() + 1), {"x": arg(g, [3, 4], P, 2), "y": arg(g, [3, 4], R, 2)}, 2)
+    assert run.layout(aten.div_.Tensor) == P, run.describe()
 
 
 @st.composite

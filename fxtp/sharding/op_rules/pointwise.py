@@ -77,7 +77,7 @@ def partials_pass(node, inputs, partials, linear) -> bool:
         # mul(P, R) or div(P, R): exactly one summand-carrying input, in the numerator for div
         if len(partials) != 1:
             return False
-        return node.target not in (aten.div.Tensor,) or node.args[0] is partials[0]
+        return node.target not in (aten.div.Tensor, aten.div_.Tensor) or node.args[0] is partials[0]
     if linear == "zero_fill":
         return partials == [node.args[0]] and node.args[2] == 0
     return False
