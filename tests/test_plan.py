@@ -6,10 +6,11 @@ from transformers import AutoModelForCausalLM
 
 import fxtp
 import fxtp.passes.sharding.propagate as propagate
-from fxtp.node_meta import LAYOUT, NOTE, REDUCE, WANTS
+from fxtp.node_meta import LAYOUT, NOTE, REDUCE, STATE, WANTS
 from fxtp.passes.sharding.plan import _cheaper
 from fxtp.sharding.layouts import Shard, balanced_counts
 from fxtp.sharding.roles import Role
+from fxtp.stats import held_state
 from fxtp.tiny_configs import generic_tiny_config, tiny_model
 
 
@@ -78,6 +79,49 @@ def test_blocks_cut_off_a_viewed_axis_are_sharded_block_by_block(world_size):
     assert roles["qkv.weight"] is Role.COLUMN_PARALLEL and roles["o.weight"] is Role.ROW_PARALLEL
     counts = {2: (2, 2), 3: (2, 1, 1)}[world_size]  # heads: whole ones, the same of q, k and v
     assert tp.plan.seeds["qkv.weight"] == Shard(0, counts, 8, 3)
+    with torch.no_grad():
+        expected = model(ids)
+    for out in tp.simulate_ranks(ids):
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+class DifferentialAttention(torch.nn.Module):
+    """DiffLlama's attention: two attention calls share q and k over the two halves of v's heads, their
+    outputs are joined along the head dim and then cut in two along the heads, so head h and head
+    h + heads/2 make one pair (o reads pair by pair)."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.q, self.k, self.v = (torch.nn.Linear(hidden, hidden, bias=False) for _ in range(3))
+        self.o = torch.nn.Linear(hidden, hidden, bias=False)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        v1, v2 = (half.repeat(1, 2, 1, 1) for half in torch.chunk(v, 2, dim=1))
+        a = torch.cat([torch.nn.functional.scaled_dot_product_attention(q, k, vi, is_causal=True).transpose(1, 2)
+                       for vi in (v1, v2)], dim=-1)
+        a1, a2 = torch.chunk(a, 2, dim=2)
+        return self.head(x + self.o((a1 - 0.5 * a2).reshape(b, s, -1)))
+
+
+def test_heads_cut_in_pairs_after_attention_are_sharded_pair_by_pair():
+    """q's and k's heads are cut only after attention (joined with another output along the head dim
+    first): each rank takes its part of both halves, as of v's, which is cut before."""
+    torch.manual_seed(0)
+    model = DifferentialAttention().eval()
+    ids = torch.randint(0, 64, (2, 7))
+    tp = fxtp.compile(model, 2, example_inputs=(ids,))
+    roles = {weight: group.role for group in tp.plan.groups for weight in group.weights}
+    assert roles["q.weight"] is Role.COLUMN_PARALLEL and roles["o.weight"] is Role.ROW_PARALLEL
+    for name in ("q.weight", "k.weight", "v.weight"):
+        assert tp.plan.seeds[name] == Shard(0, (1, 1), 8, 2)  # one head of each half
+    held = {n.meta[STATE]: n.meta[LAYOUT] for n in held_state(tp.graph)}
+    assert held["o.weight"] == Shard(1, (1, 1), 16)  # one pair: its two heads' outputs side by side
     with torch.no_grad():
         expected = model(ids)
     for out in tp.simulate_ranks(ids):
