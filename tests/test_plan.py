@@ -6,8 +6,9 @@ from transformers import AutoModelForCausalLM
 
 import fxtp
 import fxtp.passes.sharding.propagate as propagate
-from fxtp.node_meta import LAYOUT, NOTE, REDUCE, STATE, WANTS
+from fxtp.node_meta import COLLECTIVE, LAYOUT, NOTE, REDUCE, STATE, WANTS
 from fxtp.passes.sharding.plan import _cheaper
+from fxtp.sharding.collectives import ALL_REDUCE
 from fxtp.sharding.layouts import Shard, balanced_counts
 from fxtp.sharding.roles import Role
 from fxtp.stats import held_state
@@ -122,6 +123,44 @@ def test_heads_cut_in_pairs_after_attention_are_sharded_pair_by_pair():
         assert tp.plan.seeds[name] == Shard(0, (1, 1), 8, 2)  # one head of each half
     held = {n.meta[STATE]: n.meta[LAYOUT] for n in held_state(tp.graph)}
     assert held["o.weight"] == Shard(1, (1, 1), 16)  # one pair: its two heads' outputs side by side
+    with torch.no_grad():
+        expected = model(ids)
+    for out in tp.simulate_ranks(ids):
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+class SparseGate(torch.nn.Module):
+    """Gemma 3n's MLP with activation sparsity: the gate is cut off at its mean plus k standard
+    deviations over the intermediate features."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 32, intermediate: int = 48):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.gate = torch.nn.Linear(hidden, intermediate, bias=False)
+        self.up = torch.nn.Linear(hidden, intermediate, bias=False)
+        self.down = torch.nn.Linear(intermediate, hidden, bias=False)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        gate = self.gate(x)
+        cutoff = gate.mean(-1, keepdim=True) + gate.std(-1, keepdim=True, unbiased=False) * 1.6449
+        return self.head(x + self.down(torch.nn.functional.gelu(torch.relu(gate - cutoff)) * self.up(x)))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_gate_cut_off_by_its_statistics_is_column_parallel(world_size):
+    """The mean and standard deviation over the sharded intermediate features are sums all-reduced
+    (passes/capture/spread_as_sums.py), so gate and up are column-parallel and down row-parallel."""
+    torch.manual_seed(0)
+    model = SparseGate().eval()
+    ids = torch.randint(0, 64, (2, 7))
+    tp = fxtp.compile(model, world_size, example_inputs=(ids,))
+    roles = {weight: group.role for group in tp.plan.groups for weight in group.weights}
+    assert roles["gate.weight"] is Role.COLUMN_PARALLEL and roles["down.weight"] is Role.ROW_PARALLEL
+    assert tp.plan.seeds["gate.weight"] == tp.plan.seeds["up.weight"] == Shard(0, balanced_counts(48, world_size))
+    reduced = [n.meta[COLLECTIVE] for n in tp.rank_graph(0).graph.nodes if n.target is ALL_REDUCE]
+    assert reduced == ["embedding", "mean", "div_tensor", "linear_2"]  # the cut-off's: the mean once, for both readers
     with torch.no_grad():
         expected = model(ids)
     for out in tp.simulate_ranks(ids):
