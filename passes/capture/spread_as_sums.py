@@ -71,10 +71,11 @@ def _reduced(node: fx.Node) -> Optional[tuple[list[int], int, bool]]:
 
 def _earlier_mean(node: fx.Node, dims: list[int], order: dict) -> Optional[fx.Node]:
     """A mean of the std's input over `dims` with keepdim that the graph computes before it: Gemma 3n's
-    cut-off adds the mean it computes itself, which then needs no all_reduce of its own."""
+    cut-off adds the mean it computes itself, which then needs no all_reduce of its own. A mean this pass
+    made (not in `order`) is before it too: made for a std before it in the graph."""
     x = node.args[0]
     for user in x.users:
-        if user.target is aten.mean.dim and order[user] < order[node] and not user.kwargs and \
+        if user.target is aten.mean.dim and order.get(user, -1) < order[node] and not user.kwargs and \
                 len(user.args) == 3 and user.args[2] is True and \
                 sorted(d % x.meta["val"].dim() for d in user.args[1]) == dims:
             return user
