@@ -1,4 +1,5 @@
-"""The node.meta keys fxtp writes, each defined once, and the one way fxtp copies a node's origin.
+"""The node.meta keys fxtp writes, each defined once, and the one way fxtp copies a node's origin
+(and makes a node of an op in place of another: `replay`).
 
 A pass that reads or writes one of these imports the name from here; its docstring still says
 which keys it reads and writes (by their string, as torch.fx's own passes do).
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-__all__ = ["STATE", "TOKENS", "LAYOUT", "WANTS", "NOTE", "REDUCE", "COLLECTIVE", "REALIZE", "ORIGIN", "copy_origin"]
+__all__ = ["STATE", "TOKENS", "LAYOUT", "WANTS", "NOTE", "REDUCE", "COLLECTIVE", "REALIZE", "ORIGIN", "copy_origin", "replay"]
 
 # The model state a placeholder holds: its HF name ("model.layers.0.mlp.up_proj.weight"). Written by
 # fxtp.capture.export.flatten on every parameter, buffer and lifted constant, and by
@@ -56,3 +57,15 @@ def copy_origin(source: fx.Node, target: fx.Node, value: bool = False) -> None:
     for key in ORIGIN + (("val",) if value else ()):
         if key in source.meta:
             target.meta[key] = source.meta[key]
+
+
+def replay(graph: fx.Graph, fake_mode, origin: fx.Node, target, args: tuple, kwargs: dict) -> fx.Node:
+    """A node calling `target` at the graph's insertion point, with `origin`'s ORIGIN keys and its value
+    (meta["val"]) computed from its inputs' under `fake_mode` (torch._guards.detect_fake_mode): a node
+    that a capture clean-up makes in place of `origin`, or of a part of it."""
+    new = graph.call_function(target, args, kwargs)
+    copy_origin(origin, new)
+    fake_args, fake_kwargs = fx.map_arg((args, kwargs), lambda n: n.meta["val"])
+    with fake_mode:
+        new.meta["val"] = target(*fake_args, **fake_kwargs)
+    return new

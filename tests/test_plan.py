@@ -6,10 +6,12 @@ from transformers import AutoModelForCausalLM
 
 import fxtp
 import fxtp.passes.sharding.propagate as propagate
-from fxtp.node_meta import LAYOUT, NOTE, REDUCE, STATE, WANTS
+from fxtp.node_meta import COLLECTIVE, LAYOUT, NOTE, REDUCE, STATE, WANTS
 from fxtp.passes.sharding.plan import _cheaper
+from fxtp.sharding.collectives import ALL_REDUCE
 from fxtp.sharding.layouts import Shard, balanced_counts
 from fxtp.sharding.roles import Role
+from fxtp.stats import held_state
 from fxtp.tiny_configs import generic_tiny_config, tiny_model
 
 
@@ -137,6 +139,87 @@ def test_a_grouped_linear_kept_whole_is_listed_with_its_reason():
     decision = next(group for group in tp.plan.groups if group.weights == ["o_a.weight"])
     assert decision.role is Role.REPLICATED and decision.reason == "1 units cannot be split over 4 ranks"
     assert "replicated       o_a.weight\n                     1 units cannot be split over 4 ranks" in fxtp.dump(tp)
+    with torch.no_grad():
+        expected = model(ids)
+    for out in tp.simulate_ranks(ids):
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+class DifferentialAttention(torch.nn.Module):
+    """DiffLlama's attention: two attention calls share q and k over the two halves of v's heads, their
+    outputs are joined along the head dim and then cut in two along the heads, so head h and head
+    h + heads/2 make one pair (o reads pair by pair)."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.q, self.k, self.v = (torch.nn.Linear(hidden, hidden, bias=False) for _ in range(3))
+        self.o = torch.nn.Linear(hidden, hidden, bias=False)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        v1, v2 = (half.repeat(1, 2, 1, 1) for half in torch.chunk(v, 2, dim=1))
+        a = torch.cat([torch.nn.functional.scaled_dot_product_attention(q, k, vi, is_causal=True).transpose(1, 2)
+                       for vi in (v1, v2)], dim=-1)
+        a1, a2 = torch.chunk(a, 2, dim=2)
+        return self.head(x + self.o((a1 - 0.5 * a2).reshape(b, s, -1)))
+
+
+def test_heads_cut_in_pairs_after_attention_are_sharded_pair_by_pair():
+    """q's and k's heads are cut only after attention (joined with another output along the head dim
+    first): each rank takes its part of both halves, as of v's, which is cut before."""
+    torch.manual_seed(0)
+    model = DifferentialAttention().eval()
+    ids = torch.randint(0, 64, (2, 7))
+    tp = fxtp.compile(model, 2, example_inputs=(ids,))
+    roles = {weight: group.role for group in tp.plan.groups for weight in group.weights}
+    assert roles["q.weight"] is Role.COLUMN_PARALLEL and roles["o.weight"] is Role.ROW_PARALLEL
+    for name in ("q.weight", "k.weight", "v.weight"):
+        assert tp.plan.seeds[name] == Shard(0, (1, 1), 8, 2)  # one head of each half
+    held = {n.meta[STATE]: n.meta[LAYOUT] for n in held_state(tp.graph)}
+    assert held["o.weight"] == Shard(1, (1, 1), 16)  # one pair: its two heads' outputs side by side
+    with torch.no_grad():
+        expected = model(ids)
+    for out in tp.simulate_ranks(ids):
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+class SparseGate(torch.nn.Module):
+    """Gemma 3n's MLP with activation sparsity: the gate is cut off at its mean plus k standard
+    deviations over the intermediate features."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 32, intermediate: int = 48):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.gate = torch.nn.Linear(hidden, intermediate, bias=False)
+        self.up = torch.nn.Linear(hidden, intermediate, bias=False)
+        self.down = torch.nn.Linear(intermediate, hidden, bias=False)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        gate = self.gate(x)
+        cutoff = gate.mean(-1, keepdim=True) + gate.std(-1, keepdim=True, unbiased=False) * 1.6449
+        return self.head(x + self.down(torch.nn.functional.gelu(torch.relu(gate - cutoff)) * self.up(x)))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_gate_cut_off_by_its_statistics_is_column_parallel(world_size):
+    """The mean and standard deviation over the sharded intermediate features are sums all-reduced
+    (passes/capture/spread_as_sums.py), so gate and up are column-parallel and down row-parallel."""
+    torch.manual_seed(0)
+    model = SparseGate().eval()
+    ids = torch.randint(0, 64, (2, 7))
+    tp = fxtp.compile(model, world_size, example_inputs=(ids,))
+    roles = {weight: group.role for group in tp.plan.groups for weight in group.weights}
+    assert roles["gate.weight"] is Role.COLUMN_PARALLEL and roles["down.weight"] is Role.ROW_PARALLEL
+    assert tp.plan.seeds["gate.weight"] == tp.plan.seeds["up.weight"] == Shard(0, balanced_counts(48, world_size))
+    reduced = [n.meta[COLLECTIVE] for n in tp.rank_graph(0).graph.nodes if n.target is ALL_REDUCE]
+    assert reduced == ["embedding", "mean", "div_tensor", "linear_2"]  # the cut-off's: the mean once, for both readers
     with torch.no_grad():
         expected = model(ids)
     for out in tp.simulate_ranks(ids):

@@ -78,6 +78,37 @@ def test_tables_are_sliced_by_vocab_rows(arch, world_size):
         assert state_bytes(gm) == planned_state_bytes(tp, rank)  # a tied table is stored once
 
 
+
+class PerLayerTable(torch.nn.Module):
+    """Gemma 3n's second table: a smaller vocabulary, looked up by the token ids with those it lacks sent to 0."""
+
+    def __init__(self, vocab: int = 64, small: int = 40, hidden: int = 16):
+        super().__init__()
+        self.small = small
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.per_layer = torch.nn.Embedding(small, hidden)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        in_table = torch.logical_and(ids >= 0, ids < self.small)
+        return self.head(self.embed(ids) * self.per_layer(torch.where(in_table, ids, 0)))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_table_looked_up_by_remapped_token_ids_is_vocab_parallel(world_size):
+    torch.manual_seed(0)
+    model = PerLayerTable().eval()
+    ids = torch.tensor([[0, 5, 39, 40, 63], [12, 41, 2, 38, 1]])  # ids past the small table's end, and its last
+    tp = fxtp.compile(model, world_size, example_inputs=(ids,))
+    assert sorted(role_weights(tp, Role.VOCAB_PARALLEL)) == ["embed.weight", "per_layer.weight"]
+    counts = balanced_counts(40, world_size)
+    for rank in range(world_size):
+        assert tp.rank_graph(rank).get_parameter("per_layer.weight").shape[0] == counts[rank]
+    with torch.no_grad():
+        expected = model(ids)
+    for out in tp.simulate_ranks(ids):
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
 def test_padding_row_stays_with_its_rank():
     _, tp = program("opt", 2)  # OPT's embedding has padding_idx=1
     lookups = [[n.args for n in tp.rank_graph(r).graph.nodes if n.target is vocab_parallel_embedding]

@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from fxtp.node_meta import copy_origin
+from fxtp.node_meta import replay
 from fxtp.sharding.op_rules.cut_and_join import piece_bounds
 from fxtp.sharding.op_rules.helpers import is_tensor_node, norm_dim, val
 from fxtp.sharding.op_rules.views import PERMUTES, permutation
@@ -151,7 +151,7 @@ def _split(gm: fx.GraphModule, state: dict, cut: fx.Node, start_node: fx.Node, d
     for i, (start, end) in enumerate(bounds):
         with graph.inserting_before(cut):
             value = start_node.args[0][i] if start_node.target is aten.cat.default else \
-                _replay(graph, fake_mode, chain[0][0], aten.slice.Tensor, (start_node, dim, start, end), {})
+                replay(graph, fake_mode, chain[0][0], aten.slice.Tensor, (start_node, dim, start, end), {})
             for node, dim_in in chain:
                 args, kwargs = (value, *node.args[1:]), dict(node.kwargs)
                 if node.target in _PER_CHANNEL:
@@ -163,7 +163,7 @@ def _split(gm: fx.GraphModule, state: dict, cut: fx.Node, start_node: fx.Node, d
                             args[operand], source = _channels(graph, state, fake_mode, node, args[operand], start, end)
                             sources += [source] if source is not None else []
                     args[6] = end - start
-                value = _replay(graph, fake_mode, node, node.target, tuple(args), kwargs)
+                value = replay(graph, fake_mode, node, node.target, tuple(args), kwargs)
         pieces.append(value)
     for user in list(cut.users):
         user.replace_all_uses_with(pieces[user.args[1]])
@@ -184,10 +184,10 @@ def _channels(graph: fx.Graph, state: dict, fake_mode, conv: fx.Node, operand: f
         views.insert(0, source)
         source = source.args[0]
     if not is_state(source):
-        return _replay(graph, fake_mode, conv, aten.slice.Tensor, (operand, 0, start, end), {}), None
+        return replay(graph, fake_mode, conv, aten.slice.Tensor, (operand, 0, start, end), {}), None
     value = block_placeholder(graph, state, source, 0, start, end)
     for view in views:
-        value = _replay(graph, fake_mode, view, view.target, (value, *view.args[1:]), dict(view.kwargs))
+        value = replay(graph, fake_mode, view, view.target, (value, *view.args[1:]), dict(view.kwargs))
     return value, source
 
 
@@ -199,13 +199,5 @@ def _per_channel_slice(graph: fx.Graph, fake_mode, node: fx.Node, operand, dim: 
     along = _aligned_dim(node, operand, dim)
     if along is None or val(operand).shape[along] == 1:
         return operand
-    return _replay(graph, fake_mode, node, aten.slice.Tensor, (operand, along, start, end), {})
+    return replay(graph, fake_mode, node, aten.slice.Tensor, (operand, along, start, end), {})
 
-
-def _replay(graph: fx.Graph, fake_mode, origin: fx.Node, target, args: tuple, kwargs: dict) -> fx.Node:
-    new = graph.call_function(target, args, kwargs)
-    copy_origin(origin, new)
-    fake_args, fake_kwargs = fx.map_arg((args, kwargs), val)
-    with fake_mode:
-        new.meta["val"] = target(*fake_args, **fake_kwargs)
-    return new

@@ -103,13 +103,18 @@ def _axis_blocks(reshaped: fx.Node, axis: int, rest: int, head: int, trailing: i
     """(outer, unit) where a reshape split the features into `axis` (first) and the rest (from dim
     `rest` on: `head` elements an index of `axis`, `trailing` an index of `rest`) and `axis` is then
     cut into equal pieces: each piece is a block, as GPT-2's [q|k|v] pieces are. DiffLlama chunks its
-    heads in two (a block of heads, unit `head`); Moshi views gate|up as [2, I] and selects each (a
-    block of one index, whose unit is what structure_along finds on `rest` in the piece, times
-    `trailing`). None where `axis` is not cut so (it holds heads)."""
-    frontier, cuts, selects = [(reshaped, axis, rest)], [], []
+    heads in two (a block of heads, unit `head`): v's before attention, q's and k's after it, once
+    the outputs of its two attention calls are joined along the head dim (a join of another dim keeps
+    the axis, so it is followed); Moshi views gate|up as [2, I] and selects each (a block of one index,
+    whose unit is what structure_along finds on `rest` in the piece, times `trailing`). None where
+    `axis` is not cut so (it holds heads)."""
+    frontier, cuts, selects, seen = [(reshaped, axis, rest)], [], [], set()
     while frontier:  # every view of the axis: `qkv[:, :, i]` selects through slices of its own
         node, at, after = frontier.pop(0)
         for user in node.users:
+            if user in seen:
+                continue  # reached again, as DiffLlama's join is from each attention call
+            seen.add(user)
             if user.target in PIECES and piece_bounds(user, at) is not None:
                 cuts.append((user, at, after))
             elif user.target is aten.select.int and norm_dim(user.args[1], val(node).dim()) == at:
@@ -117,6 +122,8 @@ def _axis_blocks(reshaped: fx.Node, axis: int, rest: int, head: int, trailing: i
             elif user.target in PERMUTES:
                 order = permutation(user)
                 frontier.append((user, order.index(at), order.index(after)))
+            elif joins_rows(user, node, at):
+                frontier.append((user, at, after))
             elif user.op == "call_function" and isinstance(val(user), torch.Tensor) and same_shape(val(user), val(node)):
                 frontier.append((user, at, after))
     size = val(reshaped).shape[axis]

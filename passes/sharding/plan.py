@@ -68,17 +68,23 @@ class Plan:
     groups: list[GroupDecision] = field(default_factory=list)
 
 
+# ops whose output ids are their input's, some replaced by a constant id (Gemma 3n sends ids its per-layer
+# table lacks to 0) -> the position of that input
+_ID_REMAPS = {aten.where.ScalarOther: 1, aten.where.ScalarSelf: 2}
+
+
 def token_embeddings(gm: fx.GraphModule) -> list[fx.Node]:
     """Embeddings that look up token ids (inputs marked meta["fxtp.tokens"]: input_ids,
-    decoder_input_ids; through reshapes) in a state table; position and token-type tables, indexed
-    by an arange, the mask or token_type_ids, are not among them."""
+    decoder_input_ids; through reshapes, and wheres that put a constant id in some places) in a state
+    table; position and token-type tables, indexed by an arange, the mask or token_type_ids, are not
+    among them."""
     found = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not aten.embedding.default:
             continue
         table, ids = node.args[0], node.args[1]
-        while isinstance(ids, fx.Node) and ids.op == "call_function" and ids.target in RESHAPES:
-            ids = ids.args[0]
+        while isinstance(ids, fx.Node) and ids.op == "call_function" and (ids.target in RESHAPES or ids.target in _ID_REMAPS):
+            ids = ids.args[_ID_REMAPS.get(ids.target, 0)]
         if table.op == "placeholder" and STATE in table.meta and isinstance(ids, fx.Node) \
                 and ids.op == "placeholder" and ids.meta.get(TOKENS, False):
             found.append(node)
