@@ -9,7 +9,7 @@
 #   starts        first-token's cold and warm starts alone
 #   decode        first-token's decode at batch 1, 8 and 32 alone
 #   profile       the kernels of an 8192-token prefill, fxtp's compiled against HF's (prefill_profile.py)
-#   prefill       part 2: prefill of 2048 and 8192 tokens ($PREFILL_LENGTHS) at batch 1 and 8
+#   prefill       part 2: prefill of 2048 and 8192 tokens ($PREFILL_LENGTHS) at batch 1 and 8 ($PREFILL_BATCHES)
 #   batches       part 3: decode at batch 64 and 128; the largest batch of each impl at cache length 1024
 #   timing-train  one training step (forward, backward, AdamW) on the Llama-3-8B shape with 4 layers in
 #                 bfloat16: HF eager and torch.compile'd against fxtp-n1, eager and torch.compile'd
@@ -64,7 +64,7 @@ case "$mode" in
     export PYTHONPATH=benchmarks
     # each length's second batch size is a new cache size: the step's symbolic export, then its decode step
     for length in ${PREFILL_LENGTHS:-2048 8192}; do
-      timeout $(budget 270) $bench --impl hf-compile,fxtp-compile-n1 --batch 1,8 --prompt-len $length --gen-len 4 \
+      timeout $(budget 270) $bench --impl hf-compile,fxtp-compile-n1 --batch ${PREFILL_BATCHES:-1,8} --prompt-len $length --gen-len 4 \
         --check-tokens 4 --warmup 1 --trials 3 --out "$out/prefill-$length.json" > "$out/prefill-$length.log" 2>&1
       echo "prefill $length rc=$?"; tail -12 "$out/prefill-$length.log"
     done ;;
