@@ -6,7 +6,7 @@
 #                 against hf-compile): each impl's first generate in a fresh process with empty inductor,
 #                 Triton and fxtp step caches (cold), then in a second one that finds them (warm); then
 #                 decode at batch 1, 8 and 32 (prompt 128)
-#   starts        first-token's cold and warm starts alone
+#   starts        first-token's cold and warm starts alone ($STARTS: some of its impl:cold|warm runs)
 #   decode        first-token's decode at batch 1, 8 and 32 alone
 #   profile       the kernels of an 8192-token prefill, fxtp's compiled against HF's (prefill_profile.py)
 #   prefill       part 2: prefill of 2048 and 8192 tokens ($PREFILL_LENGTHS) at batch 1 and 8 ($PREFILL_BATCHES)
@@ -32,7 +32,7 @@ decode_batches() {  # HF compiled and fxtp at the batch sizes $1, prompt 128
 }
 starts() {  # the cold runs first: a call cut short keeps the goals' numbers
   export PYTHONPATH=benchmarks FXTP_VERBOSITY=debug
-  for run in fxtp-compile-n1:cold hf-compile:cold fxtp-compile-n1:warm hf-compile:warm; do
+  for run in ${STARTS:-fxtp-compile-n1:cold hf-compile:cold fxtp-compile-n1:warm hf-compile:warm}; do
     name="${run%%:*}"
     # the first run of each name starts with empty caches (cold), the second finds them (warm)
     export TORCHINDUCTOR_CACHE_DIR="/tmp/inductor-$name" TRITON_CACHE_DIR="/tmp/triton-$name" \
