@@ -43,6 +43,21 @@ def test_the_plan_kept_holds_fewer_bytes_or_about_as_many_with_fewer_all_reduces
     assert not _cheaper((1000, 3), (1000, 3))  # a tie keeps the first plan (widest groups first)
 
 
+def compiled(model: torch.nn.Module, world_size: int):
+    """(ids, program, each weight's role) of a small module over `world_size` ranks."""
+    model.eval()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    tp = fxtp.compile(model, world_size, example_inputs=(ids,))
+    return ids, tp, {weight: group.role for group in tp.plan.groups for weight in group.weights}
+
+
+def assert_ranks_exact(model: torch.nn.Module, tp, ids) -> None:
+    with torch.no_grad():
+        expected = model(ids)
+    for out in tp.simulate_ranks(ids):
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
 class ViewedBlocks(torch.nn.Module):
     """A fused q|k|v viewed as [3, heads, head size] and a gate|up viewed as [2, I] (Moshi's MLP), each
     cut by selecting its blocks."""
@@ -71,19 +86,14 @@ class ViewedBlocks(torch.nn.Module):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_blocks_cut_off_a_viewed_axis_are_sharded_block_by_block(world_size):
     torch.manual_seed(0)
-    model = ViewedBlocks().eval()
-    ids = torch.randint(0, 64, (2, 7))
-    tp = fxtp.compile(model, world_size, example_inputs=(ids,))
-    roles = {weight: group.role for group in tp.plan.groups for weight in group.weights}
+    model = ViewedBlocks()
+    ids, tp, roles = compiled(model, world_size)
     assert roles["fc1.weight"] is Role.COLUMN_PARALLEL and roles["fc2.weight"] is Role.ROW_PARALLEL
     assert tp.plan.seeds["fc1.weight"] == Shard(0, balanced_counts(24, world_size), 1, 2)  # gate's and up's part
     assert roles["qkv.weight"] is Role.COLUMN_PARALLEL and roles["o.weight"] is Role.ROW_PARALLEL
     counts = {2: (2, 2), 3: (2, 1, 1)}[world_size]  # heads: whole ones, the same of q, k and v
     assert tp.plan.seeds["qkv.weight"] == Shard(0, counts, 8, 3)
-    with torch.no_grad():
-        expected = model(ids)
-    for out in tp.simulate_ranks(ids):
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert_ranks_exact(model, tp, ids)
 
 
 class GroupedOutput(torch.nn.Module):
@@ -117,32 +127,24 @@ class GroupedOutput(torch.nn.Module):
 ])
 def test_a_grouped_linear_is_planned_and_its_weight_sharded(groups, world_size, o_a):
     torch.manual_seed(0)
-    model = GroupedOutput(groups).eval()
-    ids = torch.randint(0, 64, (2, 7))
-    tp = fxtp.compile(model, world_size, example_inputs=(ids,))
+    model = GroupedOutput(groups)
+    ids, tp, _ = compiled(model, world_size)
     assert any(group.weights == ["o_a.weight"] for group in tp.plan.groups)  # a projection the dump lists
     layouts = {n.meta[STATE]: n.meta[LAYOUT] for n in tp.graph.graph.nodes if STATE in n.meta}
     assert layouts["o_a.weight"] == o_a
-    with torch.no_grad():
-        expected = model(ids)
-    for out in tp.simulate_ranks(ids):
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert_ranks_exact(model, tp, ids)
 
 
 def test_a_grouped_linear_kept_whole_is_listed_with_its_reason():
     """One output feature a group (a features dim of one element the reshape after it drops) cannot be
     split over 4 ranks: o_a stays whole, and the plan and the dump say so beside its name."""
     torch.manual_seed(0)
-    model = GroupedOutput(2, rank=1).eval()
-    ids = torch.randint(0, 64, (2, 7))
-    tp = fxtp.compile(model, 4, example_inputs=(ids,))
+    model = GroupedOutput(2, rank=1)
+    ids, tp, _ = compiled(model, 4)
     decision = next(group for group in tp.plan.groups if group.weights == ["o_a.weight"])
     assert decision.role is Role.REPLICATED and decision.reason == "1 units cannot be split over 4 ranks"
     assert "replicated       o_a.weight\n                     1 units cannot be split over 4 ranks" in fxtp.dump(tp)
-    with torch.no_grad():
-        expected = model(ids)
-    for out in tp.simulate_ranks(ids):
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert_ranks_exact(model, tp, ids)
 
 
 class DifferentialAttention(torch.nn.Module):
@@ -173,19 +175,14 @@ def test_heads_cut_in_pairs_after_attention_are_sharded_pair_by_pair():
     """q's and k's heads are cut only after attention (joined with another output along the head dim
     first): each rank takes its part of both halves, as of v's, which is cut before."""
     torch.manual_seed(0)
-    model = DifferentialAttention().eval()
-    ids = torch.randint(0, 64, (2, 7))
-    tp = fxtp.compile(model, 2, example_inputs=(ids,))
-    roles = {weight: group.role for group in tp.plan.groups for weight in group.weights}
+    model = DifferentialAttention()
+    ids, tp, roles = compiled(model, 2)
     assert roles["q.weight"] is Role.COLUMN_PARALLEL and roles["o.weight"] is Role.ROW_PARALLEL
     for name in ("q.weight", "k.weight", "v.weight"):
         assert tp.plan.seeds[name] == Shard(0, (1, 1), 8, 2)  # one head of each half
     held = {n.meta[STATE]: n.meta[LAYOUT] for n in held_state(tp.graph)}
     assert held["o.weight"] == Shard(1, (1, 1), 16)  # one pair: its two heads' outputs side by side
-    with torch.no_grad():
-        expected = model(ids)
-    for out in tp.simulate_ranks(ids):
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert_ranks_exact(model, tp, ids)
 
 
 class SparseGate(torch.nn.Module):
@@ -212,15 +209,10 @@ def test_a_gate_cut_off_by_its_statistics_is_column_parallel(world_size):
     """The mean and standard deviation over the sharded intermediate features are sums all-reduced
     (passes/capture/spread_as_sums.py), so gate and up are column-parallel and down row-parallel."""
     torch.manual_seed(0)
-    model = SparseGate().eval()
-    ids = torch.randint(0, 64, (2, 7))
-    tp = fxtp.compile(model, world_size, example_inputs=(ids,))
-    roles = {weight: group.role for group in tp.plan.groups for weight in group.weights}
+    model = SparseGate()
+    ids, tp, roles = compiled(model, world_size)
     assert roles["gate.weight"] is Role.COLUMN_PARALLEL and roles["down.weight"] is Role.ROW_PARALLEL
     assert tp.plan.seeds["gate.weight"] == tp.plan.seeds["up.weight"] == Shard(0, balanced_counts(48, world_size))
     reduced = [n.meta[COLLECTIVE] for n in tp.rank_graph(0).graph.nodes if n.target is ALL_REDUCE]
     assert reduced == ["embedding", "mean", "div_tensor", "linear_2"]  # the cut-off's: the mean once, for both readers
-    with torch.no_grad():
-        expected = model(ids)
-    for out in tp.simulate_ranks(ids):
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert_ranks_exact(model, tp, ids)
