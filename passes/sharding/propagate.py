@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 from typing import Optional
 
 import torch
@@ -108,6 +109,11 @@ def _propagate_once(gm, seeds, strict, reduce_at, whole, gather_at_output) -> se
             if not stuck and isinstance(have, Shard) and have.symbolic and needs_gather(have, w):
                 raise PropagationError(node, f"{n.name} is {have}, merged with batch or sequence, and cannot "
                                              f"be all-gathered: {decision.note or 'a rule needs it whole'}")
+        written = _written_in_place(node)
+        if not stuck and written is not None and written in wants and _read_elsewhere(written, node):
+            raise PropagationError(node, f"{node.target} writes {written.name} in place, which other nodes read "
+                                         f"(or views of it), but needs it as {wants[written]}, not "
+                                         f"{written.meta[LAYOUT]}: the write would land in a copy they never see")
         if strict and not stuck and not (gather_at_output and node.op == "output"):
             for n, w in wants.items():
                 if needs_gather(n.meta[LAYOUT], w):
@@ -119,6 +125,33 @@ def _propagate_once(gm, seeds, strict, reduce_at, whole, gather_at_output) -> se
         if node.meta[REDUCE]:
             node.meta[LAYOUT] = Replicate()
     return stuck
+
+
+def _written_in_place(node: fx.Node) -> Optional[fx.Node]:
+    """The input an in-place op (add_, div_, masked_fill_, ...) writes, or None."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.arguments or not node.args:
+        return None
+    written = schema.arguments[0].alias_info
+    return node.args[0] if written is not None and written.is_write and isinstance(node.args[0], fx.Node) else None
+
+
+def _read_elsewhere(written: fx.Node, writer: fx.Node) -> bool:
+    """Whether a node after `writer` reads `written` or what it is a view of, or a view of them is
+    read at all (their storage is one): in the unsharded graph it would see the write."""
+    chain = [written]
+    while _is_view(chain[-1]):  # up through the views `written` was made by
+        chain.append(chain[-1].args[0])
+    after = set(itertools.dropwhile(lambda n: n is not writer, writer.graph.nodes))
+    return any(user is not writer and user not in chain and (user in after or _is_view(user))
+               for n in chain for user in n.users)
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Whether `node` returns a view of its first input (its schema's return aliases it)."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and bool(schema.returns) \
+        and schema.returns[0].alias_info is not None and bool(node.args) and isinstance(node.args[0], fx.Node)
 
 
 def _on_one_rank(nodes) -> list[fx.Node]:
