@@ -88,7 +88,8 @@ def measure(batch: int, heads: int, groups: int, cache: int, dim: int, split_cou
     calls = calls_by_kernel(query, key, value, mask, split_counts)
     reference = calls["sdpa"]().float()
     row = {"batch": batch, "heads": heads, "kv_heads": groups, "cache": cache, "us_per_call": {}, "max_diff": {},
-           "splits": {"fxtp": decode_attention.split_keys(cache, batch * groups)[1],
+           "splits": {"fxtp": decode_attention.split_keys(cache, batch * groups,
+                                                             decode_attention.target_programs(device))[1],
                       **{f"fxtp/{c}": decode_attention.chunk_keys(cache, c)[1] for c in split_counts}}}
     for name, call in calls.items():
         try:

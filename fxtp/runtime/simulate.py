@@ -60,12 +60,16 @@ def _run_own(node: fx.Node, env: dict, module: fx.GraphModule, args: tuple, kwar
     elif node.op == "get_attr":
         env[node] = operator.attrgetter(node.target)(module)
     else:
-        env[node] = node.target(*fx.map_arg(node.args, lambda n: env[n]), **fx.map_arg(node.kwargs, lambda n: env[n]))
+        env[node] = node.target(*_loaded(node.args, env), **_loaded(node.kwargs, env))
+
+
+def _loaded(a, env: dict):
+    """`a` (a node's args or kwargs) with its nodes replaced by their values in `env`."""
+    return fx.map_arg(a, lambda n: env[n])
 
 
 def _run_joint(head: fx.Node, nodes: list[fx.Node], envs: list[dict]) -> None:
     """A collective (or a random op) of every rank at once: `nodes`, one per rank, are its calls."""
-    load = [lambda a, env=env: fx.map_arg(a, lambda n: env[n]) for env in envs]
     if head.target is collectives.ALL_REDUCE:
         total = _sum([env[node.args[0]] for env, node in zip(envs, nodes)])
         for env, node in zip(envs, nodes):
@@ -95,11 +99,11 @@ def _run_joint(head: fx.Node, nodes: list[fx.Node], envs: list[dict]) -> None:
             env[node] = aten.cross_entropy_loss.default(logits, target, None, reduction, ignore_index)
     else:  # draws random numbers
         generator_state = torch.random.get_rng_state(), _cuda_states()
-        for env, node, ld in zip(envs, nodes, load):
+        for env, node in zip(envs, nodes):
             torch.random.set_rng_state(generator_state[0])
             if generator_state[1] is not None:
                 torch.cuda.set_rng_state_all(generator_state[1])
-            env[node] = node.target(*ld(node.args), **ld(node.kwargs))
+            env[node] = node.target(*_loaded(node.args, env), **_loaded(node.kwargs, env))
 
 
 _COLLECTIVES = (collectives.ALL_REDUCE, collectives.all_gather_shard, training_collectives.reduce_partial,

@@ -34,7 +34,8 @@ from fxtp.rank_ops import device_ops, inputs
 from fxtp.sharding import collectives, training_collectives
 from fxtp.sharding.collectives import shard_args
 from fxtp.node_meta import COLLECTIVE, LAYOUT, REDUCE, STATE, WANTS, copy_origin
-from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard, held_by, on_one_rank
+from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard, held_by
+from fxtp.sharding.op_rules.helpers import written_inputs
 from fxtp.sharding.op_rules.table import rule_under
 from fxtp.passes.sharding.propagate import is_state
 from fxtp.sharding.redistribute import steps
@@ -87,9 +88,6 @@ def rewrite_for_rank(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: i
     rank's part of a state tensor, on `device` and contiguous, instead of slicing `state`: a
     Parameter it returns is held as it is, so the graphs of one rank can share their parameters."""
     _check_in_place_updates(gm)
-    if training and any(on_one_rank(n.meta.get(LAYOUT)) for n in gm.graph.nodes):
-        raise RewriteError("values held on one rank alone (a loop over sharded heads) have no training "
-                           "collectives: plan the graph for inference, or keep those heads replicated")
     # graphs of user-facing inputs check them; fxtp.runtime.generation feeds the static-cache step graph itself
     checks_inputs = all(n.name in INPUTS for n in gm.graph.nodes if n.op == "placeholder" and STATE not in n.meta)
     graph = fx.Graph()
@@ -204,17 +202,15 @@ def rewrite_for_rank(gm: fx.GraphModule, state: dict[str, torch.Tensor], rank: i
 def _check_in_place_updates(gm: fx.GraphModule) -> None:
     """An in-place op on state (a KV cache update) must write into the state as stored: a
     redistribution before it would make it write into a temporary copy. (Other in-place ops, on
-    values the graph computed, are read through their result and may redistribute first.)"""
+    values the graph computed, may redistribute first where nothing else reads what they write:
+    passes/sharding/propagate.py refuses the others.)"""
     for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None or not schema.arguments or not is_state(node.args[0]):
-            continue
-        written = schema.arguments[0].alias_info
-        if written is not None and written.is_write and node.args[0] in node.meta.get(WANTS, {}):
-            raise RewriteError(
-                f"{node.name} ({node.target}) updates {node.args[0].name} in place, but {node.args[0].name} is "
-                f"{node.args[0].meta[LAYOUT]} and the update needs it as {node.meta[WANTS][node.args[0]]}: "
-                "store it in that layout (a manual plan that shards its producer differently can cause this)")
+        for written in written_inputs(node):
+            if is_state(written) and written in node.meta.get(WANTS, {}):
+                raise RewriteError(
+                    f"{node.name} ({node.target}) updates {written.name} in place, but {written.name} is "
+                    f"{written.meta[LAYOUT]} and the update needs it as {node.meta[WANTS][written]}: "
+                    "store it in that layout (a manual plan that shards its producer differently can cause this)")
 
 def _placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
     return next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from fxtp.node_meta import LAYOUT, NOTE, REDUCE, STATE, WANTS
 from fxtp.sharding.layouts import Layout, Partial, Replicate, Shard, on_one_rank
-from fxtp.sharding.op_rules.helpers import norm_dim, replicate_all
+from fxtp.sharding.op_rules.helpers import norm_dim, replicate_all, written_inputs
 from fxtp.sharding.op_rules.on_rank import select_whole
 from fxtp.sharding.op_rules.rule import Decision
 from fxtp.sharding.op_rules.table import rule_for, rule_under
@@ -102,15 +102,15 @@ def _propagate_once(gm, seeds, strict, reduce_at, whole, gather_at_output) -> se
         if decision is None or _on_one_rank(wants):  # a value on one rank alone that cannot serve here
             stuck |= _selects_making(_on_one_rank(node.all_input_nodes if decision is None else wants))
             node.meta[LAYOUT], node.meta[WANTS], node.meta[NOTE], node.meta[REDUCE] = \
-                replicate_all(node, lambda n: n.meta[LAYOUT]).out, {}, "", False
+                replicate_all(node, _layout).out, {}, "", False
             continue
         for n, w in wants.items():
             have = n.meta[LAYOUT]
             if not stuck and isinstance(have, Shard) and have.symbolic and needs_gather(have, w):
                 raise PropagationError(node, f"{n.name} is {have}, merged with batch or sequence, and cannot "
                                              f"be all-gathered: {decision.note or 'a rule needs it whole'}")
-        written = _written_in_place(node)
-        if not stuck and written is not None and written in wants and _read_elsewhere(written, node):
+        written = next((n for n in written_inputs(node) if n in wants and _read_elsewhere(n, node)), None)
+        if not stuck and written is not None:
             raise PropagationError(node, f"{node.target} writes {written.name} in place, which other nodes read "
                                          f"(or views of it), but needs it as {wants[written]}, not "
                                          f"{written.meta[LAYOUT]}: the write would land in a copy they never see")
@@ -127,15 +127,6 @@ def _propagate_once(gm, seeds, strict, reduce_at, whole, gather_at_output) -> se
     return stuck
 
 
-def _written_in_place(node: fx.Node) -> Optional[fx.Node]:
-    """The input an in-place op (add_, div_, masked_fill_, ...) writes, or None."""
-    schema = getattr(node.target, "_schema", None)
-    if node.op != "call_function" or schema is None or not schema.arguments or not node.args:
-        return None
-    written = schema.arguments[0].alias_info
-    return node.args[0] if written is not None and written.is_write and isinstance(node.args[0], fx.Node) else None
-
-
 def _read_elsewhere(written: fx.Node, writer: fx.Node) -> bool:
     """Whether a node after `writer` reads `written` or what it is a view of, or a view of them is
     read at all (their storage is one): in the unsharded graph it would see the write."""
@@ -148,7 +139,8 @@ def _read_elsewhere(written: fx.Node, writer: fx.Node) -> bool:
 
 
 def _is_view(node: fx.Node) -> bool:
-    """Whether `node` returns a view of its first input (its schema's return aliases it)."""
+    """Whether `node` returns its first input or a view of it (its schema's return aliases it: a view,
+    or an in-place op, unlike view_chain's)."""
     schema = getattr(node.target, "_schema", None)
     return node.op == "call_function" and schema is not None and bool(schema.returns) \
         and schema.returns[0].alias_info is not None and bool(node.args) and isinstance(node.args[0], fx.Node)
@@ -195,13 +187,16 @@ def reusing_decisions():
         _DECISIONS.reset(token)
 
 
+def _layout(n: fx.Node):
+    return n.meta[LAYOUT]
+
+
 def _decided(node: fx.Node, decisions: Optional[dict], whole: set[fx.Node]) -> Decision:
     """The rule's decision on `node` under the layouts its inputs hold now."""
     if node in whole:
-        return select_whole(node, lambda n: n.meta[LAYOUT])
+        return select_whole(node, _layout)
     if decisions is None:
-        lay = lambda n: n.meta[LAYOUT]  # noqa: E731
-        return rule_under(node, lay).propagate(node, lay)
+        return rule_under(node, _layout).propagate(node, _layout)
     kept = decisions.setdefault(node, [])
     for read, decision in kept:
         if all(n.meta[LAYOUT] == layout for n, layout in read):

@@ -75,6 +75,15 @@ def calls(node: fx.Node, ops) -> bool:
     return node.op == "call_function" and (node.target in ops or op_name(node.target) in ops)
 
 
+def written_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs an in-place op writes (add_, index_copy_, masked_fill_, ...): those its schema marks."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return []
+    return [a for a, spec in zip(node.args, schema.arguments)
+            if isinstance(a, fx.Node) and spec.alias_info is not None and spec.alias_info.is_write]
+
+
 def view_chain(node: fx.Node) -> list[fx.Node]:
     """`node` and the views it is of, back to the first value that is no view (ATen ops whose schema
     returns an alias of their first input)."""

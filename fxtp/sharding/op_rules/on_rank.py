@@ -23,7 +23,7 @@ import torch.fx as fx
 from fxtp.node_meta import LAYOUT
 from fxtp.sharding.layouts import OnRank, Replicate, Shard
 from fxtp.sharding.op_rules.along_dim import along_dim
-from fxtp.sharding.op_rules.helpers import is_tensor_node, ndim, norm_dim, tensor_inputs, val
+from fxtp.sharding.op_rules.helpers import is_tensor_node, ndim, norm_dim, tensor_inputs, val, written_inputs
 from fxtp.sharding.op_rules.rule import Decision, LayoutOf
 
 aten = torch.ops.aten
@@ -82,10 +82,7 @@ def rank_local(node: fx.Node, lay: LayoutOf) -> Decision:
     other = next((n for n, x in layouts.items() if not isinstance(x, (OnRank, Replicate))), None)
     if other is not None:
         raise ValueError(f"{node.target} reads {other.name}, {layouts[other]}, beside values held on one rank alone")
-    schema = getattr(node.target, "_schema", None)
-    written = [node.args[i] for i, a in enumerate(schema.arguments[:len(node.args)] if schema else [])
-               if a.alias_info is not None and a.alias_info.is_write]
-    if any(isinstance(layouts.get(n), Replicate) for n in written):
+    if any(isinstance(layouts.get(n), Replicate) for n in written_inputs(node)):
         raise ValueError(f"{node.target} writes a replicated value from values held on one rank alone")
     out = next(x for x in layouts.values() if isinstance(x, OnRank))
     v = val(node)
